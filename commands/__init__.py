@@ -1,0 +1,68 @@
+"""The kvprof command line: one module per subcommand, registered in COMMANDS.
+
+The CLI only parses arguments and calls the library.  Expected failures
+(:class:`kvprof.errors.KvprofError`) become one line on stderr and their exit
+code; tracebacks are for bugs.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from kvprof._version import __version__
+
+# (module, command name): each module defines `run`, whose docstring is its help line.
+COMMANDS = [
+    ("record", "record"),
+    ("analyze", "analyze"),
+    ("demo", "demo"),
+]
+
+app = typer.Typer(
+    name="kvprof",
+    help="Memory profiler for LLM serving: KV block pools, heap, PyTorch and GPU memory in one trace.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+def _version(value: bool):
+    if value:
+        typer.echo(f"kvprof {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+):
+    """Memory profiler for LLM serving."""
+
+
+for _module, _name in COMMANDS:
+    _mod = importlib.import_module(f"kvprof.commands.{_module}")
+    app.command(_name, **getattr(_mod, "COMMAND_SETTINGS", {}))(_mod.run)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kvprof.errors import KvprofError
+
+    try:
+        app(args=argv, prog_name="kvprof", standalone_mode=True)
+    except KvprofError as exc:
+        sys.stderr.write(f"kvprof: error: {exc}\n")
+        return exc.exit_code
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    except KeyboardInterrupt:
+        sys.stderr.write("kvprof: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 1
+    return 0

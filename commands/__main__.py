@@ -1,0 +1,5 @@
+import sys
+
+from kvprof.commands import main
+
+sys.exit(main())

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+import typer
+
+
+def run(
+    seed: int = typer.Option(0, "--seed", help="Random seed: the same seed gives the same block events."),
+    block_size: int = typer.Option(16, "--block-size", help="Token slots per block."),
+    num_blocks: int = typer.Option(512, "--num-blocks", help="Blocks in the pool."),
+    requests: int = typer.Option(400, "--requests", help="Requests to serve."),
+    policy: str = typer.Option("lru", "--policy", help="Free-block policy: lru (vLLM's free queue), fifo, first-fit."),
+    prefix_share: float = typer.Option(0.5, "--prefix-share", help="Share of requests that start with a shared system prompt."),
+    leak_every: int = typer.Option(0, "--leak-every", help="Planted bug: never free the last block of every K-th request (0: off)."),
+    prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse cached full blocks."),
+):
+    """Run the built-in paged-KV serving simulation (no GPU, no model)."""
+    from kvprof.demo import DemoConfig, run_demo
+    from kvprof.errors import UsageError
+
+    try:
+        cfg = DemoConfig(
+            seed=seed, block_size=block_size, num_blocks=num_blocks, requests=requests, policy=policy,
+            prefix_share=prefix_share, leak_every=leak_every, prefix_cache=prefix_cache,
+        )
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    stats = run_demo(cfg)
+    typer.echo(stats.summary())

@@ -1,0 +1,169 @@
+"""Analysis: bundle → typed results → metrics map and findings.
+
+Analyzers are pure functions of streams (see blocks.py).  This module opens
+the input, runs the analyzers that have data, fills the flat metrics map from
+the registry, and states findings in plain words with their evidence.  It
+formats no text for the terminal: renderers do that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+from dataclasses import dataclass, field
+
+from kvprof import metrics as registry
+from kvprof._version import __version__
+from kvprof.errors import BundleError, UsageError
+
+SCHEMA = "kvprof.analysis/1"
+
+
+@dataclass
+class Finding:
+    severity: str  # "error", "warning", "info"
+    title: str
+    detail: str
+    evidence: dict = field(default_factory=dict)
+    source: str = "blocks"
+
+
+@dataclass
+class AnalysisResult:
+    source: dict
+    metrics: dict  # name -> {"value", "unit", "better", "window", "source"}
+    sections: dict
+    findings: list[Finding]
+
+    def to_json(self) -> dict:
+        return {
+            "schema": SCHEMA,
+            "kvprof_version": __version__,
+            "generated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "source": self.source,
+            "metrics": self.metrics,
+            "sections": self.sections,
+            "findings": [dataclasses.asdict(f) for f in self.findings],
+        }
+
+
+def metric_entry(name: str, value, source: str, window: str | None = None) -> dict:
+    m = registry.get(name)
+    if m is None:
+        raise KeyError(f"metric {name!r} is not in the registry")
+    if value is not None and not isinstance(value, (int, bool)):
+        value = float(value)
+    return {"value": value, "unit": m.unit, "better": m.better, "window": window or m.window, "source": source, "noisy": m.noisy}
+
+
+def _window_bounds(bundle, window: str | None):
+    if not window:
+        return None, None
+    start, _, end = window.partition(":")
+    marks = bundle.marks()
+    if start and start not in marks.names:
+        raise UsageError(f"no marker named {start!r} in this bundle (markers: {', '.join(marks.names) or 'none'})")
+    if end and end not in marks.names:
+        raise UsageError(f"no marker named {end!r} in this bundle (markers: {', '.join(marks.names) or 'none'})")
+    t0 = int(marks.times_of(start)[0]) if start else -(2**62)
+    t1 = int(marks.times_of(end)[-1]) if end else 2**62
+    if t1 < t0:
+        raise UsageError(f"window ends ({end}) before it starts ({start})")
+    return (t0, t1), f"between markers {start or 'start'} and {end or 'end'}"
+
+
+def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
+    if not os.path.exists(path):
+        raise BundleError(f"no such file or bundle: {path}")
+    if os.path.isdir(path):
+        from kvprof.trace.reader import Bundle
+
+        return analyze_bundle(Bundle(path), window=window)
+    raise BundleError(f"not a kvprof bundle (a file, not a .kvprof directory): {path}")
+
+
+def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
+    from kvprof.analysis.blocks import analyze_blocks
+    from kvprof.analysis.findings import block_findings, run_findings
+
+    bounds, window_label = _window_bounds(bundle, window)
+    man = bundle.manifest
+    source = {
+        "bundle": bundle.path,
+        "command": man.get("command"),
+        "status": man.get("status"),
+        "target": man.get("target"),
+        "start_time": man.get("start_time"),
+        "processes": len(bundle.processes),
+        "window": window_label or "whole run",
+    }
+    metrics: dict = {}
+    sections: dict = {}
+    findings: list[Finding] = run_findings(bundle)
+    stream = bundle.block_stream()
+    if stream.pools:
+        per_pool = [analyze_blocks(stream, [p.index], bounds) for p in stream.pools]
+        total = per_pool[0] if len(per_pool) == 1 else analyze_blocks(stream, None, bounds)
+        total.label = "all pools"
+        sections["blocks"] = {
+            "aggregate": dataclasses.asdict(total),
+            "pools": [dataclasses.asdict(p) for p in per_pool],
+        }
+        _block_metrics(metrics, total, len(stream.pools), window_label)
+        findings.extend(block_findings(total, per_pool))
+    sections["markers"] = _marker_summary(bundle)
+    order = {"error": 0, "warning": 1, "info": 2}
+    findings.sort(key=lambda f: order.get(f.severity, 3))
+    return AnalysisResult(source=source, metrics=metrics, sections=sections, findings=findings)
+
+
+def _block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
+    src = "blocks"
+    w = window_label
+
+    def put(name, value, window=None):
+        out[name] = metric_entry(name, value, src, window or w)
+
+    put("blocks.events", a.block_events)
+    put("blocks.pools", npools)
+    put("blocks.capacity", a.capacity)
+    put("blocks.requests", a.requests)
+    put("blocks.usage.high_watermark", a.high_watermark)
+    put("blocks.usage.time_weighted", a.usage_time_weighted)
+    put("blocks.peak_blocks", a.peak_blocks)
+    put("blocks.internal_fragmentation.time_weighted", a.internal_time_weighted)
+    put("blocks.internal_fragmentation.at_peak", a.internal_at_peak)
+    put("blocks.internal_fragmentation.lookahead_time_weighted", a.internal_lookahead_time_weighted)
+    put("blocks.internal_fragmentation.per_request_mean_slots", a.per_request_waste.mean)
+    put("blocks.external_fragmentation.at_peak", a.external_at_peak)
+    put("blocks.free_runs.at_peak", a.free_runs_at_peak)
+    put("blocks.fragmentation_that_hurts", a.fragmentation_that_hurts)
+    put("blocks.allocation_failures", a.allocation_failures)
+    put("blocks.preemptions", a.preemptions)
+    put("blocks.prefix_cache.query_tokens", a.query_tokens)
+    put("blocks.prefix_cache.hit_tokens", a.hit_tokens)
+    put("blocks.prefix_cache.hit_rate", a.hit_rate)
+    put("blocks.prefix_cache.block_hit_rate", a.block_hit_rate)
+    put("blocks.evictions", a.evictions)
+    put("blocks.evicted_before_reuse_ratio", a.evicted_before_reuse_ratio)
+    put("blocks.allocations", a.allocated_blocks)
+    put("blocks.churn.allocations_per_second", a.allocations_per_second)
+    put("blocks.churn.allocations_per_step", a.allocations_per_step)
+    put("blocks.churn.reallocated_within_step", a.reallocated_within_step)
+    put("blocks.churn.evictions_per_second", a.evictions_per_second)
+    put("blocks.lifetime.p50_seconds", a.lifetime_s.p50)
+    put("blocks.idle_before_eviction.p50_seconds", a.idle_before_eviction_s.p50)
+    put("blocks.reuse_gap.p50_seconds", a.reuse_gap_s.p50)
+    put("blocks.leaked_blocks", a.leaked_blocks)
+    put("blocks.in_use_at_idle", a.in_use_at_idle)
+    put("blocks.refcount_errors", a.refcount_errors)
+
+
+def _marker_summary(bundle) -> dict:
+    marks = bundle.marks()
+    out = {}
+    for i, name in enumerate(marks.names):
+        sel = marks.name == i
+        out[name] = {"count": int(sel.sum()), "processes": sorted({int(p) for p in marks.pid[sel]})}
+    return out

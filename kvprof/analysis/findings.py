@@ -1,0 +1,89 @@
+"""Findings: what the numbers mean, in plain words, each with the evidence behind it.
+
+Thresholds live here and nowhere else.  Findings carry numbers, not formatting
+beyond the sentence itself.
+"""
+
+from __future__ import annotations
+
+from kvprof.analysis import Finding
+
+FULL_POOL = 0.95
+HIGH_INTERNAL = 0.20
+POLLUTION = 0.5
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def run_findings(bundle) -> list[Finding]:
+    out = []
+    man = bundle.manifest
+    target = man.get("target") or {}
+    if man.get("status") == "recording":
+        out.append(Finding("warning", "The recording did not finish", "The recorder itself stopped before writing its final manifest; streams are read as far as they go.", {"status": "recording"}, "run"))
+    if target.get("signal"):
+        out.append(Finding("warning", f"The target was killed by {target.get('signal_name')}", "Events up to the last flush (at most about half a second earlier) are in the bundle.", {"exit_code": target.get("exit_code")}, "run"))
+    elif target.get("exit_code"):
+        out.append(Finding("warning", f"The target exited with code {target['exit_code']}", "The run may have crashed; the analysis covers what was recorded.", {"exit_code": target["exit_code"]}, "run"))
+    probes = {}
+    for p in man.get("processes", []) or []:
+        for name, st in (p.get("probes") or {}).items():
+            probes.setdefault(name, []).append(st)
+    blocks = probes.get("blocks", [])
+    if blocks and not any(s.get("engines") for s in blocks) and not any(bundle_has_pools(bundle)):
+        out.append(Finding("warning", "No block pool was seen", "The blocks probe was on, but no vLLM or nano-vllm pool was created and no kvprof.blocks.Pool was declared in any recorded process.", {"processes": len(blocks)}, "run"))
+    for p in man.get("processes", []) or []:
+        for err in p.get("errors", []) or []:
+            out.append(Finding("warning", f"Probe problem in pid {p.get('pid')}", str(err), {"pid": p.get("pid")}, "run"))
+        for name, st in (p.get("probes") or {}).items():
+            for engine, info in (st.get("engines") or {}).items():
+                missing = info.get("missing") if isinstance(info, dict) else None
+                if missing:
+                    out.append(Finding("info", f"{engine}: some hook points were not found", f"Not attached in pid {p.get('pid')}: {', '.join(map(str, missing))}. Events from those code paths are not recorded.", {"missing": missing}, "run"))
+    return out
+
+
+def bundle_has_pools(bundle):
+    for proc in bundle.processes:
+        yield bool(proc.pools)
+
+
+def block_findings(a, per_pool) -> list[Finding]:
+    out: list[Finding] = []
+    cap = a.capacity
+    if a.high_watermark is not None and a.high_watermark >= FULL_POOL:
+        out.append(Finding("warning", f"The pool ran full: peak usage {_pct(a.high_watermark)}", f"{a.peak_blocks} of {cap} usable blocks were in use at the peak; requests beyond that wait or are preempted.", {"peak_blocks": a.peak_blocks, "capacity": cap}))
+    if a.preemptions:
+        out.append(Finding("warning", f"{a.preemptions} preemptions", f"Requests lost their blocks and had their work redone; {a.allocation_failures} allocations were refused. More KV memory, fewer concurrent sequences or a smaller block size lower this.", {"preemptions": a.preemptions, "allocation_failures": a.allocation_failures}))
+    if a.fragmentation_that_hurts:
+        out.append(Finding("error", f"{a.fragmentation_that_hurts} allocation failures with enough free blocks", "The engine refused allocations although free-empty + free-cached blocks covered them: the allocator needs contiguity, or its free count is wrong.", {"count": a.fragmentation_that_hurts}))
+    if a.engine_free_mismatches:
+        out.append(Finding("warning", "The engine's free-block count disagrees with the replayed pool", f"At {a.engine_free_mismatches} allocation failures the free blocks the engine saw differ from kvprof's replay: some block state change is not being recorded.", {"count": a.engine_free_mismatches}))
+    if a.internal_time_weighted is not None:
+        best = min(a.whatif, key=lambda r: r["waste_ratio"] + 0.0005 * r["block_table_entries"] / max(1, a.requests)) if a.whatif else None
+        detail = f"{_pct(a.internal_time_weighted)} of allocated slot-time held no token (block size {a.block_size})"
+        if a.internal_lookahead_time_weighted:
+            detail += f"; {_pct(a.internal_lookahead_time_weighted)} of it from blocks allocated ahead of their tokens"
+        detail += f". Per request the last block wasted {a.per_request_waste.mean:.1f} slots on average (even spread would give {a.per_request_waste_reference:.1f})." if a.per_request_waste.mean is not None and a.per_request_waste_reference is not None else "."
+        sev = "warning" if a.internal_time_weighted >= HIGH_INTERNAL else "info"
+        out.append(Finding(sev, f"Internal fragmentation {_pct(a.internal_time_weighted)}", detail, {"time_weighted": a.internal_time_weighted, "at_peak": a.internal_at_peak, "block_size": a.block_size, "whatif_best": best["block_size"] if best else None}))
+    elif a.requests == 0:
+        out.append(Finding("info", "No request token counts", "Internal fragmentation needs request_state events (filled tokens, blocks held); none were recorded.", {}))
+    if a.external_at_peak is not None and a.external_at_peak > 0:
+        out.append(Finding("info", f"External fragmentation {_pct(a.external_at_peak)} in id space at the peak", f"Free blocks formed {a.free_runs_at_peak} runs, the largest {a.largest_free_run_at_peak} blocks. A paged allocator needs no contiguity, so this alone costs nothing; it matters only for allocators or kernels that want runs.", {"free_runs": a.free_runs_at_peak, "largest_run": a.largest_free_run_at_peak}))
+    if a.query_tokens:
+        out.append(Finding("info", f"Prefix cache hit rate {_pct(a.hit_rate)}", f"{a.hit_tokens:,} of {a.query_tokens:,} queried tokens were found in the cache; {a.evictions:,} cached blocks were evicted.", {"query_tokens": a.query_tokens, "hit_tokens": a.hit_tokens}))
+    if a.evictions and a.evicted_before_reuse_ratio is not None and a.evicted_before_reuse_ratio >= POLLUTION:
+        out.append(Finding("warning", f"Cache pollution: {_pct(a.evicted_before_reuse_ratio)} of evicted blocks were never reused", f"{a.evicted_before_reuse} of {a.evictions} evicted cached blocks had no hit between being cached and being evicted.", {"evicted": a.evictions, "never_reused": a.evicted_before_reuse}))
+    if a.leaked_blocks:
+        ids = ", ".join(f"{p}#{b}" for p, b in a.leaked_block_ids[:8])
+        out.append(Finding("error", f"{a.leaked_blocks} blocks leaked", f"Still in use at the end though every request that referenced them finished (first ones: {ids}).", {"leaked_blocks": a.leaked_blocks, "blocks": a.leaked_block_ids[:50]}))
+    if a.in_use_at_idle and not a.leaked_blocks:
+        out.append(Finding("warning", f"{a.in_use_at_idle} blocks in use while no request was live", "At a moment with no live request, blocks were still referenced: a leak that was cleaned up later, or deferred frees.", {"in_use_at_idle": a.in_use_at_idle}))
+    if a.refcount_errors:
+        out.append(Finding("error", f"{a.refcount_errors} ref-count imbalances", "Blocks were freed while not in use, or allocated while in use: a double free, or events the probe missed.", {"count": a.refcount_errors}))
+    if a.out_of_range_ids:
+        out.append(Finding("warning", f"{a.out_of_range_ids} block ids outside their pool", "Events named block ids beyond the declared pool size; they were ignored.", {"count": a.out_of_range_ids}))
+    return out

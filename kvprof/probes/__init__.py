@@ -1,0 +1,74 @@
+"""Probes: what `kvprof record --probe NAME` turns on inside each recorded process.
+
+Each probe has a ``start(writer)`` run once per process (and again in forked
+children) that must be cheap, import nothing heavy, and never raise: a probe
+that cannot attach records why in process.json and steps aside.
+"""
+
+from __future__ import annotations
+
+from kvprof import runtime
+
+DEFAULT_PROBES = ("blocks",)
+# Engine adapters of the blocks probe: modules with MODULES (names whose import
+# triggers the adapter) and install(module) (patches by feature detection).
+ENGINE_ADAPTERS = ["kvprof.probes.vllm", "kvprof.probes.nanovllm"]
+
+
+def _start_blocks(writer) -> None:
+    import importlib
+
+    from kvprof.probes import importhook
+
+    runtime.probe_note("blocks", status="waiting for an engine or a kvprof.blocks.Pool", engines={})
+    for adapter in ENGINE_ADAPTERS:
+        try:
+            mod = importlib.import_module(adapter)
+        except Exception as exc:
+            runtime.probe_note("blocks", **{f"adapter_error:{adapter}": repr(exc)})
+            continue
+        for name in mod.MODULES:
+            importhook.when_imported(name, mod.install)
+
+
+def _start_markers(writer) -> None:
+    runtime.probe_note("markers", status="attached")
+
+
+PROBES = {
+    "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, and pools declared through kvprof.blocks"),
+    "markers": (_start_markers, "kvprof.mark() calls (always on)"),
+}
+
+
+def known() -> list[str]:
+    return list(PROBES)
+
+
+def start_all(names, writer) -> None:
+    for name in names:
+        entry = PROBES.get(name)
+        if entry is None:
+            runtime.probe_note(name, status="unavailable", reason="unknown probe")
+            continue
+        try:
+            entry[0](writer)
+        except Exception as exc:
+            runtime.probe_note(name, status="failed", reason=repr(exc))
+
+
+def after_fork(names, writer) -> None:
+    # Patches made in the parent survive fork; only the bookkeeping is new.
+    for name in names:
+        runtime.probe_note(name, status="inherited from parent (fork)")
+
+
+def engine_note(engine: str, **fields) -> None:
+    """Record which hooks of an engine attached, for the manifest."""
+    w = runtime.writer
+    if w is None:
+        return
+    entry = w.info["probes"].setdefault("blocks", {})
+    entry["status"] = "attached"
+    entry.setdefault("engines", {})[engine] = fields
+    w.write_process_info()

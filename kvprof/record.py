@@ -1,0 +1,248 @@
+"""`kvprof record`: run a command with the startup hook in place and finish its bundle.
+
+The recorder process itself records nothing; it prepares the bundle, starts
+the target with KVPROF_* variables and the hook on PYTHONPATH, forwards
+signals, waits, and writes the final manifest whatever happened to the target.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+from kvprof import runtime
+from kvprof._version import __version__
+from kvprof.errors import RecordError, UsageError
+from kvprof.trace import format as fmt
+from kvprof.trace.atomic import write_json_atomic
+
+HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hook")
+PACKAGE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+
+
+@dataclass
+class RecordResult:
+    bundle: str
+    exit_code: int
+    manifest: dict
+
+
+def target_argv(command: list[str], module: str | None) -> list[str]:
+    """Turn what the user typed into an argv: ``-m mod``, ``script.py``, or any command."""
+    if module:
+        return [sys.executable, "-m", module, *command]
+    if not command:
+        raise UsageError("nothing to record: give a command, a script, or -m MODULE")
+    if command[0].endswith(".py") or (os.path.isfile(command[0]) and not os.access(command[0], os.X_OK)):
+        if not os.path.exists(command[0]):
+            raise UsageError(f"no such script: {command[0]}")
+        return [sys.executable, *command]
+    return list(command)
+
+
+def default_output(argv: list[str], module: str | None) -> str:
+    if module:
+        stem = module.rsplit(".", 1)[-1]
+    else:
+        words = [a for a in argv if not a.startswith("-")]
+        script = next((a for a in words[1:] if a.endswith(".py")), None) if len(words) > 1 else None
+        stem = os.path.splitext(os.path.basename(script or words[0] if words else "run"))[0]
+    stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "run"
+    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.kvprof"
+
+
+def _scan_processes(bundle: str) -> list[dict]:
+    from kvprof.trace.reader import _load_json
+
+    out = []
+    procs = os.path.join(bundle, fmt.PROCS_DIR)
+    if not os.path.isdir(procs):
+        return out
+    for name in sorted(os.listdir(procs)):
+        path = os.path.join(procs, name, fmt.PROCESS_JSON)
+        try:
+            info = _load_json(path, "process record")
+        except Exception:
+            continue
+        sizes = {}
+        for stream, dtype in fmt.STREAM_DTYPES.items():
+            p = os.path.join(procs, name, stream)
+            if os.path.exists(p):
+                sizes[stream] = os.path.getsize(p) // dtype.itemsize
+        out.append(
+            {
+                "dir": f"{fmt.PROCS_DIR}/{name}",
+                "pid": info.get("pid"),
+                "ppid": info.get("ppid"),
+                "role": info.get("role"),
+                "argv": info.get("argv"),
+                "start_time": info.get("start_time"),
+                "exited_cleanly": info.get("end_ns") is not None,
+                "probes": info.get("probes", {}),
+                "errors": info.get("errors", []),
+                "records": sizes,
+            }
+        )
+    starts = {p["pid"] for p in out}
+    for p in out:  # the first recorded process under the recorder is "main"; others are children
+        if p["role"] == "child" and p["ppid"] not in starts:
+            p["parent_recorded"] = False
+    return out
+
+
+class _SignalForwarder:
+    """Forwards signals to the target; a terminal's Ctrl-C already reaches it, so that is not doubled."""
+
+    def __init__(self):
+        self.proc = None
+        self.received: list[int] = []
+        self._old = {}
+
+    def __enter__(self):
+        for sig in FORWARDED:
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except (OSError, ValueError):
+                pass
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def _handle(self, signum, frame):
+        self.received.append(signum)
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        if signum == signal.SIGINT and _same_foreground_group(proc.pid):
+            return  # the terminal sent SIGINT to the whole foreground group, the target has it
+        try:
+            os.kill(proc.pid, signum)
+        except ProcessLookupError:
+            pass
+
+
+def _same_foreground_group(pid: int) -> bool:
+    try:
+        fd = sys.stdin.fileno()
+        return os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgid(pid)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def record(
+    command: list[str],
+    output: str | None = None,
+    probes: list[str] | None = None,
+    module: str | None = None,
+    force: bool = False,
+    quiet: bool = False,
+) -> RecordResult:
+    from kvprof import probes as probe_registry
+
+    argv = target_argv(command, module)
+    probes = list(dict.fromkeys(probes or list(probe_registry.DEFAULT_PROBES)))
+    unknown = [p for p in probes if p not in probe_registry.known()]
+    if unknown:
+        raise UsageError(f"unknown probe {unknown[0]!r}; known probes: {', '.join(probe_registry.known())}")
+    if "markers" not in probes:
+        probes.append("markers")
+    bundle = os.path.abspath(output or default_output(argv, module))
+    if os.path.exists(bundle):
+        if not force:
+            raise UsageError(f"output exists: {bundle} (use --force to replace it)")
+        if os.path.isdir(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
+            shutil.rmtree(bundle)
+        else:
+            raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
+    try:
+        os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
+    except OSError as exc:
+        raise UsageError(f"cannot create bundle {bundle}: {exc.strerror}") from None
+    manifest = {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "kvprof_version": __version__,
+        "status": "recording",
+        "command": argv,
+        "cwd": os.getcwd(),
+        "python": {"executable": sys.executable, "version": platform.python_version()},
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "start_time": time.time(),
+        "start_ns": time.monotonic_ns(),
+        "end_time": None,
+        "probes": {p: probe_registry.PROBES[p][1] for p in probes},
+        "recorder_pid": os.getpid(),
+    }
+    mpath = os.path.join(bundle, fmt.MANIFEST)
+    write_json_atomic(mpath, manifest)
+
+    env = dict(os.environ)
+    env[runtime.ENV_BUNDLE] = bundle
+    env[runtime.ENV_PROBES] = ",".join(probes)
+    env[runtime.ENV_RECORDER_PID] = str(os.getpid())
+    env["KVPROF_PATH"] = PACKAGE_PARENT
+    env["PYTHONPATH"] = HOOK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+
+    exit_code = 0
+    outcome: dict
+    with _SignalForwarder() as fwd:
+        try:
+            proc = subprocess.Popen(argv, env=env)
+        except (FileNotFoundError, PermissionError) as exc:
+            outcome = {"started": False, "error": f"{exc.strerror}: {argv[0]}"}
+            exit_code = 127 if isinstance(exc, FileNotFoundError) else 126
+        else:
+            fwd.proc = proc
+            while True:
+                try:
+                    rc = proc.wait()
+                    break
+                except KeyboardInterrupt:  # pragma: no cover - handler normally swallows it
+                    continue
+            if rc < 0:
+                exit_code = 128 - rc
+                outcome = {"started": True, "exit_code": exit_code, "signal": -rc, "signal_name": signal.Signals(-rc).name}
+            else:
+                exit_code = rc
+                outcome = {"started": True, "exit_code": rc, "signal": None}
+            if fwd.received:
+                outcome["signals_forwarded"] = [signal.Signals(s).name for s in fwd.received]
+    manifest.update(
+        {
+            "status": "complete",
+            "end_time": time.time(),
+            "end_ns": time.monotonic_ns(),
+            "target": outcome,
+            "processes": _scan_processes(bundle),
+        }
+    )
+    write_json_atomic(mpath, manifest)
+    if not outcome.get("started"):
+        raise RecordError(f"cannot start {argv[0]}: {outcome['error']} (bundle kept: {bundle})", exit_code)
+    return RecordResult(bundle, exit_code, manifest)
+
+
+def summary_line(result: RecordResult) -> str:
+    procs = result.manifest.get("processes", [])
+    blocks = sum(p["records"].get("blocks.bin", 0) for p in procs)
+    ids = sum(p["records"].get("block_ids.bin", 0) for p in procs)
+    marks = sum(p["records"].get("marks.bin", 0) for p in procs)
+    target = result.manifest.get("target", {})
+    how = f"signal {target['signal_name']}" if target.get("signal") else f"exit code {target.get('exit_code')}"
+    rel = os.path.relpath(result.bundle)
+    shown = rel if not rel.startswith("..") else result.bundle
+    return (
+        f"kvprof: wrote {shown} ({len(procs)} process{'es' if len(procs) != 1 else ''}, "
+        f"{blocks:,} block calls / {ids:,} block refs, {marks:,} markers); target ended with {how}"
+    )

@@ -1,0 +1,35 @@
+"""Value formatting shared by the text renderers (terminal, Markdown)."""
+
+from __future__ import annotations
+
+
+def value(v, unit: str) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if unit == "ratio":
+        return f"{100 * v:.1f}%"
+    if unit == "seconds":
+        if v < 1e-3:
+            return f"{v * 1e6:.0f} µs"
+        if v < 1:
+            return f"{v * 1e3:.1f} ms"
+        return f"{v:.2f} s"
+    if unit == "bytes":
+        return bytes_(v)
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1):
+        text = f"{int(v):,}"
+    else:
+        text = f"{v:,.2f}"
+    suffix = {"blocks": " blocks", "tokens": " tokens", "slots": " slots", "1/s": "/s"}.get(unit, "")
+    return text + suffix
+
+
+def bytes_(n) -> str:
+    n = float(n)
+    for u in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or u == "TiB":
+            return f"{n:.0f} {u}" if u == "B" else f"{n:.1f} {u}"
+        n /= 1024
+    return f"{n:.1f} TiB"

@@ -1,0 +1,184 @@
+"""The recording session inside a target process.
+
+`kvprof record` sets KVPROF_BUNDLE (and friends) and puts kvprof's startup hook
+first on PYTHONPATH; the hook calls :func:`start_from_env` in every Python
+process the command creates.  Forked children get a fresh writer through
+``os.register_at_fork``.  Everything here must be cheap when not recording and
+must never raise into the target.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import signal
+import sys
+import time
+
+ENV_BUNDLE = "KVPROF_BUNDLE"
+ENV_PROBES = "KVPROF_PROBES"
+ENV_RECORDER_PID = "KVPROF_RECORDER_PID"
+ENV_OPTIONS = "KVPROF_OPTIONS"
+
+writer = None  # kvprof.trace.writer.ProcessWriter while recording in this process
+_pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
+_probes: list[str] = []
+_started_pid = None
+
+now = time.monotonic_ns
+
+
+def is_recording() -> bool:
+    return writer is not None
+
+
+def start_from_env() -> None:
+    """Entry point of the startup hook.  Idempotent per process."""
+    global _started_pid
+    bundle = os.environ.get(ENV_BUNDLE)
+    if not bundle or _started_pid == os.getpid():
+        return
+    probes = [p for p in os.environ.get(ENV_PROBES, "blocks").split(",") if p]
+    try:
+        start(bundle, probes)
+    except Exception as exc:  # never break the target
+        sys.stderr.write(f"kvprof: recording disabled in pid {os.getpid()}: {exc}\n")
+
+
+def start(bundle: str, probes: list[str]) -> None:
+    global writer, _started_pid, _probes
+    from kvprof.trace.writer import ProcessWriter
+
+    role = "main" if str(os.getppid()) == os.environ.get(ENV_RECORDER_PID) else "child"
+    _probes = list(probes)
+    writer = ProcessWriter(bundle, role, _probes)
+    _started_pid = os.getpid()
+    for meta in _pools:
+        writer.meta(meta)
+    atexit.register(_at_exit)
+    if hasattr(os, "register_at_fork") and _started_pid is not None:
+        _register_fork_handler()
+    _install_signal_flush()
+    from kvprof import probes as probe_registry
+
+    probe_registry.start_all(_probes, writer)
+
+
+_fork_handler_registered = False
+
+
+def _register_fork_handler() -> None:
+    global _fork_handler_registered
+    if not _fork_handler_registered:
+        os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)
+        _fork_handler_registered = True
+
+
+def _before_fork() -> None:
+    # Flush in the parent so the child does not inherit half-written state.
+    if writer is not None:
+        writer.flush()
+
+
+def _after_fork_in_child() -> None:
+    global writer, _started_pid
+    old = writer
+    if old is None:
+        return
+    old.abandon()
+    writer = None
+    bundle = os.path.dirname(os.path.dirname(old.dir))
+    try:
+        from kvprof.trace.writer import ProcessWriter
+
+        writer = ProcessWriter(bundle, "child", _probes)
+        _started_pid = os.getpid()
+        for meta in _pools:
+            writer.meta(meta)
+        from kvprof import probes as probe_registry
+
+        probe_registry.after_fork(_probes, writer)
+        mp_util = sys.modules.get("multiprocessing.util")
+        if mp_util is not None:
+            # multiprocessing's fork children leave through os._exit, skipping atexit;
+            # its finalizers still run (lowest priority last).  Its bootstrap clears the
+            # finalizer registry after this hook, then runs the after-fork callbacks.
+            mp_util.register_after_fork(writer, _register_mp_finalizer)
+    except Exception as exc:
+        writer = None
+        sys.stderr.write(f"kvprof: recording disabled in forked pid {os.getpid()}: {exc}\n")
+
+
+def _register_mp_finalizer(_writer) -> None:
+    sys.modules["multiprocessing.util"].Finalize(None, _at_exit, exitpriority=-1000)
+
+
+def _at_exit() -> None:
+    w = writer
+    if w is not None and w.pid == os.getpid():
+        w.close()
+
+
+def _install_signal_flush() -> None:
+    """Flush before dying of SIGTERM when the target left the default action in place."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return
+    try:
+        if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+    except (ValueError, OSError):
+        pass
+
+
+def _on_sigterm(signum, frame) -> None:
+    w = writer
+    if w is not None:
+        w.close({"terminated_by_signal": signum})
+    signal.signal(signum, signal.SIG_DFL)
+    os.kill(os.getpid(), signum)
+
+
+# -- helpers used by probes and the public API ---------------------------------------
+def declare_pool(meta: dict) -> int:
+    """Register a block pool of this process; returns its index in the block stream."""
+    index = len(_pools)
+    record = {"type": "pool", "pool": index, "t": now(), **meta}
+    _pools.append(record)
+    if writer is not None:
+        writer.meta(record)
+    return index
+
+
+def emit(kind: int, pool: int, req=None, arg: int = 0, arg2: int = 0, ids=None, t=None) -> None:
+    """Queue one block-stream event.  `req` is any hashable request id (or None)."""
+    w = writer
+    if w is None:
+        return
+    w.blocks.append(
+        (
+            now() if t is None else t,
+            kind,
+            pool,
+            -1 if req is None else w.intern(req),
+            arg,
+            arg2,
+            ids,
+        )
+    )
+    if len(w.blocks) > 65536:
+        w.flush()
+
+
+def mark(name: str, value: int = 0, t: int | None = None) -> None:
+    w = writer
+    if w is None:
+        return
+    w.marks.append((now() if t is None else t, w.intern(name), int(value)))
+
+
+def probe_note(name: str, **fields) -> None:
+    w = writer
+    if w is not None:
+        w.probe_status(name, **fields)

@@ -1,0 +1,101 @@
+"""Trace bundle format, version 1: the one place that says what is on disk.
+
+A bundle is a directory::
+
+    NAME.kvprof/
+      manifest.json                 written atomically by `kvprof record`
+      procs/<pid>-<start_ns>/       one directory per recorded process
+        process.json                pid, ppid, role, argv, probes (atomic rewrite)
+        meta.jsonl                  side records: interned strings, pools, probe notes
+        blocks.bin                  block-pool events, one record per hook call
+        block_ids.bin               int32 block ids referenced by blocks.bin
+        marks.bin                   user markers
+
+Every ``*.bin`` file is a flat sequence of little-endian fixed-width records
+of the numpy dtype below (no header), so ``numpy.fromfile(path, dtype)`` opens
+it.  Writers only append whole chunks; a trailing partial record (a crash in
+the middle of a write) is ignored by the reader.  See docs/trace-format.md.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+FORMAT_NAME = "kvprof.bundle"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+PROCS_DIR = "procs"
+PROCESS_JSON = "process.json"
+META_JSONL = "meta.jsonl"
+
+# One record per hook call.  Block ids of the call live in block_ids.bin; the
+# n-th event owns the next `n` ids after those of the events before it.
+BLOCK_EVENT_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # monotonic clock, ns (or the pool's simulated clock)
+        ("kind", "u1"),  # EventKind
+        ("pool", "<u2"),  # pool index inside the process (meta.jsonl "pool")
+        ("req", "<i4"),  # interned request id, -1 when none
+        ("arg", "<i8"),  # kind-specific, see EVENT_ARGS
+        ("arg2", "<i8"),  # kind-specific, see EVENT_ARGS
+        ("n", "<u4"),  # number of block ids in block_ids.bin
+    ]
+)
+BLOCK_ID_DTYPE = np.dtype("<i4")
+
+MARK_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # monotonic clock, ns
+        ("name", "<i4"),  # interned marker name
+        ("value", "<i8"),  # optional integer payload (kvprof.mark(name, value))
+    ]
+)
+
+STREAM_DTYPES = {
+    "blocks.bin": BLOCK_EVENT_DTYPE,
+    "block_ids.bin": BLOCK_ID_DTYPE,
+    "marks.bin": MARK_DTYPE,
+}
+
+
+class EventKind:
+    """Block-stream event kinds.  Values are part of the on-disk format."""
+
+    # Block state changes (ids = the blocks concerned).
+    ALLOC = 1  # free blocks taken for use (ref 0 -> 1); cached content in them is evicted
+    FREE = 2  # ref count of each block drops by one; at 0 the block returns to the free pool
+    HIT = 3  # prefix-cache hit: ref count +1 (a free-cached block becomes in-use)
+    CACHE = 4  # blocks now hold a hashed, reusable prefix
+    EVICT = 5  # blocks lose their cached content without being allocated (reset, evict)
+    RESERVE = 6  # blocks set aside (vLLM's null block): never free or used capacity
+    # Request events (req set, no ids unless stated).
+    REQ_ARRIVE = 10  # arg = prompt tokens, arg2 = max new tokens (-1 unknown)
+    REQ_QUERY = 11  # prefix-cache lookup: arg = queried tokens, arg2 = hit tokens
+    REQ_STATE = 12  # arg = tokens whose KV is (being) written, arg2 = blocks in its table
+    REQ_FINISH = 13  # request done; its table is released
+    REQ_PREEMPT = 14  # request preempted (its blocks are freed, it will be recomputed)
+    ALLOC_FAIL = 15  # allocation refused: arg = blocks needed (-1 unknown), arg2 = free blocks seen
+    # Engine events.
+    STEP = 20  # one engine/scheduler step began; arg = step number
+
+
+KIND_NAMES = {v: k.lower() for k, v in vars(EventKind).items() if not k.startswith("_")}
+
+EVENT_ARGS = {
+    EventKind.ALLOC: ("-", "-"),
+    EventKind.FREE: ("-", "-"),
+    EventKind.HIT: ("-", "-"),
+    EventKind.CACHE: ("-", "-"),
+    EventKind.EVICT: ("-", "-"),
+    EventKind.RESERVE: ("-", "-"),
+    EventKind.REQ_ARRIVE: ("prompt tokens", "max new tokens or -1"),
+    EventKind.REQ_QUERY: ("queried tokens", "hit tokens"),
+    EventKind.REQ_STATE: ("filled tokens", "blocks held"),
+    EventKind.REQ_FINISH: ("-", "-"),
+    EventKind.REQ_PREEMPT: ("-", "-"),
+    EventKind.ALLOC_FAIL: ("blocks needed or -1", "free blocks seen or -1"),
+    EventKind.STEP: ("step number", "-"),
+}
+
+ROLE_MAIN = "main"
+ROLE_CHILD = "child"
