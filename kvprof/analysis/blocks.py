@@ -236,10 +236,9 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     r_bs = bsize[stream.pool[rsel]] if len(rsel) else np.zeros(0, dtype=np.int64)
     step_times = t_call[evmask & (kind_call == K.STEP)]
 
-    all_t = [x for x in (bt[:1], r_t[:1], step_times[:1]) if len(x)]
-    all_t_end = [x for x in (bt[-1:], r_t[-1:], step_times[-1:]) if len(x)]
-    t_start = int(min(int(x[0]) for x in all_t)) if all_t else 0
-    t_end = int(max(int(x[0]) for x in all_t_end)) if all_t_end else 0
+    t_sel = t_call[evmask]  # the pools' span: first to last event of any kind
+    t_start = int(t_sel[0]) if len(t_sel) else 0
+    t_end = int(t_sel[-1]) if len(t_sel) else 0
     w0, w1 = (t_start, t_end) if window is None else (max(window[0], t_start), min(window[1], t_end))
     in_win_b = (bt >= w0) & (bt <= w1)
     in_win_r = (r_t >= w0) & (r_t <= w1)

@@ -79,6 +79,30 @@ class BlockStream:
     pools: list[PoolInfo]
     requests: list[str]
 
+    @classmethod
+    def from_events(cls, events, pools: list[dict], requests: list[str] | None = None) -> "BlockStream":
+        """Build a stream from ``(t, kind, pool, req, arg, arg2, ids)`` tuples (tests, simulators).
+
+        ``pools`` are dicts with at least num_blocks and block_size; ``req`` indexes ``requests``.
+        """
+        infos = [
+            PoolInfo(index=i, pid=0, local_index=i, name=p.get("name", f"pool{i}"), engine=p.get("engine", "custom"),
+                     num_blocks=int(p["num_blocks"]), block_size=int(p["block_size"]), clock=p.get("clock", "monotonic"),
+                     extra={k: v for k, v in p.items() if k not in {"name", "engine", "num_blocks", "block_size", "clock"}})
+            for i, p in enumerate(pools)
+        ]
+        events = list(events)
+        ids = [b for e in events for b in (e[6] or ())]
+        col = lambda i, dt: np.array([e[i] for e in events], dtype=dt)  # noqa: E731
+        nreq = max([e[3] for e in events] + [-1]) + 1
+        return cls(
+            t=col(0, np.int64), kind=col(1, np.uint8), pool=col(2, np.int32), req=col(3, np.int64),
+            arg=col(4, np.int64), arg2=col(5, np.int64),
+            n=np.array([len(e[6] or ()) for e in events], dtype=np.uint32),
+            ids=np.array(ids, dtype=np.int32), pools=infos,
+            requests=requests if requests is not None else [f"r{i}" for i in range(nreq)],
+        )
+
     @property
     def offsets(self) -> np.ndarray:
         off = np.zeros(len(self.n) + 1, dtype=np.int64)

@@ -1,0 +1,4 @@
+import os
+
+# An existing sitecustomize that must still run under kvprof record.
+os.environ["KVPROF_TEST_SITECUSTOMIZE_RAN"] = "1"
