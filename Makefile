@@ -1,0 +1,48 @@
+# kvprof: `make demo` records and analyzes the built-in demo; `make test` runs the tests.
+# Everything installs into a virtual environment in .venv (override with VENV=...).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KVPROF := $(VENV)/bin/kvprof
+STAMP := $(VENV)/.kvprof-installed
+# nano-vllm's real scheduler and block manager (MIT, December 2025 API), for the probe tests;
+# installed without its dependencies (torch, transformers): the tests load only the engine modules.
+NANOVLLM := nano-vllm-fork==20260210
+
+.PHONY: install demo test test-all fixtures bench docs clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --no-deps $(NANOVLLM)
+	@touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(KVPROF) record --force -o demo.kvprof -- $(KVPROF) demo
+	$(KVPROF) analyze demo.kvprof --json demo-analysis.json
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+# Regenerate the small real bundles in fixtures/ (deterministic: same seed, same events).
+fixtures: $(STAMP)
+	rm -rf fixtures/demo.kvprof fixtures/demo-leak.kvprof fixtures/crash-sigkill.kvprof
+	$(KVPROF) record -q -o fixtures/demo.kvprof -- $(KVPROF) demo --requests 120 --num-blocks 256 --seed 1
+	$(KVPROF) record -q -o fixtures/demo-leak.kvprof -- $(KVPROF) demo --requests 120 --num-blocks 256 --seed 1 --leak-every 12
+	-$(KVPROF) record -q -o fixtures/crash-sigkill.kvprof -- $(PY) tests/workloads/crash.py sigkill
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_record.py
+
+docs: $(STAMP)
+	$(PY) -m kvprof.metrics > docs/metrics-reference.md
+
+clean:
+	rm -rf demo.kvprof demo-analysis.json .pytest_cache .hypothesis
+
+-include mk/*.mk

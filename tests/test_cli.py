@@ -1,0 +1,89 @@
+"""The CLI as a user meets it: help, version, analyze output, bad input."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import run_kvprof
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli")
+    out = d / "demo.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "-m", "kvprof.demo", "--seed", "3")
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+def test_help_and_version_are_fast_and_import_nothing_heavy():
+    r = run_kvprof("--help")
+    assert r.returncode == 0 and "record" in r.stdout and "analyze" in r.stdout
+    r = run_kvprof("--version")
+    assert r.returncode == 0 and r.stdout.startswith("kvprof ")
+    code = "import sys; from kvprof.commands import app; print(sorted(m for m in ('torch', 'memray', 'pyarrow', 'numpy', 'rich.console') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_analyze_terminal_report_fits_80_columns(demo):
+    r = run_kvprof("analyze", str(demo), "--width", "80")
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80
+    for needle in ("usage.high_watermark", "internal_fragmentation.time_weighted", "Block map at the high watermark", "Block-size what-if", "Findings", "preemptions"):
+        assert needle in r.stdout
+
+
+def test_analyze_json_schema(demo, tmp_path):
+    out = tmp_path / "a.json"
+    r = run_kvprof("analyze", str(demo), "--json", str(out), "--no-report")
+    assert r.returncode == 0 and r.stdout == ""
+    d = json.loads(out.read_text())
+    assert d["schema"] == "kvprof.analysis/1"
+    required = [
+        "blocks.usage.high_watermark", "blocks.internal_fragmentation.time_weighted", "blocks.internal_fragmentation.at_peak",
+        "blocks.external_fragmentation.at_peak", "blocks.prefix_cache.query_tokens", "blocks.prefix_cache.hit_tokens",
+        "blocks.prefix_cache.hit_rate", "blocks.evictions", "blocks.evicted_before_reuse_ratio", "blocks.preemptions",
+        "blocks.allocation_failures", "blocks.leaked_blocks", "blocks.events",
+    ]
+    for name in required:
+        entry = d["metrics"][name]
+        assert set(entry) >= {"value", "unit", "better", "window"}
+        assert entry["better"] in ("lower", "higher", None)
+    assert d["metrics"]["blocks.preemptions"]["value"] > 0
+    assert d["metrics"]["blocks.prefix_cache.hit_tokens"]["value"] > 0
+    assert d["sections"]["blocks"]["aggregate"]["whatif"]
+    assert d["findings"] and all(f["severity"] in ("error", "warning", "info") for f in d["findings"])
+    r = run_kvprof("analyze", str(demo), "--json", "-")
+    assert json.loads(r.stdout)["schema"] == "kvprof.analysis/1"
+
+
+def test_window_between_markers(demo, tmp_path):
+    whole = json.loads(run_kvprof("analyze", str(demo), "--json", "-").stdout)
+    r = run_kvprof("analyze", str(demo), "--json", "-", "--window", "steady_state:drained")
+    assert r.returncode == 0, r.stderr
+    win = json.loads(r.stdout)
+    assert win["source"]["window"] == "between markers steady_state and drained"
+    assert 0 < win["metrics"]["blocks.prefix_cache.query_tokens"]["value"] < whole["metrics"]["blocks.prefix_cache.query_tokens"]["value"]
+    r = run_kvprof("analyze", str(demo), "--window", "nope")
+    assert r.returncode == 2 and "no marker named 'nope'" in r.stderr
+
+
+def test_unknown_option_and_missing_argument(tmp_path):
+    r = run_kvprof("analyze", "--frobnicate")
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    r = run_kvprof("analyze")
+    assert r.returncode == 2 and "Missing argument" in r.stderr
+    r = run_kvprof("nosuchcommand")
+    assert r.returncode == 2
+    r = run_kvprof("analyze", str(tmp_path / "x.json"), "--json", "/nonexistent/dir/out.json")
+    assert r.returncode == 2 and "no such file" in r.stderr
+
+
+def test_unwritable_json_output(demo):
+    r = run_kvprof("analyze", str(demo), "--json", "/nonexistent/dir/out.json")
+    assert r.returncode == 2 and "cannot write /nonexistent/dir/out.json" in r.stderr
