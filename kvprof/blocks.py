@@ -40,7 +40,8 @@ __all__ = ["Pool"]
 
 
 def _ids(blocks: Iterable[int]) -> list[int]:
-    return blocks if type(blocks) is list else list(blocks)
+    # always a copy: the caller may mutate its list before the writer flushes
+    return list(blocks)
 
 
 class Pool:
@@ -86,55 +87,61 @@ class Pool:
             self._emit(K.RESERVE, None, 0, 0, reserved)
 
     def _emit(self, kind, request, arg, arg2, ids):
-        if runtime.writer is not None:
-            runtime.emit(kind, self.index, request, arg, arg2, ids, self._clock() if self._clock else None)
+        # One frame on the hot path: runtime.emit's work, inlined.
+        w = runtime.writer
+        if w is None:
+            return
+        if request is None:
+            rid = -1
+        else:
+            rid = w._strings.get(request if type(request) is str else str(request))
+            if rid is None:
+                rid = w.intern(request)
+        w.blocks.append((self._clock() if self._clock else runtime.now(), kind, self.index, rid, arg, arg2, ids))
+        if len(w.blocks) > 65536:
+            w.flush()
 
     # -- block state changes ----------------------------------------------------
     def alloc(self, block_ids: Iterable[int], request=None) -> None:
         """Blocks taken from the free pool (evicting any cached content in them)."""
-        if runtime.writer is not None:
-            self._emit(K.ALLOC, request, 0, 0, _ids(block_ids))
+        self._emit(K.ALLOC, request, 0, 0, _ids(block_ids))
 
     def free(self, block_ids: Iterable[int], request=None) -> None:
         """One reference dropped on each block."""
-        if runtime.writer is not None:
-            self._emit(K.FREE, request, 0, 0, _ids(block_ids))
+        self._emit(K.FREE, request, 0, 0, _ids(block_ids))
 
     def hit(self, block_ids: Iterable[int], request=None) -> None:
         """Cached blocks reused through the prefix cache (one reference added each)."""
-        if runtime.writer is not None:
-            self._emit(K.HIT, request, 0, 0, _ids(block_ids))
+        self._emit(K.HIT, request, 0, 0, _ids(block_ids))
 
     def cache(self, block_ids: Iterable[int]) -> None:
         """Full blocks hashed into the prefix cache."""
-        if runtime.writer is not None:
-            self._emit(K.CACHE, None, 0, 0, _ids(block_ids))
+        self._emit(K.CACHE, None, 0, 0, _ids(block_ids))
 
     def evict(self, block_ids: Iterable[int]) -> None:
         """Cached content dropped without an allocation (cache reset, explicit evict)."""
-        if runtime.writer is not None:
-            self._emit(K.EVICT, None, 0, 0, _ids(block_ids))
+        self._emit(K.EVICT, None, 0, 0, _ids(block_ids))
 
     # -- requests ------------------------------------------------------------------
     def request_arrived(self, request, prompt_tokens: int, max_new_tokens: int = -1) -> None:
-        self._emit(K.REQ_ARRIVE, request, int(prompt_tokens), int(max_new_tokens), None)
+        self._emit(K.REQ_ARRIVE, request, int(prompt_tokens), int(max_new_tokens), ())
 
     def prefix_query(self, request, query_tokens: int, hit_tokens: int) -> None:
         """A prefix-cache lookup of ``query_tokens`` tokens, ``hit_tokens`` of them found."""
-        self._emit(K.REQ_QUERY, request, int(query_tokens), int(hit_tokens), None)
+        self._emit(K.REQ_QUERY, request, int(query_tokens), int(hit_tokens), ())
 
     def request_state(self, request, filled_tokens: int, blocks_held: int) -> None:
         """The request's block table now has ``blocks_held`` blocks holding ``filled_tokens`` tokens."""
-        self._emit(K.REQ_STATE, request, int(filled_tokens), int(blocks_held), None)
+        self._emit(K.REQ_STATE, request, filled_tokens, blocks_held, ())
 
     def request_finished(self, request) -> None:
-        self._emit(K.REQ_FINISH, request, 0, 0, None)
+        self._emit(K.REQ_FINISH, request, 0, 0, ())
 
     def preempted(self, request) -> None:
-        self._emit(K.REQ_PREEMPT, request, 0, 0, None)
+        self._emit(K.REQ_PREEMPT, request, 0, 0, ())
 
     def allocation_failed(self, request=None, blocks_needed: int = -1, free_blocks: int = -1) -> None:
-        self._emit(K.ALLOC_FAIL, request, int(blocks_needed), int(free_blocks), None)
+        self._emit(K.ALLOC_FAIL, request, int(blocks_needed), int(free_blocks), ())
 
     def mark(self, name: str, value: int = 0) -> None:
         """A user marker on this pool's clock (use it instead of kvprof.mark with a simulated clock)."""
@@ -143,4 +150,4 @@ class Pool:
 
     def step(self, number: int = 0) -> None:
         """An engine step begins (used for per-step churn)."""
-        self._emit(K.STEP, None, int(number), 0, None)
+        self._emit(K.STEP, None, int(number), 0, ())

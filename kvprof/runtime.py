@@ -164,7 +164,7 @@ def emit(kind: int, pool: int, req=None, arg: int = 0, arg2: int = 0, ids=None, 
             -1 if req is None else w.intern(req),
             arg,
             arg2,
-            ids,
+            ids or (),
         )
     )
     if len(w.blocks) > 65536:

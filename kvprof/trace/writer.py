@@ -20,6 +20,8 @@ import os
 import sys
 import threading
 import time
+from itertools import chain
+from operator import itemgetter
 
 import numpy as np
 
@@ -142,19 +144,20 @@ class ProcessWriter:
         if meta:
             self._append(fmt.META_JSONL, "".join(json.dumps(m) + "\n" for m in meta).encode())
         if blocks:
-            ids: list[int] = []
-            rows = []
-            for t, kind, pool, req, arg, arg2, bids in blocks:
-                if bids:
-                    ids.extend(bids)
-                    rows.append((t, kind, pool, req, arg, arg2, len(bids)))
-                else:
-                    rows.append((t, kind, pool, req, arg, arg2, 0))
-            if ids:
-                self._append("block_ids.bin", np.asarray(ids, dtype=fmt.BLOCK_ID_DTYPE).tobytes())
-                self.counts["block_ids"] += len(ids)
-            self._append("blocks.bin", np.array(rows, dtype=fmt.BLOCK_EVENT_DTYPE).tobytes())
-            self.counts["blocks"] += len(rows)
+            # columns straight from the tuples (t, kind, pool, req, arg, arg2, ids)
+            count = len(blocks)
+            rows = np.empty(count, dtype=fmt.BLOCK_EVENT_DTYPE)
+            for i, name in enumerate(("t", "kind", "pool", "req", "arg", "arg2")):
+                rows[name] = np.fromiter(map(itemgetter(i), blocks), dtype=np.int64, count=count)
+            id_lists = list(map(itemgetter(6), blocks))
+            rows["n"] = np.fromiter(map(len, id_lists), dtype=np.int64, count=count)
+            nids = int(rows["n"].sum())
+            if nids:
+                ids = np.fromiter(chain.from_iterable(id_lists), dtype=fmt.BLOCK_ID_DTYPE, count=nids)
+                self._append("block_ids.bin", ids.tobytes())
+                self.counts["block_ids"] += nids
+            self._append("blocks.bin", rows.tobytes())
+            self.counts["blocks"] += count
         if marks:
             self._append("marks.bin", np.array(marks, dtype=fmt.MARK_DTYPE).tobytes())
             self.counts["marks"] += len(marks)
