@@ -19,6 +19,11 @@ from kvprof.errors import BundleError, UsageError
 
 SCHEMA = "kvprof.analysis/1"
 
+# Analyzers of bundle sections other than block pools, as "module:function".
+# Each is called as function(bundle, bounds) with bounds = (t0, t1) or None and
+# returns a SectionResult, or None when the bundle holds no data for it.
+SECTION_ANALYZERS: list[str] = []
+
 
 @dataclass
 class Finding:
@@ -27,6 +32,14 @@ class Finding:
     detail: str
     evidence: dict = field(default_factory=dict)
     source: str = "blocks"
+
+
+@dataclass
+class SectionResult:
+    name: str  # key under "sections"
+    metrics: dict  # name -> metric_entry(...)
+    section: dict  # JSON-ready details
+    findings: list  # [Finding]
 
 
 @dataclass
@@ -112,6 +125,15 @@ def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
         }
         _block_metrics(metrics, total, len(stream.pools), window_label)
         findings.extend(block_findings(total, per_pool))
+    import importlib
+
+    for spec in SECTION_ANALYZERS:
+        mod, _, fn = spec.partition(":")
+        part = getattr(importlib.import_module(mod), fn)(bundle, bounds)
+        if part is not None:
+            metrics.update(part.metrics)
+            sections[part.name] = part.section
+            findings.extend(part.findings)
     sections["markers"] = _marker_summary(bundle)
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))

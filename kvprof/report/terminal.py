@@ -25,6 +25,9 @@ HEADLINE = [
     "blocks.lifetime.p50_seconds",
     "blocks.events",
 ]
+# Renderers of other sections, as section name -> "module:function"; each is
+# called as function(console, section_dict, result) after the block-pool part.
+SECTION_RENDERERS: dict[str, str] = {}
 MAP_CHARS = {0: ("·", "grey50"), 1: ("▒", "cyan"), 2: ("█", "green"), 3: ("x", "magenta")}
 SEVERITY = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "blue")}
 
@@ -80,6 +83,13 @@ def render(result, width: int | None = None, console=None) -> None:
             console.print(pt)
         _block_map(console, agg, min(64, console.width - 8))
         _whatif(console, agg)
+
+    import importlib
+
+    for name, spec in SECTION_RENDERERS.items():
+        if name in result.sections:
+            mod, _, fn = spec.partition(":")
+            getattr(importlib.import_module(mod), fn)(console, result.sections[name], result)
 
     findings = result.findings
     if findings:
