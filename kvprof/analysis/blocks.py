@@ -187,7 +187,9 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     block_size = sizes.pop() if len(sizes) == 1 else None
 
     # ---- per-block replay (sorted by block, stable keeps time order inside) -------------
-    order = np.argsort(key, kind="stable")
+    # the narrowest key type lets numpy use its radix sort (<= 16 bits) or a cheaper merge
+    small = key.astype(np.uint16 if nkeys <= 1 << 16 else np.uint32 if nkeys <= 1 << 32 else np.int64)
+    order = np.argsort(small, kind="stable")
     sk = key[order]
     skind = bkind[order]
     gs = np.ones(m, dtype=bool)
@@ -276,26 +278,36 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     dlook = _group_diff(lookahead)
     have_state = bool(is_state.any())
 
-    # merged step functions of in-use slots and unfilled slots over time
-    tl_t = np.concatenate([bt, s_t])
-    tl_src = np.concatenate([np.zeros(m, dtype=np.int8), np.ones(len(s_t), dtype=np.int8)])
-    tl_dslots = np.concatenate([d_inuse * bsz_b, np.zeros(len(s_t), dtype=np.int64)])
-    tl_dblocks = np.concatenate([d_inuse, np.zeros(len(s_t), dtype=np.int64)])
-    tl_dwaste = np.concatenate([np.zeros(m, dtype=np.int64), dwaste])
-    tl_dlook = np.concatenate([np.zeros(m, dtype=np.int64), dlook])
-    tlo = np.argsort(tl_t, kind="stable")
-    tl_t = tl_t[tlo]
-    v_slots = np.cumsum(tl_dslots[tlo])
-    v_blocks = np.cumsum(tl_dblocks[tlo])
-    v_waste = np.cumsum(tl_dwaste[tlo])
-    v_look = np.cumsum(tl_dlook[tlo])
+    # merged step functions of in-use slots and unfilled slots over time: both event
+    # sets are in call order already, so merge by call index instead of sorting
+    s_call = rsel[s_idx]
+    nb, ns = m, len(s_idx)
+    pos_b = np.arange(nb, dtype=np.int64) + np.searchsorted(s_call, ev_of, side="left")
+    pos_s = np.arange(ns, dtype=np.int64) + np.searchsorted(ev_of, s_call, side="left")
+    tl_t = np.empty(nb + ns, dtype=np.int64)
+    tl_t[pos_b] = bt
+    tl_t[pos_s] = s_t
+
+    def _merged(block_values, state_values):
+        out = np.zeros(nb + ns, dtype=np.int64)
+        if block_values is not None:
+            out[pos_b] = block_values
+        if state_values is not None:
+            out[pos_s] = state_values
+        return np.cumsum(out)
+
+    v_blocks = _merged(d_inuse, None)
+    v_slots = _merged(d_inuse * bsz_b, None)
+    v_waste = _merged(None, dwaste)
+    v_look = _merged(None, dlook)
+    if len(tl_t) and w1 > w0:
+        tt = np.clip(tl_t, w0, w1)
+        dt = np.diff(tt, append=w1).astype(np.float64)
+    else:
+        dt = np.zeros(len(tl_t))
 
     def _integral(values: np.ndarray) -> float:
-        if len(tl_t) == 0 or w1 <= w0:
-            return 0.0
-        tt = np.clip(tl_t, w0, w1)
-        dt = np.diff(np.append(tt, w1))
-        return float((values.astype(np.float64) * dt).sum())
+        return float(values @ dt) if len(dt) else 0.0
 
     span = float(w1 - w0)
     usage_tw = _integral(v_blocks) / (span * capacity) if span > 0 and capacity else None
@@ -420,9 +432,13 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
 
     # ---- requests: liveness, final waste, lengths --------------------------------------------------
     rr = r_req >= 0
-    req_ids = np.unique(r_req[rr])
-    n_req = len(req_ids)
-    finished = np.unique(r_req[rr & (r_kind == K.REQ_FINISH)])
+    nreq_all = len(stream.requests)
+    seen = np.zeros(nreq_all + 1, dtype=bool)
+    seen[r_req[rr]] = True
+    n_req = int(seen.sum())
+    fin_seen = np.zeros(nreq_all + 1, dtype=bool)
+    fin_seen[r_req[rr & (r_kind == K.REQ_FINISH)]] = True
+    finished = np.flatnonzero(fin_seen)
     live_at_end = n_req - len(finished)
     per_req_waste = np.zeros(0)
     lengths = np.zeros(0, dtype=np.int64)
