@@ -13,6 +13,10 @@ HIGH_INTERNAL = 0.20
 POLLUTION = 0.5
 
 
+def _n(count: int, noun: str) -> str:
+    return f"{count:,} {noun}{'' if count == 1 else 's'}"
+
+
 def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
@@ -56,9 +60,9 @@ def block_findings(a, per_pool) -> list[Finding]:
     if a.high_watermark is not None and a.high_watermark >= FULL_POOL:
         out.append(Finding("warning", f"The pool ran full: peak usage {_pct(a.high_watermark)}", f"{a.peak_blocks} of {cap} usable blocks were in use at the peak; requests beyond that wait or are preempted.", {"peak_blocks": a.peak_blocks, "capacity": cap}))
     if a.preemptions:
-        out.append(Finding("warning", f"{a.preemptions} preemptions", f"Requests lost their blocks and had their work redone; {a.allocation_failures} allocations were refused. More KV memory, fewer concurrent sequences or a smaller block size lower this.", {"preemptions": a.preemptions, "allocation_failures": a.allocation_failures}))
+        out.append(Finding("warning", _n(a.preemptions, "preemption"), f"Requests lost their blocks and had their work redone; {a.allocation_failures} allocations were refused. More KV memory, fewer concurrent sequences or a smaller block size lower this.", {"preemptions": a.preemptions, "allocation_failures": a.allocation_failures}))
     if a.fragmentation_that_hurts:
-        out.append(Finding("error", f"{a.fragmentation_that_hurts} allocation failures with enough free blocks", "The engine refused allocations although free-empty + free-cached blocks covered them: the allocator needs contiguity, or its free count is wrong.", {"count": a.fragmentation_that_hurts}))
+        out.append(Finding("error", f"{_n(a.fragmentation_that_hurts, 'allocation failure')} with enough free blocks", "The engine refused allocations although free-empty + free-cached blocks covered them: the allocator needs contiguity, or its free count is wrong.", {"count": a.fragmentation_that_hurts}))
     if a.engine_free_mismatches:
         out.append(Finding("warning", "The engine's free-block count disagrees with the replayed pool", f"At {a.engine_free_mismatches} allocation failures the free blocks the engine saw differ from kvprof's replay: some block state change is not being recorded.", {"count": a.engine_free_mismatches}))
     if a.internal_time_weighted is not None:
@@ -79,11 +83,11 @@ def block_findings(a, per_pool) -> list[Finding]:
         out.append(Finding("warning", f"Cache pollution: {_pct(a.evicted_before_reuse_ratio)} of evicted blocks were never reused", f"{a.evicted_before_reuse} of {a.evictions} evicted cached blocks had no hit between being cached and being evicted.", {"evicted": a.evictions, "never_reused": a.evicted_before_reuse}))
     if a.leaked_blocks:
         ids = ", ".join(f"{p}#{b}" for p, b in a.leaked_block_ids[:8])
-        out.append(Finding("error", f"{a.leaked_blocks} blocks leaked", f"Still in use at the end though every request that referenced them finished (first ones: {ids}).", {"leaked_blocks": a.leaked_blocks, "blocks": a.leaked_block_ids[:50]}))
+        out.append(Finding("error", f"{_n(a.leaked_blocks, 'block')} leaked", f"Still in use at the end though every request that referenced them finished (first ones: {ids}).", {"leaked_blocks": a.leaked_blocks, "blocks": a.leaked_block_ids[:50]}))
     if a.in_use_at_idle and not a.leaked_blocks:
-        out.append(Finding("warning", f"{a.in_use_at_idle} blocks in use while no request was live", "At a moment with no live request, blocks were still referenced: a leak that was cleaned up later, or deferred frees.", {"in_use_at_idle": a.in_use_at_idle}))
+        out.append(Finding("warning", f"{_n(a.in_use_at_idle, 'block')} in use while no request was live", "At a moment with no live request, blocks were still referenced: a leak that was cleaned up later, or deferred frees.", {"in_use_at_idle": a.in_use_at_idle}))
     if a.refcount_errors:
-        out.append(Finding("error", f"{a.refcount_errors} ref-count imbalances", "Blocks were freed while not in use, or allocated while in use: a double free, or events the probe missed.", {"count": a.refcount_errors}))
+        out.append(Finding("error", f"{_n(a.refcount_errors, 'ref-count imbalance')}", "Blocks were freed while not in use, or allocated while in use: a double free, or events the probe missed.", {"count": a.refcount_errors}))
     if a.out_of_range_ids:
-        out.append(Finding("warning", f"{a.out_of_range_ids} block ids outside their pool", "Events named block ids beyond the declared pool size; they were ignored.", {"count": a.out_of_range_ids}))
+        out.append(Finding("warning", f"{_n(a.out_of_range_ids, 'block id')} outside their pool", "Events named block ids beyond the declared pool size; they were ignored.", {"count": a.out_of_range_ids}))
     return out

@@ -22,8 +22,10 @@ def value(v, unit: str) -> str:
         text = f"{int(v):,}"
     else:
         text = f"{v:,.2f}"
-    suffix = {"blocks": " blocks", "tokens": " tokens", "slots": " slots", "1/s": "/s"}.get(unit, "")
-    return text + suffix
+    suffix = {"blocks": " block", "tokens": " token", "slots": " slot"}.get(unit)
+    if suffix:
+        return text + suffix + ("" if text == "1" else "s")
+    return text + ("/s" if unit == "1/s" else "")
 
 
 def bytes_(n) -> str:
