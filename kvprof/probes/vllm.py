@@ -22,14 +22,22 @@ worth of work (a list of block ids), never per-block hooks.
 from __future__ import annotations
 
 import functools
+import threading
+import weakref
+from time import monotonic_ns
+
+import numpy as np
 
 from kvprof import runtime
+from kvprof.trace import format as fmt
 from kvprof.trace.format import EventKind as K
+from kvprof.trace.writer import LAZY_BATCH, LAZY_RESOLVERS
 
 MODULES = ["vllm.v1.core.block_pool", "vllm.v1.core.kv_cache_manager", "vllm.v1.core.sched.scheduler"]
 
-_pools: dict[int, int] = {}  # id(BlockPool) -> kvprof pool index
-_keep: list = []  # keep declared pools alive so their ids stay unique
+_pools: dict[int, int] = {}  # id(BlockPool) -> kvprof pool index, live pools only
+_declare_lock = threading.RLock()
+_immortal: list = []  # pools that cannot be weak-referenced, kept alive so ids stay unique
 _current_req = None  # request id while KVCacheManager works for one request
 _attached: dict[str, list] = {"attached": [], "missing": []}
 _last_state: dict = {}  # request id -> (filled, held) last reported
@@ -63,9 +71,14 @@ def _patch(cls, name: str, make) -> None:
     _attached["attached"].append(label)
 
 
-def _pool_index(pool, block_size: int | None = None, **extra) -> int:
+def _pool_index(pool, block_size: int | None = None, t_declare: int | None = None, **extra) -> int:
     idx = _pools.get(id(pool))
-    if idx is None:
+    if idx is not None:
+        return idx
+    with _declare_lock:  # the target's thread and the flush thread may both get here
+        idx = _pools.get(id(pool))
+        if idx is not None:
+            return idx
         num = int(getattr(pool, "num_gpu_blocks", 0) or len(getattr(pool, "blocks", ())))
         bs = int(block_size or getattr(pool, "hash_block_size", 0) or 16)
         medium = str(getattr(pool, "medium", "GPU"))
@@ -82,15 +95,88 @@ def _pool_index(pool, block_size: int | None = None, **extra) -> int:
             }
         )
         _pools[id(pool)] = idx
-        _keep.append(pool)
+        try:  # forget the pool when it dies, so its id() can be reused safely
+            weakref.finalize(pool, _pools.pop, id(pool), None).atexit = False  # exit-time flushes still need it
+        except TypeError:  # not weak-referenceable: keep it alive instead
+            _immortal.append(pool)
         null = getattr(pool, "null_block", None)
         if null is not None:
-            runtime.emit(K.RESERVE, idx, None, 0, 0, [null.block_id])
+            _nulls[idx] = int(null.block_id)
+            w = runtime.writer
+            if w is not None:  # queued without a flush check: this may run inside a flush
+                w.blocks.append((runtime.now() if t_declare is None else t_declare, int(K.RESERVE), idx, -1, 0, 0, (int(null.block_id),)))
     return idx
 
 
-def _ids(blocks) -> list:
-    return [b.block_id for b in blocks]
+_nulls: dict[int, int] = {}  # kvprof pool index -> id of the pool's null block
+_ALLOC, _HIT, _FREE = int(K.ALLOC), int(K.HIT), int(K.FREE)
+
+
+def _resolve(w, items: list):
+    """Columns for a batch of lazy BlockPool events ``(t, kind, pool, req, blocks)``.
+
+    The hot wrappers only copy the list of block objects; ids are read here, once
+    per batch.  The null block (never a state change) is dropped, and so are blocks
+    that ``free_blocks`` forwards to another pool, which records them itself.
+    Runs on whichever thread resolves the batch: must not flush or block.
+    """
+    count = len(items)
+    t, kind, pool_objs, reqs, lists = zip(*items)
+    pool_keys = list(map(id, pool_objs))
+    for key in set(pool_keys).difference(_pools):
+        first = pool_keys.index(key)
+        _pool_index(pool_objs[first], t_declare=t[first] - 1)
+    pidx = np.array(list(map(_pools.__getitem__, pool_keys)), np.int64)
+    t = np.array(t, np.int64)
+    kind = np.array(kind, np.int64)
+    lut = {r: (-1 if r is None else w.intern(r)) for r in set(reqs)}
+    rid = np.array(list(map(lut.__getitem__, reqs)), np.int64)
+    n = np.array(list(map(len, lists)), np.int64)
+    ids = np.array([b.block_id for blocks in lists for b in blocks], np.int64)
+    owner = np.repeat(np.arange(count), n)
+    mask = None
+    if _nulls:
+        null_of = np.full(int(pidx.max()) + 1, -1, np.int64)
+        for i, b in _nulls.items():
+            if i < len(null_of):
+                null_of[i] = b
+        mask = ids != null_of[pidx][owner]
+    if len(_pools) > 1 and (kind == _FREE).any():
+        # Several live pools: free_blocks forwards blocks whose .pool is another pool,
+        # which records them itself.  With one live pool (the usual engine) no block
+        # can be foreign, and this per-block check is skipped.
+        block_pool = np.array([id(b.pool) for blocks in lists for b in blocks], np.int64)
+        mine = (block_pool == np.array(pool_keys, np.int64)[owner]) | (block_pool == id(None)) | (kind[owner] != _FREE)
+        mask = mine if mask is None else mask & mine
+    if mask is not None and not mask.all():
+        ids = ids[mask]
+        n = np.bincount(owner[mask], minlength=count)
+        keep = n > 0
+        t, kind, pidx, rid, n = t[keep], kind[keep], pidx[keep], rid[keep], n[keep]
+    rows = np.zeros(len(t), dtype=fmt.BLOCK_EVENT_DTYPE)
+    rows["t"], rows["kind"], rows["pool"], rows["req"], rows["n"] = t, kind, pidx, rid, n
+    return rows, ids.astype(fmt.BLOCK_ID_DTYPE)
+
+
+def _queue(kind: int, pool, blocks: list) -> None:
+    """Queue one lazy block event (the generic wrappers' path)."""
+    w = runtime.writer
+    if w is not None and blocks:
+        q = w.lazy
+        q.append((monotonic_ns(), kind, pool, _current_req, blocks))
+        if len(q) >= LAZY_BATCH:
+            w.resolve_lazy()
+
+
+def _arity(fn, names: tuple) -> bool:
+    """True when `fn` takes exactly (self, *names), so a wrapper without *args fits."""
+    try:
+        import inspect
+
+        params = list(inspect.signature(fn).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    return tuple(p.name for p in params) == ("self", *names) and all(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
 
 
 # -- BlockPool ---------------------------------------------------------------------------
@@ -99,41 +185,87 @@ def _install_block_pool(mod) -> None:
     if cls is None:
         _attached["missing"].append("BlockPool")
         return
+    LAZY_RESOLVERS[cls] = _resolve
 
+    # The hot calls copy the block list (the caller may reuse it) and queue it with
+    # the pool object; the writer resolves ids in batches of LAZY_BATCH (see writer).
+    # Where the signature is the one expected, a wrapper without *args/**kwargs and
+    # with the queueing inlined is used: these run millions of times.
     def get_new_blocks(orig):
         def wrapper(self, num_blocks, *a, **k):
             blocks = orig(self, num_blocks, *a, **k)
-            if runtime.writer is not None and blocks:
-                runtime.emit(K.ALLOC, _pool_index(self), _current_req, 0, 0, _ids(blocks))
+            _queue(_ALLOC, self, list(blocks))
             return blocks
 
-        return wrapper
+        if not _arity(orig, ("num_blocks",)):
+            return wrapper
+
+        def fast(self, num_blocks):
+            blocks = orig(self, num_blocks)
+            w = runtime.writer
+            if w is not None and blocks:
+                q = w.lazy
+                q.append((monotonic_ns(), _ALLOC, self, _current_req, blocks[:]))
+                if len(q) >= LAZY_BATCH:
+                    w.resolve_lazy()
+            return blocks
+
+        return fast
 
     def touch(orig):
         def wrapper(self, blocks, *a, **k):
-            if runtime.writer is None:
+            if runtime.writer is None or not blocks:
                 return orig(self, blocks, *a, **k)
             blocks = list(blocks)
-            orig(self, blocks, *a, **k)
-            if blocks:
-                # older releases pass one list per KV-cache group
-                flat = [b for grp in blocks for b in grp] if isinstance(blocks[0], (list, tuple)) else blocks
-                runtime.emit(K.HIT, _pool_index(self), _current_req, 0, 0, [b.block_id for b in flat if not b.is_null])
+            out = orig(self, blocks, *a, **k)
+            if isinstance(blocks[0], (list, tuple)):  # older releases: one list per KV-cache group
+                blocks = [b for grp in blocks for b in grp]
+            _queue(_HIT, self, blocks)
+            return out
 
-        return wrapper
+        if not _arity(orig, ("blocks",)):
+            return wrapper
+
+        def fast(self, blocks):
+            w = runtime.writer
+            if w is None or not blocks or type(blocks[0]) is list:
+                return wrapper(self, blocks)
+            blocks = list(blocks)
+            out = orig(self, blocks)
+            q = w.lazy
+            q.append((monotonic_ns(), _HIT, self, _current_req, blocks))
+            if len(q) >= LAZY_BATCH:
+                w.resolve_lazy()
+            return out
+
+        return fast
 
     def free_blocks(orig):
         def wrapper(self, ordered_blocks, *a, **k):
             if runtime.writer is None:
                 return orig(self, ordered_blocks, *a, **k)
             blocks = list(ordered_blocks)  # often an iterator: materialise once
-            orig(self, blocks, *a, **k)
-            # blocks of other pools are forwarded to them and recorded there
-            ids = [b.block_id for b in blocks if b.pool is self or b.pool is None]
-            if ids:
-                runtime.emit(K.FREE, _pool_index(self), _current_req, 0, 0, ids)
+            out = orig(self, blocks, *a, **k)
+            _queue(_FREE, self, blocks)
+            return out
 
-        return wrapper
+        if not _arity(orig, ("ordered_blocks",)):
+            return wrapper
+
+        def fast(self, ordered_blocks):
+            w = runtime.writer
+            if w is None:
+                return orig(self, ordered_blocks)
+            blocks = list(ordered_blocks)
+            out = orig(self, blocks)
+            if blocks:
+                q = w.lazy
+                q.append((monotonic_ns(), _FREE, self, _current_req, blocks))
+                if len(q) >= LAZY_BATCH:
+                    w.resolve_lazy()
+            return out
+
+        return fast
 
     def unpin_blocks(orig):
         def wrapper(self, blocks, *a, **k):
@@ -141,8 +273,7 @@ def _install_block_pool(mod) -> None:
                 return orig(self, blocks, *a, **k)
             blocks = list(blocks)
             out = orig(self, blocks, *a, **k)
-            if blocks:
-                runtime.emit(K.FREE, _pool_index(self), _current_req, 0, 0, _ids(blocks))
+            _queue(_FREE, self, blocks)
             return out
 
         return wrapper

@@ -20,7 +20,7 @@ import os
 import sys
 import threading
 import time
-from itertools import chain
+from itertools import chain, repeat, starmap
 from operator import itemgetter
 
 import numpy as np
@@ -30,6 +30,21 @@ from kvprof.trace.atomic import write_json_atomic
 
 FLUSH_INTERVAL_S = 0.5
 MAX_PENDING = 65536
+
+# Lazy block events: engine probes whose hot calls carry block *objects* append
+# ``(t, kind, owner, req, objects)`` to ``ProcessWriter.lazy`` and register, for the
+# owner's type, a resolver that turns a batch of such tuples into columns at flush
+# time.  Reading ids block by block on the target's hot path costs more than doing
+# it once per chunk, vectorised.  A resolver is called as ``resolver(writer, items)``
+# and returns ``(rows, ids)``: a BLOCK_EVENT_DTYPE array and the matching BLOCK_ID_DTYPE
+# array (``rows["n"]`` ids per row, in row order).
+#
+# Lazy tuples hold references to live, garbage-collector-tracked objects, so they
+# must not pile up: once LAZY_BATCH are queued the appending thread resolves them
+# (``resolve_lazy``) into plain arrays, before they survive into the collector's
+# older generations and make its full collections frequent and slow.
+LAZY_RESOLVERS: dict[type, object] = {}
+LAZY_BATCH = 2048
 
 
 class ProcessWriter:
@@ -54,6 +69,8 @@ class ProcessWriter:
         }
         self._strings: dict[str, int] = {}
         self.blocks: collections.deque = collections.deque()
+        self.lazy: collections.deque = collections.deque()
+        self._resolved: collections.deque = collections.deque()  # (rows, ids) chunks not yet written
         self.marks: collections.deque = collections.deque()
         self._meta: collections.deque = collections.deque()
         self._flush_lock = threading.Lock()
@@ -101,7 +118,7 @@ class ProcessWriter:
             self.flush()
 
     def pending(self) -> int:
-        return len(self.blocks) + len(self.marks)
+        return len(self.blocks) + len(self.lazy) + len(self.marks)
 
     def _append(self, name: str, data: bytes) -> None:
         fd = self._fds.get(name)
@@ -115,13 +132,42 @@ class ProcessWriter:
 
     @staticmethod
     def _drain(dq: collections.deque) -> list:
-        out = []
-        pop = dq.popleft
+        # popleft is atomic; another thread may be draining the same deque (lazy
+        # batches), so stop quietly when it runs dry
+        out: list = []
         try:
-            for _ in range(len(dq)):
-                out.append(pop())
-        except IndexError:
+            out.extend(starmap(dq.popleft, repeat((), len(dq))))
+        except IndexError:  # extend keeps what it took before the deque ran dry
             pass
+        return out
+
+    def resolve_lazy(self) -> None:
+        """Turn the queued lazy events into arrays (called by the appending thread at
+        LAZY_BATCH and by flush); strings they intern are queued before they return."""
+        # No lock: the target's thread must never wait on the flush thread's disk
+        # writes.  Concurrent callers drain disjoint events; the reader orders by time.
+        items = self._drain(self.lazy)
+        if items:
+            self._resolved.extend(self._resolve_lazy(items))
+
+    def _resolve_lazy(self, items: list) -> list:
+        """Columns of the lazy events, one (rows, ids) pair per owner type."""
+        owners = set(map(type, map(itemgetter(2), items)))
+        if len(owners) == 1:
+            groups = {owners.pop(): items}
+        else:
+            groups = {}
+            for item in items:
+                groups.setdefault(type(item[2]), []).append(item)
+        out = []
+        for owner, group in groups.items():
+            resolver = next((LAZY_RESOLVERS[c] for c in owner.__mro__ if c in LAZY_RESOLVERS), None)
+            try:
+                if resolver is None:
+                    raise LookupError(f"no resolver registered for {owner.__name__}")
+                out.append(resolver(self, group))
+            except Exception as exc:  # lose this batch, not the writer
+                self.info["errors"].append(f"{len(group)} block events of {owner.__name__} dropped: {exc!r}")
         return out
 
     def flush(self) -> None:
@@ -140,24 +186,41 @@ class ProcessWriter:
         # reference has already been queued), write side records, then ids, then events.
         blocks = self._drain(self.blocks)
         marks = self._drain(self.marks)
+        # resolving may intern strings and declare pools: before the side records
+        self.resolve_lazy()
+        columns = self._drain(self._resolved)
         meta = self._drain(self._meta)
         if meta:
             self._append(fmt.META_JSONL, "".join(json.dumps(m) + "\n" for m in meta).encode())
         if blocks:
-            # columns straight from the tuples (t, kind, pool, req, arg, arg2, ids)
+            # columns straight from the tuples (t, kind, pool, req, arg, arg2, ids):
+            # zip transposes them at C speed, np.array converts each column
             count = len(blocks)
             rows = np.empty(count, dtype=fmt.BLOCK_EVENT_DTYPE)
+            cols = list(zip(*blocks))
             for i, name in enumerate(("t", "kind", "pool", "req", "arg", "arg2")):
-                rows[name] = np.fromiter(map(itemgetter(i), blocks), dtype=np.int64, count=count)
-            id_lists = list(map(itemgetter(6), blocks))
-            rows["n"] = np.fromiter(map(len, id_lists), dtype=np.int64, count=count)
+                rows[name] = np.array(cols[i], dtype=np.int64)
+            id_lists = cols[6]
+            rows["n"] = np.array(list(map(len, id_lists)), dtype=np.int64)
             nids = int(rows["n"].sum())
             if nids:
-                ids = np.fromiter(chain.from_iterable(id_lists), dtype=fmt.BLOCK_ID_DTYPE, count=nids)
+                ids = np.array(list(chain.from_iterable(id_lists)), dtype=fmt.BLOCK_ID_DTYPE)
                 self._append("block_ids.bin", ids.tobytes())
                 self.counts["block_ids"] += nids
             self._append("blocks.bin", rows.tobytes())
             self.counts["blocks"] += count
+        if columns:
+            # one write per file for all resolved chunks
+            ids = [c[1] for c in columns if len(c[1])]
+            rows = [c[0] for c in columns if len(c[0])]
+            if ids:
+                data = np.concatenate(ids).astype(fmt.BLOCK_ID_DTYPE, copy=False)
+                self._append("block_ids.bin", data.tobytes())
+                self.counts["block_ids"] += len(data)
+            if rows:
+                data = np.concatenate(rows)
+                self._append("blocks.bin", data.tobytes())
+                self.counts["blocks"] += len(data)
         if marks:
             self._append("marks.bin", np.array(marks, dtype=fmt.MARK_DTYPE).tobytes())
             self.counts["marks"] += len(marks)
