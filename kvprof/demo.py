@@ -79,7 +79,7 @@ class DemoStats:
 
 
 class _Request:
-    __slots__ = ("rid", "tokens", "prompt_len", "output_len", "generated", "blocks", "hashes", "arrival")
+    __slots__ = ("rid", "tokens", "prompt_len", "output_len", "generated", "blocks", "hashes", "arrival", "preempted")
 
     def __init__(self, rid, tokens, prompt_len, output_len, arrival):
         self.rid = rid
@@ -90,6 +90,7 @@ class _Request:
         self.blocks: list[int] = []
         self.hashes: list[int] = []
         self.arrival = arrival
+        self.preempted = False
 
 
 class _FreeBlocks:
@@ -214,6 +215,7 @@ def run_demo(cfg: DemoConfig) -> DemoStats:
         victim = running.pop()
         release(victim)
         pool.preempted(victim.rid)
+        victim.preempted = True
         stats.preemptions += 1
         waiting.appendleft(victim)
         return victim
@@ -252,9 +254,10 @@ def run_demo(cfg: DemoConfig) -> DemoStats:
                 pool.allocation_failed(req.rid, from_free, len(free))
                 break
             waiting.popleft()
-            pool.prefix_query(req.rid, length, len(hits) * B)
-            stats.query_tokens += length
-            stats.hit_tokens += len(hits) * B
+            if not req.preempted:  # re-admissions are not queries, as vLLM counts them
+                pool.prefix_query(req.rid, length, len(hits) * B)
+                stats.query_tokens += length
+                stats.hit_tokens += len(hits) * B
             for b in hits:
                 if ref[b] == 0:
                     free.remove(b)

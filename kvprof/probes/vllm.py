@@ -21,7 +21,6 @@ worth of work (a list of block ids), never per-block hooks.
 
 from __future__ import annotations
 
-import functools
 import threading
 import weakref
 from time import monotonic_ns
@@ -29,6 +28,7 @@ from time import monotonic_ns
 import numpy as np
 
 from kvprof import runtime
+from kvprof.probes.patching import Hooks
 from kvprof.trace import format as fmt
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.writer import LAZY_BATCH, LAZY_RESOLVERS
@@ -39,7 +39,7 @@ _pools: dict[int, int] = {}  # id(BlockPool) -> kvprof pool index, live pools on
 _declare_lock = threading.RLock()
 _immortal: list = []  # pools that cannot be weak-referenced, kept alive so ids stay unique
 _current_req = None  # request id while KVCacheManager works for one request
-_attached: dict[str, list] = {"attached": [], "missing": []}
+_hooks = Hooks("vllm")
 _last_state: dict = {}  # request id -> (filled, held) last reported
 
 
@@ -53,22 +53,7 @@ def _vllm_version() -> str:
 
 
 def _note() -> None:
-    from kvprof.probes import engine_note
-
-    engine_note("vllm", version=_vllm_version(), attached=sorted(set(_attached["attached"])), missing=sorted(set(_attached["missing"])))
-
-
-def _patch(cls, name: str, make) -> None:
-    original = getattr(cls, name, None)
-    label = f"{cls.__name__}.{name}"
-    if original is None or getattr(original, "__kvprof__", False):
-        if original is None:
-            _attached["missing"].append(label)
-        return
-    wrapper = functools.wraps(original)(make(original))
-    wrapper.__kvprof__ = True
-    setattr(cls, name, wrapper)
-    _attached["attached"].append(label)
+    _hooks.note(version=_vllm_version())
 
 
 def _pool_index(pool, block_size: int | None = None, t_declare: int | None = None, **extra) -> int:
@@ -183,7 +168,7 @@ def _arity(fn, names: tuple) -> bool:
 def _install_block_pool(mod) -> None:
     cls = getattr(mod, "BlockPool", None)
     if cls is None:
-        _attached["missing"].append("BlockPool")
+        _hooks.missing.append("BlockPool")
         return
     LAZY_RESOLVERS[cls] = _resolve
 
@@ -348,14 +333,14 @@ def _install_block_pool(mod) -> None:
         ("reset_prefix_cache", reset_prefix_cache),
         ("move_block_hashes", move_block_hashes),
     ]:
-        _patch(cls, name, make)
+        _hooks.patch(cls, name, make)
 
 
 # -- KVCacheManager ----------------------------------------------------------------------
 def _install_kv_cache_manager(mod) -> None:
     cls = getattr(mod, "KVCacheManager", None)
     if cls is None:
-        _attached["missing"].append("KVCacheManager")
+        _hooks.missing.append("KVCacheManager")
         return
 
     def init(orig):
@@ -417,14 +402,14 @@ def _install_kv_cache_manager(mod) -> None:
         return wrapper
 
     for name, make in [("__init__", init), ("allocate_slots", allocate_slots), ("free", free), ("record_prefix_cache_stats", record_prefix_cache_stats)]:
-        _patch(cls, name, make)
+        _hooks.patch(cls, name, make)
 
 
 # -- Scheduler ---------------------------------------------------------------------------
 def _install_scheduler(mod) -> None:
     cls = getattr(mod, "Scheduler", None)
     if cls is None:
-        _attached["missing"].append("Scheduler")
+        _hooks.missing.append("Scheduler")
         return
 
     def _pool_of(sched):
@@ -485,7 +470,7 @@ def _install_scheduler(mod) -> None:
         return wrapper
 
     for name, make in [("add_request", add_request), ("schedule", schedule), ("_preempt_request", preempt), ("_free_request", free_request)]:
-        _patch(cls, name, make)
+        _hooks.patch(cls, name, make)
 
 
 def install(module) -> None:
