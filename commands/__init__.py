@@ -18,6 +18,7 @@ from kvprof._version import __version__
 COMMANDS = [
     ("record", "record"),
     ("analyze", "analyze"),
+    ("compare", "compare"),
     ("demo", "demo"),
 ]
 

@@ -4,18 +4,32 @@ import typer
 
 
 def run(
-    bundle: str = typer.Argument(..., help="A .kvprof bundle directory."),
-    json_out: str = typer.Option(None, "--json", help="Write the analysis (schema kvprof.analysis/1) to this file ('-' for stdout)."),
-    window: str = typer.Option(None, "--window", help="Only events between two markers: START[:END] marker names."),
+    bundle: str = typer.Argument(..., metavar="BUNDLE", help="A .kvprof bundle directory."),
+    json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the analysis (schema kvprof.analysis/1) to this file ('-' for stdout)."),
+    window: str = typer.Option(None, "--window", metavar="START[:END]", help="Only events between two markers: START[:END] marker names."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not print the terminal report."),
-    width: int = typer.Option(None, "--width", help="Terminal report width (default: the terminal's)."),
+    width: int = typer.Option(None, "--width", metavar="COLUMNS", help="Terminal report width (default: the terminal's)."),
+    budget: str = typer.Option(None, "--budget", metavar="FILE", help="Check the run against the absolute limits (max, min) of this budget TOML; exit 1 on a breach."),
 ):
-    """Analyze a recorded bundle: block pools, fragmentation, prefix cache, churn, leaks."""
+    """Analyze a recorded bundle: block pools, fragmentation, prefix cache, churn, leaks.
+
+    Exit status: 0, or 1 when --budget is given and a limit is broken; 2 bad input.
+    """
     from kvprof.analysis import analyze_path
     from kvprof.report import json_report, terminal
 
     result = analyze_path(bundle, window=window)
     if json_out:
         json_report.write(result, json_out)
+    if budget is not None:
+        from kvprof import budgets as budgets_mod
+        from kvprof.compare import Run, check_run
+        from kvprof.report import compare as render
+
+        verdict = check_run(Run(label=bundle, metrics=result.metrics), budgets_mod.load_file(budget))
     if not no_report and json_out != "-":
         terminal.render(result, width=width)
+    if budget is not None:
+        if json_out != "-":
+            render.terminal(verdict, width=width)
+        raise typer.Exit(0 if verdict.passed else 1)

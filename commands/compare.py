@@ -1,0 +1,49 @@
+from __future__ import annotations
+
+import typer
+
+
+def run(
+    runs: list[str] = typer.Argument(None, metavar="BASE NEW", help="Two runs: each a .kvprof bundle or an analysis JSON (kvprof analyze --json)."),
+    base: list[str] = typer.Option(None, "--base", metavar="RUN", help="A BASE run; repeat for repeated runs (medians are compared)."),
+    new: list[str] = typer.Option(None, "--new", metavar="RUN", help="A NEW run; repeat for repeated runs."),
+    budget: str = typer.Option(None, "--budget", metavar="FILE", help="Budget TOML with a [budgets] table (default: [tool.kvprof.budgets] of the nearest pyproject.toml)."),
+    markdown: str = typer.Option(None, "--markdown", metavar="FILE", help="Write a Markdown table here (also appended to $GITHUB_STEP_SUMMARY when set)."),
+    junit: str = typer.Option(None, "--junit", metavar="FILE", help="Write JUnit XML here: one test case per checked metric."),
+    json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the comparison (schema kvprof.compare/1) here ('-' for stdout)."),
+    quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the verdict line on the terminal."),
+    show_all: bool = typer.Option(False, "--all", help="List unchanged metrics too."),
+    width: int = typer.Option(None, "--width", metavar="COLUMNS", help="Terminal width (default: the terminal's)."),
+):
+    """Compare runs against budgets; fail on a regression.
+
+    Exit status: 0 within budget, 1 a metric regressed or broke a budget,
+    2 bad input or usage.
+    """
+    from kvprof import budgets as budgets_mod
+    from kvprof.compare import compare, load_run
+    from kvprof.errors import UsageError
+    from kvprof.report import compare as render
+
+    runs, base, new = list(runs or []), list(base or []), list(new or [])
+    if runs and (base or new):
+        raise UsageError("give BASE NEW as two arguments, or --base/--new options, not both")
+    if runs:
+        if len(runs) != 2:
+            raise UsageError(f"expected BASE and NEW, got {len(runs)} argument(s); repeated runs go in --base/--new")
+        base, new = [runs[0]], [runs[1]]
+    if not base or not new:
+        raise UsageError("nothing to compare: give BASE NEW, or --base RUN ... --new RUN ...")
+    budgets = budgets_mod.discover(budget)
+    result = compare([load_run(p) for p in base], [load_run(p) for p in new], budgets)
+    render.write_all(result, markdown, junit, json_out)
+    if json_out != "-":
+        _terminal(render, result, quiet, width, show_all)
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def _terminal(render, result, quiet: bool, width, show_all: bool) -> None:
+    if quiet:
+        typer.echo(render.title(result))
+    else:
+        render.terminal(result, width=width, show_all=show_all)
