@@ -14,7 +14,7 @@ NANOVLLM := nano-vllm-fork==20260210
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: install demo test test-vllm vllm-env fixtures bench bench-vllm docs clean
+.PHONY: install demo test test-vllm vllm-env fixtures bench bench-vllm torch-truth docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,6 +43,13 @@ vllm-env: $(VLLM_PY)
 test-vllm: $(STAMP) $(VLLM_PY)
 	KVPROF_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests -s
 
+# What PyTorch's own reader prints for the snapshot fixtures (the tests' ground truth).
+TORCH_PY ?= $(VLLM_PY)
+torch-truth:
+	for f in assignment2-systems docubox sketchkv2; do echo "== $$f.pickle"; \
+	  $(TORCH_PY) -m torch.cuda._memory_viz stats fixtures/torch-snapshots/$$f.pickle 2>/dev/null \
+	  | grep -E "^(segments|total_reserved|total_allocated|total_free):"; done > fixtures/torch-snapshots/stats.txt
+
 bench-vllm: $(VLLM_PY)
 	$(VLLM_PY) benchmarks/bench_vllm_blockpool.py
 
@@ -56,6 +63,7 @@ fixtures: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_record.py
+	$(PY) benchmarks/bench_torch_snapshot.py --torch-python $(TORCH_PY)
 
 docs: $(STAMP)
 	$(PY) -m kvprof.metrics > docs/metrics-reference.md

@@ -124,7 +124,9 @@ def load_run(path: str) -> Run:
     """A bundle directory (analyzed now) or an analysis JSON (``kvprof analyze --json``)."""
     if not os.path.exists(path):
         raise BundleError(f"no such bundle or analysis JSON: {path}")
-    if os.path.isdir(path):
+    from kvprof.trace.torch_snapshot import looks_like_pickle
+
+    if os.path.isdir(path) or looks_like_pickle(path):  # a bundle, or a bare PyTorch snapshot
         from kvprof.analysis import analyze_path
 
         return Run(label=path, metrics=analyze_path(path).metrics)

@@ -59,6 +59,25 @@ REGISTRY: dict[str, Metric] = {
         _M("blocks.leaked_blocks", "blocks", "lower", "end of run", "Blocks still in use at the end after every request that referenced them finished (all in-use blocks when no request is live)."),
         _M("blocks.in_use_at_idle", "blocks", "lower", "idle points", "Most in-use blocks seen while no request was live."),
         _M("blocks.refcount_errors", "count", "lower", "whole run", "Ref-count imbalances: frees of blocks not in use, allocations of blocks in use."),
+        # -- PyTorch CUDA caching allocator (memory snapshots) -------------------------------
+        _M("torch.segments", "count", None, "at snapshot", "Segments the caching allocator holds (cudaMalloc'd ranges)."),
+        _M("torch.reserved_bytes", "bytes", "lower", "at snapshot", "Reserved: sum of segment total_size; what the allocator took from the device."),
+        _M("torch.allocated_bytes", "bytes", "lower", "at snapshot", "Allocated: sum of the sizes of active_allocated blocks (rounded sizes)."),
+        _M("torch.requested_bytes", "bytes", None, "at snapshot", "Requested: sum of requested_size of active_allocated blocks; what the program asked for. _memory_viz stats prints it as total_allocated."),
+        _M("torch.pending_free_bytes", "bytes", None, "at snapshot", "Blocks in active_pending_free: freed by the program, not reusable until their streams' work ends. Neither allocated nor free."),
+        _M("torch.rounding_waste_bytes", "bytes", "lower", "at snapshot", "Internal fragmentation from rounding: allocated - requested."),
+        _M("torch.cached_free_bytes", "bytes", "lower", "at snapshot", "Cached slack: reserved - allocated - pending-free; free blocks the allocator keeps."),
+        _M("torch.total_free_bytes", "bytes", "lower", "at snapshot", "rounding waste + cached slack + pending-free = reserved - requested; _memory_viz stats' total_free."),
+        _M("torch.internal_free_ratio", "ratio", "lower", "at snapshot", "rounding waste / total free; _memory_viz stats' '% internal'."),
+        _M("torch.external_fragmentation", "ratio", "lower", "at snapshot", "1 - largest inactive block / total inactive bytes over the whole snapshot (per stream and pool, and per segment, in the section)."),
+        _M("torch.largest_free_block_bytes", "bytes", "higher", "at snapshot", "The largest inactive block: the biggest request the cache can serve without a new cudaMalloc."),
+        _M("torch.ooms", "count", "lower", "trace window", "Out-of-memory events in the allocator trace."),
+        _M("torch.fragmentation_ooms", "count", "lower", "trace window", "OOMs where the cache held enough free bytes for the request but no block large enough (total inactive >= request > largest inactive)."),
+        _M("torch.leaked_bytes", "bytes", "lower", "trace window", "Bytes allocated within the recorded trace and never freed by its end, grouped by stack in the section."),
+        _M("torch.allocations", "count", None, "trace window", "Allocations in the trace."),
+        _M("torch.allocated_bytes_total", "bytes", None, "trace window", "Bytes allocated over the trace (churn)."),
+        _M("torch.allocations_per_second", "1/s", None, "trace window", "Allocations per second of trace time.", noisy=True),
+        _M("torch.short_lived_allocations", "count", "lower", "trace window", "Allocations freed before any other allocation was made in between (temporaries)."),
     ]
 }
 

@@ -27,7 +27,7 @@ HEADLINE = [
 ]
 # Renderers of other sections, as section name -> "module:function"; each is
 # called as function(console, section_dict, result) after the block-pool part.
-SECTION_RENDERERS: dict[str, str] = {}
+SECTION_RENDERERS: dict[str, str] = {"torch": "kvprof.report.torch_terminal:render"}
 MAP_CHARS = {0: ("·", "grey50"), 1: ("▒", "cyan"), 2: ("█", "green"), 3: ("x", "magenta")}
 SEVERITY = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "blue")}
 
@@ -40,9 +40,13 @@ def render(result, width: int | None = None, console=None) -> None:
     if console is None:
         console = Console(width=width or min(100, _term_width()), highlight=False, soft_wrap=False)
     src = result.source
-    cmd = " ".join(src.get("command") or []) if isinstance(src.get("command"), list) else str(src.get("command") or src.get("bundle"))
-    console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src.get('bundle', ''))}", style="dim"))
-    console.print(Text(f"command: {cmd}", overflow="ellipsis", no_wrap=True), style="dim")
+    if src.get("snapshot"):
+        console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['snapshot'])}", style="dim"))
+        console.print(Text("a PyTorch CUDA memory snapshot (read without torch)", style="dim"))
+    else:
+        cmd = " ".join(src.get("command") or []) if isinstance(src.get("command"), list) else str(src.get("command") or src.get("bundle"))
+        console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src.get('bundle', ''))}", style="dim"))
+        console.print(Text(f"command: {cmd}", overflow="ellipsis", no_wrap=True), style="dim")
     target = src.get("target") or {}
     if target:
         how = f"signal {target.get('signal_name')}" if target.get("signal") else f"exit code {target.get('exit_code')}"
