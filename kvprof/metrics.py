@@ -59,6 +59,13 @@ REGISTRY: dict[str, Metric] = {
         _M("blocks.leaked_blocks", "blocks", "lower", "end of run", "Blocks still in use at the end after every request that referenced them finished (all in-use blocks when no request is live)."),
         _M("blocks.in_use_at_idle", "blocks", "lower", "idle points", "Most in-use blocks seen while no request was live."),
         _M("blocks.refcount_errors", "count", "lower", "whole run", "Ref-count imbalances: frees of blocks not in use, allocations of blocks in use."),
+        # -- garbage collector (--probe gc) ----------------------------------------------------
+        _M("gc.collections", "count", None, "whole run", "Garbage collections in all recorded processes (each counted at its oldest generation)."),
+        _M("gc.collections_gen2", "count", "lower", "whole run", "Full (generation 2) collections: the ones that walk every tracked object."),
+        _M("gc.pause_seconds_total", "seconds", "lower", "whole run", "Time spent inside collections, summed over processes (gc.callbacks start to stop).", noisy=True),
+        _M("gc.pause_seconds_max", "seconds", "lower", "whole run", "The longest single collection.", noisy=True),
+        _M("gc.time_share", "ratio", "lower", "whole run", "Collection time / wall time of the process, for the process where it is largest.", noisy=True),
+        _M("gc.uncollectable", "count", "lower", "whole run", "Objects collections found unreachable but could not free (they land in gc.garbage)."),
         # -- PyTorch CUDA caching allocator (memory snapshots) -------------------------------
         _M("torch.segments", "count", None, "at snapshot", "Segments the caching allocator holds (cudaMalloc'd ranges)."),
         _M("torch.reserved_bytes", "bytes", "lower", "at snapshot", "Reserved: sum of segment total_size; what the allocator took from the device."),

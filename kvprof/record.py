@@ -238,11 +238,14 @@ def summary_line(result: RecordResult) -> str:
     blocks = sum(p["records"].get("blocks.bin", 0) for p in procs)
     ids = sum(p["records"].get("block_ids.bin", 0) for p in procs)
     marks = sum(p["records"].get("marks.bin", 0) for p in procs)
+    gcs = sum(p["records"].get("gc.bin", 0) for p in procs)
     target = result.manifest.get("target", {})
     how = f"signal {target['signal_name']}" if target.get("signal") else f"exit code {target.get('exit_code')}"
     rel = os.path.relpath(result.bundle)
     shown = rel if not rel.startswith("..") else result.bundle
     return (
         f"kvprof: wrote {shown} ({len(procs)} process{'es' if len(procs) != 1 else ''}, "
-        f"{blocks:,} block calls / {ids:,} block refs, {marks:,} markers); target ended with {how}"
+        f"{blocks:,} block calls / {ids:,} block refs, {marks:,} markers"
+        + (f", {gcs:,} GC pauses" if gcs else "")
+        + f"); target ended with {how}"
     )

@@ -35,9 +35,36 @@ def _start_markers(writer) -> None:
     runtime.probe_note("markers", status="attached")
 
 
+_gc_state = {"installed": False, "start": 0}
+
+
+def _gc_callback(phase, info, _now=runtime.now) -> None:
+    # Runs inside every collection: two clock reads and a deque append, nothing that
+    # allocates much (an allocation here could start a collection of its own).
+    if phase == "start":
+        _gc_state["start"] = _now()
+        return
+    w = runtime.writer
+    t0 = _gc_state["start"]
+    if w is None or not t0:
+        return
+    w.gc.append((t0, _now() - t0, info.get("generation", 0), info.get("collected", 0), info.get("uncollectable", 0)))
+
+
+def _start_gc(writer) -> None:
+    import gc
+
+    if not _gc_state["installed"]:
+        gc.callbacks.append(_gc_callback)
+        _gc_state["installed"] = True
+    runtime.probe_note("gc", status="attached", thresholds=list(gc.get_threshold()), enabled=gc.isenabled(),
+                       frozen=gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else None)
+
+
 PROBES = {
     "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, and pools declared through kvprof.blocks"),
     "markers": (_start_markers, "kvprof.mark() calls (always on)"),
+    "gc": (_start_gc, "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)"),
 }
 
 

@@ -27,7 +27,10 @@ HEADLINE = [
 ]
 # Renderers of other sections, as section name -> "module:function"; each is
 # called as function(console, section_dict, result) after the block-pool part.
-SECTION_RENDERERS: dict[str, str] = {"torch": "kvprof.report.torch_terminal:render"}
+SECTION_RENDERERS: dict[str, str] = {
+    "torch": "kvprof.report.torch_terminal:render",
+    "gc": "kvprof.report.gc_terminal:render",
+}
 MAP_CHARS = {0: ("·", "grey50"), 1: ("▒", "cyan"), 2: ("█", "green"), 3: ("x", "magenta")}
 SEVERITY = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "blue")}
 

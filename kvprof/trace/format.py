@@ -51,10 +51,21 @@ MARK_DTYPE = np.dtype(
     ]
 )
 
+GC_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # monotonic clock when the collection started, ns
+        ("duration", "<i8"),  # ns from gc.callbacks "start" to "stop"
+        ("generation", "u1"),  # the oldest generation collected
+        ("collected", "<i8"),  # unreachable objects found
+        ("uncollectable", "<i8"),  # objects that could not be freed (gc.garbage)
+    ]
+)
+
 STREAM_DTYPES = {
     "blocks.bin": BLOCK_EVENT_DTYPE,
     "block_ids.bin": BLOCK_ID_DTYPE,
     "marks.bin": MARK_DTYPE,
+    "gc.bin": GC_DTYPE,
 }
 
 

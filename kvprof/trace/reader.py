@@ -179,6 +179,9 @@ class ProcessData:
     def marks(self) -> np.ndarray:
         return _read_records(os.path.join(self.dir, "marks.bin"), fmt.MARK_DTYPE)
 
+    def gc_events(self) -> np.ndarray:
+        return _read_records(os.path.join(self.dir, "gc.bin"), fmt.GC_DTYPE)
+
     def string(self, sid: int) -> str:
         return self.strings.get(int(sid), f"#{sid}")
 

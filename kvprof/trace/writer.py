@@ -17,6 +17,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import signal
 import sys
 import threading
 import time
@@ -72,10 +73,11 @@ class ProcessWriter:
         self.lazy: collections.deque = collections.deque()
         self._resolved: collections.deque = collections.deque()  # (rows, ids) chunks not yet written
         self.marks: collections.deque = collections.deque()
+        self.gc: collections.deque = collections.deque()  # (t, duration, generation, collected, uncollectable)
         self._meta: collections.deque = collections.deque()
         self._flush_lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self.counts = {"blocks": 0, "block_ids": 0, "marks": 0}
+        self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0}
         self.closed = False
         self.failed = False
         self._stop = threading.Event()
@@ -114,11 +116,19 @@ class ProcessWriter:
 
     # -- flushing ------------------------------------------------------------------
     def _run(self) -> None:
+        # Leave process-directed signals to the main thread: a SIGTERM delivered to this
+        # thread would not interrupt the main thread's blocking call, so the target's
+        # handler (and kvprof's flush-and-die) would run late or never.
+        if hasattr(signal, "pthread_sigmask"):
+            try:
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+            except (OSError, ValueError):
+                pass
         while not self._stop.wait(FLUSH_INTERVAL_S):
             self.flush()
 
     def pending(self) -> int:
-        return len(self.blocks) + len(self.lazy) + len(self.marks)
+        return len(self.blocks) + len(self.lazy) + len(self.marks) + len(self.gc)
 
     def _append(self, name: str, data: bytes) -> None:
         fd = self._fds.get(name)
@@ -186,6 +196,7 @@ class ProcessWriter:
         # reference has already been queued), write side records, then ids, then events.
         blocks = self._drain(self.blocks)
         marks = self._drain(self.marks)
+        gcs = self._drain(self.gc)
         # resolving may intern strings and declare pools: before the side records
         self.resolve_lazy()
         columns = self._drain(self._resolved)
@@ -224,6 +235,9 @@ class ProcessWriter:
         if marks:
             self._append("marks.bin", np.array(marks, dtype=fmt.MARK_DTYPE).tobytes())
             self.counts["marks"] += len(marks)
+        if gcs:
+            self._append("gc.bin", np.array(gcs, dtype=fmt.GC_DTYPE).tobytes())
+            self.counts["gc"] += len(gcs)
 
     def close(self, exit_status: dict | None = None) -> None:
         if self.closed:
