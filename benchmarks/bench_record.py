@@ -7,6 +7,7 @@ block state change) as whole processes, side by side in one run:
     kvprof:       kvprof record -- python -m kvprof.demo
     tracemalloc:  python -X tracemalloc -m kvprof.demo        (for context)
     memray:       memray run -q -o X -m kvprof.demo            (for context, when installed)
+    gc, pyspy:    kvprof record --probe gc / --probe pyspy (each probe alone) and all three together
 
 and prints each one's best-of-N wall time and its ratio to the bare run. The
 vLLM BlockPool loop has its own benchmark (bench_vllm_blockpool.py).
@@ -45,6 +46,10 @@ def main() -> None:
     try:
         rows = [("bare", best([py, *demo], a.repeat))]
         rows.append(("kvprof record (blocks)", best([py, "-m", "kvprof.commands", "record", "-q", "--force", "-o", os.path.join(tmp, "r.kvprof"), "--", py, *demo], a.repeat)))
+        record = [py, "-m", "kvprof.commands", "record", "-q", "--force", "-o", os.path.join(tmp, "p.kvprof")]
+        rows.append(("kvprof record --probe gc", best([*record, "--probe", "gc", "--", py, *demo], a.repeat)))
+        rows.append(("kvprof record --probe pyspy", best([*record, "--probe", "pyspy", "--", py, *demo], a.repeat)))
+        rows.append(("kvprof --probe blocks,gc,pyspy", best([*record, "--probe", "blocks,gc,pyspy", "--", py, *demo], a.repeat)))
         rows.append(("python -X tracemalloc", best([py, "-X", "tracemalloc", *demo], a.repeat)))
         memray = shutil.which("memray") or (os.path.join(os.path.dirname(py), "memray") if os.path.exists(os.path.join(os.path.dirname(py), "memray")) else None)
         if memray:

@@ -14,6 +14,8 @@ def run(
     module: str = typer.Option(None, "-m", help="Run a module, as python -m does."),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at the output path."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No closing line."),
+    pyspy_rate: int = typer.Option(100, "--pyspy-rate", metavar="HZ", help="--probe pyspy: samples per second."),
+    pyspy_native: bool = typer.Option(False, "--pyspy-native", help="--probe pyspy: native (C/C++) frames too."),
 ):
     """Run a command and record its memory behaviour into a trace bundle."""
     import sys
@@ -26,7 +28,12 @@ def run(
     probes = []
     for p in probe or []:
         probes.extend(x.strip() for x in p.split(",") if x.strip())
-    result = record(command, output=output, probes=probes or None, module=module, force=force)
+    if pyspy_rate <= 0:
+        from kvprof.errors import UsageError
+
+        raise UsageError("--pyspy-rate must be a positive number of samples per second")
+    result = record(command, output=output, probes=probes or None, module=module, force=force,
+                    pyspy_options={"rate": pyspy_rate, "native": pyspy_native})
     if not quiet:
         sys.stderr.write(summary_line(result) + "\n")
     raise typer.Exit(result.exit_code)

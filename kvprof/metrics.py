@@ -59,6 +59,12 @@ REGISTRY: dict[str, Metric] = {
         _M("blocks.leaked_blocks", "blocks", "lower", "end of run", "Blocks still in use at the end after every request that referenced them finished (all in-use blocks when no request is live)."),
         _M("blocks.in_use_at_idle", "blocks", "lower", "idle points", "Most in-use blocks seen while no request was live."),
         _M("blocks.refcount_errors", "count", "lower", "whole run", "Ref-count imbalances: frees of blocks not in use, allocations of blocks in use."),
+        # -- CPU samples (--probe pyspy) ---------------------------------------------------------
+        _M("cpu.samples", "count", None, "whole run", "py-spy samples of the recorded processes (idle threads excluded)."),
+        _M("cpu.seconds", "seconds", None, "whole run", "CPU time the samples stand for (samples / rate).", noisy=True),
+        _M("cpu.block_management_share", "ratio", "lower", "whole run", "Share of samples whose innermost categorised frame is KV block management: vLLM v1/core, nano-vllm block_manager/scheduler, kvprof.blocks pools."),
+        _M("cpu.torch_allocator_share", "ratio", "lower", "whole run", "Share of samples in PyTorch's CUDA caching allocator (torch/cuda/memory.py; the C++ allocator with --pyspy-native)."),
+        _M("cpu.kvprof_share", "ratio", "lower", "whole run", "Share of samples in kvprof's own recording code inside the target: its overhead."),
         # -- garbage collector (--probe gc) ----------------------------------------------------
         _M("gc.collections", "count", None, "whole run", "Garbage collections in all recorded processes (each counted at its oldest generation)."),
         _M("gc.collections_gen2", "count", "lower", "whole run", "Full (generation 2) collections: the ones that walk every tracked object."),

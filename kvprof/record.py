@@ -119,6 +119,8 @@ class _SignalForwarder:
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
+    pid_of = None  # where signals go instead of proc (the py-spy shim), when set
+
     def _handle(self, signum, frame):
         self.received.append(signum)
         proc = self.proc
@@ -126,10 +128,89 @@ class _SignalForwarder:
             return
         if signum == signal.SIGINT and _same_foreground_group(proc.pid):
             return  # the terminal sent SIGINT to the whole foreground group, the target has it
+        pid = (self.pid_of() if self.pid_of else None) or proc.pid
         try:
-            os.kill(proc.pid, signum)
+            os.kill(pid, signum)
         except ProcessLookupError:
             pass
+
+
+# -- the py-spy probe: py-spy runs in the recorder, sampling the target from outside ---------
+SHIM = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_shim.py")
+
+
+def find_pyspy() -> str | None:
+    """$KVPROF_PYSPY, else py-spy beside this Python, else on PATH."""
+    chosen = os.environ.get("KVPROF_PYSPY")
+    if chosen:
+        return chosen if os.access(chosen, os.X_OK) else None
+    here = os.path.join(os.path.dirname(sys.executable), "py-spy")
+    return here if os.access(here, os.X_OK) else shutil.which("py-spy")
+
+
+def _run(launch: list[str], env: dict, fwd: _SignalForwarder, **popen) -> int:
+    proc = subprocess.Popen(launch, env=env, **popen)
+    fwd.proc = proc
+    while True:
+        try:
+            return proc.wait()
+        except KeyboardInterrupt:  # pragma: no cover - the forwarder's handler normally swallows it
+            continue
+
+
+def _pyspy_setup(bundle: str, argv: list[str], options: dict, manifest: dict) -> dict | None:
+    """py-spy's command line around the target, or None (said once, in the manifest and on stderr)."""
+    exe = find_pyspy()
+    note = manifest.setdefault("probe_status", {})
+    if exe is None:
+        why = f"py-spy not found at $KVPROF_PYSPY ({os.environ['KVPROF_PYSPY']})" if os.environ.get("KVPROF_PYSPY") else "py-spy not found (pip install 'kvprof[pyspy]')"
+        note["pyspy"] = {"status": "unavailable", "reason": why}
+        sys.stderr.write(f"kvprof: py-spy probe off: {why}\n")
+        return None
+    out_dir = os.path.join(bundle, "pyspy")
+    os.makedirs(out_dir, exist_ok=True)
+    rate = int(options.get("rate") or 100)
+    profile = os.path.join(out_dir, "profile.speedscope.json")
+    status = os.path.join(out_dir, "target-status.json")
+    cmd = [exe, "record", "--format", "speedscope", "--output", profile, "--rate", str(rate), "--subprocesses", "--full-filenames", "--nonblocking"]
+    if options.get("native"):
+        cmd.append("--native")
+    try:  # the target's stdout, passed around py-spy (which prints its own progress there)
+        out_fd = os.dup(sys.stdout.fileno())
+        os.set_inheritable(out_fd, True)
+    except (OSError, ValueError, AttributeError):
+        out_fd = -1
+    cmd += ["--", sys.executable, "-S", SHIM, status, str(out_fd), "--", *argv]
+    note["pyspy"] = {"status": "sampling", "py_spy": exe, "rate": rate, "native": bool(options.get("native")),
+                     "profile": os.path.relpath(profile, bundle), "idle": False, "nonblocking": True}
+    return {"argv": cmd, "status": status, "profile": profile, "stdout_fd": out_fd, "log": os.path.join(out_dir, "py-spy.log")}
+
+
+def _read_pid(path: str) -> int | None:
+    try:
+        with open(path) as fh:
+            return int(fh.read().strip() or 0) or None
+    except (OSError, ValueError):
+        return None
+
+
+def _pyspy_finish(pyspy: dict, rc: int, manifest: dict):
+    """The target's own return code (py-spy always exits 0), and a failure outcome if it never started."""
+    import json
+
+    note = manifest["probe_status"]["pyspy"]
+    try:
+        with open(pyspy["status"]) as fh:
+            status = json.load(fh)
+    except (OSError, ValueError):
+        # the shim never ran: py-spy itself failed (permissions, unsupported platform)
+        note.update(status="failed", reason=f"py-spy exited with {rc} before starting the target; ran the target without it")
+        return rc, {"retry": True}
+    if not status.get("started"):
+        note.update(status="target not started")
+        return 127, {"started": False, "error": status.get("error", "unknown"), "errno": status.get("errno")}
+    note["status"] = "sampled" if os.path.exists(pyspy["profile"]) else "no profile written"
+    return int(status["returncode"]), None
 
 
 def _same_foreground_group(pid: int) -> bool:
@@ -147,6 +228,7 @@ def record(
     module: str | None = None,
     force: bool = False,
     quiet: bool = False,
+    pyspy_options: dict | None = None,
 ) -> RecordResult:
     from kvprof import probes as probe_registry
 
@@ -194,23 +276,42 @@ def record(
     env["KVPROF_PATH"] = PACKAGE_PARENT
     env["PYTHONPATH"] = HOOK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
 
+    launch, pyspy = argv, None
+    if "pyspy" in probes:
+        pyspy = _pyspy_setup(bundle, argv, pyspy_options or {}, manifest)
+        if pyspy is not None:
+            launch = pyspy["argv"]
+        write_json_atomic(mpath, manifest)
+
     exit_code = 0
     outcome: dict
     with _SignalForwarder() as fwd:
+        if pyspy is not None:
+            fwd.pid_of = lambda: _read_pid(pyspy["status"] + ".pid")
         try:
-            proc = subprocess.Popen(argv, env=env)
+            if pyspy is not None:
+                with open(pyspy["log"], "wb") as log:
+                    rc = _run(launch, env, fwd, stdout=log, pass_fds=(pyspy["stdout_fd"],) if pyspy["stdout_fd"] >= 0 else ())
+                if pyspy["stdout_fd"] >= 0:
+                    os.close(pyspy["stdout_fd"])
+            else:
+                rc = _run(launch, env, fwd)
+            failure = None
+            if pyspy is not None:
+                rc, failure = _pyspy_finish(pyspy, rc, manifest)
+                if failure is not None and failure.get("retry"):
+                    # py-spy failed before it started anything: run the target without it
+                    sys.stderr.write(f"kvprof: py-spy probe off: {manifest['probe_status']['pyspy']['reason']}\n")
+                    fwd.pid_of = None
+                    rc, failure = _run(argv, env, fwd), None
         except (FileNotFoundError, PermissionError) as exc:
             outcome = {"started": False, "error": f"{exc.strerror}: {argv[0]}"}
             exit_code = 127 if isinstance(exc, FileNotFoundError) else 126
         else:
-            fwd.proc = proc
-            while True:
-                try:
-                    rc = proc.wait()
-                    break
-                except KeyboardInterrupt:  # pragma: no cover - handler normally swallows it
-                    continue
-            if rc < 0:
+            if failure is not None:
+                outcome = {"started": False, "error": failure["error"]}
+                exit_code = 127 if failure.get("errno") == 2 else 126
+            elif rc < 0:
                 exit_code = 128 - rc
                 outcome = {"started": True, "exit_code": exit_code, "signal": -rc, "signal_name": signal.Signals(-rc).name}
             else:

@@ -22,7 +22,7 @@ SCHEMA = "kvprof.analysis/1"
 # Analyzers of bundle sections other than block pools, as "module:function".
 # Each is called as function(bundle, bounds) with bounds = (t0, t1) or None and
 # returns a SectionResult, or None when the bundle holds no data for it.
-SECTION_ANALYZERS: list[str] = ["kvprof.analysis.gc:section"]
+SECTION_ANALYZERS: list[str] = ["kvprof.analysis.gc:section", "kvprof.analysis.cpu:section"]
 
 
 @dataclass

@@ -51,6 +51,11 @@ def _gc_callback(phase, info, _now=runtime.now) -> None:
     w.gc.append((t0, _now() - t0, info.get("generation", 0), info.get("collected", 0), info.get("uncollectable", 0)))
 
 
+def _start_pyspy(writer) -> None:
+    # py-spy samples from outside (kvprof record starts the target under it): nothing to do here
+    runtime.probe_note("pyspy", status="sampled from outside by py-spy")
+
+
 def _start_gc(writer) -> None:
     import gc
 
@@ -64,6 +69,7 @@ def _start_gc(writer) -> None:
 PROBES = {
     "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, and pools declared through kvprof.blocks"),
     "markers": (_start_markers, "kvprof.mark() calls (always on)"),
+    "pyspy": (_start_pyspy, "CPU samples of every recorded process by py-spy, run by the recorder (speedscope JSON in pyspy/)"),
     "gc": (_start_gc, "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)"),
 }
 

@@ -31,6 +31,7 @@ chunked prefill are lookahead).
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from kvprof import runtime
@@ -47,8 +48,9 @@ _preempted: set = set()  # seq ids preempted at least once: their re-admissions 
 _last_state: dict = {}  # seq id -> (filled, held) last reported
 
 
+@functools.lru_cache(maxsize=1)
 def _version() -> str:
-    """The distribution that provides the loaded `nanovllm` package, if any."""
+    """The distribution that provides the loaded `nanovllm` package, if any (looked up once)."""
     import os
     import sys
 
@@ -147,22 +149,43 @@ def _flush_pending() -> None:
         _emit(kind, mgr, None, 0, 0, (block_id,))
 
 
-def _call(orig, self, args, kwargs, before, after):
-    """Run a manager method with cache/evict events held until `after` has emitted."""
-    if runtime.writer is None:
-        return orig(self, *args, **kwargs)
-    state = before()
+def _call(orig, self, seq, args, kwargs, state, after):
+    """Run a manager method with cache/evict events held until ``after(self, seq, state)``
+    has emitted the call's own events (module-level functions: no closure per call)."""
     _depth[0] += 1
     try:
-        out = orig(self, *args, **kwargs)
+        out = orig(self, seq, *args, **kwargs)
     finally:
         _depth[0] -= 1
     try:
-        after(state, out)
+        if after is not None:
+            after(self, seq, state)
     finally:
-        if not _depth[0]:
+        if not _depth[0] and _pending:
             _flush_pending()
     return out
+
+
+def _after_allocate(self, seq, cached_before) -> None:
+    ids = list(seq.block_table)
+    bs = int(self.block_size)
+    hits = max(0, (int(seq.num_cached_tokens) - int(cached_before)) // bs)
+    if seq.seq_id not in _preempted:
+        _emit(K.REQ_QUERY, self, seq, int(len(seq)), hits * bs)
+    if hits:
+        _emit(K.HIT, self, seq, 0, 0, ids[:hits])
+    if ids[hits:]:
+        _emit(K.ALLOC, self, seq, 0, 0, ids[hits:])
+
+
+def _after_append(self, seq, n0) -> None:
+    if len(seq.block_table) > n0:
+        _emit(K.ALLOC, self, seq, 0, 0, list(seq.block_table[n0:]))
+
+
+def _after_deallocate(self, seq, ids) -> None:
+    if ids:
+        _emit(K.FREE, self, seq, 0, 0, ids[::-1])  # freed tail first
 
 
 # -- BlockManager ------------------------------------------------------------------------
@@ -192,55 +215,34 @@ def _install_block_manager(mod) -> None:
 
     def allocate(orig):
         def wrapper(self, seq, *a, **k):
-            def before():
-                return seq.num_cached_tokens
-
-            def after(cached_before, _out):
-                ids = list(seq.block_table)
-                bs = int(self.block_size)
-                hits = max(0, (int(seq.num_cached_tokens) - int(cached_before)) // bs)
-                if seq.seq_id not in _preempted:
-                    _emit(K.REQ_QUERY, self, seq, int(len(seq)), hits * bs)
-                if hits:
-                    _emit(K.HIT, self, seq, 0, 0, ids[:hits])
-                if ids[hits:]:
-                    _emit(K.ALLOC, self, seq, 0, 0, ids[hits:])
-
-            return _call(orig, self, (seq, *a), k, before, after)
+            if runtime.writer is None:
+                return orig(self, seq, *a, **k)
+            return _call(orig, self, seq, a, k, seq.num_cached_tokens, _after_allocate)
 
         return wrapper
 
     def may_append(orig):
         def wrapper(self, seq, *a, **k):
-            def before():
-                return len(seq.block_table)
-
-            def after(n0, _out):
-                new = list(seq.block_table[n0:])
-                if new:
-                    _emit(K.ALLOC, self, seq, 0, 0, new)
-
-            return _call(orig, self, (seq, *a), k, before, after)
+            if runtime.writer is None:
+                return orig(self, seq, *a, **k)
+            return _call(orig, self, seq, a, k, len(seq.block_table), _after_append)
 
         return wrapper
 
     def hash_blocks(orig):
-        def wrapper(self, *a, **k):
-            return _call(orig, self, a, k, lambda: None, lambda _s, _o: None)
+        def wrapper(self, seq, *a, **k):
+            if runtime.writer is None:
+                return orig(self, seq, *a, **k)
+            return _call(orig, self, seq, a, k, None, None)
 
         return wrapper
 
     def deallocate(orig):
         def wrapper(self, seq, *a, **k):
-            def before():
-                return list(seq.block_table)
-
-            def after(ids, _out):
-                if ids:
-                    _emit(K.FREE, self, seq, 0, 0, ids[::-1])  # freed tail first
-
-            out = _call(orig, self, (seq, *a), k, before, after)
-            if runtime.writer is not None and getattr(seq, "is_finished", False):
+            if runtime.writer is None:
+                return orig(self, seq, *a, **k)
+            out = _call(orig, self, seq, a, k, list(seq.block_table), _after_deallocate)
+            if getattr(seq, "is_finished", False):
                 _last_state.pop(seq.seq_id, None)
                 _preempted.discard(seq.seq_id)
                 _emit(K.REQ_FINISH, self, seq)

@@ -78,6 +78,7 @@ def main():
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--blocks", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--no-snapshots", action="store_true", help="skip the per-step engine snapshots (for CPU profiling)")
     a = ap.parse_args()
     Scheduler, make = load(a.api)
     B = 256
@@ -101,19 +102,23 @@ def main():
                 sched.add(pending.pop(0))
         if sched.is_finished():
             continue
-        truth["steps"].append({"step": step, "used": sorted(mgr.used_block_ids), "cached": findable(mgr)})
-        before = {s.seq_id: bool(s.block_table) for s in seqs}
-        out, is_prefill = sched.schedule()
-        step += 1
-        for s in seqs:
-            had, has = before[s.seq_id], bool(s.block_table)
-            if had and not has:
-                truth["preemptions"] += 1
-                preempted.add(s.seq_id)
-            elif not had and has and s.seq_id not in preempted:
-                truth["queries"] += len(s)
-                truth["hits"] += s.num_cached_tokens
-        tokens = [rng.randrange(1, 30000) for _ in out]
+        if a.no_snapshots:  # nothing but the engine's own work (CPU profiling)
+            out, is_prefill = sched.schedule()
+            step += 1
+        else:
+            truth["steps"].append({"step": step, "used": sorted(mgr.used_block_ids), "cached": findable(mgr)})
+            before = {s.seq_id: bool(s.block_table) for s in seqs}
+            out, is_prefill = sched.schedule()
+            step += 1
+            for s in seqs:
+                had, has = before[s.seq_id], bool(s.block_table)
+                if had and not has:
+                    truth["preemptions"] += 1
+                    preempted.add(s.seq_id)
+                elif not had and has and s.seq_id not in preempted:
+                    truth["queries"] += len(s)
+                    truth["hits"] += s.num_cached_tokens
+        tokens = [17 + step % 1000] * len(out) if a.no_snapshots else [rng.randrange(1, 30000) for _ in out]
         if takes_prefill:
             sched.postprocess(out, tokens, is_prefill)
         else:

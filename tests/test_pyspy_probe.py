@@ -1,0 +1,69 @@
+"""--probe pyspy: the target runs under py-spy (through kvprof's shim) and keeps its exit
+code, signals and stdout; the samples are categorised per recorded process."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from kvprof.record import find_pyspy
+from tests.conftest import ROOT, WORKLOADS, run_kvprof
+
+pytestmark = pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)")
+
+
+def _manifest(bundle):
+    return json.loads((bundle / "manifest.json").read_text())
+
+
+def test_exit_code_stdout_and_profile(tmp_path):
+    out = tmp_path / "p.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--", sys.executable, "-c", "print('only this'); import sys; sys.exit(4)")
+    assert r.returncode == 4, r.stderr
+    assert r.stdout == "only this\n"  # py-spy's own progress lines went to pyspy/py-spy.log
+    m = _manifest(out)
+    assert m["target"]["exit_code"] == 4 and m["probe_status"]["pyspy"]["status"] == "sampled"
+    assert [p["role"] for p in m["processes"]] == ["main"]  # the launcher shim is not a recorded process
+    assert json.loads((out / "pyspy" / "profile.speedscope.json").read_text())["profiles"]
+
+
+def test_signals_reach_the_target(tmp_path):
+    out = tmp_path / "s.kvprof"
+    proc = subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", "-o", str(out), "--probe", "pyspy", "--",
+                             sys.executable, "-c", "import time; time.sleep(30)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(2.5)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    assert _manifest(out)["target"]["signal_name"] == "SIGTERM"
+
+
+def test_without_a_working_py_spy_the_target_still_runs(tmp_path):
+    for fake, status in (("/nonexistent/py-spy", "unavailable"), ("/bin/false", "failed")):
+        out = tmp_path / f"{status}.kvprof"
+        r = run_kvprof("record", "-o", str(out), "--probe", "pyspy", "--", sys.executable, "-c", "import sys; sys.exit(5)", env={"KVPROF_PYSPY": fake})
+        assert r.returncode == 5, r.stderr
+        assert r.stderr.count("py-spy probe off") == 1, r.stderr
+        assert _manifest(out)["probe_status"]["pyspy"]["status"] == status
+        a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+        assert "cpu" not in a["sections"]
+
+
+def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
+    out = tmp_path / "nv.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--pyspy-rate", "400", "--", sys.executable,
+                   os.path.join(WORKLOADS, "nanovllm_sched.py"), str(tmp_path / "t.json"), "--requests", "600", "--blocks", "60",
+                   "--no-snapshots", timeout=300)
+    assert r.returncode == 0, r.stderr
+    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    cpu = a["sections"]["cpu"]
+    (main,) = [p for p in cpu["processes"] if p["role"] == "main"]
+    assert main["samples"] >= 100
+    assert main["shares"]["block management"] >= 0.3, main["shares"]
+    stacks = " ".join(s["stack"] for s in main["top"] if s["category"] == "block management")
+    assert "BlockManager." in stacks and "Scheduler." in stacks, stacks
+    m = {k: v["value"] for k, v in a["metrics"].items()}
+    assert m["cpu.samples"] == main["samples"] and m["cpu.block_management_share"] == pytest.approx(main["shares"]["block management"])
