@@ -172,9 +172,10 @@ def _pyspy_setup(bundle: str, argv: list[str], options: dict, manifest: dict) ->
     rate = int(options.get("rate") or 100)
     profile = os.path.join(out_dir, "profile.speedscope.json")
     status = os.path.join(out_dir, "target-status.json")
-    cmd = [exe, "record", "--format", "speedscope", "--output", profile, "--rate", str(rate), "--subprocesses", "--full-filenames", "--nonblocking"]
-    if options.get("native"):
-        cmd.append("--native")
+    native = bool(options.get("native"))
+    cmd = [exe, "record", "--format", "speedscope", "--output", profile, "--rate", str(rate), "--subprocesses", "--full-filenames"]
+    # native stacks need the target paused while it is read; Python stacks do not
+    cmd.append("--native" if native else "--nonblocking")
     try:  # the target's stdout, passed around py-spy (which prints its own progress there)
         out_fd = os.dup(sys.stdout.fileno())
         os.set_inheritable(out_fd, True)
@@ -182,7 +183,7 @@ def _pyspy_setup(bundle: str, argv: list[str], options: dict, manifest: dict) ->
         out_fd = -1
     cmd += ["--", sys.executable, "-S", SHIM, status, str(out_fd), "--", *argv]
     note["pyspy"] = {"status": "sampling", "py_spy": exe, "rate": rate, "native": bool(options.get("native")),
-                     "profile": os.path.relpath(profile, bundle), "idle": False, "nonblocking": True}
+                     "profile": os.path.relpath(profile, bundle), "idle": False, "nonblocking": not native}
     return {"argv": cmd, "status": status, "profile": profile, "stdout_fd": out_fd, "log": os.path.join(out_dir, "py-spy.log")}
 
 

@@ -67,3 +67,21 @@ def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
     assert "BlockManager." in stacks and "Scheduler." in stacks, stacks
     m = {k: v["value"] for k, v in a["metrics"].items()}
     assert m["cpu.samples"] == main["samples"] and m["cpu.block_management_share"] == pytest.approx(main["shares"]["block management"])
+
+
+def test_native_gc_share_agrees_with_the_gc_probe(tmp_path):
+    """Two independent measures of the same thing: py-spy's samples inside CPython's
+    collector (native frames) and the gc probe's pause time share."""
+    out = tmp_path / "g.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc,pyspy", "--pyspy-native", "--pyspy-rate", "300", "--",
+                   sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "400", timeout=300)
+    assert r.returncode == 0, r.stderr
+    if _manifest(out)["probe_status"]["pyspy"]["status"] != "sampled":
+        pytest.skip("py-spy cannot read native stacks here")
+    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    (cpu,) = [p for p in a["sections"]["cpu"]["processes"] if p["role"] == "main"]
+    (gc,) = [p for p in a["sections"]["gc"]["processes"] if p["role"] == "main"]
+    assert cpu["samples"] >= 100 and gc["time_share"] > 0.2
+    # seconds inside the collector: sampled vs measured by the callbacks
+    assert cpu["seconds"]["gc"] == pytest.approx(gc["pause_s"], rel=0.35), (cpu["seconds"], gc["pause_s"])
+    assert any(s["category"] == "gc" and "gc_collect" in s["stack"] for s in cpu["top"])

@@ -68,6 +68,7 @@ class CpuProcess:
     samples: int
     cpu_s: float
     shares: dict  # category -> share of this process's samples
+    seconds: dict  # category -> CPU seconds (sample weights)
     steps: int | None
     cpu_s_per_step: dict | None  # category -> seconds per engine step
     top: list[Stack] = field(default_factory=list)
@@ -82,6 +83,16 @@ class CpuAnalysis:
     shares: dict
     processes: list[CpuProcess]
     unrecorded_samples: int  # samples of processes kvprof did not record (the launcher shim, non-Python children)
+
+
+def _waiting_writer(frames: list, stack: list) -> bool:
+    """The innermost Python frame is the writer thread's wait loop (nothing of ours deeper)."""
+    for i in reversed(stack):
+        f = frames[i] if 0 <= i < len(frames) else {}
+        path = str(f.get("file", ""))
+        if path.endswith(".py"):
+            return f.get("name") == "ProcessWriter._run" and path.replace("\\", "/").endswith("kvprof/trace/writer.py")
+    return False
 
 
 def _label(frames: list, stack: list[int], at: int) -> str:
@@ -119,9 +130,11 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
         if pid not in recorded:
             unrecorded += len(samples)
             continue
-        acc = per_pid.setdefault(pid, {"n": 0, "s": 0.0, "cat": dict.fromkeys(CATEGORIES, 0), "stacks": {}})
+        acc = per_pid.setdefault(pid, {"n": 0, "s": 0.0, "cat": dict.fromkeys(CATEGORIES, 0), "sec": dict.fromkeys(CATEGORIES, 0.0), "stacks": {}})
         for k, stack in enumerate(samples):
             w = float(weights[k]) if k < len(weights) else 0.0
+            if _waiting_writer(frames, stack):
+                continue  # kvprof's writer thread asleep between flushes (native mode misses that it is idle)
             cat, at = "other", len(stack) - 1
             for j in range(len(stack) - 1, -1, -1):
                 c = cats[stack[j]] if 0 <= stack[j] < len(cats) else None
@@ -131,6 +144,7 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
             acc["n"] += 1
             acc["s"] += w
             acc["cat"][cat] += 1
+            acc["sec"][cat] += w
             key = (cat, _label(frames, stack, at) if stack else "(empty)")
             acc["stacks"][key] = acc["stacks"].get(key, 0) + 1
     if not per_pid and not unrecorded:
@@ -153,7 +167,7 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
         top = sorted(acc["stacks"].items(), key=lambda kv: -kv[1])
         shown = [Stack(c, s, k, k / n) for (c, s), k in top if c != "other"][:8] + [Stack(c, s, k, k / n) for (c, s), k in top if c == "other"][:3]
         procs.append(CpuProcess(pid, str(recorded[pid].info.get("role")), acc["n"], acc["s"], {c: acc["cat"][c] / n for c in CATEGORIES},
-                                steps, per_step, shown))
+                                dict(acc["sec"]), steps, per_step, shown))
     total = sum(p.samples for p in procs)
     shares = {c: (sum(p.shares[c] * p.samples for p in procs) / total if total else None) for c in CATEGORIES}
     return CpuAnalysis(profile=note["profile"], rate=note.get("rate"), samples=total, cpu_s=sum(p.cpu_s for p in procs), shares=shares,
