@@ -135,7 +135,19 @@ def _install_signal_flush() -> None:
 
 
 def _on_sigterm(signum, frame) -> None:
+    # A second SIGTERM (multiprocessing terminates pool workers, then its exit hook
+    # terminates them again) must not re-enter and kill us half way through the flush.
+    try:
+        signal.signal(signum, signal.SIG_IGN)
+    except (OSError, ValueError):
+        pass
     w = writer
+    if w is not None and w.closed and not w.finished:
+        # we interrupted this thread's own close() (multiprocessing's exit hook runs it,
+        # then Pool.terminate's SIGTERM lands): let it finish; it dies of the signal after
+        w.info["terminated_by_signal"] = signum
+        w.exit_signal = signum
+        return
     if w is not None:
         w.close({"terminated_by_signal": signum})
     signal.signal(signum, signal.SIG_DFL)

@@ -59,3 +59,29 @@ def test_spawned_children_record_their_own_collections(tmp_path):
     children = [p for p in procs if p["role"] == "child"]
     assert len(children) >= 2  # both pool workers recorded (whichever ran the tasks)
     assert sum(p["by_generation"][2]["collections"] for p in children) >= 12, procs  # 4 tasks x 3 gc.collect()
+
+
+def test_pool_workers_terminated_at_exit_keep_their_events(tmp_path):
+    """`with Pool(...)` ends with terminate(): SIGTERM can land while a worker's exit hook is
+    already closing the recording. The close must finish, and the worker still die of it."""
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import gc, multiprocessing as mp\n"
+        "def work(_):\n"
+        "    for _ in range(3):\n"
+        "        gc.collect()\n"
+        "if __name__ == '__main__':\n"
+        "    with mp.get_context('spawn').Pool(2) as p:\n"
+        "        p.map(work, range(4), chunksize=1)\n"
+    )
+    for attempt in range(3):
+        out = tmp_path / f"pool{attempt}.kvprof"
+        r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script))
+        assert r.returncode == 0, r.stderr
+        procs = json.loads((out / "manifest.json").read_text())["processes"]
+        workers = [p for p in procs if "--multiprocessing-fork" in " ".join(p["argv"] or [])]
+        assert workers and all(p["exited_cleanly"] for p in workers), workers
+        a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+        pids = {p["pid"] for p in workers}
+        gen2 = sum(p["by_generation"][2]["collections"] for p in a["sections"]["gc"]["processes"] if p["pid"] in pids)
+        assert gen2 >= 12, a["sections"]["gc"]["processes"]

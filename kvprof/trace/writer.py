@@ -79,6 +79,8 @@ class ProcessWriter:
         self._fds: dict[str, int] = {}
         self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0}
         self.closed = False
+        self.finished = False  # close() has written everything
+        self.exit_signal = None  # set by a signal handler that interrupted close()
         self.failed = False
         self._stop = threading.Event()
         self.write_process_info()
@@ -243,6 +245,7 @@ class ProcessWriter:
         if self.closed:
             return
         self.closed = True
+        self.finished = False
         self._stop.set()
         self.flush()
         for fd in self._fds.values():
@@ -257,6 +260,11 @@ class ProcessWriter:
         if exit_status:
             self.info.update(exit_status)
         self.write_process_info()
+        self.finished = True
+        sig = self.exit_signal
+        if sig is not None:  # a signal arrived while this close ran: die of it now
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
 
     def abandon(self) -> None:
         """In a forked child: drop the parent's buffers and file handles without writing."""
