@@ -102,7 +102,7 @@ def _label(frames: list, stack: list[int], at: int) -> str:
         if f.get("name", "").startswith("process "):
             break
         parts.append(f"{f.get('name', '?')} ({os.path.basename(str(f.get('file', '?')))}:{f.get('line', '?')})")
-    return " < ".join(parts)
+    return " < ".join(parts) or "(no frames: native or idle)"
 
 
 def analyze_cpu(bundle) -> CpuAnalysis | None:
@@ -165,7 +165,7 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
             steps = int(((marks.pid == pid) & (marks.name == marks.names.index("step"))).sum()) or None
         per_step = {c: acc["s"] * acc["cat"][c] / n / steps for c in CATEGORIES} if steps else None
         top = sorted(acc["stacks"].items(), key=lambda kv: -kv[1])
-        shown = [Stack(c, s, k, k / n) for (c, s), k in top if c != "other"][:8] + [Stack(c, s, k, k / n) for (c, s), k in top if c == "other"][:3]
+        shown = [Stack(c, st, k, k / n) for cat in CATEGORIES for (c, st), k in [kv for kv in top if kv[0][0] == cat][:8]]
         procs.append(CpuProcess(pid, str(recorded[pid].info.get("role")), acc["n"], acc["s"], {c: acc["cat"][c] / n for c in CATEGORIES},
                                 dict(acc["sec"]), steps, per_step, shown))
     total = sum(p.samples for p in procs)

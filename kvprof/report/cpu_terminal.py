@@ -21,11 +21,17 @@ def render(console, sec: dict, result) -> None:
         t.add_row(f"{p['pid']} ({p['role']})", f"{p['samples']:,}", *[f"{100 * p['shares'][c]:.1f}%" for c in CATEGORIES])
     console.print(t)
     for p in sec["processes"]:
+        if not p["top"]:
+            continue
+        line = f"process {p['pid']} ({p['role']})"
         if p["cpu_s_per_step"]:
             ps = p["cpu_s_per_step"]
-            console.print(Text(f"  process {p['pid']}: {p['steps']:,} engine steps, {1e3 * sum(ps.values()):.2f} ms CPU per step, "
-                               f"{1e3 * ps['block management']:.2f} ms of it block management", style="dim"))
-        for s in p["top"][:5]:
+            line += (f": {p['steps']:,} engine steps, {1e3 * sum(ps.values()):.2f} ms CPU per step, "
+                     f"{1e3 * ps['block management']:.2f} ms of it block management")
+        console.print(Text(line, style="bold"))
+        order = sorted(CATEGORIES, key=lambda c: -p["shares"][c])
+        picked = [s for c in order if p["shares"][c] > 0 for s in [x for x in p["top"] if x["category"] == c][:2]][:6]
+        for s in picked:
             console.print(Text(f"  {100 * s['share']:5.1f}%  {s['category']:<17} ", style="default") + Text(s["stack"], style="dim"), overflow="ellipsis", no_wrap=True)
     if sec["unrecorded_samples"]:
         console.print(Text(f"  {sec['unrecorded_samples']:,} samples of processes kvprof did not record (its launcher, non-Python children) left out", style="dim"))
