@@ -16,6 +16,11 @@ def run(
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No closing line."),
     pyspy_rate: int = typer.Option(100, "--pyspy-rate", metavar="HZ", help="--probe pyspy: samples per second."),
     pyspy_native: bool = typer.Option(False, "--pyspy-native", help="--probe pyspy: native (C/C++) frames too."),
+    tracemalloc_depth: int = typer.Option(16, "--tracemalloc-depth", metavar="N", help="--probe tracemalloc: frames kept per allocation."),
+    tracemalloc_interval: float = typer.Option(2.0, "--tracemalloc-interval", metavar="S", help="--probe tracemalloc: seconds between timer snapshots (0: markers and exit only)."),
+    tracemalloc_every: int = typer.Option(1, "--tracemalloc-every", metavar="N", help="--probe tracemalloc: snapshot at every N-th marker."),
+    memray_native: bool = typer.Option(False, "--memray-native", help="--probe memray: native (C/C++) stacks too."),
+    memray_python_allocators: bool = typer.Option(False, "--memray-python-allocators", help="--probe memray: pymalloc allocations one by one."),
 ):
     """Run a command and record its memory behaviour into a trace bundle."""
     import sys
@@ -32,8 +37,21 @@ def run(
         from kvprof.errors import UsageError
 
         raise UsageError("--pyspy-rate must be a positive number of samples per second")
+    from kvprof.errors import UsageError
+
+    if tracemalloc_depth < 1 or tracemalloc_depth > 1000:
+        raise UsageError("--tracemalloc-depth must be between 1 and 1000 frames")
+    if tracemalloc_interval < 0:
+        raise UsageError("--tracemalloc-interval must be 0 (off) or a positive number of seconds")
+    if tracemalloc_every < 1:
+        raise UsageError("--tracemalloc-every must be 1 or more")
+    options = {}
+    if "tracemalloc" in probes:
+        options["tracemalloc"] = {"depth": tracemalloc_depth, "interval": tracemalloc_interval, "every": tracemalloc_every}
+    if "memray" in probes:
+        options["memray"] = {"native": memray_native, "python_allocators": memray_python_allocators}
     result = record(command, output=output, probes=probes or None, module=module, force=force,
-                    pyspy_options={"rate": pyspy_rate, "native": pyspy_native})
+                    pyspy_options={"rate": pyspy_rate, "native": pyspy_native}, probe_options=options or None)
     if not quiet:
         sys.stderr.write(summary_line(result) + "\n")
     raise typer.Exit(result.exit_code)

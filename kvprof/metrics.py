@@ -72,6 +72,15 @@ REGISTRY: dict[str, Metric] = {
         _M("gc.pause_seconds_max", "seconds", "lower", "whole run", "The longest single collection.", noisy=True),
         _M("gc.time_share", "ratio", "lower", "whole run", "Collection time / wall time of the process, for the process where it is largest.", noisy=True),
         _M("gc.uncollectable", "count", "lower", "whole run", "Objects collections found unreachable but could not free (they land in gc.garbage)."),
+        # -- Python and native heap (--probe tracemalloc, --probe memray) ----------------------
+        _M("heap.peak_bytes", "bytes", "lower", "whole run", "High-water mark of live heap bytes in the process where it is largest: memray's peak when memray recorded it, else tracemalloc's traced peak."),
+        _M("heap.leak_suspects", "count", "lower", "steady state", "Sites whose live bytes grew across at least k consecutive steady-state marker snapshots (tracemalloc)."),
+        _M("heap.leak_suspect_bytes_per_step", "bytes", "lower", "steady state", "Growth per marker step of all leak suspects together (least-squares slope of each, summed)."),
+        _M("heap.live_bytes_at_exit", "bytes", None, "at exit", "Python heap bytes alive at each process's last tracemalloc snapshot, summed (kvprof's own excluded)."),
+        _M("heap.leaked_bytes_at_exit", "bytes", "lower", "at exit", "Bytes memray saw allocated and never freed before its tracker stopped, summed over processes."),
+        _M("heap.temporary_allocations", "count", "lower", "whole run", "Allocations freed before any other allocation was made (memray's and heaptrack's definition), summed over processes."),
+        _M("heap.allocations", "count", None, "whole run", "Allocations memray recorded (frees not counted), summed over processes."),
+        _M("heap.allocations_per_second", "1/s", None, "whole run", "heap.allocations / the longest process's tracked time.", noisy=True),
         # -- PyTorch CUDA caching allocator (memory snapshots) -------------------------------
         _M("torch.segments", "count", None, "at snapshot", "Segments the caching allocator holds (cudaMalloc'd ranges)."),
         _M("torch.reserved_bytes", "bytes", "lower", "at snapshot", "Reserved: sum of segment total_size; what the allocator took from the device."),

@@ -99,6 +99,28 @@ def _scan_processes(bundle: str) -> list[dict]:
     return out
 
 
+def _probe_cost(bundle: str, processes: list[dict], probes: list[str]) -> dict:
+    """What the heap probes cost, where it can be told: time in the target, bytes written."""
+    out: dict = {}
+    if "tracemalloc" in probes:
+        secs = sum(float((p["probes"].get("tracemalloc") or {}).get("snapshot_seconds") or 0) for p in processes)
+        size = 0
+        for p in processes:
+            for name in ("heap_snaps.bin", "heap_sites.bin"):
+                f = os.path.join(bundle, p["dir"], name)
+                size += os.path.getsize(f) if os.path.exists(f) else 0
+        out["tracemalloc"] = {"snapshot_seconds": round(secs, 6), "bytes_written": size,
+                              "note": "time taken by snapshots in the target; tracing every allocation costs more, see benchmarks/bench_heap.py"}
+    if "memray" in probes:
+        size = 0
+        for p in processes:
+            d = os.path.join(bundle, p["dir"])
+            size += sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith("memray.bin")) if os.path.isdir(d) else 0
+        out["memray"] = {"bytes_written": size, "seconds": None,
+                         "note": "memray's cost is spread over every allocation and cannot be told apart in the run; see benchmarks/bench_heap.py"}
+    return out
+
+
 class _SignalForwarder:
     """Forwards signals to the target; a terminal's Ctrl-C already reaches it, so that is not doubled."""
 
@@ -230,6 +252,7 @@ def record(
     force: bool = False,
     quiet: bool = False,
     pyspy_options: dict | None = None,
+    probe_options: dict | None = None,
 ) -> RecordResult:
     from kvprof import probes as probe_registry
 
@@ -275,6 +298,11 @@ def record(
     env[runtime.ENV_PROBES] = ",".join(probes)
     env[runtime.ENV_RECORDER_PID] = str(os.getpid())
     env["KVPROF_PATH"] = PACKAGE_PARENT
+    if probe_options:
+        import json
+
+        env[runtime.ENV_OPTIONS] = json.dumps(probe_options)
+        manifest["probe_options"] = probe_options
     env["PYTHONPATH"] = HOOK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
 
     launch, pyspy = argv, None
@@ -329,6 +357,7 @@ def record(
             "processes": _scan_processes(bundle),
         }
     )
+    manifest["probe_cost"] = _probe_cost(bundle, manifest["processes"], probes)
     write_json_atomic(mpath, manifest)
     if not outcome.get("started"):
         raise RecordError(f"cannot start {argv[0]}: {outcome['error']} (bundle kept: {bundle})", exit_code)

@@ -25,6 +25,9 @@ writer = None  # kvprof.trace.writer.ProcessWriter while recording in this proce
 _declare_lock = threading.Lock()
 _pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
 _probes: list[str] = []
+_closers: list = []  # probe functions run at exit, before the writer's last flush
+_mark_hooks: list = []  # probe functions called after each marker: hook(name_id, value, t)
+options: dict = {}  # per-probe options from `kvprof record` (KVPROF_OPTIONS, JSON)
 _started_pid = None
 
 now = time.monotonic_ns
@@ -41,6 +44,15 @@ def start_from_env() -> None:
     if not bundle or _started_pid == os.getpid():
         return
     probes = [p for p in os.environ.get(ENV_PROBES, "blocks").split(",") if p]
+    raw = os.environ.get(ENV_OPTIONS)
+    if raw:
+        import json
+
+        try:
+            loaded = json.loads(raw)
+            options.update(loaded if isinstance(loaded, dict) else {})
+        except ValueError:
+            sys.stderr.write(f"kvprof: ignoring malformed {ENV_OPTIONS}\n")
     try:
         start(bundle, probes)
     except Exception as exc:  # never break the target
@@ -115,9 +127,22 @@ def _register_mp_finalizer(_writer) -> None:
     sys.modules["multiprocessing.util"].Finalize(None, _at_exit, exitpriority=-1000)
 
 
+def run_closers() -> None:
+    """Run the probes' exit work once (last snapshots, stopping trackers)."""
+    while _closers:
+        fn = _closers.pop()
+        try:
+            fn()
+        except Exception as exc:
+            if writer is not None:
+                writer.info["errors"].append(f"probe exit hook failed: {exc!r}")
+
+
 def _at_exit() -> None:
     w = writer
     if w is not None and w.pid == os.getpid():
+        w.closing = True  # a SIGTERM from now on waits for the end of this (see _on_sigterm)
+        run_closers()
         w.close()
 
 
@@ -142,13 +167,15 @@ def _on_sigterm(signum, frame) -> None:
     except (OSError, ValueError):
         pass
     w = writer
-    if w is not None and w.closed and not w.finished:
+    if w is not None and (w.closed or w.closing) and not w.finished:
         # we interrupted this thread's own close() (multiprocessing's exit hook runs it,
         # then Pool.terminate's SIGTERM lands): let it finish; it dies of the signal after
         w.info["terminated_by_signal"] = signum
         w.exit_signal = signum
         return
     if w is not None:
+        w.closing = True
+        run_closers()
         w.close({"terminated_by_signal": signum})
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
@@ -190,7 +217,14 @@ def mark(name: str, value: int = 0, t: int | None = None) -> None:
     w = writer
     if w is None:
         return
-    w.marks.append((now() if t is None else t, w.intern(name), int(value)))
+    t = now() if t is None else t
+    sid = w.intern(name)
+    w.marks.append((t, sid, int(value)))
+    for hook in _mark_hooks:
+        try:
+            hook(sid, int(value), t)
+        except Exception as exc:
+            w.info["errors"].append(f"marker hook failed: {exc!r}")
 
 
 def probe_note(name: str, **fields) -> None:

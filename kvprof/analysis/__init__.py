@@ -22,7 +22,7 @@ SCHEMA = "kvprof.analysis/1"
 # Analyzers of bundle sections other than block pools, as "module:function".
 # Each is called as function(bundle, bounds) with bounds = (t0, t1) or None and
 # returns a SectionResult, or None when the bundle holds no data for it.
-SECTION_ANALYZERS: list[str] = ["kvprof.analysis.gc:section", "kvprof.analysis.cpu:section"]
+SECTION_ANALYZERS: list[str] = ["kvprof.analysis.heap:section", "kvprof.analysis.gc:section", "kvprof.analysis.cpu:section"]
 
 
 @dataclass
@@ -96,11 +96,29 @@ def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
         return analyze_bundle(Bundle(path), window=window)
     from kvprof.trace import torch_snapshot
 
+    if looks_like_memray(path):
+        if window:
+            raise UsageError("--window needs a bundle's markers; a bare memray capture has none")
+        from kvprof.analysis import heap
+
+        part = heap.analyze_capture(path)
+        source = {"memray_capture": os.path.abspath(path), "window": "whole capture"}
+        return AnalysisResult(source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings)
     if torch_snapshot.looks_like_pickle(path):
         if window:
             raise UsageError("--window needs a bundle's markers; a bare snapshot has none")
         return analyze_snapshot_file(path)
-    raise BundleError(f"not a kvprof bundle nor a PyTorch memory snapshot: {path}")
+    raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture: {path}")
+
+
+def looks_like_memray(path: str) -> bool:
+    """memray's capture files start with b"memray", or an lz4 frame when compressed on exit."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError:
+        return False
+    return head.startswith(b"memray") or (head[:4] == b"\x04\x22\x4d\x18" and b"memray" in head)
 
 
 def analyze_snapshot_file(path: str) -> AnalysisResult:

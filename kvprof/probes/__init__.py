@@ -66,11 +66,31 @@ def _start_gc(writer) -> None:
                        frozen=gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else None)
 
 
+def _start_tracemalloc(writer) -> None:
+    from kvprof.probes import heap
+
+    heap.start_tracemalloc(writer)
+
+
+def _start_memray(writer) -> None:
+    from kvprof.probes import heap
+
+    heap.start_memray(writer)
+
+
 PROBES = {
     "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, and pools declared through kvprof.blocks"),
     "markers": (_start_markers, "kvprof.mark() calls (always on)"),
     "pyspy": (_start_pyspy, "CPU samples of every recorded process by py-spy, run by the recorder (speedscope JSON in pyspy/)"),
     "gc": (_start_gc, "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)"),
+    "tracemalloc": (_start_tracemalloc, "Python heap by call site: tracemalloc snapshots at markers, on a timer and at exit"),
+    "memray": (_start_memray, "Every allocation (Python and native) with its stack: memray's tracker, its capture file kept"),
+}
+
+# Probes with per-child work after fork, as "module:function" called with the new writer.
+AFTER_FORK = {
+    "tracemalloc": "kvprof.probes.heap:after_fork_tracemalloc",
+    "memray": "kvprof.probes.heap:after_fork_memray",
 }
 
 
@@ -78,8 +98,13 @@ def known() -> list[str]:
     return list(PROBES)
 
 
+# Probes that must start before others: memray first, so tracemalloc does not trace
+# memray's own start-up, and both before the engine adapters import anything.
+START_ORDER = {"memray": 0, "tracemalloc": 1}
+
+
 def start_all(names, writer) -> None:
-    for name in names:
+    for name in sorted(names, key=lambda n: START_ORDER.get(n, 2)):
         entry = PROBES.get(name)
         if entry is None:
             runtime.probe_note(name, status="unavailable", reason="unknown probe")
@@ -92,8 +117,17 @@ def start_all(names, writer) -> None:
 
 def after_fork(names, writer) -> None:
     # Patches made in the parent survive fork; only the bookkeeping is new.
+    import importlib
+
     for name in names:
         runtime.probe_note(name, status="inherited from parent (fork)")
+        spec = AFTER_FORK.get(name)
+        if spec:
+            mod, _, fn = spec.partition(":")
+            try:
+                getattr(importlib.import_module(mod), fn)(writer)
+            except Exception as exc:
+                runtime.probe_note(name, status="failed after fork", reason=repr(exc))
 
 
 def engine_note(engine: str, **fields) -> None:

@@ -29,6 +29,7 @@ HEADLINE = [
 # called as function(console, section_dict, result) after the block-pool part.
 SECTION_RENDERERS: dict[str, str] = {
     "torch": "kvprof.report.torch_terminal:render",
+    "heap": "kvprof.report.heap_terminal:render",
     "gc": "kvprof.report.gc_terminal:render",
     "cpu": "kvprof.report.cpu_terminal:render",
 }
@@ -47,6 +48,9 @@ def render(result, width: int | None = None, console=None) -> None:
     if src.get("snapshot"):
         console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['snapshot'])}", style="dim"))
         console.print(Text("a PyTorch CUDA memory snapshot (read without torch)", style="dim"))
+    elif src.get("memray_capture"):
+        console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['memray_capture'])}", style="dim"))
+        console.print(Text("a memray capture file", style="dim"))
     else:
         cmd = " ".join(src.get("command") or []) if isinstance(src.get("command"), list) else str(src.get("command") or src.get("bundle"))
         console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src.get('bundle', ''))}", style="dim"))

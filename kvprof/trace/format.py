@@ -10,6 +10,9 @@ A bundle is a directory::
         blocks.bin                  block-pool events, one record per hook call
         block_ids.bin               int32 block ids referenced by blocks.bin
         marks.bin                   user markers
+        gc.bin                      garbage-collector pauses (--probe gc)
+        heap_snaps.bin, heap_sites.bin  tracemalloc snapshots (--probe tracemalloc)
+        memray.bin                  memray's own capture file (--probe memray)
 
 Every ``*.bin`` file is a flat sequence of little-endian fixed-width records
 of the numpy dtype below (no header), so ``numpy.fromfile(path, dtype)`` opens
@@ -61,11 +64,43 @@ GC_DTYPE = np.dtype(
     ]
 )
 
+# --probe tracemalloc.  One HEAP_SNAP record per snapshot (at a marker, on the timer,
+# at exit); HEAP_SITE records are deltas: the sites whose live size or count changed
+# since the process's previous snapshot (size 0, count 0 when a site emptied).  A
+# site is a stack of frames declared once in meta.jsonl ({"type": "stack", ...}).
+HEAP_SNAP_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # monotonic clock, ns
+        ("seq", "<u4"),  # snapshot number in this process, from 0
+        ("reason", "u1"),  # HEAP_REASONS
+        ("mark", "<i4"),  # interned marker name that triggered it, -1 otherwise
+        ("mark_value", "<i8"),
+        ("live", "<i8"),  # traced bytes alive, kvprof's own allocations excluded
+        ("blocks", "<i8"),  # traced memory blocks alive, same filter
+        ("traced", "<i8"),  # tracemalloc.get_traced_memory() current, unfiltered
+        ("peak", "<i8"),  # traced peak since the previous snapshot (reset_peak), unfiltered
+        ("overhead", "<i8"),  # tracemalloc's own memory (get_tracemalloc_memory)
+        ("rows", "<u4"),  # HEAP_SITE records that follow for this snapshot
+        ("cost", "<i8"),  # ns spent taking it (in the thread that took it)
+    ]
+)
+HEAP_SITE_DTYPE = np.dtype(
+    [
+        ("seq", "<u4"),  # the snapshot it belongs to
+        ("stack", "<i4"),  # stack id (meta.jsonl)
+        ("size", "<i8"),  # live bytes of the site
+        ("count", "<i8"),  # live memory blocks of the site
+    ]
+)
+HEAP_REASONS = {0: "start", 1: "mark", 2: "timer", 3: "exit"}
+
 STREAM_DTYPES = {
     "blocks.bin": BLOCK_EVENT_DTYPE,
     "block_ids.bin": BLOCK_ID_DTYPE,
     "marks.bin": MARK_DTYPE,
     "gc.bin": GC_DTYPE,
+    "heap_snaps.bin": HEAP_SNAP_DTYPE,
+    "heap_sites.bin": HEAP_SITE_DTYPE,
 }
 
 

@@ -136,6 +136,7 @@ class ProcessData:
         self.pid = int(self.info.get("pid", -1))
         self.strings: dict[int, str] = {}
         self.pools: list[dict] = []
+        self.stacks: dict[int, list] = {}  # tracemalloc stack id -> [[file, line], ...] innermost first
         self.notes: list[dict] = []
         self._read_meta()
 
@@ -160,6 +161,11 @@ class ProcessData:
                     raise BundleError(f"corrupt side record in {path}") from None
             elif kind == "pool":
                 self.pools.append(rec)
+            elif kind == "stack":
+                try:
+                    self.stacks[int(rec["id"])] = [(str(f), int(ln)) for f, ln in rec["frames"]]
+                except (KeyError, TypeError, ValueError):
+                    raise BundleError(f"corrupt stack record in {path}") from None
             else:
                 self.notes.append(rec)
 
@@ -181,6 +187,26 @@ class ProcessData:
 
     def gc_events(self) -> np.ndarray:
         return _read_records(os.path.join(self.dir, "gc.bin"), fmt.GC_DTYPE)
+
+    def heap_snapshots(self) -> tuple[np.ndarray, np.ndarray]:
+        """tracemalloc snapshots and their site rows; rows of a snapshot lost in a crash are dropped."""
+        snaps = _read_records(os.path.join(self.dir, "heap_snaps.bin"), fmt.HEAP_SNAP_DTYPE)
+        sites = _read_records(os.path.join(self.dir, "heap_sites.bin"), fmt.HEAP_SITE_DTYPE)
+        if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
+            sites = sites[np.isin(sites["seq"], snaps["seq"])]
+        return snaps, sites
+
+    def memray_files(self) -> list[str]:
+        """memray capture files of this process (its own, or the one memray wrote after a fork)."""
+        note = (self.info.get("probes") or {}).get("memray") or {}
+        rel = note.get("file")
+        if not rel:
+            return []
+        path = os.path.normpath(os.path.join(self.dir, str(rel)))
+        procs = os.path.dirname(os.path.normpath(self.dir))
+        if not path.startswith(procs + os.sep):  # a hostile process.json pointing out of the bundle
+            return []
+        return [path] if os.path.isfile(path) else []
 
     def string(self, sid: int) -> str:
         return self.strings.get(int(sid), f"#{sid}")

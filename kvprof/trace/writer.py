@@ -74,11 +74,14 @@ class ProcessWriter:
         self._resolved: collections.deque = collections.deque()  # (rows, ids) chunks not yet written
         self.marks: collections.deque = collections.deque()
         self.gc: collections.deque = collections.deque()  # (t, duration, generation, collected, uncollectable)
+        self.heap: collections.deque = collections.deque()  # (HEAP_SNAP tuple, HEAP_SITE array)
         self._meta: collections.deque = collections.deque()
         self._flush_lock = threading.Lock()
         self._fds: dict[str, int] = {}
-        self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0}
+        self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0, "heap_snaps": 0, "heap_sites": 0}
+        self.bytes_written: dict[str, int] = {}
         self.closed = False
+        self.closing = False  # the exit hook runs (probes' exit work, then close)
         self.finished = False  # close() has written everything
         self.exit_signal = None  # set by a signal handler that interrupted close()
         self.failed = False
@@ -130,7 +133,7 @@ class ProcessWriter:
             self.flush()
 
     def pending(self) -> int:
-        return len(self.blocks) + len(self.lazy) + len(self.marks) + len(self.gc)
+        return len(self.blocks) + len(self.lazy) + len(self.marks) + len(self.gc) + len(self.heap)
 
     def _append(self, name: str, data: bytes) -> None:
         fd = self._fds.get(name)
@@ -138,6 +141,7 @@ class ProcessWriter:
             fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._fds[name] = fd
         view = memoryview(data)
+        self.bytes_written[name] = self.bytes_written.get(name, 0) + len(view)
         while view:
             written = os.write(fd, view)
             view = view[written:]
@@ -199,6 +203,7 @@ class ProcessWriter:
         blocks = self._drain(self.blocks)
         marks = self._drain(self.marks)
         gcs = self._drain(self.gc)
+        heap = self._drain(self.heap)
         # resolving may intern strings and declare pools: before the side records
         self.resolve_lazy()
         columns = self._drain(self._resolved)
@@ -240,6 +245,16 @@ class ProcessWriter:
         if gcs:
             self._append("gc.bin", np.array(gcs, dtype=fmt.GC_DTYPE).tobytes())
             self.counts["gc"] += len(gcs)
+        if heap:
+            # sites before the snapshots that own them: a crash between the two writes
+            # leaves sites whose snapshot is missing, which the reader ignores
+            sites = [h[1] for h in heap if len(h[1])]
+            if sites:
+                data = np.concatenate(sites)
+                self._append("heap_sites.bin", data.tobytes())
+                self.counts["heap_sites"] += len(data)
+            self._append("heap_snaps.bin", np.array([h[0] for h in heap], dtype=fmt.HEAP_SNAP_DTYPE).tobytes())
+            self.counts["heap_snaps"] += len(heap)
 
     def close(self, exit_status: dict | None = None) -> None:
         if self.closed:
@@ -257,6 +272,7 @@ class ProcessWriter:
         self.info["end_ns"] = time.monotonic_ns()
         self.info["end_time"] = time.time()
         self.info["counts"] = dict(self.counts)
+        self.info["bytes_written"] = dict(self.bytes_written)
         if exit_status:
             self.info.update(exit_status)
         self.write_process_info()

@@ -1,0 +1,220 @@
+"""--probe tracemalloc and --probe memray: planted leaks and churn found at the right line,
+totals equal memray's own, children attributed, bare captures and bad input handled."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import WORKLOADS, run_kvprof
+
+FAULTS = os.path.join(WORKLOADS, "heap_faults.py")
+
+
+def _record(tmp_path, mode, probes, *extra, steps=40):
+    out, truth = tmp_path / f"{mode}.kvprof", tmp_path / f"{mode}.json"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", probes, *extra, "--", sys.executable, FAULTS, mode,
+                   "--steps", str(steps), "--truth", str(truth), timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_kvprof("analyze", str(out), "--json", str(tmp_path / f"{mode}.a.json"), "--width", "120")
+    assert r.returncode == 0, r.stderr
+    return out, json.loads(truth.read_text()), json.loads((tmp_path / f"{mode}.a.json").read_text()), r.stdout
+
+
+def _values(a):
+    return {k: v["value"] for k, v in a["metrics"].items()}
+
+
+def test_growing_cache_is_the_top_leak_suspect_at_its_line(tmp_path):
+    _, truth, a, text = _record(tmp_path, "leak", "tracemalloc")
+    sec = a["sections"]["heap"]
+    top = sec["leak_suspects"][0]
+    assert top["stack"][0] == {"file": truth["file"], "line": truth["leak_line"], "function": "leak_step"}
+    assert top["pid"] == truth["pid"] and top["source"] == "tracemalloc"
+    # bytearray(8192) is 8192 + its header; the list's growth lands on the same line
+    assert 8192 <= top["growth_bytes_per_step"] <= 8192 + 200
+    assert top["consecutive_growth"] >= sec["k"] and top["r2"] > 0.99
+    assert top["window"]["marker"] == "step" and top["window"]["snapshots"] >= 30
+    assert top["live_bytes"] >= 30 * 8192
+    proc = sec["processes"][0]
+    assert proc["leak_suspects"][0]["site"] == top["site"]  # per process, too
+    m = _values(a)
+    assert m["heap.leak_suspects"] >= 1 and m["heap.leak_suspect_bytes_per_step"] >= 8192
+    assert m["heap.peak_bytes"] >= 40 * 8192
+    assert "possible leak" in text and f"heap_faults.py:{truth['leak_line']} in leak_step" in text
+    assert any(f["source"] == "tracemalloc" and "leak_step" in f["title"] for f in a["findings"])
+
+
+def test_clean_loop_has_no_suspects(tmp_path):
+    _, _, a, text = _record(tmp_path, "clean", "tracemalloc")
+    sec = a["sections"]["heap"]
+    assert sec["processes"][0]["tracemalloc"]["steady_snapshots"] >= 30
+    assert sec["leak_suspects"] == [] and _values(a)["heap.leak_suspects"] == 0
+    assert "No leak suspects" in text
+
+
+def test_churn_loop_tops_the_churn_list_and_counts_as_temporary(tmp_path):
+    _, truth, a, text = _record(tmp_path, "churn", "memray")
+    mr = a["sections"]["heap"]["processes"][0]["memray"]
+    top = mr["churn"][0]
+    assert top["stack"][0] == {"file": truth["file"], "line": truth["churn_line"], "function": "churn_step"}
+    assert top["allocations"] == truth["churn_allocations"] == top["frees"]
+    assert top["allocated_bytes"] >= truth["churn_allocations"] * 65536
+    assert top["temporary"] >= 0.95 * truth["churn_allocations"]
+    assert _values(a)["heap.temporary_allocations"] >= top["temporary"]
+    assert "busiest allocation site" in text
+
+
+def test_large_captures_take_churn_from_memrays_statistics(tmp_path):
+    out, truth, _, _ = _record(tmp_path, "churn", "memray", steps=10)
+    r = run_kvprof("analyze", str(out), "--json", "-", env={"KVPROF_MEMRAY_EXACT_RECORDS": "100"})
+    assert r.returncode == 0, r.stderr
+    mr = json.loads(r.stdout)["sections"]["heap"]["processes"][0]["memray"]
+    assert "memray's own statistics" in mr["churn_note"]
+    top = mr["churn"][0]
+    assert top["stack"][0]["line"] == truth["churn_line"] and top["allocations"] == truth["churn_allocations"]
+    assert top["frees"] is None and mr["frees"] is None
+
+
+def test_totals_equal_memrays_own_on_the_same_capture(tmp_path):
+    memray = pytest.importorskip("memray")
+    out, truth, a, _ = _record(tmp_path, "leak", "memray")
+    proc = a["sections"]["heap"]["processes"][0]
+    capture = os.path.join(str(out), "procs", os.listdir(os.path.join(str(out), "procs"))[0], "memray.bin")
+    assert proc["memray"]["file"] == capture
+    # memray's own command line...
+    st = tmp_path / "stats.json"
+    subprocess.run([sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), capture], check=True, capture_output=True)
+    stats = json.loads(st.read_text())
+    assert proc["memray"]["total_allocations"] == stats["total_num_allocations"] > 0
+    assert proc["memray"]["total_allocated_bytes"] == stats["total_bytes_allocated"]
+    # ...and its reader API
+    reader = memray.FileReader(capture)
+    assert proc["memray"]["peak_bytes"] == reader.metadata.peak_memory == stats["metadata"]["peak_memory"]
+    assert proc["memray"]["leaked_bytes"] == sum(r.size for r in reader.get_leaked_allocation_records(merge_threads=True)) > 40 * 8192
+    temp = sum(r.n_allocations for r in reader.get_temporary_allocation_records(merge_threads=True, threshold=1))
+    assert proc["memray"]["temporary_allocations"] == temp
+    m = _values(a)
+    assert m["heap.allocations"] == stats["total_num_allocations"] and m["heap.peak_bytes"] == reader.metadata.peak_memory
+    assert m["heap.leaked_bytes_at_exit"] == proc["memray"]["leaked_bytes"]
+    # the planted leak is the largest group left at exit, with its whole stack
+    top = proc["memray"]["leaked_stacks"][0]
+    assert top["stack"][0]["line"] == truth["leak_line"] and top["stack"][0]["function"] == "leak_step"
+    assert [f["function"] for f in top["stack"][:3]] == ["leak_step", "main", "<module>"]
+
+
+def test_leaking_pool_workers_are_the_suspects(tmp_path):
+    _, truth, a, _ = _record(tmp_path, "pool-leak", "tracemalloc", steps=60)
+    sec = a["sections"]["heap"]
+    children = {p["pid"] for p in sec["processes"] if p["role"] == "child"}
+    assert set(truth["worker_pids"]) <= children
+    sus = sec["leak_suspects"]
+    assert sus, "no suspects in the workers"
+    assert {s["pid"] for s in sus if s["stack"][0]["line"] == truth["leak_line"]} == set(truth["worker_pids"])
+    assert all(s["role"] == "child" for s in sus[:2]) and all(s["window"]["marker"] == "task" for s in sus[:2])
+    main = next(p for p in sec["processes"] if p["pid"] == truth["pid"])
+    assert not any(s["stack"][0]["line"] == truth["leak_line"] for s in main["leak_suspects"])
+
+
+def test_both_probes_together_and_the_manifest_cost(tmp_path):
+    out, truth, a, _ = _record(tmp_path, "leak", "tracemalloc,memray", "--tracemalloc-depth", "4", "--tracemalloc-interval", "0")
+    proc = a["sections"]["heap"]["processes"][0]
+    assert proc["tracemalloc"] and proc["memray"] and proc["tracemalloc"]["depth"] == 4
+    assert a["sections"]["heap"]["leak_suspects"][0]["stack"][0]["line"] == truth["leak_line"]
+    # memray does not see tracemalloc's (or kvprof's) own work in its lists
+    assert not any("/kvprof/probes/" in f["file"] for c in proc["memray"]["churn"] for f in c["stack"])
+    man = json.loads((out / "manifest.json").read_text())
+    cost = man["probe_cost"]
+    assert cost["tracemalloc"]["bytes_written"] > 0 and cost["tracemalloc"]["snapshot_seconds"] > 0
+    assert cost["memray"]["bytes_written"] > 0
+    assert man["probe_options"]["tracemalloc"] == {"depth": 4, "interval": 0.0, "every": 1}
+
+
+FORKY = (
+    "import multiprocessing as mp, kvprof\n"
+    "keep = []\n"
+    "def work(i):\n"
+    "    keep.append(bytearray(100_000))\n"
+    "    kvprof.mark('task', i)\n"
+    "    return i\n"
+    "if __name__ == '__main__':\n"
+    "    with mp.get_context('fork').Pool(2) as p:\n"
+    "        p.map(work, range(8), chunksize=1)\n"
+    "        p.close(); p.join()\n"
+)
+
+
+@pytest.mark.parametrize("probe", ["memray", "tracemalloc"])
+def test_forked_children_are_recorded_on_their_own(tmp_path, probe):
+    script = tmp_path / "forky.py"
+    script.write_text(FORKY)
+    out = tmp_path / "fork.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", probe, "--", sys.executable, str(script), timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_kvprof("analyze", str(out), "--json", "-", timeout=300)
+    assert r.returncode == 0, r.stderr
+    a = json.loads(r.stdout)
+    procs = a["sections"]["heap"]["processes"]
+    kids = [p for p in procs if p["role"] == "child"]
+    assert len(kids) == 2 and len(procs) == 3
+    for k in kids:
+        if probe == "memray":  # memray's follow_fork file, beside the parent's
+            assert k["memray"]["file"].endswith(f"memray.bin.{k['pid']}") and k["memray"]["total_allocations"] > 0
+        else:
+            assert k["tracemalloc"]["snapshots"] >= 2
+    if probe == "memray":
+        main = next(p for p in procs if p["role"] == "main")
+        assert main["memray"] and main["memray"]["total_allocations"] > 0
+
+
+def test_bare_memray_capture_from_memray_run(tmp_path):
+    pytest.importorskip("memray")
+    cap = tmp_path / "run.bin"
+    subprocess.run([sys.executable, "-m", "memray", "run", "-q", "-o", str(cap), FAULTS, "churn", "--steps", "5"], check=True, capture_output=True)
+    r = run_kvprof("analyze", str(cap), "--json", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr
+    a = json.loads((tmp_path / "a.json").read_text())
+    st = tmp_path / "st.json"
+    subprocess.run([sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), str(cap)], check=True, capture_output=True)
+    assert _values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
+    assert a["sections"]["heap"]["processes"][0]["memray"]["churn"][0]["stack"][0]["function"] == "churn_step"
+    assert "memray capture" in r.stdout
+
+
+def test_cut_and_foreign_captures(tmp_path):
+    pytest.importorskip("memray")
+    cap = tmp_path / "run.bin"
+    subprocess.run([sys.executable, "-m", "memray", "run", "-q", "--no-compress", "-o", str(cap), FAULTS, "clean", "--steps", "2"], check=True, capture_output=True)
+    data = cap.read_bytes()
+    # a capture cut short (its process killed): what it holds is analysed, the cut is said once
+    cut = tmp_path / "cut.bin"
+    cut.write_bytes(data[: len(data) // 3])
+    r = run_kvprof("analyze", str(cut), "--json", str(tmp_path / "cut.json"))
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    a = json.loads((tmp_path / "cut.json").read_text())
+    assert 0 < _values(a)["heap.allocations"] < json.loads(run_kvprof("analyze", str(cap), "--json", "-").stdout)["metrics"]["heap.allocations"]["value"]
+    assert any("memray capture incomplete" in f["title"] for f in a["findings"])
+    # not a capture at all: one line, non-zero
+    bad = tmp_path / "bad.bin"
+    bad.write_bytes(b"memray" + b"\xff" * 64)
+    r = run_kvprof("analyze", str(bad))
+    assert r.returncode != 0 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and str(bad) in r.stderr, r.stderr
+
+
+def test_hostile_process_record_cannot_point_out_of_the_bundle(tmp_path):
+    out, _, _, _ = _record(tmp_path, "clean", "memray", steps=3)
+    pdir = out / "procs" / os.listdir(out / "procs")[0]
+    info = json.loads((pdir / "process.json").read_text())
+    info["probes"]["memray"]["file"] = "../../../../../../etc/passwd"
+    (pdir / "process.json").write_text(json.dumps(info))
+    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    assert "heap" not in a["sections"] or not any(p["memray"] for p in a["sections"]["heap"]["processes"])
+
+
+def test_bad_options_are_one_line(tmp_path):
+    for opt in (["--tracemalloc-depth", "0"], ["--tracemalloc-interval", "-1"], ["--tracemalloc-every", "0"]):
+        r = run_kvprof("record", "-o", str(tmp_path / "x.kvprof"), "-p", "tracemalloc", *opt, "--", sys.executable, "-c", "pass")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
