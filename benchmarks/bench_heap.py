@@ -23,19 +23,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
+
+from bench_record import best  # best-of-N wall time of a command (this script's directory is on sys.path)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKLOAD = os.path.join(os.path.dirname(HERE), "tests", "workloads", "heap_faults.py")
-
-
-def best(cmd, repeat) -> float:
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def main() -> None:

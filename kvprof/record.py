@@ -104,11 +104,8 @@ def _probe_cost(bundle: str, processes: list[dict], probes: list[str]) -> dict:
     out: dict = {}
     if "tracemalloc" in probes:
         secs = sum(float((p["probes"].get("tracemalloc") or {}).get("snapshot_seconds") or 0) for p in processes)
-        size = 0
-        for p in processes:
-            for name in ("heap_snaps.bin", "heap_sites.bin"):
-                f = os.path.join(bundle, p["dir"], name)
-                size += os.path.getsize(f) if os.path.exists(f) else 0
+        size = sum(p["records"].get(name, 0) * fmt.STREAM_DTYPES[name].itemsize
+                   for p in processes for name in ("heap_snaps.bin", "heap_sites.bin"))
         out["tracemalloc"] = {"snapshot_seconds": round(secs, 6), "bytes_written": size,
                               "note": "time taken by snapshots in the target; tracing every allocation costs more, see benchmarks/bench_heap.py"}
     if "memray" in probes:

@@ -23,12 +23,11 @@ import os
 import re
 from dataclasses import dataclass, field
 
+from kvprof.runtime import OWN_CODE
+
 CATEGORIES = ("block management", "pytorch allocator", "gc", "kvprof", "other")
 _RULES = [  # (category, path fragment or None, function-name regex or None)
-    ("kvprof", "/kvprof/probes/", None),
-    ("kvprof", "/kvprof/runtime.py", None),
-    ("kvprof", "/kvprof/trace/", None),
-    ("kvprof", "/kvprof/_hook/", None),
+    *(("kvprof", part, None) for part in OWN_CODE),
     ("block management", "/vllm/v1/core/", None),
     ("block management", "/nanovllm/engine/block_manager.py", None),
     ("block management", "/nanovllm/engine/scheduler.py", None),

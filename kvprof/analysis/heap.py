@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from kvprof.runtime import is_own_code
+
 K_CONSECUTIVE = 5  # consecutive growing marker intervals that make a suspect
 WARMUP_FRACTION = 0.2
 MIN_GROWTH_BYTES = 4096  # total growth over the steady window below which a site is noise
@@ -365,24 +367,24 @@ FREE_ALLOCATORS = {1, 5, 15}
 EXACT_CHURN_RECORDS = int(os.environ.get("KVPROF_MEMRAY_EXACT_RECORDS") or 2_000_000)  # PYMALLOC_FREE, FREE, MUNMAP (memray.AllocatorType)
 
 
-# kvprof's recording code inside the target (not kvprof.blocks, which is the user's pool)
-_OWN_PARTS = ("/kvprof/probes/", "/kvprof/trace/", "/kvprof/_hook/")
-_OWN_FILES = ("/kvprof/runtime.py", "/kvprof/__init__.py", "/tracemalloc.py")
-
-
 def _is_own(trace) -> bool:
-    return any(str(fl).endswith(_OWN_FILES) or any(p in str(fl) for p in _OWN_PARTS) for _, fl, _ in trace)
+    """memray stacks (function, file, line) that pass through kvprof's recording code or tracemalloc."""
+    return any(is_own_code(str(fl)) or str(fl).endswith("/tracemalloc.py") for _, fl, _ in trace)
+
+
+def _trace(record, hybrid: bool) -> tuple:
+    """A memray record's stack, innermost first (with native frames when recorded)."""
+    try:
+        return tuple(record.hybrid_stack_trace() if hybrid else record.stack_trace())
+    except Exception:  # frees carry no stack
+        return ()
 
 
 def _group(records, limit=TOP, hybrid=False) -> list[StackBytes]:
     """Records grouped by Python stack, largest first; kvprof's own stacks left out."""
     by: dict = {}
     for r in records:
-        try:
-            trace = r.hybrid_stack_trace() if hybrid else r.stack_trace()
-        except Exception:
-            trace = []
-        key = tuple(trace)
+        key = _trace(r, hybrid)
         if _is_own(key):
             continue
         e = by.get(key)
@@ -579,19 +581,13 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
         raise BundleError(f"memray capture {path} is truncated or corrupt: {exc}") from None
     temp_by_site: dict = {}
     for r in temporary:
-        try:
-            key = tuple(r.hybrid_stack_trace() if hybrid else r.stack_trace())
-        except Exception:
-            key = ()
+        key = _trace(r, hybrid)
         temp_by_site[key] = temp_by_site.get(key, 0) + r.n_allocations
     # the same Python stack can have several memray stack ids (threads, native parts): merge
     by_trace: dict = {}
     own = [0, 0]
     for sid, (n, b, nf, rec) in allocs.items():
-        try:
-            trace = tuple(rec.hybrid_stack_trace() if hybrid else rec.stack_trace())
-        except Exception:
-            trace = ()
+        trace = _trace(rec, hybrid)
         if _is_own(trace):
             own[0] += n
             own[1] += b
@@ -627,29 +623,26 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     # memray captures are read in child processes: start them all, then collect
     from concurrent.futures import ThreadPoolExecutor
 
+    from kvprof.errors import BundleError
+
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
     pending = {}
     for proc in bundle.processes:
         probes = proc.info.get("probes") or {}
-        files = proc.memray_files() if "memray" in probes else []
-        if files:
-            pending[proc.pid] = pool.submit(analyze_memray_file, files[0])
+        capture = proc.memray_file() if "memray" in probes else None
+        if capture:
+            pending[proc.pid] = pool.submit(analyze_memray_file, capture)
     for proc in bundle.processes:
         probes = proc.info.get("probes") or {}
         if "tracemalloc" not in probes and "memray" not in probes:
             continue
         tm, suspects = _tracemalloc_process(proc, marks, bounds, k) if "tracemalloc" in probes else (None, [])
         mr = None
-        files = proc.memray_files() if "memray" in probes else []
-        if files:
-            from kvprof.errors import BundleError
-
+        if proc.pid in pending:
             try:
                 mr = pending[proc.pid].result()
-            except BundleError as exc:  # one process's capture cut short: say so, keep the rest
+            except BundleError as exc:  # one process's capture cut short or corrupt: say so, keep the rest
                 notes.append(f"process {proc.pid}: {exc}")
-            if bounds is not None:
-                notes.append("memray figures cover each process's whole run: --window does not cut them")
         elif "memray" in probes:
             why = probes["memray"].get("reason") or probes["memray"].get("status")
             notes.append(f"process {proc.pid}: no memray capture ({why})")
@@ -659,6 +652,8 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     pool.shutdown()
     if not procs:
         return None
+    if pending and bounds is not None:
+        notes.append("memray figures cover each process's whole run: --window does not cut them")
     suspects = sorted((s for p in procs for s in p.leak_suspects),
                       key=lambda s: -(s.growth_bytes_per_step if s.growth_bytes_per_step is not None else s.growth_bytes_per_second))
     peaks = [(p.memray.peak_bytes if p.memray else p.tracemalloc.peak_bytes, p.pid) for p in procs]

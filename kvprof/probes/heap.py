@@ -28,11 +28,9 @@ from kvprof import runtime
 DEFAULT_DEPTH = 16
 DEFAULT_INTERVAL_S = 2.0
 REASON_START, REASON_MARK, REASON_TIMER, REASON_EXIT = 0, 1, 2, 3
-_KVPROF_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# kvprof's recording code inside the target (kvprof.blocks pools and the demo are the
-# user's work and stay in); memray's package joins when the memray probe runs
-_OWN_DIRS = [os.path.join(_KVPROF_DIR, d) + os.sep for d in ("probes", "trace", "_hook")] + [
-    os.path.join(_KVPROF_DIR, f) for f in ("runtime.py", "__init__.py")]
+# besides kvprof's own code (runtime.OWN_CODE): the profilers; memray's package joins
+# when the memray probe runs
+_PROFILER_PARTS = ["/tracemalloc.py", "/linecache.py"]
 
 
 class _TraceState:
@@ -56,9 +54,9 @@ _state: _TraceState | None = None
 
 
 def _own(tb: tuple) -> bool:
-    """Allocations made inside kvprof (its probes, writer, kvprof.blocks) or a profiler."""
+    """Allocations made inside kvprof's recording code or a profiler, anywhere on the stack."""
     for filename, _ in tb:
-        if filename.startswith(tuple(_OWN_DIRS)) or filename.endswith(("/tracemalloc.py", "/linecache.py")):
+        if runtime.is_own_code(filename) or any(part in filename for part in _PROFILER_PARTS):
             return True
     return False
 
@@ -135,13 +133,9 @@ def _on_mark(mark_id: int, value: int, t: int) -> None:
 
 
 def _timer() -> None:
-    import signal
+    from kvprof.trace.writer import block_process_signals
 
-    if hasattr(signal, "pthread_sigmask"):
-        try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
-        except (OSError, ValueError):
-            pass
+    block_process_signals()
     st = _state
     while st is not None and not st.stop.wait(st.interval):
         try:
@@ -265,7 +259,7 @@ def start_memray(writer) -> None:
         follow_fork=True,
     )
     _memray.update(tracker=tracker, path=path, mine=path)
-    _OWN_DIRS.append(os.path.dirname(os.path.abspath(memray.__file__)) + os.sep)
+    _PROFILER_PARTS.append(os.path.dirname(os.path.abspath(memray.__file__)) + os.sep)
     runtime.probe_note("memray", status="waiting for __main__", file=MEMRAY_FILE, native=bool(opts.get("native")),
                        python_allocators=bool(opts.get("python_allocators")), memray_version=getattr(memray, "__version__", None))
     # Started right away (inside the startup hook) memray records no Python frames for the

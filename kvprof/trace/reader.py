@@ -196,17 +196,17 @@ class ProcessData:
             sites = sites[np.isin(sites["seq"], snaps["seq"])]
         return snaps, sites
 
-    def memray_files(self) -> list[str]:
-        """memray capture files of this process (its own, or the one memray wrote after a fork)."""
+    def memray_file(self) -> str | None:
+        """This process's memray capture (its own, or the one memray wrote after a fork)."""
         note = (self.info.get("probes") or {}).get("memray") or {}
         rel = note.get("file")
         if not rel:
-            return []
+            return None
         path = os.path.normpath(os.path.join(self.dir, str(rel)))
         procs = os.path.dirname(os.path.normpath(self.dir))
         if not path.startswith(procs + os.sep):  # a hostile process.json pointing out of the bundle
-            return []
-        return [path] if os.path.isfile(path) else []
+            return None
+        return path if os.path.isfile(path) else None
 
     def string(self, sid: int) -> str:
         return self.strings.get(int(sid), f"#{sid}")

@@ -48,6 +48,17 @@ LAZY_RESOLVERS: dict[type, object] = {}
 LAZY_BATCH = 2048
 
 
+def block_process_signals() -> None:
+    """In a kvprof thread: leave process-directed signals to the main thread.  A SIGTERM
+    delivered to a helper thread would not interrupt the main thread's blocking call, so
+    the target's handler (and kvprof's flush-and-die) would run late or never."""
+    if hasattr(signal, "pthread_sigmask"):
+        try:
+            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+        except (OSError, ValueError):
+            pass
+
+
 class ProcessWriter:
     """Writes the streams of one process into ``<bundle>/procs/<pid>-<start_ns>/``."""
 
@@ -79,7 +90,6 @@ class ProcessWriter:
         self._flush_lock = threading.Lock()
         self._fds: dict[str, int] = {}
         self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0, "heap_snaps": 0, "heap_sites": 0}
-        self.bytes_written: dict[str, int] = {}
         self.closed = False
         self.closing = False  # the exit hook runs (probes' exit work, then close)
         self.finished = False  # close() has written everything
@@ -121,14 +131,7 @@ class ProcessWriter:
 
     # -- flushing ------------------------------------------------------------------
     def _run(self) -> None:
-        # Leave process-directed signals to the main thread: a SIGTERM delivered to this
-        # thread would not interrupt the main thread's blocking call, so the target's
-        # handler (and kvprof's flush-and-die) would run late or never.
-        if hasattr(signal, "pthread_sigmask"):
-            try:
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
-            except (OSError, ValueError):
-                pass
+        block_process_signals()
         while not self._stop.wait(FLUSH_INTERVAL_S):
             self.flush()
 
@@ -141,7 +144,6 @@ class ProcessWriter:
             fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._fds[name] = fd
         view = memoryview(data)
-        self.bytes_written[name] = self.bytes_written.get(name, 0) + len(view)
         while view:
             written = os.write(fd, view)
             view = view[written:]
@@ -272,7 +274,6 @@ class ProcessWriter:
         self.info["end_ns"] = time.monotonic_ns()
         self.info["end_time"] = time.time()
         self.info["counts"] = dict(self.counts)
-        self.info["bytes_written"] = dict(self.bytes_written)
         if exit_status:
             self.info.update(exit_status)
         self.write_process_info()
