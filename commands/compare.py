@@ -4,7 +4,7 @@ import typer
 
 
 def run(
-    runs: list[str] = typer.Argument(None, metavar="BASE NEW", help="Two runs: each a .kvprof bundle or an analysis JSON (kvprof analyze --json)."),
+    runs: list[str] = typer.Argument(None, metavar="BASE NEW", help="Two runs: each a .kvprof bundle, a PyTorch snapshot, a memray capture, or an analysis JSON (kvprof analyze --json)."),
     base: list[str] = typer.Option(None, "--base", metavar="RUN", help="A BASE run; repeat for repeated runs (medians are compared)."),
     new: list[str] = typer.Option(None, "--new", metavar="RUN", help="A NEW run; repeat for repeated runs."),
     budget: str = typer.Option(None, "--budget", metavar="FILE", help="Budget TOML with a [budgets] table (default: [tool.kvprof.budgets] of the nearest pyproject.toml)."),

@@ -121,13 +121,12 @@ class Comparison:
 
 # -- loading ---------------------------------------------------------------------------
 def load_run(path: str) -> Run:
-    """A bundle directory (analyzed now) or an analysis JSON (``kvprof analyze --json``)."""
+    """Anything `kvprof analyze` reads (analyzed now) or an analysis JSON (``kvprof analyze --json``)."""
     if not os.path.exists(path):
         raise BundleError(f"no such bundle or analysis JSON: {path}")
-    from kvprof.trace.torch_snapshot import looks_like_pickle
+    from kvprof.analysis import analyze_path, is_recording
 
-    if os.path.isdir(path) or looks_like_pickle(path):  # a bundle, or a bare PyTorch snapshot
-        from kvprof.analysis import analyze_path
+    if is_recording(path):
 
         return Run(label=path, metrics=analyze_path(path).metrics)
     try:

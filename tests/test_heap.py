@@ -181,6 +181,9 @@ def test_bare_memray_capture_from_memray_run(tmp_path):
     assert _values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
     assert a["sections"]["heap"]["processes"][0]["memray"]["churn"][0]["stack"][0]["function"] == "churn_step"
     assert "memray capture" in r.stdout
+    # compare takes captures like bundles: the same capture twice changes nothing
+    r = run_kvprof("compare", str(cap), str(cap))
+    assert r.returncode == 0, r.stderr
 
 
 def test_cut_and_foreign_captures(tmp_path):

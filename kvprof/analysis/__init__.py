@@ -111,6 +111,14 @@ def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
     raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture: {path}")
 
 
+def is_recording(path: str) -> bool:
+    """Whether analyze_path reads this as a recording (a bundle, a PyTorch snapshot, a
+    memray capture) rather than something else, such as an analysis JSON."""
+    from kvprof.trace.torch_snapshot import looks_like_pickle
+
+    return os.path.isdir(path) or looks_like_memray(path) or looks_like_pickle(path)
+
+
 def looks_like_memray(path: str) -> bool:
     """memray's capture files start with b"memray", or an lz4 frame when compressed on exit."""
     try:
