@@ -84,13 +84,23 @@ class CpuAnalysis:
     unrecorded_samples: int  # samples of processes kvprof did not record (the launcher shim, non-Python children)
 
 
-def _waiting_writer(frames: list, stack: list) -> bool:
-    """The innermost Python frame is the writer thread's wait loop (nothing of ours deeper)."""
+# kvprof's helper threads asleep between work: (function, file suffix) of their loops
+_IDLE_LOOPS = {("ProcessWriter._run", "kvprof/trace/writer.py"), ("_timer", "kvprof/probes/heap.py")}
+_WAITS = {"Event.wait", "Condition.wait", "wait"}
+
+
+def _waiting_kvprof_thread(frames: list, stack: list) -> bool:
+    """A kvprof helper thread asleep in its loop: below the loop's frame only threading's
+    waits and native frames (the lock wait py-spy --native shows)."""
     for i in reversed(stack):
         f = frames[i] if 0 <= i < len(frames) else {}
-        path = str(f.get("file", ""))
-        if path.endswith(".py"):
-            return f.get("name") == "ProcessWriter._run" and path.replace("\\", "/").endswith("kvprof/trace/writer.py")
+        path = str(f.get("file", "")).replace("\\", "/")
+        if not path.endswith(".py"):
+            continue  # native
+        name = str(f.get("name", ""))
+        if path.endswith("/threading.py") and name in _WAITS:
+            continue
+        return any(name == fn and path.endswith(suffix) for fn, suffix in _IDLE_LOOPS)
     return False
 
 
@@ -132,8 +142,8 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
         acc = per_pid.setdefault(pid, {"n": 0, "s": 0.0, "cat": dict.fromkeys(CATEGORIES, 0), "sec": dict.fromkeys(CATEGORIES, 0.0), "stacks": {}})
         for k, stack in enumerate(samples):
             w = float(weights[k]) if k < len(weights) else 0.0
-            if _waiting_writer(frames, stack):
-                continue  # kvprof's writer thread asleep between flushes (native mode misses that it is idle)
+            if _waiting_kvprof_thread(frames, stack):
+                continue  # kvprof's writer or snapshot thread asleep (native mode misses that it is idle)
             cat, at = "other", len(stack) - 1
             for j in range(len(stack) - 1, -1, -1):
                 c = cats[stack[j]] if 0 <= stack[j] < len(cats) else None
