@@ -74,7 +74,7 @@ def test_native_gc_share_agrees_with_the_gc_probe(tmp_path):
     collector (native frames) and the gc probe's pause time share."""
     out = tmp_path / "g.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc,pyspy", "--pyspy-native", "--pyspy-rate", "100", "--",
-                   sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "800", timeout=300)
+                   sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "800", "3", timeout=300)
     assert r.returncode == 0, r.stderr
     if _manifest(out)["probe_status"]["pyspy"]["status"] != "sampled":
         pytest.skip("py-spy cannot read native stacks here")
