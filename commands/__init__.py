@@ -19,6 +19,7 @@ COMMANDS = [
     ("record", "record"),
     ("analyze", "analyze"),
     ("compare", "compare"),
+    ("whatif", "whatif"),
     ("demo", "demo"),
 ]
 

@@ -59,6 +59,15 @@ REGISTRY: dict[str, Metric] = {
         _M("blocks.leaked_blocks", "blocks", "lower", "end of run", "Blocks still in use at the end after every request that referenced them finished (all in-use blocks when no request is live)."),
         _M("blocks.in_use_at_idle", "blocks", "lower", "idle points", "Most in-use blocks seen while no request was live."),
         _M("blocks.refcount_errors", "count", "lower", "whole run", "Ref-count imbalances: frees of blocks not in use, allocations of blocks in use."),
+        # -- what-if replays (kvprof whatif; in sections.whatif rows, beside the blocks.* names) --
+        _M("whatif.recomputed_tokens", "tokens", "lower", "whole run", "Tokens preempted requests had computed and must compute again (recompute preemption)."),
+        _M("whatif.unserved_requests", "count", "lower", "whole run", "Requests the replayed pool could not (re)admit before the recorded run finished them."),
+        _M("whatif.max_running_requests", "count", "higher", "whole run", "Most requests holding blocks at once in the replay."),
+        _M("whatif.requests_held", "count", "higher", "whole run", "Requests of the mean recorded final length the pool holds at once: capacity / mean blocks per request."),
+        _M("whatif.peak_bytes", "bytes", "lower", "at peak", "KV bytes in use at the replay's peak (peak blocks x block size x bytes per token)."),
+        _M("whatif.compaction_blocks_at_peak", "blocks", "lower", "at peak", "Blocks a compaction would move at the high watermark to make the free blocks one run (in-use blocks above the first peak-blocks ids)."),
+        _M("whatif.compaction_bytes_at_peak", "bytes", "lower", "at peak", "whatif.compaction_blocks_at_peak in bytes, when the bytes per block are known."),
+        _M("whatif.defrag_blocks_moved", "blocks", "lower", "whole run", "Blocks the seeds' recovery moved compacting the pool when an allocation failed for want of a run."),
         # -- CPU samples (--probe pyspy) ---------------------------------------------------------
         _M("cpu.samples", "count", None, "whole run", "py-spy samples of the recorded processes (idle threads excluded)."),
         _M("cpu.seconds", "seconds", None, "whole run", "CPU time the samples stand for (samples / rate).", noisy=True),

@@ -337,6 +337,24 @@ def _install_block_pool(mod) -> None:
 
 
 # -- KVCacheManager ----------------------------------------------------------------------
+def _kv_layout(config) -> dict:
+    """Bytes one block holds across all layers, from vLLM's KVCacheConfig (page size of each
+    group's spec times its layers), and the per-token layout when the spec says it; {} when
+    the config is not the shape this version of kvprof knows."""
+    try:
+        groups = list(config.kv_cache_groups)
+        total = sum(int(g.kv_cache_spec.page_size_bytes) * len(g.layer_names) for g in groups)
+        out = {"bytes_per_block": total} if total > 0 else {}
+        spec = groups[0].kv_cache_spec
+        heads, size = getattr(spec, "num_kv_heads", None), getattr(spec, "head_size", None)
+        if heads and size:
+            out["kv_layout"] = {"layers": sum(len(g.layer_names) for g in groups), "kv_heads": int(heads), "head_size": int(size),
+                                "dtype": str(getattr(spec, "dtype", ""))}
+        return out
+    except Exception:  # noqa: BLE001 - another vLLM's config: the pool is declared without bytes
+        return {}
+
+
 def _install_kv_cache_manager(mod) -> None:
     cls = getattr(mod, "KVCacheManager", None)
     if cls is None:
@@ -355,6 +373,7 @@ def _install_kv_cache_manager(mod) -> None:
                 extra = {"kv_cache_groups": len(managers)}
                 if getattr(self, "max_model_len", None):
                     extra["max_model_len"] = int(self.max_model_len)
+                extra.update(_kv_layout(k.get("kv_cache_config", a[0] if a else None)))
                 _pool_index(pool, sizes[0] if sizes else None, **extra)
 
         return wrapper

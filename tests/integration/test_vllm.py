@@ -68,3 +68,20 @@ def test_hooks_attach_in_the_spawned_engine_core(vllm_run):
     for hook in ("BlockPool.get_new_blocks", "BlockPool.free_blocks", "BlockPool.touch", "BlockPool.cache_full_blocks", "KVCacheManager.allocate_slots", "Scheduler.schedule", "Scheduler._preempt_request"):
         assert hook in info["attached"]
     assert {"serve_start", "second_wave", "serve_end"} <= set(b.marks().names)
+
+
+def test_whatif_replay_of_the_recorded_configuration_equals_analyze(vllm_run, tmp_path):
+    """kvprof whatif on the real engine's bundle: at vLLM's own block size, pool size and free
+    queue (uncached blocks reused first), the replay gives analyze's numbers exactly."""
+    bundle, truth, analysis = vllm_run
+    r = run_kvprof("whatif", str(bundle), "--json", str(tmp_path / "w.json"), "--policy", "free-queue,first-fit,buddy")
+    assert r.returncode == 0, r.stderr
+    w = json.loads((tmp_path / "w.json").read_text())["sections"]["whatif"]
+    assert all(f["equal"] for f in w["fidelity"].values()), w["fidelity"]
+    m = {k: v["value"] for k, v in analysis["metrics"].items()}
+    assert w["fidelity"]["blocks.prefix_cache.hit_tokens"]["replay"] == truth["vllm:prefix_cache_hits"]
+    assert w["fidelity"]["blocks.preemptions"]["replay"] == truth["vllm:num_preemptions"] == m["blocks.preemptions"]
+    assert w["recorded"]["bytes_per_block"] and w["bytes_per_token"] > 0  # from vLLM's KV cache config
+    assert w["advice"]["closed_form_block_size"] > 0
+    needed = {r["block_size"]: r["metrics"]["blocks.peak_blocks"] for r in w["blocks_needed"]}
+    assert needed[8] > needed[32] > needed[128]
