@@ -14,7 +14,7 @@ NANOVLLM := nano-vllm-fork==20260210
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: install demo test test-vllm vllm-env fixtures bench bench-vllm torch-truth docs clean
+.PHONY: install browser demo test test-vllm vllm-env fixtures bench bench-vllm torch-truth docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# Headless Chromium for the HTML report's browser test (Debian's package; Playwright drives
+# it from Python, no browser download).  Needs root or sudo; the test skips without it.
+browser:
+	@command -v chromium >/dev/null 2>&1 || { \
+	  SUDO=$$(test "$$(id -u)" = 0 || echo sudo); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; }
+	@chromium --version
+
 demo: $(STAMP)
 	$(KVPROF) record --force -o demo.kvprof -- $(KVPROF) demo
-	$(KVPROF) analyze demo.kvprof --json demo-analysis.json
+	$(KVPROF) analyze demo.kvprof --json demo-analysis.json --html report.html
 
 test: $(STAMP)
 	$(PY) -m pytest -q
@@ -64,11 +72,12 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_analyze.py
 	$(PY) benchmarks/bench_record.py
 	$(PY) benchmarks/bench_torch_snapshot.py --torch-python $(TORCH_PY)
+	$(PY) benchmarks/bench_whatif.py
 
 docs: $(STAMP)
 	$(PY) -m kvprof.metrics > docs/metrics-reference.md
 
 clean:
-	rm -rf demo.kvprof demo-analysis.json .pytest_cache .hypothesis
+	rm -rf demo.kvprof demo-analysis.json report.html test-artifacts .pytest_cache .hypothesis
 
 -include mk/*.mk

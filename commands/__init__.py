@@ -20,6 +20,8 @@ COMMANDS = [
     ("analyze", "analyze"),
     ("compare", "compare"),
     ("whatif", "whatif"),
+    ("report", "report"),
+    ("export", "export"),
     ("demo", "demo"),
 ]
 

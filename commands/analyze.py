@@ -10,6 +10,7 @@ def run(
     no_report: bool = typer.Option(False, "--no-report", help="Do not print the terminal report."),
     width: int = typer.Option(None, "--width", metavar="COLUMNS", help="Terminal report width (default: the terminal's)."),
     budget: str = typer.Option(None, "--budget", metavar="FILE", help="Check the run against the absolute limits (max, min) of this budget TOML; exit 1 on a breach."),
+    html_out: str = typer.Option(None, "--html", metavar="FILE", help="Also write the self-contained HTML report (as `kvprof report`)."),
 ):
     """Analyze a recorded bundle: block pools, fragmentation, prefix cache, churn, leaks.
 
@@ -21,6 +22,11 @@ def run(
     result = analyze_path(bundle, window=window)
     if json_out:
         json_report.write(result, json_out)
+    if html_out:
+        from kvprof.analysis.timeseries import collect
+        from kvprof.report import html
+
+        html.write(result, collect(bundle, result), html_out)
     if budget is not None:
         from kvprof import budgets as budgets_mod
         from kvprof.compare import Run, check_run

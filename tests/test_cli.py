@@ -24,7 +24,7 @@ def test_help_and_version_are_fast_and_import_nothing_heavy():
     assert r.returncode == 0 and "record" in r.stdout and "analyze" in r.stdout
     r = run_kvprof("--version")
     assert r.returncode == 0 and r.stdout.startswith("kvprof ")
-    code = "import sys; from kvprof.commands import app; print(sorted(m for m in ('torch', 'memray', 'pyarrow', 'numpy', 'rich.console') if m in sys.modules))"
+    code = "import sys; from kvprof.commands import app; print(sorted(m for m in ('torch', 'memray', 'pyarrow', 'numpy', 'rich.console', 'bokeh') if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

@@ -116,6 +116,32 @@ class PoolAnalysis:
     timeline: dict = field(default_factory=dict)
 
 
+def replay_sorted(skind: np.ndarray, gs: np.ndarray):
+    """Replay block-level events sorted by block (time order kept within a block; ``gs``
+    marks each block's first event): reference count and cached flag before and after each
+    event, and the index of the last event that set or cleared the cached flag.  ALLOC and
+    HIT add a reference, FREE drops one; CACHE sets the flag, EVICT and ALLOC clear it."""
+    m = len(skind)
+    gstart = np.flatnonzero(gs)
+    gid = np.cumsum(gs) - 1
+    delta = np.zeros(m, dtype=np.int64)
+    delta[(skind == K.ALLOC) | (skind == K.HIT)] = 1
+    delta[skind == K.FREE] = -1
+    cs = np.cumsum(delta)
+    ref_after = cs - (cs - delta)[gstart][gid] if m else cs
+    setv = np.full(m, -1, dtype=np.int8)
+    setv[skind == K.CACHE] = 1
+    setv[(skind == K.EVICT) | (skind == K.ALLOC)] = 0
+    idx = np.arange(m, dtype=np.int64)
+    last_set = np.maximum.accumulate(np.where((setv >= 0) | gs, idx, -1)) if m else idx
+    hashed_after = setv[last_set] == 1 if m else np.zeros(0, dtype=bool)
+    hashed_before = np.zeros(m, dtype=bool)
+    if m:
+        hashed_before[1:] = hashed_after[:-1]
+        hashed_before[gs] = False
+    return ref_after - delta, ref_after, hashed_before, hashed_after, last_set
+
+
 def _pct(x):
     return None if x is None else float(x)
 
@@ -197,24 +223,9 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
         gs[1:] = sk[1:] != sk[:-1]
     gstart = np.flatnonzero(gs)
     gid = np.cumsum(gs) - 1
-    delta = np.zeros(m, dtype=np.int64)
-    delta[(skind == K.ALLOC) | (skind == K.HIT)] = 1
-    delta[skind == K.FREE] = -1
-    cs = np.cumsum(delta)
-    ref_after = cs - (cs - delta)[gstart][gid] if m else cs
-    ref_before = ref_after - delta
-    refcount_errors = int(((skind == K.FREE) & (ref_before <= 0)).sum() + ((skind == K.ALLOC) & (ref_before > 0)).sum())
-
-    setv = np.full(m, -1, dtype=np.int8)
-    setv[skind == K.CACHE] = 1
-    setv[(skind == K.EVICT) | (skind == K.ALLOC)] = 0
     idx = np.arange(m, dtype=np.int64)
-    last_set = np.maximum.accumulate(np.where((setv >= 0) | gs, idx, -1)) if m else idx
-    hashed_after = setv[last_set] == 1 if m else np.zeros(0, dtype=bool)
-    hashed_before = np.zeros(m, dtype=bool)
-    if m:
-        hashed_before[1:] = hashed_after[:-1]
-        hashed_before[gs] = False
+    ref_before, ref_after, hashed_before, hashed_after, last_set = replay_sorted(skind, gs)
+    refcount_errors = int(((skind == K.FREE) & (ref_before <= 0)).sum() + ((skind == K.ALLOC) & (ref_before > 0)).sum())
     st_after = np.where(ref_after > 0, IN_USE, np.where(hashed_after, CACHED, EMPTY)).astype(np.int8)
     st_before = np.where(ref_before > 0, IN_USE, np.where(hashed_before, CACHED, EMPTY)).astype(np.int8)
 

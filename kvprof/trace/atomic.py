@@ -7,14 +7,15 @@ import os
 import tempfile
 
 
-def write_json_atomic(path: str, data) -> None:
+def _replace(path: str, write, sync: bool) -> None:
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
     try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, default=str)
-            fh.flush()
-            os.fsync(fh.fileno())
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            write(fh)
+            if sync:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -22,3 +23,20 @@ def write_json_atomic(path: str, data) -> None:
         except OSError:
             pass
         raise
+
+
+def write_json_atomic(path: str, data) -> None:
+    _replace(path, lambda fh: json.dump(data, fh, indent=1, default=str), sync=True)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file whole or not at all (a report a reader may be opening), with the
+    permissions a new file gets (mkstemp's are private; a report is for sharing)."""
+
+    def write(fh):
+        fh.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fh.fileno(), 0o666 & ~umask)
+
+    _replace(path, write, sync=False)

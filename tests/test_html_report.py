@@ -1,0 +1,191 @@
+"""kvprof report (HTML) and kvprof export (Perfetto): the report opens in headless Chromium
+with no console errors and every chart painted, trace strings are escaped, the Perfetto
+JSON follows the trace-event format."""
+
+import html
+import json
+import os
+import re
+import sys
+
+import pytest
+
+from tests.conftest import ROOT, WORKLOADS, run_kvprof
+
+FIXTURES = os.path.join(ROOT, "fixtures")
+ARTIFACTS = os.environ.get("KVPROF_TEST_ARTIFACTS", os.path.join(ROOT, "test-artifacts"))
+HOSTILE = '<script>alert("kvprof")</script>'
+
+
+def _browser():
+    from tests import browser_check
+
+    missing = None
+    if browser_check.find_chromium() is None:
+        missing = "Chromium not installed (make browser: Debian's chromium package)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            missing = "playwright not installed (make install)"
+    if missing:
+        if os.environ.get("KVPROF_REQUIRE_BROWSER") == "1":
+            pytest.fail(missing)
+        pytest.skip(missing)
+    return browser_check
+
+
+def _open(browser, report, name):
+    os.makedirs(ARTIFACTS, exist_ok=True)
+    shot = os.path.join(ARTIFACTS, f"{name}.png")
+    res = browser.check(str(report), shot)
+    assert os.path.getsize(shot) > 10_000
+    return res
+
+
+def _assert_clean(res, expect_charts):
+    assert res["errors"] == [], res["errors"]
+    assert res["dialogs"] == [] and res["network"] == [], res
+    names = [c["chart"] for c in res["charts"]]
+    for want in expect_charts:
+        assert any(n.startswith(want) for n in names), (want, names)
+    for c in res["charts"]:
+        # a canvas of real size, ink beyond the background, and the chart's data colour on it
+        assert c["canvases"] >= 1 and c["area"] > 50_000 and c["inked"] > 2_000 and c["data_pixels"] > 50, c
+
+
+def test_demo_report_renders_in_chromium(tmp_path):
+    browser = _browser()
+    out = tmp_path / "demo.html"
+    r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    size = out.stat().st_size
+    assert size < 3 * 2**20, size  # self-contained, under a few MB
+    text = out.read_text()
+    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)  # nothing loaded from elsewhere (the browser check sees no requests either)
+    res = _open(browser, out, "report-demo")
+    _assert_clean(res, ["usage", "blockmap", "frag-hit", "whatif"])
+    assert res["title"] == "kvprof report: demo.kvprof"
+
+
+def test_heap_gc_and_torch_reports_render(tmp_path):
+    browser = _browser()
+    bundle = tmp_path / "h.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "tracemalloc,memray,gc", "--", sys.executable,
+                   os.path.join(WORKLOADS, "heap_faults.py"), "leak", "--steps", "40", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "h.html"
+    r = run_kvprof("analyze", str(bundle), "--no-report", "--html", str(out))
+    assert r.returncode == 0, r.stderr
+    _assert_clean(_open(browser, out, "report-heap"), ["heap-leaks", "heap-churn", "heap-exit", "heap-live", "gc"])
+    out = tmp_path / "t.html"
+    r = run_kvprof("report", os.path.join(FIXTURES, "torch-snapshots", "assignment2-systems.pickle"), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    _assert_clean(_open(browser, out, "report-torch"), ["torch-timeline", "torch-segments"])
+
+
+def test_hostile_names_are_escaped(tmp_path):
+    bundle = tmp_path / "x.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,tracemalloc", "--", sys.executable,
+                   os.path.join(WORKLOADS, "hostile_names.py"), "<script>alert(3)</script>", timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "x.html"
+    r = run_kvprof("report", str(bundle), "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    for raw in (HOSTILE, "<img src=x onerror", "<script>alert(3)"):
+        assert raw not in text, raw
+    # shown as text: the command line, the marker table, the leak suspect's function and file
+    assert html.escape("<script>alert(3)</script>") in text
+    assert html.escape(HOSTILE, quote=True) in text
+    assert html.escape("<img src=x onerror=alert(2)>.py") in text
+    browser = _browser()
+    res = _open(browser, out, "report-hostile")
+    assert res["dialogs"] == [] and res["errors"] == [], res
+
+
+def _validate_trace_events(doc):
+    """The Chrome trace-event format (the JSON Object form), as Perfetto's importer reads it."""
+    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list) and doc.get("displayTimeUnit") in ("ms", "ns")
+    for e in doc["traceEvents"]:
+        assert isinstance(e["name"], str) and e["name"], e
+        assert e["ph"] in ("M", "C", "i", "X"), e
+        assert isinstance(e["pid"], int) and isinstance(e.get("tid", 0), int), e
+        if e["ph"] == "M":
+            assert e["name"] == "process_name" and isinstance(e["args"]["name"], str)
+            continue
+        assert isinstance(e["ts"], (int, float)) and e["ts"] >= 0, e
+        if e["ph"] == "C":
+            assert e["args"] and all(isinstance(v, (int, float)) for v in e["args"].values()), e
+        elif e["ph"] == "i":
+            assert e["s"] in ("g", "p", "t"), e
+        elif e["ph"] == "X":
+            assert isinstance(e["dur"], (int, float)) and e["dur"] >= 0, e
+
+
+def test_perfetto_export(tmp_path):
+    out = tmp_path / "demo.json"
+    r = run_kvprof("export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "perfetto", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(out.read_text())
+    _validate_trace_events(doc)
+    ev = doc["traceEvents"]
+    counters = [e for e in ev if e["ph"] == "C" and e["name"].startswith("KV blocks demo")]
+    a = json.loads(run_kvprof("analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-").stdout)
+    agg = a["sections"]["blocks"]["aggregate"]
+    # the counter track keeps the watermark and the pool's size
+    assert max(e["args"]["in use"] for e in counters) == agg["peak_blocks"]
+    assert all(e["args"]["in use"] + e["args"]["free-cached"] + e["args"]["free"] == agg["capacity"] for e in counters)
+    assert sum(1 for e in ev if e["name"].startswith("preempt")) == agg["preemptions"]
+    assert {e["name"] for e in ev if e["ph"] == "i" and e.get("s") == "t"} == {"steady_state", "drained"}
+
+
+def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
+    bundle = tmp_path / "g.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "gc,tracemalloc", "--", sys.executable,
+                   os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "100", timeout=300)
+    assert r.returncode == 0, r.stderr
+    r = run_kvprof("export", str(bundle), "-o", "-")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    _validate_trace_events(doc)
+    a = json.loads(run_kvprof("analyze", str(bundle), "--json", "-").stdout)
+    assert sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("gc gen")) == a["sections"]["gc"]["collections"]
+    assert any(e["name"] == "heap live bytes (tracemalloc)" for e in doc["traceEvents"])
+    r = run_kvprof("export", os.path.join(FIXTURES, "torch-snapshots", "assignment2-systems.pickle"), "-o", "-")
+    doc = json.loads(r.stdout)
+    _validate_trace_events(doc)
+    assert sum(1 for e in doc["traceEvents"] if e["name"] == "torch memory") > 1000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["report", "nope.kvprof", "-o", "x.html"], "no such file or bundle"),
+    (["report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "/nonexistent-dir/x.html"], "cannot write"),
+    (["export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "speedscope", "-o", "x.json"], "--format must be perfetto"),
+    (["export", "nope.kvprof", "-o", "x.json"], "no such file or bundle"),
+])
+def test_bad_input_is_one_line(tmp_path, args, message):
+    r = run_kvprof(*args, cwd=str(tmp_path))
+    assert r.returncode == 2 and message in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_block_map_groups_large_pools_by_their_busiest_state():
+    from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
+    from kvprof.analysis.timeseries import block_map
+    from kvprof.trace.format import EventKind as K
+    from kvprof.trace.reader import BlockStream
+
+    ev = [(0, K.RESERVE, 0, -1, 0, 0, (0,)), (10, K.ALLOC, 0, 0, 0, 0, (5, 9)), (20, K.CACHE, 0, 0, 0, 0, (9,)),
+          (30, K.FREE, 0, 0, 0, 0, (9,)), (40, K.ALLOC, 0, 0, 0, 0, (2,))]
+    s = BlockStream.from_events(ev, [{"num_blocks": 12, "block_size": 4}], ["a"])
+    m = block_map(s, 0, columns=4, max_rows=12)
+    g = m["grid"]
+    assert m["blocks_per_row"] == 1 and g.shape == (12, 4)
+    assert (g[0] == RESERVED).all() and list(g[5]) == [IN_USE] * 4 and list(g[9]) == [IN_USE, IN_USE, CACHED, CACHED]
+    assert list(g[2]) == [EMPTY, EMPTY, EMPTY, IN_USE] and (g[11] == EMPTY).all()
+    m = block_map(s, 0, columns=4, max_rows=4)  # groups of 3 ids: in use > reserved > cached > free
+    g = m["grid"]
+    assert m["blocks_per_row"] == 3 and g.shape == (4, 4)
+    assert list(g[0]) == [RESERVED, RESERVED, RESERVED, IN_USE]  # ids 0-2: the reserved 0, then 2 in use
+    assert list(g[3]) == [IN_USE, IN_USE, CACHED, CACHED]  # ids 9-11
