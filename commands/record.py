@@ -21,6 +21,12 @@ def run(
     tracemalloc_every: int = typer.Option(1, "--tracemalloc-every", metavar="N", help="--probe tracemalloc: snapshot at every N-th marker."),
     memray_native: bool = typer.Option(False, "--memray-native", help="--probe memray: native (C/C++) stacks too."),
     memray_python_allocators: bool = typer.Option(False, "--memray-python-allocators", help="--probe memray: pymalloc allocations one by one."),
+    torch_max_entries: int = typer.Option(100_000, "--torch-max-entries", metavar="N", help="--probe torch: allocator events kept in the history ring."),
+    torch_stacks: str = typer.Option("python", "--torch-stacks", metavar="python|all|none", help="--probe torch: stacks recorded per event (all: C++ too)."),
+    torch_stack_depth: int = typer.Option(16, "--torch-stack-depth", metavar="N", help="--probe torch: frames kept per stack in the snapshots."),
+    torch_snapshot_at: list[str] = typer.Option(None, "--torch-snapshot-at", metavar="MARKER", help="--probe torch: also snapshot at each such marker (repeatable)."),
+    torch_max_snapshots: int = typer.Option(20, "--torch-max-snapshots", metavar="N", help="--probe torch: most marker snapshots per process (exit and OOM snapshots always)."),
+    nvml_interval: float = typer.Option(0.5, "--nvml-interval", metavar="S", help="--probe nvml: seconds between samples."),
 ):
     """Run a command and record its memory behaviour into a trace bundle."""
     import sys
@@ -45,7 +51,22 @@ def run(
         raise UsageError("--tracemalloc-interval must be 0 (off) or a positive number of seconds")
     if tracemalloc_every < 1:
         raise UsageError("--tracemalloc-every must be 1 or more")
+    if torch_max_entries < 1:
+        raise UsageError("--torch-max-entries must be 1 or more")
+    if torch_stacks not in ("python", "all", "none"):
+        raise UsageError(f"--torch-stacks must be python, all or none, not {torch_stacks!r}")
+    if torch_stack_depth < 1 or torch_stack_depth > 1000:
+        raise UsageError("--torch-stack-depth must be between 1 and 1000 frames")
+    if torch_max_snapshots < 0:
+        raise UsageError("--torch-max-snapshots must be 0 or more")
+    if not nvml_interval > 0:
+        raise UsageError("--nvml-interval must be a positive number of seconds")
     options = {}
+    if "torch" in probes:
+        options["torch"] = {"max_entries": torch_max_entries, "stacks": torch_stacks, "depth": torch_stack_depth,
+                            "snapshot_at": list(torch_snapshot_at or []), "max_snapshots": torch_max_snapshots}
+    if "nvml" in probes:
+        options["nvml"] = {"interval": nvml_interval}
     if "tracemalloc" in probes:
         options["tracemalloc"] = {"depth": tracemalloc_depth, "interval": tracemalloc_interval, "every": tracemalloc_every}
     if "memray" in probes:

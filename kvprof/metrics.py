@@ -59,6 +59,10 @@ REGISTRY: dict[str, Metric] = {
         _M("blocks.leaked_blocks", "blocks", "lower", "end of run", "Blocks still in use at the end after every request that referenced them finished (all in-use blocks when no request is live)."),
         _M("blocks.in_use_at_idle", "blocks", "lower", "idle points", "Most in-use blocks seen while no request was live."),
         _M("blocks.refcount_errors", "count", "lower", "whole run", "Ref-count imbalances: frees of blocks not in use, allocations of blocks in use."),
+        # -- NVML (--probe nvml) -----------------------------------------------------------------
+        _M("nvml.used_peak_bytes", "bytes", "lower", "whole run", "Most memory NVML saw in use on one GPU (all processes), sampled by the recorder.", noisy=True),
+        _M("nvml.used_peak_ratio", "ratio", "lower", "whole run", "nvml.used_peak_bytes / that GPU's total memory.", noisy=True),
+        _M("nvml.outside_torch_bytes", "bytes", "lower", "whole run", "Most GPU memory a recorded process used outside PyTorch's caching allocator: NVML's figure for the process minus torch's reserved bytes at the nearest memory_stats sample.", noisy=True),
         # -- what-if replays (kvprof whatif; in sections.whatif rows, beside the blocks.* names) --
         _M("whatif.recomputed_tokens", "tokens", "lower", "whole run", "Tokens preempted requests had computed and must compute again (recompute preemption)."),
         _M("whatif.unserved_requests", "count", "lower", "whole run", "Requests the replayed pool could not (re)admit before the recorded run finished them."),

@@ -309,6 +309,16 @@ def record(
             launch = pyspy["argv"]
         write_json_atomic(mpath, manifest)
 
+    nvml = None
+    if "nvml" in probes:
+        from kvprof.probes.nvml import Sampler
+
+        nvml = Sampler(bundle, float((probe_options or {}).get("nvml", {}).get("interval", 0.5)))
+        manifest.setdefault("probe_status", {})["nvml"] = nvml.start()
+        write_json_atomic(mpath, manifest)
+        if nvml.status.get("status") != "sampling":
+            sys.stderr.write(f"kvprof: nvml probe off: {nvml.status['reason']}\n")
+
     exit_code = 0
     outcome: dict
     with _SignalForwarder() as fwd:
@@ -345,6 +355,8 @@ def record(
                 outcome = {"started": True, "exit_code": rc, "signal": None}
             if fwd.received:
                 outcome["signals_forwarded"] = [signal.Signals(s).name for s in fwd.received]
+    if nvml is not None:
+        manifest["probe_status"]["nvml"] = nvml.stop()
     manifest.update(
         {
             "status": "complete",

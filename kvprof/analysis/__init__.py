@@ -22,7 +22,8 @@ SCHEMA = "kvprof.analysis/1"
 # Analyzers of bundle sections other than block pools, as "module:function".
 # Each is called as function(bundle, bounds) with bounds = (t0, t1) or None and
 # returns a SectionResult, or None when the bundle holds no data for it.
-SECTION_ANALYZERS: list[str] = ["kvprof.analysis.heap:section", "kvprof.analysis.gc:section", "kvprof.analysis.cpu:section"]
+SECTION_ANALYZERS: list[str] = ["kvprof.analysis.heap:section", "kvprof.analysis.gc:section", "kvprof.analysis.cpu:section",
+                                "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
 
 
 @dataclass

@@ -171,6 +171,13 @@ def collect(path: str, result, whatif: bool = True) -> dict:
     series["block_maps"] = [m for m in (block_map(stream, p.index) for p in stream.pools) if m is not None]
     series["hit_rate"] = hit_rate_over_time(stream, [p.index for p in stream.pools]) if stream.pools else None
     series["gc_pauses"] = gc_pauses(bundle, t0)
+    tsec = result.sections.get("torch") or {}
+    if tsec.get("source"):  # the snapshot the torch section came from: its segment map
+        from kvprof.trace import torch_snapshot
+
+        p = os.path.normpath(os.path.join(bundle.path, tsec["source"]))
+        if p.startswith(os.path.normpath(bundle.path) + os.sep) and os.path.isfile(p):
+            series["segments"] = segment_layout(torch_snapshot.load(p))
     if whatif and stream.pools and "blocks" in result.sections:
         from kvprof.analysis import whatif as W
 

@@ -78,6 +78,17 @@ def _start_memray(writer) -> None:
     heap.start_memray(writer)
 
 
+def _start_torch(writer) -> None:
+    from kvprof.probes import cuda
+
+    cuda.start(writer)
+
+
+def _start_nvml(writer) -> None:
+    # sampled from outside by the recorder (kvprof record): nothing to do in the target
+    pass
+
+
 PROBES = {
     "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, and pools declared through kvprof.blocks"),
     "markers": (_start_markers, "kvprof.mark() calls (always on)"),
@@ -85,10 +96,13 @@ PROBES = {
     "gc": (_start_gc, "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)"),
     "tracemalloc": (_start_tracemalloc, "Python heap by call site: tracemalloc snapshots at markers, on a timer and at exit"),
     "memray": (_start_memray, "Every allocation (Python and native) with its stack: memray's tracker, its capture file kept"),
+    "torch": (_start_torch, "PyTorch's CUDA caching allocator: memory history, snapshots at exit, markers and OOMs, memory_stats at markers"),
+    "nvml": (_start_nvml, "GPU memory per device and per process from NVML, sampled by the recorder"),
 }
 
 # Probes with per-child work after fork, as "module:function" called with the new writer.
 AFTER_FORK = {
+    "torch": "kvprof.probes.cuda:after_fork",
     "tracemalloc": "kvprof.probes.heap:after_fork_tracemalloc",
     "memray": "kvprof.probes.heap:after_fork_memray",
 }

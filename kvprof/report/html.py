@@ -22,7 +22,7 @@ STATE_NAMES = ["free-empty", "free-cached", "in-use", "reserved"]
 TORCH_STATE_COLORS = {"active_allocated": "#31a354", "active_pending_free": "#fd8d3c", "inactive": "#d9d9d9"}
 # the colour each chart draws its data in (a browser test looks for it on the canvas)
 CHART_COLORS = {"usage": "#31a354", "blockmap": "#31a354", "frag": "#e6550d", "whatif": "#e6550d", "heap": "#fd8d3c",
-                "heap-live": "#3182bd", "torch": "#31a354", "gc": "#9ecae1", "cpu": "#31a354"}
+                "heap-live": "#3182bd", "torch": "#31a354", "nvml": "#31a354", "gc": "#9ecae1", "cpu": "#31a354"}
 HEADLINE = [
     "blocks.usage.high_watermark", "blocks.usage.time_weighted", "blocks.peak_blocks", "blocks.internal_fragmentation.time_weighted",
     "blocks.internal_fragmentation.at_peak", "blocks.external_fragmentation.at_peak", "blocks.prefix_cache.hit_rate",
@@ -274,6 +274,19 @@ def _torch_charts(torch: dict, series: dict):
     return out
 
 
+def _nvml_chart(nvml: dict):
+    gpus = [g for g in nvml.get("gpus") or [] if g.get("t_s")]
+    if not gpus:
+        return None
+    p = _fig("GPU memory used (NVML, all processes)", "seconds", "bytes")
+    colors = ["#31a354", "#3182bd", "#e6550d", "#756bb1", "#636363", "#e7ba52", "#9ecae1", "#fd8d3c"]
+    for i, g in enumerate(gpus):
+        p.line(g["t_s"], g["used"], color=colors[i % len(colors)], line_width=2, legend_label=f"GPU {g['gpu']}")
+        p.line([g["t_s"][0], g["t_s"][-1]], [g["total"], g["total"]], color=colors[i % len(colors)], line_dash="dashed")
+    p.legend.location = "top_left"
+    return p
+
+
 def _gc_chart(series: dict):
     _, models = _bokeh()
     pauses = series.get("gc_pauses") or []
@@ -375,6 +388,10 @@ def render(result, series: dict) -> str:
     if torch:
         for cid, c, cap in _torch_charts(torch, series):
             charts.append(("torch", cid, c, cap))
+    if result.sections.get("nvml"):
+        c = _nvml_chart(result.sections["nvml"])
+        if c is not None:
+            charts.append(("nvml", "nvml", c, "Device memory used as NVML reports it (dashed: the device's total), sampled by the recorder."))
     c = _gc_chart(series)
     if c is not None:
         charts.append(("gc", "gc", c, "Every collection's pause by generation (gc probe)."))
@@ -386,9 +403,9 @@ def render(result, series: dict) -> str:
     script, divs = components({cid: fig for _, cid, fig, _ in charts}) if charts else ("", {})
     js = Resources(mode="inline", components=["bokeh"]).render_js() if charts else ""
     headings = {"blocks": "KV block pool", "whatif": "Block-size what-if", "heap": "Python and native heap", "torch": "PyTorch CUDA memory",
-                "gc": "Garbage collector", "cpu": "CPU"}
+                "nvml": "GPU memory (NVML)", "gc": "Garbage collector", "cpu": "CPU"}
     body = []
-    for sec in ("blocks", "whatif", "heap", "torch", "gc", "cpu"):
+    for sec in ("blocks", "whatif", "heap", "torch", "nvml", "gc", "cpu"):
         mine = [(cid, cap) for s, cid, _, cap in charts if s == sec]
         if not mine:
             continue

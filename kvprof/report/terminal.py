@@ -32,6 +32,7 @@ SECTION_RENDERERS: dict[str, str] = {
     "heap": "kvprof.report.heap_terminal:render",
     "gc": "kvprof.report.gc_terminal:render",
     "cpu": "kvprof.report.cpu_terminal:render",
+    "nvml": "kvprof.report.nvml_terminal:render",
 }
 MAP_CHARS = {0: ("·", "grey50"), 1: ("▒", "cyan"), 2: ("█", "green"), 3: ("x", "magenta")}
 SEVERITY = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("i", "blue")}

@@ -11,6 +11,15 @@ def render(console, sec: dict, result) -> None:
 
     b = fmt.bytes_
     console.print()
+    if "reserved" not in sec:  # the torch probe ran but recorded nothing: say why
+        console.print(Text("PyTorch CUDA allocator", style="bold") + Text("  no snapshot recorded", style="dim"))
+        for note in sec.get("notes") or []:
+            console.print(Text(f"  {note}", style="dim"))
+        return
+    if sec.get("process"):
+        p = sec["process"]
+        console.print(Text(f"from pid {p['pid']} ({p.get('role')}), {p.get('reason')} snapshot {sec.get('source')}; "
+                           f"{len(sec.get('snapshots') or [])} snapshot(s) in the bundle", style="dim"))
     devices = ", ".join(str(d) for d in sec["devices"]) or "none"
     console.print(Text("PyTorch CUDA allocator", style="bold") + Text(f"  {sec['segments']:,} segments on device(s) {devices}", style="dim"))
     t = Table(show_header=False, box=None, pad_edge=False)

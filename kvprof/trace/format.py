@@ -13,6 +13,8 @@ A bundle is a directory::
         gc.bin                      garbage-collector pauses (--probe gc)
         heap_snaps.bin, heap_sites.bin  tracemalloc snapshots (--probe tracemalloc)
         memray.bin                  memray's own capture file (--probe memray)
+        torch/NNN-REASON.pickle     PyTorch allocator snapshots (--probe torch)
+      nvml_gpus.bin, nvml_procs.bin GPU memory sampled by the recorder (--probe nvml)
 
 Every ``*.bin`` file is a flat sequence of little-endian fixed-width records
 of the numpy dtype below (no header), so ``numpy.fromfile(path, dtype)`` opens
@@ -93,6 +95,26 @@ HEAP_SITE_DTYPE = np.dtype(
     ]
 )
 HEAP_REASONS = {0: "start", 1: "mark", 2: "timer", 3: "exit"}
+
+# --probe nvml, sampled by the recorder: bundle-level files (not per process).
+NVML_GPUS = "nvml_gpus.bin"
+NVML_PROCS = "nvml_procs.bin"
+NVML_GPU_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),  # monotonic clock, ns
+        ("gpu", "<u2"),  # NVML device index
+        ("used", "<i8"),  # bytes used on the device (all processes)
+        ("total", "<i8"),  # device memory, bytes
+    ]
+)
+NVML_PROC_DTYPE = np.dtype(
+    [
+        ("t", "<i8"),
+        ("gpu", "<u2"),
+        ("pid", "<i8"),  # host pid as NVML reports it (in a container: maybe the host's)
+        ("used", "<i8"),  # bytes the process uses on that GPU, -1 when NVML cannot tell
+    ]
+)
 
 STREAM_DTYPES = {
     "blocks.bin": BLOCK_EVENT_DTYPE,

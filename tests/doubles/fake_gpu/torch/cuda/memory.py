@@ -1,0 +1,16 @@
+import os
+import pickle
+
+history_calls = []
+_ooms = []
+
+
+def _record_memory_history(enabled="all", context="all", stacks="all", max_entries=1, **kw):
+    history_calls.append({"enabled": enabled, "context": context, "stacks": stacks, "max_entries": max_entries})
+
+
+def _snapshot():
+    with open(os.environ["FAKE_TORCH_SNAPSHOT"], "rb") as fh:
+        snap = pickle.load(fh)  # a fixture: plain dicts and lists
+    snap.setdefault("kvprof_fake", {})["history_calls"] = list(history_calls)
+    return snap
