@@ -323,3 +323,13 @@ def test_cli_bad_inputs(tmp_path):
     assert r.returncode == 2 and "not a kvprof bundle" in r.stderr
     r = run_kvprof("whatif", os.path.join(FIXTURES, "crash-sigkill.kvprof"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_prefix_cache_off_replays_without_hits_and_still_checks_the_recorded_run():
+    r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16", "--prefix-cache", "off", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    w = json.loads(r.stdout)["sections"]["whatif"]
+    assert all(v["equal"] for v in w["fidelity"].values())  # the recorded configuration had the cache on
+    (row,) = w["rows"]
+    assert row["prefix_cache"] is False and row["metrics"]["blocks.prefix_cache.hit_tokens"] == 0
+    assert row["metrics"]["blocks.peak_blocks"] == 255 and row["metrics"]["blocks.preemptions"] > w["fidelity"]["blocks.preemptions"]["replay"]

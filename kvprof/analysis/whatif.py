@@ -927,7 +927,7 @@ def run(stream, opts: WhatifOptions) -> dict:
             return max(int(opts.kv_memory // (b * bpt)), 2)
         return max(sched.num_blocks * sched.block_size // b, 2)  # the recorded KV memory
 
-    configs = [Config(sched.block_size, sched.num_blocks, "free-queue", "preempt", opts.prefix_cache)]  # fidelity
+    configs = [Config(sched.block_size, sched.num_blocks, "free-queue", "preempt", True)]  # the recorded configuration: fidelity
     configs += [Config(b, UNLIMITED, "free-queue", "preempt", opts.prefix_cache) for b in sizes]
     fixed = []
     if not opts.unlimited:
