@@ -343,7 +343,8 @@ class _Replay:
         self.keep: set = set()  # requests whose recorded preemption was skipped
         self.decided: dict = {}  # request -> whether its pending recorded preemption is replayed
         self.pending_query: dict = {}
-        self.admit_hits: dict = {}
+        self.admit_hits: dict = {}  # request -> hit tokens of an admission whose query the engine reports later
+        self.admission: dict = {}  # request -> hit tokens of the admission in progress
         self.foreign: dict = {}
         self.freed_pos: dict = {}
         self.honor = False
@@ -460,21 +461,35 @@ class _Replay:
         return (q - 1) if q is not None else (self.known.get(r, 0) - 1)
 
     def _admit_lookup(self, r, rec_hit_tokens, qhint=-1):
-        """First lookup of an admission: prefix hits become the start of the table."""
-        q = self.pending_query.get(r)
+        """First lookup of an admission: prefix hits become the start of the table.  The
+        admission is in progress until its allocation succeeds (_admitted) or fails."""
         limit = self._limit(r, qhint)
         hits = self._lookup(r, max(limit, rec_hit_tokens))
         self.table[r] = hits
         self.freed_pos[r] = set()
         self.running[r] = None
-        self.max_running = max(self.max_running, len(self.running))
-        if q is not None:
-            self.pending_query.pop(r)
-            self.query_tokens += q
-            self.hit_tokens += len(hits) * self.B
-        else:
-            self.admit_hits[r] = len(hits) * self.B
+        self.admission[r] = len(hits) * self.B
         return hits
+
+    def _admitted(self, r):
+        """The admission in progress succeeded: its prefix-cache query counts now, or when the
+        engine reports it (vLLM records its stats after the admission's allocations)."""
+        hits = self.admission.pop(r, None)
+        if hits is None:
+            return
+        self.max_running = max(self.max_running, len(self.running))
+        q = self.pending_query.pop(r, None)
+        if q is not None:
+            self.query_tokens += q
+            self.hit_tokens += hits
+        else:
+            self.admit_hits[r] = hits
+
+    def _admission_failed(self, r):
+        """Give the hits back; the request waits, its query still to count."""
+        self.admission.pop(r, None)
+        self._release_many(list(reversed(self.table.pop(r, None) or [])))  # the table, not the hits: a compaction may have moved them
+        self.running.pop(r, None)
 
     def _free_table(self, r):
         tab = self.table.pop(r, None) or []
@@ -553,9 +568,9 @@ class _Replay:
         self._admit_lookup(r, 0, qhint)
         if self._grow(r, tokens, admitting=True):
             self.suspended.pop(r, None)
+            self._admitted(r)
             return True
-        self._release_many(list(reversed(self.table.pop(r))))  # the table, not `hits`: a compaction may have moved them
-        self.running.pop(r, None)
+        self._admission_failed(r)
         return False
 
     # -- the pass --------------------------------------------------------------------------------
@@ -587,14 +602,13 @@ class _Replay:
                 self.keep.discard(r)
                 if r not in self.table:
                     self._admit_lookup(r, 0, op[5])
-                    admitting = True
-                else:
-                    admitting = False
-                if not self._grow(r, tokens, admitting):
-                    if admitting and r in self.table:
-                        self._release_many(list(reversed(self.table.pop(r))))
-                        self.running.pop(r, None)
-                        self.suspended.setdefault(r, 0)
+                admitting = r in self.admission  # looked up here or at the recorded hit just before
+                if self._grow(r, tokens, admitting):
+                    if admitting:
+                        self._admitted(r)
+                elif admitting:
+                    self._admission_failed(r)
+                    self.suspended.setdefault(r, 0)
                 if self.honor_for == r:
                     self.honor = False
             elif code == OP_STATE:
