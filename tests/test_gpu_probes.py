@@ -57,8 +57,12 @@ def test_snapshots_at_markers_oom_and_exit_with_history_settings(tmp_path):
     for s in snaps:
         path = os.path.join(_proc_dir(out), s["file"])
         assert torch_snapshot.load(path)["segments"]  # kvprof's own safe loader reads it (no globals needed)
-        with open(path, "rb") as fh:  # the double notes what the probe asked of the allocator
-            assert pickle.load(fh)["kvprof_fake"]["history_calls"] == [{"enabled": "all", "context": "all", "stacks": "python", "max_entries": 5000}]
+        with open(path, "rb") as fh:  # the double notes what the probe asked of the allocator, and when
+            fake = pickle.load(fh)["kvprof_fake"]
+        # turned on once, right after CUDA's initialisation (not at torch's import)
+        assert fake["history_calls"] == [{"enabled": "all", "context": "all", "stacks": "python", "max_entries": 5000, "cuda_initialized": True}]
+        # and the probe never asked torch.cuda.is_available() before that (it can initialise CUDA and break a later fork)
+        assert not [f for f in fake["available_callers_before_init"] if os.sep + "kvprof" + os.sep in f], fake
     with open(os.path.join(_proc_dir(out), snaps[-1]["file"]), "rb") as fh:
         raw = pickle.load(fh)
     depths = [len(e["frames"]) for tr in raw.get("device_traces") or [] for e in tr if "frames" in e]
@@ -102,6 +106,12 @@ def test_without_cuda_the_probe_says_so_and_records_nothing(tmp_path):
     assert not os.path.exists(os.path.join(_proc_dir(out), "torch"))
     r = run_kvprof("analyze", str(out))
     assert r.returncode == 0 and "no snapshot recorded" in r.stdout and "is_available() is False" in r.stdout
+    # torch imported on a machine with CUDA, CUDA never used: nothing turned on, said so
+    out = tmp_path / "cpu.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "torch", "--", sys.executable, "-c", "import torch", env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    status = json.loads(open(os.path.join(_proc_dir(out), "process.json")).read())["probes"]["torch"]
+    assert status["status"] == "no CUDA" and "never used by this process" in status["reason"]
 
 
 def test_a_process_without_torch_is_left_alone(tmp_path):

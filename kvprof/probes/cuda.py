@@ -1,14 +1,15 @@
 """--probe torch: PyTorch's CUDA caching allocator, from inside each recorded process.
 
-When torch is imported (kvprof never imports it itself) and CUDA is available, the probe
-turns on the allocator's memory history (``torch.cuda.memory._record_memory_history``,
+When torch is imported (kvprof never imports it itself), the probe waits for CUDA's first
+use in that process (so it never initialises CUDA itself) and then turns on the
+allocator's memory history (``torch.cuda.memory._record_memory_history``,
 ``--torch-max-entries``, ``--torch-stacks``), and writes snapshots
 (``torch.cuda.memory._snapshot()``, frames cut to ``--torch-stack-depth``) as pickles
 under ``procs/<pid>/torch/``: at exit (SIGTERM included), at the markers named by
 ``--torch-snapshot-at``, and when the allocator reports an out-of-memory (its OOM
 observer).  At every marker it samples ``torch.cuda.memory_stats()`` into meta.jsonl
-(``{"type": "torch_stats"}``), without initialising CUDA itself.  Without CUDA it says so
-once in the process record and records nothing.
+(``{"type": "torch_stats"}``).  A process that never used CUDA says so once in its
+process record, at exit, and records nothing.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ STATS_KEYS = {
 }
 DEFAULTS = {"max_entries": 100_000, "stacks": "python", "depth": 16, "snapshot_at": [], "max_snapshots": 20}
 
-_state: dict = {"torch": None, "dumps": 0, "lock": threading.Lock(), "names": set()}
+_state: dict = {"torch": None, "enabled": False, "dumps": 0, "lock": threading.Lock(), "names": set()}
 
 
 def _options() -> dict:
@@ -54,16 +55,32 @@ def after_fork(writer) -> None:
 
 
 def _on_torch(torch) -> None:
-    opts = _options()
-    try:
-        available = bool(torch.cuda.is_available())
-        reason = "torch.cuda.is_available() is False"
-    except Exception as exc:  # noqa: BLE001 - a broken CUDA install: say so, record nothing
-        available, reason = False, f"torch.cuda.is_available() failed: {exc!r}"
+    # Nothing here may initialise CUDA (not even torch.cuda.is_available(), which can): a
+    # process that forks after importing torch would lose CUDA in its children.  The
+    # history is turned on when CUDA is first used, through torch.cuda._lazy_call, whose
+    # callables run right after torch.cuda._lazy_init's _cuda_init() and before the
+    # allocation that triggered it.
+    _state["torch"] = torch
+    _state["names"] = set(_options()["snapshot_at"])
+    runtime._closers.append(_at_exit)
     version = str(getattr(torch, "__version__", "?"))
-    if not available:
-        runtime.probe_note("torch", status="no CUDA", reason=f"{reason}: nothing recorded", torch_version=version)
+    lazy = getattr(getattr(torch, "cuda", None), "_lazy_call", None)
+    if lazy is None:  # a torch without the hook: turn it on now if there is a device
+        try:
+            if torch.cuda.is_available():
+                _enable()
+        except Exception as exc:  # noqa: BLE001
+            runtime.probe_note("torch", status="failed", reason=f"cannot turn on the memory history: {exc!r}")
         return
+    lazy(_enable)
+    runtime.probe_note("torch", status="waiting for CUDA to be first used", torch_version=version)
+
+
+def _enable() -> None:
+    torch = _state["torch"]
+    if torch is None or _state.get("enabled"):
+        return
+    opts = _options()
     memory = torch.cuda.memory
     stacks = opts["stacks"]
     try:
@@ -71,17 +88,15 @@ def _on_torch(torch) -> None:
                                       stacks="all" if stacks == "all" else "python", max_entries=int(opts["max_entries"]))
     except TypeError:  # torch before 2.1: the older keyword API
         memory._record_memory_history(True, trace_alloc_max_entries=int(opts["max_entries"]), trace_alloc_record_context=stacks != "none")
-    _state["torch"] = torch
-    _state["names"] = set(opts["snapshot_at"])
+    _state["enabled"] = True
     observer = "attached"
     try:
         torch._C._cuda_attach_out_of_memory_observer(_on_oom)
     except Exception as exc:  # noqa: BLE001 - snapshots at exit and markers still work
         observer = f"unavailable: {exc!r}"
     runtime._mark_hooks.append(_on_mark)
-    runtime._closers.append(_at_exit)
-    runtime.probe_note("torch", status="attached", torch_version=version, max_entries=int(opts["max_entries"]), stacks=stacks,
-                       depth=int(opts["depth"]), snapshot_at=sorted(_state["names"]), oom_observer=observer)
+    runtime.probe_note("torch", status="attached", torch_version=str(getattr(torch, "__version__", "?")), max_entries=int(opts["max_entries"]),
+                       stacks=stacks, depth=int(opts["depth"]), snapshot_at=sorted(_state["names"]), oom_observer=observer)
 
 
 def _trim(snapshot: dict, depth: int) -> dict:
@@ -157,6 +172,13 @@ def _on_oom(device, alloc, device_allocated, device_free) -> None:
 def _at_exit() -> None:
     torch = _state["torch"]
     if torch is None:
+        return
+    if not _state.get("enabled"):  # at exit, asking costs nothing any more
+        try:
+            reason = "CUDA was never used by this process" if torch.cuda.is_available() else "torch.cuda.is_available() is False"
+        except Exception as exc:  # noqa: BLE001
+            reason = f"torch.cuda.is_available() failed: {exc!r}"
+        runtime.probe_note("torch", status="no CUDA", reason=f"{reason}: nothing recorded", torch_version=str(getattr(torch, "__version__", "?")))
         return
     w = runtime.writer
     stats = _stats(torch)
