@@ -55,14 +55,17 @@ def test_without_a_working_py_spy_the_target_still_runs(tmp_path):
 def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
     out = tmp_path / "nv.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--pyspy-rate", "400", "--", sys.executable,
-                   os.path.join(WORKLOADS, "nanovllm_sched.py"), str(tmp_path / "t.json"), "--requests", "600", "--blocks", "60",
+                   os.path.join(WORKLOADS, "nanovllm_sched.py"), str(tmp_path / "t.json"), "--requests", "1500", "--blocks", "60",
                    "--no-snapshots", timeout=300)
     assert r.returncode == 0, r.stderr
     a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
     cpu = a["sections"]["cpu"]
     (main,) = [p for p in cpu["processes"] if p["role"] == "main"]
     assert main["samples"] >= 100
-    assert main["shares"]["block management"] >= 0.3, main["shares"]
+    # of the target's own CPU: kvprof's share (the probe's cost on this tight fake-token loop,
+    # 20-36% from run to run with the machine's load) is the recorder's, not the engine's
+    own = 1.0 - main["shares"]["kvprof"]
+    assert main["shares"]["block management"] / own >= 0.3, main["shares"]
     stacks = " ".join(s["stack"] for s in main["top"] if s["category"] == "block management")
     assert "BlockManager." in stacks and "Scheduler." in stacks, stacks
     m = {k: v["value"] for k, v in a["metrics"].items()}
