@@ -68,20 +68,53 @@ def start_from_env() -> None:
         sys.stderr.write(f"kvprof: recording disabled in pid {os.getpid()}: {exc}\n")
 
 
+# the process-directed signals kvprof keeps away from every thread but the main one
+HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+
+
+class _SignalsHeld:
+    """Threads inherit their creator's signal mask.  While kvprof imports numpy (whose BLAS
+    starts worker threads at import) and starts its writer thread, the main thread blocks
+    the process-directed signals, so none of those threads can ever take a SIGTERM: the
+    kernel may hand a process-directed signal to any thread that does not block it, and
+    one taken by a helper thread does not interrupt the main thread's blocking call, so
+    kvprof's flush-and-die handler never ran (a multiprocessing worker blocked on its
+    queue then never died of Pool.terminate's SIGTERM, and the pool hung in join).
+    Signals that arrive meanwhile stay pending and are delivered when the mask returns."""
+
+    def __enter__(self):
+        self.old = None
+        if hasattr(signal, "pthread_sigmask") and threading.current_thread() is threading.main_thread():
+            try:
+                self.old = signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
+            except (OSError, ValueError):
+                self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self.old)
+        return False
+
+
 def start(bundle: str, probes: list[str]) -> None:
     global writer, _started_pid, _probes
-    from kvprof.trace.writer import ProcessWriter
-
     role = "main" if str(os.getppid()) == os.environ.get(ENV_RECORDER_PID) else "child"
     _probes = list(probes)
-    writer = ProcessWriter(bundle, role, _probes)
-    _started_pid = os.getpid()
-    for meta in _pools:
-        writer.meta(meta)
-    atexit.register(_at_exit)
-    if hasattr(os, "register_at_fork") and _started_pid is not None:
-        _register_fork_handler()
-    _install_signal_flush()
+    # A SIGTERM that arrives while the writer is being set up waits (blocked) until the
+    # flush-and-die handler is in place, then finds a writer to close: a pool worker
+    # terminated while still starting leaves a closed recording, not a half-open one.
+    with _SignalsHeld():
+        from kvprof.trace.writer import ProcessWriter
+
+        writer = ProcessWriter(bundle, role, _probes)
+        _started_pid = os.getpid()
+        for meta in _pools:
+            writer.meta(meta)
+        atexit.register(_at_exit)
+        if hasattr(os, "register_at_fork") and _started_pid is not None:
+            _register_fork_handler()
+        _install_signal_flush()
     from kvprof import probes as probe_registry
 
     probe_registry.start_all(_probes, writer)
@@ -118,6 +151,14 @@ def _after_fork_in_child() -> None:
         _started_pid = os.getpid()
         for meta in _pools:
             writer.meta(meta)
+        if _rescue["armed"]:  # the inherited wakeup pipe is shared with the parent: a new one
+            _rescue["armed"] = False
+            try:
+                signal.set_wakeup_fd(-1)
+                signal.signal(signal.SIGURG, signal.SIG_DFL)
+            except (ValueError, OSError):
+                pass
+            _arm_rescue()
         from kvprof import probes as probe_registry
 
         probe_registry.after_fork(_probes, writer)
@@ -164,11 +205,75 @@ def _install_signal_flush() -> None:
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
+            _arm_rescue()
     except (ValueError, OSError):
         pass
 
 
+# A Python signal handler runs in the main thread between bytecodes.  A SIGTERM that lands
+# just before the main thread enters a blocking call that does not come back on its own
+# (a pool worker waiting on its queue's lock) has already been caught at the C level, so
+# the call is not interrupted and kvprof's handler, which replaced the default action
+# "die", would never run: Pool.terminate then waits for that worker forever (1 run in
+# ~150 under load).  The rescue: Python writes each caught signal's number to the
+# wakeup fd; kvprof's writer thread reads it there and, if the handler has not run a
+# moment later, interrupts the main thread with SIGURG, whose handler does nothing: the
+# interrupted call checks for pending handlers and runs kvprof's.  Only armed when the
+# program has no wakeup fd of its own and no SIGURG handler.
+_rescue = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False}
+
+
+def _poke(signum, frame) -> None:  # SIGURG: only there to interrupt a blocking call
+    pass
+
+
+def _arm_rescue() -> None:
+    if not hasattr(signal, "pthread_kill") or not hasattr(signal, "SIGURG"):
+        return
+    try:
+        if signal.getsignal(signal.SIGURG) is not signal.SIG_DFL:
+            return
+        r, w = os.pipe()
+        os.set_blocking(r, False)
+        os.set_blocking(w, False)
+        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        if previous != -1:  # the program's own: leave it alone
+            signal.set_wakeup_fd(previous)
+            os.close(r)
+            os.close(w)
+            return
+        signal.signal(signal.SIGURG, _poke)
+    except (ValueError, OSError, TypeError):
+        return
+    for fd in (_rescue["r"], _rescue["w"]):  # a forked child's inherited pipe: not ours any more
+        if fd >= 0:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+    _rescue.update(r=r, w=w, seen=0, handled=False, armed=True, main=threading.main_thread().ident)
+
+
+def rescue_missed_sigterm() -> None:
+    """Called by the writer thread on each tick (see _arm_rescue)."""
+    if not _rescue["armed"]:
+        return
+    try:
+        data = os.read(_rescue["r"], 512)
+    except (BlockingIOError, OSError):
+        data = b""
+    if signal.SIGTERM in data and not _rescue["handled"]:
+        _rescue["seen"] = _rescue["seen"] or time.monotonic()
+    if _rescue["seen"] and not _rescue["handled"] and time.monotonic() - _rescue["seen"] > 0.2:
+        _rescue["seen"] = time.monotonic()  # again later if it did not take
+        try:
+            signal.pthread_kill(_rescue["main"], signal.SIGURG)
+        except (OSError, ValueError):
+            pass
+
+
 def _on_sigterm(signum, frame) -> None:
+    _rescue["handled"] = True
     # A second SIGTERM (multiprocessing terminates pool workers, then its exit hook
     # terminates them again) must not re-enter and kill us half way through the flush.
     try:

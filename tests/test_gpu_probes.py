@@ -180,3 +180,18 @@ def test_a_hostile_snapshot_record_is_ignored(tmp_path):
 def test_bad_gpu_options(tmp_path, args, message):
     r = run_kvprof("record", "-o", str(tmp_path / "b.kvprof"), "--probe", "torch,nvml", *args, "--", sys.executable, "-c", "pass")
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_perfetto_export_carries_torch_samples_and_ooms(tmp_path):
+    from tests.test_html_report import _validate_trace_events
+
+    out, r = _record(tmp_path, "--probe", "torch", workload_args=("--oom",))
+    assert r.returncode == 0, r.stderr
+    r = run_kvprof("export", str(out), "-o", "-")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    _validate_trace_events(doc)
+    mem = [e for e in doc["traceEvents"] if e["name"] == "torch memory cuda:0"]
+    assert len(mem) == 5 and all(e["args"]["reserved"] >= e["args"]["allocated"] > 0 for e in mem)
+    (oom,) = [e for e in doc["traceEvents"] if e["name"] == "CUDA OOM"]
+    assert oom["args"]["requested"] == 1 << 30

@@ -1,5 +1,6 @@
 """`kvprof record` through the real entry point: children, exit codes, signals, crashes."""
 
+import json
 import os
 import signal
 import subprocess
@@ -129,3 +130,56 @@ def test_default_output_name(tmp_path):
     assert r.returncode == 0, r.stderr
     made = [p for p in os.listdir(tmp_path) if p.endswith(".kvprof")]
     assert len(made) == 1 and made[0].startswith("children-")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
+def test_no_thread_kvprof_starts_can_take_a_sigterm(tmp_path):
+    """The kernel may hand a process-directed SIGTERM to any thread that does not block it,
+    and one taken by a helper thread does not interrupt the main thread's blocking call: a
+    pool worker blocked on its queue then never ran kvprof's flush-and-die handler and the
+    pool hung in join (seen 1 run in 180).  Every thread present once kvprof has started
+    (its writer, numpy's BLAS workers) must block it; only the main thread takes it."""
+    script = tmp_path / "threads.py"
+    script.write_text(
+        "import json, os, sys, threading\n"
+        "rows = []\n"
+        "for tid in os.listdir('/proc/self/task'):\n"
+        "    status = open(f'/proc/self/task/{tid}/status').read()\n"
+        "    blk = int(status.split('SigBlk:')[1].split()[0], 16)\n"
+        "    rows.append({'tid': int(tid), 'main': int(tid) == os.getpid(), 'sigterm_blocked': bool(blk & (1 << 14))})\n"
+        "json.dump(rows, open(sys.argv[1], 'w'))\n"
+    )
+    out = tmp_path / "t.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script), str(tmp_path / "t.json"))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "t.json").read_text())
+    helpers = [x for x in rows if not x["main"]]
+    assert helpers, rows  # at least kvprof's writer
+    assert all(x["sigterm_blocked"] for x in helpers), rows
+    assert not [x for x in rows if x["main"]][0]["sigterm_blocked"]
+
+
+@pytest.mark.skipif(not hasattr(signal, "pthread_kill"), reason="needs pthread_kill")
+def test_a_sigterm_caught_by_another_thread_still_flushes_and_kills(tmp_path):
+    """The C-level handler can run while the main thread sits in a blocking call that no
+    signal will interrupt (here: a helper thread of the program takes the SIGTERM; in the
+    wild: it lands just before a pool worker blocks on its queue's lock).  Python's handler
+    then never runs and, kvprof having replaced the default action, the process would never
+    die.  kvprof's writer sees the signal on the wakeup fd and nudges the main thread."""
+    script = tmp_path / "stuck.py"
+    script.write_text(
+        "import multiprocessing, signal, threading, time\n"
+        "sem = multiprocessing.Semaphore(0)\n"
+        "def helper():\n"
+        "    time.sleep(0.5)\n"
+        "    signal.pthread_kill(threading.get_ident(), signal.SIGTERM)  # caught in this thread\n"
+        "threading.Thread(target=helper, daemon=True).start()\n"
+        "sem.acquire()  # sem_wait: the main thread is not interrupted\n"
+        "print('not reached')\n"
+    )
+    out = tmp_path / "s.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script), timeout=60)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr)
+    assert "not reached" not in r.stdout
+    (proc,) = json.loads((out / "manifest.json").read_text())["processes"]
+    assert proc["exited_cleanly"]

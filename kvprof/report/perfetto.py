@@ -1,8 +1,9 @@
 """Chrome trace-event JSON (the format ui.perfetto.dev and chrome://tracing open).
 
 Per recorded process: counter tracks of KV blocks (in use, free-cached, free) for each
-pool, heap live bytes (tracemalloc snapshots), instant events for markers, preemptions
-and refused allocations, and one complete event per garbage collection.  A bare PyTorch
+pool, heap live bytes (tracemalloc snapshots), torch allocated/reserved (the torch
+probe's memory_stats samples), instant events for markers, preemptions, refused
+allocations and CUDA OOMs, and one complete event per garbage collection.  A bare PyTorch
 snapshot exports its allocated / reserved timeline and its OOMs.  Times are
 microseconds from the earliest event in the file.
 """
@@ -36,6 +37,7 @@ def bundle_events(path: str) -> list:
         snaps, _ = proc.heap_snapshots()
         if len(snaps):
             starts.append(int(snaps["t"].min()))
+        starts.extend(int(r["t"]) for r in proc.notes if r.get("type") in ("torch_stats", "torch_oom") and r.get("t"))
     t0 = min(starts) if starts else 0
     us = lambda ns: (int(ns) - t0) / 1000.0  # noqa: E731
     out: list = []
@@ -70,6 +72,15 @@ def bundle_events(path: str) -> list:
         for s in snaps:
             out.append({"name": "heap live bytes (tracemalloc)", "ph": "C", "ts": us(s["t"]), "pid": proc.pid, "tid": proc.pid,
                         "args": {"live": int(s["live"])}})
+        for rec in proc.notes:  # --probe torch: memory_stats samples, OOMs the allocator reported
+            kind, t = rec.get("type"), int(rec.get("t") or 0)
+            if kind == "torch_stats":
+                for dev, st in sorted((rec.get("devices") or {}).items()):
+                    out.append({"name": f"torch memory cuda:{dev}", "ph": "C", "ts": us(t), "pid": proc.pid, "tid": proc.pid,
+                                "args": {"allocated": int(st.get("allocated", 0)), "reserved": int(st.get("reserved", 0))}})
+            elif kind == "torch_oom":
+                out.append({"name": "CUDA OOM", "ph": "i", "s": "p", "ts": us(t), "pid": proc.pid, "tid": proc.pid,
+                            "args": {k: rec.get(k) for k in ("device", "requested", "device_free")}})
     return out
 
 

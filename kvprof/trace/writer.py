@@ -26,6 +26,7 @@ from operator import itemgetter
 
 import numpy as np
 
+from kvprof.runtime import HELD_SIGNALS
 from kvprof.trace import format as fmt
 from kvprof.trace.atomic import write_json_atomic
 
@@ -54,7 +55,7 @@ def block_process_signals() -> None:
     the target's handler (and kvprof's flush-and-die) would run late or never."""
     if hasattr(signal, "pthread_sigmask"):
         try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
+            signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
         except (OSError, ValueError):
             pass
 
@@ -131,9 +132,15 @@ class ProcessWriter:
 
     # -- flushing ------------------------------------------------------------------
     def _run(self) -> None:
+        from kvprof.runtime import rescue_missed_sigterm
+
         block_process_signals()
-        while not self._stop.wait(FLUSH_INTERVAL_S):
-            self.flush()
+        ticks = 0
+        while not self._stop.wait(FLUSH_INTERVAL_S / 5):
+            rescue_missed_sigterm()
+            ticks += 1
+            if ticks % 5 == 0:
+                self.flush()
 
     def pending(self) -> int:
         return len(self.blocks) + len(self.lazy) + len(self.marks) + len(self.gc) + len(self.heap)
