@@ -56,8 +56,20 @@ for _module, _name in COMMANDS:
 def main(argv: list[str] | None = None) -> int:
     from kvprof.errors import KvprofError
 
+    import click
+
     try:
-        app(args=argv, prog_name="kvprof", standalone_mode=True)
+        rc = app(args=argv, prog_name="kvprof", standalone_mode=False)
+        return rc if isinstance(rc, int) else 0
+    except click.exceptions.UsageError as exc:  # typer's own argument errors: one line too
+        if not exc.format_message():  # `kvprof` alone: the help was the answer
+            return exc.exit_code
+        cmd = exc.ctx.command_path if exc.ctx is not None else "kvprof"
+        sys.stderr.write(f"kvprof: error: {exc.format_message()} (see `{cmd} --help`)\n")
+        return 2
+    except click.exceptions.Abort:
+        sys.stderr.write("kvprof: interrupted\n")
+        return 130
     except KvprofError as exc:
         sys.stderr.write(f"kvprof: error: {exc}\n")
         return exc.exit_code

@@ -203,7 +203,7 @@ def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
             "aggregate": dataclasses.asdict(total),
             "pools": [dataclasses.asdict(p) for p in per_pool],
         }
-        _block_metrics(metrics, total, len(stream.pools), window_label)
+        block_metrics(metrics, total, len(stream.pools), window_label)
         findings.extend(block_findings(total, per_pool))
     import importlib
 
@@ -220,7 +220,7 @@ def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
     return AnalysisResult(source=source, metrics=metrics, sections=sections, findings=findings)
 
 
-def _block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
+def block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
     src = "blocks"
     w = window_label
 

@@ -24,6 +24,7 @@ import heapq
 import numpy as np
 
 POLICIES = ("free-queue", "first-fit", "best-fit", "buddy")
+CONTIGUOUS = frozenset({"first-fit", "best-fit", "buddy"})  # serve each allocation from one run of ids
 
 
 def make(policy: str, n: int, reserved=(), uncached_first: bool = False, order: str = "fifo"):
@@ -122,6 +123,8 @@ def _runs(mask: np.ndarray):
 
 
 class _RunAllocator:
+    """Free ids as a mask; subclasses choose the run (``_pick``)."""
+
     contiguous = True
 
     def __init__(self, n: int, reserved=()):
@@ -135,9 +138,6 @@ class _RunAllocator:
     @property
     def free_count(self) -> int:
         return self._count
-
-    def _pick(self, starts, lengths, k):  # pragma: no cover - abstract
-        raise NotImplementedError
 
     def can_alloc(self, k: int) -> bool:
         return k <= self.largest_run()

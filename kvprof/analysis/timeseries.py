@@ -181,8 +181,12 @@ def collect(path: str, result, whatif: bool = True) -> dict:
     if whatif and stream.pools and "blocks" in result.sections:
         from kvprof.analysis import whatif as W
 
+        # analyze's figures are the pool's own when there is one pool and the analysis
+        # covers the whole run: the fidelity check need not analyze it again
+        whole = len(stream.pools) == 1 and result.source.get("window") == "whole run"
+        analyzed = {k: v["value"] for k, v in result.metrics.items() if k.startswith("blocks.")} if whole else None
         try:
-            series["whatif"] = W.run(stream, W.WhatifOptions(unlimited=True, jobs=1))
+            series["whatif"] = W.run(stream, W.WhatifOptions(unlimited=True, jobs=1), analyzed)
         except ValueError as exc:  # a pool without request states: no replay, say why
             series["whatif_note"] = str(exc)
     return series

@@ -140,7 +140,6 @@ def extract(stream, pool_index: int) -> Schedule:
         out[order[ask[ok]]] = values[order[nx[ok]]]
     target = target_arr.tolist()
     qhint = qhint_arr.tolist()
-    state_tokens = state_tokens_arr.tolist()
 
     # pass 2: operations
     ops: list = []
@@ -577,10 +576,7 @@ class _Replay:
     def run(self) -> dict:
         B, B0 = self.B, self.B0
         s = self.s
-        trace = self.trace
         for op in s.ops:
-            if trace is not None:
-                trace.append((op[1], op[0], self.inuse))
             code, t = op[0], op[1]
             if t != self.cur_t:
                 dt = t - self.t_prev
@@ -732,7 +728,6 @@ class _Replay:
         return self._metrics()
 
     honor_for = None
-    trace = None  # a list to record (time, op, in-use before it) into, for debugging
 
     def _need(self, r, tokens, qhint=-1):
         tab = self.table.get(r)
@@ -808,7 +803,7 @@ def replay(sched: Schedule, cfg: Config) -> ReplayResult:
     recorded = (cfg.block_size == sched.block_size and cfg.num_blocks == sched.num_blocks and cfg.policy == "free-queue"
                 and (cfg.prefix_cache or not sched.prefix_caching))
     return ReplayResult(cfg.block_size, None if cfg.num_blocks == UNLIMITED else cfg.num_blocks, cfg.policy,
-                        cfg.recovery if allocators.make(cfg.policy, 2).contiguous else "n/a", cfg.prefix_cache and sched.prefix_caching, recorded, m)
+                        cfg.recovery if cfg.policy in allocators.CONTIGUOUS else "n/a", cfg.prefix_cache and sched.prefix_caching, recorded, m)
 
 
 # -- many configurations, across cores ------------------------------------------------------------
@@ -914,9 +909,11 @@ def pick_pool(stream, label: str | None):
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in stream.pools)})")
 
 
-def run(stream, opts: WhatifOptions) -> dict:
+def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
     """sections.whatif for one pool of a bundle's stream: rows, the blocks-needed table, the
-    advice and the fidelity check against `analyze` on the recorded configuration."""
+    advice and the fidelity check against `analyze` on the recorded configuration.
+    ``analyzed``: analyze's metric values (name -> value) for that pool over the whole run,
+    when the caller has them already; else they are computed here."""
     import dataclasses
     import time
 
@@ -947,18 +944,17 @@ def run(stream, opts: WhatifOptions) -> dict:
     if not opts.unlimited:
         for b in sizes:
             for pol in opts.policies:
-                recs = opts.recoveries if allocators.make(pol, 2).contiguous else ("preempt",)
+                recs = opts.recoveries if pol in allocators.CONTIGUOUS else ("preempt",)
                 for rec in recs:
                     fixed.append(Config(b, capacity(b), pol, rec, opts.prefix_cache))
     results = replay_many(sched, configs + fixed, opts.jobs)
     recorded, needed, rows = results[0], results[1 : 1 + len(sizes)], results[1 + len(sizes) :]
-    a = analyze_blocks(stream, [info.index])
-    analyzed = {
-        "blocks.peak_blocks": a.peak_blocks, "blocks.internal_fragmentation.time_weighted": a.internal_time_weighted,
-        "blocks.internal_fragmentation.at_peak": a.internal_at_peak, "blocks.prefix_cache.hit_tokens": a.hit_tokens,
-        "blocks.prefix_cache.query_tokens": a.query_tokens, "blocks.preemptions": a.preemptions,
-        "blocks.allocation_failures": a.allocation_failures, "blocks.usage.time_weighted": a.usage_time_weighted,
-    }
+    if analyzed is None:  # analyze's figures for this pool, through analyze's own metric mapping
+        from kvprof.analysis import block_metrics
+
+        entries: dict = {}
+        block_metrics(entries, analyze_blocks(stream, [info.index]), 1, None)
+        analyzed = {k: v["value"] for k, v in entries.items()}
     fidelity = {}
     for name in FIDELITY_METRICS:
         x, y = analyzed[name], recorded.metrics[name]

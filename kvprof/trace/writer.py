@@ -26,7 +26,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from kvprof.runtime import HELD_SIGNALS
+from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
 from kvprof.trace import format as fmt
 from kvprof.trace.atomic import write_json_atomic
 
@@ -132,8 +132,6 @@ class ProcessWriter:
 
     # -- flushing ------------------------------------------------------------------
     def _run(self) -> None:
-        from kvprof.runtime import rescue_missed_sigterm
-
         block_process_signals()
         ticks = 0
         while not self._stop.wait(FLUSH_INTERVAL_S / 5):
