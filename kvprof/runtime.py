@@ -285,14 +285,17 @@ def _on_sigterm(signum, frame) -> None:
     w = writer
     if w is not None and (w.closed or w.closing) and not w.finished:
         # we interrupted this thread's own close() (multiprocessing's exit hook runs it,
-        # then Pool.terminate's SIGTERM lands): let it finish; it dies of the signal after
-        w.info["terminated_by_signal"] = signum
+        # then Pool.terminate's SIGTERM lands): let it finish; it records the signal and
+        # dies of it after.  Nothing else here: the close may be serialising w.info.
         w.exit_signal = signum
         return
-    if w is not None:
+    if w is not None and not w.closed:
         w.closing = True
         run_closers()
         w.close({"terminated_by_signal": signum})
+    elif w is not None:  # closed and written: say how the process ended
+        w.info["terminated_by_signal"] = signum
+        w.write_process_info()
     signal.signal(signum, signal.SIG_DFL)
     os.kill(os.getpid(), signum)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kvprof.record import find_pyspy
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import WORKLOADS, run_kvprof
 
 pytestmark = pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)")
 
@@ -22,7 +22,9 @@ def _manifest(bundle):
 
 def test_exit_code_stdout_and_profile(tmp_path):
     out = tmp_path / "p.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--", sys.executable, "-c", "print('only this'); import sys; sys.exit(4)")
+    # busy for 0.5 s: py-spy samples at 100 Hz, and a program that ends at once may give it none
+    busy = "import sys, time\nt = time.perf_counter()\nwhile time.perf_counter() - t < 0.5: pass\nprint('only this'); sys.exit(4)"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--", sys.executable, "-c", busy)
     assert r.returncode == 4, r.stderr
     assert r.stdout == "only this\n"  # py-spy's own progress lines went to pyspy/py-spy.log
     m = _manifest(out)
@@ -111,3 +113,22 @@ def test_kvprof_threads_asleep_are_not_cpu():
     assert _waiting_kvprof_thread(frames, [0, 1, 7, 3, 4, 5])  # the heap snapshot timer asleep
     assert not _waiting_kvprof_thread(frames, [0, 1, 2, 6])  # flushing: real work
     assert not _waiting_kvprof_thread(frames, [0, 1, 3, 4, 5])  # someone else's wait
+
+
+def test_a_profile_without_samples_is_said_not_hidden(tmp_path):
+    """A program that ends before py-spy's first sample (more likely on a loaded machine)
+    leaves a profile with no samples: analyze says so instead of dropping the section."""
+    out = tmp_path / "n.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--", sys.executable, "-c", "pass")
+    assert r.returncode == 0, r.stderr
+    prof = out / "pyspy" / "profile.speedscope.json"
+    data = json.loads(prof.read_text())
+    data["profiles"] = []
+    prof.write_text(json.dumps(data))
+    r = run_kvprof("analyze", str(out), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["metrics"]["cpu.samples"]["value"] == 0 and doc["sections"]["cpu"]["processes"] == []
+    assert any(f["title"] == "py-spy took no samples of the recorded processes" for f in doc["findings"])
+    r = run_kvprof("analyze", str(out))
+    assert r.returncode == 0 and "py-spy took no samples" in r.stdout and "Traceback" not in r.stderr

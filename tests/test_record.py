@@ -5,9 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
-import numpy as np
 import pytest
 
 from kvprof.trace.reader import Bundle
@@ -183,3 +181,33 @@ def test_a_sigterm_caught_by_another_thread_still_flushes_and_kills(tmp_path):
     assert "not reached" not in r.stdout
     (proc,) = json.loads((out / "manifest.json").read_text())["processes"]
     assert proc["exited_cleanly"]
+
+
+def test_a_sigterm_during_the_last_write_of_the_record_still_ends_it(tmp_path):
+    """`with Pool(...)` terminates workers that may already be closing their recording.  A
+    SIGTERM whose handler ran while close() was serialising process.json changed the dict
+    being written: the write failed, end_ns was lost (1 CI run in ~150) and the process
+    exited 0 instead of dying of the signal.  Here the signal is sent from inside that very
+    serialisation, every time."""
+    script = tmp_path / "late.py"
+    script.write_text(
+        "import os, signal\n"
+        "import kvprof.runtime as rt\n"
+        "class Bomb:\n"
+        "    fired = False\n"
+        "    def __str__(self):  # called by the JSON encoder while it writes process.json\n"
+        "        if not Bomb.fired:\n"
+        "            Bomb.fired = True\n"
+        "            os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        return 'bomb'\n"
+        "rt._closers.append(lambda: rt.writer.info.__setitem__('bomb', Bomb()))  # armed at exit\n"
+        "print('done', flush=True)\n"
+    )
+    out = tmp_path / "l.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script), timeout=60)
+    assert r.returncode == 128 + signal.SIGTERM, (r.returncode, r.stderr)
+    assert "done" in r.stdout and "Traceback" not in r.stderr, r.stderr
+    (proc,) = json.loads((out / "manifest.json").read_text())["processes"]
+    assert proc["exited_cleanly"], proc
+    info = json.loads((out / proc["dir"] / "process.json").read_text())
+    assert info["terminated_by_signal"] == signal.SIGTERM and info["bomb"] == "bomb"

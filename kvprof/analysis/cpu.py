@@ -156,8 +156,6 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
             acc["sec"][cat] += w
             key = (cat, _label(frames, stack, at) if stack else "(empty)")
             acc["stacks"][key] = acc["stacks"].get(key, 0) + 1
-    if not per_pid and not unrecorded:
-        return None
     procs = []
     for pid, acc in sorted(per_pid.items()):
         n = acc["n"] or 1
@@ -197,6 +195,11 @@ def section(bundle, bounds=None):
         put("cpu.kvprof_share", a.shares["kvprof"]),
     ])
     findings = []
+    if not a.samples:
+        findings.append(Finding("info", "py-spy took no samples of the recorded processes",
+                                f"{a.unrecorded_samples:,} samples of other processes" if a.unrecorded_samples else
+                                "the program ended (or slept) before py-spy's first sample; sample a longer run, or raise --pyspy-rate",
+                                {"unrecorded_samples": a.unrecorded_samples}, "pyspy"))
     for p in a.processes:
         bm = p.shares["block management"]
         if p.samples >= 20 and bm >= 0.1:

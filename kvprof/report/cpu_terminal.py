@@ -19,7 +19,8 @@ def render(console, sec: dict, result) -> None:
         t.add_column(c, justify="right", no_wrap=True)
     for p in sec["processes"]:
         t.add_row(f"{p['pid']} ({p['role']})", f"{p['samples']:,}", *[f"{100 * p['shares'][c]:.1f}%" for c in CATEGORIES])
-    console.print(t)
+    if sec["processes"]:
+        console.print(t)
     for p in sec["processes"]:
         if not p["top"]:
             continue

@@ -29,9 +29,10 @@ def write_json_atomic(path: str, data) -> None:
     _replace(path, lambda fh: json.dump(data, fh, indent=1, default=str), sync=True)
 
 
-def write_text(path: str, text: str) -> None:
+def write_text(path: str, text: str, sync: bool = False) -> None:
     """Write a text file whole or not at all (a report a reader may be opening), with the
-    permissions a new file gets (mkstemp's are private; a report is for sharing)."""
+    permissions a new file gets (mkstemp's are private; a report is for sharing);
+    `sync` waits for the disk (a record that must survive the process dying next)."""
 
     def write(fh):
         fh.write(text)
@@ -39,4 +40,4 @@ def write_text(path: str, text: str) -> None:
         os.umask(umask)
         os.fchmod(fh.fileno(), 0o666 & ~umask)
 
-    _replace(path, write, sync=False)
+    _replace(path, write, sync=sync)

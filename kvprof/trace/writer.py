@@ -28,7 +28,7 @@ import numpy as np
 
 from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
 from kvprof.trace import format as fmt
-from kvprof.trace.atomic import write_json_atomic
+from kvprof.trace.atomic import write_text
 
 FLUSH_INTERVAL_S = 0.5
 MAX_PENDING = 65536
@@ -97,6 +97,7 @@ class ProcessWriter:
         self.exit_signal = None  # set by a signal handler that interrupted close()
         self.failed = False
         self._stop = threading.Event()
+        self._info_lock = threading.RLock()
         self.write_process_info()
         self._thread = threading.Thread(target=self._run, name="kvprof-writer", daemon=True)
         self._thread.start()
@@ -125,10 +126,17 @@ class ProcessWriter:
         self.write_process_info()
 
     def write_process_info(self) -> None:
-        try:
-            write_json_atomic(os.path.join(self.dir, fmt.PROCESS_JSON), self.info)
-        except OSError:
-            self.failed = True
+        # Serialised by json's C encoder (no indent), in one call: no bytecode runs in it,
+        # so neither a signal handler in this thread nor another thread can change the
+        # dict half way through (a SIGTERM handler adding a key during the pure-Python
+        # indenting encoder used to fail the final write, and end_ns was lost).  The
+        # RLock keeps two threads' renames in order; a handler in this thread re-enters.
+        with self._info_lock:
+            try:
+                text = json.dumps(self.info, default=str)
+                write_text(os.path.join(self.dir, fmt.PROCESS_JSON), text, sync=True)
+            except Exception as exc:  # never raise into the target
+                self.failed = isinstance(exc, OSError) or self.failed
 
     # -- flushing ------------------------------------------------------------------
     def _run(self) -> None:
@@ -285,6 +293,8 @@ class ProcessWriter:
         self.finished = True
         sig = self.exit_signal
         if sig is not None:  # a signal arrived while this close ran: die of it now
+            self.info["terminated_by_signal"] = sig
+            self.write_process_info()
             signal.signal(sig, signal.SIG_DFL)
             os.kill(os.getpid(), sig)
 
