@@ -58,7 +58,7 @@ def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
     out = tmp_path / "nv.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--pyspy-rate", "400", "--", sys.executable,
                    os.path.join(WORKLOADS, "nanovllm_sched.py"), str(tmp_path / "t.json"), "--requests", "1500", "--blocks", "60",
-                   "--no-snapshots", timeout=300)
+                   "--no-snapshots", "--min-seconds", "1.5", timeout=300)
     assert r.returncode == 0, r.stderr
     a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
     cpu = a["sections"]["cpu"]
