@@ -8,6 +8,7 @@ code; tracebacks are for bugs.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import typer
@@ -79,6 +80,24 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write("kvprof: interrupted\n")
         return 130
-    except BrokenPipeError:
+    except BrokenPipeError:  # `kvprof analyze X --json - | head`: the reader left
+        _quiet_stdout()
         return 1
+    except OSError as exc:
+        if exc.filename is None:  # writing to stdout (a full disk, a closed pipe): not a kvprof bug
+            _quiet_stdout()
+            sys.stderr.write(f"kvprof: error: cannot write the output: {exc.strerror or exc}\n")
+            return 1
+        raise
     return 0
+
+
+def _quiet_stdout() -> None:
+    """After a failed write to stdout, the interpreter's own flush at exit would fail again
+    and print a second error: point stdout at /dev/null."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass

@@ -19,6 +19,10 @@ def run(
     from kvprof.analysis import analyze_path
     from kvprof.report import json_report, terminal
 
+    if html_out == "-":
+        from kvprof.errors import UsageError
+
+        raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
     result = analyze_path(bundle, window=window)
     if json_out:
         json_report.write(result, json_out)

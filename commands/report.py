@@ -5,7 +5,7 @@ import typer
 
 def run(
     source: str = typer.Argument(..., metavar="BUNDLE", help="A .kvprof bundle, a PyTorch memory snapshot or a memray capture."),
-    output: str = typer.Option(..., "-o", "--output", metavar="FILE", help="The HTML file to write."),
+    output: str = typer.Option(..., "-o", "--output", metavar="FILE", help="The HTML file to write (- for stdout)."),
     window: str = typer.Option(None, "--window", metavar="START[:END]", help="Only events between two markers."),
     no_whatif: bool = typer.Option(False, "--no-whatif", help="Skip the block-size replay (its chart)."),
 ):
@@ -19,4 +19,5 @@ def run(
 
     result = analyze_path(source, window=window)
     html.write(result, collect(source, result, whatif=not no_whatif), output)
-    typer.echo(f"kvprof: report written to {output}")
+    if output != "-":
+        typer.echo(f"kvprof: report written to {output}")

@@ -189,3 +189,136 @@ def test_block_map_groups_large_pools_by_their_busiest_state():
     assert m["blocks_per_row"] == 3 and g.shape == (4, 4)
     assert list(g[0]) == [RESERVED, RESERVED, RESERVED, IN_USE]  # ids 0-2: the reserved 0, then 2 in use
     assert list(g[3]) == [IN_USE, IN_USE, CACHED, CACHED]  # ids 9-11
+
+
+def test_a_pool_whose_every_allocation_was_refused(tmp_path):
+    """No block ever moved, one refusal: analyze counts it, the report renders, the export keeps it."""
+    script = tmp_path / "refused.py"
+    script.write_text("import kvprof.blocks\n"
+                      "pool = kvprof.blocks.Pool(num_blocks=4, block_size=16, name='tiny')\n"
+                      "pool.request_arrived('big', prompt_tokens=1000)\n"
+                      "pool.allocation_failed('big', 63, 4)\n")
+    out = tmp_path / "r.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
+    r = run_kvprof("analyze", str(out), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    m = json.loads(r.stdout)["metrics"]
+    assert m["blocks.allocation_failures"]["value"] == 1 and m["blocks.fragmentation_that_hurts"]["value"] == 0
+    r = run_kvprof("report", str(out), "-o", str(tmp_path / "r.html"))
+    assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    doc = json.loads(run_kvprof("export", str(out), "-o", "-").stdout)
+    _validate_trace_events(doc)
+    assert [e["name"] for e in doc["traceEvents"] if e["ph"] == "i"] == ["allocation refused big"]
+
+
+def test_charts_share_one_time_origin(tmp_path):
+    """A pool idle for a second before its traffic: markers, the usage timeline, the block map
+    and the hit rate are all measured from the pool's first event."""
+    script = tmp_path / "late.py"
+    script.write_text("import time, kvprof, kvprof.blocks\n"
+                      "pool = kvprof.blocks.Pool(num_blocks=32, block_size=16, name='gpu', reserved=[0])\n"
+                      "time.sleep(0.5)\n"
+                      "kvprof.mark('serving_start')\n"
+                      "for step in range(10):\n"
+                      "    r = f'r{step}'\n"
+                      "    pool.request_arrived(r, prompt_tokens=40)\n"
+                      "    pool.alloc([1 + step, 2 + step], request=r)\n"
+                      "    pool.request_state(r, filled_tokens=20, blocks_held=2)\n"
+                      "    time.sleep(0.02)\n"
+                      "    pool.free([1 + step, 2 + step], request=r)\n"
+                      "    pool.request_finished(r)\n"
+                      "kvprof.mark('done')\n")
+    out = tmp_path / "l.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
+    from kvprof.analysis import analyze_bundle
+    from kvprof.analysis.timeseries import collect
+    from kvprof.trace.reader import Bundle
+
+    res = analyze_bundle(Bundle(str(out)))
+    series = collect(str(out), res, whatif=False)
+    tl = res.sections["blocks"]["aggregate"]["timeline"]
+    marks = {name: t for t, name, _ in series["markers"]}
+    # the first allocation follows the serving_start marker by microseconds, not by the idle half second
+    assert 0 <= tl["t_s"][0] - marks["serving_start"] < 0.05, (tl["t_s"][0], marks)
+    assert tl["t0_ns"] == series["t0_ns"]
+    (bm,) = series["block_maps"]
+    assert bm["span_s"] == pytest.approx(marks["done"], abs=0.05) and marks["serving_start"] >= 0.45
+
+
+def test_a_window_is_shaded_and_said(tmp_path):
+    out = tmp_path / "w.html"
+    r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "--window", ":steady_state", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    text = out.read_text()
+    assert "These charts and the what-if replay cover the whole run" in text and "BoxAnnotation" in text
+    assert "preemptions (50; 6 in the window)" in text
+
+
+def test_perfetto_puts_each_clock_at_its_own_origin(tmp_path):
+    """The demo's pool runs on a simulated clock, the gc probe on the monotonic one: both
+    start near 0 in the export instead of hours apart."""
+    bundle = tmp_path / "d.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,gc", "-m", "kvprof.demo", "--", "--requests", "200")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(run_kvprof("export", str(bundle), "-o", "-").stdout)
+    _validate_trace_events(doc)
+    ev = doc["traceEvents"]
+    kv = [e["ts"] for e in ev if e["ph"] == "C" and e["name"].startswith("KV blocks demo") and e["name"].endswith("(simulated clock)")]
+    gc = [e["ts"] for e in ev if e["ph"] == "X"]
+    assert kv and gc and min(kv) < 1e6 and min(gc) < 60e6 and max(gc) < 600e6
+    marks = {e["name"]: e["ts"] for e in ev if e["ph"] == "i" and e.get("s") == "t"}
+    assert marks["drained"] == pytest.approx(max(kv), abs=1e5)  # the pool's own markers are on its clock
+
+
+def test_perfetto_keeps_every_snapshot_oom(tmp_path):
+    import pickle
+
+    seg = {"device": 0, "address": 1 << 40, "total_size": 2 << 20, "stream": 0, "segment_type": "large", "allocated_size": 1 << 20,
+           "active_size": 1 << 20, "blocks": [{"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20},
+                                              {"size": 1 << 20, "state": "inactive"}]}
+    oom = {"action": "oom", "addr": 0, "size": 8 << 20, "stream": 0, "device_free": 0, "frames": []}
+    cases = {"only": [dict(oom, time_us=1000)],
+             "at0": [{"action": "alloc", "addr": 1 << 40, "size": 1 << 20, "stream": 0, "time_us": 0, "frames": []}, dict(oom, time_us=0),
+                     {"action": "alloc", "addr": (1 << 40) + (1 << 20), "size": 1 << 19, "stream": 0, "time_us": 500, "frames": []}]}
+    for name, trace in cases.items():
+        path = tmp_path / f"{name}.pickle"
+        path.write_bytes(pickle.dumps({"segments": [seg], "device_traces": [trace]}, protocol=4))
+        doc = json.loads(run_kvprof("export", str(path), "-o", "-").stdout)
+        _validate_trace_events(doc)
+        (o,) = [e for e in doc["traceEvents"] if e["name"] == "OOM"]
+        assert o["ts"] == 0.0 and o["args"]["requested"] == 8 << 20, (name, o)
+
+
+def test_report_to_stdout_and_output_errors(tmp_path):
+    r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-", cwd=str(tmp_path))
+    assert r.returncode == 0 and r.stdout.startswith("<!DOCTYPE html>") and not os.path.exists(tmp_path / "-")
+    r = run_kvprof("analyze", os.path.join(FIXTURES, "demo.kvprof"), "--html", "-")
+    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: --html -"), r.stderr
+    if os.path.exists("/dev/full"):  # a full disk behind stdout: one line, not a traceback
+        for args in (["export", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-"], ["analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-"]):
+            with open("/dev/full", "w") as full:
+                p = __import__("subprocess").run([sys.executable, "-m", "kvprof.commands", *args], stdout=full, stderr=-1, text=True)
+            assert p.returncode == 1 and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device", p.stderr
+
+
+def test_a_damaged_manifest_is_one_line(tmp_path):
+    import shutil
+
+    bundle = tmp_path / "d.kvprof"
+    shutil.copytree(os.path.join(FIXTURES, "demo.kvprof"), bundle)
+    man = json.loads((bundle / "manifest.json").read_text())
+    for key, bad in (("processes", "x"), ("processes", [1]), ("target", []), ("probe_status", 3)):
+        (bundle / "manifest.json").write_text(json.dumps({**man, key: bad}))
+        for cmd in (["analyze", str(bundle)], ["report", str(bundle), "-o", str(tmp_path / "x.html")], ["export", str(bundle), "-o", "-"]):
+            r = run_kvprof(*cmd)
+            assert r.returncode == 2 and r.stderr.startswith(f"kvprof: error: damaged manifest: '{key}'"), (cmd, r.stderr)
+            assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_tex_delimiters_in_names_show_as_typed():
+    from kvprof.report.html import _plain
+
+    for name in ("pool$$x^2$$", r"a\(b\)", r"c\[d\]"):
+        shown = _plain(name)
+        assert shown.replace("\u200b", "") == name
+        assert not any(d in shown for d in ("$$", r"\(", r"\)", r"\[", r"\]"))

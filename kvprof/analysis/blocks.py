@@ -431,7 +431,8 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     if len(fail_idx):
         # state just before the failure in call order (timestamps may tie on a simulated clock)
         pos = np.searchsorted(ev_of, rsel[fail_idx], side="left") - 1
-        free_now = capacity - np.where(pos >= 0, inuse[np.maximum(pos, 0)], 0)
+        before = inuse[np.clip(pos, 0, m - 1)] if m else np.zeros(len(pos), dtype=np.int64)  # no block ever moved: all free
+        free_now = capacity - np.where(pos >= 0, before, 0)
         need = r_arg[fail_idx]
         hurts = int(((need >= 0) & (need <= free_now)).sum())
         seen = r_arg2[fail_idx]
@@ -541,7 +542,8 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
             "tokens": total_tokens,
         }
 
-    timeline = _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, step_times, r_t[r_kind == K.REQ_PREEMPT])
+    timeline = _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, step_times, r_t[r_kind == K.REQ_PREEMPT], t_start,
+                         None if window is None else (w0, w1))
 
     return PoolAnalysis(
         label="all pools" if pools is None else ", ".join(p.label for p in infos),
@@ -619,11 +621,12 @@ def _rle(states: np.ndarray) -> list:
     return [[int(states[c]), int(n)] for c, n in zip(change, lengths)]
 
 
-def _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, steps, preempt_t) -> dict:
-    """A downsampled usage timeline for drawing (the numbers above use every event)."""
+def _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, steps, preempt_t, t0, window=None) -> dict:
+    """A downsampled usage timeline for drawing (the numbers above use every event), whole
+    run, in seconds from ``t0`` (the pools' first event, the origin of every chart)."""
     if not len(bt):
         return {}
-    t0 = int(bt[0])
+    t0 = int(t0)
     edges = np.linspace(bt[0], bt[-1] + 1, TIMELINE_POINTS + 1)
     bucket = np.clip(np.searchsorted(edges, bt, side="right") - 1, 0, TIMELINE_POINTS - 1)
     present = np.unique(bucket)
@@ -636,7 +639,10 @@ def _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, steps, preemp
         "cached": cached[last].tolist(),
         "capacity": capacity,
         "preemptions_t_s": [float((x - t0) / 1e9) for x in preempt_t[:1000]],
+        "t0_ns": t0,
     }
+    if window is not None:  # the analysis window, for charts that show the whole run
+        out["window_s"] = [float((window[0] - t0) / 1e9), float((window[1] - t0) / 1e9)]
     if len(tl_t) and np.any(v_waste):
         j = np.clip(np.searchsorted(tl_t, edges[present + 1], side="left") - 1, 0, len(tl_t) - 1)
         slots = v_slots[j].astype(np.float64)

@@ -30,10 +30,11 @@ def _block_states(stream, pool_index: int, kinds):
     return ev, order, sb, sk, np.flatnonzero(gs), ref_before, ref_after, hashed_before, hashed_after
 
 
-def block_map(stream, pool_index: int, columns: int = 300, max_rows: int = 512) -> dict | None:
+def block_map(stream, pool_index: int, columns: int = 300, max_rows: int = 512, span: tuple[int, int] | None = None) -> dict | None:
     """The state of every block of one pool at ``columns`` instants (the end of each time
     bucket): rows are block ids, or groups of consecutive ids when the pool is larger than
-    ``max_rows`` (a group shows its busiest state: in use > cached > free)."""
+    ``max_rows`` (a group shows its busiest state: in use > cached > free).  ``span``
+    (t0, t1): the time axis, in common with the other charts (default: the pool's own)."""
     info = stream.pools[pool_index]
     t_pool = stream.t[stream.pool == pool_index]
     ev, order, sb, sk, gstart, _, ref, _, hashed = _block_states(stream, pool_index, [K.ALLOC, K.FREE, K.HIT, K.CACHE, K.EVICT, K.RESERVE])
@@ -46,7 +47,7 @@ def block_map(stream, pool_index: int, columns: int = 300, max_rows: int = 512) 
     m = len(sb)
     state = np.where(ref > 0, IN_USE, np.where(hashed, CACHED, EMPTY)).astype(np.int8)
 
-    t0, t1 = int(t_pool.min()), int(t_pool.max())
+    t0, t1 = (int(t_pool.min()), int(t_pool.max())) if span is None else span
     times = np.linspace(t0, t1, columns + 1)[1:]
     grid = np.full((n, columns), EMPTY, dtype=np.int8)
     gend = np.r_[gstart[1:], m]
@@ -75,14 +76,14 @@ def block_map(stream, pool_index: int, columns: int = 300, max_rows: int = 512) 
     }
 
 
-def hit_rate_over_time(stream, pool_indices, columns: int = 300) -> dict | None:
-    """Prefix-cache hit rate (tokens) per time bucket and cumulative."""
+def hit_rate_over_time(stream, pool_indices, columns: int = 300, span: tuple[int, int] | None = None) -> dict | None:
+    """Prefix-cache hit rate (tokens) per time bucket and cumulative; ``span`` as in block_map."""
     mask = np.isin(stream.pool, pool_indices)
     sel = np.flatnonzero(mask & (stream.kind == K.REQ_QUERY))
     t_pool = stream.t[mask]
     if not len(sel) or not len(t_pool):
         return None
-    t0, t1 = int(t_pool.min()), int(t_pool.max())
+    t0, t1 = (int(t_pool.min()), int(t_pool.max())) if span is None else span
     edges = np.linspace(t0, t1 + 1, columns + 1)
     b = np.clip(np.searchsorted(edges, stream.t[sel], side="right") - 1, 0, columns - 1)
     q = np.bincount(b, weights=stream.arg[sel], minlength=columns)
@@ -163,13 +164,15 @@ def collect(path: str, result, whatif: bool = True) -> dict:
 
     bundle = Bundle(path)
     stream = bundle.block_stream()
-    t0 = None
+    # one time origin for every chart: the pools' first event (analyze's timeline uses it too)
+    t0 = span = None
     if len(stream.t):
         t0 = int(stream.t.min())
+        span = (t0, int(stream.t.max()))
     series["t0_ns"] = t0
     series["markers"] = marker_times(bundle, t0)
-    series["block_maps"] = [m for m in (block_map(stream, p.index) for p in stream.pools) if m is not None]
-    series["hit_rate"] = hit_rate_over_time(stream, [p.index for p in stream.pools]) if stream.pools else None
+    series["block_maps"] = [m for m in (block_map(stream, p.index, span=span) for p in stream.pools) if m is not None]
+    series["hit_rate"] = hit_rate_over_time(stream, [p.index for p in stream.pools], span=span) if stream.pools else None
     series["gc_pauses"] = gc_pauses(bundle, t0)
     tsec = result.sections.get("torch") or {}
     if tsec.get("source"):  # the snapshot the torch section came from: its segment map

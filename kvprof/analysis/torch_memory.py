@@ -229,9 +229,10 @@ def _timeline(entries, allocated_end: int, reserved_end: int, max_points: int = 
         a -= da
         r -= dr
     t.reverse(), al.reverse(), re.reverse()
-    if len(t) > max_points:  # keep the extremes of each bucket so peaks survive
+    if len(t) > max_points:  # evenly spaced points, plus the peaks and the last point (the state at the end)
         stride = len(t) / max_points
-        keep = sorted({int(i * stride) for i in range(max_points)} | {max(range(len(al)), key=al.__getitem__)})
+        keep = sorted({int(i * stride) for i in range(max_points)} | {max(range(len(al)), key=al.__getitem__),
+                                                                      max(range(len(re)), key=re.__getitem__), len(t) - 1})
         t, al, re = [t[i] for i in keep], [al[i] for i in keep], [re[i] for i in keep]
     return {"t_us": t, "allocated": al, "reserved": re}
 

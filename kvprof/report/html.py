@@ -12,6 +12,8 @@ from __future__ import annotations
 import html
 import math
 import os
+import shlex
+import sys
 import time
 
 from kvprof import metrics as registry
@@ -54,8 +56,17 @@ def _bokeh():
     return plotting, models
 
 
+def _plain(text: str) -> str:
+    """Bokeh reads $$...$$, \\[...\\] and \\(...\\) in titles as TeX: a pool or marker named so
+    must show as typed.  A zero-width space breaks each delimiter."""
+    for delim in ("$$", "\\[", "\\]", "\\(", "\\)"):
+        text = text.replace(delim, delim[0] + "\u200b" + delim[1:])
+    return text
+
+
 def _fig(title: str, x_label: str, y_label: str, height: int = 260, **kw):
     plotting, _ = _bokeh()
+    title = _plain(title)
     p = plotting.figure(title=title, height=height, sizing_mode="stretch_width", x_axis_label=x_label, y_axis_label=y_label,
                         tools="pan,box_zoom,wheel_zoom,reset,save,hover", toolbar_location="right", **kw)
     p.title.text_font_size = "13px"
@@ -67,6 +78,14 @@ def _nan_to_none(v):
 
 
 # -- charts ------------------------------------------------------------------------------------------------
+def _shade_window(p, agg: dict) -> None:
+    """The time charts show the whole run; an analysis window (--window) is shaded on them."""
+    w = (agg.get("timeline") or {}).get("window_s")
+    if w:
+        _, models = _bokeh()
+        p.add_layout(models.BoxAnnotation(left=w[0], right=w[1], fill_color="#fde68a", fill_alpha=0.35, line_alpha=0))
+
+
 def _usage_chart(agg: dict, series: dict):
     _, models = _bokeh()
     tl = agg.get("timeline") or {}
@@ -83,8 +102,10 @@ def _usage_chart(agg: dict, series: dict):
         p.add_layout(models.Span(location=agg["peak_blocks"], dimension="width", line_color="#b91c1c", line_dash="dotted", line_width=1))
     pre = tl.get("preemptions_t_s") or []
     if pre:
+        count = f"{len(pre)}; {agg.get('preemptions')} in the window" if tl.get("window_s") else str(agg.get("preemptions", len(pre)))
         p.scatter(pre, [cap or agg.get("peak_blocks") or 0] * len(pre), marker="inverted_triangle", size=7, color="#b91c1c",
-                  legend_label=f"preemptions ({agg.get('preemptions', len(pre))})")
+                  legend_label=f"preemptions ({count})")
+    _shade_window(p, agg)
     span = tl["t_s"][-1] if tl["t_s"] else 0
     # markers on another clock than the pool's (a pool with a simulated clock) fall outside: left out
     marks = [m for m in series.get("markers") or [] if -0.05 * span <= m[0] <= 1.05 * span]
@@ -97,7 +118,7 @@ def _usage_chart(agg: dict, series: dict):
     return p
 
 
-def _block_map_chart(m: dict):
+def _block_map_chart(m: dict, agg: dict):
     import numpy as np
 
     _, models = _bokeh()
@@ -106,6 +127,10 @@ def _block_map_chart(m: dict):
              x_range=(0, max(m["span_s"], 1e-9)), y_range=(0, m["num_blocks"]))
     mapper = models.LinearColorMapper(palette=STATE_COLORS, low=-0.5, high=3.5)
     p.image(image=[grid], x=0, y=0, dw=max(m["span_s"], 1e-9), dh=m["num_blocks"], color_mapper=mapper)
+    w = (agg.get("timeline") or {}).get("window_s")
+    if w:  # over the image, an outline rather than a fill
+        _, models = _bokeh()
+        p.add_layout(models.BoxAnnotation(left=w[0], right=w[1], fill_alpha=0, line_color="#b45309", line_width=2, line_dash="dashed"))
     p.select_one(models.HoverTool).tooltips = [("t", "$x{0.000} s"), ("block", "$y{0}"), ("state", "@image{0}")]
     return p
 
@@ -122,6 +147,7 @@ def _frag_hit_chart(agg: dict, series: dict):
     if hr:
         p.line(hr["t_s"], _nan_to_none(hr["cumulative"]), color="#3182bd", line_width=2, legend_label="hit rate, cumulative")
         p.scatter(hr["t_s"], _nan_to_none(hr["bucket"]), color="#9ecae1", size=3, legend_label="hit rate per bucket")
+    _shade_window(p, agg)
     p.legend.location = "top_right"
     p.legend.click_policy = "hide"
     return p
@@ -356,7 +382,7 @@ def render(result, series: dict) -> str:
     src = result.source
     title = os.path.basename(str(src.get("bundle") or src.get("snapshot") or src.get("memray_capture") or "report"))
     cmd = src.get("command")
-    cmd = " ".join(map(str, cmd)) if isinstance(cmd, list) else (cmd or "")
+    cmd = shlex.join(map(str, cmd)) if isinstance(cmd, list) else (cmd or "")
     target = src.get("target") or {}
     status = ""
     if target:
@@ -371,7 +397,7 @@ def render(result, series: dict) -> str:
                            "the high watermark (dotted); triangles: preemptions (top) and markers (bottom)."))
         for m in series.get("block_maps") or []:
             note = f"each row is {m['blocks_per_row']} consecutive block ids, shown in its busiest state" if m["blocks_per_row"] > 1 else "one row per block id"
-            charts.append(("blocks", f"blockmap-{len(charts)}", _block_map_chart(m), f"Block id × time ({note}). Grey: free-empty; blue: free-cached "
+            charts.append(("blocks", f"blockmap-{len(charts)}", _block_map_chart(m, agg), f"Block id × time ({note}). Grey: free-empty; blue: free-cached "
                            "(prefix-cache residency); green: in use; purple: reserved. Scattered grey among green is external fragmentation in id space."))
         c = _frag_hit_chart(agg, series)
         if c is not None:
@@ -410,6 +436,9 @@ def render(result, series: dict) -> str:
         if not mine:
             continue
         parts = [f"<section id='{sec}'><h2>{headings[sec]}</h2>"]
+        if sec == "blocks" and (agg.get("timeline") or {}).get("window_s"):
+            parts.append(f"<p class=caption>These charts and the what-if replay cover the whole run; the analysis window ({_e(src.get('window'))}) "
+                         "is shaded yellow (outlined on the block map). The figures in the table above are the window's.</p>")
         if sec == "blocks":
             parts.append("<div class=legend>" + "".join(f"<span style='background:{c}'></span>{n}" for c, n in zip(STATE_COLORS, STATE_NAMES)) + "</div>")
         if sec == "whatif" and series.get("whatif"):
@@ -451,6 +480,9 @@ def write(result, series: dict, path: str) -> None:
     from kvprof.trace.atomic import write_text
 
     text = render(result, series)
+    if path == "-":
+        sys.stdout.write(text)
+        return
     try:
         write_text(path, text)
     except OSError as exc:

@@ -5,7 +5,8 @@ pool, heap live bytes (tracemalloc snapshots), torch allocated/reserved (the tor
 probe's memory_stats samples), instant events for markers, preemptions, refused
 allocations and CUDA OOMs, and one complete event per garbage collection.  A bare PyTorch
 snapshot exports its allocated / reserved timeline and its OOMs.  Times are
-microseconds from the earliest event in the file.
+microseconds from the earliest event of their clock (a pool on a simulated clock starts
+at 0 like the monotonic streams).
 """
 
 from __future__ import annotations
@@ -20,49 +21,79 @@ from kvprof.errors import BundleError, UsageError
 from kvprof.trace.format import EventKind as K
 
 
+def _origins(stream, marks, bundle) -> tuple[dict, object]:
+    """Times are microseconds from the earliest event of their clock.  Pools on a clock of
+    their own (a simulator's: ``kvprof.blocks.Pool(clock=...)``) start at 0 like the
+    monotonic clock every other stream uses, instead of hours apart from it.  A marker
+    belongs to the clock whose events' span it is nearest (a simulated pool's own markers
+    are on its clock)."""
+    own = {p.index: p.clock for p in stream.pools if p.clock != "monotonic"}
+    spans: dict = {}
+
+    def add(clock, t):
+        if len(t):
+            lo, hi = spans.get(clock, (None, None))
+            spans[clock] = (int(t.min()) if lo is None else min(lo, int(t.min())), int(t.max()) if hi is None else max(hi, int(t.max())))
+
+    if len(stream.t):
+        on_own = np.isin(stream.pool, list(own)) if own else np.zeros(len(stream.t), dtype=bool)
+        add("monotonic", stream.t[~on_own])
+        for idx, clock in own.items():
+            add(clock, stream.t[stream.pool == idx])
+    for proc in bundle.processes:
+        add("monotonic", proc.gc_events()["t"])
+        snaps, _ = proc.heap_snapshots()
+        add("monotonic", snaps["t"])
+        add("monotonic", np.array([int(r["t"]) for r in proc.notes if r.get("type") in ("torch_stats", "torch_oom") and r.get("t")], dtype=np.int64))
+    if not spans and len(marks.t):
+        add("monotonic", marks.t)
+
+    def clock_of_mark(t: int) -> str:
+        if len(spans) < 2:
+            return next(iter(spans), "monotonic")
+        return min(spans, key=lambda c: max(spans[c][0] - t, 0, t - spans[c][1]))
+
+    return {c: lo for c, (lo, _) in spans.items()}, clock_of_mark
+
+
 def bundle_events(path: str) -> list:
     from kvprof.analysis.timeseries import pool_counts
     from kvprof.trace.reader import Bundle
 
     bundle = Bundle(path)
     stream = bundle.block_stream()
-    starts = [int(stream.t.min())] if len(stream.t) else []
     marks = bundle.marks()
-    if len(marks.t):
-        starts.append(int(marks.t.min()))
-    for proc in bundle.processes:
-        g = proc.gc_events()
-        if len(g):
-            starts.append(int(g["t"].min()))
-        snaps, _ = proc.heap_snapshots()
-        if len(snaps):
-            starts.append(int(snaps["t"].min()))
-        starts.extend(int(r["t"]) for r in proc.notes if r.get("type") in ("torch_stats", "torch_oom") and r.get("t"))
-    t0 = min(starts) if starts else 0
-    us = lambda ns: (int(ns) - t0) / 1000.0  # noqa: E731
+    origin, clock_of_mark = _origins(stream, marks, bundle)
+
+    def us(ns, clock="monotonic"):
+        return (int(ns) - origin.get(clock, 0)) / 1000.0
+
     out: list = []
     for proc in bundle.processes:
         role = proc.info.get("role") or "process"
         out.append({"name": "process_name", "ph": "M", "pid": proc.pid, "tid": proc.pid, "args": {"name": f"{role} {proc.pid}"}})
     for p in stream.pools:
+        clock = p.clock if p.clock in origin else "monotonic"
+        label = p.label if clock == "monotonic" else f"{p.label} ({clock} clock)"
         c = pool_counts(stream, p.index)
-        if c is None:
-            continue
-        cap = c["capacity"]
-        for t, u, umax, ca in zip(c["t_ns"].tolist(), c["in_use"].tolist(), c["in_use_max"].tolist(), c["cached"].tolist()):
-            out.append({"name": f"KV blocks {p.label}", "ph": "C", "ts": us(t), "pid": p.pid, "tid": p.pid,
-                        "args": {"in use": u, "free-cached": ca, "free": cap - u - ca}})
-            if umax != u:
-                out.append({"name": f"KV blocks in use, bucket max {p.label}", "ph": "C", "ts": us(t), "pid": p.pid, "args": {"in use": umax}})
+        if c is not None:  # a pool whose every allocation was refused has no counts, only the refusals below
+            cap = c["capacity"]
+            thinned = bool(np.any(c["in_use_max"] != c["in_use"]))
+            for t, u, umax, ca in zip(c["t_ns"].tolist(), c["in_use"].tolist(), c["in_use_max"].tolist(), c["cached"].tolist()):
+                out.append({"name": f"KV blocks {label}", "ph": "C", "ts": us(t, clock), "pid": p.pid, "tid": p.pid,
+                            "args": {"in use": u, "free-cached": ca, "free": cap - u - ca}})
+                if thinned:  # a counter holds its value until the next event: one at every point
+                    out.append({"name": f"KV blocks in use, bucket max {label}", "ph": "C", "ts": us(t, clock), "pid": p.pid, "tid": p.pid,
+                                "args": {"in use": umax}})
         sel = np.flatnonzero((stream.pool == p.index) & np.isin(stream.kind, [K.REQ_PREEMPT, K.ALLOC_FAIL]))
         for i in sel[:100000].tolist():
             req = stream.requests[int(stream.req[i])] if stream.req[i] >= 0 else ""
             name = "preempt" if stream.kind[i] == K.REQ_PREEMPT else "allocation refused"
-            out.append({"name": f"{name} {req}".strip(), "ph": "i", "s": "p", "ts": us(stream.t[i]), "pid": p.pid, "tid": p.pid,
+            out.append({"name": f"{name} {req}".strip(), "ph": "i", "s": "p", "ts": us(stream.t[i], clock), "pid": p.pid, "tid": p.pid,
                         "args": {"pool": p.label, "request": req}})
     for i in range(min(len(marks.t), 200000)):
-        pid = int(marks.pid[i])
-        out.append({"name": marks.names[int(marks.name[i])], "ph": "i", "s": "t", "ts": us(marks.t[i]), "pid": pid, "tid": pid,
+        pid, t = int(marks.pid[i]), int(marks.t[i])
+        out.append({"name": marks.names[int(marks.name[i])], "ph": "i", "s": "t", "ts": us(t, clock_of_mark(t)), "pid": pid, "tid": pid,
                     "args": {"value": int(marks.value[i])}})
     for proc in bundle.processes:
         for e in proc.gc_events()[:200000]:
@@ -91,14 +122,16 @@ def snapshot_events(path: str) -> list:
     a = analyze_snapshot(torch_snapshot.load(path))
     out: list = [{"name": "process_name", "ph": "M", "pid": 0, "tid": 0, "args": {"name": os.path.basename(path)}}]
     tl = a.timeline
-    if tl.get("t_us"):
-        t0 = tl["t_us"][0]
-        for t, al, re in zip(tl["t_us"], tl["allocated"], tl["reserved"]):
-            out.append({"name": "torch memory", "ph": "C", "ts": float(t - t0), "pid": 0, "tid": 0, "args": {"allocated": al, "reserved": re}})
-        for o in a.ooms:
-            ts = getattr(o, "time_us", None)
-            out.append({"name": "OOM", "ph": "i", "s": "g", "ts": float((ts or tl["t_us"][-1]) - t0), "pid": 0, "tid": 0,
-                        "args": {"requested": o.requested, "fragmentation_oom": bool(o.fragmentation_oom)}})
+    times = list(tl.get("t_us") or [])
+    known = [o.time_us for o in a.ooms if getattr(o, "time_us", None) is not None]
+    t0 = min(times[:1] + known) if times or known else 0
+    for t, al, re in zip(times, tl.get("allocated") or [], tl.get("reserved") or []):
+        out.append({"name": "torch memory", "ph": "C", "ts": float(t - t0), "pid": 0, "tid": 0, "args": {"allocated": al, "reserved": re}})
+    for o in a.ooms:  # every OOM, at its own time when the snapshot has one (0 is a time), else at the end
+        ts = getattr(o, "time_us", None)
+        at = ts if ts is not None else (times[-1] if times else t0)
+        out.append({"name": "OOM", "ph": "i", "s": "g", "ts": float(at - t0), "pid": 0, "tid": 0,
+                    "args": {"requested": o.requested, "fragmentation_oom": bool(o.fragmentation_oom), "time_known": ts is not None}})
     return out
 
 

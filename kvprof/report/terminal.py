@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 
 from kvprof import metrics as registry
 from kvprof.report import format as fmt
@@ -53,7 +54,7 @@ def render(result, width: int | None = None, console=None) -> None:
         console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['memray_capture'])}", style="dim"))
         console.print(Text("a memray capture file", style="dim"))
     else:
-        cmd = " ".join(src.get("command") or []) if isinstance(src.get("command"), list) else str(src.get("command") or src.get("bundle"))
+        cmd = shlex.join(map(str, src.get("command") or [])) if isinstance(src.get("command"), list) else str(src.get("command") or src.get("bundle"))
         console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src.get('bundle', ''))}", style="dim"))
         console.print(Text(f"command: {cmd}", overflow="ellipsis", no_wrap=True), style="dim")
     target = src.get("target") or {}

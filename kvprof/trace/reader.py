@@ -212,6 +212,18 @@ class ProcessData:
         return self.strings.get(int(sid), f"#{sid}")
 
 
+# manifest fields the analysis reads, with the types `kvprof record` writes
+_MANIFEST_FIELDS = (
+    ("processes", list, "a list"),
+    ("target", dict, "an object"),
+    ("command", (list, str), "a command line"),
+    ("probe_status", dict, "an object"),
+    ("probe_options", dict, "an object"),
+    ("probe_cost", dict, "an object"),
+    ("probes", (dict, list), "an object"),
+)
+
+
 class Bundle:
     """An opened bundle.  ``Bundle(path)`` validates it or raises BundleError."""
 
@@ -236,6 +248,12 @@ class Bundle:
             )
         if version < 1:
             raise BundleError(f"bad bundle format version {version}: {path}")
+        for key, kinds, what in _MANIFEST_FIELDS:
+            value = self.manifest.get(key)
+            if value is not None and not isinstance(value, kinds):
+                raise BundleError(f"damaged manifest: '{key}' is not {what}: {path}")
+        if any(not isinstance(p, dict) for p in self.manifest.get("processes") or []):
+            raise BundleError(f"damaged manifest: 'processes' holds something that is not a process record: {path}")
         procs_dir = os.path.join(path, fmt.PROCS_DIR)
         self.processes: list[ProcessData] = []
         if os.path.isdir(procs_dir):
