@@ -36,6 +36,11 @@ def run(
     command = [c for c in (command or [])]
     if command and command[0] == "--":
         command = command[1:]
+    elif command and command[0].startswith("-") and not module:
+        # an option kvprof does not know, before the command: a typo, not a program to run
+        from kvprof.errors import UsageError
+
+        raise UsageError(f"no such option: {command[0]} (a command that starts with '-' goes after --; see `kvprof record --help`)")
     probes = []
     for p in probe or []:
         probes.extend(x.strip() for x in p.split(",") if x.strip())

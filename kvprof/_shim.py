@@ -21,6 +21,19 @@ import sys
 FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
+def _in_terminal_foreground(pid: int) -> bool:
+    try:
+        fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+    except OSError:
+        return False
+    try:
+        return os.tcgetpgrp(fd) == os.getpgid(pid)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def main() -> int:
     status_path, stdout_fd = sys.argv[1], int(sys.argv[2])
     argv = sys.argv[4:] if sys.argv[3:4] == ["--"] else sys.argv[3:]
@@ -34,8 +47,12 @@ def main() -> int:
         with open(status_path, "w") as fh:
             json.dump({"started": False, "error": f"{exc.strerror}: {argv[0]}", "errno": exc.errno}, fh)
         return 127 if isinstance(exc, FileNotFoundError) else 126
+    with open(status_path + ".target", "w") as fh:  # py-spy kills this shim on Ctrl-C: kvprof then waits for the command itself
+        fh.write(str(proc.pid))
 
     def forward(signum, frame):
+        if signum == signal.SIGINT and _in_terminal_foreground(proc.pid):
+            return  # the terminal's Ctrl-C went to the whole foreground group: the command has it
         try:
             proc.send_signal(signum)
         except ProcessLookupError:

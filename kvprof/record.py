@@ -219,10 +219,29 @@ def _pyspy_finish(pyspy: dict, rc: int, manifest: dict):
     import json
 
     note = manifest["probe_status"]["pyspy"]
+    shim = _read_pid(pyspy["status"] + ".pid")
+    if shim is not None and not os.path.exists(pyspy["status"]):
+        # py-spy is gone but its launcher, which started the target, may still be waiting
+        # for it (a signal to the whole process group ends py-spy first): wait for its word
+        _wait_gone(shim)
+        _reap(shim)
     try:
         with open(pyspy["status"]) as fh:
             status = json.load(fh)
     except (OSError, ValueError):
+        if shim is not None:  # the target was started: never run it a second time
+            note["status"] = "sampled" if os.path.exists(pyspy["profile"]) else "no profile written"
+            # py-spy SIGKILLs its launcher when it stops on Ctrl-C; the target, orphaned,
+            # became kvprof's child (a subreaper): its own exit status is still ours to wait for
+            target = _read_pid(pyspy["status"] + ".target")
+            if target is not None:
+                try:
+                    _, st = os.waitpid(target, 0)
+                    return os.waitstatus_to_exitcode(st), None
+                except ChildProcessError:  # no subreaper here: it is not our child
+                    _wait_gone(target)
+            note["reason"] = "py-spy and its launcher ended before the target's exit status was known"
+            return (rc if rc >= 0 else 128 - rc), None
         # the shim never ran: py-spy itself failed (permissions, unsupported platform)
         note.update(status="failed", reason=f"py-spy exited with {rc} before starting the target; ran the target without it")
         return rc, {"retry": True}
@@ -233,12 +252,71 @@ def _pyspy_finish(pyspy: dict, rc: int, manifest: dict):
     return int(status["returncode"]), None
 
 
-def _same_foreground_group(pid: int) -> bool:
+def _reap(pid: int) -> None:
     try:
-        fd = sys.stdin.fileno()
-        return os.isatty(fd) and os.tcgetpgrp(fd) == os.getpgid(pid)
-    except (OSError, ValueError, AttributeError):
+        os.waitpid(pid, os.WNOHANG)  # an orphan handed to us (subreaper): not left a zombie
+    except ChildProcessError:
+        pass
+
+
+def _become_subreaper() -> bool:
+    """Linux: orphans of our descendants are re-parented to us instead of to init, so the
+    target's exit status survives py-spy killing the launcher between us and it."""
+    if not sys.platform.startswith("linux"):
         return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(36, 1, 0, 0, 0) == 0  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def _wait_gone(pid: int) -> None:
+    """Wait until a process that is not our child has ended (it is reaped by its new parent)."""
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        except PermissionError:  # the pid was reused by someone else's process: ours is gone
+            return
+        try:
+            with open(f"/proc/{pid}/stat") as fh:  # a zombie nobody reaped yet is gone for us
+                if fh.read().rsplit(")", 1)[-1].split()[0] == "Z":
+                    return
+        except (OSError, IndexError):
+            pass
+        time.sleep(0.05)
+
+
+def _same_foreground_group(pid: int) -> bool:
+    """Is ``pid`` in the foreground process group of our controlling terminal?  Then a
+    Ctrl-C reached it from the terminal already, whatever our stdin is (``< /dev/null``)."""
+    fds = []
+    for stream in (sys.stdin, sys.stdout, sys.stderr):
+        try:
+            fds.append(stream.fileno())
+        except (OSError, ValueError, AttributeError):
+            pass
+    opened = None
+    try:
+        opened = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
+        fds.append(opened)
+    except OSError:
+        pass
+    try:
+        for fd in fds:
+            try:
+                if os.isatty(fd):
+                    return os.tcgetpgrp(fd) == os.getpgid(pid)
+            except OSError:
+                continue
+        return False
+    finally:
+        if opened is not None:
+            os.close(opened)
 
 
 def record(
@@ -307,6 +385,7 @@ def record(
         pyspy = _pyspy_setup(bundle, argv, pyspy_options or {}, manifest)
         if pyspy is not None:
             launch = pyspy["argv"]
+            _become_subreaper()
         write_json_atomic(mpath, manifest)
 
     nvml = None

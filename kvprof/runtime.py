@@ -192,8 +192,33 @@ def _at_exit() -> None:
     w = writer
     if w is not None and w.pid == os.getpid():
         w.closing = True  # a SIGTERM from now on waits for the end of this (see _on_sigterm)
-        run_closers()
-        w.close()
+        with _SigintDeferred():
+            run_closers()
+            w.close()
+
+
+class _SigintDeferred:
+    """While the recording closes at exit, a Ctrl-C (a second one, or one a launcher
+    forwarded on top of the terminal's) must not raise KeyboardInterrupt half way through
+    the last write: the process is ending anyway.  Only when Python's default handler is
+    in place and this is the main thread."""
+
+    def __enter__(self):
+        self.old = None
+        try:
+            if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+                self.old = signal.signal(signal.SIGINT, lambda signum, frame: None)
+        except (ValueError, OSError):
+            self.old = None
+        return self
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            try:
+                signal.signal(signal.SIGINT, self.old)
+            except (ValueError, OSError):
+                pass
+        return False
 
 
 def _install_signal_flush() -> None:
@@ -276,6 +301,15 @@ def rescue_missed_sigterm() -> None:
 
 def _on_sigterm(signum, frame) -> None:
     _rescue["handled"] = True
+    if signal.getsignal(signum) is not _on_sigterm:
+        # The program installed its own handler after kvprof and calls the one it replaced
+        # (``old = signal.getsignal(SIGTERM)`` ... ``old(signum, frame)``): in its place the
+        # default action would have been there, which a chaining handler does not call.
+        # Keep what was recorded and let the program's shutdown go on.
+        w = writer
+        if w is not None and not w.closed:
+            w.flush()
+        return
     # A second SIGTERM (multiprocessing terminates pool workers, then its exit hook
     # terminates them again) must not re-enter and kill us half way through the flush.
     try:
@@ -291,8 +325,9 @@ def _on_sigterm(signum, frame) -> None:
         return
     if w is not None and not w.closed:
         w.closing = True
-        run_closers()
-        w.close({"terminated_by_signal": signum})
+        with _SigintDeferred():
+            run_closers()
+            w.close({"terminated_by_signal": signum})
     elif w is not None:  # closed and written: say how the process ended
         w.info["terminated_by_signal"] = signum
         w.write_process_info()

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -211,3 +212,117 @@ def test_a_sigterm_during_the_last_write_of_the_record_still_ends_it(tmp_path):
     assert proc["exited_cleanly"], proc
     info = json.loads((out / proc["dir"] / "process.json").read_text())
     assert info["terminated_by_signal"] == signal.SIGTERM and info["bomb"] == "bomb"
+
+
+def test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short(tmp_path):
+    """kvprof's flush-and-die handler replaced the default action; a program that saves the
+    handler it replaces and calls it from its own would have found SIG_DFL there, which is not
+    callable.  Called that way, kvprof keeps the data and lets the program's shutdown run."""
+    script = tmp_path / "chain.py"
+    script.write_text(
+        "import signal, sys, time, kvprof\n"
+        "old = signal.getsignal(signal.SIGTERM)\n"
+        "def h(s, f):\n"
+        "    if callable(old):\n"
+        "        old(s, f)\n"
+        "    print('graceful shutdown done', flush=True)\n"
+        "    sys.exit(0)\n"
+        "signal.signal(signal.SIGTERM, h)\n"
+        "kvprof.mark('ready')\n"
+        "print('ready', flush=True)\n"
+        "time.sleep(30)\n"
+    )
+    out = tmp_path / "c.kvprof"
+    proc = subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", "-o", str(out), "--", sys.executable, str(script)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "ready"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 0
+    assert proc.stdout.read().strip() == "graceful shutdown done"
+    (p,) = json.loads((out / "manifest.json").read_text())["processes"]
+    assert p["exited_cleanly"]
+    assert json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]["ready"]["count"] == 1
+
+
+def test_a_marker_value_out_of_range_loses_nothing_else(tmp_path):
+    script = tmp_path / "big.py"
+    script.write_text("import kvprof\nkvprof.mark('huge', 2**63)\nfor i in range(20):\n    kvprof.mark('m', i)\nkvprof.mark('neg', -2**70)\n")
+    out = tmp_path / "b.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), str(script)).returncode == 0
+    marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
+    assert {k: v["count"] for k, v in marks.items()} == {"huge": 1, "m": 20, "neg": 1}
+    (d,) = (out / "procs").iterdir()
+    assert json.loads((d / "process.json").read_text())["errors"] == ["marker values outside 64-bit integers were clamped"]
+
+
+def test_a_mistyped_option_is_not_run_as_the_command(tmp_path):
+    r = run_kvprof("record", "--outptu", "x", "t.py", cwd=str(tmp_path))
+    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: no such option: --outptu"), r.stderr
+    assert os.listdir(tmp_path) == []
+
+
+def _under_a_terminal(command: str, tmp_path, ctrl_c_after: float = 2.5, wait: float = 15.0):
+    """Run `command` (a shell line) in a new pseudo-terminal, press Ctrl-C, return its output."""
+    import pty
+    import select
+
+    try:
+        pid, fd = pty.fork()
+    except OSError as exc:  # a sandbox without pseudo-terminals
+        pytest.skip(f"no pseudo-terminal: {exc}")
+    if pid == 0:  # pragma: no cover - the child
+        os.chdir(str(tmp_path))
+        os.execvp("bash", ["bash", "-c", command])
+    out = b""
+
+    def drain(seconds):
+        nonlocal out
+        end = time.time() + seconds
+        while time.time() < end:
+            ready, _, _ = select.select([fd], [], [], 0.1)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    return False
+                if not chunk:
+                    return False
+                out += chunk
+        return True
+
+    drain(ctrl_c_after)
+    os.write(fd, b"\x03")
+    drain(wait)
+    os.waitpid(pid, 0)
+    return out.decode(errors="replace")
+
+
+COUNT_SIGINTS = (
+    "import signal, time\n"
+    "n = []\n"
+    "signal.signal(signal.SIGINT, lambda s, f: n.append(s))\n"
+    "open('runs.log', 'a').write('started\\n')\n"
+    "print('ready', flush=True)\n"
+    "t = time.time()\n"
+    "while time.time() - t < 4: time.sleep(0.05)\n"
+    "print('SIGINTs received:', len(n), flush=True)\n"
+)
+
+
+@pytest.mark.parametrize("probes", ["blocks", "blocks,pyspy"])
+def test_ctrl_c_in_a_terminal_reaches_the_target_once(tmp_path, probes):
+    """The terminal sends Ctrl-C to its whole foreground group: kvprof (and the py-spy
+    launcher) must not forward a second one, whatever stdin is; with py-spy, which kills its
+    launcher when it stops on Ctrl-C, the target still runs once and its exit code is kept."""
+    if probes.endswith("pyspy"):
+        from kvprof.record import find_pyspy
+
+        if find_pyspy() is None:
+            pytest.skip("py-spy not installed")
+    (tmp_path / "count.py").write_text(COUNT_SIGINTS)
+    line = f"{sys.executable} -m kvprof.commands record -q -o c.kvprof -p {probes} count.py < /dev/null; echo rc=$?"
+    out = _under_a_terminal(line, tmp_path)
+    assert "SIGINTs received: 1" in out and "rc=0" in out, out
+    assert (tmp_path / "runs.log").read_text() == "started\n"
+    m = json.loads((tmp_path / "c.kvprof" / "manifest.json").read_text())
+    assert m["target"]["exit_code"] == 0 and [p["exited_cleanly"] for p in m["processes"]] == [True], m

@@ -113,7 +113,7 @@ class MemrayProcess:
     leaked_allocations: int
     temporary_allocations: int
     temporary_bytes: int
-    allocations_per_second: float
+    allocations_per_second: float | None
     peak_stacks: list[StackBytes]
     leaked_stacks: list[StackBytes]
     temporary_stacks: list[StackBytes]
@@ -460,6 +460,13 @@ def analyze_memray_file(path: str) -> MemrayProcess:
     return _memray_from_json(out)
 
 
+MIN_RATE_SECONDS = 0.01  # a capture shorter than this (or without an end time) gives no per-second rates
+
+
+def _per_s(n, duration: float):
+    return None if n is None or duration < MIN_RATE_SECONDS else n / duration
+
+
 def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:
     from memray._memray import compute_statistics
 
@@ -480,7 +487,7 @@ def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:
         frames = _memray_frames([loc])
         n = counts.get(loc)  # None: not among memray's most frequent locations
         churn.append(ChurnSite(frames, _site(frames), None if n is None else int(n), int(size), None,
-                               None if n is None else n / duration, None, None))
+                               _per_s(n, duration), None, None))
     m = MemrayProcess(
         file=path, pid=int(meta.pid), native=hybrid, python_allocator=str(meta.python_allocator),
         trace_python_allocators=bool(meta.trace_python_allocators), duration_s=duration,
@@ -488,7 +495,7 @@ def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:
         peak_bytes=int(meta.peak_memory), leaked_bytes=int(sum(r.size for r in leaked)),
         leaked_allocations=int(sum(r.n_allocations for r in leaked)),
         temporary_allocations=int(sum(r.n_allocations for r in temporary)), temporary_bytes=int(sum(r.size for r in temporary)),
-        allocations_per_second=int(st.total_num_allocations) / duration,
+        allocations_per_second=_per_s(int(st.total_num_allocations), duration),
         peak_stacks=_group(peak, hybrid=hybrid), leaked_stacks=_group(leaked, hybrid=hybrid), temporary_stacks=_group(temporary, hybrid=hybrid),
         churn=churn,
     )
@@ -548,7 +555,9 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
     except Exception as exc:
         raise BundleError(f"unreadable memray capture {path}: {exc}") from None
     hybrid = bool(meta.has_native_traces)
-    duration = max((meta.end_time - meta.start_time).total_seconds(), 1e-9)
+    # memray's start and end times; a forked worker that leaves through os._exit ends its
+    # capture without an end time (end == start): no rate then, rather than billions per second
+    duration = max((meta.end_time - meta.start_time).total_seconds(), 0.0)
     if meta.total_allocations > EXACT_CHURN_RECORDS:
         return _large_capture(path, reader, meta, hybrid, duration)
     try:
@@ -602,14 +611,14 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
     churn = []
     for trace, (n, b, nf) in sorted(by_trace.items(), key=lambda kv: -kv[1][1])[:TOP]:
         frames = _memray_frames(trace)
-        churn.append(ChurnSite(frames, _site(frames), n, b, nf, n / duration, nf / duration, temp_by_site.get(trace, 0)))
+        churn.append(ChurnSite(frames, _site(frames), n, b, nf, _per_s(n, duration), _per_s(nf, duration), temp_by_site.get(trace, 0)))
     return MemrayProcess(
         file=path, pid=int(meta.pid), native=hybrid, python_allocator=str(meta.python_allocator),
         trace_python_allocators=bool(meta.trace_python_allocators), duration_s=duration,
         total_allocations=total, total_allocated_bytes=total_bytes, frees=frees, peak_bytes=int(meta.peak_memory),
         leaked_bytes=int(sum(r.size for r in leaked)), leaked_allocations=int(sum(r.n_allocations for r in leaked)),
         temporary_allocations=int(sum(r.n_allocations for r in temporary)), temporary_bytes=int(sum(r.size for r in temporary)),
-        allocations_per_second=total / duration, kvprof_allocations=own[0], kvprof_allocated_bytes=own[1],
+        allocations_per_second=_per_s(total, duration), kvprof_allocations=own[0], kvprof_allocated_bytes=own[1],
         peak_stacks=_group(peak, hybrid=hybrid), leaked_stacks=_group(leaked, hybrid=hybrid), temporary_stacks=_group(temporary, hybrid=hybrid),
         churn=churn,
     )
@@ -662,7 +671,7 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     tms = [p.tracemalloc for p in procs if p.tracemalloc]
     span = None
     if mrs:
-        span = max(m.duration_s for m in mrs)
+        span = max(m.duration_s for m in mrs) if any(m.allocations_per_second is not None for m in mrs) else None
     return HeapAnalysis(
         window=window_label, k=k, processes=procs, leak_suspects=suspects[:50], peak_bytes=peak, peak_pid=peak_pid,
         leaked_bytes_at_exit=sum(m.leaked_bytes for m in mrs) if mrs else None,
@@ -717,7 +726,8 @@ def section_result(a: HeapAnalysis, window: str | None = None):
             c = max(m.churn, key=lambda c: c.allocated_bytes)
             findings.append(Finding(
                 "info", f"process {p.pid}: busiest allocation site {c.site}",
-                (f"{c.allocations:,} allocations ({mib(c.allocated_bytes)}) in {m.duration_s:.2f} s, {c.allocations_per_second:,.0f}/s; "
+                (f"{c.allocations:,} allocations ({mib(c.allocated_bytes)}) in {m.duration_s:.2f} s"
+                 + (f", {c.allocations_per_second:,.0f}/s; " if c.allocations_per_second is not None else "; ")
                  if c.allocations is not None else f"{mib(c.allocated_bytes)} allocated in {m.duration_s:.2f} s; ")
                 + (f"{c.temporary:,} of them temporary (freed before the next allocation)." if c.temporary is not None
                  else f"{m.temporary_allocations:,} temporary allocations in the process."),

@@ -232,7 +232,7 @@ class ProcessWriter:
             rows = np.empty(count, dtype=fmt.BLOCK_EVENT_DTYPE)
             cols = list(zip(*blocks))
             for i, name in enumerate(("t", "kind", "pool", "req", "arg", "arg2")):
-                rows[name] = np.array(cols[i], dtype=np.int64)
+                rows[name] = self._int64(cols[i], name)
             id_lists = cols[6]
             rows["n"] = np.array(list(map(len, id_lists)), dtype=np.int64)
             nids = int(rows["n"].sum())
@@ -255,7 +255,11 @@ class ProcessWriter:
                 self._append("blocks.bin", data.tobytes())
                 self.counts["blocks"] += len(data)
         if marks:
-            self._append("marks.bin", np.array(marks, dtype=fmt.MARK_DTYPE).tobytes())
+            try:
+                data = np.array(marks, dtype=fmt.MARK_DTYPE)
+            except (OverflowError, ValueError, TypeError):
+                data = np.array(list(zip(*(self._int64(c, "marker") for c in zip(*marks)))), dtype=fmt.MARK_DTYPE)
+            self._append("marks.bin", data.tobytes())
             self.counts["marks"] += len(marks)
         if gcs:
             self._append("gc.bin", np.array(gcs, dtype=fmt.GC_DTYPE).tobytes())
@@ -270,6 +274,25 @@ class ProcessWriter:
                 self.counts["heap_sites"] += len(data)
             self._append("heap_snaps.bin", np.array([h[0] for h in heap], dtype=fmt.HEAP_SNAP_DTYPE).tobytes())
             self.counts["heap_snaps"] += len(heap)
+
+    def _int64(self, values, what: str) -> np.ndarray:
+        """A column as int64; a value out of range (a marker value of 2**63) is clamped and
+        said once, instead of failing the flush and with it the rest of the recording."""
+        try:
+            return np.array(values, dtype=np.int64)
+        except (OverflowError, ValueError, TypeError):
+            lo, hi = -(1 << 63), (1 << 63) - 1
+
+            def fit(v):
+                try:
+                    return min(max(int(v), lo), hi)
+                except (TypeError, ValueError, OverflowError):
+                    return 0
+
+            message = f"{what} values outside 64-bit integers were clamped"
+            if message not in self.info["errors"]:
+                self.info["errors"].append(message)
+            return np.array([fit(v) for v in values], dtype=np.int64)
 
     def close(self, exit_status: dict | None = None) -> None:
         if self.closed:
