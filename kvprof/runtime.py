@@ -289,8 +289,9 @@ def rescue_missed_sigterm() -> None:
         data = b""
     if signal.SIGTERM in data and not _rescue["handled"]:
         _rescue["seen"] = _rescue["seen"] or time.monotonic()
-    if _rescue["seen"] and not _rescue["handled"] and signal.getsignal(signal.SIGTERM) is not _on_sigterm:
-        _rescue["seen"] = 0  # the program installed its own handler since: its business
+    if _rescue["seen"] and not _rescue["handled"] and (signal.getsignal(signal.SIGTERM) is not _on_sigterm
+                                                      or signal.getsignal(signal.SIGURG) is not _poke):
+        _rescue["seen"] = 0  # the program installed its own handler (SIGTERM or SIGURG) since: its business
     if _rescue["seen"] and not _rescue["handled"] and time.monotonic() - _rescue["seen"] > 0.2:
         _rescue["seen"] = time.monotonic()  # again later if it did not take
         try:
