@@ -276,12 +276,21 @@ def _arm_rescue() -> None:
                 os.close(fd)
             except OSError:
                 pass
-    _rescue.update(r=r, w=w, seen=0, handled=False, armed=True, main=threading.main_thread().ident)
+    st = os.fstat(r)
+    _rescue.update(r=r, w=w, seen=0, handled=False, armed=True, main=threading.main_thread().ident, ident=(st.st_dev, st.st_ino))
 
 
 def rescue_missed_sigterm() -> None:
     """Called by the writer thread on each tick (see _arm_rescue)."""
     if not _rescue["armed"]:
+        return
+    try:  # still our pipe?  A program that closed it may have that number for its own data
+        st = os.fstat(_rescue["r"])
+        if (st.st_dev, st.st_ino) != _rescue.get("ident"):
+            _rescue["armed"] = False
+            return
+    except OSError:
+        _rescue["armed"] = False
         return
     try:
         data = os.read(_rescue["r"], 512)

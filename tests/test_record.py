@@ -326,3 +326,29 @@ def test_ctrl_c_in_a_terminal_reaches_the_target_once(tmp_path, probes):
     assert (tmp_path / "runs.log").read_text() == "started\n"
     m = json.loads((tmp_path / "c.kvprof" / "manifest.json").read_text())
     assert m["target"]["exit_code"] == 0 and [p["exited_cleanly"] for p in m["processes"]] == [True], m
+
+
+def test_a_program_that_closes_every_descriptor_keeps_its_files_and_ours(tmp_path):
+    """A daemon's closerange() closes kvprof's files; the numbers then go to the program's own
+    files and pipes.  kvprof must neither write its records there nor read the program's pipe."""
+    script = tmp_path / "closer.py"
+    script.write_text(
+        "import kvprof, os, sys, time\n"
+        "kvprof.mark('a', 1)\n"
+        "time.sleep(0.8)  # kvprof's writer has opened its files\n"
+        "os.closerange(3, 1024)\n"
+        "r, w = os.pipe()\n"
+        f"fds = [os.open(os.path.join({str(tmp_path)!r}, f'user{{i}}.txt'), os.O_WRONLY | os.O_CREAT | os.O_TRUNC) for i in range(6)]\n"
+        "os.write(w, b'hello')\n"
+        "kvprof.mark('b', 2)\n"
+        "time.sleep(0.8)\n"
+        "os.set_blocking(r, False)\n"
+        "print(os.read(r, 100).decode(), flush=True)\n"
+        "kvprof.mark('c', 3)\n"
+    )
+    out = tmp_path / "c.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), str(script))
+    assert r.returncode == 0 and r.stdout == "hello\n", (r.stdout, r.stderr)
+    assert all((tmp_path / f"user{i}.txt").stat().st_size == 0 for i in range(6))
+    marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
+    assert {k: v["count"] for k, v in marks.items()} == {"a": 1, "b": 1, "c": 1}

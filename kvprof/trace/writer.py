@@ -60,6 +60,14 @@ def block_process_signals() -> None:
             pass
 
 
+def _same_file(fd: int, ident) -> bool:
+    try:
+        st = os.fstat(fd)
+    except OSError:
+        return False
+    return ident is not None and (st.st_dev, st.st_ino) == ident
+
+
 class ProcessWriter:
     """Writes the streams of one process into ``<bundle>/procs/<pid>-<start_ns>/``."""
 
@@ -90,6 +98,7 @@ class ProcessWriter:
         self._meta: collections.deque = collections.deque()
         self._flush_lock = threading.Lock()
         self._fds: dict[str, int] = {}
+        self._ids: dict[str, tuple] = {}  # (st_dev, st_ino) of each open stream file
         self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0, "heap_snaps": 0, "heap_sites": 0}
         self.closed = False
         self.closing = False  # the exit hook runs (probes' exit work, then close)
@@ -153,9 +162,16 @@ class ProcessWriter:
 
     def _append(self, name: str, data: bytes) -> None:
         fd = self._fds.get(name)
+        if fd is not None and not _same_file(fd, self._ids.get(name)):
+            # the program closed kvprof's descriptor (a daemon's closerange) and the number
+            # may now be one of its own files: never write there, open ours again
+            self._fds.pop(name, None)
+            fd = None
         if fd is None:
             fd = os.open(os.path.join(self.dir, name), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
             self._fds[name] = fd
+            st = os.fstat(fd)
+            self._ids[name] = (st.st_dev, st.st_ino)
         view = memoryview(data)
         while view:
             written = os.write(fd, view)
