@@ -19,10 +19,12 @@ def run(
     from kvprof.analysis import analyze_path
     from kvprof.report import json_report, terminal
 
-    if html_out == "-":
-        from kvprof.errors import UsageError
+    from kvprof.errors import UsageError
 
+    if html_out == "-":
         raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
+    if width is not None and width < 40:
+        raise UsageError("--width must be at least 40 columns")
     result = analyze_path(bundle, window=window)
     if json_out:
         json_report.write(result, json_out)

@@ -20,6 +20,10 @@ def run(
     Exit status: 0 within budget, 1 a metric regressed or broke a budget,
     2 bad input or usage.
     """
+    if width is not None and width < 40:
+        from kvprof.errors import UsageError
+
+        raise UsageError("--width must be at least 40 columns")
     from kvprof import budgets as budgets_mod
     from kvprof.compare import compare, load_run
     from kvprof.errors import UsageError

@@ -21,7 +21,7 @@ def run(
     num_blocks: str = typer.Option(None, "--num-blocks", metavar="N|unlimited", help="Pool size for every block size (default: the recorded KV memory, blocks × block size kept)."),
     kv_memory: str = typer.Option(None, "--kv-memory", metavar="SIZE", help="KV memory, e.g. 40GiB: blocks = SIZE / (block size × bytes per token)."),
     policy: str = typer.Option("free-queue", "--policy", metavar="P[,P...]", help="Allocators: free-queue (the engine's own), first-fit, best-fit, buddy."),
-    recovery: str = typer.Option("preempt,seeds", "--recovery", metavar="R[,R...]", help="Out-of-blocks recovery for the run allocators: preempt (newest, recompute) and/or seeds (drop cached, compact, preempt)."),
+    recovery: str = typer.Option(None, "--recovery", metavar="R[,R...]", help="Out-of-blocks recovery for the run allocators: preempt (newest, recompute) and/or seeds (drop cached, compact, preempt); default both."),
     prefix_cache: str = typer.Option("on", "--prefix-cache", metavar="on|off", help="Replay with the prefix cache on (as recorded) or off."),
     pool: str = typer.Option(None, "--pool", metavar="LABEL", help="The pool to replay (default: the busiest)."),
     bytes_per_token: float = typer.Option(None, "--bytes-per-token", help="KV bytes per token (layers × KV heads × head size × dtype bytes × 2), when the bundle does not say."),
@@ -34,6 +34,7 @@ def run(
 
     Exit status: 0; 2 bad input.
     """
+    import math
     import os
 
     from kvprof.analysis import AnalysisResult
@@ -48,10 +49,12 @@ def run(
         bad = [p for p in policies if p not in W.allocators.POLICIES]
         if bad:
             raise ValueError(f"--policy: unknown {', '.join(bad)} (one of: {', '.join(W.allocators.POLICIES)})")
-        recoveries = _list(recovery, "--recovery")
+        recoveries = _list(recovery, "--recovery") if recovery is not None else W.RECOVERIES
         bad = [r for r in recoveries if r not in W.RECOVERIES]
         if bad:
             raise ValueError(f"--recovery: unknown {', '.join(bad)} (one of: {', '.join(W.RECOVERIES)})")
+        if recovery is not None and not any(p in W.allocators.CONTIGUOUS for p in policies):
+            raise ValueError("--recovery applies to the run allocators (first-fit, best-fit, buddy): the free queue always preempts")
         if prefix_cache not in ("on", "off"):
             raise ValueError(f"--prefix-cache must be on or off, not {prefix_cache!r}")
         unlimited, nblocks = False, None
@@ -65,11 +68,22 @@ def run(
                     raise ValueError(f"--num-blocks must be a number or 'unlimited', not {num_blocks!r}") from None
                 if nblocks < 2:
                     raise ValueError("--num-blocks must be at least 2")
+        if unlimited and (policies != ("free-queue",) or recovery is not None):
+            raise ValueError("--num-blocks unlimited replays the engine's free queue only (no allocation can fail there): "
+                             "--policy and --recovery need a pool size")
+        if nblocks is not None and nblocks > W.MAX_BLOCKS:
+            raise ValueError(f"--num-blocks: at most {W.MAX_BLOCKS:,} (the replay keeps per-block state in memory)")
         if num_blocks is not None and kv_memory is not None:
             raise ValueError("give --num-blocks or --kv-memory, not both")
         mem = W.parse_bytes(kv_memory) if kv_memory is not None else None
-        if bytes_per_token is not None and bytes_per_token <= 0:
-            raise ValueError("--bytes-per-token must be positive")
+        if bytes_per_token is not None and not (math.isfinite(bytes_per_token) and bytes_per_token > 0):
+            raise ValueError("--bytes-per-token must be a positive number")
+        if metadata_bytes < 1:
+            raise ValueError("--metadata-bytes must be 1 or more")
+        if width is not None and width < 40:
+            raise ValueError("--width must be at least 40 columns")
+        if json_out is not None and not json_out.strip():
+            raise ValueError("--json needs a file name ('-' for stdout)")
         if jobs is not None and jobs < 1:
             raise ValueError("--jobs must be at least 1")
     except ValueError as exc:

@@ -38,6 +38,10 @@ def test_replay_of_the_recorded_configuration_equals_analyze_on_the_fixtures(nam
     ["--policy", "first-fit", "--block-size", "32", "--num-blocks", "120"],
     ["--no-prefix-cache", "--num-blocks", "150"],
     ["--block-size", "8", "--num-blocks", "500", "--prefix-share", "0.9"],
+    # a hit that takes blocks computed by two requests (one re-computed a block whose first
+    # copy had been evicted): 112 hit tokens short before content classes replaced the
+    # parent-and-shared-length model
+    ["--seed", "2", "--num-blocks", "100", "--block-size", "8", "--policy", "first-fit", "--prefix-share", "0.9"],
 ])
 def test_replay_equals_analyze_for_every_demo_engine_policy(tmp_path, args):
     out = tmp_path / "d.kvprof"
@@ -307,6 +311,15 @@ def test_cli_capacity_options(tmp_path):
     (["--recovery", "pray"], "--recovery: unknown pray"),
     (["--prefix-cache", "maybe"], "--prefix-cache must be on or off"),
     (["--pool", "nope"], "no pool 'nope'"),
+    (["--metadata-bytes", "-1", "--bytes-per-token", "100"], "--metadata-bytes must be 1 or more"),
+    (["--bytes-per-token", "nan"], "--bytes-per-token must be a positive number"),
+    (["--bytes-per-token", "inf"], "--bytes-per-token must be a positive number"),
+    (["--num-blocks", "200000000"], "--num-blocks: at most 16,777,216"),
+    (["--kv-memory", "1KiB", "--bytes-per-token", "1e-300"], "more than 16,777,216 blocks"),
+    (["--width", "-3"], "--width must be at least 40"),
+    (["--json", ""], "--json needs a file name"),
+    (["--num-blocks", "unlimited", "--policy", "buddy"], "--num-blocks unlimited replays the engine's free queue only"),
+    (["--policy", "free-queue", "--recovery", "seeds"], "--recovery applies to the run allocators"),
 ])
 def test_cli_bad_options_are_one_line(args, message):
     r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), *args)
@@ -336,3 +349,35 @@ def test_prefix_cache_off_replays_without_hits_and_still_checks_the_recorded_run
     # nothing shared: nothing evicted, the pool fills sooner and refuses more
     assert m["blocks.evictions"] == 0 and m["blocks.peak_blocks"] == 255
     assert m["blocks.allocation_failures"] > rec["blocks.allocation_failures"] and m["blocks.usage.time_weighted"] > rec["blocks.usage.time_weighted"]
+
+
+def test_a_refusal_with_no_later_state_is_replayed_from_the_blocks_the_engine_wanted(tmp_path):
+    """An aborted request (or the last event of a crashed run) has no state after its refused
+    allocation: the replay uses the event's own blocks-needed figure."""
+    script = tmp_path / "refused.py"
+    script.write_text("import kvprof.blocks\n"
+                      "pool = kvprof.blocks.Pool(num_blocks=4, block_size=4, name='p')\n"
+                      "pool.request_arrived('a', prompt_tokens=12)\n"
+                      "pool.alloc([0, 1, 2], request='a')\n"
+                      "pool.request_state('a', filled_tokens=12, blocks_held=3)\n"
+                      "pool.request_arrived('b', prompt_tokens=8)\n"
+                      "pool.allocation_failed('b', 2, 1)\n"
+                      "pool.request_finished('b')\n"
+                      "pool.free([0, 1, 2], request='a')\n"
+                      "pool.request_finished('a')\n")
+    out = tmp_path / "r.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
+    w = _fidelity(out)
+    assert w["fidelity"]["blocks.allocation_failures"] == {**w["fidelity"]["blocks.allocation_failures"], "analyze": 1, "replay": 1, "equal": True}
+
+
+def test_cli_bytes_per_token_and_plain_byte_sizes():
+    """--bytes-per-token reaches the rows' peak and compaction bytes, not only the advice; a
+    --kv-memory in plain bytes is a size."""
+    r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16", "--kv-memory", "1048576",
+                   "--bytes-per-token", "100", "--policy", "first-fit", "-j", "1", "--json", "-")
+    assert r.returncode == 0, r.stderr
+    w = json.loads(r.stdout)["sections"]["whatif"]
+    (row,) = [x for x in w["rows"] if x["policy"] == "first-fit" and x["recovery"] == "preempt"]
+    assert row["num_blocks"] == 1048576 // (16 * 100)
+    assert row["metrics"]["whatif.peak_bytes"] == row["metrics"]["blocks.peak_blocks"] * 16 * 100

@@ -53,6 +53,9 @@ class Schedule:
     prefix_caching: bool
     final_lengths: list = field(default_factory=list)  # tokens of each request at its last state
     unsupported: dict = field(default_factory=dict)  # events the replay cannot use, by kind
+    # (request, block index at the recorded size) -> its content class: blocks whose token
+    # prefixes the recorded hits show equal (absent: a class of its own)
+    content: dict = field(default_factory=dict)
 
     engine_policy: str | None = None  # the pool's own free-block policy, when it declared one
 
@@ -66,8 +69,12 @@ class Schedule:
         first, order = self.free_order()
         return {"fifo": "LRU queue", "lifo": "LIFO stack", "lowest": "lowest id first"}[order] + (", uncached blocks reused first" if first else "")
 
+    bytes_per_token_given: float | None = None  # --bytes-per-token, over the bundle's own figure
+
     @property
     def bytes_per_token(self) -> float | None:
+        if self.bytes_per_token_given:
+            return self.bytes_per_token_given
         return self.bytes_per_block / self.block_size if self.bytes_per_block else None
 
 
@@ -148,6 +155,7 @@ def extract(stream, pool_index: int) -> Schedule:
     pos_of: dict = {}  # request -> {block id: position}
     freed: dict = {}  # request -> count of positions freed
     owner: dict = {}  # block id -> (request that computed it, position)
+    uf: dict = {}  # union-find over (request, block index): content classes
     foreign: set = set()
     reserved: list = []
     final_len: dict = {}
@@ -191,6 +199,18 @@ def extract(stream, pool_index: int) -> Schedule:
             if k == HIT:
                 parent = owner.get(ids[-1], (None, 0))[0] if ids else None
                 append((OP_LOOKUP, t, r, len(ids) * B, parent, qhint[i]))
+                # a hit of block j computed as block j of request o: the two token prefixes
+                # up to the end of block j are equal (content hashes chain), so are all blocks
+                # before it.  One request's hit may take blocks of several (one re-computed a
+                # block the other's copy of which had been evicted): each owner's furthest block.
+                furthest: dict = {}
+                for j, b in enumerate(ids, len(tab)):
+                    o = owner.get(b)
+                    if o is not None and o[0] != r and o[1] == j and j > furthest.get(o[0], -1):
+                        furthest[o[0]] = j
+                for o, jmax in furthest.items():
+                    for j in range(jmax + 1):
+                        _union(uf, (r, j), (o, j))
             else:
                 # tokens the table grows for; and, for a replay at the recorded size, the length
                 # the engine grew it to (so lookahead and chunking land exactly where they did)
@@ -248,7 +268,7 @@ def extract(stream, pool_index: int) -> Schedule:
         elif k == FINISH:
             append((OP_FINISH, times[i], reqs[i]))
         elif k == FAIL:
-            append((OP_FAIL, times[i], reqs[i], target[i], qhint[i]))
+            append((OP_FAIL, times[i], reqs[i], target[i], qhint[i], args[i]))  # args: the blocks the engine wanted
         elif k == RESERVE:
             reserved.extend(ids_all[starts[i] : ends[i]].tolist())
         elif k == EVICT:
@@ -286,7 +306,24 @@ def extract(stream, pool_index: int) -> Schedule:
         bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"), max_model_len=info.extra.get("max_model_len"),
         t_start=t_start, t_end=t_end, ops=ops, requests=int((seen_req >= 0).sum()), prefix_caching=cached_any,
         final_lengths=list(final_len.values()), unsupported=unsupported, engine_policy=info.extra.get("policy"),
+        content={node: _find(uf, node) for node in uf},
     )
+
+
+def _find(uf: dict, x):
+    root = x
+    while uf.get(root, root) != root:
+        root = uf[root]
+    while x != root:  # path compression
+        uf[x], x = root, uf[x]
+    return root
+
+
+def _union(uf: dict, a, b) -> None:
+    ra, rb = _find(uf, a), _find(uf, b)
+    if ra != rb:
+        uf[ra] = rb
+        uf.setdefault(rb, rb)
 
 
 @dataclass
@@ -332,8 +369,7 @@ class _Replay:
         self.cache: dict = {}
         self.table: dict = {}
         self.running: dict = {}  # admitted requests in admission order (newest last)
-        self.parent: dict = {}
-        self.shared: dict = {}
+        self.content = sched.content
         self.cov: dict = {}
         self.filled: dict = {}
         self.known: dict = {}
@@ -368,14 +404,11 @@ class _Replay:
 
     # -- content keys ---------------------------------------------------------------------------
     def key(self, r, j):
-        end = (j + 1) * self.B
-        cur = r
-        parent, shared = self.parent, self.shared
-        while True:
-            p = parent.get(cur)
-            if p is None or end > shared[cur]:
-                return (cur, j)
-            cur = p
+        """The content of block j of request r at this block size: its tokens' prefix ends in
+        recorded block m-1, so two requests share it when their recorded blocks m-1 are one
+        content class (sharing is known to the recorded block granularity)."""
+        node = (r, -(-(j + 1) * self.B // self.B0) - 1)
+        return (self.content.get(node, node), j)
 
     # -- block bookkeeping ----------------------------------------------------------------------
     def _took(self, b):
@@ -618,10 +651,7 @@ class _Replay:
                 tab = self.table.get(r)
                 self._set_waste(r, max(len(tab) * B - f, 0) if tab else 0)
             elif code == OP_LOOKUP:
-                r, rec_hits, parent = op[2], op[3], op[4]
-                if parent is not None and parent != r and r not in self.parent:
-                    self.parent[r] = parent
-                    self.shared[r] = rec_hits
+                r, rec_hits = op[2], op[3]
                 if r in self.suspended or r in self.table:
                     continue
                 self._admit_lookup(r, rec_hits, op[5])
@@ -694,6 +724,8 @@ class _Replay:
                 self.keep.discard(r)
             elif code == OP_FAIL:
                 r, tokens = op[2], op[3]
+                if tokens < 0 and op[5] > 0:  # no later state says how long: the blocks the engine wanted, beyond the table
+                    tokens = len(self.table.get(r) or ()) * B + op[5] * B0
                 self.honor = self._short(r, tokens, op[4])
                 self.honor_for = r
                 if self.honor:
@@ -867,6 +899,7 @@ FIDELITY_METRICS = ("blocks.peak_blocks", "blocks.internal_fragmentation.time_we
                     "blocks.prefix_cache.hit_tokens", "blocks.prefix_cache.query_tokens", "blocks.preemptions",
                     "blocks.allocation_failures", "blocks.usage.time_weighted")
 DEFAULT_SIZES = (8, 16, 32, 64, 128)
+MAX_BLOCKS = 1 << 24  # pool sizes a replay takes (per-block state is Python lists)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -874,7 +907,7 @@ def parse_bytes(text: str) -> int:
     import re
 
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text or "")
-    if not m or m.group(2).lower() not in _UNITS or (m.group(2) == "" and "." in m.group(1)):
+    if not m or (m.group(2) and m.group(2).lower() not in _UNITS) or (m.group(2) == "" and "." in m.group(1)):
         raise ValueError(f"not a size: {text!r} (examples: 40GiB, 512MiB, 1e9 is not accepted: write 1GB)")
     value = int(float(m.group(1)) * _UNITS[m.group(2).lower() or "b"])
     if value <= 0:
@@ -903,9 +936,11 @@ def pick_pool(stream, label: str | None):
         return None
     if label is None:
         return max(pools, key=lambda p: int((stream.pool == p.index).sum()))
-    for p in stream.pools:
-        if label in (p.label, p.name):
-            return p
+    named = [p for p in stream.pools if label in (p.label, p.name)]
+    if len(named) > 1:
+        raise ValueError(f"several pools are named {label!r}: give one of {', '.join(p.label for p in named)}")
+    if named:
+        return named[0]
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in stream.pools)})")
 
 
@@ -926,17 +961,24 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
     sched = extract(stream, info.index)
     if not sched.final_lengths:
         raise ValueError(f"pool {info.label} has no request states to replay (its probe reports no token counts)")
-    bpt = opts.bytes_per_token or sched.bytes_per_token
+    if opts.bytes_per_token:
+        sched.bytes_per_token_given = opts.bytes_per_token  # the rows' peak and compaction bytes use it too
+    bpt = sched.bytes_per_token
     sizes = sorted(set(opts.block_sizes) if opts.block_sizes else set(DEFAULT_SIZES) | {sched.block_size})
     if opts.kv_memory and not bpt:
         raise ValueError("--kv-memory needs the bytes one token takes: the bundle does not say (give --bytes-per-token)")
 
     def capacity(b):
         if opts.num_blocks:
-            return opts.num_blocks
-        if opts.kv_memory:
-            return max(int(opts.kv_memory // (b * bpt)), 2)
-        return max(sched.num_blocks * sched.block_size // b, 2)  # the recorded KV memory
+            n = opts.num_blocks
+        elif opts.kv_memory:
+            n = max(int(opts.kv_memory // (b * bpt)), 2)
+        else:
+            n = max(sched.num_blocks * sched.block_size // b, 2)  # the recorded KV memory
+        if n > MAX_BLOCKS:
+            raise ValueError(f"more than {MAX_BLOCKS:,} blocks of {b} tokens: the replay keeps per-block state in memory and stops there "
+                             "(use --num-blocks unlimited for the blocks a run needs)")
+        return n
 
     configs = [Config(sched.block_size, sched.num_blocks, "free-queue", "preempt", True)]  # the recorded configuration: fidelity
     configs += [Config(b, UNLIMITED, "free-queue", "preempt", opts.prefix_cache) for b in sizes]
