@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import heapq
-import math
 import random
 import sys
 from collections import deque

@@ -4,9 +4,7 @@ hand-made cases for every format and finding, hostile pickles."""
 import json
 import os
 import pickle
-import pickletools
 import re
-import shutil
 import subprocess
 import sys
 

@@ -239,7 +239,6 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     inuse = np.cumsum(d_inuse)
     cached = np.cumsum(d_cached)
     bsz_b = bsize[(np.searchsorted(base, key, side="right") - 1)] if m else np.zeros(0, dtype=np.int64)
-    inuse_slots = np.cumsum(d_inuse * bsz_b)
 
     # ---- request events -------------------------------------------------------------------
     req_kinds = (kind_call >= K.REQ_ARRIVE) & (kind_call <= K.ALLOC_FAIL)

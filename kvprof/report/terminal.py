@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shlex
 
-from kvprof import metrics as registry
 from kvprof.report import format as fmt
 
 HEADLINE = [

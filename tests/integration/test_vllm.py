@@ -4,7 +4,6 @@ LLM.get_metrics() for the same run.  Slow (~1 min): `make test-vllm`."""
 
 import json
 import os
-import shutil
 
 import pytest
 
