@@ -261,8 +261,9 @@ def test_a_mistyped_option_is_not_run_as_the_command(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def _under_a_terminal(command: str, tmp_path, ctrl_c_after: float = 2.5, wait: float = 15.0):
-    """Run `command` (a shell line) in a new pseudo-terminal, press Ctrl-C, return its output."""
+def _under_a_terminal(command: str, tmp_path, ready: bytes = b"ready", wait: float = 30.0):
+    """Run `command` (a shell line) in a new pseudo-terminal, press Ctrl-C once it printed
+    `ready`, return its output."""
     import pty
     import select
 
@@ -275,10 +276,10 @@ def _under_a_terminal(command: str, tmp_path, ctrl_c_after: float = 2.5, wait: f
         os.execvp("bash", ["bash", "-c", command])
     out = b""
 
-    def drain(seconds):
+    def drain(seconds, until=None):
         nonlocal out
         end = time.time() + seconds
-        while time.time() < end:
+        while time.time() < end and not (until and until in out):
             ready, _, _ = select.select([fd], [], [], 0.1)
             if ready:
                 try:
@@ -290,7 +291,8 @@ def _under_a_terminal(command: str, tmp_path, ctrl_c_after: float = 2.5, wait: f
                 out += chunk
         return True
 
-    drain(ctrl_c_after)
+    drain(wait, until=ready)
+    time.sleep(0.2)
     os.write(fd, b"\x03")
     drain(wait)
     os.waitpid(pid, 0)
@@ -304,7 +306,7 @@ COUNT_SIGINTS = (
     "open('runs.log', 'a').write('started\\n')\n"
     "print('ready', flush=True)\n"
     "t = time.time()\n"
-    "while time.time() - t < 4: time.sleep(0.05)\n"
+    "while time.time() - t < 2: time.sleep(0.05)\n"
     "print('SIGINTs received:', len(n), flush=True)\n"
 )
 
