@@ -224,3 +224,46 @@ def test_report_and_compare_on_snapshots(tmp_path):
     rows = {x["name"]: x for x in json.loads(r.stdout)["rows"]}
     assert r.returncode == 1 and rows["torch.reserved_bytes"]["verdict"] == "fail"
     assert "torch" not in sys.modules  # analysis never imported torch in this process either
+
+
+def _seg(blocks, total=2 << 20):
+    return {"device": 0, "address": 1 << 40, "total_size": total, "stream": 0, "segment_type": "large", "blocks": blocks}
+
+
+def test_structure_bombs_are_refused_in_one_line(tmp_path):
+    """Plain data can still hurt: a tuple key nested 200,000 deep overflows the C stack while
+    the unpickler hashes it (a segfault no exception catches); one big list referenced many
+    times through the memo stands for billions of blocks; a number of thousands of digits is
+    not a size.  Each is refused before the analysis, in one line."""
+    deep = b"\x80\x02}" + b")" + b"\x85" * 200_000 + b"K\x01s."
+    blk = {"size": 1 << 20, "state": "inactive", "requested_size": 0}
+    shared = [blk] * 100_000
+    bomb = pickle.dumps({"segments": [_seg(shared)] * 1000}, protocol=4)
+    assert len(bomb) < 2_000_000
+    cases = {
+        "deep.pickle": (deep, "nests containers more than 32 deep"),
+        "bomb.pickle": (bomb, "more than 50,000,000 blocks and trace entries"),
+        "huge.pickle": (pickle.dumps({"segments": [_seg([], total=10**5000)]}, protocol=2), "a number of 16610 bits"),
+    }
+    for name, (data, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        r = run_kvprof("analyze", str(path), timeout=60)
+        assert r.returncode == 2 and message in r.stderr, (name, r.returncode, r.stderr[-500:])
+        assert len(r.stderr.strip().splitlines()) == 1
+
+
+def test_odd_settings_and_frames_are_kept_as_plain_data(tmp_path):
+    """allocator_settings and frames pass through to JSON and reports: a settings dict that
+    contains itself, bytes keys, or a frame whose name is not a string must not break them."""
+    settings = {"expandable_segments": False, b"raw": 1, "nested": {"a": [1, 2, {"b": 3}]}}
+    settings["self"] = settings
+    blk = {"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20,
+           "frames": [{"filename": "x.py", "line": 3, "name": ("not", "a", "str")}]}
+    path = tmp_path / "odd.pickle"
+    path.write_bytes(pickle.dumps({"segments": [_seg([blk, {"size": 1 << 20, "state": "inactive"}])], "allocator_settings": settings}, protocol=4))
+    r = run_kvprof("analyze", str(path), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["metrics"]["torch.reserved_bytes"]["value"] == 2 << 20
+    assert run_kvprof("report", str(path), "-o", str(tmp_path / "odd.html")).returncode == 0
