@@ -195,3 +195,15 @@ def test_perfetto_export_carries_torch_samples_and_ooms(tmp_path):
     assert len(mem) == 5 and all(e["args"]["reserved"] >= e["args"]["allocated"] > 0 for e in mem)
     (oom,) = [e for e in doc["traceEvents"] if e["name"] == "CUDA OOM"]
     assert oom["args"]["requested"] == 1 << 30
+
+
+def test_max_snapshots_caps_marker_snapshots_only(tmp_path):
+    """--torch-max-snapshots N: at most N marker snapshots; an OOM snapshot taken before
+    them does not use up one of the N."""
+    script = tmp_path / "oom_first.py"
+    script.write_text("import kvprof, torch\ntorch.cuda.init()\ntorch.cuda.fake_oom(0, 1 << 30)\nfor i in range(5):\n    kvprof.mark('step', i)\n")
+    out = tmp_path / "o.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "torch", "--torch-snapshot-at", "step", "--torch-max-snapshots", "3", "--",
+                   sys.executable, str(script), env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert [s["reason"] for s in _meta(out, "torch_snapshot")] == ["oom", "mark", "mark", "mark", "exit"]

@@ -164,7 +164,7 @@ def test_leaks_churn_short_lived_and_timeline():
     assert a.short_lived == 2 and a.churn_by_stack[0].count == 2 and a.churn_by_stack[0].median_lifetime_us == 5.5
     # rebuilt backwards from the snapshot's totals: 2 MiB allocated and 8 MiB reserved at the end
     assert a.timeline["t_us"] == [0, 10, 11, 20, 30, 40]
-    assert a.timeline["allocated"] == [0, MiB, 0, 2 * MiB, 3 * MiB, 2 * MiB]
+    assert a.timeline["requested"] == [0, MiB, 0, 2 * MiB, 3 * MiB, 2 * MiB]
     assert a.timeline["reserved"] == [8 * MiB] * 6
 
 
@@ -267,3 +267,63 @@ def test_odd_settings_and_frames_are_kept_as_plain_data(tmp_path):
     doc = json.loads(r.stdout)
     assert doc["metrics"]["torch.reserved_bytes"]["value"] == 2 << 20
     assert run_kvprof("report", str(path), "-o", str(tmp_path / "odd.html")).returncode == 0
+
+
+def test_oom_diagnosis_looks_at_the_pool_that_serves_the_request():
+    """A 3 MiB request is served by the large pool only: 1.5 MiB free in small-pool pieces
+    beside 2.5 MiB in the large pool does not make it a fragmentation OOM; a private pool's
+    free blocks do not count either; the state is 'oom' when only another device moved after."""
+    MiB = 1 << 20
+
+    def seg(addr, kind, blocks, pool=(0, 0), dev=0):
+        return {"device": dev, "address": addr, "total_size": sum(b["size"] for b in blocks), "stream": 0, "segment_type": kind,
+                "segment_pool_id": pool, "blocks": blocks}
+
+    free = lambda n: {"size": n, "state": "inactive"}  # noqa: E731
+    used = lambda n: {"size": n, "state": "active_allocated", "requested_size": n}  # noqa: E731
+    oom = {"action": "oom", "addr": 0, "size": 3 * MiB, "stream": 0, "time_us": 100, "device_free": 0, "frames": []}
+    small = [seg(1 << 30, "small", [used(MiB // 2), free(3 * MiB // 4), used(MiB // 4), free(3 * MiB // 4)])]
+    large = [seg(1 << 31, "large", [used(4 * MiB), free(5 * MiB // 2)])]
+    a = analyze_snapshot(normalize({"segments": small + large, "device_traces": [[oom]]}))
+    (o,) = a.ooms
+    assert not o.fragmentation_oom and o.inactive_bytes == 5 * MiB // 2
+    # the same free bytes in pieces of the large pool: a fragmentation OOM
+    a = analyze_snapshot(normalize({"segments": [seg(1 << 31, "large", [free(2 * MiB), used(MiB), free(2 * MiB)])], "device_traces": [[oom]]}))
+    assert a.ooms[0].fragmentation_oom
+    # a private pool's free blocks do not serve the default pool's request
+    priv = [seg(1 << 32, "large", [free(4 * MiB), used(MiB), free(4 * MiB)], pool=(1, 0))]
+    a = analyze_snapshot(normalize({"segments": priv + large, "device_traces": [[oom]]}))
+    assert not a.ooms[0].fragmentation_oom and a.ooms[0].inactive_bytes == 5 * MiB // 2
+    # device 1 allocating after device 0's OOM leaves device 0 as it was at the OOM
+    other = {"action": "alloc", "addr": 1 << 33, "size": MiB, "stream": 0, "time_us": 150, "frames": []}
+    a = analyze_snapshot(normalize({"segments": large + [seg(1 << 33, "large", [used(MiB)], dev=1)], "device_traces": [[oom], [other]]}))
+    assert a.ooms[0].state_at == "oom"
+
+
+def test_timeline_merges_devices_in_time_and_counts_requested_bytes():
+    MiB = 1 << 20
+    A = 1 << 28
+
+    def seg(dev):
+        return {"device": dev, "address": A, "total_size": 20 * MiB, "stream": 0, "segment_type": "large",
+                "blocks": [{"address": A, "size": 20 * MiB, "requested_size": 20 * MiB - 3, "state": "active_allocated"}]}
+
+    def ev(action, t, size=20 * MiB):
+        return {"action": action, "addr": A, "size": size, "stream": 0, "time_us": t, "frames": []}
+
+    snap = {"segments": [seg(0), seg(1)],
+            "device_traces": [[ev("segment_alloc", 10), ev("alloc", 20, 20 * MiB - 3)], [ev("segment_alloc", 5), ev("alloc", 15, 20 * MiB - 3)]]}
+    tl = analyze_snapshot(normalize(snap)).timeline
+    assert tl["t_us"] == [5, 10, 15, 20]
+    assert tl["reserved"] == [20 * MiB, 40 * MiB, 40 * MiB, 40 * MiB]
+    assert tl["requested"] == [0, 0, 20 * MiB - 3, 40 * MiB - 6]  # from zero: the trace's sizes are the requested ones
+
+
+def test_segment_map_of_blocks_without_addresses():
+    """The oldest format has no block addresses: blocks are laid out from the segment's start."""
+    from kvprof.analysis.timeseries import segment_layout
+
+    snap = normalize([{"address": 1 << 30, "total_size": 3 << 20, "stream": 0, "segment_type": "small",
+                       "blocks": [{"size": 1 << 20, "state": "active_allocated"}, {"size": 2 << 20, "state": "inactive"}]}])
+    (seg,) = segment_layout(snap)
+    assert seg["blocks"] == [[0, 1 << 20, "active_allocated"], [1 << 20, 2 << 20, "inactive"]] and seg["pool"] == "small"

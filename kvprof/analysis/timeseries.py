@@ -139,13 +139,14 @@ def segment_layout(snapshot: dict, max_segments: int = 120, max_blocks: int = 40
         off = 0
         for b in s.get("blocks") or []:
             size = int(b.get("size") or 0)
-            addr = int(b.get("address", base + off) or base + off)
+            addr = b.get("address")
+            addr = addr if isinstance(addr, int) and addr >= 0 and base >= 0 else base + off  # the oldest format has no block addresses
             if budget > 0:
                 blocks.append([addr - base, size, str(b.get("state", ""))])
                 budget -= 1
             off += size
         out.append({"address": base, "size": int(s.get("total_size") or 0), "stream": int(s.get("stream") or 0),
-                    "pool": "large" if int(s.get("total_size") or 0) > 1 << 20 else "small", "device": int(s.get("device") or 0), "blocks": blocks})
+                    "pool": s.get("segment_type") if s.get("segment_type") in ("large", "small") else ("large" if int(s.get("total_size") or 0) > 2 << 20 else "small"), "device": int(s.get("device") or 0), "blocks": blocks})
     return out
 
 

@@ -79,7 +79,7 @@ class TorchAnalysis:
     churn_by_stack: list[StackRow]
     short_lived: int  # allocations freed before the next allocation was made
     short_lived_bytes: int
-    timeline: dict  # {"t_us": [...], "allocated": [...], "reserved": [...]} rebuilt from the trace
+    timeline: dict  # {"t_us": [...], "requested": [...], "reserved": [...]} rebuilt from the trace
     allocator_settings: dict
     advice: list[dict] = field(default_factory=list)
 
@@ -141,6 +141,11 @@ def analyze_snapshot(snap: dict) -> TorchAnalysis:
     churn: dict[str, list] = {}
     last_alloc_index = -1
     ooms = []
+    activity = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
+    last_activity: dict = {}  # device -> index of its last allocator activity in the trace
+    for i, (d, e) in enumerate(entries):
+        if e["action"] in activity:
+            last_activity[d] = i
     for i, (d, e) in enumerate(entries):
         act = e["action"]
         if act == "alloc":
@@ -161,9 +166,8 @@ def analyze_snapshot(snap: dict) -> TorchAnalysis:
                     short += 1
                     short_bytes += size
         elif act == "oom":
-            later = any(x["action"] in ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
-                        for _, x in entries[i + 1:])
-            sizes = [x for (dev, stream, _k, _p), xs in pools.items() if dev == d and stream == e["stream"] for x in xs]
+            later = last_activity.get(d, -1) > i  # this device's state changed after the OOM
+            sizes = _serving_pool(pools, d, e["stream"], e["size"])
             tot, big = sum(sizes), max(sizes, default=0)
             ooms.append(Oom(time_us=e["time_us"], device=d, stream=e["stream"], requested=e["size"],
                             device_free=e["device_free"] if e["device_free"] >= 0 else None, inactive_bytes=tot, largest_inactive=big,
@@ -190,16 +194,35 @@ def analyze_snapshot(snap: dict) -> TorchAnalysis:
         pools=pool_space, worst_segments=worst, ooms=ooms, trace_entries=len(entries), trace_span_us=span,
         alloc_count=alloc_count, alloc_bytes=alloc_bytes, allocs_per_second=(alloc_count / (span / 1e6)) if span else None,
         leaked_bytes=sum(r[1] for r in leaks.values()) if entries else None, leaks_by_stack=leak_rows, churn_by_stack=churn_rows,
-        short_lived=short, short_lived_bytes=short_bytes, timeline=_timeline(entries, allocated, reserved),
+        short_lived=short, short_lived_bytes=short_bytes, timeline=_timeline(entries, requested, reserved),
         allocator_settings=dict(snap.get("allocator_settings") or {}),
     )
     a.advice = _advice(a)
     return a
 
 
-def _timeline(entries, allocated_end: int, reserved_end: int, max_points: int = 2000) -> dict:
-    """Allocated and reserved bytes over the trace window, rebuilt backwards from the
-    snapshot's own totals (the trace is a ring buffer that ends at the snapshot)."""
+SMALL_REQUEST = 1 << 20  # PyTorch's kSmallSize: requests up to 1 MiB come from the small pool
+
+
+def _serving_pool(pools: dict, device: int, stream: int, size: int) -> list:
+    """Inactive block sizes of the pool an allocation of ``size`` is served from: the default
+    pool (private pools serve only their own graphs and MemPools) of its device and stream,
+    small for requests up to 1 MiB, large beyond.  Snapshots too old to name segment types
+    count every default-pool block of the stream."""
+    kind = "small" if size <= SMALL_REQUEST else "large"
+    mine = [(k, xs) for k, xs in pools.items() if k[0] == device and k[1] == stream and tuple(k[3]) in ((0, 0), (0,), ())]
+    typed = [xs for k, xs in mine if k[2] == kind]
+    if typed or any(k[2] in ("small", "large") for k, _ in mine):
+        return [x for xs in typed for x in xs]
+    return [x for _, xs in mine for x in xs]
+
+
+def _timeline(entries, requested_end: int, reserved_end: int, max_points: int = 2000) -> dict:
+    """Requested (live) and reserved bytes over the trace window, rebuilt backwards from the
+    snapshot's own totals (the trace is a ring buffer that ends at the snapshot).  The
+    trace's alloc and free sizes are the sizes the program asked for, not the rounded
+    block sizes, so the rebuild starts from the requested total; the devices' entries are
+    merged in time order (each device has its own list)."""
     steps = []
     requested: set = set()  # blocks whose free was requested: they left `allocated` then
     for d, e in entries:
@@ -219,9 +242,10 @@ def _timeline(entries, allocated_end: int, reserved_end: int, max_points: int = 
         if da or dr:
             steps.append((e["time_us"], da, dr))
     if not steps:
-        return {"t_us": [], "allocated": [], "reserved": []}
+        return {"t_us": [], "requested": [], "reserved": []}
+    steps.sort(key=lambda x: x[0])  # stable: one device's order kept at equal times
     t, al, re = [], [], []
-    a, r = allocated_end, reserved_end
+    a, r = requested_end, reserved_end
     for tu, da, dr in reversed(steps):
         t.append(tu)
         al.append(a)
@@ -234,7 +258,7 @@ def _timeline(entries, allocated_end: int, reserved_end: int, max_points: int = 
         keep = sorted({int(i * stride) for i in range(max_points)} | {max(range(len(al)), key=al.__getitem__),
                                                                       max(range(len(re)), key=re.__getitem__), len(t) - 1})
         t, al, re = [t[i] for i in keep], [al[i] for i in keep], [re[i] for i in keep]
-    return {"t_us": t, "allocated": al, "reserved": re}
+    return {"t_us": t, "requested": al, "reserved": re}
 
 
 def _mib(n: int) -> str:

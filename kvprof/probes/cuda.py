@@ -32,7 +32,7 @@ STATS_KEYS = {
 }
 DEFAULTS = {"max_entries": 100_000, "stacks": "python", "depth": 16, "snapshot_at": [], "max_snapshots": 20}
 
-_state: dict = {"torch": None, "enabled": False, "dumps": 0, "lock": threading.Lock(), "names": set()}
+_state: dict = {"torch": None, "enabled": False, "dumps": 0, "mark_dumps": 0, "lock": threading.Lock(), "names": set()}
 
 
 def _options() -> dict:
@@ -51,7 +51,7 @@ def start(writer) -> None:
 def after_fork(writer) -> None:
     # the child inherits the allocator's history setting (and, if CUDA was initialised in
     # the parent, cannot use CUDA at all); only the dump counter is its own
-    _state["dumps"] = 0
+    _state["dumps"] = _state["mark_dumps"] = 0
 
 
 def _on_torch(torch) -> None:
@@ -122,8 +122,10 @@ def dump(reason: str, mark: str | None = None) -> str | None:
         return None
     opts = _options()
     with _state["lock"]:
-        if reason == "mark" and _state["dumps"] >= int(opts["max_snapshots"]):
-            return None
+        if reason == "mark":  # --torch-max-snapshots caps marker snapshots; exit and OOM ones always
+            if _state.get("mark_dumps", 0) >= int(opts["max_snapshots"]):
+                return None
+            _state["mark_dumps"] = _state.get("mark_dumps", 0) + 1
         _state["dumps"] += 1
         n = _state["dumps"]
     t = runtime.now()

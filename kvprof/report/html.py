@@ -271,11 +271,11 @@ def _torch_charts(torch: dict, series: dict):
     out = []
     tl = torch.get("timeline") or {}
     if tl.get("t_us"):
-        p = _fig("PyTorch caching allocator: allocated and reserved over the trace", "seconds", "bytes")
+        p = _fig("PyTorch caching allocator: requested and reserved over the trace", "seconds", "bytes")
         t0 = tl["t_us"][0]
         xs = [(t - t0) / 1e6 for t in tl["t_us"]]
         p.step(xs, tl["reserved"], mode="after", color="#636363", line_width=2, legend_label="reserved")
-        p.step(xs, tl["allocated"], mode="after", color="#31a354", line_width=2, legend_label="allocated")
+        p.step(xs, tl["requested"], mode="after", color="#31a354", line_width=2, legend_label="requested (live tensors)")
         p.legend.location = "top_left"
         out.append(("torch-timeline", p, "Rebuilt backwards from the snapshot's totals through its trace (device_traces)."))
     segs = series.get("segments") or []

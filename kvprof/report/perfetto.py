@@ -125,8 +125,8 @@ def snapshot_events(path: str) -> list:
     times = list(tl.get("t_us") or [])
     known = [o.time_us for o in a.ooms if getattr(o, "time_us", None) is not None]
     t0 = min(times[:1] + known) if times or known else 0
-    for t, al, re in zip(times, tl.get("allocated") or [], tl.get("reserved") or []):
-        out.append({"name": "torch memory", "ph": "C", "ts": float(t - t0), "pid": 0, "tid": 0, "args": {"allocated": al, "reserved": re}})
+    for t, rq, re in zip(times, tl.get("requested") or [], tl.get("reserved") or []):
+        out.append({"name": "torch memory", "ph": "C", "ts": float(t - t0), "pid": 0, "tid": 0, "args": {"requested": rq, "reserved": re}})
     for o in a.ooms:  # every OOM, at its own time when the snapshot has one (0 is a time), else at the end
         ts = getattr(o, "time_us", None)
         at = ts if ts is not None else (times[-1] if times else t0)
