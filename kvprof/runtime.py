@@ -383,7 +383,12 @@ def mark(name: str, value: int = 0, t: int | None = None) -> None:
         return
     t = now() if t is None else t
     sid = w.intern(name)
-    w.marks.append((t, sid, int(value)))
+    value = int(value)
+    if not -(1 << 63) <= value < (1 << 63):  # the streams hold int64: clamped, and said
+        value = max(min(value, (1 << 63) - 1), -(1 << 63))
+        if "marker values outside 64-bit integers were clamped" not in w.info["errors"]:
+            w.info["errors"].append("marker values outside 64-bit integers were clamped")
+    w.marks.append((t, sid, value))
     for hook in _mark_hooks:
         try:
             hook(sid, int(value), t)

@@ -221,3 +221,58 @@ def test_bad_options_are_one_line(tmp_path):
     for opt in (["--tracemalloc-depth", "0"], ["--tracemalloc-interval", "-1"], ["--tracemalloc-every", "0"]):
         r = run_kvprof("record", "-o", str(tmp_path / "x.kvprof"), "-p", "tracemalloc", *opt, "--", sys.executable, "-c", "pass")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def _analyze(bundle):
+    r = run_kvprof("analyze", str(bundle), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
+    """200,000 strings held steady (about 14 MB): the peak is the program's, not the
+    program's plus what each snapshot allocates while it aggregates the traces."""
+    script = tmp_path / "steady.py"
+    script.write_text("import kvprof\nkeep = [str(i) * 3 for i in range(200_000)]\nfor i in range(5):\n    kvprof.mark('step', i)\n")
+    out = tmp_path / "s.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc", "--tracemalloc-interval", "0", "--", sys.executable, str(script)).returncode == 0
+    heap = _analyze(out)["sections"]["heap"]
+    (tm,) = [p["tracemalloc"] for p in heap["processes"] if p.get("tracemalloc")]
+    live = max(v for _, v in tm["series"])
+    assert live <= tm["peak_bytes"] <= 1.05 * live, (tm["peak_bytes"], live)
+
+
+def test_marker_values_beyond_int64_keep_the_heap_stream(tmp_path):
+    script = tmp_path / "big.py"
+    script.write_text("import kvprof\nkeep = []\nfor i in range(6):\n    keep.append(bytearray(10_000))\n    kvprof.mark('step', 2**70 + i)\n")
+    out = tmp_path / "b.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc,gc", "--", sys.executable, str(script)).returncode == 0
+    doc = _analyze(out)
+    (tm,) = [p["tracemalloc"] for p in doc["sections"]["heap"]["processes"] if p.get("tracemalloc")]
+    assert tm["snapshots"] >= 7 and doc["sections"]["markers"]["step"]["count"] == 6
+
+
+def test_gc_advice_sees_a_freeze_made_by_the_program(tmp_path):
+    script = tmp_path / "frozen.py"
+    script.write_text("import gc, time\nkeep = [[i] for i in range(300_000)]\ngc.freeze()\nt = time.time()\n"
+                      "while time.time() - t < 1.0:\n    gc.collect()\n")
+    out = tmp_path / "f.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script)).returncode == 0
+    gcs = _analyze(out)["sections"]["gc"]
+    (p,) = gcs["processes"]
+    assert p["frozen"] >= 300_000
+    assert not any("gc.freeze()" in a["advice"] for a in gcs["advice"]), gcs["advice"]
+
+
+def test_a_grandchilds_memray_capture_is_its_own(tmp_path):
+    pytest.importorskip("memray")
+    script = tmp_path / "gfork.py"
+    script.write_text("import os\nkeep = []\npid = os.fork()\nif pid == 0:\n    gp = os.fork()\n    if gp == 0:\n"
+                      "        keep.extend(bytearray(30000) for _ in range(20))\n        os._exit(0)\n    os.waitpid(gp, 0)\n    os._exit(0)\n"
+                      "os.waitpid(pid, 0)\n")
+    out = tmp_path / "g.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
+    procs = _analyze(out)["sections"]["heap"]["processes"]
+    assert len(procs) == 3
+    grand = max(procs, key=lambda p: p["pid"])
+    assert grand["memray"] and grand["memray"]["total_allocated_bytes"] >= 20 * 30000, grand

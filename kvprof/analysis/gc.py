@@ -93,7 +93,8 @@ def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalys
         procs.append(GcProcess(
             pid=proc.pid, role=str(proc.info.get("role")), wall_s=wall, collections=int(len(ev)), pause_s=pause,
             max_pause_s=float(ev["duration"].max() / 1e9) if len(ev) else 0.0, time_share=(pause / wall) if wall else None,
-            by_generation=_gen_stats(ev), thresholds=settings.get("thresholds"), frozen=settings.get("frozen"),
+            by_generation=_gen_stats(ev), thresholds=settings.get("thresholds_at_exit") or settings.get("thresholds"),
+            frozen=max(settings.get("frozen") or 0, settings.get("frozen_at_exit") or 0) if ("frozen" in settings or "frozen_at_exit" in settings) else None,
         ))
         all_ev.append(ev)
         mine = marks.pid == proc.pid

@@ -2,8 +2,8 @@
 
 Definitions (docs/metrics.md, "Python and native heap"):
 
-* Leak suspect: a site (a stack, innermost frame first) whose live bytes grow across at
-  least ``k`` consecutive steady-state marker snapshots, ranked by the least-squares
+* Leak suspect: a site (a stack, innermost frame first) whose live bytes grow in at
+  least ``k`` consecutive intervals between steady-state marker snapshots, ranked by the least-squares
   growth per step; from memray, the allocations still alive at exit, grouped by stack.
 * Temporary allocation: freed before any other allocation was made in between
   (memray's and heaptrack's definition), counted by stack.
@@ -350,7 +350,8 @@ def _tracemalloc_process(proc, marks, bounds, k: int):
     tm = TracemallocProcess(
         snapshots=int(sel.sum()), depth=note.get("depth"), marker=marker if per_step else None,
         steady_snapshots=int(len(series)), live_bytes_end=int(live[in_win[-1]]) if len(in_win) else 0,
-        peak_bytes=int(snaps["peak"][sel].max()) if sel.any() else 0,
+        # the traced peak less kvprof's own live memory at that snapshot (traced - live)
+        peak_bytes=int(np.maximum(snaps["peak"][sel] - (snaps["traced"][sel] - snaps["live"][sel]), snaps["live"][sel]).max()) if sel.any() else 0,
         peak_at_s=float(ts[peak_i]) if peak_i is not None else None, live_at_peak_snapshot=at_peak,
         series=[[float(ts[i]), int(live[i])] for i in pick], snapshot_seconds=float(snaps["cost"].sum() / 1e9),
         overhead_bytes=int(snaps["overhead"][-1]),
@@ -695,7 +696,9 @@ def section_result(a: HeapAnalysis, window: str | None = None):
     metrics = dict([
         put("heap.peak_bytes", a.peak_bytes, src),
         put("heap.leak_suspects", len(a.leak_suspects) if has_tm else None, "tracemalloc"),
-        put("heap.leak_suspect_bytes_per_step", float(sum(per_step)) if has_tm else None, "tracemalloc"),
+        # 0 for a clean run; None when the suspects grow per second (a run without markers),
+        # not 0, so that a "lower is better" budget cannot pass a leak it cannot measure per step
+        put("heap.leak_suspect_bytes_per_step", float(sum(per_step)) if per_step else (0.0 if has_tm and not a.leak_suspects else None), "tracemalloc"),
         put("heap.live_bytes_at_exit", a.live_bytes_at_exit, "tracemalloc"),
         put("heap.leaked_bytes_at_exit", a.leaked_bytes_at_exit, "memray"),
         put("heap.temporary_allocations", a.temporary_allocations, "memray"),

@@ -88,7 +88,6 @@ def snapshot(reason: int, mark_id: int = -1, mark_value: int = 0, t: int | None 
         c0 = time.perf_counter_ns()
         t = runtime.now() if t is None else t
         traced, peak = tracemalloc.get_traced_memory()
-        tracemalloc.reset_peak()
         traces = tracemalloc._get_traces()  # (domain, size, traceback, total_nframe)
         # Aggregation that allocates almost nothing per trace: every allocation made here
         # is itself traced, and tracing one costs microseconds.
@@ -121,6 +120,10 @@ def snapshot(reason: int, mark_id: int = -1, mark_value: int = 0, t: int | None 
         w.heap.append(((t, st.seq, reason, mark_id, mark_value, int(size_by.sum()), int(count_by.sum()), traced, peak,
                         tracemalloc.get_tracemalloc_memory(), len(rows), cost), rows))
         st.seq += 1
+        # the peak restarts from the program's own memory: after this snapshot's work, with
+        # its per-trace arrays (megabytes for a big heap) already released
+        del idx, sizes, index, keys, size_by, count_by, sids, keep, now, changed, gone, rows
+        tracemalloc.reset_peak()
 
 
 def _on_mark(mark_id: int, value: int, t: int) -> None:
@@ -323,10 +326,12 @@ def after_fork_memray(writer) -> None:
     The child must not stop the inherited Tracker object: its exit compresses the file it
     was created for, which is the parent's, still being written.  memray finishes the
     child's own capture itself."""
-    if _memray["tracker"] is None or not _memray.get("active"):
+    if not ((_memray["tracker"] is not None and _memray.get("active")) or _memray.get("followed")):
         return
+    # memray names every descendant's capture after the first tracker's file: a grandchild's
+    # is memray.bin.<its pid> beside its grandparent's, like a child's
     child = f"{_memray['path']}.{os.getpid()}"
-    _memray.update(tracker=None, active=False, mine=child)
+    _memray.update(tracker=None, active=False, mine=child, followed=True)
     while _memray_exit in runtime._closers:
         runtime._closers.remove(_memray_exit)
     runtime.probe_note("memray", status="attached (memray follows the fork)",

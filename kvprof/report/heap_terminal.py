@@ -49,7 +49,7 @@ def render(console, sec: dict, result) -> None:
     sus = sec["leak_suspects"]
     if any(p["tracemalloc"] for p in sec["processes"]):
         if sus:
-            console.print(Text(f"Leak suspects (live bytes growing over ≥{sec['k']} consecutive steady-state snapshots)", style="bold"))
+            console.print(Text(f"Leak suspects (live bytes growing in ≥{sec['k']} consecutive steady-state intervals, ≥{sec['k'] + 1} snapshots)", style="bold"))
             t = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
             for col in ("process", "site", "growth", "live", "r²"):
                 t.add_column(col, justify="left" if col in ("process", "site") else "right", no_wrap=col != "site")
