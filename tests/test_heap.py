@@ -276,3 +276,13 @@ def test_a_grandchilds_memray_capture_is_its_own(tmp_path):
     assert len(procs) == 3
     grand = max(procs, key=lambda p: p["pid"])
     assert grand["memray"] and grand["memray"]["total_allocated_bytes"] >= 20 * 30000, grand
+
+
+def test_an_aggregated_memray_capture_is_named(tmp_path):
+    pytest.importorskip("memray")
+    script = tmp_path / "w.py"
+    script.write_text("keep = [bytearray(1000) for _ in range(100)]\n")
+    cap = tmp_path / "agg.bin"
+    subprocess.run([sys.executable, "-m", "memray", "run", "-q", "--aggregate", "-o", str(cap), str(script)], check=True, capture_output=True)
+    r = run_kvprof("analyze", str(cap))
+    assert r.returncode == 2 and "an aggregated memray capture (memray run --aggregate)" in r.stderr, r.stderr

@@ -327,3 +327,14 @@ def test_segment_map_of_blocks_without_addresses():
                        "blocks": [{"size": 1 << 20, "state": "active_allocated"}, {"size": 2 << 20, "state": "inactive"}]}])
     (seg,) = segment_layout(snap)
     assert seg["blocks"] == [[0, 1 << 20, "active_allocated"], [1 << 20, 2 << 20, "inactive"]] and seg["pool"] == "small"
+
+
+def test_files_mistaken_for_snapshots_are_named(tmp_path):
+    zipped, empty = tmp_path / "model.pt", tmp_path / "empty.pickle"
+    zipped.write_bytes(b"PK\x03\x04" + b"\0" * 100)
+    empty.write_bytes(b"")
+    for cmd in (["analyze"], ["compare", os.path.join(ROOT, "fixtures", "demo.kvprof")]):
+        r = run_kvprof(*cmd, str(zipped))
+        assert r.returncode == 2 and "a zip archive, as torch.save writes" in r.stderr, r.stderr
+        r = run_kvprof(*cmd, str(empty))
+        assert r.returncode == 2 and "(an empty file)" in r.stderr, r.stderr

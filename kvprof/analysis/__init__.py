@@ -84,7 +84,17 @@ def _window_bounds(bundle, window: str | None):
     t1 = int(marks.times_of(end)[-1]) if end else 2**62
     if t1 < t0:
         raise UsageError(f"window ends ({end}) before it starts ({start})")
-    return (t0, t1), f"between markers {start or 'start'} and {end or 'end'}"
+    label = f"between markers {start or 'start'} and {end or 'end'}"
+    return Window((t0, t1), label), label
+
+
+class Window(tuple):
+    """(t0, t1) of an analysis window, carrying its label for the sections' metrics."""
+
+    def __new__(cls, bounds, label: str):
+        self = super().__new__(cls, bounds)
+        self.label = label
+        return self
 
 
 def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
@@ -109,7 +119,21 @@ def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
         if window:
             raise UsageError("--window needs a bundle's markers; a bare snapshot has none")
         return analyze_snapshot_file(path)
-    raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture: {path}")
+    raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture{_what_it_is(path)}: {path}")
+
+
+def _what_it_is(path: str) -> str:
+    """A hint for the files people mistake for snapshots."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    if not head:
+        return " (an empty file)"
+    if head == b"PK\x03\x04":
+        return " (a zip archive, as torch.save writes; a memory snapshot is torch.cuda.memory._dump_snapshot()'s pickle)"
+    return ""
 
 
 def is_recording(path: str) -> bool:

@@ -145,7 +145,7 @@ def section(bundle, bounds=None):
     """SECTION_ANALYZERS entry: the gc section, its metrics and findings (None without --probe gc)."""
     from kvprof.analysis import Finding, SectionResult, metric_entry
 
-    label = "whole run" if bounds is None else "between markers"
+    label = "whole run" if bounds is None else getattr(bounds, "label", "between markers")
     a = analyze_gc(bundle, bounds, label)
     if a is None:
         return None

@@ -555,6 +555,9 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
         meta = reader.metadata
     except Exception as exc:
         raise BundleError(f"unreadable memray capture {path}: {exc}") from None
+    if int(getattr(meta, "file_format", 0) or 0) != 0:  # memray run --aggregate: no allocation records
+        raise BundleError(f"{path} is an aggregated memray capture (memray run --aggregate): kvprof needs every allocation "
+                          "(record without --aggregate; `memray summary` reads this one)")
     hybrid = bool(meta.has_native_traces)
     # memray's start and end times; a forked worker that leaves through os._exit ends its
     # capture without an end time (end == start): no rate then, rather than billions per second
@@ -743,7 +746,7 @@ def section_result(a: HeapAnalysis, window: str | None = None):
 
 def section(bundle, bounds=None):
     """SECTION_ANALYZERS entry: None unless --probe tracemalloc or memray recorded something."""
-    label = "whole run" if bounds is None else "between markers"
+    label = "whole run" if bounds is None else getattr(bounds, "label", "between markers")
     a = analyze_heap(bundle, bounds, label)
     if a is None:
         return None
