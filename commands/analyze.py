@@ -8,7 +8,7 @@ def run(
     json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the analysis (schema kvprof.analysis/1) to this file ('-' for stdout)."),
     window: str = typer.Option(None, "--window", metavar="START[:END]", help="Only events between two markers: START[:END] marker names."),
     no_report: bool = typer.Option(False, "--no-report", help="Do not print the terminal report."),
-    width: int = typer.Option(None, "--width", metavar="COLUMNS", help="Terminal report width (default: the terminal's)."),
+    width: int = typer.Option(None, "--width", metavar="COLUMNS", min=40, help="Terminal report width (default: the terminal's)."),
     budget: str = typer.Option(None, "--budget", metavar="FILE", help="Check the run against the absolute limits (max, min) of this budget TOML; exit 1 on a breach."),
     html_out: str = typer.Option(None, "--html", metavar="FILE", help="Also write the self-contained HTML report (as `kvprof report`)."),
 ):
@@ -17,14 +17,11 @@ def run(
     Exit status: 0, or 1 when --budget is given and a limit is broken; 2 bad input.
     """
     from kvprof.analysis import analyze_path
-    from kvprof.report import json_report, terminal
-
     from kvprof.errors import UsageError
+    from kvprof.report import json_report, terminal
 
     if html_out == "-":
         raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
-    if width is not None and width < 40:
-        raise UsageError("--width must be at least 40 columns")
     result = analyze_path(bundle, window=window)
     if json_out:
         json_report.write(result, json_out)

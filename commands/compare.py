@@ -13,17 +13,13 @@ def run(
     json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the comparison (schema kvprof.compare/1) here ('-' for stdout)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the verdict line on the terminal."),
     show_all: bool = typer.Option(False, "--all", help="List unchanged metrics too."),
-    width: int = typer.Option(None, "--width", metavar="COLUMNS", help="Terminal width (default: the terminal's)."),
+    width: int = typer.Option(None, "--width", metavar="COLUMNS", min=40, help="Terminal width (default: the terminal's)."),
 ):
     """Compare runs against budgets; fail on a regression.
 
     Exit status: 0 within budget, 1 a metric regressed or broke a budget,
     2 bad input or usage.
     """
-    if width is not None and width < 40:
-        from kvprof.errors import UsageError
-
-        raise UsageError("--width must be at least 40 columns")
     from kvprof import budgets as budgets_mod
     from kvprof.compare import compare, load_run
     from kvprof.errors import UsageError

@@ -28,7 +28,7 @@ def run(
     metadata_bytes: int = typer.Option(64, "--metadata-bytes", help="Bookkeeping bytes per block for the block-size advice."),
     jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes (default: all cores)."),
     json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the result (sections.whatif of schema kvprof.analysis/1) to FILE ('-': stdout)."),
-    width: int = typer.Option(None, "--width", metavar="COLUMNS", help="Report width."),
+    width: int = typer.Option(None, "--width", metavar="COLUMNS", min=40, help="Report width."),
 ):
     """Replay a recorded run under other block sizes, pool sizes and allocators.
 
@@ -80,8 +80,6 @@ def run(
             raise ValueError("--bytes-per-token must be a positive number")
         if metadata_bytes < 1:
             raise ValueError("--metadata-bytes must be 1 or more")
-        if width is not None and width < 40:
-            raise ValueError("--width must be at least 40 columns")
         if json_out is not None and not json_out.strip():
             raise ValueError("--json needs a file name ('-' for stdout)")
         if jobs is not None and jobs < 1:

@@ -21,7 +21,9 @@ import sys
 FORWARDED = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT", "SIGUSR1", "SIGUSR2")
 
 
-def _in_terminal_foreground(pid: int) -> bool:
+def in_terminal_foreground(pid: int) -> bool:
+    """Is ``pid`` in the foreground process group of our controlling terminal?  Then a
+    Ctrl-C reached it from the terminal already, whatever stdin is (``< /dev/null``)."""
     try:
         fd = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
     except OSError:
@@ -51,7 +53,7 @@ def main() -> int:
         fh.write(str(proc.pid))
 
     def forward(signum, frame):
-        if signum == signal.SIGINT and _in_terminal_foreground(proc.pid):
+        if signum == signal.SIGINT and in_terminal_foreground(proc.pid):
             return  # the terminal's Ctrl-C went to the whole foreground group: the command has it
         try:
             proc.send_signal(signum)

@@ -133,12 +133,10 @@ def load_run(path: str) -> Run:
         with open(path, "rb") as fh:
             data = json.loads(fh.read().decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        from kvprof.analysis import _what_it_is
+        from kvprof.analysis import file_hint
 
-        hint = _what_it_is(path)
-        if hint:
-            raise BundleError(f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture{hint}") from None
-        raise BundleError(f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture (not valid JSON: {exc})") from None
+        hint = file_hint(path) or f" (not valid JSON: {exc})"
+        raise BundleError(f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture{hint}") from None
     except OSError as exc:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(data, dict) or data.get("schema") != "kvprof.analysis/1":

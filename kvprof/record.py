@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass
 
 from kvprof import runtime
+from kvprof._shim import in_terminal_foreground
 from kvprof._version import __version__
 from kvprof.errors import RecordError, UsageError
 from kvprof.trace import format as fmt
@@ -145,7 +146,7 @@ class _SignalForwarder:
         proc = self.proc
         if proc is None or proc.poll() is not None:
             return
-        if signum == signal.SIGINT and _same_foreground_group(proc.pid):
+        if signum == signal.SIGINT and in_terminal_foreground(proc.pid):
             return  # the terminal sent SIGINT to the whole foreground group, the target has it
         pid = (self.pid_of() if self.pid_of else None) or proc.pid
         try:
@@ -289,34 +290,6 @@ def _wait_gone(pid: int) -> None:
         except (OSError, IndexError):
             pass
         time.sleep(0.05)
-
-
-def _same_foreground_group(pid: int) -> bool:
-    """Is ``pid`` in the foreground process group of our controlling terminal?  Then a
-    Ctrl-C reached it from the terminal already, whatever our stdin is (``< /dev/null``)."""
-    fds = []
-    for stream in (sys.stdin, sys.stdout, sys.stderr):
-        try:
-            fds.append(stream.fileno())
-        except (OSError, ValueError, AttributeError):
-            pass
-    opened = None
-    try:
-        opened = os.open("/dev/tty", os.O_RDONLY | os.O_NOCTTY)
-        fds.append(opened)
-    except OSError:
-        pass
-    try:
-        for fd in fds:
-            try:
-                if os.isatty(fd):
-                    return os.tcgetpgrp(fd) == os.getpgid(pid)
-            except OSError:
-                continue
-        return False
-    finally:
-        if opened is not None:
-            os.close(opened)
 
 
 def record(

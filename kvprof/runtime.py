@@ -391,7 +391,7 @@ def mark(name: str, value: int = 0, t: int | None = None) -> None:
     w.marks.append((t, sid, value))
     for hook in _mark_hooks:
         try:
-            hook(sid, int(value), t)
+            hook(sid, value, t)
         except Exception as exc:
             w.info["errors"].append(f"marker hook failed: {exc!r}")
 

@@ -316,7 +316,7 @@ def test_cli_capacity_options(tmp_path):
     (["--bytes-per-token", "inf"], "--bytes-per-token must be a positive number"),
     (["--num-blocks", "200000000"], "--num-blocks: at most 16,777,216"),
     (["--kv-memory", "1KiB", "--bytes-per-token", "1e-300"], "more than 16,777,216 blocks"),
-    (["--width", "-3"], "--width must be at least 40"),
+    (["--width", "-3"], "Invalid value for '--width': -3 is not in the range x>=40"),
     (["--json", ""], "--json needs a file name"),
     (["--num-blocks", "unlimited", "--policy", "buddy"], "--num-blocks unlimited replays the engine's free queue only"),
     (["--policy", "free-queue", "--recovery", "seeds"], "--recovery applies to the run allocators"),

@@ -119,10 +119,10 @@ def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
         if window:
             raise UsageError("--window needs a bundle's markers; a bare snapshot has none")
         return analyze_snapshot_file(path)
-    raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture{_what_it_is(path)}: {path}")
+    raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture{file_hint(path)}: {path}")
 
 
-def _what_it_is(path: str) -> str:
+def file_hint(path: str) -> str:
     """A hint for the files people mistake for snapshots."""
     try:
         with open(path, "rb") as fh:

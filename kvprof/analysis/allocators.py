@@ -23,6 +23,8 @@ import heapq
 
 import numpy as np
 
+from kvprof.analysis.blocks import true_runs
+
 POLICIES = ("free-queue", "first-fit", "best-fit", "buddy")
 CONTIGUOUS = frozenset({"first-fit", "best-fit", "buddy"})  # serve each allocation from one run of ids
 
@@ -115,12 +117,6 @@ class FreeQueue:
         return len(self.queue)  # paged: any blocks serve
 
 
-def _runs(mask: np.ndarray):
-    """Start and length of every run of True."""
-    d = np.diff(np.concatenate(([0], mask.view(np.int8), [0])))
-    starts = np.flatnonzero(d == 1)
-    return starts, np.flatnonzero(d == -1) - starts
-
 
 class _RunAllocator:
     """Free ids as a mask; subclasses choose the run (``_pick``)."""
@@ -145,7 +141,7 @@ class _RunAllocator:
     def alloc(self, k: int):
         if k > self._count:
             return None
-        starts, lengths = _runs(self.free_mask)
+        starts, lengths = true_runs(self.free_mask)
         s = self._pick(starts, lengths, k)
         if s is None:
             return None
@@ -166,7 +162,7 @@ class _RunAllocator:
         self._count -= 1
 
     def largest_run(self) -> int:
-        _, lengths = _runs(self.free_mask)
+        _, lengths = true_runs(self.free_mask)
         return int(lengths.max()) if len(lengths) else 0
 
 

@@ -362,7 +362,7 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
         pieces = [states[base[p.index] : base[p.index + 1]] for p in infos]
         for piece in pieces:
             free = (piece == EMPTY) | (piece == CACHED)
-            runs = _runs(free)
+            _, runs = true_runs(free)
             free_runs += len(runs)
             if len(runs):
                 largest_run = max(largest_run, int(runs.max()))
@@ -604,12 +604,12 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     )
 
 
-def _runs(mask: np.ndarray) -> np.ndarray:
-    """Lengths of the runs of True in a boolean array."""
-    if not len(mask):
-        return np.zeros(0, dtype=np.int64)
-    d = np.diff(np.r_[0, mask.astype(np.int8), 0])
-    return np.flatnonzero(d == -1) - np.flatnonzero(d == 1)
+def true_runs(mask: np.ndarray):
+    """Start and length of every run of True in a boolean array."""
+    d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
+    starts = np.flatnonzero(d == 1)
+    return starts, np.flatnonzero(d == -1) - starts
+
 
 
 def _rle(states: np.ndarray) -> list:

@@ -94,7 +94,7 @@ def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalys
             pid=proc.pid, role=str(proc.info.get("role")), wall_s=wall, collections=int(len(ev)), pause_s=pause,
             max_pause_s=float(ev["duration"].max() / 1e9) if len(ev) else 0.0, time_share=(pause / wall) if wall else None,
             by_generation=_gen_stats(ev), thresholds=settings.get("thresholds_at_exit") or settings.get("thresholds"),
-            frozen=max(settings.get("frozen") or 0, settings.get("frozen_at_exit") or 0) if ("frozen" in settings or "frozen_at_exit" in settings) else None,
+            frozen=max((settings[k] for k in ("frozen", "frozen_at_exit") if settings.get(k) is not None), default=None),
         ))
         all_ev.append(ev)
         mine = marks.pid == proc.pid

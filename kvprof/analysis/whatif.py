@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from kvprof.analysis import allocators
+from kvprof.analysis.blocks import true_runs
 from kvprof.trace.format import EventKind as K
 
 # schedule operations
@@ -45,7 +46,6 @@ class Schedule:
     num_blocks: int
     reserved_ids: list
     bytes_per_block: int | None
-    max_model_len: int | None
     t_start: int
     t_end: int
     ops: list
@@ -108,7 +108,6 @@ def extract(stream, pool_index: int) -> Schedule:
     times = stream.t[sel].tolist()
     reqs = stream.req[sel].tolist()
     args = stream.arg[sel].tolist()
-    args2 = stream.arg2[sel].tolist()
     starts = stream.offsets[sel].tolist()
     ends = stream.offsets[sel + 1].tolist()
     ids_all = stream.ids
@@ -197,8 +196,7 @@ def extract(stream, pool_index: int) -> Schedule:
                 freed[r] = 0
             pmap = pos_of[r]
             if k == HIT:
-                parent = owner.get(ids[-1], (None, 0))[0] if ids else None
-                append((OP_LOOKUP, t, r, len(ids) * B, parent, qhint[i]))
+                append((OP_LOOKUP, t, r, len(ids) * B, qhint[i]))
                 # a hit of block j computed as block j of request o: the two token prefixes
                 # up to the end of block j are equal (content hashes chain), so are all blocks
                 # before it.  One request's hit may take blocks of several (one re-computed a
@@ -256,7 +254,7 @@ def extract(stream, pool_index: int) -> Schedule:
             for o, pos in cov.items():  # tokens covered, and the exact positions (for the recorded size)
                 append((OP_CACHE, times[i], o, (max(pos) + 1) * B, tuple(pos)))
         elif k == QUERY:
-            append((OP_QUERY, times[i], reqs[i], args[i], args2[i]))
+            append((OP_QUERY, times[i], reqs[i], args[i]))
         elif k == PREEMPT:
             # engines free the victim's blocks, then report the preemption (vLLM, the demo):
             # the replay must know it is a preemption before it frees, so that it can skip it
@@ -303,7 +301,7 @@ def extract(stream, pool_index: int) -> Schedule:
     t_end = int(times[-1]) if n else 0
     return Schedule(
         pool=info.label, engine=info.engine, block_size=B, num_blocks=info.num_blocks, reserved_ids=sorted(set(reserved)),
-        bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"), max_model_len=info.extra.get("max_model_len"),
+        bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"),
         t_start=t_start, t_end=t_end, ops=ops, requests=int((seen_req >= 0).sum()), prefix_caching=cached_any,
         final_lengths=list(final_len.values()), unsupported=unsupported, engine_policy=info.extra.get("policy"),
         content={node: _find(uf, node) for node in uf},
@@ -654,7 +652,7 @@ class _Replay:
                 r, rec_hits = op[2], op[3]
                 if r in self.suspended or r in self.table:
                     continue
-                self._admit_lookup(r, rec_hits, op[5])
+                self._admit_lookup(r, rec_hits, op[4])
             elif code == OP_CACHE:
                 r, c = op[2], op[3]
                 if c > self.cov.get(r, 0):
@@ -774,7 +772,7 @@ class _Replay:
         need = self._need(r, tokens, qhint)
         if need <= 0:
             return False
-        return not self.alloc.can_alloc(need) if self.alloc.contiguous else self.alloc.free_count < need
+        return not self.alloc.can_alloc(need)
 
     def _metrics(self) -> dict:
         span = self.s.t_end - self.s.t_start
@@ -783,7 +781,7 @@ class _Replay:
         if self.peak_mask is not None:
             mask = self.peak_mask
             free_total = int(mask.sum())
-            starts, lengths = allocators._runs(mask)
+            starts, lengths = true_runs(mask)
             runs = len(lengths)
             ext = (1.0 - int(lengths.max()) / free_total) if free_total else 0.0
             used = ~mask
@@ -868,9 +866,10 @@ def replay_many(sched: Schedule, configs: list[Config], jobs: int | None = None)
 
 
 # -- block-size advice ---------------------------------------------------------------------------------
-def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: int, bytes_per_token: float | None) -> dict:
+def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: int) -> dict:
     """The empirical optimum on the recorded lengths beside the closed form
     B* = sqrt(2 L m_metadata / m_token) (L: mean final length)."""
+    bytes_per_token = sched.bytes_per_token
     lengths = [x for x in sched.final_lengths if x > 0]
     L = (sum(lengths) / len(lengths)) if lengths else None
     out = {"mean_length": L, "metadata_bytes_per_block": metadata_bytes, "bytes_per_token": bytes_per_token}
@@ -989,7 +988,12 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
                 recs = opts.recoveries if pol in allocators.CONTIGUOUS else ("preempt",)
                 for rec in recs:
                     fixed.append(Config(b, capacity(b), pol, rec, opts.prefix_cache))
-    results = replay_many(sched, configs + fixed, opts.jobs)
+    # a configuration asked for twice (the recorded one is also a row with the default
+    # capacity) is replayed once
+    wanted = configs + fixed
+    unique = {dataclasses.astuple(c): c for c in reversed(wanted)}
+    done = dict(zip(unique, replay_many(sched, list(unique.values()), opts.jobs)))
+    results = [done[dataclasses.astuple(c)] for c in wanted]
     recorded, needed, rows = results[0], results[1 : 1 + len(sizes)], results[1 + len(sizes) :]
     if analyzed is None:  # analyze's figures for this pool, through analyze's own metric mapping
         from kvprof.analysis import block_metrics
@@ -1015,7 +1019,7 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
         "rows": [dataclasses.asdict(r) for r in rows],
         "blocks_needed": [dataclasses.asdict(r) for r in needed],
         "fidelity": fidelity,
-        "advice": advice(sched, needed, opts.metadata_bytes, bpt),
+        "advice": advice(sched, needed, opts.metadata_bytes),
         "unsupported_events": sched.unsupported,
         "seconds": time.perf_counter() - t0,
     }

@@ -122,7 +122,7 @@ def snapshot(reason: int, mark_id: int = -1, mark_value: int = 0, t: int | None 
         st.seq += 1
         # the peak restarts from the program's own memory: after this snapshot's work, with
         # its per-trace arrays (megabytes for a big heap) already released
-        del idx, sizes, index, keys, size_by, count_by, sids, keep, now, changed, gone, rows
+        del idx, sizes, index, keys
         tracemalloc.reset_peak()
 
 

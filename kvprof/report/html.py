@@ -13,7 +13,6 @@ import html
 import math
 import os
 import shlex
-import sys
 import time
 
 from kvprof import metrics as registry
@@ -129,14 +128,12 @@ def _block_map_chart(m: dict, agg: dict):
     p.image(image=[grid], x=0, y=0, dw=max(m["span_s"], 1e-9), dh=m["num_blocks"], color_mapper=mapper)
     w = (agg.get("timeline") or {}).get("window_s")
     if w:  # over the image, an outline rather than a fill
-        _, models = _bokeh()
         p.add_layout(models.BoxAnnotation(left=w[0], right=w[1], fill_alpha=0, line_color="#b45309", line_width=2, line_dash="dashed"))
     p.select_one(models.HoverTool).tooltips = [("t", "$x{0.000} s"), ("block", "$y{0}"), ("state", "@image{0}")]
     return p
 
 
 def _frag_hit_chart(agg: dict, series: dict):
-    _, models = _bokeh()
     tl = agg.get("timeline") or {}
     hr = series.get("hit_rate")
     if not tl.get("internal_fragmentation") and not hr:
@@ -314,7 +311,6 @@ def _nvml_chart(nvml: dict):
 
 
 def _gc_chart(series: dict):
-    _, models = _bokeh()
     pauses = series.get("gc_pauses") or []
     if not pauses:
         return None
@@ -476,14 +472,6 @@ def render(result, series: dict) -> str:
 
 
 def write(result, series: dict, path: str) -> None:
-    from kvprof.errors import UsageError
-    from kvprof.trace.atomic import write_text
+    from kvprof.trace.atomic import write_output
 
-    text = render(result, series)
-    if path == "-":
-        sys.stdout.write(text)
-        return
-    try:
-        write_text(path, text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    write_output(path, render(result, series))

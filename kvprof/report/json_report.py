@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-
-from kvprof.errors import UsageError
 
 
 def _clean(obj):
@@ -26,12 +23,6 @@ def dumps(result) -> str:
 
 
 def write(result, path: str) -> None:
-    text = dumps(result)
-    if path == "-":
-        sys.stdout.write(text + "\n")
-        return
-    try:
-        with open(path, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    except OSError as exc:
-        raise UsageError(f"cannot write {path}: {exc.strerror}") from None
+    from kvprof.trace.atomic import write_output
+
+    write_output(path, dumps(result) + "\n")

@@ -13,11 +13,10 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import numpy as np
 
-from kvprof.errors import BundleError, UsageError
+from kvprof.errors import BundleError
 from kvprof.trace.format import EventKind as K
 
 
@@ -147,12 +146,6 @@ def export(path: str, output: str) -> None:
             raise BundleError(f"not a kvprof bundle nor a PyTorch memory snapshot: {path}")
         events = snapshot_events(path)
     text = json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"exporter": "kvprof", "source": os.path.basename(path)}})
-    if output == "-":
-        sys.stdout.write(text + "\n")
-        return
-    from kvprof.trace.atomic import write_text
+    from kvprof.trace.atomic import write_output
 
-    try:
-        write_text(output, text)
-    except OSError as exc:
-        raise UsageError(f"cannot write {output}: {exc.strerror}") from None
+    write_output(output, text + "\n")

@@ -41,3 +41,19 @@ def write_text(path: str, text: str, sync: bool = False) -> None:
         os.fchmod(fh.fileno(), 0o666 & ~umask)
 
     _replace(path, write, sync=sync)
+
+
+def write_output(path: str, text: str) -> None:
+    """A command's output file: '-' is stdout, anything else is written whole or not at all;
+    a path that cannot be written is a one-line usage error."""
+    import sys
+
+    from kvprof.errors import UsageError
+
+    if path == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        write_text(path, text)
+    except OSError as exc:
+        raise UsageError(f"cannot write {path}: {exc.strerror}") from None

@@ -271,11 +271,7 @@ class ProcessWriter:
                 self._append("blocks.bin", data.tobytes())
                 self.counts["blocks"] += len(data)
         if marks:
-            try:
-                data = np.array(marks, dtype=fmt.MARK_DTYPE)
-            except (OverflowError, ValueError, TypeError):
-                data = np.array(list(zip(*(self._int64(c, "marker") for c in zip(*marks)))), dtype=fmt.MARK_DTYPE)
-            self._append("marks.bin", data.tobytes())
+            self._append("marks.bin", np.array(marks, dtype=fmt.MARK_DTYPE).tobytes())  # values clamped by runtime.mark
             self.counts["marks"] += len(marks)
         if gcs:
             self._append("gc.bin", np.array(gcs, dtype=fmt.GC_DTYPE).tobytes())
@@ -292,8 +288,8 @@ class ProcessWriter:
             self.counts["heap_snaps"] += len(heap)
 
     def _int64(self, values, what: str) -> np.ndarray:
-        """A column as int64; a value out of range (a marker value of 2**63) is clamped and
-        said once, instead of failing the flush and with it the rest of the recording."""
+        """A column as int64; a value out of range (a pool API argument of 2**63) is clamped
+        and said once, instead of failing the flush and with it the rest of the recording."""
         try:
             return np.array(values, dtype=np.int64)
         except (OverflowError, ValueError, TypeError):
