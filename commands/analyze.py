@@ -22,14 +22,13 @@ def run(
 
     if html_out == "-":
         raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
-    result = analyze_path(bundle, window=window)
+    result = analyze_path(bundle, window=window, series=bool(html_out), whatif=bool(html_out))
     if json_out:
         json_report.write(result, json_out)
     if html_out:
-        from kvprof.analysis.timeseries import collect
         from kvprof.report import html
 
-        html.write(result, collect(bundle, result), html_out)
+        html.write(result, result.series, html_out)
     if budget is not None:
         from kvprof import budgets as budgets_mod
         from kvprof.compare import Run, check_run

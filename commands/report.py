@@ -14,10 +14,9 @@ def run(
     Exit status: 0; 2 bad input.
     """
     from kvprof.analysis import analyze_path
-    from kvprof.analysis.timeseries import collect
     from kvprof.report import html
 
-    result = analyze_path(source, window=window)
-    html.write(result, collect(source, result, whatif=not no_whatif), output)
+    result = analyze_path(source, window=window, series=True, whatif=not no_whatif)
+    html.write(result, result.series, output)
     if output != "-":
         typer.echo(f"kvprof: report written to {output}")

@@ -88,14 +88,15 @@ def run(
         raise UsageError(str(exc)) from None
     if not os.path.isdir(bundle):
         raise BundleError(f"no such bundle: {bundle}" if not os.path.exists(bundle) else f"not a kvprof bundle (whatif replays a bundle's block events): {bundle}")
+    from kvprof.analysis import whatif_bundle
     from kvprof.trace.reader import Bundle
 
-    stream = Bundle(bundle).block_stream()
+    opened = Bundle(bundle)
     opts = W.WhatifOptions(block_sizes=sizes, num_blocks=nblocks, unlimited=unlimited, kv_memory=mem, policies=policies,
                            recoveries=recoveries, prefix_cache=prefix_cache == "on", pool=pool, metadata_bytes=metadata_bytes,
                            bytes_per_token=bytes_per_token, jobs=jobs)
     try:
-        section = W.run(stream, opts)
+        section = whatif_bundle(opened, opts)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if json_out:

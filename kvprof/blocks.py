@@ -39,9 +39,9 @@ from kvprof.trace.format import EventKind as K
 __all__ = ["Pool"]
 
 
-def _ids(blocks: Iterable[int]) -> list[int]:
-    # always a copy: the caller may mutate its list before the writer flushes
-    return list(blocks)
+def _ids(blocks: Iterable[int]):
+    # written before the call returns: the caller's own sequence will do (an iterator is read once)
+    return blocks if type(blocks) in (list, tuple) else list(blocks)
 
 
 class Pool:
@@ -97,9 +97,7 @@ class Pool:
             rid = w._strings.get(request if type(request) is str else str(request))
             if rid is None:
                 rid = w.intern(request)
-        w.blocks.append((self._clock() if self._clock else runtime.now(), kind, self.index, rid, arg, arg2, ids))
-        if len(w.blocks) > 65536:
-            w.flush()
+        w.block(self._clock() if self._clock else runtime.now(), kind, self.index, rid, arg, arg2, ids)
 
     # -- block state changes ----------------------------------------------------
     def alloc(self, block_ids: Iterable[int], request=None) -> None:

@@ -74,11 +74,7 @@ def _scan_processes(bundle: str) -> list[dict]:
             info = _load_json(path, "process record")
         except Exception:
             continue
-        sizes = {}
-        for stream, dtype in fmt.STREAM_DTYPES.items():
-            p = os.path.join(procs, name, stream)
-            if os.path.exists(p):
-                sizes[stream] = os.path.getsize(p) // dtype.itemsize
+        sizes = _record_counts(os.path.join(procs, name), info)
         out.append(
             {
                 "dir": f"{fmt.PROCS_DIR}/{name}",
@@ -98,6 +94,27 @@ def _scan_processes(bundle: str) -> list[dict]:
         if p["role"] == "child" and p["ppid"] not in starts:
             p["parent_recorded"] = False
     return out
+
+
+def _record_counts(directory: str, info: dict) -> dict:
+    """Records per stream of one process (keys are the version-1 file names): what its
+    writer counted at exit, or, for a process that never got there, what is on disk."""
+    counts = info.get("counts")
+    if info.get("format") == "stage+chunks":
+        if not isinstance(counts, dict):
+            from kvprof.trace.reader import ProcessData
+
+            try:
+                counts = ProcessData(directory).counts()
+            except Exception:  # a damaged directory: the analysis says what it can read
+                counts = {}
+        return {f"{k}.bin": int(v) for k, v in counts.items() if isinstance(v, int)}
+    sizes = {}
+    for stream, dtype in fmt.STREAM_DTYPES.items():
+        p = os.path.join(directory, stream)
+        if os.path.exists(p):
+            sizes[stream] = os.path.getsize(p) // dtype.itemsize
+    return sizes
 
 
 def _probe_cost(bundle: str, processes: list[dict], probes: list[str]) -> dict:
@@ -428,7 +445,6 @@ def record(
 def summary_line(result: RecordResult) -> str:
     procs = result.manifest.get("processes", [])
     blocks = sum(p["records"].get("blocks.bin", 0) for p in procs)
-    ids = sum(p["records"].get("block_ids.bin", 0) for p in procs)
     marks = sum(p["records"].get("marks.bin", 0) for p in procs)
     gcs = sum(p["records"].get("gc.bin", 0) for p in procs)
     target = result.manifest.get("target", {})
@@ -437,7 +453,7 @@ def summary_line(result: RecordResult) -> str:
     shown = rel if not rel.startswith("..") else result.bundle
     return (
         f"kvprof: wrote {shown} ({len(procs)} process{'es' if len(procs) != 1 else ''}, "
-        f"{blocks:,} block calls / {ids:,} block refs, {marks:,} markers"
+        f"{blocks:,} block events, {marks:,} markers"
         + (f", {gcs:,} GC pauses" if gcs else "")
         + f"); target ended with {how}"
     )

@@ -131,9 +131,9 @@ def _register_fork_handler() -> None:
 
 
 def _before_fork() -> None:
-    # Flush in the parent so the child does not inherit half-written state.
-    if writer is not None:
-        writer.flush()
+    # Nothing to flush: every record is already in the parent's shared mapping, which
+    # the child lets go of (ProcessWriter.abandon) before it records anything.
+    pass
 
 
 def _after_fork_in_child() -> None:
@@ -192,7 +192,7 @@ def _at_exit() -> None:
     w = writer
     if w is not None and w.pid == os.getpid():
         w.closing = True  # a SIGTERM from now on waits for the end of this (see _on_sigterm)
-        with _SigintDeferred():
+        with _SigintDeferred(), w.quiet():
             run_closers()
             w.close()
 
@@ -358,23 +358,11 @@ def declare_pool(meta: dict) -> int:
 
 
 def emit(kind: int, pool: int, req=None, arg: int = 0, arg2: int = 0, ids=None, t=None) -> None:
-    """Queue one block-stream event.  `req` is any hashable request id (or None)."""
+    """Record one block-stream event.  `req` is any hashable request id (or None)."""
     w = writer
     if w is None:
         return
-    w.blocks.append(
-        (
-            now() if t is None else t,
-            kind,
-            pool,
-            -1 if req is None else w.intern(req),
-            arg,
-            arg2,
-            ids or (),
-        )
-    )
-    if len(w.blocks) > 65536:
-        w.flush()
+    w.block(now() if t is None else t, kind, pool, -1 if req is None else w.intern(req), arg, arg2, ids or ())
 
 
 def mark(name: str, value: int = 0, t: int | None = None) -> None:
@@ -386,9 +374,8 @@ def mark(name: str, value: int = 0, t: int | None = None) -> None:
     value = int(value)
     if not -(1 << 63) <= value < (1 << 63):  # the streams hold int64: clamped, and said
         value = max(min(value, (1 << 63) - 1), -(1 << 63))
-        if "marker values outside 64-bit integers were clamped" not in w.info["errors"]:
-            w.info["errors"].append("marker values outside 64-bit integers were clamped")
-    w.marks.append((t, sid, value))
+        w.note_once("marker values outside 64-bit integers were clamped")
+    w.mark(t, sid, value)
     for hook in _mark_hooks:
         try:
             hook(sid, value, t)

@@ -170,25 +170,45 @@ def test_bad_input_is_one_line(tmp_path, args, message):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+def _block_map(events, num_blocks, columns, max_rows):
+    """The block-map series of one pool fed through the analyzer, as the analysis pass does."""
+    from kvprof.analysis.blocks import BlockAnalyzer
+    from kvprof.analysis.timeseries import BlockMapSeries
+    from kvprof.trace import chunks
+    from kvprof.trace.reader import BlockStream
+
+    s = BlockStream.from_events(events, [{"num_blocks": num_blocks, "block_size": 4}], ["a"])
+    a = BlockAnalyzer(s.pools)
+    m = BlockMapSeries(s.pools[0], int(s.t[0]), columns=columns, max_rows=max_rows)
+    a.observers.append(m)
+    for c in chunks.from_stream(s, chunk_events=2):
+        a.feed(c)
+    a.finish()
+    return m.result(int(s.t[-1]), a.reserved)
+
+
 def test_block_map_groups_large_pools_by_their_busiest_state():
     from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
-    from kvprof.analysis.timeseries import block_map
     from kvprof.trace.format import EventKind as K
-    from kvprof.trace.reader import BlockStream
 
     ev = [(0, K.RESERVE, 0, -1, 0, 0, (0,)), (10, K.ALLOC, 0, 0, 0, 0, (5, 9)), (20, K.CACHE, 0, 0, 0, 0, (9,)),
           (30, K.FREE, 0, 0, 0, 0, (9,)), (40, K.ALLOC, 0, 0, 0, 0, (2,))]
-    s = BlockStream.from_events(ev, [{"num_blocks": 12, "block_size": 4}], ["a"])
-    m = block_map(s, 0, columns=4, max_rows=12)
+    # 4 columns wanted: 8 kept while recording, the width doubling to fit t=40 (8 ns),
+    # then pairs merged to at most 4: columns of 16 ns ending at 16, 32 and 48
+    m = _block_map(ev, 12, columns=4, max_rows=12)
     g = m["grid"]
-    assert m["blocks_per_row"] == 1 and g.shape == (12, 4)
-    assert (g[0] == RESERVED).all() and list(g[5]) == [IN_USE] * 4 and list(g[9]) == [IN_USE, IN_USE, CACHED, CACHED]
-    assert list(g[2]) == [EMPTY, EMPTY, EMPTY, IN_USE] and (g[11] == EMPTY).all()
-    m = block_map(s, 0, columns=4, max_rows=4)  # groups of 3 ids: in use > reserved > cached > free
+    assert m["blocks_per_row"] == 1 and g.shape == (12, 3) and m["t_s"] == [16e-9, 32e-9, 48e-9]
+    assert (g[0] == RESERVED).all() and list(g[5]) == [IN_USE] * 3 and list(g[9]) == [IN_USE, CACHED, CACHED]
+    assert list(g[2]) == [EMPTY, EMPTY, IN_USE] and (g[11] == EMPTY).all()
+    m = _block_map(ev, 12, columns=4, max_rows=4)  # groups of 3 ids: in use > reserved > cached > free
     g = m["grid"]
-    assert m["blocks_per_row"] == 3 and g.shape == (4, 4)
-    assert list(g[0]) == [RESERVED, RESERVED, RESERVED, IN_USE]  # ids 0-2: the reserved 0, then 2 in use
-    assert list(g[3]) == [IN_USE, IN_USE, CACHED, CACHED]  # ids 9-11
+    assert m["blocks_per_row"] == 3 and g.shape == (4, 3)
+    assert list(g[0]) == [RESERVED, RESERVED, IN_USE]  # ids 0-2: the reserved 0, then 2 in use
+    assert list(g[3]) == [IN_USE, CACHED, CACHED]  # ids 9-11
+    # every column ends in the state after the last event before its end, however the chunks fall
+    ev2 = [(t, K.ALLOC if t % 20 == 0 else K.FREE, 0, 0, 0, 0, (1,)) for t in range(0, 1000, 10)]
+    g = _block_map(ev2, 4, columns=8, max_rows=4)
+    assert g["grid"].shape[1] <= 8 and g["grid"][1][-1] == EMPTY and (g["grid"][0] == EMPTY).all()
 
 
 def test_a_pool_whose_every_allocation_was_refused(tmp_path):
@@ -230,12 +250,10 @@ def test_charts_share_one_time_origin(tmp_path):
                       "kvprof.mark('done')\n")
     out = tmp_path / "l.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
-    from kvprof.analysis import analyze_bundle
-    from kvprof.analysis.timeseries import collect
-    from kvprof.trace.reader import Bundle
+    from kvprof.analysis import analyze_path
 
-    res = analyze_bundle(Bundle(str(out)))
-    series = collect(str(out), res, whatif=False)
+    res = analyze_path(str(out), series=True)
+    series = res.series
     tl = res.sections["blocks"]["aggregate"]["timeline"]
     marks = {name: t for t, name, _ in series["markers"]}
     # the first allocation follows the serving_start marker by microseconds, not by the idle half second

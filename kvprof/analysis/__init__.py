@@ -49,6 +49,7 @@ class AnalysisResult:
     metrics: dict  # name -> {"value", "unit", "better", "window", "source"}
     sections: dict
     findings: list[Finding]
+    series: dict = field(default_factory=dict)  # what the HTML report and the Perfetto export draw (not in the JSON)
 
     def to_json(self) -> dict:
         return {
@@ -97,14 +98,16 @@ class Window(tuple):
         return self
 
 
-def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
-    """A bundle directory, or a bare PyTorch memory snapshot (a .pickle file)."""
+def analyze_path(path: str, window: str | None = None, *, series: bool = False, whatif: bool = False, progress=None) -> AnalysisResult:
+    """A bundle directory, a bare PyTorch memory snapshot (a .pickle file) or a memray
+    capture.  ``series``: also what the HTML report draws (``result.series``);
+    ``whatif``: with it, the report's what-if replay; ``progress``: see engine.block_pass."""
     if not os.path.exists(path):
         raise BundleError(f"no such file or bundle: {path}")
     if os.path.isdir(path):
         from kvprof.trace.reader import Bundle
 
-        return analyze_bundle(Bundle(path), window=window)
+        return analyze_bundle(Bundle(path), window=window, series=series, whatif=whatif, progress=progress)
     from kvprof.trace import torch_snapshot
 
     if looks_like_memray(path):
@@ -118,7 +121,12 @@ def analyze_path(path: str, window: str | None = None) -> AnalysisResult:
     if torch_snapshot.looks_like_pickle(path):
         if window:
             raise UsageError("--window needs a bundle's markers; a bare snapshot has none")
-        return analyze_snapshot_file(path)
+        result = analyze_snapshot_file(path)
+        if series:
+            from kvprof.analysis.timeseries import segment_layout
+
+            result.series["segments"] = segment_layout(torch_snapshot.load(path))
+        return result
     raise BundleError(f"not a kvprof bundle, a PyTorch memory snapshot nor a memray capture{file_hint(path)}: {path}")
 
 
@@ -200,8 +208,11 @@ def torch_section(a, source: str) -> SectionResult:
     return SectionResult(name="torch", metrics=metrics, section=section, findings=findings)
 
 
-def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
-    from kvprof.analysis.blocks import analyze_blocks
+def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, whatif: bool = False, progress=None) -> AnalysisResult:
+    """Everything kvprof computes from a bundle, in one pass over its block events."""
+    import importlib
+
+    from kvprof.analysis.engine import block_pass
     from kvprof.analysis.findings import block_findings, run_findings
 
     bounds, window_label = _window_bounds(bundle, window)
@@ -218,19 +229,16 @@ def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
     metrics: dict = {}
     sections: dict = {}
     findings: list[Finding] = run_findings(bundle)
-    stream = bundle.block_stream()
-    if stream.pools:
-        per_pool = [analyze_blocks(stream, [p.index], bounds) for p in stream.pools]
-        total = per_pool[0] if len(per_pool) == 1 else analyze_blocks(stream, None, bounds)
-        total.label = "all pools"
+    bp = block_pass(bundle, bounds, series=series, schedule_pools="all" if (whatif and series) else (), progress=progress)
+    replay_pool = bp.replay_pool() if (whatif and series) else None
+    bundle.pool_steps = bp.pool_steps
+    if bp.per_pool:
         sections["blocks"] = {
-            "aggregate": dataclasses.asdict(total),
-            "pools": [dataclasses.asdict(p) for p in per_pool],
+            "aggregate": dataclasses.asdict(bp.total),
+            "pools": [dataclasses.asdict(p) for p in bp.per_pool],
         }
-        block_metrics(metrics, total, len(stream.pools), window_label)
-        findings.extend(block_findings(total, per_pool))
-    import importlib
-
+        block_metrics(metrics, bp.total, len(bp.per_pool), window_label)
+        findings.extend(block_findings(bp.total, bp.per_pool))
     for spec in SECTION_ANALYZERS:
         mod, _, fn = spec.partition(":")
         part = getattr(importlib.import_module(mod), fn)(bundle, bounds)
@@ -239,9 +247,66 @@ def analyze_bundle(bundle, window: str | None = None) -> AnalysisResult:
             sections[part.name] = part.section
             findings.extend(part.findings)
     sections["markers"] = _marker_summary(bundle)
+    damage = bundle.damage()
+    if damage:
+        findings.append(Finding("warning", "Parts of the bundle could not be read", "; ".join(damage[:5]) + (f"; and {len(damage) - 5} more" if len(damage) > 5 else ""),
+                                {"damage": damage[:50]}, "run"))
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
-    return AnalysisResult(source=source, metrics=metrics, sections=sections, findings=findings)
+    result = AnalysisResult(source=source, metrics=metrics, sections=sections, findings=findings)
+    if series:
+        result.series = _bundle_series(bundle, result, bp, replay_pool, window_label)
+    return result
+
+
+def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
+    """What the HTML report and the Perfetto export draw, beside the analysis."""
+    from kvprof.analysis import timeseries as ts
+
+    out = dict(bp.series)
+    t0 = out.get("t0_ns")
+    out["markers"] = ts.marker_times(bundle, t0)
+    out["gc_pauses"] = ts.gc_pauses(bundle, t0)
+    out.setdefault("block_maps", [])
+    out.setdefault("hit_rate", None)
+    tsec = result.sections.get("torch") or {}
+    if tsec.get("source"):  # the snapshot the torch section came from: its segment map
+        from kvprof.trace import torch_snapshot
+
+        p = os.path.normpath(os.path.join(bundle.path, tsec["source"]))
+        if p.startswith(os.path.normpath(bundle.path) + os.sep) and os.path.isfile(p):
+            out["segments"] = ts.segment_layout(torch_snapshot.load(p))
+    if replay_pool is not None and replay_pool in bp.schedules:
+        from kvprof.analysis import whatif as W
+
+        # analyze's figures are the pool's own when there is one pool and the analysis
+        # covers the whole run: the fidelity check reads them instead of analysing again
+        try:
+            out["whatif"] = W.run_schedule(bp.schedules[replay_pool], W.WhatifOptions(unlimited=True, jobs=1), pool_metrics(bp, replay_pool, window_label))
+        except ValueError as exc:  # a pool without request states: no replay, say why
+            out["whatif_note"] = str(exc)
+    return out
+
+
+def whatif_bundle(bundle, opts, progress=None) -> dict:
+    """`kvprof whatif`: one pass over the bundle gives every pool's analysis and schedule;
+    the chosen pool's schedule is replayed under ``opts`` and checked against its analysis."""
+    from kvprof.analysis import whatif as W
+    from kvprof.analysis.engine import block_pass
+
+    bp = block_pass(bundle, None, schedule_pools="all", progress=progress)
+    pool = bp.replay_pool(opts.pool, bundle.pools)
+    if pool is None:
+        raise ValueError("this bundle has no block pool to replay (record with the blocks probe)")
+    return W.run_schedule(bp.schedules[pool], opts, pool_metrics(bp, pool, None))
+
+
+def pool_metrics(bp, pool: int, window_label: str | None) -> dict:
+    """analyze's figures (name -> value) for one pool over the whole run, for the what-if
+    fidelity check: the pass's own when it covered the whole run."""
+    entries: dict = {}
+    block_metrics(entries, bp.whole_run.get(pool) or bp.per_pool[pool], 1, None)
+    return {k: v["value"] for k, v in entries.items()}
 
 
 def block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:

@@ -128,7 +128,7 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
         return None  # the run died before py-spy wrote its profile: nothing to say
     cats = [category_of(str(f.get("name", "")), str(f.get("file", ""))) for f in frames]
     recorded = {p.pid: p for p in bundle.processes}
-    stream = bundle.block_stream() if any(p.pools for p in bundle.processes) else None
+    pool_steps = getattr(bundle, "pool_steps", None) or {}  # engine steps per pool, from the analysis pass
     marks = bundle.marks()
     per_pid: dict[int, dict] = {}
     unrecorded = 0
@@ -160,14 +160,9 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
     for pid, acc in sorted(per_pid.items()):
         n = acc["n"] or 1
         steps = None
-        if stream is not None:
-            local = [pi.index for pi in stream.pools if pi.pid == pid]
-            if local:
-                from kvprof.trace.format import EventKind
-
-                import numpy as np
-
-                steps = int(((stream.kind == EventKind.STEP) & np.isin(stream.pool, local)).sum()) or None
+        local = [pi.index for pi in bundle.pools if pi.pid == pid]
+        if local:
+            steps = sum(pool_steps.get(i, 0) for i in local) or None
         if steps is None and "step" in marks.names:
             steps = int(((marks.pid == pid) & (marks.name == marks.names.index("step"))).sum()) or None
         per_step = {c: acc["s"] * acc["cat"][c] / n / steps for c in CATEGORIES} if steps else None

@@ -1,99 +1,272 @@
-"""Series for drawing: the block map over time, the prefix-cache hit rate over time,
-marker times.  Pure functions of a bundle's streams, downsampled to a fixed number of
-columns for drawing only (every figure in the analysis is computed on all events).
+"""Series for drawing: the block map over time, the prefix-cache hit rate over time, the
+in-use and free-cached counts for the Perfetto export, marker times and GC pauses.
+
+The block series are consumers of the analysis pass (each observes the chunks a pool's
+BlockAnalyzer sees, see ``ChunkView``), so drawing never reads the bundle a second
+time.  Time buckets start at the common origin of every chart (the first block event of
+the bundle) and double their width to stay within a fixed count: drawing only; every
+figure of the analysis is computed on all events.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED, replay_sorted
+from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
 from kvprof.trace.format import EventKind as K
 
-
-def _block_states(stream, pool_index: int, kinds):
-    """Block-level events of one pool sorted by block (time order kept within a block):
-    (event index, block id, kind, ref count before/after, cached before/after, sort order)."""
-    info = stream.pools[pool_index]
-    sel = np.flatnonzero((stream.pool == pool_index) & np.isin(stream.kind, kinds))
-    reps = stream.n[sel].astype(np.int64)
-    ev = np.repeat(sel, reps)
-    within = np.arange(int(reps.sum())) - np.repeat(np.cumsum(reps) - reps, reps)
-    bid = stream.ids[np.repeat(stream.offsets[sel], reps) + within].astype(np.int64)
-    ok = (bid >= 0) & (bid < info.num_blocks)
-    ev, bid = ev[ok], bid[ok]
-    order = np.argsort(bid, kind="stable")
-    sb, sk = bid[order], stream.kind[ev][order]
-    gs = np.ones(len(sb), dtype=bool)
-    gs[1:] = sb[1:] != sb[:-1]
-    ref_before, ref_after, hashed_before, hashed_after, _ = replay_sorted(sk, gs)
-    return ev, order, sb, sk, np.flatnonzero(gs), ref_before, ref_after, hashed_before, hashed_after
+_RANK = np.array([0, 1, 3, 2], dtype=np.int8)  # state -> rank: EMPTY < CACHED < RESERVED < IN_USE
+_BACK = np.array([EMPTY, CACHED, RESERVED, IN_USE], dtype=np.int8)  # rank -> state
 
 
-def block_map(stream, pool_index: int, columns: int = 300, max_rows: int = 512, span: tuple[int, int] | None = None) -> dict | None:
-    """The state of every block of one pool at ``columns`` instants (the end of each time
-    bucket): rows are block ids, or groups of consecutive ids when the pool is larger than
-    ``max_rows`` (a group shows its busiest state: in use > cached > free).  ``span``
-    (t0, t1): the time axis, in common with the other charts (default: the pool's own)."""
-    info = stream.pools[pool_index]
-    t_pool = stream.t[stream.pool == pool_index]
-    ev, order, sb, sk, gstart, _, ref, _, hashed = _block_states(stream, pool_index, [K.ALLOC, K.FREE, K.HIT, K.CACHE, K.EVICT, K.RESERVE])
-    if not len(ev) or not len(t_pool):
-        return None
-    n = info.num_blocks
-    reserved = np.zeros(n, dtype=bool)
-    reserved[sb[sk == K.RESERVE]] = True
-    stt = stream.t[ev][order]
-    m = len(sb)
-    state = np.where(ref > 0, IN_USE, np.where(hashed, CACHED, EMPTY)).astype(np.int8)
+class _Columns:
+    """Column c covers [t0 + c*width, t0 + (c+1)*width); at most 2*target are kept, the
+    width doubling (pairs merged) whenever a later time needs more."""
 
-    t0, t1 = (int(t_pool.min()), int(t_pool.max())) if span is None else span
-    times = np.linspace(t0, t1, columns + 1)[1:]
-    grid = np.full((n, columns), EMPTY, dtype=np.int8)
-    gend = np.r_[gstart[1:], m]
-    for g0, g1 in zip(gstart.tolist(), gend.tolist()):
-        b = int(sb[g0])
-        j = np.searchsorted(stt[g0:g1], times, side="right") - 1  # last event of this block at each instant
-        have = j >= 0
-        grid[b, have] = state[g0:g1][j[have]]
-    grid[reserved] = RESERVED
-    group = 1
-    if n > max_rows:
-        group = -(-n // max_rows)
-        pad = (-n) % group
-        g = np.concatenate([grid, np.full((pad, columns), EMPTY, dtype=np.int8)]) if pad else grid
-        rank = np.array([0, 1, 3, 2], dtype=np.int8)  # EMPTY < CACHED < RESERVED < IN_USE
-        back = np.array([EMPTY, CACHED, RESERVED, IN_USE], dtype=np.int8)  # rank -> state
-        grid = back[rank[g].reshape(-1, group, columns).max(axis=1)]
-    return {
-        "pool": info.label,
-        "t_s": ((times - t0) / 1e9).tolist(),
-        "span_s": (t1 - t0) / 1e9,
-        "rows": int(grid.shape[0]),
-        "blocks_per_row": group,
-        "num_blocks": n,
-        "grid": grid,  # rows x columns of state codes
-    }
+    def __init__(self, t0: int, target: int):
+        self.t0 = int(t0)
+        self.target = target
+        self.n = 2 * target
+        self.width = 1
+
+    def index(self, t: np.ndarray) -> np.ndarray:
+        return (t - self.t0) // self.width
+
+    def fit(self, t_last: int) -> bool:
+        """Make room for ``t_last``; True when the width changed (the caller merges)."""
+        changed = False
+        while (int(t_last) - self.t0) // self.width >= self.n:
+            self.width *= 2
+            changed = True
+        return changed
 
 
-def hit_rate_over_time(stream, pool_indices, columns: int = 300, span: tuple[int, int] | None = None) -> dict | None:
-    """Prefix-cache hit rate (tokens) per time bucket and cumulative; ``span`` as in block_map."""
-    mask = np.isin(stream.pool, pool_indices)
-    sel = np.flatnonzero(mask & (stream.kind == K.REQ_QUERY))
-    t_pool = stream.t[mask]
-    if not len(sel) or not len(t_pool):
-        return None
-    t0, t1 = (int(t_pool.min()), int(t_pool.max())) if span is None else span
-    edges = np.linspace(t0, t1 + 1, columns + 1)
-    b = np.clip(np.searchsorted(edges, stream.t[sel], side="right") - 1, 0, columns - 1)
-    q = np.bincount(b, weights=stream.arg[sel], minlength=columns)
-    h = np.bincount(b, weights=stream.arg2[sel], minlength=columns)
-    cq, ch = np.cumsum(q), np.cumsum(h)
-    return {
-        "t_s": ((edges[1:] - t0) / 1e9).tolist(),
-        "bucket": np.where(q > 0, h / np.maximum(q, 1), np.nan).tolist(),
-        "cumulative": np.where(cq > 0, ch / np.maximum(cq, 1), np.nan).tolist(),
-    }
+class BlockMapSeries:
+    """The state of every block of one pool at the end of each time column: rows are block
+    ids, or groups of consecutive ids when the pool is larger than ``max_rows`` (a group
+    shows its busiest state: in use > reserved > cached > free)."""
+
+    def __init__(self, info, t0: int, columns: int = 300, max_rows: int = 512):
+        self.info = info
+        n = info.num_blocks
+        self.group = -(-n // max_rows) if n > max_rows else 1
+        self.rows = -(-n // self.group)
+        self.counts = np.zeros((self.rows, 4), dtype=np.int64)
+        sizes = np.full(self.rows, self.group, dtype=np.int64)
+        sizes[-1] = n - self.group * (self.rows - 1)
+        self.counts[:, EMPTY] = sizes
+        self.cols = _Columns(t0, columns)
+        self.grid = np.full((self.cols.n, self.rows), -1, dtype=np.int8)  # rank per column, -1: not reached yet
+        self.col = 0  # the column the current state belongs to
+        self.seen = False
+
+    def _now(self) -> np.ndarray:
+        have = self.counts > 0
+        r = np.where(have[:, IN_USE], 3, np.where(have[:, RESERVED], 2, np.where(have[:, CACHED], 1, 0)))
+        return r.astype(np.int8)
+
+    def _merge(self, old_width: int) -> None:
+        f = self.cols.width // old_width
+        g = self.grid
+        while f > 1:
+            later = g[1::2]
+            g = np.where(later >= 0, later, g[0::2])
+            g = np.r_[g, np.full((len(g), self.rows), -1, dtype=np.int8)]
+            f //= 2
+            self.col //= 2
+        self.grid = g
+
+    def observe(self, v) -> None:
+        if not len(v.bt):
+            return
+        old = self.cols.width
+        if self.cols.fit(int(v.bt[-1])):
+            self._merge(old)
+        col = self.cols.index(v.bt)
+        change = v.state_before != v.state_after
+        bounds = np.r_[0, np.flatnonzero(col[1:] != col[:-1]) + 1, len(col)]
+        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()):
+            c = int(col[a])
+            if c > self.col:  # columns up to here end in the current state
+                self.grid[self.col : c] = self._now()
+                self.col = c
+            sel = np.flatnonzero(change[a:b]) + a
+            if len(sel):
+                g = v.key[sel] // self.group
+                np.add.at(self.counts, (g, v.state_before[sel]), -1)
+                np.add.at(self.counts, (g, v.state_after[sel]), 1)
+        self.seen = True
+
+    def result(self, t1: int, reserved: np.ndarray | None = None) -> dict | None:
+        if not self.seen:
+            return None
+        old = self.cols.width
+        if self.cols.fit(int(t1)):
+            self._merge(old)
+        last = int(self.cols.index(np.array([t1]))[0])
+        self.grid[self.col : last + 1] = self._now()
+        grid = self.grid[: last + 1].copy()
+        while len(grid) > self.cols.target:  # at most `target` columns drawn
+            if len(grid) % 2:
+                grid = np.r_[grid, grid[-1:]]
+            grid = np.where(grid[1::2] >= 0, grid[1::2], grid[0::2])
+            self.cols.width *= 2
+        if reserved is not None and reserved.any():
+            res_rows = np.zeros(self.rows, dtype=bool)
+            res_rows[np.flatnonzero(reserved) // self.group] = True
+            grid[:, res_rows] = np.maximum(grid[:, res_rows], 2)
+        ncol = len(grid)
+        span = ncol * self.cols.width
+        return {
+            "pool": self.info.label,
+            "t_s": (np.arange(1, ncol + 1) * self.cols.width / 1e9).tolist(),
+            "span_s": span / 1e9,
+            "rows": self.rows,
+            "blocks_per_row": self.group,
+            "num_blocks": self.info.num_blocks,
+            "grid": _BACK[np.maximum(grid, 0)].T.copy(),  # rows x columns of state codes
+        }
+
+
+class HitRateSeries:
+    """Prefix-cache hit rate (tokens) per time bucket and cumulative."""
+
+    def __init__(self, t0: int, columns: int = 300):
+        self.cols = _Columns(t0, columns)
+        self.q = np.zeros(self.cols.n)
+        self.h = np.zeros(self.cols.n)
+        self.seen = False
+
+    def _merge(self, old: int) -> None:
+        f = self.cols.width // old
+        while f > 1:
+            self.q = np.r_[self.q[0::2] + self.q[1::2], np.zeros(len(self.q) // 2)]
+            self.h = np.r_[self.h[0::2] + self.h[1::2], np.zeros(len(self.h) // 2)]
+            f //= 2
+
+    def observe(self, v) -> None:
+        c = v.chunk
+        sel = np.flatnonzero(c.kind == K.REQ_QUERY)
+        if not len(sel):
+            return
+        old = self.cols.width
+        if self.cols.fit(int(c.t[sel[-1]])):
+            self._merge(old)
+        b = self.cols.index(c.t[sel])
+        self.q += np.bincount(b, weights=c.arg[sel], minlength=self.cols.n)
+        self.h += np.bincount(b, weights=c.arg2[sel], minlength=self.cols.n)
+        self.seen = True
+
+    def result(self, t1: int) -> dict | None:
+        if not self.seen:
+            return None
+        old = self.cols.width
+        if self.cols.fit(int(t1)):
+            self._merge(old)
+        n = int(self.cols.index(np.array([t1]))[0]) + 1
+        q, h = self.q[:n], self.h[:n]
+        while len(q) > self.cols.target:
+            if len(q) % 2:
+                q, h = np.r_[q, 0.0], np.r_[h, 0.0]
+            q, h = q[0::2] + q[1::2], h[0::2] + h[1::2]
+            self.cols.width *= 2
+        cq, ch = np.cumsum(q), np.cumsum(h)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return {
+                "t_s": (np.arange(1, len(q) + 1) * self.cols.width / 1e9).tolist(),
+                "bucket": np.where(q > 0, h / np.maximum(q, 1), np.nan).tolist(),
+                "cumulative": np.where(cq > 0, ch / np.maximum(cq, 1), np.nan).tolist(),
+            }
+
+
+class PoolCountsSeries:
+    """In-use and free-cached blocks of one pool after each call that changed them, thinned
+    to ``max_points`` once there are more (the last value of each time bucket, and the
+    bucket's largest in-use count, so the watermark survives thinning)."""
+
+    def __init__(self, info, max_points: int = 20000):
+        self.info = info
+        self.max_points = max_points
+        self.t: list = []
+        self.use: list = []
+        self.use_max: list = []
+        self.cached: list = []
+        self.last = None  # (in use, cached) of the last point kept
+        self.points = 0
+        self.cols = None  # buckets, once thinning started
+
+    def observe(self, v) -> None:
+        if not len(v.bt):
+            return
+        call_last = np.r_[v.ev_of[1:] != v.ev_of[:-1], True]  # the state after each call
+        t, use, cached = v.bt[call_last], v.inuse[call_last], v.cached[call_last]
+        prev = self.last if self.last is not None else (None, None)
+        change = np.r_[True, (use[1:] != use[:-1]) | (cached[1:] != cached[:-1])]
+        if prev[0] is not None:
+            change[0] = (use[0] != prev[0]) or (cached[0] != prev[1])
+        t, use, cached = t[change], use[change], cached[change]
+        if not len(t):
+            return
+        self.last = (int(use[-1]), int(cached[-1]))
+        self.t.append(t)
+        self.use.append(use)
+        self.use_max.append(use)
+        self.cached.append(cached)
+        self.points += len(t)
+        if self.points > 2 * self.max_points:
+            self._thin()
+
+    def _thin(self) -> None:
+        t = np.concatenate(self.t)
+        use, umax, cached = np.concatenate(self.use), np.concatenate(self.use_max), np.concatenate(self.cached)
+        if self.cols is None:
+            self.cols = _Columns(int(t[0]), self.max_points)
+        self.cols.fit(int(t[-1]))
+        while True:
+            b = self.cols.index(t)
+            ends = np.r_[np.flatnonzero(b[1:] != b[:-1]), len(b) - 1]
+            if len(ends) <= self.max_points:
+                break
+            self.cols.width *= 2
+        starts = np.r_[0, ends[:-1] + 1]
+        self.t = [t[ends]]
+        self.use = [use[ends]]
+        self.use_max = [np.maximum.reduceat(umax, starts)]
+        self.cached = [cached[ends]]
+        self.points = len(ends)
+
+    def result(self, capacity: int) -> dict | None:
+        if not self.points:
+            return None
+        if self.points > self.max_points:
+            self._thin()
+        cat = np.concatenate
+        return {"pool": self.info.label, "pid": self.info.pid, "capacity": capacity, "t_ns": cat(self.t), "in_use": cat(self.use),
+                "in_use_max": cat(self.use_max), "cached": cat(self.cached)}
+
+
+class InstantSeries:
+    """A pool's preemptions and refused allocations (time, kind, request key), the first
+    ``limit`` of them, for the Perfetto export's instant events."""
+
+    def __init__(self, info, limit: int = 100000):
+        self.info = info
+        self.limit = limit
+        self.parts: list = []
+        self.kept = 0
+
+    def observe(self, v) -> None:
+        c = v.chunk
+        if self.kept >= self.limit:
+            return
+        sel = np.flatnonzero((c.kind == K.REQ_PREEMPT) | (c.kind == K.ALLOC_FAIL))[: self.limit - self.kept]
+        if len(sel):
+            self.parts.append((c.t[sel], c.kind[sel], c.req[sel]))
+            self.kept += len(sel)
+
+    def result(self) -> dict:
+        cat = lambda i, dt: np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype=dt)  # noqa: E731
+        return {"pool": self.info.index, "t": cat(0, np.int64), "kind": cat(1, np.uint8), "req": cat(2, np.int64)}
 
 
 def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list:
@@ -148,82 +321,3 @@ def segment_layout(snapshot: dict, max_segments: int = 120, max_blocks: int = 40
         out.append({"address": base, "size": int(s.get("total_size") or 0), "stream": int(s.get("stream") or 0),
                     "pool": s.get("segment_type") if s.get("segment_type") in ("large", "small") else ("large" if int(s.get("total_size") or 0) > 2 << 20 else "small"), "device": int(s.get("device") or 0), "blocks": blocks})
     return out
-
-
-def collect(path: str, result, whatif: bool = True) -> dict:
-    """Everything the HTML report and the Perfetto export draw, beside the analysis."""
-    import os
-
-    series: dict = {}
-    if not os.path.isdir(path):
-        from kvprof.trace import torch_snapshot
-
-        if torch_snapshot.looks_like_pickle(path):
-            series["segments"] = segment_layout(torch_snapshot.load(path))
-        return series
-    from kvprof.trace.reader import Bundle
-
-    bundle = Bundle(path)
-    stream = bundle.block_stream()
-    # one time origin for every chart: the pools' first event (analyze's timeline uses it too)
-    t0 = span = None
-    if len(stream.t):
-        t0 = int(stream.t.min())
-        span = (t0, int(stream.t.max()))
-    series["t0_ns"] = t0
-    series["markers"] = marker_times(bundle, t0)
-    series["block_maps"] = [m for m in (block_map(stream, p.index, span=span) for p in stream.pools) if m is not None]
-    series["hit_rate"] = hit_rate_over_time(stream, [p.index for p in stream.pools], span=span) if stream.pools else None
-    series["gc_pauses"] = gc_pauses(bundle, t0)
-    tsec = result.sections.get("torch") or {}
-    if tsec.get("source"):  # the snapshot the torch section came from: its segment map
-        from kvprof.trace import torch_snapshot
-
-        p = os.path.normpath(os.path.join(bundle.path, tsec["source"]))
-        if p.startswith(os.path.normpath(bundle.path) + os.sep) and os.path.isfile(p):
-            series["segments"] = segment_layout(torch_snapshot.load(p))
-    if whatif and stream.pools and "blocks" in result.sections:
-        from kvprof.analysis import whatif as W
-
-        # analyze's figures are the pool's own when there is one pool and the analysis
-        # covers the whole run: the fidelity check need not analyze it again
-        whole = len(stream.pools) == 1 and result.source.get("window") == "whole run"
-        analyzed = {k: v["value"] for k, v in result.metrics.items() if k.startswith("blocks.")} if whole else None
-        try:
-            series["whatif"] = W.run(stream, W.WhatifOptions(unlimited=True, jobs=1), analyzed)
-        except ValueError as exc:  # a pool without request states: no replay, say why
-            series["whatif_note"] = str(exc)
-    return series
-
-
-def pool_counts(stream, pool_index: int, max_points: int = 20000) -> dict | None:
-    """In-use and free-cached blocks of one pool after each call that changed them, thinned
-    to ``max_points`` (the last value of each time bucket, and the bucket's largest in-use
-    count, so the watermark survives thinning)."""
-    info = stream.pools[pool_index]
-    ev, order, _, _, _, ref_before, ref_after, hashed_before, hashed_after = _block_states(stream, pool_index, [K.ALLOC, K.FREE, K.HIT, K.CACHE, K.EVICT])
-    if not len(ev):
-        return None
-    m = len(ev)
-    d_use = np.zeros(m, dtype=np.int64)
-    d_use[order] = (ref_after > 0).astype(np.int64) - (ref_before > 0)
-    d_cached = np.zeros(m, dtype=np.int64)
-    d_cached[order] = ((ref_after <= 0) & hashed_after).astype(np.int64) - ((ref_before <= 0) & hashed_before)
-    in_use, cached = np.cumsum(d_use), np.cumsum(d_cached)
-    last = np.r_[ev[1:] != ev[:-1], True]  # the state after each call
-    t, in_use, cached = stream.t[ev][last], in_use[last], cached[last]
-    change = np.r_[True, (in_use[1:] != in_use[:-1]) | (cached[1:] != cached[:-1])]  # calls that changed nothing: dropped
-    t, in_use, cached = t[change], in_use[change], cached[change]
-    peak = in_use.copy()
-    if len(t) > max_points:
-        edges = np.linspace(t[0], t[-1] + 1, max_points + 1)
-        b = np.searchsorted(edges, t, side="right") - 1
-        ends = np.r_[np.flatnonzero(b[1:] != b[:-1]), len(b) - 1]
-        starts = np.r_[0, ends[:-1] + 1]
-        peak = np.maximum.reduceat(in_use, starts)
-        t, in_use, cached = t[ends], in_use[ends], cached[ends]
-    reserved = set()  # reserve calls are few (vLLM's null block)
-    for i in np.flatnonzero((stream.pool == pool_index) & (stream.kind == K.RESERVE)).tolist():
-        reserved.update(stream.ids[stream.offsets[i] : stream.offsets[i + 1]].tolist())
-    reserved = len(reserved)
-    return {"pool": info.label, "pid": info.pid, "capacity": info.num_blocks - reserved, "t_ns": t, "in_use": in_use, "in_use_max": peak, "cached": cached}

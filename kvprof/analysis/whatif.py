@@ -944,22 +944,35 @@ def pick_pool(stream, label: str | None):
 
 
 def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
-    """sections.whatif for one pool of a bundle's stream: rows, the blocks-needed table, the
-    advice and the fidelity check against `analyze` on the recorded configuration.
+    """sections.whatif for one pool of an in-memory stream (tests; the commands go through
+    the analysis pass, which extracts the schedule on the way: :func:`run_schedule`).
     ``analyzed``: analyze's metric values (name -> value) for that pool over the whole run,
     when the caller has them already; else they are computed here."""
-    import dataclasses
-    import time
-
     from kvprof.analysis.blocks import analyze_blocks
 
     info = pick_pool(stream, opts.pool)
     if info is None:
         raise ValueError("this bundle has no block pool to replay (record with the blocks probe)")
-    t0 = time.perf_counter()
     sched = extract(stream, info.index)
+    if analyzed is None:  # analyze's figures for this pool, through analyze's own metric mapping
+        from kvprof.analysis import block_metrics
+
+        entries: dict = {}
+        block_metrics(entries, analyze_blocks(stream, [info.index]), 1, None)
+        analyzed = {k: v["value"] for k, v in entries.items()}
+    return run_schedule(sched, opts, analyzed)
+
+
+def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict) -> dict:
+    """sections.whatif for one pool's schedule: rows, the blocks-needed table, the advice and
+    the fidelity check against ``analyzed``, `analyze`'s metric values for that pool over the
+    whole run (name -> value)."""
+    import dataclasses
+    import time
+
+    t0 = time.perf_counter()
     if not sched.final_lengths:
-        raise ValueError(f"pool {info.label} has no request states to replay (its probe reports no token counts)")
+        raise ValueError(f"pool {sched.pool} has no request states to replay (its probe reports no token counts)")
     if opts.bytes_per_token:
         sched.bytes_per_token_given = opts.bytes_per_token  # the rows' peak and compaction bytes use it too
     bpt = sched.bytes_per_token
@@ -995,12 +1008,6 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
     done = dict(zip(unique, replay_many(sched, list(unique.values()), opts.jobs)))
     results = [done[dataclasses.astuple(c)] for c in wanted]
     recorded, needed, rows = results[0], results[1 : 1 + len(sizes)], results[1 + len(sizes) :]
-    if analyzed is None:  # analyze's figures for this pool, through analyze's own metric mapping
-        from kvprof.analysis import block_metrics
-
-        entries: dict = {}
-        block_metrics(entries, analyze_blocks(stream, [info.index]), 1, None)
-        analyzed = {k: v["value"] for k, v in entries.items()}
     fidelity = {}
     for name in FIDELITY_METRICS:
         x, y = analyzed[name], recorded.metrics[name]
@@ -1009,7 +1016,7 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
     mode = ("unlimited" if opts.unlimited else f"{opts.num_blocks} blocks" if opts.num_blocks
             else f"{opts.kv_memory} bytes of KV memory" if opts.kv_memory else "the recorded KV memory (blocks × block size kept)")
     return {
-        "pool": info.label,
+        "pool": sched.pool,
         "engine": sched.engine,
         "recorded": {"block_size": sched.block_size, "num_blocks": sched.num_blocks, "reserved": len(sched.reserved_ids),
                      "policy": f"free-queue ({sched.free_order_label()})", "prefix_caching": sched.prefix_caching,

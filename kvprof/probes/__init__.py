@@ -39,7 +39,7 @@ _gc_state = {"installed": False, "start": 0}
 
 
 def _gc_callback(phase, info, _now=runtime.now) -> None:
-    # Runs inside every collection: two clock reads and a deque append, nothing that
+    # Runs inside every collection: two clock reads and one record written, nothing that
     # allocates much (an allocation here could start a collection of its own).
     if phase == "start":
         _gc_state["start"] = _now()
@@ -48,7 +48,7 @@ def _gc_callback(phase, info, _now=runtime.now) -> None:
     t0 = _gc_state["start"]
     if w is None or not t0:
         return
-    w.gc.append((t0, _now() - t0, info.get("generation", 0), info.get("collected", 0), info.get("uncollectable", 0)))
+    w.gc_pause(t0, _now() - t0, info.get("generation", 0), info.get("collected", 0), info.get("uncollectable", 0))
 
 
 def _start_pyspy(writer) -> None:

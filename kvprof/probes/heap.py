@@ -117,8 +117,8 @@ def snapshot(reason: int, mark_id: int = -1, mark_value: int = 0, t: int | None 
         st.prev = now
         cost = time.perf_counter_ns() - c0
         st.cost_ns += cost
-        w.heap.append(((t, st.seq, reason, mark_id, mark_value, int(size_by.sum()), int(count_by.sum()), traced, peak,
-                        tracemalloc.get_tracemalloc_memory(), len(rows), cost), rows))
+        w.heap_snapshot((t, st.seq, reason, mark_id, mark_value, int(size_by.sum()), int(count_by.sum()), traced, peak,
+                         tracemalloc.get_tracemalloc_memory(), len(rows), cost), rows)
         st.seq += 1
         # the peak restarts from the program's own memory: after this snapshot's work, with
         # its per-trace arrays (megabytes for a big heap) already released
@@ -171,6 +171,8 @@ def _at_exit_tracemalloc() -> None:
 def start_tracemalloc(writer) -> None:
     global _state
     import tracemalloc
+
+    import numpy  # noqa: F401  the snapshots need it: imported before tracing starts, so its own memory is not the program's
 
     opts = runtime.options.get("tracemalloc") or {}
     depth = int(opts.get("depth") or DEFAULT_DEPTH)

@@ -25,13 +25,10 @@ import threading
 import weakref
 from time import monotonic_ns
 
-import numpy as np
 
 from kvprof import runtime
 from kvprof.probes.patching import Hooks
-from kvprof.trace import format as fmt
 from kvprof.trace.format import EventKind as K
-from kvprof.trace.writer import LAZY_BATCH, LAZY_RESOLVERS
 
 MODULES = ["vllm.v1.core.block_pool", "vllm.v1.core.kv_cache_manager", "vllm.v1.core.sched.scheduler"]
 
@@ -88,8 +85,8 @@ def _pool_index(pool, block_size: int | None = None, t_declare: int | None = Non
         if null is not None:
             _nulls[idx] = int(null.block_id)
             w = runtime.writer
-            if w is not None:  # queued without a flush check: this may run inside a flush
-                w.blocks.append((runtime.now() if t_declare is None else t_declare, int(K.RESERVE), idx, -1, 0, 0, (int(null.block_id),)))
+            if w is not None:
+                w.block(runtime.now() if t_declare is None else t_declare, int(K.RESERVE), idx, -1, 0, 0, (int(null.block_id),))
     return idx
 
 
@@ -97,60 +94,33 @@ _nulls: dict[int, int] = {}  # kvprof pool index -> id of the pool's null block
 _ALLOC, _HIT, _FREE = int(K.ALLOC), int(K.HIT), int(K.FREE)
 
 
-def _resolve(w, items: list):
-    """Columns for a batch of lazy BlockPool events ``(t, kind, pool, req, blocks)``.
-
-    The hot wrappers only copy the list of block objects; ids are read here, once
-    per batch.  The null block (never a state change) is dropped, and so are blocks
-    that ``free_blocks`` forwards to another pool, which records them itself.
-    Runs on whichever thread resolves the batch: must not flush or block.
-    """
-    count = len(items)
-    t, kind, pool_objs, reqs, lists = zip(*items)
-    pool_keys = list(map(id, pool_objs))
-    for key in set(pool_keys).difference(_pools):
-        first = pool_keys.index(key)
-        _pool_index(pool_objs[first], t_declare=t[first] - 1)
-    pidx = np.array(list(map(_pools.__getitem__, pool_keys)), np.int64)
-    t = np.array(t, np.int64)
-    kind = np.array(kind, np.int64)
-    lut = {r: (-1 if r is None else w.intern(r)) for r in set(reqs)}
-    rid = np.array(list(map(lut.__getitem__, reqs)), np.int64)
-    n = np.array(list(map(len, lists)), np.int64)
-    ids = np.array([b.block_id for blocks in lists for b in blocks], np.int64)
-    owner = np.repeat(np.arange(count), n)
-    mask = None
-    if _nulls:
-        null_of = np.full(int(pidx.max()) + 1, -1, np.int64)
-        for i, b in _nulls.items():
-            if i < len(null_of):
-                null_of[i] = b
-        mask = ids != null_of[pidx][owner]
-    if len(_pools) > 1 and (kind == _FREE).any():
-        # Several live pools: free_blocks forwards blocks whose .pool is another pool,
-        # which records them itself.  With one live pool (the usual engine) no block
-        # can be foreign, and this per-block check is skipped.
-        block_pool = np.array([id(b.pool) for blocks in lists for b in blocks], np.int64)
-        mine = (block_pool == np.array(pool_keys, np.int64)[owner]) | (block_pool == id(None)) | (kind[owner] != _FREE)
-        mask = mine if mask is None else mask & mine
-    if mask is not None and not mask.all():
-        ids = ids[mask]
-        n = np.bincount(owner[mask], minlength=count)
-        keep = n > 0
-        t, kind, pidx, rid, n = t[keep], kind[keep], pidx[keep], rid[keep], n[keep]
-    rows = np.zeros(len(t), dtype=fmt.BLOCK_EVENT_DTYPE)
-    rows["t"], rows["kind"], rows["pool"], rows["req"], rows["n"] = t, kind, pidx, rid, n
-    return rows, ids.astype(fmt.BLOCK_ID_DTYPE)
+def _record(w, kind: int, pool, blocks) -> None:
+    """Write one BlockPool call's event: the ids of its blocks, read now (the record is on
+    disk when the call returns).  The null block (never a state change) is left out, and
+    so are blocks that ``free_blocks`` forwards to another live pool, which records them
+    itself."""
+    idx = _pools.get(id(pool))
+    if idx is None:
+        idx = _pool_index(pool)
+    ids = [b.block_id for b in blocks]
+    null = _nulls.get(idx)
+    if null is not None and null in ids:
+        ids = [i for i in ids if i != null]
+    if kind == _FREE and len(_pools) > 1:
+        ids = [b.block_id for b in blocks if getattr(b, "pool", None) in (None, pool) and b.block_id != null]
+    if ids:
+        req = _current_req
+        rid = -1 if req is None else (w._strings.get(req) if type(req) is str else None)
+        if rid is None:
+            rid = w.intern(req)
+        w.block(monotonic_ns(), kind, idx, rid, 0, 0, ids)
 
 
 def _queue(kind: int, pool, blocks: list) -> None:
-    """Queue one lazy block event (the generic wrappers' path)."""
+    """Record one block event (the generic wrappers' path)."""
     w = runtime.writer
     if w is not None and blocks:
-        q = w.lazy
-        q.append((monotonic_ns(), kind, pool, _current_req, blocks))
-        if len(q) >= LAZY_BATCH:
-            w.resolve_lazy()
+        _record(w, kind, pool, blocks)
 
 
 def _arity(fn, names: tuple) -> bool:
@@ -170,12 +140,9 @@ def _install_block_pool(mod) -> None:
     if cls is None:
         _hooks.missing.append("BlockPool")
         return
-    LAZY_RESOLVERS[cls] = _resolve
 
-    # The hot calls copy the block list (the caller may reuse it) and queue it with
-    # the pool object; the writer resolves ids in batches of LAZY_BATCH (see writer).
-    # Where the signature is the one expected, a wrapper without *args/**kwargs and
-    # with the queueing inlined is used: these run millions of times.
+    # Where the signature is the one expected, a wrapper without *args/**kwargs is used:
+    # these run millions of times.
     def get_new_blocks(orig):
         def wrapper(self, num_blocks, *a, **k):
             blocks = orig(self, num_blocks, *a, **k)
@@ -189,10 +156,7 @@ def _install_block_pool(mod) -> None:
             blocks = orig(self, num_blocks)
             w = runtime.writer
             if w is not None and blocks:
-                q = w.lazy
-                q.append((monotonic_ns(), _ALLOC, self, _current_req, blocks[:]))
-                if len(q) >= LAZY_BATCH:
-                    w.resolve_lazy()
+                _record(w, _ALLOC, self, blocks)
             return blocks
 
         return fast
@@ -217,10 +181,7 @@ def _install_block_pool(mod) -> None:
                 return wrapper(self, blocks)
             blocks = list(blocks)
             out = orig(self, blocks)
-            q = w.lazy
-            q.append((monotonic_ns(), _HIT, self, _current_req, blocks))
-            if len(q) >= LAZY_BATCH:
-                w.resolve_lazy()
+            _record(w, _HIT, self, blocks)
             return out
 
         return fast
@@ -244,10 +205,7 @@ def _install_block_pool(mod) -> None:
             blocks = list(ordered_blocks)
             out = orig(self, blocks)
             if blocks:
-                q = w.lazy
-                q.append((monotonic_ns(), _FREE, self, _current_req, blocks))
-                if len(q) >= LAZY_BATCH:
-                    w.resolve_lazy()
+                _record(w, _FREE, self, blocks)
             return out
 
         return fast

@@ -20,32 +20,35 @@ from kvprof.errors import BundleError
 from kvprof.trace.format import EventKind as K
 
 
-def _origins(stream, marks, bundle) -> tuple[dict, object]:
+def _origins(bundle, spans_by_pool: dict, marks) -> tuple[dict, object]:
     """Times are microseconds from the earliest event of their clock.  Pools on a clock of
     their own (a simulator's: ``kvprof.blocks.Pool(clock=...)``) start at 0 like the
     monotonic clock every other stream uses, instead of hours apart from it.  A marker
     belongs to the clock whose events' span it is nearest (a simulated pool's own markers
     are on its clock)."""
-    own = {p.index: p.clock for p in stream.pools if p.clock != "monotonic"}
     spans: dict = {}
 
-    def add(clock, t):
-        if len(t):
-            lo, hi = spans.get(clock, (None, None))
-            spans[clock] = (int(t.min()) if lo is None else min(lo, int(t.min())), int(t.max()) if hi is None else max(hi, int(t.max())))
+    def add(clock, lo, hi):
+        if lo is None:
+            return
+        a, b = spans.get(clock, (None, None))
+        spans[clock] = (lo if a is None else min(a, lo), hi if b is None else max(b, hi))
 
-    if len(stream.t):
-        on_own = np.isin(stream.pool, list(own)) if own else np.zeros(len(stream.t), dtype=bool)
-        add("monotonic", stream.t[~on_own])
-        for idx, clock in own.items():
-            add(clock, stream.t[stream.pool == idx])
+    for idx, (lo, hi) in spans_by_pool.items():
+        p = bundle.pools[idx]
+        add(p.clock if p.clock != "monotonic" else "monotonic", int(lo), int(hi))
     for proc in bundle.processes:
-        add("monotonic", proc.gc_events()["t"])
+        g = proc.gc_events()["t"]
+        if len(g):
+            add("monotonic", int(g.min()), int(g.max()))
         snaps, _ = proc.heap_snapshots()
-        add("monotonic", snaps["t"])
-        add("monotonic", np.array([int(r["t"]) for r in proc.notes if r.get("type") in ("torch_stats", "torch_oom") and r.get("t")], dtype=np.int64))
+        if len(snaps):
+            add("monotonic", int(snaps["t"].min()), int(snaps["t"].max()))
+        ts = [int(r["t"]) for r in proc.notes if r.get("type") in ("torch_stats", "torch_oom") and isinstance(r.get("t"), int) and r.get("t")]
+        if ts:
+            add("monotonic", min(ts), max(ts))
     if not spans and len(marks.t):
-        add("monotonic", marks.t)
+        add("monotonic", int(marks.t.min()), int(marks.t.max()))
 
     def clock_of_mark(t: int) -> str:
         if len(spans) < 2:
@@ -55,26 +58,29 @@ def _origins(stream, marks, bundle) -> tuple[dict, object]:
     return {c: lo for c, (lo, _) in spans.items()}, clock_of_mark
 
 
-def bundle_events(path: str) -> list:
-    from kvprof.analysis.timeseries import pool_counts
+def bundle_events(path: str, progress=None) -> list:
+    from kvprof.analysis.engine import block_pass
     from kvprof.trace.reader import Bundle
 
     bundle = Bundle(path)
-    stream = bundle.block_stream()
+    bp = block_pass(bundle, None, series=True, progress=progress)
+    series = bp.series
     marks = bundle.marks()
-    origin, clock_of_mark = _origins(stream, marks, bundle)
+    origin, clock_of_mark = _origins(bundle, series.get("pool_spans") or {}, marks)
 
     def us(ns, clock="monotonic"):
         return (int(ns) - origin.get(clock, 0)) / 1000.0
 
+    counts = {c["pool"]: c for c in series.get("pool_counts") or []}
+    instants = {x["pool"]: x for x in series.get("instants") or []}
     out: list = []
     for proc in bundle.processes:
         role = proc.info.get("role") or "process"
         out.append({"name": "process_name", "ph": "M", "pid": proc.pid, "tid": proc.pid, "args": {"name": f"{role} {proc.pid}"}})
-    for p in stream.pools:
+    for p in bundle.pools:
         clock = p.clock if p.clock in origin else "monotonic"
         label = p.label if clock == "monotonic" else f"{p.label} ({clock} clock)"
-        c = pool_counts(stream, p.index)
+        c = counts.get(p.label)
         if c is not None:  # a pool whose every allocation was refused has no counts, only the refusals below
             cap = c["capacity"]
             thinned = bool(np.any(c["in_use_max"] != c["in_use"]))
@@ -84,12 +90,13 @@ def bundle_events(path: str) -> list:
                 if thinned:  # a counter holds its value until the next event: one at every point
                     out.append({"name": f"KV blocks in use, bucket max {label}", "ph": "C", "ts": us(t, clock), "pid": p.pid, "tid": p.pid,
                                 "args": {"in use": umax}})
-        sel = np.flatnonzero((stream.pool == p.index) & np.isin(stream.kind, [K.REQ_PREEMPT, K.ALLOC_FAIL]))
-        for i in sel[:100000].tolist():
-            req = stream.requests[int(stream.req[i])] if stream.req[i] >= 0 else ""
-            name = "preempt" if stream.kind[i] == K.REQ_PREEMPT else "allocation refused"
-            out.append({"name": f"{name} {req}".strip(), "ph": "i", "s": "p", "ts": us(stream.t[i], clock), "pid": p.pid, "tid": p.pid,
-                        "args": {"pool": p.label, "request": req}})
+        x = instants.get(p.index)
+        if x is not None:
+            for t, k, r in zip(x["t"].tolist(), x["kind"].tolist(), x["req"].tolist()):
+                req = bundle.request_name(r) if r >= 0 else ""
+                name = "preempt" if k == K.REQ_PREEMPT else "allocation refused"
+                out.append({"name": f"{name} {req}".strip(), "ph": "i", "s": "p", "ts": us(t, clock), "pid": p.pid, "tid": p.pid,
+                            "args": {"pool": p.label, "request": req}})
     for i in range(min(len(marks.t), 200000)):
         pid, t = int(marks.pid[i]), int(marks.t[i])
         out.append({"name": marks.names[int(marks.name[i])], "ph": "i", "s": "t", "ts": us(t, clock_of_mark(t)), "pid": pid, "tid": pid,
@@ -103,15 +110,23 @@ def bundle_events(path: str) -> list:
             out.append({"name": "heap live bytes (tracemalloc)", "ph": "C", "ts": us(s["t"]), "pid": proc.pid, "tid": proc.pid,
                         "args": {"live": int(s["live"])}})
         for rec in proc.notes:  # --probe torch: memory_stats samples, OOMs the allocator reported
-            kind, t = rec.get("type"), int(rec.get("t") or 0)
+            kind, t = rec.get("type"), rec.get("t")
+            if not isinstance(t, int) or isinstance(t, bool):
+                continue
             if kind == "torch_stats":
-                for dev, st in sorted((rec.get("devices") or {}).items()):
-                    out.append({"name": f"torch memory cuda:{dev}", "ph": "C", "ts": us(t), "pid": proc.pid, "tid": proc.pid,
-                                "args": {"allocated": int(st.get("allocated", 0)), "reserved": int(st.get("reserved", 0))}})
+                devices = rec.get("devices")
+                for dev, st in sorted(devices.items()) if isinstance(devices, dict) else []:
+                    if isinstance(st, dict):
+                        out.append({"name": f"torch memory cuda:{dev}", "ph": "C", "ts": us(t), "pid": proc.pid, "tid": proc.pid,
+                                    "args": {"allocated": _num(st.get("allocated")), "reserved": _num(st.get("reserved"))}})
             elif kind == "torch_oom":
                 out.append({"name": "CUDA OOM", "ph": "i", "s": "p", "ts": us(t), "pid": proc.pid, "tid": proc.pid,
                             "args": {k: rec.get(k) for k in ("device", "requested", "device_free")}})
     return out
+
+
+def _num(v) -> int:
+    return int(v) if isinstance(v, (int, float)) and not isinstance(v, bool) and v == v and abs(v) < 1e30 else 0
 
 
 def snapshot_events(path: str) -> list:

@@ -1,43 +1,96 @@
-"""Bundle reader: validates a bundle and merges its per-process streams.
+"""Bundle reader: validates a bundle and reads its per-process streams in bounded pieces.
 
-Every reporter and analyzer reads through this module.  Anything that cannot
-be read raises :class:`kvprof.errors.BundleError` with a one-line message.
+Every reporter and analyzer reads through this module.  Anything that cannot be read
+raises :class:`kvprof.errors.BundleError` with a one-line message; damage the reader can
+step over (a torn last chunk, a record that makes no sense) is skipped and said in
+``Bundle.notes``.  Nothing here reads a whole stream into memory: block events come
+out as :class:`kvprof.trace.chunks.BlockChunk` pieces merged over processes in time
+order (``Bundle.block_chunks``); the small streams (markers, GC pauses, heap
+snapshots) are kept per process as they go by.  Formats 1 and 2: docs/trace-format.md.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from kvprof.errors import BundleError
+from kvprof.trace import codec, stage
 from kvprof.trace import format as fmt
+from kvprof.trace.chunks import BlockChunk
+
+MAX_JSON_BYTES = 64 << 20  # manifest.json, process.json
+MAX_META_BYTES = 1 << 31  # meta.jsonl (interned strings: grows with requests)
+META_READ = 8 << 20  # meta.jsonl is parsed this many bytes at a time
+V1_PIECE = 1 << 18  # version-1 block events read at a time
+MAX_POOL_BLOCKS = 1 << 26  # per-block state of bigger pools would not fit in memory
+MAX_BLOCK_SIZE = 1 << 24
+MAX_IDS_PER_EVENT = 1 << 26
+MAX_PROCESSES = 100_000
+KNOWN_KINDS = np.zeros(256, dtype=bool)
+KNOWN_KINDS[[v for k, v in vars(fmt.EventKind).items() if not k.startswith("_")]] = True
+
+
+def clean_str(value) -> str:
+    """A string from a trace as text every writer can encode: lone surrogates (a
+    non-UTF-8 argv or marker name) become U+FFFD."""
+    s = value if isinstance(value, str) else str(value)
+    try:
+        s.encode("utf-8")
+        return s
+    except UnicodeEncodeError:
+        return s.encode("utf-8", "replace").decode("utf-8")
+
+
+def _regular_file(path: str, what: str, limit: int) -> int:
+    """Size of ``path`` if it is a regular file within ``limit`` bytes (a FIFO or a device in
+    its place would hang the reader or never end)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise BundleError(f"{what} missing: {path}") from None
+    except OSError as exc:
+        raise BundleError(f"{what} unreadable: {path}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise BundleError(f"{what} is not a regular file: {path}")
+    if st.st_size > limit:
+        raise BundleError(f"{what} is {st.st_size:,} bytes, more than a kvprof bundle ever holds ({limit:,}): {path}")
+    return st.st_size
+
+
+def load_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES):
+    _regular_file(path, what, limit)
+    try:
+        with open(path, "rb") as fh:
+            data = json.loads(fh.read(limit + 1))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as exc:
+        raise BundleError(f"{what} unreadable: {path}: {exc}") from None
+    except RecursionError:
+        raise BundleError(f"{what} is nested too deeply to be one kvprof writes: {path}") from None
+    except MemoryError:
+        raise BundleError(f"{what} is too large to read: {path}") from None
+    return data
 
 
 def _load_json(path: str, what: str) -> dict:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except FileNotFoundError:
-        raise BundleError(f"{what} missing: {path}") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{what} unreadable: {path}: {exc}") from None
+    data = load_json_file(path, what)
     if not isinstance(data, dict):
         raise BundleError(f"{what} is not a JSON object: {path}")
     return data
 
 
-def _read_records(path: str, dtype: np.dtype) -> np.ndarray:
-    """Whole records of ``dtype`` from ``path``; a trailing partial record is dropped."""
-    if not os.path.exists(path):
-        return np.zeros(0, dtype=dtype)
-    size = os.path.getsize(path)
-    count = size // dtype.itemsize
-    if count == 0:
-        return np.zeros(0, dtype=dtype)
-    return np.fromfile(path, dtype=dtype, count=count)
+def _int(value, lo: int, hi: int) -> int | None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(value, float):
+        if not value.is_integer():
+            return None
+        value = int(value)
+    return value if lo <= value <= hi else None
 
 
 @dataclass
@@ -60,9 +113,29 @@ class PoolInfo:
         return f"{self.name}@{self.pid}"
 
 
+def pool_from_record(rec: dict, index: int, pid: int, where: str) -> PoolInfo:
+    """A pool declaration checked field by field (a bundle is untrusted input)."""
+    li = _int(rec.get("pool"), 0, (1 << 16) - 1)
+    nb = _int(rec.get("num_blocks"), 1, MAX_POOL_BLOCKS)
+    bs = _int(rec.get("block_size"), 1, MAX_BLOCK_SIZE)
+    if li is None:
+        raise BundleError(f"bad pool record in {where}: 'pool' is not a pool index")
+    if nb is None:
+        raise BundleError(f"bad pool record in {where}: num_blocks {rec.get('num_blocks')!r} is not a pool size kvprof can analyse (1 to {MAX_POOL_BLOCKS:,})")
+    if bs is None:
+        raise BundleError(f"bad pool record in {where}: block_size {rec.get('block_size')!r} is not a positive block size")
+    bpb = rec.get("bytes_per_block")
+    bpb = _int(bpb, 1, 1 << 50) if bpb is not None else None
+    skip = {"type", "pool", "name", "engine", "num_blocks", "block_size", "bytes_per_block", "clock"}
+    return PoolInfo(index=index, pid=pid, local_index=li, name=clean_str(rec.get("name", f"pool{li}")), engine=clean_str(rec.get("engine", "custom")),
+                    num_blocks=nb, block_size=bs, bytes_per_block=bpb, clock=clean_str(rec.get("clock", "monotonic")),
+                    extra={k: v for k, v in rec.items() if k not in skip})
+
+
 @dataclass
 class BlockStream:
-    """Block-pool events of the whole bundle, merged in time order (call level).
+    """Block-pool events of the whole bundle, merged in time order (call level), in memory.
+    For tests and small inputs; the analysis reads ``Bundle.block_chunks`` instead.
 
     ``ids`` holds the block ids of all events back to back; event i owns
     ``ids[offsets[i]:offsets[i+1]]``.  ``req`` indexes ``requests`` (-1: none).
@@ -130,86 +203,342 @@ class Marks:
 class ProcessData:
     """The streams one process wrote."""
 
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, bundle=None):
         self.dir = directory
+        self.bundle = bundle
         self.info = _load_json(os.path.join(directory, fmt.PROCESS_JSON), "process record")
-        self.pid = int(self.info.get("pid", -1))
+        pid = _int(self.info.get("pid"), -1, (1 << 31) - 1)
+        self.pid = -1 if pid is None else pid
+        start = _int(self.info.get("start_ns"), 0, (1 << 63) - 1)
+        self.start_ns = 0 if start is None else start
+        for key in ("probes",):
+            if not isinstance(self.info.get(key), dict):
+                self.info[key] = {}
+        if not isinstance(self.info.get("errors"), list):
+            self.info["errors"] = [str(self.info["errors"])] if self.info.get("errors") is not None else []
+        if "role" in self.info:
+            self.info["role"] = clean_str(self.info["role"])
         self.strings: dict[int, str] = {}
         self.pools: list[dict] = []
         self.stacks: dict[int, list] = {}  # tracemalloc stack id -> [[file, line], ...] innermost first
         self.notes: list[dict] = []
+        self.damage: list[str] = []  # what the reader stepped over
+        names = set(os.listdir(directory))
+        self.version = 2 if (stage.CHUNKS in names or any(n.startswith(stage.STAGE_PREFIX) for n in names)) else 1
+        self._small: dict | None = None  # markers, gc pauses, heap snapshots, once a pass has read them
         self._read_meta()
 
+    # -- side records -------------------------------------------------------------------
     def _read_meta(self) -> None:
         path = os.path.join(self.dir, fmt.META_JSONL)
         if not os.path.exists(path):
             return
+        _regular_file(path, "side records (meta.jsonl)", MAX_META_BYTES)
         with open(path, "rb") as fh:
-            data = fh.read()
-        cut = data.rfind(b"\n") + 1  # a partial last line is a crashed writer's: ignore it
+            rest = b""
+            while True:
+                data = fh.read(META_READ)
+                if not data:
+                    break
+                data = rest + data
+                cut = data.rfind(b"\n") + 1
+                rest = data[cut:]
+                if cut:
+                    self._parse_meta(data[:cut], path)
+        # a partial last line is a crashed writer's: ignored
+
+    def _parse_meta(self, data: bytes, path: str) -> None:
         try:
-            # one parse for the whole file: far faster than a json.loads per line
-            records = json.loads(b"[" + data[:cut].rstrip(b"\n").replace(b"\n", b",") + b"]") if cut else []
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise BundleError(f"corrupt side record in {path}") from None
+            # one parse per block of lines: far faster than a json.loads per line
+            records = json.loads(b"[" + data.rstrip(b"\n").replace(b"\n", b",") + b"]")
+        except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+            records = self._parse_meta_lines(data, path)
+        except RecursionError:
+            raise BundleError(f"side record nested too deeply in {path}") from None
         for rec in records:
             kind = rec.get("type") if isinstance(rec, dict) else None
             if kind == "string":
-                try:
-                    self.strings[int(rec["id"])] = str(rec["s"])
-                except (KeyError, TypeError, ValueError):
-                    raise BundleError(f"corrupt side record in {path}") from None
+                sid = _int(rec.get("id"), 0, (1 << 31) - 1)
+                if sid is None or "s" not in rec:
+                    raise BundleError(f"corrupt side record in {path}: string {rec!r:.80}")
+                self.strings[sid] = clean_str(rec["s"])
             elif kind == "pool":
                 self.pools.append(rec)
             elif kind == "stack":
+                sid = _int(rec.get("id"), 0, (1 << 31) - 1)
+                frames = rec.get("frames")
                 try:
-                    self.stacks[int(rec["id"])] = [(str(f), int(ln)) for f, ln in rec["frames"]]
+                    if sid is None or not isinstance(frames, list):
+                        raise TypeError
+                    self.stacks[sid] = [(clean_str(f), int(ln)) for f, ln in frames]
                 except (KeyError, TypeError, ValueError):
                     raise BundleError(f"corrupt stack record in {path}") from None
-            else:
+            elif isinstance(rec, dict):
                 self.notes.append(rec)
 
-    def block_events(self) -> tuple[np.ndarray, np.ndarray]:
-        ev = _read_records(os.path.join(self.dir, "blocks.bin"), fmt.BLOCK_EVENT_DTYPE)
-        ids = _read_records(os.path.join(self.dir, "block_ids.bin"), fmt.BLOCK_ID_DTYPE)
-        if len(ev):
-            need = np.cumsum(ev["n"], dtype=np.int64)
-            if need[-1] > len(ids):  # ids and events cut at different points
-                ev = ev[: int(np.searchsorted(need, len(ids), side="right"))]
-                need = need[: len(ev)]
-            ids = ids[: int(need[-1]) if len(need) else 0]
-        else:
-            ids = ids[:0]
-        return ev, ids
+    def _parse_meta_lines(self, data: bytes, path: str) -> list:
+        """Line by line, for a block the one-parse path refused: a damaged line is skipped
+        and said (one line of garbage must not cost the whole process's strings)."""
+        out = []
+        bad = 0
+        for line in data.split(b"\n"):
+            if not line.strip():
+                continue
+            try:
+                out.append(json.loads(line))
+            except (json.JSONDecodeError, UnicodeDecodeError, ValueError):
+                bad += 1
+            except RecursionError:
+                raise BundleError(f"side record nested too deeply in {path}") from None
+        if bad:
+            self.damage.append(f"{bad} damaged side record line(s) skipped in {os.path.basename(self.dir)}/meta.jsonl")
+        return out
 
-    def marks(self) -> np.ndarray:
-        return _read_records(os.path.join(self.dir, "marks.bin"), fmt.MARK_DTYPE)
-
-    def gc_events(self) -> np.ndarray:
-        return _read_records(os.path.join(self.dir, "gc.bin"), fmt.GC_DTYPE)
-
-    def heap_snapshots(self) -> tuple[np.ndarray, np.ndarray]:
-        """tracemalloc snapshots and their site rows; rows of a snapshot lost in a crash are dropped."""
-        snaps = _read_records(os.path.join(self.dir, "heap_snaps.bin"), fmt.HEAP_SNAP_DTYPE)
-        sites = _read_records(os.path.join(self.dir, "heap_sites.bin"), fmt.HEAP_SITE_DTYPE)
-        if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
-            sites = sites[np.isin(sites["seq"], snaps["seq"])]
-        return snaps, sites
+    def string(self, sid: int) -> str:
+        return self.strings.get(int(sid), f"#{sid}")
 
     def memray_file(self) -> str | None:
         """This process's memray capture (its own, or the one memray wrote after a fork)."""
         note = (self.info.get("probes") or {}).get("memray") or {}
-        rel = note.get("file")
-        if not rel:
+        rel = note.get("file") if isinstance(note, dict) else None
+        if not rel or not isinstance(rel, str):
             return None
-        path = os.path.normpath(os.path.join(self.dir, str(rel)))
+        path = os.path.normpath(os.path.join(self.dir, rel))
         procs = os.path.dirname(os.path.normpath(self.dir))
         if not path.startswith(procs + os.sep):  # a hostile process.json pointing out of the bundle
             return None
         return path if os.path.isfile(path) else None
 
-    def string(self, sid: int) -> str:
-        return self.strings.get(int(sid), f"#{sid}")
+    # -- version 2: staging records ------------------------------------------------------
+    def pieces(self, want: int = 0):
+        """Staging records (N, 48) in the order they were written: the chunk log, then the
+        staging segments it does not hold.  ``want``: a tag bitmask; chunks without any of
+        those tags are skipped unread (0: all)."""
+        covered: dict[int, int] = {}
+        path = os.path.join(self.dir, stage.CHUNKS)
+        if os.path.exists(path):
+            yield from self._chunk_pieces(path, want, covered)
+        segs = []
+        for name in os.listdir(self.dir):
+            if name.startswith(stage.STAGE_PREFIX) and name.endswith(stage.STAGE_SUFFIX):
+                try:
+                    segs.append((int(name[len(stage.STAGE_PREFIX) : -len(stage.STAGE_SUFFIX)]), name))
+                except ValueError:
+                    continue
+        for seq, name in sorted(segs):
+            p = os.path.join(self.dir, name)
+            try:
+                size = _regular_file(p, "staging segment", 1 << 30)
+            except BundleError as exc:
+                self.damage.append(str(exc))
+                continue
+            if not size:
+                continue
+            with open(p, "rb") as fh:
+                recs = codec.valid_records(fh.read())
+            skip = covered.get(seq, 0)
+            if skip:
+                recs = recs[skip:]
+            if len(recs):
+                yield recs
+
+    def _chunk_pieces(self, path: str, want: int, covered: dict):
+        size = _regular_file(path, "chunk log (events.kvc)", 1 << 62)
+        pos = 0
+        with open(path, "rb") as fh:
+            while pos < size:
+                head_bytes = fh.read(stage.HEADER_SIZE)
+                try:
+                    head = stage.ChunkHeader(head_bytes)
+                except stage.ChunkError as exc:
+                    self._chunk_damage(exc, pos, size)
+                    return
+                if pos + stage.HEADER_SIZE + head.comp_len > size:
+                    self._chunk_damage("cut short", pos, size)
+                    return
+                pos += stage.HEADER_SIZE + head.comp_len
+                if head.payload == stage.PAYLOAD_HEAP_SITES:
+                    if want and not want >> stage.TAG_HEAP_A & 1:
+                        fh.seek(pos)
+                        continue
+                    body = fh.read(head.comp_len)
+                    try:
+                        rows = codec.decode_chunk(head, body)
+                    except stage.ChunkError as exc:
+                        self._chunk_damage(exc, pos, size)
+                        return
+                    self._sites.append(rows)
+                    continue
+                if head.seg_seq >= 0:
+                    covered[head.seg_seq] = max(covered.get(head.seg_seq, 0), head.seg_count)
+                if want and not head.tags & want:
+                    fh.seek(pos)
+                    continue
+                body = fh.read(head.comp_len)
+                try:
+                    recs = codec.decode_chunk(head, body)
+                except stage.ChunkError as exc:
+                    self._chunk_damage(exc, pos, size)
+                    return
+                valid = codec.valid_records(recs)
+                if len(valid) < len(recs):
+                    self.damage.append(f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}")
+                yield valid
+
+    def _chunk_damage(self, why, pos: int, size: int) -> None:
+        self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "
+                           f"the {size - pos:,} bytes after it are not read")
+
+    # -- block events -------------------------------------------------------------------------
+    def block_pieces(self):
+        """(rows of BLOCK_EVENT_DTYPE, ids) in the order written, bounded pieces; the small
+        streams seen on the way are kept (version 2 interleaves them with block events)."""
+        if self.version == 1:
+            yield from self._v1_block_pieces()
+            self._small_v1()
+            return
+        small = {"marks": [], "gc": [], "heap": []}
+        self._sites = []
+        for recs in self.pieces():
+            parts = codec.split_records(recs)
+            for tag, key in ((stage.TAG_MARK, "marks"), (stage.TAG_GC, "gc"), (stage.TAG_HEAP_A, "heap")):
+                if tag in parts:
+                    small[key].append(parts[tag][0])
+            if stage.TAG_BLOCK in parts:
+                rows, ids = parts[stage.TAG_BLOCK]
+                yield self._checked(rows, ids)
+        self._finish_small(small)
+
+    def _checked(self, rows: np.ndarray, ids: np.ndarray):
+        """Events of kinds kvprof does not know are dropped (with their ids) and said."""
+        bad = ~KNOWN_KINDS[rows["kind"]]
+        if bad.any():
+            self.damage.append(f"{int(bad.sum())} block events of unknown kinds skipped in {os.path.basename(self.dir)}")
+            keep = ~bad
+            ids = ids[np.repeat(keep, rows["n"].astype(np.int64))]
+            rows = rows[keep]
+        return rows, ids
+
+    def _v1_block_pieces(self):
+        ev_path = os.path.join(self.dir, "blocks.bin")
+        id_path = os.path.join(self.dir, "block_ids.bin")
+        if not os.path.exists(ev_path):
+            return
+        ev_size = _regular_file(ev_path, "block events (blocks.bin)", 1 << 62)
+        id_size = _regular_file(id_path, "block ids (block_ids.bin)", 1 << 62) if os.path.exists(id_path) else 0
+        dt = fmt.BLOCK_EVENT_DTYPE
+        count = ev_size // dt.itemsize
+        id_count = id_size // 4
+        id_pos = 0
+        with open(ev_path, "rb") as fe, open(id_path, "rb") if id_size else open(os.devnull, "rb") as fi:
+            for start in range(0, count, V1_PIECE):
+                rows = np.frombuffer(fe.read(min(V1_PIECE, count - start) * dt.itemsize), dtype=dt)
+                n = rows["n"].astype(np.int64)
+                if (n > MAX_IDS_PER_EVENT).any():
+                    cut = int(np.flatnonzero(n > MAX_IDS_PER_EVENT)[0])
+                    self.damage.append(f"{os.path.basename(self.dir)}/blocks.bin damaged at event {start + cut:,} "
+                                       f"(claims {int(n[cut]):,} block ids): the {count - start - cut:,} events from there are not read")
+                    rows, n = rows[:cut], n[:cut]
+                    count = start + cut
+                need = np.cumsum(n)
+                have = id_count - id_pos
+                if len(need) and need[-1] > have:  # ids and events cut at different points (a crash)
+                    keep = int(np.searchsorted(need, have, side="right"))
+                    rows, need = rows[:keep], need[:keep]
+                    count = start + keep
+                total = int(need[-1]) if len(need) else 0
+                ids = np.frombuffer(fi.read(total * 4), dtype=fmt.BLOCK_ID_DTYPE) if total else np.zeros(0, dtype=fmt.BLOCK_ID_DTYPE)
+                id_pos += total
+                if len(rows):
+                    yield self._checked(rows, ids)
+                if start + len(rows) >= count:
+                    break
+
+    def v1_sorted(self) -> bool:
+        """Whether a version-1 process's block events are in time order (the lazy batches
+        of kvprof's first vLLM adapter were not): read the time column only."""
+        path = os.path.join(self.dir, "blocks.bin")
+        if self.version != 1 or not os.path.exists(path):
+            return True
+        dt = fmt.BLOCK_EVENT_DTYPE
+        mm = np.memmap(path, dtype=dt, mode="r", shape=(os.path.getsize(path) // dt.itemsize,)) if os.path.getsize(path) >= dt.itemsize else None
+        if mm is None:
+            return True
+        last = None
+        for a in range(0, len(mm), 1 << 20):
+            t = np.asarray(mm["t"][a : a + (1 << 20)])
+            if (len(t) > 1 and (np.diff(t) < 0).any()) or (last is not None and len(t) and t[0] < last):
+                return False
+            if len(t):
+                last = t[-1]
+        return True
+
+    # -- small streams ---------------------------------------------------------------------------
+    def _finish_small(self, small: dict) -> None:
+        cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
+        snaps = cat(small["heap"], fmt.HEAP_SNAP_DTYPE)
+        sites = cat(self._sites, fmt.HEAP_SITE_DTYPE)
+        self._sites = []
+        if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
+            sites = sites[np.isin(sites["seq"], snaps["seq"])]  # rows of a snapshot lost in a crash
+        self._small = {"marks": cat(small["marks"], fmt.MARK_DTYPE), "gc": cat(small["gc"], fmt.GC_DTYPE), "heap": (snaps, sites)}
+
+    def _small_v1(self) -> None:
+        if self._small is not None:
+            return
+        rd = lambda name, dt: _read_all(os.path.join(self.dir, name), dt)  # noqa: E731
+        snaps = rd("heap_snaps.bin", fmt.HEAP_SNAP_DTYPE)
+        sites = rd("heap_sites.bin", fmt.HEAP_SITE_DTYPE)
+        if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
+            sites = sites[np.isin(sites["seq"], snaps["seq"])]
+        self._small = {"marks": rd("marks.bin", fmt.MARK_DTYPE), "gc": rd("gc.bin", fmt.GC_DTYPE), "heap": (snaps, sites)}
+
+    def _load_small(self) -> dict:
+        if self._small is None:
+            if self.version == 1:
+                self._small_v1()
+            else:
+                small = {"marks": [], "gc": [], "heap": []}
+                self._sites = []
+                want = 1 << stage.TAG_MARK | 1 << stage.TAG_GC | 1 << stage.TAG_HEAP_A
+                for recs in self.pieces(want):
+                    parts = codec.split_records(recs)
+                    for tag, key in ((stage.TAG_MARK, "marks"), (stage.TAG_GC, "gc"), (stage.TAG_HEAP_A, "heap")):
+                        if tag in parts:
+                            small[key].append(parts[tag][0])
+                self._finish_small(small)
+        return self._small
+
+    def marks(self) -> np.ndarray:
+        return self._load_small()["marks"]
+
+    def gc_events(self) -> np.ndarray:
+        return self._load_small()["gc"]
+
+    def heap_snapshots(self) -> tuple[np.ndarray, np.ndarray]:
+        """tracemalloc snapshots and their site rows; rows of a snapshot lost in a crash are dropped."""
+        return self._load_small()["heap"]
+
+    def counts(self) -> dict:
+        """Records per stream, counted from what is on disk."""
+        out = {"blocks": 0, "block_ids": 0}
+        for rows, ids in self.block_pieces():
+            out["blocks"] += len(rows)
+            out["block_ids"] += len(ids)
+        small = self._load_small()
+        out.update(marks=len(small["marks"]), gc=len(small["gc"]), heap_snaps=len(small["heap"][0]), heap_sites=len(small["heap"][1]))
+        return out
+
+
+def _read_all(path: str, dtype) -> np.ndarray:
+    """Whole records of ``dtype`` from a version-1 file; a trailing partial record is dropped."""
+    if not os.path.exists(path):
+        return np.zeros(0, dtype=dtype)
+    size = _regular_file(path, os.path.basename(path), 1 << 34)
+    count = size // dtype.itemsize
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.fromfile(path, dtype=dtype, count=count)
 
 
 # manifest fields the analysis reads, with the types `kvprof record` writes
@@ -238,9 +567,9 @@ class Bundle:
             raise BundleError(f"not a kvprof bundle (no {fmt.MANIFEST}): {path}")
         self.manifest = _load_json(mpath, "manifest")
         if self.manifest.get("format") != fmt.FORMAT_NAME:
-            raise BundleError(f"not a kvprof bundle (manifest format {self.manifest.get('format')!r}): {path}")
+            raise BundleError(f"not a kvprof bundle (manifest format {clean_str(self.manifest.get('format'))!r:.60}): {path}")
         version = self.manifest.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError(f"manifest has no format_version: {path}")
         if version > fmt.FORMAT_VERSION:
             raise BundleError(
@@ -248,6 +577,7 @@ class Bundle:
             )
         if version < 1:
             raise BundleError(f"bad bundle format version {version}: {path}")
+        self.format_version = version
         for key, kinds, what in _MANIFEST_FIELDS:
             value = self.manifest.get(key)
             if value is not None and not isinstance(value, kinds):
@@ -257,81 +587,127 @@ class Bundle:
         procs_dir = os.path.join(path, fmt.PROCS_DIR)
         self.processes: list[ProcessData] = []
         if os.path.isdir(procs_dir):
-            for name in sorted(os.listdir(procs_dir)):
+            names = sorted(os.listdir(procs_dir))
+            if len(names) > MAX_PROCESSES:
+                raise BundleError(f"{len(names):,} process directories: more than kvprof reads ({MAX_PROCESSES:,}): {path}")
+            for name in names:
                 d = os.path.join(procs_dir, name)
-                if os.path.isdir(d) and os.path.exists(os.path.join(d, fmt.PROCESS_JSON)):
-                    self.processes.append(ProcessData(d))
-        self.processes.sort(key=lambda p: p.info.get("start_ns", 0))
+                if os.path.isdir(d) and not os.path.islink(d) and os.path.exists(os.path.join(d, fmt.PROCESS_JSON)):
+                    self.processes.append(ProcessData(d, self))
+        self.processes.sort(key=lambda p: p.start_ns)
+        self.notes: list[str] = []
+        self._declare_pools()
 
-    # -- merged streams --------------------------------------------------------------
-    def block_stream(self) -> BlockStream:
-        parts = []
-        pools: list[PoolInfo] = []
-        requests: list[str] = []
+    def _declare_pools(self) -> None:
+        self.pools: list[PoolInfo] = []
+        self._pool_lut: list[np.ndarray] = []  # per process: local pool index -> global (-1 undeclared)
+        self._req_base: list[int] = []  # per process: first request key
+        base = 0
         for proc in self.processes:
-            ev, ids = proc.block_events()
-            local_pools = {}
+            local = {}
             for rec in proc.pools:
-                li = int(rec["pool"])
-                try:
-                    info = PoolInfo(
-                        index=len(pools),
-                        pid=proc.pid,
-                        local_index=li,
-                        name=str(rec.get("name", f"pool{li}")),
-                        engine=str(rec.get("engine", "custom")),
-                        num_blocks=int(rec["num_blocks"]),
-                        block_size=int(rec["block_size"]),
-                        bytes_per_block=rec.get("bytes_per_block"),
-                        clock=str(rec.get("clock", "monotonic")),
-                        extra={k: v for k, v in rec.items() if k not in {"type", "pool", "name", "engine", "num_blocks", "block_size", "bytes_per_block", "clock"}},
-                    )
-                except (KeyError, TypeError, ValueError):
-                    raise BundleError(f"bad pool record in {proc.dir}: {rec!r}") from None
-                local_pools[li] = info.index
-                pools.append(info)
-            if not len(ev):
-                continue
-            if not local_pools:
-                raise BundleError(f"block events without a pool declaration in {proc.dir}")
-            lut = np.full(max(local_pools) + 1, -1, dtype=np.int32)
-            for li, gi in local_pools.items():
+                info = pool_from_record(rec, len(self.pools), proc.pid, proc.dir)
+                if info.local_index in local:
+                    raise BundleError(f"bad pool record in {proc.dir}: pool {info.local_index} declared twice")
+                local[info.local_index] = info.index
+                self.pools.append(info)
+            lut = np.full(max(local) + 1 if local else 1, -1, dtype=np.int32)
+            for li, gi in local.items():
                 lut[li] = gi
-            pool_local = ev["pool"].astype(np.int64)
-            if pool_local.max() >= len(lut) or (lut[pool_local] < 0).any():
-                keep = np.zeros(len(ev), dtype=bool)
-                ok = pool_local < len(lut)
-                keep[ok] = lut[pool_local[ok]] >= 0
-                # events of a pool whose declaration was lost in a crash: drop them and their ids
-                starts = np.concatenate(([0], np.cumsum(ev["n"], dtype=np.int64)))
-                idmask = np.repeat(keep, ev["n"].astype(np.int64))
-                ev, ids, pool_local = ev[keep], ids[: starts[-1]][idmask], pool_local[keep]
-            req_local = ev["req"].astype(np.int64)
-            used = np.unique(req_local[req_local >= 0])
-            req_lut = np.full(int(used.max()) + 1 if len(used) else 1, -1, dtype=np.int64)
-            for sid in used:
-                req_lut[sid] = len(requests)
-                requests.append(f"{proc.pid}:{proc.string(sid)}" if len(self.processes) > 1 else proc.string(sid))
-            req = np.where(req_local >= 0, req_lut[np.maximum(req_local, 0)], -1)
-            parts.append((ev["t"], ev["kind"], lut[pool_local], req, ev["arg"], ev["arg2"], ev["n"], ids))
-        if not parts:
-            e = np.zeros(0, dtype=np.int64)
-            return BlockStream(e, e.astype(np.uint8), e.astype(np.int32), e, e, e, e.astype(np.uint32), e.astype(np.int32), pools, requests)
-        if len(parts) == 1 and (len(parts[0][0]) < 2 or bool((np.diff(parts[0][0]) >= 0).all())):
-            t, kind, pool, req, arg, arg2, n, ids = parts[0]
-            return BlockStream(t, kind, pool.astype(np.int32), req, arg, arg2, n, ids, pools, requests)
-        # several processes, or threads whose timestamps interleave: merge by time (stable)
-        cols = [np.concatenate([p[i] for p in parts]) for i in range(8)]
-        t, kind, pool, req, arg, arg2, n, ids = cols
-        order = np.argsort(t, kind="stable")
-        starts = np.concatenate(([0], np.cumsum(n, dtype=np.int64)))[:-1]
-        n_sorted = n[order].astype(np.int64)
-        total = int(n_sorted.sum())
-        # gather ids of each event in the new order
-        first = np.repeat(starts[order], n_sorted)
-        within = np.arange(total, dtype=np.int64) - np.repeat(np.cumsum(n_sorted) - n_sorted, n_sorted)
-        ids = ids[first + within]
-        return BlockStream(t[order], kind[order], pool[order].astype(np.int32), req[order], arg[order], arg2[order], n[order], ids, pools, requests)
+            self._pool_lut.append(lut)
+            self._req_base.append(base)
+            base += (max(proc.strings) + 1) if proc.strings else 0
+        self.request_keys = base
+
+    def request_name(self, key: int) -> str:
+        """The request id a request key stands for ("pid:id" when several processes recorded)."""
+        if key < 0:
+            return ""
+        i = int(np.searchsorted(np.asarray(self._req_base), key, side="right")) - 1
+        proc = self.processes[i]
+        name = proc.string(key - self._req_base[i])
+        return f"{proc.pid}:{name}" if len(self.processes) > 1 else name
+
+    # -- block events ---------------------------------------------------------------------------
+    def _process_chunks(self, i: int):
+        """One process's block events as BlockChunks (global pools, request keys), in the
+        order written."""
+        proc = self.processes[i]
+        lut = self._pool_lut[i]
+        base = self._req_base[i]
+        nstr = (max(proc.strings) + 1) if proc.strings else 0
+        if proc.version == 1 and not proc.v1_sorted():
+            # kvprof 0.x wrote vLLM's events in batches out of time order: read the process whole
+            pieces = list(proc.block_pieces())
+            rows = np.concatenate([p[0] for p in pieces]) if pieces else np.zeros(0, dtype=fmt.BLOCK_EVENT_DTYPE)
+            ids = np.concatenate([p[1] for p in pieces]) if pieces else np.zeros(0, dtype=fmt.BLOCK_ID_DTYPE)
+            order = np.argsort(rows["t"], kind="stable")
+            n = rows["n"].astype(np.int64)
+            starts = np.concatenate(([0], np.cumsum(n)))[:-1]
+            ns = n[order]
+            within = np.arange(int(ns.sum()), dtype=np.int64) - np.repeat(np.cumsum(ns) - ns, ns)
+            ids = ids[np.repeat(starts[order], ns) + within]
+            gen = iter([(rows[order], ids)])
+        else:
+            gen = proc.block_pieces()
+        dropped = 0
+        for rows, ids in gen:
+            n = rows["n"].astype(np.int64)
+            pl = rows["pool"].astype(np.int64)
+            gpool = np.where(pl < len(lut), lut[np.minimum(pl, len(lut) - 1)], -1)
+            req = rows["req"].astype(np.int64)
+            req = np.where((req >= 0) & (req < nstr), req + base, -1)
+            chunk = BlockChunk(rows["t"].astype(np.int64), rows["kind"].astype(np.uint8), gpool.astype(np.int32), req,
+                               rows["arg"].astype(np.int64), rows["arg2"].astype(np.int64), n, np.asarray(ids, dtype=np.int32))
+            if (gpool < 0).any():  # events of a pool whose declaration was lost in a crash: dropped
+                keep = gpool >= 0
+                dropped += int((~keep).sum())
+                chunk = chunk.take(keep)
+            if len(chunk):
+                yield chunk
+        if dropped:
+            proc.damage.append(f"{dropped:,} block events of undeclared pools skipped in {os.path.basename(proc.dir)}")
+
+    def block_chunks(self):
+        """Every process's block events merged in time order (ties: process order, then the
+        order written), as BlockChunks; no run of equal times is split between two chunks.
+        A process's own events are put in time order with one piece of look-ahead (threads
+        that race between reading the clock and writing the record)."""
+        sources = [_Sorted(self._process_chunks(i)) for i in range(len(self.processes))]
+        sources = [s for s in sources if not s.done or len(s.pending)]
+        while sources:
+            horizon = min(s.horizon for s in sources)
+            parts = [s.release(horizon) for s in sources]
+            parts = [p for p in parts if len(p)]
+            if parts:
+                if len(parts) == 1:
+                    yield parts[0]
+                else:
+                    merged = BlockChunk.concat(parts)
+                    order = np.argsort(merged.t, kind="stable")
+                    yield _reorder(merged, order)
+            for s in sources:
+                if s.horizon == horizon and not s.done:
+                    s.advance()
+            sources = [s for s in sources if not s.done or len(s.pending)]
+        late = sum(s.late for s in self._all_sources(sources))
+        if late:
+            self.notes.append(f"{late:,} block events were written more than a piece out of time order and are analysed where they came")
+
+    def _all_sources(self, sources):
+        return sources
+
+    def block_stream(self) -> BlockStream:
+        """All block events in memory (tests and small inputs)."""
+        chunk = BlockChunk.concat(list(self.block_chunks()) or [BlockChunk.empty()])
+        keys = np.unique(chunk.req[chunk.req >= 0])
+        lut = {int(k): i for i, k in enumerate(keys.tolist())}
+        req = np.array([lut.get(int(r), -1) for r in chunk.req.tolist()], dtype=np.int64) if len(chunk.req) else chunk.req
+        return BlockStream(chunk.t, chunk.kind, chunk.pool, req, chunk.arg, chunk.arg2, chunk.n.astype(np.uint32), chunk.ids,
+                           self.pools, [self.request_name(int(k)) for k in keys.tolist()])
+
+    def damage(self) -> list[str]:
+        return self.notes + [d for p in self.processes for d in p.damage]
 
     def marks(self) -> Marks:
         names: list[str] = []
@@ -356,6 +732,58 @@ class Bundle:
         t, name, value, pid = (np.concatenate([c[i] for c in cols]) for i in range(4))
         order = np.argsort(t, kind="stable")
         return Marks(t[order], name[order], value[order], pid[order], names)
+
+
+def _reorder(c: BlockChunk, order: np.ndarray) -> BlockChunk:
+    off = c.offsets
+    ns = c.n[order]
+    within = np.arange(int(ns.sum()), dtype=np.int64) - np.repeat(np.cumsum(ns) - ns, ns)
+    ids = c.ids[np.repeat(off[:-1][order], ns) + within]
+    return BlockChunk(c.t[order], c.kind[order], c.pool[order], c.req[order], c.arg[order], c.arg2[order], ns, ids)
+
+
+class _Sorted:
+    """One process's chunks put in time order with one piece of look-ahead: events are
+    released once a later piece shows no earlier time can still come (up to the horizon,
+    the smallest time of the piece read last)."""
+
+    def __init__(self, chunks):
+        self.it = iter(chunks)
+        self.pending = BlockChunk.empty()
+        self.done = False
+        self.late = 0
+        self.released = None  # the last time released
+        self.horizon = None
+        self.advance()
+
+    def advance(self) -> None:
+        nxt = next(self.it, None)
+        if nxt is None:
+            self.done = True
+            self.horizon = np.iinfo(np.int64).max
+            return
+        if self.released is not None and len(nxt) and nxt.t.min() < self.released:
+            self.late += int((nxt.t < self.released).sum())
+        merged = BlockChunk.concat([self.pending, nxt])
+        if len(merged) > 1 and (np.diff(merged.t) < 0).any():
+            merged = _reorder(merged, np.argsort(merged.t, kind="stable"))
+        self.pending = merged
+        self.horizon = int(nxt.t.min()) if len(nxt) else (self.horizon or np.iinfo(np.int64).min)
+        if not len(nxt):
+            self.advance()
+
+    def release(self, horizon: int) -> BlockChunk:
+        """Pending events with time < horizon (all of them once the source is exhausted)."""
+        if self.done and horizon == np.iinfo(np.int64).max:
+            out, self.pending = self.pending, BlockChunk.empty()
+        else:
+            cut = int(np.searchsorted(self.pending.t, horizon, side="left"))
+            if cut == 0:
+                return BlockChunk.empty()
+            out, self.pending = self.pending.split(cut)
+        if len(out):
+            self.released = int(out.t[-1])
+        return out
 
 
 def open_bundle(path: str) -> Bundle:

@@ -1,52 +1,55 @@
-"""In-process writer: one per recorded process, many streams, no locks on the hot path.
+"""In-process writer: one per recorded process, format version 2 (kvprof/trace/stage.py).
 
-Invariant: every event handed to `emit_*` reaches disk within about
-FLUSH_INTERVAL_S seconds or MAX_PENDING events, whichever comes first, and
-every chunk is appended with a single ``os.write`` of whole records.  Side
-records (interned strings, pools) are flushed before the binary records that
-refer to them, and block ids before the events that own them, so a crash at
-any point leaves a prefix the reader can use.
+Invariant: a record is on its way to disk the moment the call that made it returns.
+Every record is appended by one ``mmap.write`` to a staging segment mapped
+MAP_SHARED from a file in the process's directory, so the kernel keeps it whatever
+kills the process (any signal, ``os._exit``, a crash in native code).  One C call
+per entry, made with the GIL held: threads and signal handlers never interleave
+inside an entry, and no lock is taken on the hot path.  Segment space is reserved
+with ``posix_fallocate`` before use, so a full disk can refuse a new segment (the
+events are then counted as dropped and said in process.json) but never fault a
+write into the mapping.
 
-Hot path: callers append tuples to a ``collections.deque`` (atomic under the
-GIL); a daemon thread drains it.  Nothing here may raise into the target: a
-failing write disables the writer and records why in process.json.
+Side records (interned strings, pools, stacks, probe notes) go to meta.jsonl with
+one ``write`` each before the call that needed them returns.  A background thread
+compresses full segments into the chunk log (``events.kvc``) and removes them;
+``close()`` does the same for the last one.  Layouts: kvprof/trace/stage.py.  This
+module imports no numpy.  Nothing here raises into the target: a failing write
+disables the writer and records why in process.json.
 """
 
 from __future__ import annotations
 
-import collections
+import itertools
 import json
+import mmap
 import os
 import signal
+import struct
 import sys
 import threading
 import time
-from itertools import chain, repeat, starmap
-from operator import itemgetter
-
-import numpy as np
+import zlib
 
 from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
 from kvprof.trace import format as fmt
+from kvprof.trace import stage
 from kvprof.trace.atomic import write_text
 
-FLUSH_INTERVAL_S = 0.5
-MAX_PENDING = 65536
+TICK_S = 0.1  # the writer thread's period (the SIGTERM rescue's too)
+FIRST_SEGMENT = 256 << 10  # bytes; each new segment doubles, up to MAX_SEGMENT
+MAX_SEGMENT = 4 << 20
 
-# Lazy block events: engine probes whose hot calls carry block *objects* append
-# ``(t, kind, owner, req, objects)`` to ``ProcessWriter.lazy`` and register, for the
-# owner's type, a resolver that turns a batch of such tuples into columns at flush
-# time.  Reading ids block by block on the target's hot path costs more than doing
-# it once per chunk, vectorised.  A resolver is called as ``resolver(writer, items)``
-# and returns ``(rows, ids)``: a BLOCK_EVENT_DTYPE array and the matching BLOCK_ID_DTYPE
-# array (``rows["n"]`` ids per row, in row order).
-#
-# Lazy tuples hold references to live, garbage-collector-tracked objects, so they
-# must not pile up: once LAZY_BATCH are queued the appending thread resolves them
-# (``resolve_lazy``) into plain arrays, before they survive into the collector's
-# older generations and make its full collections frequent and slow.
-LAZY_RESOLVERS: dict[type, object] = {}
-LAZY_BATCH = 2048
+I32 = (-(1 << 31), (1 << 31) - 1)
+U32 = (0, (1 << 32) - 1)
+U16 = (0, (1 << 16) - 1)
+I64 = (-(1 << 63), (1 << 63) - 1)
+U8 = (0, 255)
+_BLOCK_RANGES = (I64, U8, U16, I32, I64, I64)
+
+_PACK_N = stage.PACK_N
+TAG_BLOCK = stage.TAG_BLOCK
+IDS_INLINE = stage.IDS_INLINE
 
 
 def block_process_signals() -> None:
@@ -68,8 +71,43 @@ def _same_file(fd: int, ident) -> bool:
     return ident is not None and (st.st_dev, st.st_ino) == ident
 
 
+def _fit(value, bounds) -> int | None:
+    """An integer field clamped to its column's range; None when it is no integer at all."""
+    try:
+        v = int(value)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    return min(max(v, bounds[0]), bounds[1])
+
+
+class Segment:
+    """One staging file, mapped MAP_SHARED, its space reserved."""
+
+    __slots__ = ("path", "seq", "size", "mm")
+
+    def __init__(self, directory: str, seq: int, size: int):
+        self.path = os.path.join(directory, stage.stage_name(seq))
+        self.seq = seq
+        self.size = size
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.posix_fallocate(fd, 0, size)
+            self.mm = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            os.close(fd)
+            try:
+                os.unlink(self.path)
+            except OSError:
+                pass
+            raise
+        os.close(fd)
+
+
 class ProcessWriter:
-    """Writes the streams of one process into ``<bundle>/procs/<pid>-<start_ns>/``."""
+    """Writes the streams of one process into ``<bundle>/procs/<pid>-<start_ns>/``.
+
+    Producers call :meth:`block`, :meth:`mark`, :meth:`gc_pause` and :meth:`heap_snapshot`
+    (or, on the hottest paths, ``writer.write(PACK0(...))`` themselves)."""
 
     def __init__(self, bundle: str, role: str, probes: list[str]):
         self.pid = os.getpid()
@@ -85,45 +123,66 @@ class ProcessWriter:
             "start_ns": self.start_ns,
             "start_time": time.time(),
             "end_ns": None,
+            "format": "stage+chunks",
             "probes": {name: {"status": "requested"} for name in probes},
             "errors": [],
         }
         self._strings: dict[str, int] = {}
-        self.blocks: collections.deque = collections.deque()
-        self.lazy: collections.deque = collections.deque()
-        self._resolved: collections.deque = collections.deque()  # (rows, ids) chunks not yet written
-        self.marks: collections.deque = collections.deque()
-        self.gc: collections.deque = collections.deque()  # (t, duration, generation, collected, uncollectable)
-        self.heap: collections.deque = collections.deque()  # (HEAP_SNAP tuple, HEAP_SITE array)
-        self._meta: collections.deque = collections.deque()
-        self._flush_lock = threading.Lock()
+        self._sids = itertools.count()
+        self._meta_lock = threading.RLock()
+        self._seg_lock = threading.RLock()
+        self._chunk_lock = threading.Lock()
+        self._drain_lock = threading.RLock()
+        self._draining = False
+        self._seqs = itertools.count()
+        self._segsize = FIRST_SEGMENT
+        self._full: list[Segment] = []  # segments waiting to be compressed
         self._fds: dict[str, int] = {}
-        self._ids: dict[str, tuple] = {}  # (st_dev, st_ino) of each open stream file
-        self.counts = {"blocks": 0, "block_ids": 0, "marks": 0, "gc": 0, "heap_snaps": 0, "heap_sites": 0}
+        self._ids: dict[str, tuple] = {}  # (st_dev, st_ino) of each open file
+        self.counts = {"blocks": 0, "marks": 0, "gc": 0, "heap_snaps": 0, "heap_sites": 0}
+        self.dropped = 0  # entries that found no space (a full disk) or carried no usable value
+        self._notes: set = set()
         self.closed = False
         self.closing = False  # the exit hook runs (probes' exit work, then close)
         self.finished = False  # close() has written everything
         self.exit_signal = None  # set by a signal handler that interrupted close()
         self.failed = False
+        self._deferred: list[bytes] = []  # entries written by a signal handler during a rotation
         self._stop = threading.Event()
+        self._wake = threading.Event()
         self._info_lock = threading.RLock()
         self.write_process_info()
+        self._seg = self._new_segment()
+        self.write = self._seg.mm.write if self._seg is not None else self._drop
         self._thread = threading.Thread(target=self._run, name="kvprof-writer", daemon=True)
         self._thread.start()
 
-    # -- interning and side records ------------------------------------------------
+    # -- side records ----------------------------------------------------------------
     def intern(self, s) -> int:
         """Map a string (request id, marker name) to a small per-process integer."""
         key = s if type(s) is str else str(s)
         sid = self._strings.get(key)
         if sid is None:
-            sid = len(self._strings)
-            self._strings[key] = sid
-            self._meta.append({"type": "string", "id": sid, "s": key})
+            with self._meta_lock:
+                sid = self._strings.get(key)
+                if sid is None:
+                    sid = next(self._sids)
+                    self._meta_line({"type": "string", "id": sid, "s": key})
+                    self._strings[key] = sid
         return sid
 
     def meta(self, record: dict) -> None:
-        self._meta.append(record)
+        with self._meta_lock:
+            self._meta_line(record)
+
+    def _meta_line(self, record: dict) -> None:
+        if self.failed:
+            return
+        try:
+            line = json.dumps(record, default=str) + "\n"
+            self._append(fmt.META_JSONL, line.encode("utf-8", "backslashreplace"))
+        except Exception as exc:  # never raise into the target
+            self._fail(exc)
 
     def probe_status(self, name: str, **fields) -> None:
         entry = self.info["probes"].setdefault(name, {})
@@ -134,12 +193,18 @@ class ProcessWriter:
         self.info["errors"].append(message)
         self.write_process_info()
 
+    def note_once(self, message: str) -> None:
+        """An error message recorded once per process."""
+        if message not in self._notes:
+            self._notes.add(message)
+            self.info["errors"].append(message)
+
     def write_process_info(self) -> None:
         # Serialised by json's C encoder (no indent), in one call: no bytecode runs in it,
         # so neither a signal handler in this thread nor another thread can change the
-        # dict half way through (a SIGTERM handler adding a key during the pure-Python
-        # indenting encoder used to fail the final write, and end_ns was lost).  The
-        # RLock keeps two threads' renames in order; a handler in this thread re-enters.
+        # dict half way through.  The RLock keeps two threads' renames in order; a
+        # handler in this thread re-enters.  (tests/test_gc_probe.py: pool workers
+        # terminated at exit keep their events)
         with self._info_lock:
             try:
                 text = json.dumps(self.info, default=str)
@@ -147,19 +212,129 @@ class ProcessWriter:
             except Exception as exc:  # never raise into the target
                 self.failed = isinstance(exc, OSError) or self.failed
 
-    # -- flushing ------------------------------------------------------------------
-    def _run(self) -> None:
-        block_process_signals()
-        ticks = 0
-        while not self._stop.wait(FLUSH_INTERVAL_S / 5):
-            rescue_missed_sigterm()
-            ticks += 1
-            if ticks % 5 == 0:
-                self.flush()
+    # -- producers ---------------------------------------------------------------------
+    def block(self, t, kind, pool, req, arg, arg2, ids=()) -> None:
+        """One block-stream event (``req`` already interned, -1 for none)."""
+        try:
+            n = len(ids)
+            if n <= IDS_INLINE:
+                data = _PACK_N[n].pack(t, kind, pool, req, arg, arg2, n, *ids, TAG_BLOCK)
+            else:
+                data = stage.pack_block(t, kind, pool, req, arg, arg2, ids)
+        except (struct.error, TypeError, ValueError, OverflowError):
+            data = self._clean_block(t, kind, pool, req, arg, arg2, ids)
+            if data is None:
+                return
+        try:
+            self.write(data)
+        except ValueError:
+            self._rotate_and_write(data)
 
-    def pending(self) -> int:
-        return len(self.blocks) + len(self.lazy) + len(self.marks) + len(self.gc) + len(self.heap)
+    def _clean_block(self, t, kind, pool, req, arg, arg2, ids) -> bytes | None:
+        fields = [_fit(v, b) for v, b in zip((t, kind, pool, req, arg, arg2), _BLOCK_RANGES)]
+        try:
+            clean_ids = [_fit(b, I32) for b in (ids or ())]
+        except TypeError:  # not iterable
+            clean_ids = [None]
+        if any(v is None for v in fields[:3]) or None in clean_ids:
+            self.dropped += 1
+            self.note_once("block events with a value that is not an integer were dropped")
+            return None
+        fields = [0 if v is None else v for v in fields]
+        self.note_once("block event values outside their column's range were clamped")
+        return stage.pack_block(*fields, clean_ids)
 
+    def mark(self, t: int, name_id: int, value: int) -> None:
+        try:
+            data = stage.MARK_REC.pack(t, name_id, value, stage.TAG_MARK)
+        except (struct.error, TypeError, ValueError, OverflowError):
+            v = _fit(value, I64)
+            self.note_once("marker values outside 64-bit integers were clamped")
+            data = stage.MARK_REC.pack(_fit(t, I64) or 0, name_id, 0 if v is None else v, stage.TAG_MARK)
+        try:
+            self.write(data)
+        except ValueError:
+            self._rotate_and_write(data)
+
+    def gc_pause(self, t: int, duration: int, generation: int, collected: int, uncollectable: int) -> None:
+        try:
+            data = stage.GC_REC.pack(t, duration, generation, collected, uncollectable, stage.TAG_GC)
+        except (struct.error, TypeError, ValueError, OverflowError):
+            return
+        try:
+            self.write(data)
+        except ValueError:
+            self._rotate_and_write(data)
+
+    def heap_snapshot(self, snap: tuple, sites) -> None:
+        """A tracemalloc snapshot record (HEAP_SNAP_DTYPE fields) and its site rows: the
+        sites first, as one chunk of their own, so a snapshot never lacks its sites."""
+        if sites is not None and len(sites):
+            try:
+                self._write_chunk(stage.encode_chunk(stage.PAYLOAD_HEAP_SITES, sites.tobytes()))
+                self.counts["heap_sites"] += len(sites)
+            except Exception as exc:
+                self._fail(exc)
+                return
+        try:
+            data = stage.HEAP_REC.pack(*snap[:6], stage.TAG_HEAP_A, *snap[6:], stage.TAG_HEAP_B)
+        except (struct.error, TypeError, ValueError, OverflowError):
+            self.note_once("a heap snapshot with values outside its columns was dropped")
+            return
+        try:
+            self.write(data)
+        except ValueError:
+            self._rotate_and_write(data)
+
+    def _drop(self, data) -> None:
+        self.dropped += 1
+
+    # -- segments ---------------------------------------------------------------------
+    def _new_segment(self) -> Segment | None:
+        size = self._segsize
+        try:
+            seg = Segment(self.dir, next(self._seqs), size)
+        except OSError as exc:
+            self.note_once(f"no space for the recording ({exc.strerror or exc}): events after this were dropped")
+            self.write_process_info()
+            return None
+        self._segsize = min(size * 2, MAX_SEGMENT)
+        return seg
+
+    def _rotate_and_write(self, data: bytes) -> None:
+        """The active segment is full (or gone): map the next one and write there."""
+        if self.closed:
+            self.dropped += 1
+            return
+        if self._seg_lock._is_owned():  # a signal handler interrupted this thread's rotation
+            self._deferred.append(data)
+            return
+        with self._seg_lock:
+            old = self._seg
+            try:  # another thread may have rotated already
+                if old is not None and self.write.__self__ is not old.mm:
+                    self.write(data)
+                    return
+            except (ValueError, AttributeError):
+                pass
+            seg = self._new_segment() if len(data) <= MAX_SEGMENT else None
+            if seg is None:
+                self.dropped += 1
+                self.write = self._drop
+                return
+            self._seg = seg
+            self.write = seg.mm.write
+            if old is not None:
+                self._full.append(old)
+                self._wake.set()
+            pending, self._deferred = self._deferred, []
+            for entry in [data] + pending:
+                try:
+                    seg.mm.write(entry)
+                except ValueError:
+                    self.dropped += 1
+
+    # -- chunks ---------------------------------------------------------------------------
     def _append(self, name: str, data: bytes) -> None:
         fd = self._fds.get(name)
         if fd is not None and not _same_file(fd, self._ids.get(name)):
@@ -177,142 +352,104 @@ class ProcessWriter:
             written = os.write(fd, view)
             view = view[written:]
 
-    @staticmethod
-    def _drain(dq: collections.deque) -> list:
-        # popleft is atomic; another thread may be draining the same deque (lazy
-        # batches), so stop quietly when it runs dry
-        out: list = []
+    def _write_chunk(self, data: bytes) -> None:
+        with self._chunk_lock:
+            self._append(stage.CHUNKS, data)
+
+    def _compress(self, seg: Segment) -> None:
+        """One chunk of a segment's records, then the segment goes.  The byte planes are
+        taken from the mapping one at a time: the thread never holds a copy of the segment
+        (a heap profiler watching the process sees kilobytes, not megabytes, of kvprof's)."""
+        count = stage.written_records(seg.mm)
+        if count:
+            mv = memoryview(seg.mm)
+            co = zlib.compressobj(1)
+            body = []
+            tags = b""
+            for i in range(stage.RECORD):
+                plane = mv[i : count * stage.RECORD : stage.RECORD].tobytes()
+                if i == stage.RECORD - 1:
+                    tags = plane
+                body.append(co.compress(plane))
+            body.append(co.flush())
+            mv.release()
+            self._write_chunk(stage.chunk_from_body(stage.PAYLOAD_RECORDS, b"".join(body), count, count * stage.RECORD, (seg.seq, count), tags))
+            self.counts["blocks"] += tags.count(TAG_BLOCK)
+            self.counts["marks"] += tags.count(stage.TAG_MARK)
+            self.counts["gc"] += tags.count(stage.TAG_GC)
+            self.counts["heap_snaps"] += tags.count(stage.TAG_HEAP_A)
         try:
-            out.extend(starmap(dq.popleft, repeat((), len(dq))))
-        except IndexError:  # extend keeps what it took before the deque ran dry
+            seg.mm.close()
+        except BufferError:  # a view of it is still alive: the mapping goes with the process
             pass
-        return out
+        os.unlink(seg.path)
 
-    def resolve_lazy(self) -> None:
-        """Turn the queued lazy events into arrays (called by the appending thread at
-        LAZY_BATCH and by flush); strings they intern are queued before they return."""
-        # No lock: the target's thread must never wait on the flush thread's disk
-        # writes.  Concurrent callers drain disjoint events; the reader orders by time.
-        items = self._drain(self.lazy)
-        if items:
-            self._resolved.extend(self._resolve_lazy(items))
-
-    def _resolve_lazy(self, items: list) -> list:
-        """Columns of the lazy events, one (rows, ids) pair per owner type."""
-        owners = set(map(type, map(itemgetter(2), items)))
-        if len(owners) == 1:
-            groups = {owners.pop(): items}
-        else:
-            groups = {}
-            for item in items:
-                groups.setdefault(type(item[2]), []).append(item)
-        out = []
-        for owner, group in groups.items():
-            resolver = next((LAZY_RESOLVERS[c] for c in owner.__mro__ if c in LAZY_RESOLVERS), None)
-            try:
-                if resolver is None:
-                    raise LookupError(f"no resolver registered for {owner.__name__}")
-                out.append(resolver(self, group))
-            except Exception as exc:  # lose this batch, not the writer
-                self.info["errors"].append(f"{len(group)} block events of {owner.__name__} dropped: {exc!r}")
-        return out
-
-    def flush(self) -> None:
+    def flush(self) -> bool:
+        """Compress the full segments now (their records are safe on disk without this).
+        False when it could not: a signal handler that interrupted this thread's own
+        compression (the segments then stay as they are: the reader reads them), or a
+        writer that failed."""
         if self.failed:
-            return
-        with self._flush_lock:
+            return False
+        with self._drain_lock:
+            if self._draining:
+                return False
+            self._draining = True
             try:
-                self._flush_locked()
-            except Exception as exc:  # never raise into the target
-                self.failed = True
-                self.info["errors"].append(f"writer failed: {exc!r}")
-                self.write_process_info()
+                while self._full:
+                    seg = self._full[0]
+                    try:
+                        self._compress(seg)
+                    except Exception as exc:  # never raise into the target; the segment stays readable
+                        self._fail(exc)
+                        return False
+                    self._full.pop(0)
+            finally:
+                self._draining = False
+        return True
 
-    def _flush_locked(self) -> None:
-        # Order matters for crash safety: drain events first (so every string they
-        # reference has already been queued), write side records, then ids, then events.
-        blocks = self._drain(self.blocks)
-        marks = self._drain(self.marks)
-        gcs = self._drain(self.gc)
-        heap = self._drain(self.heap)
-        # resolving may intern strings and declare pools: before the side records
-        self.resolve_lazy()
-        columns = self._drain(self._resolved)
-        meta = self._drain(self._meta)
-        if meta:
-            self._append(fmt.META_JSONL, "".join(json.dumps(m) + "\n" for m in meta).encode())
-        if blocks:
-            # columns straight from the tuples (t, kind, pool, req, arg, arg2, ids):
-            # zip transposes them at C speed, np.array converts each column
-            count = len(blocks)
-            rows = np.empty(count, dtype=fmt.BLOCK_EVENT_DTYPE)
-            cols = list(zip(*blocks))
-            for i, name in enumerate(("t", "kind", "pool", "req", "arg", "arg2")):
-                rows[name] = self._int64(cols[i], name)
-            id_lists = cols[6]
-            rows["n"] = np.array(list(map(len, id_lists)), dtype=np.int64)
-            nids = int(rows["n"].sum())
-            if nids:
-                ids = np.array(list(chain.from_iterable(id_lists)), dtype=fmt.BLOCK_ID_DTYPE)
-                self._append("block_ids.bin", ids.tobytes())
-                self.counts["block_ids"] += nids
-            self._append("blocks.bin", rows.tobytes())
-            self.counts["blocks"] += count
-        if columns:
-            # one write per file for all resolved chunks
-            ids = [c[1] for c in columns if len(c[1])]
-            rows = [c[0] for c in columns if len(c[0])]
-            if ids:
-                data = np.concatenate(ids).astype(fmt.BLOCK_ID_DTYPE, copy=False)
-                self._append("block_ids.bin", data.tobytes())
-                self.counts["block_ids"] += len(data)
-            if rows:
-                data = np.concatenate(rows)
-                self._append("blocks.bin", data.tobytes())
-                self.counts["blocks"] += len(data)
-        if marks:
-            self._append("marks.bin", np.array(marks, dtype=fmt.MARK_DTYPE).tobytes())  # values clamped by runtime.mark
-            self.counts["marks"] += len(marks)
-        if gcs:
-            self._append("gc.bin", np.array(gcs, dtype=fmt.GC_DTYPE).tobytes())
-            self.counts["gc"] += len(gcs)
-        if heap:
-            # sites before the snapshots that own them: a crash between the two writes
-            # leaves sites whose snapshot is missing, which the reader ignores
-            sites = [h[1] for h in heap if len(h[1])]
-            if sites:
-                data = np.concatenate(sites)
-                self._append("heap_sites.bin", data.tobytes())
-                self.counts["heap_sites"] += len(data)
-            self._append("heap_snaps.bin", np.array([h[0] for h in heap], dtype=fmt.HEAP_SNAP_DTYPE).tobytes())
-            self.counts["heap_snaps"] += len(heap)
+    def quiet(self):
+        """While held, the writer thread starts no compression (the probes' exit work runs
+        then: a heap profiler stopping sees none of kvprof's buffers in flight)."""
+        return self._drain_lock
 
-    def _int64(self, values, what: str) -> np.ndarray:
-        """A column as int64; a value out of range (a pool API argument of 2**63) is clamped
-        and said once, instead of failing the flush and with it the rest of the recording."""
-        try:
-            return np.array(values, dtype=np.int64)
-        except (OverflowError, ValueError, TypeError):
-            lo, hi = -(1 << 63), (1 << 63) - 1
+    def _fail(self, exc: BaseException) -> None:
+        self.failed = True
+        self.info["errors"].append(f"writer failed: {exc!r}")
+        self.write_process_info()
 
-            def fit(v):
-                try:
-                    return min(max(int(v), lo), hi)
-                except (TypeError, ValueError, OverflowError):
-                    return 0
+    def _run(self) -> None:
+        block_process_signals()
+        while not self._stop.is_set():
+            self._wake.wait(TICK_S)
+            self._wake.clear()
+            if self._stop.is_set():
+                break
+            rescue_missed_sigterm()
+            if self._full:
+                self.flush()
 
-            message = f"{what} values outside 64-bit integers were clamped"
-            if message not in self.info["errors"]:
-                self.info["errors"].append(message)
-            return np.array([fit(v) for v in values], dtype=np.int64)
+    def pending(self) -> int:
+        return len(self._full)
 
+    # -- end -------------------------------------------------------------------------------
     def close(self, exit_status: dict | None = None) -> None:
         if self.closed:
             return
-        self.closed = True
         self.finished = False
+        with self._seg_lock:  # no rotation half done by another thread
+            self.closed = True
+            last, self._seg = self._seg, None
+            self.write = self._drop  # late events of other threads: counted, not written
         self._stop.set()
-        self.flush()
+        self._wake.set()
+        if self.flush() and last is not None:
+            with self._drain_lock:
+                if not self._draining:
+                    try:
+                        self._compress(last)
+                    except Exception as exc:  # the segment stays readable
+                        self._fail(exc)
         for fd in self._fds.values():
             try:
                 os.close(fd)
@@ -322,6 +459,8 @@ class ProcessWriter:
         self.info["end_ns"] = time.monotonic_ns()
         self.info["end_time"] = time.time()
         self.info["counts"] = dict(self.counts)
+        if self.dropped:
+            self.info["dropped"] = self.dropped
         if exit_status:
             self.info.update(exit_status)
         self.write_process_info()
@@ -334,9 +473,16 @@ class ProcessWriter:
             os.kill(os.getpid(), sig)
 
     def abandon(self) -> None:
-        """In a forked child: drop the parent's buffers and file handles without writing."""
+        """In a forked child: let go of the parent's mappings and files without writing."""
         self.closed = True
         self._stop.set()
+        self.write = self._drop
+        for seg in [self._seg, *self._full]:
+            if seg is not None:
+                try:
+                    seg.mm.close()
+                except (ValueError, BufferError, OSError):
+                    pass
         for fd in self._fds.values():
             try:
                 os.close(fd)
