@@ -22,7 +22,10 @@ def run(
 
     if html_out == "-":
         raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
-    result = analyze_path(bundle, window=window, series=bool(html_out), whatif=bool(html_out))
+    from kvprof.report.progress import PassProgress
+
+    with PassProgress("analyzing") as progress:
+        result = analyze_path(bundle, window=window, series=bool(html_out), whatif=bool(html_out), progress=progress)
     if json_out:
         json_report.write(result, json_out)
     if html_out:

@@ -18,4 +18,7 @@ def run(
         raise UsageError(f"--format must be perfetto, not {format!r}")
     from kvprof.report import perfetto
 
-    perfetto.export(bundle, output)
+    from kvprof.report.progress import PassProgress
+
+    with PassProgress("exporting") as progress:
+        perfetto.export(bundle, output, progress=progress)

@@ -16,7 +16,10 @@ def run(
     from kvprof.analysis import analyze_path
     from kvprof.report import html
 
-    result = analyze_path(source, window=window, series=True, whatif=not no_whatif)
+    from kvprof.report.progress import PassProgress
+
+    with PassProgress("analyzing") as progress:
+        result = analyze_path(source, window=window, series=True, whatif=not no_whatif, progress=progress)
     html.write(result, result.series, output)
     if output != "-":
         typer.echo(f"kvprof: report written to {output}")

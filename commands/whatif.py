@@ -96,7 +96,10 @@ def run(
                            recoveries=recoveries, prefix_cache=prefix_cache == "on", pool=pool, metadata_bytes=metadata_bytes,
                            bytes_per_token=bytes_per_token, jobs=jobs)
     try:
-        section = whatif_bundle(opened, opts)
+        from kvprof.report.progress import PassProgress
+
+        with PassProgress("reading the schedule") as progress:
+            section = whatif_bundle(opened, opts, progress=progress)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     if json_out:

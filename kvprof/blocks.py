@@ -122,11 +122,11 @@ class Pool:
 
     # -- requests ------------------------------------------------------------------
     def request_arrived(self, request, prompt_tokens: int, max_new_tokens: int = -1) -> None:
-        self._emit(K.REQ_ARRIVE, request, int(prompt_tokens), int(max_new_tokens), ())
+        self._emit(K.REQ_ARRIVE, request, prompt_tokens, max_new_tokens, ())
 
     def prefix_query(self, request, query_tokens: int, hit_tokens: int) -> None:
         """A prefix-cache lookup of ``query_tokens`` tokens, ``hit_tokens`` of them found."""
-        self._emit(K.REQ_QUERY, request, int(query_tokens), int(hit_tokens), ())
+        self._emit(K.REQ_QUERY, request, query_tokens, hit_tokens, ())
 
     def request_state(self, request, filled_tokens: int, blocks_held: int) -> None:
         """The request's block table now has ``blocks_held`` blocks holding ``filled_tokens`` tokens."""
@@ -139,7 +139,7 @@ class Pool:
         self._emit(K.REQ_PREEMPT, request, 0, 0, ())
 
     def allocation_failed(self, request=None, blocks_needed: int = -1, free_blocks: int = -1) -> None:
-        self._emit(K.ALLOC_FAIL, request, int(blocks_needed), int(free_blocks), ())
+        self._emit(K.ALLOC_FAIL, request, blocks_needed, free_blocks, ())
 
     def mark(self, name: str, value: int = 0) -> None:
         """A user marker on this pool's clock (use it instead of kvprof.mark with a simulated clock)."""
@@ -148,4 +148,4 @@ class Pool:
 
     def step(self, number: int = 0) -> None:
         """An engine step begins (used for per-step churn)."""
-        self._emit(K.STEP, None, int(number), 0, ())
+        self._emit(K.STEP, None, number, 0, ())

@@ -55,7 +55,7 @@ def test_analyze_json_schema(demo, tmp_path):
         assert entry["better"] in ("lower", "higher", None)
     assert d["metrics"]["blocks.preemptions"]["value"] > 0
     assert d["metrics"]["blocks.prefix_cache.hit_tokens"]["value"] > 0
-    assert d["sections"]["blocks"]["aggregate"]["whatif"]
+    assert d["sections"]["blocks"]["aggregate"]["rounding"]
     assert d["findings"] and all(f["severity"] in ("error", "warning", "info") for f in d["findings"])
     r = run_kvprof("analyze", str(demo), "--json", "-")
     assert json.loads(r.stdout)["schema"] == "kvprof.analysis/1"

@@ -203,3 +203,34 @@ def test_a_damaged_side_record_line_is_skipped_and_said(demo_bundle, tmp_path):
     bundle = Bundle(str(b))
     assert any("1 damaged side record line(s) skipped" in d for d in bundle.damage())
     assert len(bundle.block_stream()) == len(Bundle(str(demo_bundle)).block_stream())
+
+
+def test_bad_values_from_a_pool_are_clamped_or_dropped_and_the_rest_kept(tmp_path):
+    """Out-of-range block ids and arguments are clamped to their columns, values that are
+    no integers dropped; every other event of the process is kept, and both are said."""
+    script = tmp_path / "bad.py"
+    script.write_text(
+        "import kvprof.blocks\n"
+        "pool = kvprof.blocks.Pool(num_blocks=8, block_size=16, name='p')\n"
+        "for i in range(4000):\n"
+        "    pool.alloc([i % 8], request='r')\n"
+        "    if i == 100:\n"
+        "        pool.alloc([2**31], request='r')\n"
+        "        pool.alloc([2**40, 1], request='r')\n"
+        "        pool.alloc([None], request='r')\n"
+        "        pool.request_state('r', 2**70, None)\n"
+        "        pool.allocation_failed('r', 'x', 3)\n"
+        "    pool.free([i % 8], request='r')\n")
+    out = tmp_path / "b.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--", __import__("sys").executable, str(script))
+    assert r.returncode == 0, r.stderr
+    (proc,) = Bundle(str(out)).processes
+    rows = np.concatenate([r for r, _ in proc.block_pieces()])
+    # the two clamped allocations, the state (2**70 clamped, None as 0), the refusal ('x' as 0)
+    # kept; the allocation of block None dropped
+    assert len(rows) == 8000 + 4
+    errors = json.load(open(os.path.join(proc.dir, "process.json")))["errors"]
+    assert any("clamped" in e for e in errors) and any("dropped" in e for e in errors) and any("as 0" in e for e in errors)
+    a = run_kvprof("analyze", str(out), "--json", "-")
+    assert a.returncode == 0, a.stderr
+    assert json.loads(a.stdout)["metrics"]["blocks.events"]["value"] == 8000 + 1  # the 2**40 pair's id 1; the rest out of range

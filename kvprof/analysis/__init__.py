@@ -19,11 +19,12 @@ from kvprof.errors import BundleError, UsageError
 
 SCHEMA = "kvprof.analysis/1"
 
-# Analyzers of bundle sections other than block pools, as "module:function".
-# Each is called as function(bundle, bounds) with bounds = (t0, t1) or None and
-# returns a SectionResult, or None when the bundle holds no data for it.
-SECTION_ANALYZERS: list[str] = ["kvprof.analysis.heap:section", "kvprof.analysis.gc:section", "kvprof.analysis.cpu:section",
-                                "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
+# The bundle's sections, as "module:function".  Each is called as function(bundle, bounds)
+# with bounds = (t0, t1) or None (a Window, whose .label names it), after the one pass over
+# the block events (its result is ``bundle.block_pass``), and returns a SectionResult, or
+# None when the bundle holds no data for it.
+SECTION_ANALYZERS: list[str] = ["kvprof.analysis:blocks_section", "kvprof.analysis.heap:section", "kvprof.analysis.gc:section",
+                                "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
 
 
 @dataclass
@@ -213,7 +214,7 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
     import importlib
 
     from kvprof.analysis.engine import block_pass
-    from kvprof.analysis.findings import block_findings, run_findings
+    from kvprof.analysis.findings import run_findings
 
     bounds, window_label = _window_bounds(bundle, window)
     man = bundle.manifest
@@ -231,14 +232,8 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
     findings: list[Finding] = run_findings(bundle)
     bp = block_pass(bundle, bounds, series=series, schedule_pools="all" if (whatif and series) else (), progress=progress)
     replay_pool = bp.replay_pool() if (whatif and series) else None
+    bundle.block_pass = bp
     bundle.pool_steps = bp.pool_steps
-    if bp.per_pool:
-        sections["blocks"] = {
-            "aggregate": dataclasses.asdict(bp.total),
-            "pools": [dataclasses.asdict(p) for p in bp.per_pool],
-        }
-        block_metrics(metrics, bp.total, len(bp.per_pool), window_label)
-        findings.extend(block_findings(bp.total, bp.per_pool))
     for spec in SECTION_ANALYZERS:
         mod, _, fn = spec.partition(":")
         part = getattr(importlib.import_module(mod), fn)(bundle, bounds)
@@ -286,6 +281,19 @@ def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
         except ValueError as exc:  # a pool without request states: no replay, say why
             out["whatif_note"] = str(exc)
     return out
+
+
+def blocks_section(bundle, bounds) -> SectionResult | None:
+    """The block pools: every pool's analysis and all pools together, from the pass."""
+    from kvprof.analysis.findings import block_findings
+
+    bp = bundle.block_pass
+    if not bp.per_pool:
+        return None
+    metrics: dict = {}
+    block_metrics(metrics, bp.total, len(bp.per_pool), getattr(bounds, "label", None))
+    section = {"aggregate": dataclasses.asdict(bp.total), "pools": [dataclasses.asdict(p) for p in bp.per_pool]}
+    return SectionResult(name="blocks", metrics=metrics, section=section, findings=block_findings(bp.total, bp.per_pool))
 
 
 def whatif_bundle(bundle, opts, progress=None) -> dict:

@@ -129,8 +129,9 @@ class PoolAnalysis:
     idle_points: int
     refcount_errors: int
     out_of_range_ids: int
-    # block-size rounding of the recorded lengths
-    whatif: list
+    damaged_queries: int  # lookups reporting more hit tokens than queried, or negative counts: left out
+    # the recorded final lengths rounded up to other block sizes (not the replay: that is `kvprof whatif`)
+    rounding: list
     contiguous: dict
     timeline: dict = field(default_factory=dict)
 
@@ -293,13 +294,678 @@ class ChunkView:
     cached: np.ndarray
 
 
+class _Chunk:
+    """One chunk as every phase sees it: its calls, its request events, and its block-level
+    events both in time order and sorted by block (``order`` maps sorted -> time order),
+    with each block's state before and after each event.  Built by the replay phase."""
+
+    __slots__ = ("c", "t", "kind", "ev_of", "key", "bkind", "bt", "bsz", "m", "order", "sk", "skind", "gs", "gstart", "gid", "gkey",
+                 "gend", "gstart_of", "idx", "isset", "hashed_before", "hashed_after", "st_before", "st_after", "ref_after", "d_in",
+                 "inuse0", "inuse", "cached", "win_b", "win_sorted", "st_t", "start_m", "end_m", "lsi", "lei",
+                 "rsel", "r_t", "r_kind", "r_req", "r_arg", "r_arg2", "r_bs", "win_r", "step_t", "steps_before")
+
+
+# -- phases: each keeps its own carried state, reads a _Chunk, returns a small result ----------
+@dataclass
+class ReplayResult:
+    capacity: int
+    reserved: int
+    block_events: int
+    refcount_errors: int
+    out_of_range_ids: int
+
+
+class _Replay:
+    """Per-block reference counts and cached flags, carried from chunk to chunk."""
+
+    def __init__(self, a: "BlockAnalyzer"):
+        nk = a.nkeys
+        self.a = a
+        self.ref = np.zeros(nk, dtype=np.int64)
+        self.hashed = np.zeros(nk, dtype=bool)
+        self.state = np.zeros(nk, dtype=np.int8)  # after the last chunk
+        self.reserved = np.zeros(nk, dtype=bool)
+        self.inuse = 0
+        self.cached = 0
+        self.refcount_errors = 0
+        self.out_of_range = 0
+        self.block_events = 0
+
+    def view(self, c: BlockChunk, in_win) -> _Chunk:
+        a = self.a
+        x = _Chunk()
+        x.c, x.t, x.kind = c, c.t, c.kind
+        t, kind = c.t, c.kind
+        # block level: one row per block per call
+        if len(c.ids):
+            owner = np.repeat(np.arange(len(c), dtype=np.int64), c.n)
+            statek = _STATE_KINDS[kind[owner]]
+            ev_of = owner[statek]
+            bid = c.ids[statek].astype(np.int64)
+        else:
+            ev_of = bid = np.zeros(0, dtype=np.int64)
+        pl = a.pos[c.pool[ev_of]]
+        ok = (bid >= 0) & (bid < a.nblocks[pl])
+        if not ok.all():
+            self.out_of_range += int((~ok).sum())
+            ev_of, bid, pl = ev_of[ok], bid[ok], pl[ok]
+        key = a.base[pl] + bid
+        bkind = kind[ev_of]
+        res = bkind == K.RESERVE
+        if res.any():
+            self._reserve(np.unique(key[res]))
+        keep = ~self.reserved[key]
+        if not keep.all():
+            key, bkind, ev_of, pl = key[keep], bkind[keep], ev_of[keep], pl[keep]
+        x.ev_of, x.key, x.bkind, x.bt, x.bsz = ev_of, key, bkind, t[ev_of], a.bsize[pl]
+        m = x.m = len(key)
+        # sorted by block (stable: time order kept within a block), from the carried state
+        x.order = order = np.argsort(key.astype(a.key_dtype), kind="stable")
+        sk = x.sk = key[order]
+        skind = x.skind = bkind[order]
+        gs = x.gs = np.ones(m, dtype=bool)
+        if m:
+            gs[1:] = sk[1:] != sk[:-1]
+        gstart = x.gstart = np.flatnonzero(gs)
+        gid = x.gid = np.cumsum(gs) - 1
+        gkey = x.gkey = sk[gstart]
+        x.gend = np.r_[gstart[1:] - 1, m - 1] if m else gstart
+        idx = x.idx = np.arange(m, dtype=np.int64)
+        x.gstart_of = gstart[gid] if m else idx
+        delta = _DELTA[skind]
+        cs = np.cumsum(delta)
+        x.ref_after = ref_after = self.ref[gkey][gid] + cs - (cs - delta)[gstart][gid] if m else cs
+        ref_before = ref_after - delta
+        setv = _SETV[skind]
+        x.isset = isset = setv >= 0
+        ls = np.maximum.accumulate(np.where(isset | gs, idx, -1)) if m else idx
+        carried = self.hashed[gkey][gid] if m else np.zeros(0, dtype=bool)
+        x.hashed_after = hashed_after = np.where(isset[ls], setv[ls] == 1, carried) if m else carried
+        x.hashed_before = hashed_before = np.empty(m, dtype=bool)
+        if m:
+            hashed_before[1:] = hashed_after[:-1]
+            hashed_before[gstart] = self.hashed[gkey]
+        self.refcount_errors += int(((skind == K.FREE) & (ref_before <= 0)).sum() + ((skind == K.ALLOC) & (ref_before > 0)).sum())
+        x.st_after = st_after = np.where(ref_after > 0, IN_USE, np.where(hashed_after, CACHED, EMPTY)).astype(np.int8)
+        x.st_before = st_before = np.where(ref_before > 0, IN_USE, np.where(hashed_before, CACHED, EMPTY)).astype(np.int8)
+        # in use and free-cached over time (time order)
+        d_in = x.d_in = np.empty(m, dtype=np.int64)
+        d_in[order] = (st_after == IN_USE).astype(np.int64) - (st_before == IN_USE)
+        d_ca = np.empty(m, dtype=np.int64)
+        d_ca[order] = (st_after == CACHED).astype(np.int64) - (st_before == CACHED)
+        x.inuse0 = self.inuse
+        x.inuse = self.inuse + np.cumsum(d_in)
+        x.cached = self.cached + np.cumsum(d_ca)
+        x.win_b = in_win(x.bt)
+        x.win_sorted = x.win_b[order]
+        self.block_events += int(x.win_b.sum())
+        # in-use intervals: where each starts and ends, and the last start/end at or before each event
+        x.st_t = x.bt[order]
+        x.start_m = (st_before != IN_USE) & (st_after == IN_USE)
+        x.end_m = (st_before == IN_USE) & (st_after != IN_USE)
+        x.lsi = np.maximum.accumulate(np.where(x.start_m, idx, -1)) if m else idx
+        x.lei = np.maximum.accumulate(np.where(x.end_m, idx, -1)) if m else idx
+        # request events and steps
+        x.rsel = rsel = np.flatnonzero((kind >= K.REQ_ARRIVE) & (kind <= K.ALLOC_FAIL))
+        x.r_t, x.r_kind, x.r_req = t[rsel], kind[rsel], c.req[rsel]
+        x.r_arg, x.r_arg2 = c.arg[rsel], c.arg2[rsel]
+        x.r_bs = a.bsize[a.pos[c.pool[rsel]]] if len(rsel) else np.zeros(0, dtype=np.int64)
+        x.win_r = in_win(x.r_t)
+        x.step_t = t[kind == K.STEP]
+        return x
+
+    def carry(self, x: _Chunk) -> None:
+        if x.m:
+            self.ref[x.gkey] = x.ref_after[x.gend]
+            self.hashed[x.gkey] = x.hashed_after[x.gend]
+            self.state[x.gkey] = x.st_after[x.gend]
+            self.inuse = int(x.inuse[-1])
+            self.cached = int(x.cached[-1])
+
+    def _reserve(self, keys: np.ndarray) -> None:
+        """Blocks set aside: out of every count from now on."""
+        new = keys[~self.reserved[keys]]
+        if not len(new):
+            return
+        st = self.state[new]
+        self.inuse -= int((st == IN_USE).sum())
+        self.cached -= int((st == CACHED).sum())
+        self.reserved[new] = True
+
+    def result(self) -> ReplayResult:
+        n_reserved = int(self.reserved.sum())
+        return ReplayResult(capacity=sum(p.num_blocks for p in self.a.infos) - n_reserved, reserved=n_reserved,
+                            block_events=self.block_events, refcount_errors=self.refcount_errors, out_of_range_ids=self.out_of_range)
+
+
+@dataclass
+class RequestResult:
+    requests: int
+    live_at_end: int
+    lengths: np.ndarray  # each request's longest state, tokens
+    per_request_waste: np.ndarray  # slack in the block holding each request's final token
+    in_use_at_idle: int
+    idle_points: int
+    allocation_failures: int
+    fragmentation_that_hurts: int
+    engine_free_mismatches: int
+    preemptions: int
+
+
+class _Requests:
+    """Per request: its waste and lookahead (for the slot integrals), its length, whether it
+    arrived and finished; liveness and the idle points; refused allocations."""
+
+    def __init__(self, a: "BlockAnalyzer"):
+        self.R = _Grow(seen=bool, finished=bool, has_state=bool, last_waste=np.int64, last_look=np.int64,
+                       last_filled=np.int64, max_filled=np.int64, bs=np.int64)
+        self.have_state = False
+        self.live = 0
+        self.idle_points = 0
+        self.in_use_at_idle = 0
+        self.idle_pending = False
+        self.fail_need: list = []
+        self.fail_seen: list = []
+        self.failures = 0
+        self.preemptions = 0
+
+    def waste(self, x: _Chunk):
+        """The chunk's state events (call indices) and the change of waste and lookahead slots each makes."""
+        if len(x.rsel):
+            top = int(x.r_req.max())
+            if top >= 0:
+                self.R.fit(top)
+        st_mask = ((x.r_kind == K.REQ_STATE) | (x.r_kind == K.REQ_FINISH) | (x.r_kind == K.REQ_PREEMPT)) & (x.r_req >= 0)
+        s_idx = np.flatnonzero(st_mask)
+        s_req = x.r_req[s_idx]
+        is_state = x.r_kind[s_idx] == K.REQ_STATE
+        # REQ_STATE sets (filled, held); FINISH and PREEMPT reset to nothing held
+        filled = np.where(is_state, x.r_arg[s_idx], 0)
+        held = np.where(is_state, x.r_arg2[s_idx], 0)
+        bs = x.r_bs[s_idx]
+        waste = np.maximum(held * bs - filled, 0)
+        needed = -(-filled // np.maximum(bs, 1))
+        look = np.minimum(np.maximum(held - needed, 0) * bs, waste)
+        dwaste, dlook = self._group_diff(s_req, waste, look)
+        if is_state.any():
+            self.have_state = True
+            self._lengths(s_req[is_state], filled[is_state], bs[is_state])
+        return x.rsel[s_idx], x.r_t[s_idx], dwaste, dlook
+
+    def feed(self, x: _Chunk) -> None:
+        R = self.R
+        fail = np.flatnonzero((x.r_kind == K.ALLOC_FAIL) & x.win_r)
+        if len(fail):
+            # in use just before the failure in call order (timestamps may tie on a simulated clock)
+            p = np.searchsorted(x.ev_of, x.rsel[fail], side="left") - 1
+            before = np.where(p >= 0, x.inuse[np.maximum(p, 0)] if x.m else 0, x.inuse0)
+            need, seen = x.r_arg[fail], x.r_arg2[fail]
+            self.fail_need.append((need + before)[need >= 0])
+            self.fail_seen.append((seen + before)[seen >= 0])
+            self.failures += len(fail)
+        self.preemptions += int(((x.r_kind == K.REQ_PREEMPT) & x.win_r).sum())
+        # liveness: a request lives from its first event to its first finish; idle points
+        # are finishes that leave none alive
+        rr = np.flatnonzero(x.r_req >= 0)
+        idle_at = np.zeros(0, dtype=np.int64)
+        if len(rr):
+            keys = x.r_req[rr]
+            _, first = np.unique(keys, return_index=True)
+            new = np.zeros(len(x.rsel), dtype=bool)
+            new[rr[first][~R.seen[keys[first]]]] = True
+            R.seen[keys] = True
+            fin = rr[x.r_kind[rr] == K.REQ_FINISH]
+            fin_first = np.zeros(len(x.rsel), dtype=bool)
+            if len(fin):
+                _, ff = np.unique(x.r_req[fin], return_index=True)
+                firsts = fin[ff]
+                fin_first[firsts[~R.finished[x.r_req[firsts]]]] = True
+                R.finished[x.r_req[fin]] = True
+            live = self.live + np.cumsum(new.astype(np.int64) - fin_first)
+            self.live = int(live[-1])
+            idle_at = np.flatnonzero(fin_first & (live == 0))
+        # in use at an idle point: once the frees the finish triggered (possibly deferred)
+        # have landed, just before the next request event, or at the very end
+        if len(x.rsel) and self.idle_pending:
+            p = int(np.searchsorted(x.ev_of, x.rsel[0], side="left")) - 1
+            self._idle(int(x.inuse[p]) if p >= 0 else x.inuse0)
+            self.idle_pending = False
+        for i in idle_at.tolist():  # one per idle point, not per event
+            self.idle_points += 1
+            if i + 1 < len(x.rsel):
+                p = int(np.searchsorted(x.ev_of, x.rsel[i + 1], side="left")) - 1
+                self._idle(int(x.inuse[p]) if p >= 0 else x.inuse0)
+            else:
+                self.idle_pending = True
+
+    def _idle(self, value: int) -> None:
+        self.in_use_at_idle = max(self.in_use_at_idle, value)
+
+    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray):
+        """Change of each request's waste and lookahead since its previous state."""
+        if not len(s_req):
+            return waste, look
+        o = np.argsort(s_req, kind="stable")
+        sr = s_req[o]
+        first = np.ones(len(sr), dtype=bool)
+        first[1:] = sr[1:] != sr[:-1]
+        last = np.r_[first[1:], True]
+        out = []
+        for vals, carry in ((waste, self.R.last_waste), (look, self.R.last_look)):
+            vs = vals[o]
+            dd = np.empty_like(vs)
+            dd[1:] = vs[1:] - vs[:-1]
+            dd[first] = vs[first] - carry[sr[first]]
+            carry[sr[last]] = vs[last]
+            res = np.empty_like(dd)
+            res[o] = dd
+            out.append(res)
+        return out[0], out[1]
+
+    def _lengths(self, req: np.ndarray, filled: np.ndarray, bs: np.ndarray) -> None:
+        R = self.R
+        o = np.argsort(req, kind="stable")
+        sr = req[o]
+        first = np.flatnonzero(np.r_[True, sr[1:] != sr[:-1]])
+        last = np.r_[first[1:] - 1, len(sr) - 1]
+        keys = sr[first]
+        mx = np.maximum.reduceat(filled[o], first)
+        R.max_filled[keys] = np.where(R.has_state[keys], np.maximum(R.max_filled[keys], mx), mx)
+        R.last_filled[keys] = filled[o][last]
+        R.bs[keys] = bs[o][last]
+        R.has_state[keys] = True
+
+    def result(self, capacity: int, inuse_at_end: int) -> RequestResult:
+        R = self.R
+        if self.idle_pending:
+            self._idle(inuse_at_end)
+            self.idle_pending = False
+        n_req = int(R.seen.sum())
+        with_state = np.flatnonzero(R.has_state)
+        lf = R.last_filled[with_state]
+        need = np.concatenate(self.fail_need) if self.fail_need else np.zeros(0, dtype=np.int64)
+        seen = np.concatenate(self.fail_seen) if self.fail_seen else np.zeros(0, dtype=np.int64)
+        return RequestResult(
+            requests=n_req, live_at_end=n_req - int(R.finished.sum()), lengths=R.max_filled[with_state],
+            per_request_waste=np.where(lf > 0, (-lf) % np.maximum(R.bs[with_state], 1), 0),
+            in_use_at_idle=self.in_use_at_idle, idle_points=self.idle_points, allocation_failures=self.failures,
+            fragmentation_that_hurts=int((need <= capacity).sum()), engine_free_mismatches=int((seen != capacity).sum()),
+            preemptions=self.preemptions)
+
+
+@dataclass
+class OccupancyResult:
+    peak_blocks: int
+    peak_time_ns: int | None
+    high_watermark: float | None
+    usage_time_weighted: float | None
+    internal_time_weighted: float | None
+    internal_lookahead_time_weighted: float | None
+    internal_at_peak: float | None
+    span_ns: float
+
+
+class _Occupancy:
+    """Blocks and slots in use and unfilled over time: their integrals (exact, in integers),
+    the high watermark, the end of its plateau and the pool's state at it."""
+
+    def __init__(self, a: "BlockAnalyzer"):
+        self.a = a
+        self.v = np.zeros(4, dtype=np.int64)  # blocks, slots, waste, lookahead after the last timeline point
+        self.tl_last = None  # clipped time of the last timeline point
+        self.integrals = [0, 0, 0, 0]  # blocks, slots, min(waste, slots), min(lookahead, slots)
+        self.before_end = (0, 0)  # (waste, slots) at the last point before the chunk's last time
+        self.peak = None  # (blocks, time)
+        self.peak_states = None  # every block's state just after the peak
+        self.plateau = None  # (waste, slots) just before the plateau ends; None until seen
+
+    def feed(self, x: _Chunk, state_call, state_t, dwaste, dlook, states_before_chunk) -> tuple:
+        a = self.a
+        # merged step functions over the chunk's timeline: block events and request states in call order
+        nb, ns = x.m, len(state_call)
+        pos_b = np.arange(nb, dtype=np.int64) + np.searchsorted(state_call, x.ev_of, side="left")
+        pos_s = np.arange(ns, dtype=np.int64) + np.searchsorted(x.ev_of, state_call, side="left")
+        L = nb + ns
+        tl_t = np.empty(L, dtype=np.int64)
+        tl_t[pos_b] = x.bt
+        tl_t[pos_s] = state_t
+        d = np.zeros((4, L), dtype=np.int64)
+        d[0, pos_b] = x.d_in
+        d[1, pos_b] = x.d_in * x.bsz
+        d[2, pos_s] = dwaste
+        d[3, pos_s] = dlook
+        v = self.v[:, None] + np.cumsum(d, axis=1)
+        v_prev = self.v.copy()
+        if L:
+            tt = np.clip(tl_t, a.w0, a.W1)
+            seg = np.diff(np.r_[self.tl_last if self.tl_last is not None else tt[0], tt])  # from the previous point to each
+            prev = np.concatenate([v_prev[:, None], v[:, :-1]], axis=1)
+            for k, vals in enumerate((prev[0], prev[1], np.minimum(prev[2], prev[1]), np.minimum(prev[3], prev[1]))):
+                self.integrals[k] += _dot(vals, seg)
+            self.tl_last = int(tt[-1])
+            self.v = v[:, -1].copy()
+        j = int(np.searchsorted(tl_t, int(x.t[-1]), side="left")) - 1
+        self.before_end = (int(v[2, j]), int(v[1, j])) if j >= 0 else (int(v_prev[2]), int(v_prev[1]))
+        # the high watermark (first time reached) and the end of its plateau: the next block
+        # event that lowers in-use, in or out of the window
+        cand = np.flatnonzero(x.win_b)
+        new_peak = None
+        if len(cand):
+            i = int(cand[np.argmax(x.inuse[cand])])
+            if self.peak is None or x.inuse[i] > self.peak[0]:
+                new_peak = i
+                self.peak = (int(x.inuse[i]), int(x.bt[i]))
+                self.plateau = None
+        if self.peak is not None and self.plateau is None:
+            start = new_peak + 1 if new_peak is not None else 0
+            down = np.flatnonzero(x.d_in[start:] < 0)
+            if len(down):
+                jj = int(np.searchsorted(tl_t, int(x.bt[start + down[0]]), side="left")) - 1
+                self.plateau = (int(v[2, jj]), int(v[1, jj])) if jj >= 0 else (int(v_prev[2]), int(v_prev[1]))
+        if new_peak is not None:
+            snap = states_before_chunk.copy()
+            if x.m:
+                upto = np.maximum.reduceat(np.where(x.order <= new_peak, x.idx, -1), x.gstart)
+                have = upto >= 0
+                snap[x.gkey[have]] = x.st_after[upto[have]]
+            self.peak_states = snap
+        return tl_t, v
+
+    def result(self, capacity: int, t_start: int, t_end: int, have_state: bool) -> OccupancyResult:
+        a = self.a
+        w0 = t_start if a.window is None else max(a.W0, t_start)
+        w1 = t_end if a.window is None else min(a.W1, t_end)
+        span = float(w1 - w0)
+        if self.tl_last is not None and w1 > w0:
+            tail = w1 - self.tl_last
+            vals = self.v
+            for k, val in enumerate((vals[0], vals[1], min(vals[2], vals[1]), min(vals[3], vals[1]))):
+                self.integrals[k] += int(val) * tail
+            blocks_int, slot_int, waste_int, look_int = self.integrals
+        else:
+            blocks_int = slot_int = waste_int = look_int = 0
+        if self.peak is not None and capacity:
+            peak_blocks, peak_time = self.peak
+            hw = peak_blocks / capacity
+            plateau = self.plateau if self.plateau is not None else self.before_end
+        else:
+            peak_blocks, peak_time, hw, plateau = 0, None, (0.0 if capacity else None), None
+            self.peak_states = None
+        internal_peak = None
+        if have_state and plateau is not None and peak_blocks and plateau[1] > 0:
+            internal_peak = float(min(plateau[0], plateau[1]) / plateau[1])
+        return OccupancyResult(
+            peak_blocks=peak_blocks, peak_time_ns=peak_time, high_watermark=hw,
+            usage_time_weighted=blocks_int / (span * capacity) if span > 0 and capacity else None,
+            internal_time_weighted=(waste_int / slot_int) if have_state and slot_int > 0 else None,
+            internal_lookahead_time_weighted=(look_int / slot_int) if have_state and slot_int > 0 else None,
+            internal_at_peak=internal_peak, span_ns=span)
+
+
+@dataclass
+class ExternalResult:
+    external_at_peak: float | None
+    free_runs_at_peak: int
+    largest_free_run_at_peak: int
+    free_run_histogram: dict
+    block_map_at_peak: list
+
+
+def _external(a: "BlockAnalyzer", peak_states: np.ndarray | None, reserved: np.ndarray) -> ExternalResult:
+    """Free runs in block-id space at the high watermark, and the pool's map there."""
+    if not a.infos:
+        return ExternalResult(None, 0, 0, {}, [])
+    states = peak_states.copy() if peak_states is not None else np.full(a.nkeys, EMPTY, dtype=np.int8)
+    states[reserved] = RESERVED
+    pieces = [states[a.base[i] : a.base[i + 1]] for i in range(len(a.infos))]
+    free_runs = largest = total_free = 0
+    hist: dict = {}
+    for piece in pieces:
+        free = (piece == EMPTY) | (piece == CACHED)
+        total_free += int(free.sum())
+        _, runs = true_runs(free)
+        free_runs += len(runs)
+        if len(runs):
+            largest = max(largest, int(runs.max()))
+            b, cnt = np.unique(1 << np.floor(np.log2(runs)).astype(np.int64), return_counts=True)
+            for k, n in zip(b.tolist(), cnt.tolist()):
+                hist[k] = hist.get(k, 0) + n
+    return ExternalResult(external_at_peak=(1.0 - largest / total_free) if total_free else 0.0, free_runs_at_peak=free_runs,
+                          largest_free_run_at_peak=largest, free_run_histogram={str(k): v for k, v in sorted(hist.items())},
+                          block_map_at_peak=_rle(np.concatenate(pieces)))
+
+
+@dataclass
+class CacheResult:
+    query_tokens: int
+    hit_tokens: int
+    hit_blocks: int
+    allocated_blocks: int
+    evictions: int
+    evicted_before_reuse: int
+    damaged_queries: int
+
+
+class _PrefixCache:
+    """Lookups, hits and allocations; evictions, and whether the content evicted was ever
+    hit between being cached and being evicted (its epoch)."""
+
+    def __init__(self, a: "BlockAnalyzer"):
+        nk = a.nkeys
+        self.ep_seen = np.zeros(nk, dtype=bool)
+        self.ep_hits = np.zeros(nk, dtype=np.int64)  # hits in each block's current epoch
+        self.query = self.hits = self.hit_blocks = self.allocated = self.evictions = self.before_reuse = self.damaged = 0
+
+    def feed(self, x: _Chunk) -> np.ndarray:
+        """Counts; returns the chunk's evictions (sorted order) for the lifetimes phase."""
+        q = (x.r_kind == K.REQ_QUERY) & x.win_r
+        bad = q & ((x.r_arg < 0) | (x.r_arg2 < 0) | (x.r_arg2 > x.r_arg))  # a damaged record: no lookup finds more than it asked
+        if bad.any():
+            self.damaged += int(bad.sum())
+            q &= ~bad
+        self.query += int(x.r_arg[q].sum())
+        self.hits += int(x.r_arg2[q].sum())
+        self.allocated += int(((x.bkind == K.ALLOC) & x.win_b).sum())
+        self.hit_blocks += int(((x.bkind == K.HIT) & x.win_b).sum())
+        evict = ((x.skind == K.ALLOC) & (x.st_before == CACHED)) | ((x.skind == K.EVICT) & x.hashed_before)
+        m = x.m
+        if not m:
+            return evict
+        # the epoch of each event: the last set or clear of the cached flag in this chunk, or
+        # (-1) the one carried in from before
+        hit = x.skind == K.HIT
+        lso = np.maximum.accumulate(np.where(x.isset, x.idx, -1))
+        cur = np.where(lso >= x.gstart_of, lso, -1)
+        hp = np.bincount(cur[hit & (cur >= 0)], minlength=m)
+        hc = np.bincount(x.gid[hit & (cur < 0)], minlength=len(x.gstart)) + self.ep_hits[x.gkey]
+        before = np.empty(m, dtype=np.int64)
+        before[1:] = cur[:-1]
+        before[x.gstart] = -1
+        first_ever = x.gs & ~self.ep_seen[x.gkey][x.gid]
+        hits_before = np.where(before >= 0, hp[np.maximum(before, 0)], hc[x.gid])
+        never_hit = first_ever | (hits_before == 0)
+        ev_in = evict & x.win_sorted
+        self.evictions += int(ev_in.sum())
+        self.before_reuse += int((never_hit & ev_in).sum())
+        last = cur[x.gend]
+        self.ep_hits[x.gkey] = np.where(last >= 0, hp[np.maximum(last, 0)], hc)
+        self.ep_seen[x.gkey] = True
+        return evict
+
+    def result(self) -> CacheResult:
+        return CacheResult(self.query, self.hits, self.hit_blocks, self.allocated, self.evictions, self.before_reuse, self.damaged)
+
+
+@dataclass
+class LifetimeResult:
+    lifetimes_ns: np.ndarray  # each in-use interval that ended in the window
+    idle_before_eviction_ns: np.ndarray
+    reuse_gap_ns: np.ndarray
+    frees_to_zero: int
+    reallocated_within_step: int
+    steps: int  # in the window
+    steps_total: int
+
+
+class _Lifetimes:
+    """In-use intervals: how long blocks stay in use, how long they sit cached before being
+    evicted or reused, and blocks freed and taken again within one engine step."""
+
+    def __init__(self, a: "BlockAnalyzer"):
+        nk = a.nkeys
+        self.has_start = np.zeros(nk, dtype=bool)
+        self.start_t = np.zeros(nk, dtype=np.int64)
+        self.has_end = np.zeros(nk, dtype=bool)
+        self.end_t = np.zeros(nk, dtype=np.int64)
+        self.end_step = np.zeros(nk, dtype=np.int64)
+        self.lifetimes: list = []
+        self.idle: list = []
+        self.reuse: list = []
+        self.frees_to_zero = self.realloc = self.steps = self.steps_in = 0
+
+    def feed(self, x: _Chunk, evict: np.ndarray, in_win) -> None:
+        steps_before = self.steps
+        self.steps += len(x.step_t)
+        self.steps_in += int(in_win(x.step_t).sum())
+        self.frees_to_zero += int((x.end_m & x.win_sorted).sum())
+        if not x.m:
+            return
+        gk, gid, st_t = x.gkey, x.gid, x.st_t
+        in_grp = x.lsi >= x.gstart_of
+        start_time = np.where(in_grp, st_t[np.maximum(x.lsi, 0)], self.start_t[gk][gid])
+        ends = x.end_m & x.win_sorted & (in_grp | self.has_start[gk][gid])
+        if ends.any():
+            self.lifetimes.append(st_t[ends] - start_time[ends])
+        prev_e = np.empty(x.m, dtype=np.int64)  # the last end strictly before each event
+        prev_e[1:] = x.lei[:-1]
+        prev_e[x.gstart] = -1
+        pe_in = prev_e >= x.gstart_of
+        prev_end_t = np.where(pe_in, st_t[np.maximum(prev_e, 0)], self.end_t[gk][gid])
+        has_prev = pe_in | self.has_end[gk][gid]
+        sel = evict & x.win_sorted & has_prev
+        if sel.any():
+            self.idle.append(st_t[sel] - prev_end_t[sel])
+        sel = (x.skind == K.HIT) & (x.st_before == CACHED) & has_prev & x.win_sorted
+        if sel.any():
+            self.reuse.append(st_t[sel] - prev_end_t[sel])
+        step_of = steps_before + np.searchsorted(x.step_t, st_t, side="right")
+        prev_step = np.where(pe_in, step_of[np.maximum(prev_e, 0)], self.end_step[gk][gid])
+        restart = x.start_m & has_prev & x.win_sorted
+        self.realloc += int((step_of[restart] == prev_step[restart]).sum())
+        last_start = x.lsi[x.gend]
+        started = last_start >= x.gstart
+        self.has_start[gk[started]] = True
+        self.start_t[gk[started]] = st_t[last_start[started]]
+        last_end = x.lei[x.gend]
+        ended = last_end >= x.gstart
+        self.has_end[gk[ended]] = True
+        self.end_t[gk[ended]] = st_t[last_end[ended]]
+        self.end_step[gk[ended]] = step_of[last_end[ended]]
+
+    def result(self) -> LifetimeResult:
+        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+        return LifetimeResult(cat(self.lifetimes), cat(self.idle), cat(self.reuse), self.frees_to_zero,
+                              self.realloc if self.steps else 0, self.steps_in, self.steps)
+
+
+@dataclass
+class LeakResult:
+    in_use_at_end: int
+    leaked_blocks: int
+    leaked_block_ids: list  # the first 50, [pool label, block id]
+
+
+class _Leaks:
+    """Who referenced each block since it last came into use (each request once): a block
+    in use at the end whose every referencing request finished is leaked (or, with none,
+    when no request is alive at the end)."""
+
+    def __init__(self, a: "BlockAnalyzer"):
+        self.a = a
+        self.start_seq = np.full(a.nkeys, -1, dtype=np.int64)
+        self.key = np.zeros(0, dtype=np.int64)
+        self.req = np.zeros(0, dtype=np.int64)
+        self.seq = np.zeros(0, dtype=np.int64)
+        self.compacted = 0
+        self.bseq = 0  # block-level events so far
+
+    def feed(self, x: _Chunk) -> None:
+        if x.m:
+            seq = self.bseq + x.order
+            last_start = x.lsi[x.gend]
+            started = last_start >= x.gstart
+            self.start_seq[x.gkey[started]] = seq[last_start[started]]
+            ah = (x.skind == K.ALLOC) | (x.skind == K.HIT)
+            if ah.any():
+                self.key = np.r_[self.key, x.sk[ah]]
+                self.req = np.r_[self.req, x.c.req[x.ev_of[x.order[ah]]]]
+                self.seq = np.r_[self.seq, seq[ah]]
+        self.bseq += x.m
+        if len(self.key) > max(1 << 16, 2 * self.compacted):
+            self._compact()
+
+    def _compact(self) -> None:
+        keep = self.seq >= self.start_seq[self.key]
+        k, r, s = self.key[keep], self.req[keep], self.seq[keep]
+        if len(k):
+            newest = np.argsort(-s, kind="stable")  # each pair keeps its latest reference
+            k, r, s = k[newest], r[newest], s[newest]
+            pair = np.unique(np.stack([k, r]), axis=1, return_index=True)[1]
+            k, r, s = k[pair], r[pair], s[pair]
+        self.key, self.req, self.seq = k, r, s
+        self.compacted = len(k)
+
+    def result(self, states: np.ndarray, reserved: np.ndarray, finished: np.ndarray, live_at_end: int) -> LeakResult:
+        a = self.a
+        live_keys = np.flatnonzero((states == IN_USE) & ~reserved)
+        if not len(live_keys):
+            return LeakResult(0, 0, [])
+        self._compact()
+        at_end = np.zeros(a.nkeys, dtype=bool)
+        at_end[live_keys] = True
+        sel = at_end[self.key] & (self.req >= 0)
+        k, r = self.key[sel], self.req[sel]
+        has_ref = np.zeros(a.nkeys, dtype=bool)
+        has_ref[k] = True
+        fin = finished[r] if len(r) and len(finished) > int(r.max()) else np.zeros(len(r), dtype=bool)
+        unfinished = np.zeros(a.nkeys, dtype=bool)
+        unfinished[k[~fin]] = True
+        leaky = live_keys[(has_ref[live_keys] & ~unfinished[live_keys]) | (~has_ref[live_keys] & (live_at_end == 0))]
+        ids = []
+        for key in leaky[:50].tolist():
+            pi = int(np.searchsorted(a.base, key, side="right") - 1)
+            ids.append([a.infos[pi].label, key - int(a.base[pi])])
+        return LeakResult(len(live_keys), len(leaky), ids)
+
+
+def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list, dict]:
+    """The recorded final lengths rounded up to each block size; a contiguous reservation."""
+    rows = []
+    total = int(lengths.sum())
+    for b in ROUNDING_SIZES:
+        if not len(lengths):
+            break
+        nb = -(-lengths // b)
+        slots = int((nb * b).sum())
+        rows.append({"block_size": b, "allocated_slots": slots, "wasted_slots": slots - total,
+                     "waste_ratio": (slots - total) / slots if slots else 0.0, "block_table_entries": int(nb.sum()),
+                     "mean_last_block_waste": float(((-lengths) % b).mean()), "recorded": b == block_size})
+    contiguous = {}
+    if len(lengths):
+        max_len = max(int(lengths.max()), *(int(p.extra.get("max_model_len") or 0) for p in infos))
+        contiguous = {"max_len": max_len, "utilization": total / (len(lengths) * max_len) if max_len else None,
+                      "requests": int(len(lengths)), "tokens": total}
+    return rows, contiguous
+
+
 class BlockAnalyzer:
     """Analyze the pools ``pools`` from time-ordered chunks of their events.
 
     ``window`` = (t0, t1) restricts counts, integrals and the watermark to that span;
     block states are still replayed from the start of the run.  Feed every event of the
     selected pools (events of other pools are ignored) in time order, then call
-    :meth:`finish`.
+    :meth:`finish`.  The work is done by phases (replay, requests, occupancy, prefix
+    cache, lifetimes, leaks), each carrying its own state from chunk to chunk.
     """
 
     def __init__(self, pools: list[PoolInfo], window: tuple[int, int] | None = None, label: str | None = None):
@@ -314,62 +980,34 @@ class BlockAnalyzer:
         self.base[1:] = np.cumsum([p.num_blocks for p in pools])
         self.nblocks = np.array([p.num_blocks for p in pools] or [0], dtype=np.int64)
         self.bsize = np.array([p.block_size for p in pools] or [1], dtype=np.int64)
-        nk = int(self.base[-1])
-        self.nkeys = nk
-        self.key_dtype = np.uint16 if nk <= 1 << 16 else np.uint32
-        # per block
-        self.ref = np.zeros(nk, dtype=np.int64)
-        self.hashed = np.zeros(nk, dtype=bool)
-        self.state = np.zeros(nk, dtype=np.int8)
-        self.reserved = np.zeros(nk, dtype=bool)
-        self.ep_seen = np.zeros(nk, dtype=bool)
-        self.ep_hits = np.zeros(nk, dtype=np.int64)
-        self.has_start = np.zeros(nk, dtype=bool)
-        self.start_t = np.zeros(nk, dtype=np.int64)
-        self.start_seq = np.full(nk, -1, dtype=np.int64)
-        self.has_end = np.zeros(nk, dtype=bool)
-        self.end_t = np.zeros(nk, dtype=np.int64)
-        self.end_step = np.zeros(nk, dtype=np.int64)
-        # per request
-        self.req = _Grow(seen=bool, finished=bool, has_state=bool, last_waste=np.int64, last_look=np.int64,
-                         last_filled=np.int64, max_filled=np.int64, bs=np.int64)
-        # running counts
-        self.inuse = 0
-        self.cached = 0
-        self.v = np.zeros(4, dtype=np.int64)  # blocks, slots, waste, lookahead after the last timeline point
-        self.t_start = None
-        self.t_end = None
-        self.w0 = None
-        self.W1 = window[1] if window is not None else _I64_MAX
+        self.nkeys = int(self.base[-1])
+        self.key_dtype = np.uint16 if self.nkeys <= 1 << 16 else np.uint32
         self.W0 = window[0] if window is not None else -_I64_MAX
-        self.tl_last = None  # clipped time of the last timeline point
-        self.integrals = [0, 0, 0, 0]  # blocks, slots, min(waste, slots), min(lookahead, slots)
-        self.before_end = (0, 0)  # (waste, slots) at the last timeline point before the chunk's last time
-        self.have_state = False
-        self.bseq = 0  # block-level events so far (sequence numbers for the leak log)
+        self.W1 = window[1] if window is not None else _I64_MAX
+        self.t_start = self.t_end = self.w0 = None
         self.calls = 0  # events of the pools, of any kind
-        self.counts = dict(refcount_errors=0, out_of_range=0, block_events=0, allocated=0, hit_blocks=0, frees_to_zero=0,
-                           evictions=0, before_reuse=0, realloc=0, steps_in=0, steps=0, alloc_failures=0, preemptions=0,
-                           query_tokens=0, hit_tokens=0, idle_points=0, in_use_at_idle=0, live=0)
-        self.lifetimes: list = []
-        self.idle: list = []
-        self.reuse: list = []
-        self.fail_need: list = []
-        self.fail_seen: list = []
         self.preempt_t: list = []
-        # high watermark
-        self.peak = None  # (blocks, time)
-        self.peak_states = None
-        self.plateau = None  # None: the plateau's end not seen yet; else (waste, slots) just before it
-        self.idle_pending = False
-        self.log_key = np.zeros(0, dtype=np.int64)
-        self.log_req = np.zeros(0, dtype=np.int64)
-        self.log_seq = np.zeros(0, dtype=np.int64)
-        self.log_compacted = 0
+        self.replay = _Replay(self)
+        self.requests = _Requests(self)
+        self.occupancy = _Occupancy(self)
+        self.cache = _PrefixCache(self)
+        self.lifetimes = _Lifetimes(self)
+        self.leaks = _Leaks(self)
         self.series = _Series(TIMELINE_POINTS)
         self.observers: list = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
 
-    # ------------------------------------------------------------------------------------
+    @property
+    def reserved(self) -> np.ndarray:
+        return self.replay.reserved
+
+    @property
+    def have_state(self) -> bool:
+        return self.requests.have_state
+
+    @property
+    def counts(self) -> dict:
+        return {"steps": self.lifetimes.steps}
+
     def _in_win(self, t: np.ndarray) -> np.ndarray:
         if self.window is None:
             return np.ones(len(t), dtype=bool)
@@ -378,570 +1016,89 @@ class BlockAnalyzer:
     def feed(self, c: BlockChunk) -> None:
         if not len(c):
             return
-        pool_ok = c.pool < len(self.pos)
-        if not pool_ok.all() or (self.pos[np.minimum(c.pool, len(self.pos) - 1)] < 0).any():
-            keep = pool_ok.copy()
-            keep[pool_ok] = self.pos[c.pool[pool_ok]] >= 0
-            c = c.take(keep)
+        ok = c.pool < len(self.pos)
+        if not ok.all() or (self.pos[np.minimum(c.pool, len(self.pos) - 1)] < 0).any():
+            ok[ok] = self.pos[c.pool[ok]] >= 0
+            c = c.take(ok)
             if not len(c):
                 return
-        t = c.t
-        kind = c.kind
         self.calls += len(c)
         if self.t_start is None:
-            self.t_start = int(t[0])
+            self.t_start = int(c.t[0])
             self.w0 = self.t_start if self.window is None else max(self.W0, self.t_start)
-        self.t_end = int(t[-1])
-        steps_before = self.counts["steps"]
-        step_t = t[kind == K.STEP]
-        self.counts["steps"] += len(step_t)
-        self.counts["steps_in"] += int(self._in_win(step_t).sum())
-
-        # ---- block level: one row per block per call ---------------------------------------
-        if len(c.ids):
-            owner = np.repeat(np.arange(len(c), dtype=np.int64), c.n)
-            statek = _STATE_KINDS[kind[owner]]
-            ev_of = owner[statek]
-            bid = c.ids[statek].astype(np.int64)
-        else:
-            ev_of = bid = np.zeros(0, dtype=np.int64)
-        pl = self.pos[c.pool[ev_of]]
-        ok = (bid >= 0) & (bid < self.nblocks[pl])
-        if not ok.all():
-            self.counts["out_of_range"] += int((~ok).sum())
-            ev_of, bid, pl = ev_of[ok], bid[ok], pl[ok]
-        key = self.base[pl] + bid
-        bkind = kind[ev_of]
-        res = bkind == K.RESERVE
-        if res.any():
-            self._reserve(np.unique(key[res]))
-        keep = ~self.reserved[key]
-        if not keep.all():
-            key, bkind, ev_of, pl = key[keep], bkind[keep], ev_of[keep], pl[keep]
-        bt = t[ev_of]
-        m = len(key)
-
-        # ---- replay sorted by block, from the carried state ------------------------------
-        order = np.argsort(key.astype(self.key_dtype), kind="stable")
-        sk = key[order]
-        skind = bkind[order]
-        gs = np.ones(m, dtype=bool)
-        if m:
-            gs[1:] = sk[1:] != sk[:-1]
-        gstart = np.flatnonzero(gs)
-        gid = np.cumsum(gs) - 1
-        gkey = sk[gstart]
-        gend = np.r_[gstart[1:] - 1, m - 1] if m else gstart
-        idx = np.arange(m, dtype=np.int64)
-        gstart_of = gstart[gid] if m else idx
-        delta = _DELTA[skind]
-        cs = np.cumsum(delta)
-        ref_after = self.ref[gkey][gid] + cs - (cs - delta)[gstart][gid] if m else cs
-        ref_before = ref_after - delta
-        setv = _SETV[skind]
-        isset = setv >= 0
-        ls = np.maximum.accumulate(np.where(isset | gs, idx, -1)) if m else idx
-        carried_hashed = self.hashed[gkey][gid] if m else np.zeros(0, dtype=bool)
-        hashed_after = np.where(isset[ls], setv[ls] == 1, carried_hashed) if m else carried_hashed
-        hashed_before = np.empty(m, dtype=bool)
-        if m:
-            hashed_before[1:] = hashed_after[:-1]
-            hashed_before[gstart] = self.hashed[gkey]
-        self.counts["refcount_errors"] += int(((skind == K.FREE) & (ref_before <= 0)).sum() + ((skind == K.ALLOC) & (ref_before > 0)).sum())
-        st_after = np.where(ref_after > 0, IN_USE, np.where(hashed_after, CACHED, EMPTY)).astype(np.int8)
-        st_before = np.where(ref_before > 0, IN_USE, np.where(hashed_before, CACHED, EMPTY)).astype(np.int8)
-
-        # ---- in use and free-cached over time (time order) ------------------------------------
-        d_in = np.empty(m, dtype=np.int64)
-        d_in[order] = (st_after == IN_USE).astype(np.int64) - (st_before == IN_USE)
-        d_ca = np.empty(m, dtype=np.int64)
-        d_ca[order] = (st_after == CACHED).astype(np.int64) - (st_before == CACHED)
-        inuse0 = self.inuse
-        inuse = inuse0 + np.cumsum(d_in)
-        cached = self.cached + np.cumsum(d_ca)
-        bsz = self.bsize[pl]
-        win_b = self._in_win(bt)
-        win_sorted = win_b[order]
-        self.counts["block_events"] += int(win_b.sum())
-        self.counts["allocated"] += int(((bkind == K.ALLOC) & win_b).sum())
-        self.counts["hit_blocks"] += int(((bkind == K.HIT) & win_b).sum())
-
-        # ---- request events ---------------------------------------------------------------------
-        rsel = np.flatnonzero((kind >= K.REQ_ARRIVE) & (kind <= K.ALLOC_FAIL))
-        r_t, r_kind, r_req = t[rsel], kind[rsel], c.req[rsel]
-        r_arg, r_arg2 = c.arg[rsel], c.arg2[rsel]
-        r_bs = self.bsize[self.pos[c.pool[rsel]]] if len(rsel) else np.zeros(0, dtype=np.int64)
-        win_r = self._in_win(r_t)
-        if len(rsel):
-            top = int(r_req.max())
-            if top >= 0:
-                self.req.fit(top)
-        R = self.req
-
-        # per-request waste: REQ_STATE sets (filled, held); FINISH/PREEMPT reset to nothing held
-        st_mask = ((r_kind == K.REQ_STATE) | (r_kind == K.REQ_FINISH) | (r_kind == K.REQ_PREEMPT)) & (r_req >= 0)
-        s_idx = np.flatnonzero(st_mask)
-        s_req = r_req[s_idx]
-        is_state = r_kind[s_idx] == K.REQ_STATE
-        filled = np.where(is_state, r_arg[s_idx], 0)
-        held = np.where(is_state, r_arg2[s_idx], 0)
-        bs_s = r_bs[s_idx]
-        waste = np.maximum(held * bs_s - filled, 0)
-        needed = -(-filled // np.maximum(bs_s, 1))
-        look = np.minimum(np.maximum(held - needed, 0) * bs_s, waste)
-        dwaste, dlook = self._group_diff(s_req, waste, look)
-        if is_state.any():
-            self.have_state = True
-            self._request_lengths(s_req[is_state], filled[is_state], bs_s[is_state])
-
-        # ---- merged step functions over the chunk's timeline (call order) ------------------------
-        s_call = rsel[s_idx]
-        nb, ns = m, len(s_idx)
-        pos_b = np.arange(nb, dtype=np.int64) + np.searchsorted(s_call, ev_of, side="left")
-        pos_s = np.arange(ns, dtype=np.int64) + np.searchsorted(ev_of, s_call, side="left")
-        L = nb + ns
-        tl_t = np.empty(L, dtype=np.int64)
-        tl_t[pos_b] = bt
-        tl_t[pos_s] = r_t[s_idx]
-        d = np.zeros((4, L), dtype=np.int64)
-        d[0, pos_b] = d_in
-        d[1, pos_b] = d_in * bsz
-        d[2, pos_s] = dwaste
-        d[3, pos_s] = dlook
-        v = self.v[:, None] + np.cumsum(d, axis=1)
-        v_prev = self.v.copy()
-        if L:
-            tt = np.clip(tl_t, self.w0, self.W1)
-            lo = self.tl_last if self.tl_last is not None else tt[0]
-            seg = np.diff(np.r_[lo, tt])  # from the previous point to each point
-            prev_vals = np.concatenate([v_prev[:, None], v[:, :-1]], axis=1)
-            mins = np.stack([prev_vals[0], prev_vals[1], np.minimum(prev_vals[2], prev_vals[1]), np.minimum(prev_vals[3], prev_vals[1])])
-            if self.tl_last is None:
-                seg[0] = 0
-            for k in range(4):
-                self.integrals[k] += _dot(mins[k], seg)
-            self.tl_last = int(tt[-1])
-            self.v = v[:, -1].copy()
-        tmax = int(t[-1])
-        j_end = int(np.searchsorted(tl_t, tmax, side="left")) - 1
-        self.before_end = (int(v[2, j_end]), int(v[1, j_end])) if j_end >= 0 else (int(v_prev[2]), int(v_prev[1]))
-
-        # ---- high watermark and its plateau -----------------------------------------------------
-        cand = np.flatnonzero(win_b)
-        new_peak = None
-        if len(cand):
-            j = int(cand[np.argmax(inuse[cand])])
-            if self.peak is None or inuse[j] > self.peak[0]:
-                new_peak = j
-                self.peak = (int(inuse[j]), int(bt[j]))
-                self.plateau = None
-        if self.peak is not None and self.plateau is None:
-            start = new_peak + 1 if new_peak is not None else 0
-            down = np.flatnonzero(d_in[start:] < 0)
-            if len(down):
-                pe_t = int(bt[start + down[0]])
-                jj = int(np.searchsorted(tl_t, pe_t, side="left")) - 1
-                self.plateau = (int(v[2, jj]), int(v[1, jj])) if jj >= 0 else (int(v_prev[2]), int(v_prev[1]))
-        if new_peak is not None:
-            snap = self.state.copy()
-            if m:
-                last_upto = np.maximum.reduceat(np.where(order <= new_peak, idx, -1), gstart)
-                have = last_upto >= 0
-                snap[gkey[have]] = st_after[last_upto[have]]
-            self.peak_states = snap
-
-        # ---- evictions and the epochs between caching and eviction ---------------------------------
-        evict = ((skind == K.ALLOC) & (st_before == CACHED)) | ((skind == K.EVICT) & hashed_before)
-        hit_sorted = skind == K.HIT
-        if m:
-            lso = np.maximum.accumulate(np.where(isset, idx, -1))
-            cur_ep = np.where(lso >= gstart_of, lso, -1)
-            hp = np.bincount(cur_ep[hit_sorted & (cur_ep >= 0)], minlength=m)
-            hc = np.bincount(gid[hit_sorted & (cur_ep < 0)], minlength=len(gstart)) + self.ep_hits[gkey]
-            ep_before = np.empty(m, dtype=np.int64)
-            ep_before[1:] = cur_ep[:-1]
-            ep_before[gstart] = -1
-            first_ever = gs & ~self.ep_seen[gkey][gid]
-            hits_before = np.where(ep_before >= 0, hp[np.maximum(ep_before, 0)], hc[gid])
-            never_hit = first_ever | (hits_before == 0)
-            ev_in = evict & win_sorted
-            self.counts["evictions"] += int(ev_in.sum())
-            self.counts["before_reuse"] += int((never_hit & ev_in).sum())
-            last_ep = cur_ep[gend]
-            self.ep_hits[gkey] = np.where(last_ep >= 0, hp[np.maximum(last_ep, 0)], hc)
-            self.ep_seen[gkey] = True
-
-        # ---- in-use intervals: lifetimes, idle before eviction, reuse gaps, churn in a step --------
-        start_m = (st_before != IN_USE) & (st_after == IN_USE)
-        end_m = (st_before == IN_USE) & (st_after != IN_USE)
-        st_t = bt[order]
-        self.counts["frees_to_zero"] += int((end_m & win_sorted).sum())
-        if m:
-            lsi = np.maximum.accumulate(np.where(start_m, idx, -1))
-            in_grp = lsi >= gstart_of
-            start_time = np.where(in_grp, st_t[np.maximum(lsi, 0)], self.start_t[gkey][gid])
-            has_start = in_grp | self.has_start[gkey][gid]
-            ends = end_m & win_sorted & has_start
-            if ends.any():
-                self.lifetimes.append(st_t[ends] - start_time[ends])
-            lei = np.maximum.accumulate(np.where(end_m, idx, -1))
-            prev_e = np.empty(m, dtype=np.int64)
-            prev_e[1:] = lei[:-1]
-            prev_e[gstart] = -1
-            pe_in = prev_e >= gstart_of
-            prev_end_t = np.where(pe_in, st_t[np.maximum(prev_e, 0)], self.end_t[gkey][gid])
-            has_prev = pe_in | self.has_end[gkey][gid]
-            sel = evict & win_sorted & has_prev
-            if sel.any():
-                self.idle.append(st_t[sel] - prev_end_t[sel])
-            sel = hit_sorted & (st_before == CACHED) & has_prev & win_sorted
-            if sel.any():
-                self.reuse.append(st_t[sel] - prev_end_t[sel])
-            step_of = steps_before + np.searchsorted(step_t, st_t, side="right")
-            prev_step = np.where(pe_in, step_of[np.maximum(prev_e, 0)], self.end_step[gkey][gid])
-            restart = start_m & has_prev & win_sorted
-            self.counts["realloc"] += int((step_of[restart] == prev_step[restart]).sum())
-            # leak log: who referenced each block since it last came into use
-            seq_sorted = self.bseq + order
-            lsi_end = lsi[gend]
-            started = lsi_end >= gstart
-            self.start_seq[gkey[started]] = seq_sorted[lsi_end[started]]
-            ah = (skind == K.ALLOC) | (skind == K.HIT)
-            if ah.any():
-                self.log_key = np.r_[self.log_key, sk[ah]]
-                self.log_req = np.r_[self.log_req, c.req[ev_of[order[ah]]]]
-                self.log_seq = np.r_[self.log_seq, seq_sorted[ah]]
-            # carry to the next chunk
-            self.has_start[gkey[started]] = True
-            self.start_t[gkey[started]] = st_t[lsi_end[started]]
-            lei_end = lei[gend]
-            ended = lei_end >= gstart
-            self.has_end[gkey[ended]] = True
-            self.end_t[gkey[ended]] = st_t[lei_end[ended]]
-            self.end_step[gkey[ended]] = step_of[lei_end[ended]]
-            self.ref[gkey] = ref_after[gend]
-            self.hashed[gkey] = hashed_after[gend]
-            self.state[gkey] = st_after[gend]
-        self.bseq += m
-        if len(self.log_key) > max(1 << 16, 2 * self.log_compacted):
-            self._compact_log()
-
-        # ---- failures, preemptions, prefix cache -----------------------------------------------
-        fail = np.flatnonzero((r_kind == K.ALLOC_FAIL) & win_r)
-        if len(fail):
-            # in use just before the failure in call order (timestamps may tie on a simulated clock)
-            p = np.searchsorted(ev_of, rsel[fail], side="left") - 1
-            before = np.where(p >= 0, inuse[np.maximum(p, 0)] if m else 0, inuse0)
-            need, seen = r_arg[fail], r_arg2[fail]
-            self.fail_need.append((need + before)[need >= 0])
-            self.fail_seen.append((seen + before)[seen >= 0])
-            self.counts["alloc_failures"] += len(fail)
-        pre = (r_kind == K.REQ_PREEMPT) & win_r
-        self.counts["preemptions"] += int(pre.sum())
+        self.t_end = int(c.t[-1])
+        states_before = self.replay.state
+        x = self.replay.view(c, self._in_win)
+        state_call, state_t, dwaste, dlook = self.requests.waste(x)
+        tl_t, v = self.occupancy.feed(x, state_call, state_t, dwaste, dlook, states_before)
+        evict = self.cache.feed(x)
+        self.lifetimes.feed(x, evict, self._in_win)
+        self.leaks.feed(x)
+        self.requests.feed(x)
+        self.replay.carry(x)
         if len(self.preempt_t) < 1000:
-            self.preempt_t.extend(r_t[r_kind == K.REQ_PREEMPT][: 1000 - len(self.preempt_t)].tolist())
-        q = (r_kind == K.REQ_QUERY) & win_r
-        self.counts["query_tokens"] += int(r_arg[q].sum())
-        self.counts["hit_tokens"] += int(r_arg2[q].sum())
-
-        # ---- requests: liveness and idle points --------------------------------------------------
-        rr = np.flatnonzero(r_req >= 0)
-        if len(rr):
-            keys = r_req[rr]
-            _, first = np.unique(keys, return_index=True)
-            new = np.zeros(len(rsel), dtype=bool)
-            fresh = rr[first][~R.seen[keys[first]]]
-            new[fresh] = True
-            R.seen[keys] = True
-            fin = rr[r_kind[rr] == K.REQ_FINISH]
-            fin_first = np.zeros(len(rsel), dtype=bool)
-            if len(fin):
-                _, ff = np.unique(r_req[fin], return_index=True)
-                firsts = fin[ff]
-                firsts = firsts[~R.finished[r_req[firsts]]]
-                fin_first[firsts] = True
-                R.finished[r_req[fin]] = True
-            delta_live = new.astype(np.int64) - fin_first
-            live = self.counts["live"] + np.cumsum(delta_live)
-            self.counts["live"] = int(live[-1])
-            idle_at = np.flatnonzero(fin_first & (live == 0))
-        else:
-            idle_at = np.zeros(0, dtype=np.int64)
-        if len(rsel) and self.idle_pending:  # an idle point at the end of an earlier chunk
-            p = int(np.searchsorted(ev_of, rsel[0], side="left")) - 1
-            self._idle_value(int(inuse[p]) if p >= 0 else inuse0)
-            self.idle_pending = False
-        for i in idle_at.tolist():  # one per idle point, not per event
-            self.counts["idle_points"] += 1
-            if i + 1 < len(rsel):
-                p = int(np.searchsorted(ev_of, rsel[i + 1], side="left")) - 1
-                self._idle_value(int(inuse[p]) if p >= 0 else inuse0)
-            else:
-                self.idle_pending = True
-
-        if m:
-            self.inuse = int(inuse[-1])
-            self.cached = int(cached[-1])
-        self.series.add_blocks(bt, inuse, cached)
-        if L:
+            self.preempt_t.extend(x.r_t[x.r_kind == K.REQ_PREEMPT][: 1000 - len(self.preempt_t)].tolist())
+        self.series.add_blocks(x.bt, x.inuse, x.cached)
+        if len(tl_t):
             self.series.add_points(tl_t, v[2], v[1])
         if self.observers:
-            sb = np.empty(m, dtype=np.int8)
-            sa = np.empty(m, dtype=np.int8)
-            sb[order] = st_before
-            sa[order] = st_after
-            view = ChunkView(c, ev_of, bt, key, sb, sa, inuse, cached)
+            sb = np.empty(x.m, dtype=np.int8)
+            sa = np.empty(x.m, dtype=np.int8)
+            sb[x.order] = x.st_before
+            sa[x.order] = x.st_after
+            view = ChunkView(c, x.ev_of, x.bt, x.key, sb, sa, x.inuse, x.cached)
             for obs in self.observers:
                 obs.observe(view)
 
-    # ------------------------------------------------------------------------------------
-    def _idle_value(self, value: int) -> None:
-        self.counts["in_use_at_idle"] = max(self.counts["in_use_at_idle"], value)
-
-    def _reserve(self, keys: np.ndarray) -> None:
-        """Blocks set aside: out of every count from now on."""
-        new = keys[~self.reserved[keys]]
-        if not len(new):
-            return
-        st = self.state[new]
-        self.inuse -= int((st == IN_USE).sum())
-        self.cached -= int((st == CACHED).sum())
-        self.reserved[new] = True
-
-    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray):
-        """Change of each request's waste and lookahead since its previous state."""
-        if not len(s_req):
-            return waste, look
-        o = np.argsort(s_req, kind="stable")
-        sr = s_req[o]
-        first = np.ones(len(sr), dtype=bool)
-        first[1:] = sr[1:] != sr[:-1]
-        last = np.r_[first[1:], True]
-        R = self.req
-        out = []
-        for vals, carry in ((waste, R.last_waste), (look, R.last_look)):
-            vs = vals[o]
-            dd = np.empty_like(vs)
-            dd[1:] = vs[1:] - vs[:-1]
-            dd[first] = vs[first] - carry[sr[first]]
-            carry[sr[last]] = vs[last]
-            res = np.empty_like(dd)
-            res[o] = dd
-            out.append(res)
-        return out[0], out[1]
-
-    def _request_lengths(self, req: np.ndarray, filled: np.ndarray, bs: np.ndarray) -> None:
-        R = self.req
-        o = np.argsort(req, kind="stable")
-        sr = req[o]
-        first = np.flatnonzero(np.r_[True, sr[1:] != sr[:-1]])
-        last = np.r_[first[1:] - 1, len(sr) - 1]
-        keys = sr[first]
-        mx = np.maximum.reduceat(filled[o], first)
-        R.max_filled[keys] = np.where(R.has_state[keys], np.maximum(R.max_filled[keys], mx), mx)
-        R.last_filled[keys] = filled[o][last]
-        R.bs[keys] = bs[o][last]
-        R.has_state[keys] = True
-
-    def _compact_log(self) -> None:
-        """Keep the references made since each block last came into use, once per request."""
-        keep = self.log_seq >= self.start_seq[self.log_key]
-        k, r, s = self.log_key[keep], self.log_req[keep], self.log_seq[keep]
-        if len(k):
-            newest = np.argsort(-s, kind="stable")  # each pair keeps its latest reference
-            k, r, s = k[newest], r[newest], s[newest]
-            pair = np.unique(np.stack([k, r]), axis=1, return_index=True)[1]
-            k, r, s = k[pair], r[pair], s[pair]
-        self.log_key, self.log_req, self.log_seq = k, r, s
-        self.log_compacted = len(k)
-
-    # ------------------------------------------------------------------------------------
     def finish(self) -> PoolAnalysis:
         infos = self.infos
-        c = self.counts
-        n_reserved = int(self.reserved.sum())
-        capacity = sum(p.num_blocks for p in infos) - n_reserved
+        rep = self.replay.result()
         sizes = {p.block_size for p in infos}
         block_size = sizes.pop() if len(sizes) == 1 else None
-        t_start = self.t_start or 0
-        t_end = self.t_end or 0
+        t_start, t_end = self.t_start or 0, self.t_end or 0
+        req = self.requests.result(rep.capacity, self.replay.inuse)
+        occ = self.occupancy.result(rep.capacity, t_start, t_end, self.have_state)
+        ext = _external(self, self.occupancy.peak_states, self.replay.reserved)
+        cache = self.cache.result()
+        life = self.lifetimes.result()
+        leaks = self.leaks.result(self.replay.state, self.replay.reserved, self.requests.R.finished, req.live_at_end)
+        rounding, contiguous = _rounding(req.lengths, block_size, infos)
+        span_s = occ.span_ns / 1e9 if occ.span_ns > 0 else None
         w0 = t_start if self.window is None else max(self.W0, t_start)
         w1 = t_end if self.window is None else min(self.W1, t_end)
-        span = float(w1 - w0)
-        if self.tl_last is not None and w1 > w0:
-            tail = w1 - self.tl_last
-            vals = self.v
-            for k, val in enumerate((vals[0], vals[1], min(vals[2], vals[1]), min(vals[3], vals[1]))):
-                self.integrals[k] += int(val) * tail
-            blocks_int, slot_int, waste_int, look_int = self.integrals
-        else:
-            blocks_int = slot_int = waste_int = look_int = 0
-        usage_tw = blocks_int / (span * capacity) if span > 0 and capacity else None
-        internal_tw = (waste_int / slot_int) if self.have_state and slot_int > 0 else None
-        look_tw = (look_int / slot_int) if self.have_state and slot_int > 0 else None
-
-        # high watermark
-        if self.peak is not None and capacity:
-            peak_blocks, peak_time = self.peak
-            hw = peak_blocks / capacity
-            plateau = self.plateau if self.plateau is not None else self.before_end
-        else:
-            peak_blocks, peak_time, hw, plateau = 0, None, (0.0 if capacity else None), None
-            self.peak_states = None
-        internal_peak = None
-        if self.have_state and plateau is not None and peak_blocks and plateau[1] > 0:
-            internal_peak = float(min(plateau[0], plateau[1]) / plateau[1])
-
-        # block map and external fragmentation at the peak
-        free_runs = largest_run = 0
-        run_hist: dict = {}
-        ext_peak = None
-        block_map: list = []
-        if infos:
-            states = self.peak_states.copy() if self.peak_states is not None else np.full(self.nkeys, EMPTY, dtype=np.int8)
-            states[self.reserved] = RESERVED
-            pieces = [states[self.base[i] : self.base[i + 1]] for i in range(len(infos))]
-            total_free = 0
-            for piece in pieces:
-                free = (piece == EMPTY) | (piece == CACHED)
-                total_free += int(free.sum())
-                _, runs = true_runs(free)
-                free_runs += len(runs)
-                if len(runs):
-                    largest_run = max(largest_run, int(runs.max()))
-                    b, cnt = np.unique(1 << np.floor(np.log2(runs)).astype(np.int64), return_counts=True)
-                    for k, v in zip(b.tolist(), cnt.tolist()):
-                        run_hist[k] = run_hist.get(k, 0) + v
-            ext_peak = (1.0 - largest_run / total_free) if total_free else 0.0
-            block_map = _rle(np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.int8))
-        run_hist = {str(k): v for k, v in sorted(run_hist.items())}
-
-        # failures
-        need = np.concatenate(self.fail_need) if self.fail_need else np.zeros(0, dtype=np.int64)
-        seen = np.concatenate(self.fail_seen) if self.fail_seen else np.zeros(0, dtype=np.int64)
-        hurts = int((need <= capacity).sum())
-        mismatches = int((seen != capacity).sum())
-
-        # requests
-        R = self.req
-        n_req = int(R.seen.sum())
-        finished = int(R.finished.sum())
-        live_at_end = n_req - finished
-        with_state = np.flatnonzero(R.has_state)
-        lf = R.last_filled[with_state]
-        per_req_waste = np.where(lf > 0, (-lf) % np.maximum(R.bs[with_state], 1), 0)
-        lengths = R.max_filled[with_state]
-        ref_waste = (block_size - 1) / 2 if block_size else None
-        if self.idle_pending:
-            self._idle_value(self.inuse)
-            self.idle_pending = False
-
-        # leaks at the end
-        live_keys = np.flatnonzero((self.state == IN_USE) & ~self.reserved)
-        in_use_at_end = len(live_keys)
-        leaked_ids: list = []
-        leaked = 0
-        if in_use_at_end:
-            self._compact_log()
-            k, r = self.log_key, self.log_req
-            at_end = np.zeros(self.nkeys, dtype=bool)
-            at_end[live_keys] = True
-            sel = at_end[k] & (r >= 0)
-            k, r = k[sel], r[sel]
-            has_ref = np.zeros(self.nkeys, dtype=bool)
-            has_ref[k] = True
-            fin = R.finished[r] if len(r) and len(R.finished) > int(r.max()) else np.zeros(len(r), dtype=bool)
-            unfinished = np.zeros(self.nkeys, dtype=bool)
-            unfinished[k[~fin]] = True
-            leaky = (has_ref[live_keys] & ~unfinished[live_keys]) | (~has_ref[live_keys] & (live_at_end == 0))
-            lk = live_keys[leaky]
-            leaked = len(lk)
-            for key in lk[:50].tolist():
-                pi = int(np.searchsorted(self.base, key, side="right") - 1)
-                leaked_ids.append([infos[pi].label, key - int(self.base[pi])])
-
-        # block-size rounding of the recorded final lengths
-        rounding = []
-        total_tokens = int(lengths.sum())
-        for b in ROUNDING_SIZES:
-            if not len(lengths):
-                break
-            nb = -(-lengths // b)
-            slots = int((nb * b).sum())
-            rounding.append({"block_size": b, "allocated_slots": slots, "wasted_slots": slots - total_tokens,
-                             "waste_ratio": (slots - total_tokens) / slots if slots else 0.0, "block_table_entries": int(nb.sum()),
-                             "mean_last_block_waste": float(((-lengths) % b).mean()), "recorded": b == block_size})
-        contiguous = {}
-        if len(lengths):
-            max_len = max(int(lengths.max()), *(int(p.extra.get("max_model_len") or 0) for p in infos))
-            contiguous = {"max_len": max_len, "utilization": total_tokens / (len(lengths) * max_len) if max_len else None,
-                          "requests": int(len(lengths)), "tokens": total_tokens}
-
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
-        steps_in = c["steps_in"]
-        span_s = span / 1e9 if span > 0 else None
-        allocated = c["allocated"]
-        hit_blocks = c["hit_blocks"]
-        evictions = c["evictions"]
-        before_reuse = c["before_reuse"]
-        timeline = self.series.timeline(capacity, t_start, self.preempt_t, self.window and (w0, w1), self.have_state)
         return PoolAnalysis(
             label=self.label,
             pools=[{"label": p.label, "engine": p.engine, "num_blocks": p.num_blocks, "block_size": p.block_size, "pid": p.pid, "clock": p.clock} for p in infos],
-            capacity=capacity,
-            reserved=n_reserved,
-            block_size=block_size,
-            t_start=t_start,
-            t_end=t_end,
-            block_events=c["block_events"],
-            requests=n_req,
-            high_watermark=hw,
-            peak_blocks=peak_blocks,
-            peak_time_ns=peak_time,
-            usage_time_weighted=usage_tw,
-            internal_time_weighted=internal_tw,
-            internal_lookahead_time_weighted=look_tw,
-            internal_at_peak=internal_peak,
-            per_request_waste=Distribution.of(per_req_waste),
-            per_request_waste_reference=ref_waste,
-            external_at_peak=ext_peak,
-            free_runs_at_peak=free_runs,
-            largest_free_run_at_peak=largest_run,
-            free_run_histogram=run_hist,
-            block_map_at_peak=block_map,
-            allocation_failures=c["alloc_failures"],
-            fragmentation_that_hurts=hurts,
-            engine_free_mismatches=mismatches,
-            preemptions=c["preemptions"],
-            query_tokens=c["query_tokens"],
-            hit_tokens=c["hit_tokens"],
-            hit_rate=(c["hit_tokens"] / c["query_tokens"]) if c["query_tokens"] else None,
-            hit_blocks=hit_blocks,
-            allocated_blocks=allocated,
-            block_hit_rate=(hit_blocks / (hit_blocks + allocated)) if (hit_blocks + allocated) else None,
-            evictions=evictions,
-            evicted_before_reuse=before_reuse,
-            evicted_before_reuse_ratio=(before_reuse / evictions) if evictions else None,
-            lifetime_s=Distribution.of(cat(self.lifetimes), 1e-9),
-            idle_before_eviction_s=Distribution.of(cat(self.idle), 1e-9),
-            reuse_gap_s=Distribution.of(cat(self.reuse), 1e-9),
-            steps=steps_in,
-            frees_to_zero=c["frees_to_zero"],
-            allocations_per_second=(allocated / span_s) if span_s else None,
-            evictions_per_second=(evictions / span_s) if span_s else None,
-            allocations_per_step=(allocated / steps_in) if steps_in else None,
-            reallocated_within_step=c["realloc"] if c["steps"] else 0,
-            in_use_at_end=in_use_at_end,
-            leaked_blocks=leaked,
-            leaked_block_ids=leaked_ids,
-            live_requests_at_end=live_at_end,
-            in_use_at_idle=c["in_use_at_idle"],
-            idle_points=c["idle_points"],
-            refcount_errors=c["refcount_errors"],
-            out_of_range_ids=c["out_of_range"],
-            whatif=rounding,
-            contiguous=contiguous,
-            timeline=timeline,
+            capacity=rep.capacity, reserved=rep.reserved, block_size=block_size, t_start=t_start, t_end=t_end,
+            block_events=rep.block_events, requests=req.requests,
+            high_watermark=occ.high_watermark, peak_blocks=occ.peak_blocks, peak_time_ns=occ.peak_time_ns,
+            usage_time_weighted=occ.usage_time_weighted, internal_time_weighted=occ.internal_time_weighted,
+            internal_lookahead_time_weighted=occ.internal_lookahead_time_weighted, internal_at_peak=occ.internal_at_peak,
+            per_request_waste=Distribution.of(req.per_request_waste),
+            per_request_waste_reference=(block_size - 1) / 2 if block_size else None,
+            external_at_peak=ext.external_at_peak, free_runs_at_peak=ext.free_runs_at_peak,
+            largest_free_run_at_peak=ext.largest_free_run_at_peak, free_run_histogram=ext.free_run_histogram,
+            block_map_at_peak=ext.block_map_at_peak,
+            allocation_failures=req.allocation_failures, fragmentation_that_hurts=req.fragmentation_that_hurts,
+            engine_free_mismatches=req.engine_free_mismatches, preemptions=req.preemptions,
+            query_tokens=cache.query_tokens, hit_tokens=cache.hit_tokens,
+            hit_rate=(cache.hit_tokens / cache.query_tokens) if cache.query_tokens else None,
+            hit_blocks=cache.hit_blocks, allocated_blocks=cache.allocated_blocks,
+            block_hit_rate=(cache.hit_blocks / (cache.hit_blocks + cache.allocated_blocks)) if (cache.hit_blocks + cache.allocated_blocks) else None,
+            evictions=cache.evictions, evicted_before_reuse=cache.evicted_before_reuse,
+            evicted_before_reuse_ratio=(cache.evicted_before_reuse / cache.evictions) if cache.evictions else None,
+            lifetime_s=Distribution.of(life.lifetimes_ns, 1e-9), idle_before_eviction_s=Distribution.of(life.idle_before_eviction_ns, 1e-9),
+            reuse_gap_s=Distribution.of(life.reuse_gap_ns, 1e-9),
+            steps=life.steps, frees_to_zero=life.frees_to_zero,
+            allocations_per_second=(cache.allocated_blocks / span_s) if span_s else None,
+            evictions_per_second=(cache.evictions / span_s) if span_s else None,
+            allocations_per_step=(cache.allocated_blocks / life.steps) if life.steps else None,
+            reallocated_within_step=life.reallocated_within_step,
+            in_use_at_end=leaks.in_use_at_end, leaked_blocks=leaks.leaked_blocks, leaked_block_ids=leaks.leaked_block_ids,
+            live_requests_at_end=req.live_at_end, in_use_at_idle=req.in_use_at_idle, idle_points=req.idle_points,
+            refcount_errors=rep.refcount_errors, out_of_range_ids=rep.out_of_range_ids, damaged_queries=cache.damaged_queries,
+            rounding=rounding, contiguous=contiguous,
+            timeline=self.series.timeline(rep.capacity, t_start, self.preempt_t, self.window and (w0, w1), self.have_state),
         )
 
 

@@ -55,6 +55,8 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
     from kvprof.analysis import timeseries as ts
 
     pools = bundle.pools
+    if progress is not None and hasattr(progress, "set_total"):
+        progress.set_total(bundle.expected_events())
     per = [BlockAnalyzer([p], bounds) for p in pools]
     agg = BlockAnalyzer(pools, bounds, label="all pools") if len(pools) > 1 else None
     builders = {i: _schedule_builder(pools[i]) for i in (range(len(pools)) if schedule_pools == "all" else schedule_pools)}

@@ -66,7 +66,7 @@ def block_findings(a, per_pool) -> list[Finding]:
     if a.engine_free_mismatches:
         out.append(Finding("warning", "The engine's free-block count disagrees with the replayed pool", f"At {a.engine_free_mismatches} allocation failures the free blocks the engine saw differ from kvprof's replay: some block state change is not being recorded.", {"count": a.engine_free_mismatches}))
     if a.internal_time_weighted is not None:
-        best = min(a.whatif, key=lambda r: r["waste_ratio"] + 0.0005 * r["block_table_entries"] / max(1, a.requests)) if a.whatif else None
+        best = min(a.rounding, key=lambda r: r["waste_ratio"] + 0.0005 * r["block_table_entries"] / max(1, a.requests)) if a.rounding else None
         detail = f"{_pct(a.internal_time_weighted)} of allocated slot-time held no token (block size {a.block_size})"
         if a.internal_lookahead_time_weighted:
             detail += f"; {_pct(a.internal_lookahead_time_weighted)} of it from blocks allocated ahead of their tokens"
@@ -90,4 +90,6 @@ def block_findings(a, per_pool) -> list[Finding]:
         out.append(Finding("error", f"{_n(a.refcount_errors, 'ref-count imbalance')}", "Blocks were freed while not in use, or allocated while in use: a double free, or events the probe missed.", {"count": a.refcount_errors}))
     if a.out_of_range_ids:
         out.append(Finding("warning", f"{_n(a.out_of_range_ids, 'block id')} outside their pool", "Events named block ids beyond the declared pool size; they were ignored.", {"count": a.out_of_range_ids}))
+    if a.damaged_queries:
+        out.append(Finding("warning", f"{_n(a.damaged_queries, 'prefix-cache lookup')} left out", "They reported more hit tokens than they queried, or negative counts: damaged records, not counted in the hit rate.", {"count": a.damaged_queries}))
     return out

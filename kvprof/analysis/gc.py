@@ -74,21 +74,48 @@ def _gen_stats(ev: np.ndarray) -> list[GenStats]:
     return out
 
 
+MAX_PAUSE_NS = 3600 * 10**9  # a collection longer than an hour is a damaged record
+
+
+def _end_ns(info: dict) -> int | None:
+    v = info.get("end_ns")
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def _plausible(proc) -> np.ndarray:
+    """The process's collections that can be real: a generation of 0-2, a pause of zero to
+    an hour, counts that are not negative, inside the process's life when it is known.
+    The rest is a damaged stream: dropped, and said (bundle damage)."""
+    ev = proc.gc_events()
+    if not len(ev):
+        return ev
+    ok = (ev["generation"] <= 2) & (ev["duration"] >= 0) & (ev["duration"] <= MAX_PAUSE_NS) & (ev["collected"] >= 0) & (ev["uncollectable"] >= 0)
+    end = _end_ns(proc.info)
+    if proc.start_ns:
+        ok &= ev["t"] >= proc.start_ns
+    if end:
+        ok &= ev["t"] <= end
+    if not ok.all():
+        proc.damage.append(f"{int((~ok).sum()):,} garbage-collector records with impossible values skipped in pid {proc.pid}")
+        ev = ev[ok]
+    return ev
+
+
 def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalysis | None:
     marks = bundle.marks()
     procs, longest, all_ev = [], [], []
     for proc in bundle.processes:
         if "gc" not in (proc.info.get("probes") or {}):
             continue
-        ev = proc.gc_events()
-        start = int(proc.info.get("start_ns") or (ev["t"][0] if len(ev) else 0))
-        end = proc.info.get("end_ns") or (int(ev["t"][-1] + ev["duration"][-1]) if len(ev) else start)
+        ev = _plausible(proc)
+        start = proc.start_ns or (int(ev["t"][0]) if len(ev) else 0)
+        end = _end_ns(proc.info) or (int(ev["t"][-1] + ev["duration"][-1]) if len(ev) else start)
         lo, hi = start, int(end)
         if bounds is not None:
             ev = ev[(ev["t"] >= bounds[0]) & (ev["t"] <= bounds[1])]
             lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
         wall = (hi - lo) / 1e9 if hi > lo else None
-        pause = float(ev["duration"].sum() / 1e9)
+        pause = float(ev["duration"].sum(dtype=np.float64) / 1e9)
         settings = proc.info.get("probes", {}).get("gc", {})
         procs.append(GcProcess(
             pid=proc.pid, role=str(proc.info.get("role")), wall_s=wall, collections=int(len(ev)), pause_s=pause,
@@ -112,7 +139,7 @@ def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalys
     longest.sort(key=lambda p: -p.duration_s)
     shares = [p.time_share for p in procs if p.time_share is not None]
     a = GcAnalysis(
-        window=window_label, collections=int(len(ev)), pause_s=float(ev["duration"].sum() / 1e9),
+        window=window_label, collections=int(len(ev)), pause_s=float(ev["duration"].sum(dtype=np.float64) / 1e9),
         max_pause_s=float(ev["duration"].max() / 1e9) if len(ev) else 0.0, time_share=max(shares) if shares else None,
         uncollectable=int(ev["uncollectable"].sum()), by_generation=_gen_stats(ev), processes=procs, longest=longest[:10],
     )

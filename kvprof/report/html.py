@@ -153,7 +153,7 @@ def _frag_hit_chart(agg: dict, series: dict):
 def _whatif_chart(agg: dict, series: dict):
     from bokeh.layouts import row
 
-    rows = agg.get("whatif") or []
+    rows = agg.get("rounding") or []
     w = series.get("whatif")
     if not rows and not w:
         return None

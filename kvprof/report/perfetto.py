@@ -149,11 +149,11 @@ def snapshot_events(path: str) -> list:
     return out
 
 
-def export(path: str, output: str) -> None:
+def export(path: str, output: str, progress=None) -> None:
     if not os.path.exists(path):
         raise BundleError(f"no such file or bundle: {path}")
     if os.path.isdir(path):
-        events = bundle_events(path)
+        events = bundle_events(path, progress)
     else:
         from kvprof.trace.torch_snapshot import looks_like_pickle
 

@@ -166,7 +166,7 @@ def _block_map(console, agg: dict, cols: int) -> None:
 def _whatif(console, agg: dict) -> None:
     from rich.table import Table
 
-    rows = agg.get("whatif") or []
+    rows = agg.get("rounding") or []
     if not rows:
         return
     t = Table(title="Block-size what-if (recorded request lengths)", title_justify="left", box=None, header_style="bold")

@@ -519,6 +519,24 @@ class ProcessData:
         """tracemalloc snapshots and their site rows; rows of a snapshot lost in a crash are dropped."""
         return self._load_small()["heap"]
 
+    def expected_events(self) -> int:
+        """Block events this process wrote, as far as it can be told without reading them (for
+        a progress bar): its own count at exit, else the records its files hold."""
+        counts = self.info.get("counts")
+        if isinstance(counts, dict) and isinstance(counts.get("blocks"), int):
+            return counts["blocks"]
+        if self.version == 1:
+            path = os.path.join(self.dir, "blocks.bin")
+            return os.path.getsize(path) // fmt.BLOCK_EVENT_DTYPE.itemsize if os.path.isfile(path) else 0
+        total = 0
+        for name in os.listdir(self.dir):
+            p = os.path.join(self.dir, name)
+            if name.startswith(stage.STAGE_PREFIX) and os.path.isfile(p):
+                total += os.path.getsize(p) // stage.RECORD // 2  # segments are reserved ahead: about half full
+            elif name == stage.CHUNKS and os.path.isfile(p):
+                total += os.path.getsize(p) // 4  # about 4 bytes per event compressed
+        return total
+
     def counts(self) -> dict:
         """Records per stream, counted from what is on disk."""
         out = {"blocks": 0, "block_ids": 0}
@@ -705,6 +723,9 @@ class Bundle:
         req = np.array([lut.get(int(r), -1) for r in chunk.req.tolist()], dtype=np.int64) if len(chunk.req) else chunk.req
         return BlockStream(chunk.t, chunk.kind, chunk.pool, req, chunk.arg, chunk.arg2, chunk.n.astype(np.uint32), chunk.ids,
                            self.pools, [self.request_name(int(k)) for k in keys.tolist()])
+
+    def expected_events(self) -> int:
+        return sum(p.expected_events() for p in self.processes)
 
     def damage(self) -> list[str]:
         return self.notes + [d for p in self.processes for d in p.damage]

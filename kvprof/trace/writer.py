@@ -231,6 +231,9 @@ class ProcessWriter:
             self._rotate_and_write(data)
 
     def _clean_block(self, t, kind, pool, req, arg, arg2, ids) -> bytes | None:
+        """An event some value of which does not fit its column: integers are clamped to the
+        column's range, arguments that are no integers become 0; an event whose time, kind,
+        pool or block ids are no integers is dropped.  Each case is said once in process.json."""
         fields = [_fit(v, b) for v, b in zip((t, kind, pool, req, arg, arg2), _BLOCK_RANGES)]
         try:
             clean_ids = [_fit(b, I32) for b in (ids or ())]
@@ -238,9 +241,11 @@ class ProcessWriter:
             clean_ids = [None]
         if any(v is None for v in fields[:3]) or None in clean_ids:
             self.dropped += 1
-            self.note_once("block events with a value that is not an integer were dropped")
+            self.note_once("block events whose time, kind, pool or block ids were not integers were dropped")
             return None
-        fields = [0 if v is None else v for v in fields]
+        if any(v is None for v in fields[3:]):
+            self.note_once("block event arguments that were not integers were recorded as 0")
+            fields = [0 if v is None else v for v in fields]
         self.note_once("block event values outside their column's range were clamped")
         return stage.pack_block(*fields, clean_ids)
 

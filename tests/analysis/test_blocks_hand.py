@@ -94,11 +94,11 @@ def test_lifetimes_idle_and_reuse_gap():
     assert a.reuse_gap_s.count == 1 and a.reuse_gap_s.p50 == pytest.approx(10e-9)
 
 
-def test_no_leak_and_whatif():
+def test_no_leak_and_block_size_rounding():
     a = analyze(HAND)
     assert a.leaked_blocks == 0 and a.in_use_at_end == 0 and a.refcount_errors == 0
     assert a.live_requests_at_end == 0 and a.requests == 4
-    rows = {r["block_size"]: r for r in a.whatif}
+    rows = {r["block_size"]: r for r in a.rounding}
     # final lengths 8, 1, 6, 5 tokens
     assert rows[1]["allocated_slots"] == 20 and rows[1]["wasted_slots"] == 0
     assert rows[4]["allocated_slots"] == 28 and rows[4]["block_table_entries"] == 7 and rows[4]["recorded"]
@@ -164,4 +164,4 @@ def test_shared_prefix_block_counts_once():
 def test_empty_stream():
     a = analyze([])
     assert a.block_events == 0 and a.peak_blocks == 0 and a.internal_time_weighted is None
-    assert a.high_watermark == 0.0 and a.whatif == []
+    assert a.high_watermark == 0.0 and a.rounding == []
