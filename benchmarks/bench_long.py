@@ -100,10 +100,10 @@ def main() -> None:
         rows.append((what, value, goal, "met" if ok else "NOT MET"))
 
     bare = measure([sys.executable, "-c", BARE_READ, b1], args.repeat)
-    ana = measure([*KVPROF, "analyze", b1, "--no-report", "--json", os.devnull], args.repeat)
-    ana2 = measure([*KVPROF, "analyze", b2, "--no-report", "--json", os.devnull], args.repeat)
+    ana = measure([*KVPROF, "analyze", b1, "--no-report", "--json", os.path.join(args.workdir, "out.json")], args.repeat)
+    ana2 = measure([*KVPROF, "analyze", b2, "--no-report", "--json", os.path.join(args.workdir, "out.json")], args.repeat)
     rep = measure([*KVPROF, "report", b1, "-o", html], args.repeat)
-    wif = measure([*KVPROF, "whatif", b1, "--block-size", "32", "--policy", "free-queue", "--json", os.devnull], args.repeat)
+    wif = measure([*KVPROF, "whatif", b1, "--block-size", "32", "--policy", "free-queue", "--json", os.path.join(args.workdir, "out.json")], args.repeat)
     demo = [*KVPROF, "demo", "--requests", str(small), "--num-blocks", "4096"]
     bare_demo = measure(demo, args.repeat)
     rec_dir = os.path.join(args.workdir, "rec.kvprof")

@@ -35,6 +35,11 @@ from collections.abc import Iterable
 
 from kvprof import runtime
 from kvprof.trace.format import EventKind as K
+from kvprof.trace.stage import PACK_N, TAG_BLOCK as _TAG
+from kvprof.trace.stage import pack_block as _pack_block
+
+_now = runtime.now
+_PACK = [s.pack for s in PACK_N]  # a block event with 0..3 ids
 
 __all__ = ["Pool"]
 
@@ -87,17 +92,28 @@ class Pool:
             self._emit(K.RESERVE, None, 0, 0, reserved)
 
     def _emit(self, kind, request, arg, arg2, ids):
-        # One frame on the hot path: runtime.emit's work, inlined.
+        # The hot path, inlined: one struct pack and one mmap write (see kvprof/trace/writer.py);
+        # anything unusual (a value that does not fit, a full segment) goes the careful way.
         w = runtime.writer
         if w is None:
             return
         if request is None:
             rid = -1
         else:
-            rid = w._strings.get(request if type(request) is str else str(request))
+            rid = w._strings.get(request) if type(request) is str else None
             if rid is None:
                 rid = w.intern(request)
-        w.block(self._clock() if self._clock else runtime.now(), kind, self.index, rid, arg, arg2, ids)
+        t = self._clock() if self._clock else _now()
+        n = len(ids)
+        try:
+            data = _PACK[n](t, kind, self.index, rid, arg, arg2, n, *ids, _TAG) if n <= 3 else _pack_block(t, kind, self.index, rid, arg, arg2, ids)
+        except Exception:
+            w.block(t, kind, self.index, rid, arg, arg2, ids)  # clamps or drops, and says so
+            return
+        try:
+            w.write(data)
+        except ValueError:  # the segment is full
+            w._rotate_and_write(data)
 
     # -- block state changes ----------------------------------------------------
     def alloc(self, block_ids: Iterable[int], request=None) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 
@@ -23,6 +24,7 @@ from kvprof.trace import codec, stage
 from kvprof.trace import format as fmt
 from kvprof.trace.chunks import BlockChunk
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
 MAX_JSON_BYTES = 64 << 20  # manifest.json, process.json
 MAX_META_BYTES = 1 << 31  # meta.jsonl (interned strings: grows with requests)
 META_READ = 8 << 20  # meta.jsonl is parsed this many bytes at a time
@@ -43,7 +45,7 @@ def clean_str(value) -> str:
         s.encode("utf-8")
         return s
     except UnicodeEncodeError:
-        return s.encode("utf-8", "replace").decode("utf-8")
+        return _SURROGATE.sub("\ufffd", s)
 
 
 def _regular_file(path: str, what: str, limit: int) -> int:
@@ -433,6 +435,13 @@ class ProcessData:
         with open(ev_path, "rb") as fe, open(id_path, "rb") if id_size else open(os.devnull, "rb") as fi:
             for start in range(0, count, V1_PIECE):
                 rows = np.frombuffer(fe.read(min(V1_PIECE, count - start) * dt.itemsize), dtype=dt)
+                bad = ~KNOWN_KINDS[rows["kind"]]
+                if bad.any():  # no writer writes such a record: the file is damaged from here
+                    cut = int(np.flatnonzero(bad)[0])
+                    self.damage.append(f"{os.path.basename(self.dir)}/blocks.bin damaged at event {start + cut:,} "
+                                       f"(kind {int(rows['kind'][cut])}): the {count - start - cut:,} events from there are not read")
+                    rows = rows[:cut]
+                    count = start + cut
                 n = rows["n"].astype(np.int64)
                 if (n > MAX_IDS_PER_EVENT).any():
                     cut = int(np.flatnonzero(n > MAX_IDS_PER_EVENT)[0])
@@ -456,22 +465,27 @@ class ProcessData:
 
     def v1_sorted(self) -> bool:
         """Whether a version-1 process's block events are in time order (the lazy batches
-        of kvprof's first vLLM adapter were not): read the time column only."""
+        of kvprof's first vLLM adapter were not): the time column, read in pieces, up to
+        the first record that cannot be one (where the reader stops too)."""
         path = os.path.join(self.dir, "blocks.bin")
         if self.version != 1 or not os.path.exists(path):
             return True
         dt = fmt.BLOCK_EVENT_DTYPE
-        mm = np.memmap(path, dtype=dt, mode="r", shape=(os.path.getsize(path) // dt.itemsize,)) if os.path.getsize(path) >= dt.itemsize else None
-        if mm is None:
-            return True
         last = None
-        for a in range(0, len(mm), 1 << 20):
-            t = np.asarray(mm["t"][a : a + (1 << 20)])
-            if (len(t) > 1 and (np.diff(t) < 0).any()) or (last is not None and len(t) and t[0] < last):
-                return False
-            if len(t):
-                last = t[-1]
-        return True
+        with open(path, "rb") as fh:
+            while True:
+                data = fh.read(V1_PIECE * dt.itemsize)
+                rows = np.frombuffer(data, dtype=dt, count=len(data) // dt.itemsize)
+                bad = ~KNOWN_KINDS[rows["kind"]]
+                if bad.any():
+                    rows = rows[: int(np.flatnonzero(bad)[0])]
+                t = rows["t"]
+                if (len(t) > 1 and (np.diff(t) < 0).any()) or (last is not None and len(t) and t[0] < last):
+                    return False
+                if len(t):
+                    last = t[-1]
+                if bad.any() or len(rows) < V1_PIECE:
+                    return True
 
     # -- small streams ---------------------------------------------------------------------------
     def _finish_small(self, small: dict) -> None:
