@@ -16,6 +16,8 @@ def run(
 
     if format != "perfetto":
         raise UsageError(f"--format must be perfetto, not {format!r}")
+    from kvprof.inputs import check_input
     from kvprof.report import perfetto
 
+    check_input(bundle)
     perfetto.export(bundle, output)

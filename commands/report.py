@@ -15,8 +15,10 @@ def run(
     """
     from kvprof.analysis import analyze_path
     from kvprof.analysis.timeseries import collect
+    from kvprof.inputs import check_input
     from kvprof.report import html
 
+    check_input(source)
     result = analyze_path(source, window=window)
     html.write(result, collect(source, result, whatif=not no_whatif), output)
     if output != "-":
