@@ -55,41 +55,82 @@ for _module, _name in COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kvprof.errors import KvprofError
+    """The CLI's exit status (kvprof.errors: EXIT_*).  Expected failures are one line; any
+    other exception is a bug: its traceback, a line asking for a report, EXIT_INTERNAL."""
+    from kvprof import errors
+
+    try:
+        return _main(argv)
+    except MemoryError:
+        sys.stderr.write("kvprof: error: out of memory\n")
+        return errors.EXIT_INTERNAL
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        sys.stderr.write(f"kvprof: internal error: this is a bug in kvprof {__version__}; please report it, "
+                         "with the command you ran and the traceback above\n")
+        return errors.EXIT_INTERNAL
+
+
+def _main(argv: list[str] | None) -> int:
+    from kvprof import errors
 
     import click
 
     try:
         rc = app(args=argv, prog_name="kvprof", standalone_mode=False)
-        return rc if isinstance(rc, int) else 0
+        return rc if isinstance(rc, int) else errors.EXIT_OK
     except click.exceptions.UsageError as exc:  # typer's own argument errors: one line too
         if not exc.format_message():  # `kvprof` alone: the help was the answer
             return exc.exit_code
         cmd = exc.ctx.command_path if exc.ctx is not None else "kvprof"
-        sys.stderr.write(f"kvprof: error: {exc.format_message()} (see `{cmd} --help`)\n")
-        return 2
+        sys.stderr.write(f"kvprof: error: {_one_line(exc.format_message())} (see `{cmd} --help`)\n")
+        return errors.EXIT_BAD_INPUT
     except click.exceptions.Abort:
         sys.stderr.write("kvprof: interrupted\n")
-        return 130
-    except KvprofError as exc:
-        sys.stderr.write(f"kvprof: error: {exc}\n")
+        return errors.EXIT_INTERRUPTED
+    except errors.OutputClosed as exc:
+        _quiet_stdout()
+        return exc.exit_code
+    except errors.KvprofError as exc:
+        sys.stderr.write(f"kvprof: error: {_one_line(str(exc))}\n")
         return exc.exit_code
     except SystemExit as exc:
         code = exc.code
-        return code if isinstance(code, int) else (0 if code is None else 1)
+        if code is None:
+            return errors.EXIT_OK
+        if isinstance(code, int):
+            if isinstance(exc.__context__, BrokenPipeError):
+                # rich (the terminal report) and click turn a reader that left (`| head`)
+                # into exit 1, which a CI gate reads as "regressed"
+                _quiet_stdout()
+                return errors.EXIT_BROKEN_PIPE
+            return code
+        sys.stderr.write(f"kvprof: error: {_one_line(str(code))}\n")  # sys.exit("message") somewhere below
+        return errors.EXIT_BAD_INPUT
     except KeyboardInterrupt:
         sys.stderr.write("kvprof: interrupted\n")
-        return 130
+        return errors.EXIT_INTERRUPTED
     except BrokenPipeError:  # `kvprof analyze X --json - | head`: the reader left
         _quiet_stdout()
-        return 1
+        return errors.EXIT_BROKEN_PIPE
     except OSError as exc:
-        if exc.filename is None:  # writing to stdout (a full disk, a closed pipe): not a kvprof bug
+        # the disk, the permissions, the descriptors: the machine's state, not kvprof's logic
+        if exc.filename is None:  # writing to stdout (a full disk, a closed pipe)
             _quiet_stdout()
             sys.stderr.write(f"kvprof: error: cannot write the output: {exc.strerror or exc}\n")
-            return 1
-        raise
-    return 0
+        else:
+            sys.stderr.write(f"kvprof: error: {exc.strerror or exc}: {exc.filename}\n")
+        return errors.EXIT_BAD_INPUT
+
+
+def _one_line(text: str) -> str:
+    """Messages carry user-supplied names (paths, metric names): keep them to one line and
+    to characters stderr can encode (a lone surrogate from a non-UTF-8 argv)."""
+    text = " ".join(str(text).splitlines())
+    enc = getattr(sys.stderr, "encoding", None) or "utf-8"
+    return text.encode(enc, "backslashreplace").decode(enc, "replace")
 
 
 def _quiet_stdout() -> None:

@@ -17,9 +17,11 @@ def run(
     Exit status: 0, or 1 when --budget is given and a limit is broken; 2 bad input.
     """
     from kvprof.analysis import analyze_path
-    from kvprof.errors import UsageError
+    from kvprof.errors import EXIT_OK, EXIT_REGRESSED, UsageError
+    from kvprof.inputs import check_input
     from kvprof.report import json_report, terminal
 
+    check_input(bundle)
     if html_out == "-":
         raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
     from kvprof.report.progress import PassProgress
@@ -43,4 +45,4 @@ def run(
     if budget is not None:
         if json_out != "-":
             render.terminal(verdict, width=width)
-        raise typer.Exit(0 if verdict.passed else 1)
+        raise typer.Exit(EXIT_OK if verdict.passed else EXIT_REGRESSED)

@@ -22,7 +22,7 @@ def run(
     """
     from kvprof import budgets as budgets_mod
     from kvprof.compare import compare, load_run
-    from kvprof.errors import UsageError
+    from kvprof.errors import EXIT_OK, EXIT_REGRESSED, UsageError
     from kvprof.report import compare as render
 
     runs, base, new = list(runs or []), list(base or []), list(new or [])
@@ -39,7 +39,7 @@ def run(
     render.write_all(result, markdown, junit, json_out)
     if json_out != "-":
         _terminal(render, result, quiet, width, show_all)
-    raise typer.Exit(0 if result.passed else 1)
+    raise typer.Exit(EXIT_OK if result.passed else EXIT_REGRESSED)
 
 
 def _terminal(render, result, quiet: bool, width, show_all: bool) -> None:

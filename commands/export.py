@@ -16,9 +16,11 @@ def run(
 
     if format != "perfetto":
         raise UsageError(f"--format must be perfetto, not {format!r}")
+    from kvprof.inputs import check_input
     from kvprof.report import perfetto
 
     from kvprof.report.progress import PassProgress
 
+    check_input(bundle)
     with PassProgress("exporting") as progress:
         perfetto.export(bundle, output, progress=progress)

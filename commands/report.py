@@ -14,10 +14,11 @@ def run(
     Exit status: 0; 2 bad input.
     """
     from kvprof.analysis import analyze_path
+    from kvprof.inputs import check_input
     from kvprof.report import html
-
     from kvprof.report.progress import PassProgress
 
+    check_input(source)
     with PassProgress("analyzing") as progress:
         result = analyze_path(source, window=window, series=True, whatif=not no_whatif, progress=progress)
     html.write(result, result.series, output)

@@ -24,6 +24,7 @@ import os
 from dataclasses import dataclass, field
 
 from kvprof.errors import UsageError
+from kvprof.inputs import brief as _short
 
 LIMIT_KEYS = ("max", "min", "max_increase", "max_decrease")
 DEFAULT_TOLERANCE = 0.0
@@ -64,23 +65,27 @@ class Budgets:
 def _fraction(value, where: str) -> float:
     if isinstance(value, bool):
         raise UsageError(f"{where}: expected a percentage like \"5%\" or a fraction like 0.05, got {value!r}")
-    if isinstance(value, (int, float)):
-        f = float(value)
-    elif isinstance(value, str) and value.strip().endswith("%"):
-        try:
+    try:
+        if isinstance(value, (int, float)):
+            f = float(value)
+        elif isinstance(value, str) and value.strip().endswith("%"):
             f = float(value.strip()[:-1]) / 100
-        except ValueError:
-            raise UsageError(f"{where}: not a percentage: {value!r}") from None
-    else:
-        raise UsageError(f"{where}: expected a percentage like \"5%\" or a fraction like 0.05, got {value!r}")
+        else:
+            raise UsageError(f"{where}: expected a percentage like \"5%\" or a fraction like 0.05, got {_short(value)}")
+    except (ValueError, OverflowError):
+        raise UsageError(f"{where}: not a percentage: {_short(value)}") from None
     if not math.isfinite(f) or f < 0:
-        raise UsageError(f"{where}: must be a finite, non-negative amount, got {value!r}")
+        raise UsageError(f"{where}: must be a finite, non-negative amount, got {_short(value)}")
     return f
 
 
 def _number(value, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise UsageError(f"{where}: expected a number, got {value!r}")
+    try:
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+    except OverflowError:  # an integer beyond any float
+        ok = False
+    if not ok:
+        raise UsageError(f"{where}: expected a finite number, got {_short(value)}")
     return float(value)
 
 
@@ -98,7 +103,7 @@ def parse(table: dict, source: str) -> Budgets:
             b.noisy_tolerance = _fraction(value, where)
             continue
         if not isinstance(value, dict):
-            raise UsageError(f"{where}: expected a table of limits ({', '.join(LIMIT_KEYS)}), got {value!r}")
+            raise UsageError(f"{where}: expected a table of limits ({', '.join(LIMIT_KEYS)}), got {_short(value)}")
         unknown = sorted(set(value) - set(LIMIT_KEYS))
         if unknown:
             raise UsageError(f"{where}: unknown limit {unknown[0]!r} (known: {', '.join(LIMIT_KEYS)})")
@@ -112,30 +117,39 @@ def parse(table: dict, source: str) -> Budgets:
 
 
 def _load_toml(path: str) -> dict:
+    from kvprof.inputs import parse_guarded, read_bytes
+
     try:
         import tomllib
     except ModuleNotFoundError:  # Python 3.10
         import tomli as tomllib  # type: ignore[no-redef]
+    data = read_bytes(path, "budget file", error=UsageError)
     try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"no such budget file: {path}") from None
-    except OSError as exc:
-        raise UsageError(f"cannot read budget file {path}: {exc.strerror}") from None
+        return parse_guarded(lambda b: tomllib.loads(b.decode("utf-8")), data, path, "budget file", error=UsageError)
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"budget file {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"budget file {path} is not valid TOML: {exc}") from None
 
 
+def _budgets_table(data: dict, path: str):
+    """(table, source) of a parsed file: ``[budgets]``, else ``[tool.kvprof.budgets]``, else (None, None)."""
+    if "budgets" in data:
+        return data["budgets"], path
+    node = data
+    for key in ("tool", "kvprof", "budgets"):
+        if not isinstance(node, dict):
+            return None, None  # `tool = 3`: not where budgets live
+        node = node.get(key)
+    return (node, f"{path} [tool.kvprof.budgets]") if node is not None else (None, None)
+
+
 def load_file(path: str) -> Budgets:
     """A budget file: ``[budgets]`` at top level (or a pyproject's ``[tool.kvprof.budgets]``)."""
-    data = _load_toml(path)
-    if "budgets" in data:
-        return parse(data["budgets"], path)
-    table = data.get("tool", {}).get("kvprof", {}).get("budgets")
-    if table is not None:
-        return parse(table, f"{path} [tool.kvprof.budgets]")
-    raise UsageError(f"budget file {path} has no [budgets] table (nor [tool.kvprof.budgets])")
+    table, source = _budgets_table(_load_toml(path), path)
+    if table is None:
+        raise UsageError(f"budget file {path} has no [budgets] table (nor [tool.kvprof.budgets])")
+    return parse(table, source)
 
 
 def find_pyproject(start: str) -> str | None:
@@ -158,7 +172,8 @@ def discover(explicit: str | None, start: str | None = None) -> Budgets:
         return load_file(explicit)
     path = find_pyproject(start or os.getcwd())
     if path:
-        table = _load_toml(path).get("tool", {}).get("kvprof", {}).get("budgets")
+        data = _load_toml(path)
+        table, source = _budgets_table({k: v for k, v in data.items() if k != "budgets"}, path)
         if table is not None:
-            return parse(table, f"{path} [tool.kvprof.budgets]")
+            return parse(table, source)
     return Budgets(entries={})

@@ -121,37 +121,76 @@ class Comparison:
 
 # -- loading ---------------------------------------------------------------------------
 def load_run(path: str) -> Run:
-    """Anything `kvprof analyze` reads (analyzed now) or an analysis JSON (``kvprof analyze --json``)."""
+    """Anything `kvprof analyze` reads (analyzed now) or an analysis JSON (``kvprof analyze --json``).
+
+    A run must hold at least one metric: comparing two empty maps checks nothing and
+    would pass any gate."""
+    from kvprof.inputs import check_regular
+
     if not os.path.exists(path):
         raise BundleError(f"no such bundle or analysis JSON: {path}")
+    # before anything opens it: a FIFO would block the first read, /dev/zero never end
+    check_regular(path, "run", allow_dir=True)
     from kvprof.analysis import analyze_path, is_recording
 
     if is_recording(path):
+        run = Run(label=path, metrics=analyze_path(path).metrics)
+    else:
+        run = Run(label=path, metrics=_load_analysis_json(path))
+    if not run.metrics:
+        raise BundleError(f"{path}: no metrics: the run holds nothing kvprof measures (no block pool, heap, "
+                          "GC, CPU or GPU data), so there is nothing to compare")
+    return run
 
-        return Run(label=path, metrics=analyze_path(path).metrics)
-    try:
-        with open(path, "rb") as fh:
-            data = json.loads(fh.read().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+
+def _load_analysis_json(path: str) -> dict:
+    """The metrics map of an analysis JSON, every entry checked: one line naming the first
+    bad one (a value that is not a finite number or null, a bad `better`, unit or noisy)."""
+    from kvprof.inputs import brief as _short, parse_guarded, read_bytes
+
+    raw = read_bytes(path, "analysis JSON")
+
+    try:  # NaN and Infinity parse (as Python's json does) and are named below, by metric
+        data = parse_guarded(lambda b: json.loads(b.decode("utf-8")), raw, path, "analysis JSON")
+    except ValueError as exc:  # UnicodeDecodeError, JSONDecodeError
         from kvprof.analysis import file_hint
 
-        hint = file_hint(path) or f" (not valid JSON: {exc})"
+        hint = file_hint(path) or f" (not valid JSON: {_short(exc, 120)})"
         raise BundleError(f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture{hint}") from None
-    except OSError as exc:
-        raise BundleError(f"cannot read {path}: {exc.strerror}") from None
     if not isinstance(data, dict) or data.get("schema") != "kvprof.analysis/1":
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise BundleError(f"{path}: not a kvprof analysis JSON (schema {found!r}, expected 'kvprof.analysis/1')")
+        raise BundleError(f"{path}: not a kvprof analysis JSON (schema {_short(found)}, expected 'kvprof.analysis/1')")
     metrics = data.get("metrics")
     if not isinstance(metrics, dict):
         raise BundleError(f"{path}: analysis JSON has no metrics map")
     for name, entry in metrics.items():
-        value = entry.get("value") if isinstance(entry, dict) else entry
-        if not isinstance(entry, dict) or not (value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)) or isinstance(value, bool)):
-            raise BundleError(f"{path}: metric {name!r} is malformed (expected {{\"value\": number or null, ...}})")
+        if not isinstance(entry, dict):
+            raise BundleError(f"{path}: metric {_short(name)} is malformed: expected {{\"value\": number or null, ...}}, got {_short(entry)}")
+        problem = broken_value(entry.get("value"))
+        if problem:
+            raise BundleError(f"{path}: metric {_short(name)} has value {_short(entry.get('value'))}: {problem}")
         if entry.get("better") not in (None, "lower", "higher"):
-            raise BundleError(f"{path}: metric {name!r} has better={entry.get('better')!r} (expected lower, higher or null)")
-    return Run(label=path, metrics=metrics)
+            raise BundleError(f"{path}: metric {_short(name)} has better={_short(entry.get('better'))} (expected lower, higher or null)")
+        if not isinstance(entry.get("unit"), (str, type(None))):
+            raise BundleError(f"{path}: metric {_short(name)} has unit={_short(entry.get('unit'))} (expected a string)")
+        if not isinstance(entry.get("noisy"), (bool, type(None))):
+            raise BundleError(f"{path}: metric {_short(name)} has noisy={_short(entry.get('noisy'))} (expected true or false)")
+    return metrics
+
+
+def broken_value(v) -> str | None:
+    """Why a metric value cannot be compared, or None when it can (a finite number, or null
+    for "not measured")."""
+    if v is None:
+        return None
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return f"expected a number or null, not {'a boolean' if isinstance(v, bool) else 'a ' + type(v).__name__}"
+    try:
+        if math.isfinite(v):
+            return None
+    except OverflowError:  # an integer beyond any float
+        return "a number too large to compare"
+    return "not a number (NaN)" if v != v else "an infinite number"
 
 
 # -- judging ---------------------------------------------------------------------------
@@ -169,21 +208,25 @@ def _pct(x: float) -> str:
     return f"{100 * x:+.2f}%"
 
 
-def _values(runs: list[Run], name: str) -> tuple[list[float], bool]:
-    """Numeric values of `name` over runs, and whether any run had the name at all."""
+def _values(runs: list[Run], name: str) -> tuple[list[float], bool, list[str]]:
+    """Numeric values of `name` over runs, whether any run had the name at all, and why
+    each value that cannot be compared cannot be (NaN, infinite, not a number: one per
+    run that holds one; a run analysed here, not read from a file, can hold such a value
+    only through a bug, and it must not pass as "no data")."""
     present = False
-    out = []
+    out, broken = [], []
     for r in runs:
         entry = r.metrics.get(name)
         if entry is None:
             continue
         present = True
-        v = entry.get("value")
-        if isinstance(v, bool):
-            v = int(v)
-        if isinstance(v, int) or (isinstance(v, float) and math.isfinite(v)):
+        v = entry.get("value") if isinstance(entry, dict) else entry
+        problem = broken_value(v)
+        if problem:
+            broken.append(f"{r.label}: {problem}")
+        elif v is not None:
             out.append(v)
-    return out, present
+    return out, present, broken
 
 
 def _median(values: list):
@@ -203,8 +246,8 @@ def _meta(runs: list[Run], name: str) -> dict:
 def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets) -> Row:
     from kvprof import metrics as registry
 
-    bvals, bpresent = _values(base_runs, name)
-    nvals, npresent = _values(new_runs, name)
+    bvals, bpresent, bbroken = _values(base_runs, name)
+    nvals, npresent, nbroken = _values(new_runs, name)
     meta = _meta(new_runs, name) or _meta(base_runs, name)
     reg = registry.get(name)
     unit = meta.get("unit") or (reg.unit if reg else "")
@@ -216,6 +259,12 @@ def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets
     row = Row(name=name, unit=unit, better=better, noisy=noisy, base=base, new=new, base_runs=len(bvals), new_runs=len(nvals),
               delta=None, rel=None, base_spread=spread, judged_on_spread=bool(spread and spread > EPS), verdict=NO_DATA)
     limits = budgets.limits_for(name)
+    if bbroken or nbroken:  # a value that is there but no number fails; it is not "no data"
+        for side, problems in (("base", bbroken), ("new", nbroken)):
+            for problem in problems:
+                row.checks.append(Check("value", math.nan, False, f"{side} value is broken ({problem})"))
+        row.verdict = FAIL
+        return row
 
     # absolute limits need only the new value
     if new is not None:
@@ -289,25 +338,39 @@ def _fmt(v, unit) -> str:
 def compare(base_runs: list[Run], new_runs: list[Run], budgets: Budgets) -> Comparison:
     if not base_runs or not new_runs:
         raise UsageError("compare needs at least one BASE and one NEW run")
+    for r in base_runs + new_runs:
+        if not r.metrics:
+            raise BundleError(f"{r.label}: no metrics, so there is nothing to compare")
     names: dict[str, None] = {}
     for r in base_runs + new_runs:
         for n in r.metrics:
             names.setdefault(n, None)
     rows = [judge(n, base_runs, new_runs, budgets) for n in names]
+    if not any(r.checks for r in rows):
+        only_base = sum(r.verdict == ONLY_BASE for r in rows)
+        only_new = sum(r.verdict == ONLY_NEW for r in rows)
+        raise BundleError(f"nothing compared: no metric with a better direction or a budget limit has a value in both "
+                          f"BASE and NEW ({len(rows)} metrics: {only_base} only in base, {only_new} only in new)")
     rows.sort(key=lambda r: (VERDICT_ORDER[r.verdict], r.name))
     return Comparison(base=[r.label for r in base_runs], new=[r.label for r in new_runs], budgets=budgets.source,
                       tolerance=budgets.tolerance, noisy_tolerance=budgets.noisy_tolerance, rows=rows)
 
 
 def check_run(run: Run, budgets: Budgets) -> Comparison:
-    """`analyze --budget`: the absolute limits (max, min) on one run; relative limits need a BASE."""
+    """`analyze --budget`: the absolute limits (max, min) on one run; relative limits need a BASE.
+    A run with no metric under any absolute limit checked nothing: an error, not a pass."""
+    if not run.metrics:
+        raise BundleError(f"{run.label}: no metrics, so there is nothing to check against the budget")
     rows = []
     for name in run.metrics:
         row = judge(name, [], [run], budgets)
-        row.checks = [c for c in row.checks if c.kind in ("max", "min")]
+        row.checks = [c for c in row.checks if c.kind in ("max", "min", "value")]
         row.verdict = FAIL if row.failed else (ONLY_NEW if row.new is not None else NO_DATA)
         if row.checks:
             rows.append(row)
+    if not rows:
+        raise BundleError(f"nothing checked: no metric of {run.label} has a value under a max or min limit of "
+                          f"{budgets.source or 'the budget'} ({len(run.metrics)} metrics)")
     rows.sort(key=lambda r: (VERDICT_ORDER[r.verdict], r.name))
     return Comparison(base=[], new=[run.label], budgets=budgets.source, tolerance=budgets.tolerance,
                       noisy_tolerance=budgets.noisy_tolerance, rows=rows)

@@ -7,6 +7,8 @@ signals, waits, and writes the final manifest whatever happened to the target.
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import platform
 import re
@@ -21,7 +23,7 @@ from dataclasses import dataclass
 from kvprof import runtime
 from kvprof._shim import in_terminal_foreground
 from kvprof._version import __version__
-from kvprof.errors import RecordError, UsageError
+from kvprof.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, SIGNAL_BASE, RecordError, UsageError
 from kvprof.trace import format as fmt
 from kvprof.trace.atomic import write_json_atomic
 
@@ -62,7 +64,7 @@ def default_output(argv: list[str], module: str | None) -> str:
 
 
 def _scan_processes(bundle: str) -> list[dict]:
-    from kvprof.trace.reader import _load_json
+    from kvprof.inputs import read_bytes
 
     out = []
     procs = os.path.join(bundle, fmt.PROCS_DIR)
@@ -71,9 +73,12 @@ def _scan_processes(bundle: str) -> list[dict]:
     for name in sorted(os.listdir(procs)):
         path = os.path.join(procs, name, fmt.PROCESS_JSON)
         try:
-            info = _load_json(path, "process record")
-        except Exception:
+            info = json.loads(read_bytes(path, "process record"))
+            if not isinstance(info, dict):
+                continue
+        except Exception:  # unreadable or cut short: listed as such by _incomplete_reasons
             continue
+        probes, errors = info.get("probes"), info.get("errors")
         sizes = _record_counts(os.path.join(procs, name), info)
         out.append(
             {
@@ -84,8 +89,8 @@ def _scan_processes(bundle: str) -> list[dict]:
                 "argv": info.get("argv"),
                 "start_time": info.get("start_time"),
                 "exited_cleanly": info.get("end_ns") is not None,
-                "probes": info.get("probes", {}),
-                "errors": info.get("errors", []),
+                "probes": probes if isinstance(probes, dict) else {},
+                "errors": errors if isinstance(errors, list) else [],
                 "records": sizes,
             }
         )
@@ -309,6 +314,191 @@ def _wait_gone(pid: int) -> None:
         time.sleep(0.05)
 
 
+# -- one recorder per bundle path -----------------------------------------------------------
+def lock_path(bundle: str) -> str:
+    """The lock file of a bundle path: beside it, so that --force deleting and recreating
+    the bundle directory does not drop the lock."""
+    parent, name = os.path.split(os.path.abspath(bundle))
+    return os.path.join(parent, f".{name}.lock")
+
+
+class BundleLock:
+    """An exclusive lock on a bundle path for the whole recording.
+
+    flock on ``.NAME.lock`` beside the bundle: a second recorder of the same path fails
+    at once (one line naming the holder, from what the holder wrote into the file) and
+    touches nothing; the kernel drops the lock with the process that held it, so a
+    SIGKILLed recorder blocks no one.  The descriptor is not inherited by the target.
+    The holder removes the file when done; a recorder that opened it just before then
+    finds, once it has the lock, that the path no longer names the file it locked, and
+    starts over (else two recorders could each lock a different file of one name)."""
+
+    def __init__(self, bundle: str):
+        self.bundle = bundle
+        self.path = lock_path(bundle)
+        self.fd = -1
+
+    def acquire(self) -> "BundleLock":
+        import fcntl
+
+        for _ in range(50):
+            try:
+                os.makedirs(os.path.dirname(self.path), exist_ok=True)  # -o new/dir/run.kvprof
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+            except OSError as exc:
+                raise RecordError(f"cannot create bundle {self.bundle}: {exc.strerror} (its lock file {self.path})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                holder = _holder(fd)
+                os.close(fd)
+                if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise RecordError(f"another kvprof record ({holder}) is recording {self.bundle}; "
+                                      f"not touching it (its lock: {self.path})") from None
+                raise RecordError(f"cannot lock {self.bundle}: {exc.strerror} ({self.path})") from None
+            if _same_file(fd, self.path):
+                self.fd = fd
+                self._say_who()
+                return self
+            os.close(fd)  # the holder finished and removed it between our open and our lock
+        raise RecordError(f"cannot lock {self.bundle}: its lock file {self.path} keeps being replaced")
+
+    def _say_who(self) -> None:
+        who = {"pid": os.getpid(), "host": socket.gethostname(), "start_time": time.time(), "argv": sys.argv[1:]}
+        try:
+            data = json.dumps(who).encode()
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, data, 0)
+        except OSError:  # a full disk: the lock holds all the same, the holder is unnamed
+            pass
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        try:
+            if _same_file(self.fd, self.path):
+                os.unlink(self.path)  # while still locked: nobody can take a lock on it in between
+        except OSError:
+            pass
+        os.close(self.fd)
+        self.fd = -1
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+def _same_file(fd: int, path: str) -> bool:
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _holder(fd: int) -> str:
+    """Who holds a lock, in words, from what it wrote into the lock file."""
+    try:
+        who = json.loads(os.pread(fd, 65536, 0) or b"null")
+        pid, host = int(who["pid"]), str(who.get("host") or "")
+        since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(who["start_time"])))
+    except (OSError, ValueError, TypeError, KeyError, OverflowError):
+        return "pid unknown"
+    here = "" if host == socket.gethostname() else f" on {host}"
+    return f"pid {pid}{here}, since {since}"
+
+
+# -- the bundle's manifest, written whatever the disk says ----------------------------------
+RESERVE = "manifest.reserve"
+RESERVE_BYTES = 64 << 10  # the final manifest of a few dozen processes; freed just before it is written
+
+
+def _reserve_space(bundle: str) -> str | None:
+    """Set aside room for the final manifest: the targets may fill the disk, and the one
+    record that says how the run ended must still fit."""
+    path = os.path.join(bundle, RESERVE)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except OSError:
+        return None
+    try:
+        try:
+            os.posix_fallocate(fd, 0, RESERVE_BYTES)
+        except (OSError, AttributeError):  # no fallocate here: zeros take the room as well
+            os.write(fd, bytes(RESERVE_BYTES))
+        return path
+    except OSError:  # the disk is already (nearly) full
+        os.close(fd)
+        fd = -1
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+        return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def _release_space(path: str | None) -> None:
+    if path:
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _incomplete_reasons(bundle: str, processes: list[dict]) -> list[str]:
+    """Why the streams may stop short of the run's end: a process whose writer failed (a
+    full disk), a process directory without a readable record, and a full disk itself."""
+    out = []
+    procs = os.path.join(bundle, fmt.PROCS_DIR)
+    try:
+        names = sorted(os.listdir(procs))
+    except OSError:
+        names = []
+    scanned = {p["dir"].rsplit("/", 1)[-1] for p in processes}
+    for name in names:
+        if name not in scanned:
+            out.append(f"process directory {fmt.PROCS_DIR}/{name} has no readable process record")
+    for p in processes:
+        failed = [str(e) for e in p.get("errors") or [] if "writer failed" in str(e) or "No space left" in str(e)]
+        if failed:
+            out.append(f"pid {p.get('pid')}: {failed[0]}")
+    try:
+        st = os.statvfs(bundle)
+        free = st.f_bfree if os.geteuid() == 0 else st.f_bavail  # root may use the reserved blocks
+        if free == 0 and st.f_blocks:
+            out.append("the disk holding the bundle is full")
+    except OSError:
+        pass
+    return out
+
+
+def _write_final_manifest(mpath: str, manifest: dict, reserve: str | None) -> str | None:
+    """Write the last manifest: whole, else without the per-process list (the reader finds
+    the processes in procs/ itself).  None when written; else why not, and the manifest on
+    disk is the previous one (status "recording": write_json_atomic never leaves half a file)."""
+    _release_space(reserve)
+    try:
+        write_json_atomic(mpath, manifest)
+        return None
+    except OSError as exc:
+        first = exc
+    compact = {k: v for k, v in manifest.items() if k not in ("processes", "probe_cost")}
+    compact["status"] = "incomplete"
+    compact.setdefault("incomplete", {}).setdefault("reasons", []).append(
+        f"the full manifest could not be written ({first.strerror or first}): the per-process list is left out")
+    try:
+        write_json_atomic(mpath, compact)
+        manifest.update(status="incomplete", incomplete=compact["incomplete"])
+        return None
+    except OSError:
+        return first.strerror or str(first)
+
+
 def record(
     command: list[str],
     output: str | None = None,
@@ -329,10 +519,19 @@ def record(
     if "markers" not in probes:
         probes.append("markers")
     bundle = os.path.abspath(output or default_output(argv, module))
-    if os.path.exists(bundle):
+    # the lock first: --force must not remove a bundle another recorder is writing
+    with BundleLock(bundle):
+        return _record_locked(bundle, argv, probes, force, pyspy_options, probe_options)
+
+
+def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
+                   pyspy_options: dict | None, probe_options: dict | None) -> RecordResult:
+    from kvprof import probes as probe_registry
+
+    if os.path.lexists(bundle):
         if not force:
             raise UsageError(f"output exists: {bundle} (use --force to replace it)")
-        if os.path.isdir(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
+        if os.path.isdir(bundle) and not os.path.islink(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
             shutil.rmtree(bundle)
         else:
             raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
@@ -356,7 +555,12 @@ def record(
         "recorder_pid": os.getpid(),
     }
     mpath = os.path.join(bundle, fmt.MANIFEST)
-    write_json_atomic(mpath, manifest)
+    try:
+        write_json_atomic(mpath, manifest)
+    except OSError as exc:  # nothing recorded yet and nowhere to record it: do not start the target
+        shutil.rmtree(bundle, ignore_errors=True)
+        raise RecordError(f"cannot create bundle {bundle}: {exc.strerror or exc}") from None
+    reserve = _reserve_space(bundle)
 
     env = dict(os.environ)
     env[runtime.ENV_BUNDLE] = bundle
@@ -364,8 +568,6 @@ def record(
     env[runtime.ENV_RECORDER_PID] = str(os.getpid())
     env["KVPROF_PATH"] = PACKAGE_PARENT
     if probe_options:
-        import json
-
         env[runtime.ENV_OPTIONS] = json.dumps(probe_options)
         manifest["probe_options"] = probe_options
     env["PYTHONPATH"] = HOOK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -376,7 +578,7 @@ def record(
         if pyspy is not None:
             launch = pyspy["argv"]
             _become_subreaper()
-        write_json_atomic(mpath, manifest)
+        _update_manifest(mpath, manifest)
 
     nvml = None
     if "nvml" in probes:
@@ -384,7 +586,7 @@ def record(
 
         nvml = Sampler(bundle, float((probe_options or {}).get("nvml", {}).get("interval", 0.5)))
         manifest.setdefault("probe_status", {})["nvml"] = nvml.start()
-        write_json_atomic(mpath, manifest)
+        _update_manifest(mpath, manifest)
         if nvml.status.get("status") != "sampling":
             sys.stderr.write(f"kvprof: nvml probe off: {nvml.status['reason']}\n")
 
@@ -409,37 +611,67 @@ def record(
                     sys.stderr.write(f"kvprof: py-spy probe off: {manifest['probe_status']['pyspy']['reason']}\n")
                     fwd.pid_of = None
                     rc, failure = _run(argv, env, fwd), None
-        except (FileNotFoundError, PermissionError) as exc:
-            outcome = {"started": False, "error": f"{exc.strerror}: {argv[0]}"}
-            exit_code = 127 if isinstance(exc, FileNotFoundError) else 126
+        except OSError as exc:  # not found, not executable, not a format the kernel runs
+            outcome = {"started": False, "error": f"{exc.strerror or exc}: {argv[0]}"}
+            exit_code = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_CANNOT_EXECUTE
         else:
             if failure is not None:
                 outcome = {"started": False, "error": failure["error"]}
-                exit_code = 127 if failure.get("errno") == 2 else 126
+                exit_code = EXIT_NOT_FOUND if failure.get("errno") == errno.ENOENT else EXIT_CANNOT_EXECUTE
             elif rc < 0:
-                exit_code = 128 - rc
+                exit_code = SIGNAL_BASE - rc
                 outcome = {"started": True, "exit_code": exit_code, "signal": -rc, "signal_name": signal.Signals(-rc).name}
             else:
                 exit_code = rc
                 outcome = {"started": True, "exit_code": rc, "signal": None}
             if fwd.received:
                 outcome["signals_forwarded"] = [signal.Signals(s).name for s in fwd.received]
-    if nvml is not None:
-        manifest["probe_status"]["nvml"] = nvml.stop()
-    manifest.update(
-        {
-            "status": "complete",
-            "end_time": time.time(),
-            "end_ns": time.monotonic_ns(),
-            "target": outcome,
-            "processes": _scan_processes(bundle),
-        }
-    )
-    manifest["probe_cost"] = _probe_cost(bundle, manifest["processes"], probes)
-    write_json_atomic(mpath, manifest)
+    # From here on the target has ended: whatever happens to the bundle, its exit code is ours.
+    _finish(bundle, mpath, manifest, outcome, probes, nvml, reserve)
     if not outcome.get("started"):
         raise RecordError(f"cannot start {argv[0]}: {outcome['error']} (bundle kept: {bundle})", exit_code)
     return RecordResult(bundle, exit_code, manifest)
+
+
+def _update_manifest(mpath: str, manifest: dict) -> None:
+    """A manifest update while recording: on a full disk the previous one stays, and the
+    final write (with the room set aside for it) says what happened."""
+    try:
+        write_json_atomic(mpath, manifest)
+    except OSError:
+        pass
+
+
+def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list[str], nvml, reserve) -> None:
+    """The final manifest: status complete, or incomplete with the reasons (a process's
+    writer failed, the disk filled).  Never raises: a manifest that cannot be written at all
+    is one warning line, the previous manifest (status "recording") stays."""
+    try:
+        if nvml is not None:
+            manifest["probe_status"]["nvml"] = nvml.stop()
+        manifest.update({"end_time": time.time(), "end_ns": time.monotonic_ns(), "target": outcome})
+        manifest["processes"] = _scan_processes(bundle)
+        manifest["probe_cost"] = _probe_cost(bundle, manifest["processes"], probes)
+        reasons = _incomplete_reasons(bundle, manifest["processes"])
+        manifest["status"] = "incomplete" if reasons else "complete"
+        if reasons:
+            manifest["incomplete"] = {"reasons": reasons}
+        why = _write_final_manifest(mpath, manifest, reserve)
+    except OSError as exc:
+        why = exc.strerror or str(exc)
+    except Exception as exc:  # a bug in kvprof: said as one, but the target's exit code still stands
+        import traceback
+
+        traceback.print_exc()
+        why = f"{exc!r}, a bug in kvprof {__version__}: please report it with the traceback above"
+    if why is not None:
+        _release_space(reserve)
+        sys.stderr.write(f"kvprof: warning: could not write the final manifest of {bundle} ({why}); it still says "
+                         "\"recording\", and the streams are readable as far as they were written\n")
+    elif manifest.get("status") == "incomplete":
+        reasons = manifest["incomplete"]["reasons"]
+        more = f" (and {len(reasons) - 1} more, listed in its manifest)" if len(reasons) > 1 else ""
+        sys.stderr.write(f"kvprof: warning: bundle {bundle} is incomplete: {reasons[0]}{more}\n")
 
 
 def summary_line(result: RecordResult) -> str:

@@ -174,3 +174,104 @@ def test_most_specific_budget_entry_wins():
     assert (lim.max, lim.max_increase, lim.patterns["max"]) == (3, 0.05, "blocks.usage.peak")
     assert b.limits_for("blocks.usage.other").max == 2 and b.limits_for("blocks.x").max == 1
     assert b.limits_for("heap.x").any() is False
+
+
+# -- broken values, empty runs, hostile files: one line, exit 2, never a pass --------------------
+def _analysis(path, metrics):
+    path.write_text(json.dumps({"schema": "kvprof.analysis/1", "metrics": metrics}))
+    return str(path)
+
+
+def _one_line_2(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvprof: error: ") and "Traceback" not in r.stderr, r.stderr
+    for n in needles:
+        assert n in r.stderr, (n, r.stderr)
+
+
+def test_a_nan_value_never_passes_a_budget(tmp_path):
+    """`{"value": NaN}` parses (Python's json takes it): it is named and refused, not read as
+    "no data", which passed `max = 0`."""
+    good = _analysis(tmp_path / "good.json", {"blocks.leaked_blocks": {"value": 0, "unit": "blocks", "better": "lower"}})
+    budget = tmp_path / "b.toml"
+    budget.write_text('[budgets]\n"blocks.leaked_blocks" = { max = 0 }\n')
+    for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
+        bad = tmp_path / "nan.json"
+        bad.write_text('{"schema": "kvprof.analysis/1", "metrics": {"blocks.leaked_blocks": {"value": %s, "unit": "blocks", "better": "lower"}}}' % literal)
+        r = run_kvprof("compare", good, str(bad), "--budget", str(budget))
+        _one_line_2(r, "'blocks.leaked_blocks'", str(bad))
+    # a run analysed in this process (not read from a file) with a NaN: a failing row, not "no data"
+    nan = float("nan")
+    c = compare([_run("b", a=1)], [_run("n", a=nan)], parse({"a": {"max": 0}}, "t"))
+    assert not c.passed and c.rows[0].verdict == FAIL and "NaN" in c.rows[0].checks[0].message
+    c = compare([_run("b", a=nan, b=1)], [_run("n", a=nan, b=1)], Budgets(entries={}))
+    assert not c.passed
+
+
+def test_values_of_the_wrong_type_are_named(tmp_path):
+    good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
+    for name, entry in {
+        "str": {"value": "12"}, "list": {"value": [1]}, "bool": {"value": True}, "dict": {"value": {"v": 1}},
+        "huge": {"value": 10 ** 400}, "unit": {"value": 1, "unit": ["bytes"]}, "noisy": {"value": 1, "noisy": "yes"},
+        "better": {"value": 1, "better": "up"}, "entry": 5,
+    }.items():
+        bad = _analysis(tmp_path / f"{name}.json", {"m": {"value": 2, "better": "lower"}, f"bad.{name}": entry})
+        r = run_kvprof("compare", good, bad)
+        _one_line_2(r, f"'bad.{name}'", bad)
+
+
+def test_nothing_to_compare_is_an_error_not_a_pass(tmp_path):
+    empty = _analysis(tmp_path / "empty.json", {})
+    good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
+    _one_line_2(run_kvprof("compare", empty, good), "no metrics", "empty.json")
+    _one_line_2(run_kvprof("compare", good, empty), "no metrics", "empty.json")
+    # a recorded run with nothing in it: no pool, no heap probe
+    bundle = tmp_path / "nothing.kvprof"
+    assert run_kvprof("record", "-q", "-o", str(bundle), "--", sys.executable, "-c", "pass").returncode == 0
+    _one_line_2(run_kvprof("compare", str(bundle), str(bundle)), "no metrics", "nothing.kvprof")
+    # metrics on both sides, none in common (or none with a direction): nothing was compared
+    other = _analysis(tmp_path / "other.json", {"n": {"value": 1, "better": "lower"}})
+    _one_line_2(run_kvprof("compare", good, other), "nothing compared")
+    info = _analysis(tmp_path / "info.json", {"i": {"value": 1, "better": None}})
+    _one_line_2(run_kvprof("compare", info, info), "nothing compared")
+    # analyze --budget: a budget that limits nothing in the run checked nothing
+    budget = tmp_path / "b.toml"
+    budget.write_text('[budgets]\n"heap.*" = { max = 0 }\n')
+    fixture = os.path.join(ROOT, "fixtures", "demo.kvprof")
+    _one_line_2(run_kvprof("analyze", fixture, "--budget", str(budget), "--no-report"), "nothing checked")
+    _one_line_2(run_kvprof("analyze", str(bundle), "--budget", str(budget), "--no-report"), "no metrics")
+
+
+def test_deep_nesting_is_one_line(tmp_path):
+    good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
+    deep = tmp_path / "deep.json"
+    deep.write_text('{"schema": "kvprof.analysis/1", "metrics": {}, "x": ' + "[" * 200_000 + "]" * 200_000 + "}")
+    _one_line_2(run_kvprof("compare", good, str(deep)), "nested too deeply", "deep.json")
+    budget = tmp_path / "deep.toml"
+    budget.write_text("[budgets]\nx = " + "[" * 200_000 + "]" * 200_000 + "\n")
+    _one_line_2(run_kvprof("compare", good, good, "--budget", str(budget)), "nested too deeply", "deep.toml")
+    budget.write_text("[budgets]\nx = " + "{a = " * 50_000 + "1" + "}" * 50_000 + "\n")
+    _one_line_2(run_kvprof("compare", good, good, "--budget", str(budget)), "deep.toml")
+    proj = tmp_path / "proj"
+    proj.mkdir()
+    (proj / "pyproject.toml").write_text("[tool]\nx = " + "[" * 200_000 + "]" * 200_000 + "\n")
+    _one_line_2(run_kvprof("compare", good, good, cwd=str(proj)), "nested too deeply", "pyproject.toml")
+    (proj / "pyproject.toml").write_text("tool = 3\n")  # not where budgets live: defaults
+    assert run_kvprof("compare", good, good, cwd=str(proj)).returncode == 0
+
+
+def test_fifos_devices_and_huge_files_are_refused_without_reading(tmp_path):
+    good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
+    fifo = tmp_path / "fifo.json"
+    os.mkfifo(fifo)
+    zero = tmp_path / "zero.json"
+    os.symlink("/dev/zero", zero)
+    huge = tmp_path / "huge.json"
+    with open(huge, "wb") as fh:  # sparse: 65 MiB that take no disk
+        fh.truncate(65 << 20)
+    for path, why in ((fifo, "a FIFO"), (zero, "a character device"), (huge, "more than the 64 MiB")):
+        _one_line_2(run_kvprof("compare", good, str(path), timeout=30), why, str(path))
+        _one_line_2(run_kvprof("compare", good, good, "--budget", str(path), timeout=30), why, str(path))
+        _one_line_2(run_kvprof("analyze", os.path.join(ROOT, "fixtures", "demo.kvprof"), "--budget", str(path), "--no-report", timeout=60), str(path))
+    for cmd in (["analyze", str(fifo)], ["report", str(fifo), "-o", str(tmp_path / "r.html")], ["export", str(zero), "-o", "-"]):
+        _one_line_2(run_kvprof(*cmd, timeout=30), "not a regular file")

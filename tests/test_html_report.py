@@ -316,7 +316,7 @@ def test_report_to_stdout_and_output_errors(tmp_path):
         for args in (["export", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-"], ["analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-"]):
             with open("/dev/full", "w") as full:
                 p = __import__("subprocess").run([sys.executable, "-m", "kvprof.commands", *args], stdout=full, stderr=-1, text=True)
-            assert p.returncode == 1 and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device", p.stderr
+            assert p.returncode == 2 and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device", p.stderr
 
 
 def test_a_damaged_manifest_is_one_line(tmp_path):

@@ -354,3 +354,204 @@ def test_a_program_that_closes_every_descriptor_keeps_its_files_and_ours(tmp_pat
     assert all((tmp_path / f"user{i}.txt").stat().st_size == 0 for i in range(6))
     marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
     assert {k: v["count"] for k, v in marks.items()} == {"a": 1, "b": 1, "c": 1}
+
+
+# -- a full disk: the target's exit code wins, what fit stays readable ----------------------------
+FILL = (
+    "import os, signal, sys, time, kvprof\n"
+    "for i in range(400_000):\n"
+    "    kvprof.mark('step', i)\n"
+    "    if i % 50_000 == 0:\n"
+    "        time.sleep(0.6)\n"
+    "time.sleep(0.6)\n"
+    "if sys.argv[1] == 'term':\n"
+    "    os.kill(os.getpid(), signal.SIGTERM)\n"
+    "    time.sleep(5)\n"
+    "sys.exit(int(sys.argv[1]))\n"
+)
+
+
+def _markers(manifest) -> int:
+    return sum(p["records"].get("marks.bin", 0) for p in manifest["processes"])
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 2 MB tmpfs (root only; skipped where mounting is not allowed)."""
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2M", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+    yield mnt
+    subprocess.run(["umount", str(mnt)], check=False)
+
+
+@pytest.mark.parametrize("how, code", [("5", 5), ("0", 0), ("term", 128 + signal.SIGTERM)])
+def test_a_full_disk_keeps_the_targets_exit_code(tmp_path, small_disk, how, code):
+    script = tmp_path / "fill.py"
+    script.write_text(FILL)
+    out = small_disk / "run.kvprof"
+    r = run_kvprof("record", "-o", str(out), "--", sys.executable, str(script), how, timeout=120)
+    assert r.returncode == code, r.stderr
+    warning, summary = r.stderr.splitlines()
+    assert warning.startswith(f"kvprof: warning: bundle {out} is incomplete: ") and "disk" in warning, warning
+    assert summary.startswith("kvprof: wrote") and "Traceback" not in r.stderr
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "incomplete" and man["target"]["exit_code"] == code
+    assert any("full" in why for why in man["incomplete"]["reasons"]), man["incomplete"]
+    assert not (out / "manifest.reserve").exists()
+    assert 0 < _markers(man) < 400_000  # what fit: a prefix of the markers
+    a = run_kvprof("analyze", str(out), "--json", "-")
+    assert a.returncode == 0, a.stderr
+
+
+def test_a_disk_full_before_the_start_is_one_line_and_leaves_nothing(tmp_path, small_disk):
+    with open(small_disk / "filler", "wb") as fh:
+        try:
+            while True:
+                fh.write(bytes(1 << 16))
+                fh.flush()
+        except OSError:
+            pass
+    out = small_disk / "run.kvprof"
+    r = run_kvprof("record", "-o", str(out), "--", sys.executable, "-c", "print('ran')")
+    assert r.returncode == 2 and r.stdout == "", (r.stdout, r.stderr)
+    assert r.stderr == f"kvprof: error: cannot create bundle {out}: No space left on device\n"
+    assert sorted(os.listdir(small_disk)) == ["filler"]
+
+
+def test_a_final_manifest_that_cannot_be_written_leaves_the_previous_one(tmp_path, monkeypatch, capsys):
+    """No room at all at the end (the room set aside for it taken too, simulated: the final
+    write fails with ENOSPC): the target's code, one warning line, and the manifest on disk
+    is the one written at the start, status "recording", which the reader reads as a
+    recording that did not finish."""
+    import errno
+
+    from kvprof import record as rec
+    from kvprof.analysis import analyze_path
+    from kvprof.commands import main
+
+    real, calls = rec.write_json_atomic, []
+
+    def full_disk(path, data):
+        calls.append(data.get("status"))
+        if len(calls) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(path, data)
+
+    monkeypatch.setattr(rec, "write_json_atomic", full_disk)
+    out = tmp_path / "run.kvprof"
+    rc = main(["record", "-o", str(out), "--", sys.executable, "-c", "import kvprof, sys; kvprof.mark('m', 1); sys.exit(5)"])
+    err = capsys.readouterr().err
+    assert rc == 5, err
+    warning = err.splitlines()[0]
+    assert warning == (f"kvprof: warning: could not write the final manifest of {out} (No space left on device); "
+                       "it still says \"recording\", and the streams are readable as far as they were written")
+    assert calls == ["recording", "complete", "incomplete"]  # the whole manifest, then the compact one
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "recording" and man["end_time"] is None
+    result = analyze_path(str(out))
+    assert any(f.title == "The recording did not finish" for f in result.findings)
+    assert len(Bundle(str(out)).marks().t) == 1
+
+
+def test_a_full_manifest_too_big_for_what_is_left_is_written_compact(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from kvprof import record as rec
+
+    real = rec.write_json_atomic
+
+    def tight(path, data):
+        if "processes" in data:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+        real(path, data)
+
+    monkeypatch.setattr(rec, "write_json_atomic", tight)
+    out = tmp_path / "run.kvprof"
+    result = rec.record([sys.executable, "-c", "raise SystemExit(3)"], output=str(out))
+    assert result.exit_code == 3
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["status"] == "incomplete" and man["target"]["exit_code"] == 3 and "processes" not in man
+    assert "per-process list is left out" in man["incomplete"]["reasons"][-1]
+    assert "is incomplete" in capsys.readouterr().err
+    Bundle(str(out))  # still opens: the processes are found in procs/
+
+
+# -- one recorder per bundle path ---------------------------------------------------------------
+SLOW = "import kvprof, time\nfor i in range(20):\n    kvprof.mark('tick', i)\n    time.sleep(0.1)\n"
+
+
+def _start_recorder(out, *extra, script=None):
+    return subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", *extra, "-o", str(out), "--",
+                             sys.executable, "-c", script or SLOW], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_recording(out, proc, timeout=60):
+    deadline = time.time() + timeout
+    while not any(True for _ in (out / "procs").glob("*/process.json")) if (out / "procs").is_dir() else True:
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.05)
+
+
+def test_a_second_recorder_of_the_same_bundle_fails_at_once_and_touches_nothing(tmp_path):
+    out = tmp_path / "same.kvprof"
+    first = _start_recorder(out, "--force")
+    _wait_recording(out, first)
+    before = sorted(p.name for p in (out / "procs").iterdir())
+    for extra in (["--force"], []):
+        t0 = time.time()
+        second = subprocess.run([sys.executable, "-m", "kvprof.commands", "record", "-q", *extra, "-o", str(out), "--",
+                                 sys.executable, "-c", "print('must not run')"], capture_output=True, text=True, timeout=60)
+        assert second.returncode == 2 and second.stdout == "", second
+        line = second.stderr
+        assert line.count("\n") == 1 and line.startswith("kvprof: error: another kvprof record (pid "), line
+        assert f"pid {first.pid}," in line and str(out) in line
+        assert time.time() - t0 < 20
+    assert sorted(p.name for p in (out / "procs").iterdir()) == before  # --force removed nothing
+    assert first.wait(timeout=120) == 0, first.communicate()
+    b = Bundle(str(out))
+    assert b.manifest["status"] == "complete" and len(b.manifest["processes"]) == 1
+    assert _markers(b.manifest) == 20  # one run's events, not two
+    assert not (tmp_path / ".same.kvprof.lock").exists()  # no lock file left behind
+
+
+def test_concurrent_forced_recorders_never_merge(tmp_path):
+    """The bug: of two `record --force -o same.kvprof` at once, both exited 0 and the
+    bundle held both runs' events (5 of 17 tries)."""
+    out = tmp_path / "race.kvprof"
+    procs = [_start_recorder(out, "--force") for _ in range(4)]
+    results = [(p.wait(timeout=180), p.communicate()[1]) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes.count(0) >= 1 and set(codes) <= {0, 2}, results
+    for rc, err in results:
+        if rc == 2:
+            assert err.startswith("kvprof: error: another kvprof record (pid ") and err.count("\n") == 1, err
+    b = Bundle(str(out))
+    assert len(b.manifest["processes"]) == 1 and _markers(b.manifest) == 20
+
+
+def test_a_killed_recorders_lock_does_not_block_the_next(tmp_path):
+    out = tmp_path / "killed.kvprof"
+    first = _start_recorder(out, script="import time; time.sleep(1.5)")
+    _wait_recording(out, first)
+    first.kill()  # SIGKILL: no cleanup; its lock file stays, its lock goes with it
+    first.wait()
+    assert (tmp_path / ".killed.kvprof.lock").exists()
+    r = run_kvprof("record", "-q", "--force", "-o", str(out), "--", sys.executable, "-c", "import kvprof; kvprof.mark('again')")
+    assert r.returncode == 0, r.stderr
+    man = Bundle(str(out)).manifest
+    assert len(man["processes"]) == 1 and _markers(man) == 1
+    assert not (tmp_path / ".killed.kvprof.lock").exists()
+
+
+def test_a_bundle_in_a_new_directory_still_works_and_leaves_no_lock(tmp_path):
+    out = tmp_path / "new" / "dir" / "run.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, "-c", "pass")
+    assert r.returncode == 0, r.stderr
+    assert sorted(os.listdir(out.parent)) == ["run.kvprof"]
+    assert Bundle(str(out)).manifest["status"] == "complete"
+    assert not (out / "manifest.reserve").exists()

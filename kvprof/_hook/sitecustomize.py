@@ -23,6 +23,14 @@ def _kvprof_start():
         except ImportError as exc:
             _sys.stderr.write(f"kvprof: cannot record pid {_os.getpid()}: {exc}\n")
             return
+    if _os.environ.get("KVPROF_BUNDLE") and "memray" in _os.environ.get("KVPROF_PROBES", "").split(","):
+        # memray's after-fork hook must be registered before kvprof's (see import_memray_first)
+        try:
+            from kvprof.probes.heap import import_memray_first
+
+            import_memray_first()
+        except Exception:
+            pass
     runtime.start_from_env()
 
 

@@ -249,12 +249,37 @@ def _memray_exit() -> None:
         w.probe_status("memray", status="complete", bytes_written=size, stop_seconds=round(time.perf_counter() - t0, 6))
 
 
+def import_memray_first() -> None:
+    """Import memray before kvprof registers its own after-fork hook (the startup hook calls
+    this before ``runtime.start``).
+
+    Python runs after-fork hooks in a child in the order they were registered, and memray
+    registers its own (which moves the inherited tracker onto the child's file,
+    ``memray.bin.<pid>``) when it is imported.  Imported after kvprof's, it ran second: in
+    the child, kvprof's hook had already started the writer thread while the tracker was
+    still the parent's, whose file memray maps shared, so that thread's first records
+    (its name, its frames, its allocations) landed in the *parent's* capture, at the offset
+    the parent had at the fork, over what the parent wrote after it ("Invalid record
+    type", memray's reader aborting; 8 of 40 runs of a fork-and-fork-again test).  Never
+    raises: without memray, start_memray says why."""
+    try:
+        import memray  # noqa: F401
+    except Exception:
+        return
+    _memray["imported_first"] = True
+
+
 def start_memray(writer) -> None:
+    imported_first = bool(_memray.get("imported_first"))
     try:
         import memray
     except ImportError:
         runtime.probe_note("memray", status="unavailable", reason="memray is not installed in this Python (pip install 'kvprof[memray]')")
         return
+    if not imported_first:
+        # started some other way than by the startup hook: forked children may write into
+        # this process's capture before memray moves them onto their own (import_memray_first)
+        runtime.probe_note("memray", fork_order="memray's after-fork hook runs after kvprof's: a forked child may corrupt this capture")
     opts = runtime.options.get("memray") or {}
     path = os.path.join(writer.dir, MEMRAY_FILE)
     tracker = memray.Tracker(

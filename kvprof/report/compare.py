@@ -19,6 +19,23 @@ from kvprof.report import format as fmt
 STYLE = {FAIL: "bold red", WORSE_OK: "yellow", IMPROVED: "green"}
 
 
+def _text(s) -> str:
+    """A name or path from the runs (metric names, file names from argv) as text every
+    output can hold: a lone surrogate (a non-UTF-8 file name) becomes its backslash escape,
+    and characters XML 1.0 forbids (control characters) their escape too."""
+    s = str(s)
+    if s.isprintable() and s.isascii():
+        return s
+    out = []
+    for ch in s:
+        cp = ord(ch)
+        if 0xD800 <= cp <= 0xDFFF or (cp < 0x20 and ch not in "\t\n\r") or cp in (0xFFFE, 0xFFFF):
+            out.append(ch.encode("unicode_escape").decode("ascii") if cp >= 0x20 else f"\\x{cp:02x}")
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
 def _value(v, unit) -> str:
     return fmt.value(v, unit)
 
@@ -58,7 +75,7 @@ def title(c: Comparison) -> str:
     n = len(c.failures)
     checked = sum(1 for r in c.rows if r.checks)
     if n:
-        names = ", ".join(r.name for r in c.failures[:3]) + (", …" if n > 3 else "")
+        names = ", ".join(_text(r.name) for r in c.failures[:3]) + (", …" if n > 3 else "")
         return f"FAILED: {n} of {checked} checked metrics regressed or broke a budget ({names})"
     return f"passed: {checked} checked metrics within budget"
 
@@ -74,10 +91,10 @@ def terminal(c: Comparison, width: int | None = None, console=None, show_all: bo
     if console is None:
         console = Console(width=width, highlight=False, soft_wrap=False, markup=False)  # paths may hold [brackets]
     if c.base:
-        console.print(Text("kvprof compare", style="bold") + Text(f"  base: {', '.join(c.base)}  new: {', '.join(c.new)}", style="dim"))
+        console.print(Text("kvprof compare", style="bold") + Text(f"  base: {_text(', '.join(c.base))}  new: {_text(', '.join(c.new))}", style="dim"))
     else:
-        console.print(Text("kvprof budget check", style="bold") + Text(f"  {', '.join(c.new)}", style="dim"))
-    console.print(f"budgets: {c.budgets or 'none (defaults)'}; tolerance {100 * c.tolerance:g}%, noisy metrics {100 * c.noisy_tolerance:g}%", style="dim")
+        console.print(Text("kvprof budget check", style="bold") + Text(f"  {_text(', '.join(c.new))}", style="dim"))
+    console.print(f"budgets: {_text(c.budgets or 'none (defaults)')}; tolerance {100 * c.tolerance:g}%, noisy metrics {100 * c.noisy_tolerance:g}%", style="dim")
     shown = [r for r in c.rows if show_all or r.verdict not in (UNCHANGED, NO_DATA)]
     if shown:
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
@@ -89,7 +106,7 @@ def terminal(c: Comparison, width: int | None = None, console=None, show_all: bo
             table.add_column("change", justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
         for r in shown:
-            cells = [r.name] + ([_short(r.base, r.unit)] if c.base else []) + [_short(r.new, r.unit)]
+            cells = [_text(r.name)] + ([_short(r.base, r.unit)] if c.base else []) + [_short(r.new, r.unit)]
             cells += [_change(r)] if c.base else []
             mark = "*" if r.judged_on_spread else ""
             cells.append(Text(r.verdict + mark, style=STYLE.get(r.verdict, "")))
@@ -101,13 +118,13 @@ def terminal(c: Comparison, width: int | None = None, console=None, show_all: bo
     if any(r.judged_on_spread for r in shown):
         console.print("* judged on medians, beyond the spread of the base runs", style="dim")
     for r in c.failures:
-        console.print(Text("✗ ", style="bold red") + Text(r.name, style="bold") + Text(": " + _why(r)))
+        console.print(Text("✗ ", style="bold red") + Text(_text(r.name), style="bold") + Text(": " + _text(_why(r))))
     console.print(Text(title(c), style="bold red" if c.failures else "bold green"))
 
 
 def markdown(c: Comparison) -> str:
     def esc(s: str) -> str:
-        return str(s).replace("|", "\\|").replace("\n", " ")
+        return _text(str(s).replace("|", "\\|").replace("\n", " "))
 
     out = [f"### kvprof compare: {'❌ ' if c.failures else '✅ '}{esc(title(c))}", ""]
     if c.base:
@@ -119,9 +136,9 @@ def markdown(c: Comparison) -> str:
     for r in c.rows:
         verdict = f"**{r.verdict}**" if r.verdict == FAIL else r.verdict
         if c.base:
-            out.append(f"| `{r.name}` | {esc(_value(r.base, r.unit))} | {esc(_value(r.new, r.unit))} | {esc(_change(r))} | {verdict} | {esc(_why(r))} |")
+            out.append(f"| `{esc(r.name)}` | {esc(_value(r.base, r.unit))} | {esc(_value(r.new, r.unit))} | {esc(_change(r))} | {verdict} | {esc(_why(r))} |")
         else:
-            out.append(f"| `{r.name}` | {esc(_value(r.new, r.unit))} | {verdict} | {esc(_why(r))} |")
+            out.append(f"| `{esc(r.name)}` | {esc(_value(r.new, r.unit))} | {verdict} | {esc(_why(r))} |")
     return "\n".join(out) + "\n"
 
 
@@ -137,28 +154,29 @@ def junit(c: Comparison) -> str:
                           hostname=socket.gethostname())
     props = ET.SubElement(suite, "properties")
     for key, val in (("base", ", ".join(c.base)), ("new", ", ".join(c.new)), ("budgets", c.budgets or "none")):
-        ET.SubElement(props, "property", name=key, value=val)
+        ET.SubElement(props, "property", name=key, value=_text(val))
     for r in checked:
-        case = ET.SubElement(suite, "testcase", name=r.name, classname=f"kvprof.{r.name.split('.')[0]}", time="0")
+        name = _text(r.name)
+        case = ET.SubElement(suite, "testcase", name=name, classname=f"kvprof.{name.split('.')[0]}", time="0")
         if r.failed:
             bad = [ch for ch in r.checks if not ch.passed]
-            el = ET.SubElement(case, "failure", message=f"{r.name}: " + "; ".join(ch.message for ch in bad),
+            el = ET.SubElement(case, "failure", message=_text(f"{r.name}: " + "; ".join(ch.message for ch in bad)),
                                type="budget" if any(ch.kind != "direction" for ch in bad) else "regression")
-            el.text = "\n".join(
+            el.text = _text("\n".join(
                 [f"base: {_value(r.base, r.unit)} ({r.base_runs} run(s))", f"new: {_value(r.new, r.unit)} ({r.new_runs} run(s))"]
                 + [f"{ch.kind}{' [' + ch.pattern + ']' if ch.pattern else ''}: {ch.message}" for ch in r.checks]
-            )
+            ))
         elif r.new is None:
             ET.SubElement(case, "skipped", message=f"{r.verdict}: no value to check")
         else:
-            ET.SubElement(case, "system-out").text = "; ".join(ch.message for ch in r.checks)
+            ET.SubElement(case, "system-out").text = _text("; ".join(ch.message for ch in r.checks))
     ET.indent(root)
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
 def write(path: str, text: str, append: bool = False) -> None:
     try:
-        with open(path, "a" if append else "w", encoding="utf-8") as fh:
+        with open(path, "a" if append else "w", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(text)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
@@ -178,11 +196,11 @@ def write_all(c: Comparison, markdown_path=None, junit_path=None, json_path=None
         write(junit_path, junit(c))
         written.append(junit_path)
     if json_path:
-        text = json.dumps(c.to_json(), indent=1) + "\n"
+        text = json.dumps(c.to_json(), indent=1) + "\n"  # ensure_ascii: lone surrogates escaped
         if json_path == "-":
-            import sys
+            from kvprof.trace.atomic import write_output
 
-            sys.stdout.write(text)
+            write_output("-", text)
         else:
             write(json_path, text)
             written.append(json_path)
