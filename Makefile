@@ -14,7 +14,7 @@ NANOVLLM := nano-vllm-fork==20260210
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: install browser demo test test-vllm vllm-env fixtures bench bench-vllm torch-truth docs clean
+.PHONY: install browser demo test test-vllm vllm-env fixtures fuzz bench bench-vllm torch-truth docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -63,16 +63,21 @@ bench-vllm: $(VLLM_PY)
 
 # Regenerate the small real bundles in fixtures/ (deterministic: same seed, same events).
 fixtures: $(STAMP)
-	rm -rf fixtures/demo.kvprof fixtures/demo-leak.kvprof fixtures/crash-sigkill.kvprof
+	rm -rf fixtures/demo.kvprof fixtures/demo-leak.kvprof fixtures/crash-sigkill.kvprof  # fixtures/format-v1: kept as recorded
 	$(KVPROF) record -q -o fixtures/demo.kvprof -- $(KVPROF) demo --requests 120 --num-blocks 256 --seed 1
 	$(KVPROF) record -q -o fixtures/demo-leak.kvprof -- $(KVPROF) demo --requests 120 --num-blocks 256 --seed 1 --leak-every 12
 	-$(KVPROF) record -q -o fixtures/crash-sigkill.kvprof -- $(PY) tests/workloads/crash.py sigkill
 
 bench: $(STAMP)
-	$(PY) benchmarks/bench_analyze.py
+	$(PY) benchmarks/bench_long.py
 	$(PY) benchmarks/bench_record.py
 	$(PY) benchmarks/bench_torch_snapshot.py --torch-python $(TORCH_PY)
 	$(PY) benchmarks/bench_whatif.py
+
+# The fuzzers for a long run: thousands of damaged bundles and pickles (the default suite runs a few dozen).
+FUZZ_EXAMPLES ?= 3000
+fuzz: $(STAMP)
+	KVPROF_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q -p no:cacheprovider tests/test_fuzz_bundles.py $(wildcard tests/test_torch_snapshot_fuzz*.py)
 
 docs: $(STAMP)
 	$(PY) -m kvprof.metrics > docs/metrics-reference.md

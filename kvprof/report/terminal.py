@@ -169,7 +169,7 @@ def _whatif(console, agg: dict) -> None:
     rows = agg.get("rounding") or []
     if not rows:
         return
-    t = Table(title="Block-size what-if (recorded request lengths)", title_justify="left", box=None, header_style="bold")
+    t = Table(title="Block-size rounding (recorded request lengths)", title_justify="left", box=None, header_style="bold")
     for col in ("block size", "slots", "waste", "table entries", "last-block waste"):
         t.add_column(col, justify="right")
     for r in rows:

@@ -663,7 +663,11 @@ class Bundle:
     # -- block events ---------------------------------------------------------------------------
     def _process_chunks(self, i: int):
         """One process's block events as BlockChunks (global pools, request keys), in the
-        order written."""
+        order written; the next piece is read and decompressed by a helper thread while
+        this one is analysed (zlib and numpy let go of the GIL)."""
+        return _prefetched(self._process_chunks_now(i))
+
+    def _process_chunks_now(self, i: int):
         proc = self.processes[i]
         lut = self._pool_lut[i]
         base = self._req_base[i]
@@ -767,6 +771,47 @@ class Bundle:
         t, name, value, pid = (np.concatenate([c[i] for c in cols]) for i in range(4))
         order = np.argsort(t, kind="stable")
         return Marks(t[order], name[order], value[order], pid[order], names)
+
+
+_DONE = object()
+
+
+def _prefetched(gen, depth: int = 2):
+    """Run a generator one or two items ahead in a daemon thread; its exceptions are raised
+    here, in order.  Closing this generator stops the thread at its next item."""
+    import queue
+    import threading
+
+    q: queue.Queue = queue.Queue(depth)
+    stop = threading.Event()
+
+    def work():
+        try:
+            for item in gen:
+                while not stop.is_set():
+                    try:
+                        q.put((item, None), timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            q.put((_DONE, None))
+        except BaseException as exc:  # handed to the consumer
+            q.put((_DONE, exc))
+
+    th = threading.Thread(target=work, name="kvprof-read", daemon=True)
+    th.start()
+    try:
+        while True:
+            item, exc = q.get()
+            if item is _DONE:
+                if exc is not None:
+                    raise exc
+                return
+            yield item
+    finally:
+        stop.set()
 
 
 def _reorder(c: BlockChunk, order: np.ndarray) -> BlockChunk:

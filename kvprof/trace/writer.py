@@ -300,7 +300,7 @@ class ProcessWriter:
         try:
             seg = Segment(self.dir, next(self._seqs), size)
         except OSError as exc:
-            self.note_once(f"no space for the recording ({exc.strerror or exc}): events after this were dropped")
+            self.note_once(f"the disk is full ({exc.strerror or exc}): the events after this were dropped")
             self.write_process_info()
             return None
         self._segsize = min(size * 2, MAX_SEGMENT)
