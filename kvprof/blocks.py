@@ -140,9 +140,11 @@ class Pool:
     def request_arrived(self, request, prompt_tokens: int, max_new_tokens: int = -1) -> None:
         self._emit(K.REQ_ARRIVE, request, prompt_tokens, max_new_tokens, ())
 
-    def prefix_query(self, request, query_tokens: int, hit_tokens: int) -> None:
-        """A prefix-cache lookup of ``query_tokens`` tokens, ``hit_tokens`` of them found."""
-        self._emit(K.REQ_QUERY, request, query_tokens, hit_tokens, ())
+    def prefix_query(self, request, query_tokens: int, hit_tokens: int, preempted: bool = False) -> None:
+        """A prefix-cache lookup of ``query_tokens`` tokens, ``hit_tokens`` of them found.
+        ``preempted``: the lookup of a preempted request coming back, which vLLM counts apart
+        (``blocks.prefix_cache.preempted_*``) from first admissions (``blocks.prefix_cache.*``)."""
+        self._emit(K.REQ_QUERY_PREEMPTED if preempted else K.REQ_QUERY, request, query_tokens, hit_tokens, ())
 
     def request_state(self, request, filled_tokens: int, blocks_held: int) -> None:
         """The request's block table now has ``blocks_held`` blocks holding ``filled_tokens`` tokens."""

@@ -61,6 +61,8 @@ class DemoStats:
     rejected: int = 0
     steps: int = 0
     preemptions: int = 0
+    preempted_query_tokens: int = 0
+    preempted_hit_tokens: int = 0
     peak_blocks: int = 0
     hit_tokens: int = 0
     query_tokens: int = 0
@@ -253,10 +255,14 @@ def run_demo(cfg: DemoConfig) -> DemoStats:
                 pool.allocation_failed(req.rid, from_free, len(free))
                 break
             waiting.popleft()
-            if not req.preempted:  # re-admissions are not queries, as vLLM counts them
+            if not req.preempted:  # re-admissions are counted apart, as vLLM counts them
                 pool.prefix_query(req.rid, length, len(hits) * B)
                 stats.query_tokens += length
                 stats.hit_tokens += len(hits) * B
+            else:
+                pool.prefix_query(req.rid, length, len(hits) * B, preempted=True)
+                stats.preempted_query_tokens += length
+                stats.preempted_hit_tokens += len(hits) * B
             for b in hits:
                 if ref[b] == 0:
                     free.remove(b)

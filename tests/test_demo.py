@@ -69,3 +69,16 @@ def test_no_prefix_cache_means_no_hits(tmp_path):
 def test_bad_demo_options(args, msg):
     r = run_kvprof("demo", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
+
+
+def test_preempted_lookups_are_counted_apart_and_equal_the_demos_own_sums(tmp_path):
+    """Requests preempted and admitted again look the cache up again: vLLM counts those
+    lookups apart, and so does kvprof (blocks.prefix_cache.preempted_*), equal to the
+    simulator's own sums; first admissions stay in query_tokens/hit_tokens."""
+    stats = run_demo(DemoConfig(seed=3, requests=300, num_blocks=96, block_size=16))
+    assert stats.preemptions > 10 and stats.preempted_query_tokens > 0 and stats.preempted_hit_tokens > 0
+    m = _metrics(_record(tmp_path, "p", "--seed", "3", "--requests", "300", "--num-blocks", "96"))
+    assert m["blocks.prefix_cache.preempted_query_tokens"] == stats.preempted_query_tokens
+    assert m["blocks.prefix_cache.preempted_hit_tokens"] == stats.preempted_hit_tokens
+    assert (m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"]) == (stats.query_tokens, stats.hit_tokens)
+    assert m["blocks.prefix_cache.preempted_hit_rate"] == stats.preempted_hit_tokens / stats.preempted_query_tokens

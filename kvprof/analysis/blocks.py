@@ -104,6 +104,9 @@ class PoolAnalysis:
     query_tokens: int
     hit_tokens: int
     hit_rate: float | None
+    preempted_query_tokens: int  # lookups of preempted requests coming back, counted apart (vLLM's preempted_queries)
+    preempted_hit_tokens: int
+    preempted_hit_rate: float | None
     hit_blocks: int
     allocated_blocks: int
     block_hit_rate: float | None
@@ -299,7 +302,7 @@ class _Chunk:
     events both in time order and sorted by block (``order`` maps sorted -> time order),
     with each block's state before and after each event.  Built by the replay phase."""
 
-    __slots__ = ("c", "t", "kind", "ev_of", "key", "bkind", "bt", "bsz", "m", "order", "sk", "skind", "gs", "gstart", "gid", "gkey",
+    __slots__ = ("c", "t", "kind", "win_c", "ev_of", "key", "bkind", "bt", "bsz", "m", "order", "sk", "skind", "gs", "gstart", "gid", "gkey",
                  "gend", "gstart_of", "idx", "isset", "hashed_before", "hashed_after", "st_before", "st_after", "ref_after", "d_in",
                  "inuse0", "inuse", "cached", "win_b", "win_sorted", "st_t", "start_m", "end_m", "lsi", "lei",
                  "rsel", "r_t", "r_kind", "r_req", "r_arg", "r_arg2", "r_bs", "win_r", "step_t", "steps_before")
@@ -336,6 +339,7 @@ class _Replay:
         x = _Chunk()
         x.c, x.t, x.kind = c, c.t, c.kind
         t, kind = c.t, c.kind
+        x.win_c = in_win(t)
         # block level: one row per block per call
         if len(c.ids):
             owner = np.repeat(np.arange(len(c), dtype=np.int64), c.n)
@@ -744,6 +748,8 @@ class CacheResult:
     evictions: int
     evicted_before_reuse: int
     damaged_queries: int
+    preempted_query_tokens: int
+    preempted_hit_tokens: int
 
 
 class _PrefixCache:
@@ -755,6 +761,7 @@ class _PrefixCache:
         self.ep_seen = np.zeros(nk, dtype=bool)
         self.ep_hits = np.zeros(nk, dtype=np.int64)  # hits in each block's current epoch
         self.query = self.hits = self.hit_blocks = self.allocated = self.evictions = self.before_reuse = self.damaged = 0
+        self.pre_query = self.pre_hits = 0
 
     def feed(self, x: _Chunk) -> np.ndarray:
         """Counts; returns the chunk's evictions (sorted order) for the lifetimes phase."""
@@ -765,6 +772,13 @@ class _PrefixCache:
             q &= ~bad
         self.query += int(x.r_arg[q].sum())
         self.hits += int(x.r_arg2[q].sum())
+        pq = (x.kind == K.REQ_QUERY_PREEMPTED) & x.win_c
+        if pq.any():  # lookups of preempted requests coming back: counted apart, as vLLM does
+            a, h = x.c.arg[pq], x.c.arg2[pq]
+            bad = (a < 0) | (h < 0) | (h > a)
+            self.damaged += int(bad.sum())
+            self.pre_query += int(a[~bad].sum())
+            self.pre_hits += int(h[~bad].sum())
         self.allocated += int(((x.bkind == K.ALLOC) & x.win_b).sum())
         self.hit_blocks += int(((x.bkind == K.HIT) & x.win_b).sum())
         evict = ((x.skind == K.ALLOC) & (x.st_before == CACHED)) | ((x.skind == K.EVICT) & x.hashed_before)
@@ -793,7 +807,8 @@ class _PrefixCache:
         return evict
 
     def result(self) -> CacheResult:
-        return CacheResult(self.query, self.hits, self.hit_blocks, self.allocated, self.evictions, self.before_reuse, self.damaged)
+        return CacheResult(self.query, self.hits, self.hit_blocks, self.allocated, self.evictions, self.before_reuse, self.damaged,
+                           self.pre_query, self.pre_hits)
 
 
 @dataclass
@@ -1083,6 +1098,8 @@ class BlockAnalyzer:
             engine_free_mismatches=req.engine_free_mismatches, preemptions=req.preemptions,
             query_tokens=cache.query_tokens, hit_tokens=cache.hit_tokens,
             hit_rate=(cache.hit_tokens / cache.query_tokens) if cache.query_tokens else None,
+            preempted_query_tokens=cache.preempted_query_tokens, preempted_hit_tokens=cache.preempted_hit_tokens,
+            preempted_hit_rate=(cache.preempted_hit_tokens / cache.preempted_query_tokens) if cache.preempted_query_tokens else None,
             hit_blocks=cache.hit_blocks, allocated_blocks=cache.allocated_blocks,
             block_hit_rate=(cache.hit_blocks / (cache.hit_blocks + cache.allocated_blocks)) if (cache.hit_blocks + cache.allocated_blocks) else None,
             evictions=cache.evictions, evicted_before_reuse=cache.evicted_before_reuse,

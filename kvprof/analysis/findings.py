@@ -27,8 +27,13 @@ def run_findings(bundle) -> list[Finding]:
     target = man.get("target") or {}
     if man.get("status") == "recording":
         out.append(Finding("warning", "The recording did not finish", "The recorder itself stopped before writing its final manifest; streams are read as far as they go.", {"status": "recording"}, "run"))
+    if man.get("status") == "incomplete":
+        inc = man.get("incomplete") if isinstance(man.get("incomplete"), dict) else {}
+        reasons = [str(r) for r in inc.get("reasons") or []] if isinstance(inc.get("reasons"), list) else []
+        out.append(Finding("warning", "The bundle is incomplete", "; ".join(reasons[:5]) or "The recorder could not write everything (a full disk).",
+                           {"reasons": reasons[:20]}, "run"))
     if target.get("signal"):
-        out.append(Finding("warning", f"The target was killed by {target.get('signal_name')}", "Events up to the last flush (at most about half a second earlier) are in the bundle.", {"exit_code": target.get("exit_code")}, "run"))
+        out.append(Finding("warning", f"The target was killed by {target.get('signal_name')}", "Every event it had recorded is in the bundle (the kernel keeps what a killed process wrote into its staging files).", {"exit_code": target.get("exit_code")}, "run"))
     elif target.get("exit_code"):
         out.append(Finding("warning", f"The target exited with code {target['exit_code']}", "The run may have crashed; the analysis covers what was recorded.", {"exit_code": target["exit_code"]}, "run"))
     probes = {}

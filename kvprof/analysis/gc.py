@@ -77,6 +77,13 @@ def _gen_stats(ev: np.ndarray) -> list[GenStats]:
 MAX_PAUSE_NS = 3600 * 10**9  # a collection longer than an hour is a damaged record
 
 
+def _ints(v) -> list | None:
+    """A list of plain integers from a process record, or None (a damaged note)."""
+    if isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+        return v
+    return None
+
+
 def _end_ns(info: dict) -> int | None:
     v = info.get("end_ns")
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
@@ -116,12 +123,12 @@ def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalys
             lo, hi = max(lo, bounds[0]), min(hi, bounds[1])
         wall = (hi - lo) / 1e9 if hi > lo else None
         pause = float(ev["duration"].sum(dtype=np.float64) / 1e9)
-        settings = proc.info.get("probes", {}).get("gc", {})
+        settings = proc.info["probes"].get("gc", {})
         procs.append(GcProcess(
             pid=proc.pid, role=str(proc.info.get("role")), wall_s=wall, collections=int(len(ev)), pause_s=pause,
             max_pause_s=float(ev["duration"].max() / 1e9) if len(ev) else 0.0, time_share=(pause / wall) if wall else None,
-            by_generation=_gen_stats(ev), thresholds=settings.get("thresholds_at_exit") or settings.get("thresholds"),
-            frozen=max((settings[k] for k in ("frozen", "frozen_at_exit") if settings.get(k) is not None), default=None),
+            by_generation=_gen_stats(ev), thresholds=_ints(settings.get("thresholds_at_exit")) or _ints(settings.get("thresholds")),
+            frozen=max((settings[k] for k in ("frozen", "frozen_at_exit") if _ints([settings.get(k)])), default=None),
         ))
         all_ev.append(ev)
         mine = marks.pid == proc.pid

@@ -161,6 +161,7 @@ class EventKind:
     REQ_FINISH = 13  # request done; its table is released
     REQ_PREEMPT = 14  # request preempted (its blocks are freed, it will be recomputed)
     ALLOC_FAIL = 15  # allocation refused: arg = blocks needed (-1 unknown), arg2 = free blocks seen
+    REQ_QUERY_PREEMPTED = 16  # prefix-cache lookup of a preempted request coming back: arg = queried, arg2 = hit tokens
     # Engine events.
     STEP = 20  # one engine/scheduler step began; arg = step number
 
@@ -180,6 +181,7 @@ EVENT_ARGS = {
     EventKind.REQ_FINISH: ("-", "-"),
     EventKind.REQ_PREEMPT: ("-", "-"),
     EventKind.ALLOC_FAIL: ("blocks needed or -1", "free blocks seen or -1"),
+    EventKind.REQ_QUERY_PREEMPTED: ("queried tokens", "hit tokens"),
     EventKind.STEP: ("step number", "-"),
 }
 

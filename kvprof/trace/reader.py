@@ -85,6 +85,14 @@ def _load_json(path: str, what: str) -> dict:
     return data
 
 
+def probe_map(value) -> dict:
+    """A process's probe notes as the analysis reads them: name -> dict (a note of another
+    shape, from a damaged or foreign record, becomes {"status": its text})."""
+    if not isinstance(value, dict):
+        return {}
+    return {clean_str(k): (v if isinstance(v, dict) else {"status": clean_str(v)}) for k, v in value.items()}
+
+
 def _int(value, lo: int, hi: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
@@ -213,9 +221,7 @@ class ProcessData:
         self.pid = -1 if pid is None else pid
         start = _int(self.info.get("start_ns"), 0, (1 << 63) - 1)
         self.start_ns = 0 if start is None else start
-        for key in ("probes",):
-            if not isinstance(self.info.get(key), dict):
-                self.info[key] = {}
+        self.info["probes"] = probe_map(self.info.get("probes"))
         if not isinstance(self.info.get("errors"), list):
             self.info["errors"] = [str(self.info["errors"])] if self.info.get("errors") is not None else []
         if "role" in self.info:
@@ -616,6 +622,8 @@ class Bundle:
                 raise BundleError(f"damaged manifest: '{key}' is not {what}: {path}")
         if any(not isinstance(p, dict) for p in self.manifest.get("processes") or []):
             raise BundleError(f"damaged manifest: 'processes' holds something that is not a process record: {path}")
+        for p in self.manifest.get("processes") or []:
+            p["probes"] = probe_map(p.get("probes"))
         procs_dir = os.path.join(path, fmt.PROCS_DIR)
         self.processes: list[ProcessData] = []
         if os.path.isdir(procs_dir):
