@@ -115,7 +115,7 @@ class _Trace:
     alloc_count: int
     alloc_bytes: int
     leaks: dict  # stack index -> [count, bytes], in the order the allocations stayed live
-    churn: dict  # stack index -> [count, bytes, lifetimes or None], in the order of the frees
+    churn: dict  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
     short: int
     short_bytes: int
     ooms: list  # (index, device, later activity on its device)
