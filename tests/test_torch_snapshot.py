@@ -381,7 +381,7 @@ def test_impossible_sizes_are_refused(tmp_path, case, message):
 
 
 def test_a_huge_memo_index_is_refused_within_the_memory_limit(tmp_path):
-    """LONG_BINPUT 2**31: the unpickler grows its memo table to that index (16 GB or more);
+    """LONG_BINPUT 2**31: the unpickler grows its memo table to twice that index (32 GB);
     the reader's address-space limit turns it into one line."""
     path = tmp_path / "memo.pickle"
     path.write_bytes(b"\x80\x04N" + b"r" + (0x7FFFFFFF).to_bytes(4, "little") + b"0}.")
@@ -490,3 +490,16 @@ def test_files_mistaken_for_snapshots_are_named(tmp_path):
         assert r.returncode == 2 and "a zip archive, as torch.save writes" in r.stderr, r.stderr
         r = run_kvprof(*cmd, str(empty))
         assert r.returncode == 2 and "(an empty file)" in r.stderr, r.stderr
+
+
+def test_without_fork_the_same_snapshot_is_read_in_process(monkeypatch):
+    """Where os.fork does not exist (Windows) the pickle is read in kvprof's own process (no
+    isolation: README), with the same result and the same one-line refusals."""
+    data = open(os.path.join(SNAPS, "assignment2-systems.pickle"), "rb").read()
+    forked = analyze_snapshot(loads(data))
+    monkeypatch.delattr(os, "fork")
+    assert analyze_snapshot(loads(data)) == forked
+    with pytest.raises(BundleError, match="refused to load this pickle: it asks to import os.system"):
+        loads(b"\x80\x02cos\nsystem\n.", "evil")
+    with pytest.raises(BundleError, match="a negative size"):
+        loads(pickle.dumps({"segments": [_seg([], total=-1)]}, protocol=4))

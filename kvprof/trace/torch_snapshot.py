@@ -1,4 +1,4 @@
-"""Reading PyTorch CUDA memory snapshots safely, without torch, at the speed of ``pickle.load``.
+"""Reading PyTorch CUDA memory snapshots safely, without torch, at about the speed of pickle.load.
 
 A snapshot (``torch.cuda.memory._dump_snapshot()``) is a pickle of plain data: dicts,
 lists, tuples, strings, numbers, booleans and None.
@@ -8,39 +8,46 @@ Safety.  The pickle is read by the C unpickler with ``find_class`` and
 ``REDUCE``, ``INST``, ``OBJ``, extension codes, persistent ids) fails before anything
 runs; only protocols 2 to 5 are read.  Plain data can still hurt the reader itself: a
 tuple nested 200,000 deep used as a dict key overflows the C stack when the unpickler
-hashes it (a segfault no exception catches), a ``LONG_BINPUT`` index of 2**32 asks for a
-64 GB memo, one big list referenced many times through the memo stands for billions of
-items.  So the unpickling and everything that touches the unpickled objects run in a
-forked child process (POSIX) with a bounded address space (RLIMIT_AS), bounded CPU time
-(RLIMIT_CPU) and no core dump; the child hands back compact columns through a pipe and
-ends without tearing its objects down.  A child that crashes, runs out of its memory or
-time, or refuses the file becomes one ``BundleError`` line in the parent.  Items are
-counted with every shared reference before anything is expanded: a pickle cannot hold
-more segments, blocks and trace entries than one per ``ITEM_BYTES`` of its bytes.
+hashes it (a segfault no exception catches), a ``LONG_BINPUT`` index of 2**31 asks for a
+32 GB memo, ints that all hash alike make building a dict quadratic, one big list
+referenced many times through the memo stands for billions of items.  So the unpickling
+and everything that touches the unpickled objects run in a forked child process with a
+bounded address space (RLIMIT_AS), bounded CPU time (RLIMIT_CPU, then SIGKILL), no core
+file and stderr closed; the child hands back compact columns through a pipe and ends
+with ``os._exit``, without tearing its objects down.  A child that crashes, runs out of
+memory or time, or refuses the file becomes one ``BundleError`` line in the parent.
+Items are counted with every shared reference before anything is expanded: a pickle may
+hold at most one segment, block or trace entry per ``ITEM_BYTES`` of its bytes.  Where
+``os.fork`` does not exist (Windows) the pickle is read in this process, unisolated.
 
 Speed.  No pure-Python pass over opcodes, entries or frames: the child reads each field
-of every entry with ``map(dict.get, ...)`` into ``array`` columns (C loops), computes a
-call-site string once per distinct frame list and frame dict (PyTorch shares frame dicts
-and lists between entries), and the cyclic GC is off while it builds the objects.
+of every entry with ``map(dict.get, ...)`` into ``array`` columns (C loops), formats
+each frame dict once (PyTorch shares frame dicts between entries) and sends per
+allocation the indices of its first ``STACK_DEPTH`` frame texts; the cyclic GC is off
+while it builds the objects.  The parent puts call sites together on first use
+(numpy for many allocations).
 
 The result is one normalized shape for the formats seen from 2023 to 2026:
 
 * ``segments``: a list (a bare list at top level is the oldest format) of dicts with
   ``device``, ``address``, ``total_size``, ``stream``, ``segment_type``,
-  ``segment_pool_id`` (a tuple of ints), ``is_expandable`` and ``blocks``: a sequence of
-  dicts (``size``, ``state``, ``requested_size``, ``address``) built on access from the
-  block columns; blocks without ``frames`` take ``requested_size`` from the legacy
-  ``history[0]`` (``real_size``) or default to their size;
-* ``columns``: a :class:`Columns` with the blocks' and the trace's columns (what the
-  analysis reads): per trace entry its device, action code, ``addr``, ``size``,
-  ``stream``, ``time_us`` (``NO_TIME`` or NaN when absent), ``device_free``, and per
-  allocation the index of its call site (first ``STACK_DEPTH`` frames) in ``stacks``;
+  ``segment_pool_id`` (a tuple of at most 4 ints; absent or None: (0, 0)),
+  ``is_expandable`` and ``blocks``: a sequence of dicts (``size``, ``state``,
+  ``requested_size``, ``address``) built on access from the block columns; blocks
+  without ``frames`` take ``requested_size`` from the legacy ``history[0]``
+  (``real_size``) or default to their size;
+* ``columns``: a :class:`Columns`, what the analysis reads: per block its size,
+  requested size, state and address; per trace entry its action code (``ACTIONS``),
+  ``addr``, ``size`` and ``time_us`` (``NO_TIME``, or NaN in a float column, when
+  absent); per OOM entry its ``stream`` and ``device_free``; per allocation its call
+  site, an index into ``stacks``;
 * ``device_traces``: one sequence per device of entry dicts built on access;
 * ``allocator_settings``, ``external_annotations`` when present (plain data, bounded).
 
-Sizes are refused when negative, when the blocks of a segment add up to more than the
-segment, and when they add up to more than 2**62 in all; numbers beyond 64-bit signed
-integers are refused as implausible.
+Numbers are 64-bit signed integers (absent or not numbers: a default; booleans count as
+0 and 1); larger ones are refused as implausible, and so are negative sizes, blocks that
+add up to more than their segment, sizes that add up to 2**62 or more, and times beyond
+2**62 microseconds (their differences must fit 64 bits).
 """
 
 from __future__ import annotations
