@@ -183,7 +183,12 @@ def main() -> None:
     ap.add_argument("--entries", type=int, default=619_000, help="trace entries of the big snapshot built on the fly (0: none)")
     ap.add_argument("--share-frames", action="store_true", help="the built snapshots reuse the fixture's frame lists (smaller, faster to unpickle)")
     ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--build", metavar="PATH", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.build:
+        sys.path.insert(0, ROOT)
+        print(build_repeated(a.build, int(a.files[0]), share_frames=a.share_frames))
+        return
     tmp = tempfile.mkdtemp(prefix="kvprof-bench-torch-")
     try:
         files = a.files or sorted(glob.glob(os.path.join(ROOT, "fixtures", "torch-snapshots", "*.pickle")))
@@ -191,7 +196,10 @@ def main() -> None:
             for n in (36_000, a.entries):
                 if n:
                     f = os.path.join(tmp, f"repeated-{n // 1000}k{'-shared' if a.share_frames else ''}.pickle")
-                    got = build_repeated(f, n, share_frames=a.share_frames)
+                    # in a process of its own: a child forked from this one would start with its memory
+                    # (Linux counts it in the child's peak RSS until exec)
+                    got = int(subprocess.run([sys.executable, __file__, "--build", f, str(n)] + (["--share-frames"] if a.share_frames else []),
+                                             check=True, capture_output=True, text=True, cwd=ROOT).stdout)
                     print(f"built {os.path.basename(f)}: {got:,} trace entries, {os.path.getsize(f) / 2**20:.1f} MiB")
                     files.append(f)
         have_torch = shutil.which(a.torch_python) or os.path.exists(a.torch_python)

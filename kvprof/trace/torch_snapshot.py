@@ -90,7 +90,7 @@ ACTIONS = ("other", "alloc", "free_requested", "free_completed", "free", "segmen
 ACTION_CODE = {a: i for i, a in enumerate(ACTIONS)}
 OTHER, ALLOC, FREE_REQUESTED, FREE_COMPLETED, FREE, SEGMENT_ALLOC, SEGMENT_FREE, SEGMENT_MAP, SEGMENT_UNMAP, OOM, SNAPSHOT = range(len(ACTIONS))
 
-PREFETCH_NUMPY_BYTES = 2 << 20  # a pickle this large may hold a trace long enough for the numpy replay
+PREFETCH_NUMPY_BYTES = 5 << 20  # a pickle this large may hold a trace long enough for the numpy replay (60k+ entries)
 # the isolated reader's limits: address space beyond what the process had at the fork, CPU seconds
 CHILD_MEMORY_BASE = 1 << 30
 CHILD_MEMORY_PER_BYTE = 16  # a real snapshot's objects take about 6 bytes per byte of pickle
