@@ -184,6 +184,7 @@ def test_hostile_pickles_are_refused_and_nothing_runs(tmp_path):
     cases["obj"] = b"\x80\x02cos\nsystem\n(S'touch " + str(marker).encode() + b"'\no."  # GLOBAL then OBJ
     cases["persid"] = b"\x80\x02P1\n."
     cases["ext"] = b"\x80\x02\x82\x01."  # EXT1: the copyreg extension registry
+    cases["newline"] = b"\x80\x04\x8c\x07os\nx\ny\x94\x8c\x06system\x94\x93."  # STACK_GLOBAL, a name with newlines
     for name, data in cases.items():
         p = tmp_path / f"{name}.pickle"
         p.write_bytes(data)
@@ -230,27 +231,178 @@ def _seg(blocks, total=2 << 20):
     return {"device": 0, "address": 1 << 40, "total_size": total, "stream": 0, "segment_type": "large", "blocks": blocks}
 
 
+DEEP_KEY = b")" + b"\x85" * 200_000 + b"K\x01s."  # a tuple nested 200,000 deep as a dict key, then STOP
+
+
+def _one_line_refusal(r, *texts):
+    assert r.returncode == 2, (r.returncode, r.stdout[-500:], r.stderr[-500:])
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr, r.stderr
+    for text in texts:
+        assert text in r.stderr, (text, r.stderr)
+
+
 def test_structure_bombs_are_refused_in_one_line(tmp_path):
     """Plain data can still hurt: a tuple key nested 200,000 deep overflows the C stack while
-    the unpickler hashes it (a segfault no exception catches); one big list referenced many
-    times through the memo stands for billions of blocks; a number of thousands of digits is
-    not a size.  Each is refused before the analysis, in one line."""
-    deep = b"\x80\x02}" + b")" + b"\x85" * 200_000 + b"K\x01s."
+    the unpickler hashes it (a segfault no exception catches: the isolated reader dies, the
+    CLI says so); one big list referenced many times through the memo stands for billions
+    of blocks; a number of thousands of digits is not a size.  Each is refused in one line."""
     blk = {"size": 1 << 20, "state": "inactive", "requested_size": 0}
     shared = [blk] * 100_000
     bomb = pickle.dumps({"segments": [_seg(shared)] * 1000}, protocol=4)
     assert len(bomb) < 2_000_000
     cases = {
-        "deep.pickle": (deep, "nests containers more than 32 deep"),
-        "bomb.pickle": (bomb, "more than 50,000,000 blocks and trace entries"),
+        "deep.pickle": (b"\x80\x02}" + DEEP_KEY, "crashed the isolated reader (SIGSEGV)"),
+        "bomb.pickle": (bomb, "segments, blocks and trace entries (counting shared references), more than a snapshot of this size holds"),
         "huge.pickle": (pickle.dumps({"segments": [_seg([], total=10**5000)]}, protocol=2), "a number of 16610 bits"),
     }
     for name, (data, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        r = run_kvprof("analyze", str(path), timeout=60)
-        assert r.returncode == 2 and message in r.stderr, (name, r.returncode, r.stderr[-500:])
-        assert len(r.stderr.strip().splitlines()) == 1
+        _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), message, "refused" if name != "huge.pickle" else "plausible")
+
+
+def test_noop_build_before_a_deep_key_is_refused_by_every_command(tmp_path):
+    """Red team: a BUILD opcode that changes nothing (state None) ahead of a 200,000-deep tuple
+    key stopped the old opcode scan and segfaulted analyze, compare and report."""
+    path = tmp_path / "build-deep.pickle"
+    path.write_bytes(b"\x80\x02}Nb" + DEEP_KEY)
+    good = os.path.join(SNAPS, "docubox.pickle")
+    for args in (["analyze", str(path)], ["compare", str(path), good], ["compare", good, str(path)],
+                 ["report", str(path), "-o", str(tmp_path / "r.html")], ["export", str(path), "--format", "perfetto", "-o", str(tmp_path / "t.json")]):
+        _one_line_refusal(run_kvprof(*args, timeout=60), str(path), "SIGSEGV", "nothing in it was run")
+    assert not (tmp_path / "r.html").exists() and not (tmp_path / "t.json").exists()
+
+
+def _bundle_with_snapshot(tmp_path, data: bytes):
+    """fixtures/demo.kvprof with a torch snapshot recorded by its process (as --probe torch writes it)."""
+    import shutil
+
+    out = tmp_path / "b.kvprof"
+    shutil.copytree(os.path.join(ROOT, "fixtures", "demo.kvprof"), out)
+    (proc,) = (out / "procs").iterdir()
+    (proc / "torch").mkdir()
+    (proc / "torch" / "exit.pickle").write_bytes(data)
+    with open(proc / "meta.jsonl", "a") as fh:
+        fh.write(json.dumps({"type": "torch_snapshot", "t": 1, "reason": "exit", "mark": None, "file": "torch/exit.pickle"}) + "\n")
+    return out
+
+
+def test_a_hostile_snapshot_inside_a_bundle_is_a_note(tmp_path):
+    """A bundle's snapshots go through the same loader: the deep key is one note in the torch
+    section, and the rest of the bundle is analyzed (exit 0), compared and reported."""
+    out = _bundle_with_snapshot(tmp_path, b"\x80\x02}Nb" + DEEP_KEY)
+    r = run_kvprof("analyze", str(out), "--json", "-", timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    doc = json.loads(r.stdout)
+    (note,) = [n for n in doc["sections"]["torch"]["notes"] if "exit.pickle" in n]
+    assert "SIGSEGV" in note and "unreadable" in note
+    assert doc["metrics"]["blocks.peak_blocks"]["value"] > 0
+    r = run_kvprof("compare", str(out), os.path.join(ROOT, "fixtures", "demo.kvprof"), "--json", "-", timeout=120)
+    assert r.returncode in (0, 1) and json.loads(r.stdout)["rows"], r.stderr[-1000:]
+    assert run_kvprof("report", str(out), "-o", str(tmp_path / "r.html"), timeout=300).returncode == 0
+
+
+def test_a_snapshot_inside_a_bundle_is_analyzed(tmp_path):
+    out = _bundle_with_snapshot(tmp_path, open(os.path.join(SNAPS, "assignment2-systems.pickle"), "rb").read())
+    r = run_kvprof("analyze", str(out), "--json", "-", timeout=120)
+    assert r.returncode == 0, r.stderr[-1000:]
+    assert json.loads(r.stdout)["metrics"]["torch.reserved_bytes"]["value"] == 14180941824
+
+
+def test_huge_int_settings_key_is_dropped(tmp_path):
+    """Red team: an int of 10**5000 as an allocator_settings key gave a traceback (str() of it
+    exceeds Python's digit limit); keys beyond 64 bits are dropped, the analysis goes on."""
+    path = tmp_path / "key.pickle"
+    path.write_bytes(pickle.dumps({"segments": [_seg([{"size": 2 << 20, "state": "inactive"}])],
+                                   "allocator_settings": {10**5000: 1, 7: "seven", "expandable_segments": True}}, protocol=4))
+    r = run_kvprof("analyze", str(path), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["sections"]["torch"]["allocator_settings"] == {"7": "seven", "expandable_segments": True}
+
+
+def test_shared_frame_lists_are_read_once(tmp_path):
+    """Red team: one 100,000-frame list shared (pickle memo) by 10,000 blocks, or by 10,000
+    allocations of the trace, ran the old loader to MemoryError.  Block frames are never read
+    and an allocation's call site takes its first 4 frames: a correct analysis, at once."""
+    sites = [{"filename": f"/src/m{k}.py", "line": k, "name": f"f{k % 3}"} for k in range(7)]
+    frames = [sites[i % 7] for i in range(100_000)]
+    blocks = [{"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20, "frames": frames} for _ in range(10_000)]
+    trace = [{"action": "alloc", "addr": i << 20, "size": 1 << 20, "stream": 0, "time_us": i, "frames": frames} for i in range(10_000)]
+    path = tmp_path / "frames.pickle"
+    path.write_bytes(pickle.dumps({"segments": [_seg(blocks, total=10_000 << 20)], "device_traces": [trace]}, protocol=4))
+    assert path.stat().st_size < 2_000_000
+    r = run_kvprof("analyze", str(path), "--json", "-", timeout=60)
+    assert r.returncode == 0, r.stderr[-500:]
+    doc = json.loads(r.stdout)
+    assert doc["metrics"]["torch.allocated_bytes"]["value"] == 10_000 << 20
+    assert doc["metrics"]["torch.leaked_bytes"]["value"] == 10_000 << 20
+    (row,) = doc["sections"]["torch"]["leaks_by_stack"]
+    assert row["stack"] == "f0 (m0.py:0) < f1 (m1.py:1) < f2 (m2.py:2) < f0 (m3.py:3)" and row["count"] == 10_000
+
+
+def test_shared_segment_pool_id_is_refused(tmp_path):
+    """Red team: one 100,000-number segment_pool_id list shared by 10,000 segments (MemoryError
+    before): a pool id is a pair of numbers; anything longer is refused in one line."""
+    pool = list(range(100_000))
+    segs = [dict(_seg([{"size": 2 << 20, "state": "inactive"}]), segment_pool_id=pool) for _ in range(10_000)]
+    path = tmp_path / "pool.pickle"
+    path.write_bytes(pickle.dumps({"segments": segs}, protocol=4))
+    _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), "segment 0 is malformed (segment_pool_id is not a pair of numbers)")
+
+
+@pytest.mark.parametrize("case, message", [
+    ("negative-total", "a negative size (-4,096) in a segment's total_size"),
+    ("negative-block", "a negative size (-8,192) in a block's size"),
+    ("negative-request", "a negative size (-1) in a block's requested_size"),
+    ("negative-trace", "a negative size (-5) in a trace entry's size"),
+    ("block-over-segment", "the blocks of segment 1 add up to 8,192 bytes, more than its total_size of 4,096"),
+])
+def test_impossible_sizes_are_refused(tmp_path, case, message):
+    """Red team: negative sizes and blocks larger than their segment gave torch.reserved_bytes
+    -4096 with exit 0.  PyTorch's sizes are unsigned and a segment's blocks tile it, so such a
+    file is damaged or forged: no figure from it can be right (clamping would pick one of two
+    contradicting numbers and hide that), and a CI gate must not pass on it.  Refused."""
+    ok = _seg([{"size": 4096, "state": "inactive"}], total=4096)
+    snap = {"segments": [ok, _seg([{"size": 4096, "state": "active_allocated", "requested_size": 4000}], total=4096)], "device_traces": [[]]}
+    if case == "negative-total":
+        snap["segments"][1]["total_size"] = -4096
+        snap["segments"][1]["blocks"] = []
+    elif case == "negative-block":
+        snap["segments"][1]["blocks"][0]["size"] = -8192
+    elif case == "negative-request":
+        snap["segments"][1]["blocks"][0]["requested_size"] = -1
+    elif case == "negative-trace":
+        snap["device_traces"] = [[{"action": "alloc", "addr": 1, "size": -5, "stream": 0, "time_us": 1, "frames": []}]]
+    else:
+        snap["segments"][1]["blocks"][0]["size"] = 8192
+    path = tmp_path / f"{case}.pickle"
+    path.write_bytes(pickle.dumps(snap, protocol=4))
+    _one_line_refusal(run_kvprof("analyze", str(path)), message, "not a plausible memory snapshot")
+
+
+def test_a_huge_memo_index_is_refused_within_the_memory_limit(tmp_path):
+    """LONG_BINPUT 2**31: the unpickler grows its memo table to twice that index (32 GB);
+    the reader's address-space limit turns it into one line."""
+    path = tmp_path / "memo.pickle"
+    path.write_bytes(b"\x80\x04N" + b"r" + (0x7FFFFFFF).to_bytes(4, "little") + b"0}.")
+    _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), "needs more memory than the reader allows")
+
+
+def test_a_slow_pickle_is_stopped_at_the_cpu_limit(monkeypatch):
+    """Integers that all hash alike make each dict insertion walk every earlier key: building
+    a dict of them is quadratic.  The reader's CPU limit (1 s here) stops it."""
+    from kvprof.trace import torch_snapshot as T
+
+    monkeypatch.setattr(T, "CHILD_CPU_BASE_S", 1)
+    m = (1 << 61) - 1  # hash(k * m) == 0 for every k
+    keys = b"".join(b"\x8a" + bytes([len(e)]) + e + b"N" for e in (pickle.encode_long(k * m) for k in range(1, 200_000)))
+    data = b"\x80\x02}(" + keys + b"u."
+    import time
+
+    t0 = time.monotonic()
+    with pytest.raises(BundleError, match="took longer than the reader allows"):
+        loads(data, "slow.pickle")
+    assert time.monotonic() - t0 < 30
 
 
 def test_odd_settings_and_frames_are_kept_as_plain_data(tmp_path):
@@ -338,3 +490,16 @@ def test_files_mistaken_for_snapshots_are_named(tmp_path):
         assert r.returncode == 2 and "a zip archive, as torch.save writes" in r.stderr, r.stderr
         r = run_kvprof(*cmd, str(empty))
         assert r.returncode == 2 and "(an empty file)" in r.stderr, r.stderr
+
+
+def test_without_fork_the_same_snapshot_is_read_in_process(monkeypatch):
+    """Where os.fork does not exist (Windows) the pickle is read in kvprof's own process (no
+    isolation: README), with the same result and the same one-line refusals."""
+    data = open(os.path.join(SNAPS, "assignment2-systems.pickle"), "rb").read()
+    forked = analyze_snapshot(loads(data))
+    monkeypatch.delattr(os, "fork")
+    assert analyze_snapshot(loads(data)) == forked
+    with pytest.raises(BundleError, match="refused to load this pickle: it asks to import os.system"):
+        loads(b"\x80\x02cos\nsystem\n.", "evil")
+    with pytest.raises(BundleError, match="a negative size"):
+        loads(pickle.dumps({"segments": [_seg([], total=-1)]}, protocol=4))

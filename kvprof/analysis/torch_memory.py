@@ -1,8 +1,13 @@
 """PyTorch CUDA caching allocator: a snapshot → typed results (docs/metrics.md, PyTorch).
 
-Pure functions of a normalized snapshot (kvprof.trace.torch_snapshot); no torch,
-no numpy (a snapshot has thousands of blocks, not millions, and `analyze` on a
-bare snapshot must start fast).
+Pure functions of a normalized snapshot (kvprof.trace.torch_snapshot); no torch.
+The snapshot arrives as columns.  Segments and blocks (thousands, not millions) are
+summed per segment with C loops over the block columns.  The trace is replayed entry
+by entry in Python when it is short (numpy costs 0.1 s to import, and `analyze` on a
+small snapshot must stay ten times faster than PyTorch's own reader); from
+``NUMPY_ENTRIES`` entries on, the same replay is done with numpy: allocations are
+paired with their frees by sorting the entries by (device, address), the timeline is
+a suffix sum.  Both give the same figures (tests/test_torch_snapshot_equivalence.py).
 
 Accounting, per the contract: reserved = Σ segment total_size; allocated = Σ
 size of ``active_allocated`` blocks; requested = Σ their requested_size;
@@ -14,10 +19,18 @@ total_free its "% internal".
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
+from itertools import compress, islice, repeat
+
+from kvprof.trace import torch_snapshot as T
+from kvprof.trace.torch_snapshot import STACK_DEPTH  # noqa: F401 - frames that name a call site in the by-stack tables
 
 ALLOC, PENDING = "active_allocated", "active_pending_free"
-STACK_DEPTH = 4  # frames that name a call site in the by-stack tables
+NUMPY_ENTRIES = 100_000  # trace entries from which the replay runs in numpy
+NUMPY_IF_IMPORTED = 5_000  # or from which it does when numpy is imported already (the loader imports it for large files)
+ACTIVITY = (T.ALLOC, T.FREE_REQUESTED, T.FREE_COMPLETED, T.SEGMENT_ALLOC, T.SEGMENT_FREE, T.SEGMENT_MAP, T.SEGMENT_UNMAP)
+FREES = (T.FREE_REQUESTED, T.FREE, T.FREE_COMPLETED)
 
 
 @dataclass
@@ -88,113 +101,105 @@ def _frag(total: int, largest: int) -> float | None:
     return (1 - largest / total) if total > 0 else None
 
 
-def _stack(frames: list) -> str:
-    parts = []
-    for f in frames[:STACK_DEPTH]:
-        fn = str(f.get("filename", "?")).replace("\\", "/").rsplit("/", 1)[-1]
-        parts.append(f"{f.get('name', '?')} ({fn}:{f.get('line', '?')})")
-    return " < ".join(parts) if parts else "(no frames recorded)"
+def _median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return None if not n else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
 
 
-def analyze_snapshot(snap: dict) -> TorchAnalysis:
+@dataclass
+class _Trace:
+    """What the replay of the trace yields, before the stack tables are ranked."""
+
+    span: float | None
+    alloc_count: int
+    alloc_bytes: int
+    leaks: dict  # stack index -> [count, bytes], in the order the allocations stayed live
+    churn: dict  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
+    short: int
+    short_bytes: int
+    ooms: list  # (index, device, later activity on its device)
+    timeline: dict
+
+
+def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis:
+    """The analysis of a normalized snapshot; `use_numpy` forces one replay of the trace
+    (None: numpy for long traces, or when it is imported already)."""
+    c: T.Columns = snap["columns"]
     segs = snap["segments"]
-    reserved = allocated = requested = pending = 0
-    pools: dict[tuple, list[int]] = {}  # (device, stream, pool) -> inactive block sizes
-    seg_space = []
-    for s in segs:
-        reserved += s["total_size"]
-        inactive = []
-        for b in s["blocks"]:
-            if b["state"] == ALLOC:
-                allocated += b["size"]
-                requested += b["requested_size"]
-            elif b["state"] == PENDING:
-                pending += b["size"]
-            else:
-                inactive.append(b["size"])
-        key = (s["device"], s["stream"], s["segment_type"], s["segment_pool_id"])
-        pools.setdefault(key, []).extend(inactive)
-        tot = sum(inactive)
-        seg_space.append(FreeSpace(
-            scope=f"segment 0x{s['address']:x} ({s['segment_type']}, {s['total_size']:,} B, device {s['device']}, stream {s['stream']})",
-            inactive_bytes=tot, largest_inactive=max(inactive, default=0), inactive_blocks=len(inactive), external_fragmentation=_frag(tot, max(inactive, default=0)),
-        ))
+    alloc_state = c.blk_states.index(ALLOC) if ALLOC in c.blk_states else -1
+    pending_state = c.blk_states.index(PENDING) if PENDING in c.blk_states else -1
+    st, size, req, state = c.seg_starts, c.blk_size, c.blk_requested, c.blk_state
+    codes = range(len(c.blk_states))
+    is_alloc = list(map([k == alloc_state for k in codes].__getitem__, state))
+    allocated = sum(compress(size, is_alloc))
+    requested = sum(compress(req, is_alloc))
+    pending = sum(compress(size, map([k == pending_state for k in codes].__getitem__, state)))
+    free_mask = list(map([k not in (alloc_state, pending_state) for k in codes].__getitem__, state))  # inactive blocks
+    reserved = sum(c.seg_total)
+    pools: dict[tuple, list[int]] = {}  # (device, stream, kind, pool) -> inactive block sizes
+    seg_free = []  # (inactive bytes, largest, count, segment index) of segments with more than one inactive block
+    it_size, it_free = iter(size), iter(free_mask)
+    for i, (dev, stream, kind, pool) in enumerate(zip(c.seg_device, c.seg_stream, c.seg_type, c.seg_pool)):
+        n = st[i + 1] - st[i]
+        inactive = list(compress(islice(it_size, n), islice(it_free, n)))
+        key = (dev, stream, c.seg_types[kind], c.seg_pools[pool])
+        got = pools.get(key)
+        if got is None:
+            pools[key] = inactive
+        else:
+            got.extend(inactive)
+        if len(inactive) > 1:
+            seg_free.append((sum(inactive), max(inactive), len(inactive), i))
     pool_space = []
     for (dev, stream, kind, pid), sizes in sorted(pools.items(), key=lambda kv: -sum(kv[1])):
         tot = sum(sizes)
         pool_space.append(FreeSpace(scope=f"device {dev} stream {stream} {kind} pool {pid}", inactive_bytes=tot,
                                     largest_inactive=max(sizes, default=0), inactive_blocks=len(sizes), external_fragmentation=_frag(tot, max(sizes, default=0))))
-    all_inactive = [x for sizes in pools.values() for x in sizes]
-    total_inactive = sum(all_inactive)
-    largest = max(all_inactive, default=0)
+    total_inactive = sum(map(sum, pools.values()))
+    largest = max((max(x) for x in pools.values() if x), default=0)
     rounding = allocated - requested
     cached = reserved - allocated - pending
     total_free = reserved - requested
-    worst = sorted((f for f in seg_space if f.inactive_blocks > 1), key=lambda f: -(f.inactive_bytes - f.largest_inactive))[:10]
+    worst = []
+    for tot, big, count, i in sorted(seg_free, key=lambda f: -(f[0] - f[1]))[:10]:
+        s = segs[i]
+        worst.append(FreeSpace(
+            scope=f"segment 0x{s['address']:x} ({s['segment_type']}, {s['total_size']:,} B, device {s['device']}, stream {s['stream']})",
+            inactive_bytes=tot, largest_inactive=big, inactive_blocks=count, external_fragmentation=_frag(tot, big)))
 
     # -- the trace ----------------------------------------------------------------------
-    entries = [(d, e) for d, dev in enumerate(snap["device_traces"]) for e in dev]
-    times = [e["time_us"] for _, e in entries if e["time_us"] is not None]
-    span = (max(times) - min(times)) if len(times) >= 2 else None
-    live: dict[tuple, tuple] = {}  # (device, addr) -> (size, stack, time, index)
-    alloc_count = alloc_bytes = short = short_bytes = 0
-    churn: dict[str, list] = {}
-    last_alloc_index = -1
+    if use_numpy is None:
+        use_numpy = c.entries >= NUMPY_ENTRIES or (c.entries >= NUMPY_IF_IMPORTED and "numpy" in sys.modules)
+    replay = _replay_numpy if use_numpy else _replay_python
+    tr = replay(c, requested, reserved)
     ooms = []
-    activity = ("alloc", "free_requested", "free_completed", "segment_alloc", "segment_free", "segment_map", "segment_unmap")
-    last_activity: dict = {}  # device -> index of its last allocator activity in the trace
-    for i, (d, e) in enumerate(entries):
-        if e["action"] in activity:
-            last_activity[d] = i
-    for i, (d, e) in enumerate(entries):
-        act = e["action"]
-        if act == "alloc":
-            alloc_count += 1
-            alloc_bytes += e["size"]
-            live[(d, e["addr"])] = (e["size"], _stack(e["frames"]), e["time_us"], i)
-            last_alloc_index = i
-        elif act in ("free_requested", "free") or (act == "free_completed" and (d, e["addr"]) in live):
-            got = live.pop((d, e["addr"]), None)
-            if got is not None:
-                size, stack, t0, idx = got
-                row = churn.setdefault(stack, [0, 0, []])
-                row[0] += 1
-                row[1] += size
-                if t0 is not None and e["time_us"] is not None:
-                    row[2].append(e["time_us"] - t0)
-                if idx == last_alloc_index:  # nothing else was allocated in between
-                    short += 1
-                    short_bytes += size
-        elif act == "oom":
-            later = last_activity.get(d, -1) > i  # this device's state changed after the OOM
-            sizes = _serving_pool(pools, d, e["stream"], e["size"])
-            tot, big = sum(sizes), max(sizes, default=0)
-            ooms.append(Oom(time_us=e["time_us"], device=d, stream=e["stream"], requested=e["size"],
-                            device_free=e["device_free"] if e["device_free"] >= 0 else None, inactive_bytes=tot, largest_inactive=big,
-                            state_at="snapshot" if later else "oom", fragmentation_oom=tot >= e["size"] > big))
-    leaks: dict[str, list] = {}
-    for size, stack, _t, _i in live.values():
-        row = leaks.setdefault(stack, [0, 0])
-        row[0] += 1
-        row[1] += size
-
-    def median(xs):
-        xs = sorted(xs)
-        n = len(xs)
-        return None if not n else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
-
-    leak_rows = sorted((StackRow(k, c, b) for k, (c, b) in leaks.items()), key=lambda r: -r.bytes)[:15]
-    churn_rows = sorted((StackRow(k, c, b, median(ls)) for k, (c, b, ls) in churn.items()), key=lambda r: -r.bytes)[:15]
+    serving: dict = {}
+    for k, (i, d, later) in enumerate(tr.ooms):  # in trace order, as the OOM columns
+        stream, want = c.oom_stream[k], c.size[i]
+        key = (d, stream, want <= SMALL_REQUEST)
+        if key not in serving:
+            sizes = _serving_pool(pools, d, stream, want)
+            serving[key] = (sum(sizes), max(sizes, default=0))
+        tot, big = serving[key]
+        free = c.oom_device_free[k]
+        ooms.append(Oom(time_us=c.time_of(i), device=d, stream=stream, requested=want, device_free=free if free >= 0 else None,
+                        inactive_bytes=tot, largest_inactive=big, state_at="snapshot" if later else "oom", fragmentation_oom=tot >= want > big))
+    names = c.stacks
+    leak_rows = sorted((StackRow(names[k], n, b) for k, (n, b) in tr.leaks.items()), key=lambda r: -r.bytes)[:15]
+    churn_rows = sorted((StackRow(names[k], n, b, ls) for k, (n, b, ls) in tr.churn.items()), key=lambda r: -r.bytes)[:15]
+    for r in churn_rows:  # lifetimes: a list, or a function that gives it (numpy: only for the rows shown)
+        r.median_lifetime_us = _median(r.median_lifetime_us() if callable(r.median_lifetime_us) else r.median_lifetime_us)
 
     a = TorchAnalysis(
-        devices=sorted({s["device"] for s in segs}), segments=len(segs), reserved=reserved, allocated=allocated, requested=requested,
+        devices=sorted(set(c.seg_device)), segments=len(segs), reserved=reserved, allocated=allocated, requested=requested,
         pending_free=pending, rounding_waste=rounding, cached_free=cached, total_free=total_free,
         internal_free_ratio=(rounding / total_free) if total_free > 0 else None,
         external_fragmentation=_frag(total_inactive, largest), largest_inactive=largest,
-        pools=pool_space, worst_segments=worst, ooms=ooms, trace_entries=len(entries), trace_span_us=span,
-        alloc_count=alloc_count, alloc_bytes=alloc_bytes, allocs_per_second=(alloc_count / (span / 1e6)) if span else None,
-        leaked_bytes=sum(r[1] for r in leaks.values()) if entries else None, leaks_by_stack=leak_rows, churn_by_stack=churn_rows,
-        short_lived=short, short_lived_bytes=short_bytes, timeline=_timeline(entries, requested, reserved),
+        pools=pool_space, worst_segments=worst, ooms=ooms, trace_entries=c.entries, trace_span_us=tr.span,
+        alloc_count=tr.alloc_count, alloc_bytes=tr.alloc_bytes, allocs_per_second=(tr.alloc_count / (tr.span / 1e6)) if tr.span else None,
+        leaked_bytes=sum(r[1] for r in tr.leaks.values()) if c.entries else None, leaks_by_stack=leak_rows, churn_by_stack=churn_rows,
+        short_lived=tr.short, short_lived_bytes=tr.short_bytes, timeline=tr.timeline,
         allocator_settings=dict(snap.get("allocator_settings") or {}),
     )
     a.advice = _advice(a)
@@ -217,7 +222,54 @@ def _serving_pool(pools: dict, device: int, stream: int, size: int) -> list:
     return [x for _, xs in mine for x in xs]
 
 
-def _timeline(entries, requested_end: int, reserved_end: int, max_points: int = 2000) -> dict:
+# -- the replay, entry by entry -------------------------------------------------------------------
+def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trace:
+    """The trace replayed in Python, one entry at a time (short traces)."""
+    n = c.entries
+    devs = [d for d, k in enumerate(c.dev_lens) for _ in range(k)]
+    times = [c.time_of(i) for i in range(n)]
+    known = [t for t in times if t is not None]
+    span = (max(known) - min(known)) if len(known) >= 2 else None
+    stacks = iter(c.alloc_stack)
+    live: dict[tuple, tuple] = {}  # (device, addr) -> (size, stack, time, index)
+    alloc_count = alloc_bytes = short = short_bytes = 0
+    churn: dict = {}
+    last_alloc_index = -1
+    ooms = []
+    last_activity: dict = {}  # device -> index of its last allocator activity in the trace
+    for i, (d, act) in enumerate(zip(devs, c.action)):
+        if act in ACTIVITY:
+            last_activity[d] = i
+    for i, (d, act, addr, size) in enumerate(zip(devs, c.action, c.addr, c.size)):
+        if act == T.ALLOC:
+            alloc_count += 1
+            alloc_bytes += size
+            live[(d, addr)] = (size, next(stacks), times[i], i)
+            last_alloc_index = i
+        elif act in FREES:
+            got = live.pop((d, addr), None)
+            if got is not None:
+                size, stack, t0, idx = got
+                row = churn.setdefault(stack, [0, 0, []])
+                row[0] += 1
+                row[1] += size
+                if t0 is not None and times[i] is not None:
+                    row[2].append(times[i] - t0)
+                if idx == last_alloc_index:  # nothing else was allocated in between
+                    short += 1
+                    short_bytes += size
+        elif act == T.OOM:
+            ooms.append((i, d, last_activity.get(d, -1) > i))  # this device's state changed after the OOM
+    leaks: dict = {}
+    for size, stack, _t, _i in live.values():
+        row = leaks.setdefault(stack, [0, 0])
+        row[0] += 1
+        row[1] += size
+    return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms,
+                  _timeline_python(c, devs, times, requested_end, reserved_end))
+
+
+def _timeline_python(c: T.Columns, devs: list, times: list, requested_end: int, reserved_end: int, max_points: int = 2000) -> dict:
     """Requested (live) and reserved bytes over the trace window, rebuilt backwards from the
     snapshot's own totals (the trace is a ring buffer that ends at the snapshot).  The
     trace's alloc and free sizes are the sizes the program asked for, not the rounded
@@ -225,22 +277,21 @@ def _timeline(entries, requested_end: int, reserved_end: int, max_points: int = 
     merged in time order (each device has its own list)."""
     steps = []
     requested: set = set()  # blocks whose free was requested: they left `allocated` then
-    for d, e in entries:
-        act, size = e["action"], e["size"]
+    for d, act, addr, size, t in zip(devs, c.action, c.addr, c.size, times):
         da = 0
-        if act == "alloc":
+        if act == T.ALLOC:
             da = size
-        elif act in ("free_requested", "free"):
-            requested.add((d, e["addr"]))
+        elif act in (T.FREE_REQUESTED, T.FREE):
+            requested.add((d, addr))
             da = -size
-        elif act == "free_completed":
-            da = 0 if (d, e["addr"]) in requested else -size
-            requested.discard((d, e["addr"]))
-        if e["time_us"] is None:
+        elif act == T.FREE_COMPLETED:
+            da = 0 if (d, addr) in requested else -size
+            requested.discard((d, addr))
+        if t is None:
             continue
-        dr = size if act in ("segment_alloc", "segment_map") else -size if act in ("segment_free", "segment_unmap") else 0
+        dr = size if act in (T.SEGMENT_ALLOC, T.SEGMENT_MAP) else -size if act in (T.SEGMENT_FREE, T.SEGMENT_UNMAP) else 0
         if da or dr:
-            steps.append((e["time_us"], da, dr))
+            steps.append((t, da, dr))
     if not steps:
         return {"t_us": [], "requested": [], "reserved": []}
     steps.sort(key=lambda x: x[0])  # stable: one device's order kept at equal times
@@ -259,6 +310,136 @@ def _timeline(entries, requested_end: int, reserved_end: int, max_points: int = 
                                                                       max(range(len(re)), key=re.__getitem__), len(t) - 1})
         t, al, re = [t[i] for i in keep], [al[i] for i in keep], [re[i] for i in keep]
     return {"t_us": t, "requested": al, "reserved": re}
+
+
+# -- the same replay in numpy ---------------------------------------------------------------------
+def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_points: int = 2000) -> _Trace:
+    """The trace replayed with numpy (long traces); the same figures as _replay_python.
+
+    Per (device, address), in trace order, an allocation is live until the next entry of
+    that key: a free of any kind ends it (a pair: churn, and short-lived when no other
+    allocation came in between), another allocation replaces it (it is counted nowhere),
+    none leaves it live at the end (a leak, listed where the first of the allocations
+    that replaced each other at that address was made).  A free_completed leaves the
+    requested bytes alone when the previous free of its key was a free_requested."""
+    import numpy as np
+
+    def mask(codes):
+        table = np.zeros(256, dtype=bool)
+        table[list(codes)] = True
+        return table[act.view(np.uint8)]
+
+    n = c.entries
+    act = np.frombuffer(c.action, dtype=np.int8)
+    addr = np.frombuffer(c.addr, dtype=np.int64)
+    size = np.frombuffer(c.size, dtype=np.int64)
+    ndev = len(c.dev_lens)
+    dev = np.repeat(np.arange(ndev, dtype=np.int64), c.dev_lens)
+    if c.time_is_float:
+        time = np.frombuffer(c.time, dtype=np.float64)
+        has_time = ~np.isnan(time)
+    else:
+        time = np.frombuffer(c.time, dtype=np.int64)
+        has_time = time != T.NO_TIME
+    known = time[has_time]
+    span = (known.max() - known.min()).item() if len(known) >= 2 else None
+    is_alloc = act == T.ALLOC
+    is_free = mask(FREES)
+    is_req = mask((T.FREE_REQUESTED, T.FREE))
+    stack = np.full(n, -1, dtype=np.int64)
+    stack[is_alloc] = np.frombuffer(c.alloc_stack, dtype=np.int32)
+    alloc_count = int(is_alloc.sum())
+    alloc_bytes = int(size[is_alloc].sum())
+
+    # allocations and frees sorted by (device, address), trace order kept within a key
+    ev = np.flatnonzero(is_alloc | is_free)
+    ev = ev[np.argsort(addr[ev], kind="stable")] if ndev == 1 else ev[np.lexsort((addr[ev], dev[ev]))]
+    same_next = np.zeros(len(ev), dtype=bool)
+    if len(ev) > 1:
+        same_next[:-1] = addr[ev[1:]] == addr[ev[:-1]]
+        if ndev > 1:
+            same_next[:-1] &= dev[ev[1:]] == dev[ev[:-1]]
+    ev_alloc = is_alloc[ev]
+    next_free = np.zeros(len(ev), dtype=bool)
+    next_free[:-1] = same_next[:-1] & ~ev_alloc[1:]
+    paired = ev_alloc & next_free
+    a_idx, f_idx = ev[paired], ev[np.flatnonzero(paired) + 1]
+    leaked = ev_alloc & ~same_next
+    # where a leaked allocation sits in the live map: the first of the run of allocations before it
+    starts = ev_alloc & ~np.concatenate(([False], same_next[:-1] & ev_alloc[:-1]))
+    first_of_run = np.maximum.accumulate(np.where(starts, np.arange(len(ev)), -1)) if len(ev) else ev
+    l_pos = np.flatnonzero(leaked)
+    l_idx, l_first = ev[l_pos], ev[first_of_run[l_pos]]
+    order = np.argsort(l_first, kind="stable")
+    leaks = _group(stack[l_idx[order]], size[l_idx[order]], len(c.stacks))
+
+    # churn, in the order of the frees
+    order = np.argsort(f_idx, kind="stable")
+    a_idx, f_idx = a_idx[order], f_idx[order]
+    churn_stack = stack[a_idx]
+    churn = _group(churn_stack, size[a_idx], len(c.stacks))
+    both = has_time[a_idx] & has_time[f_idx]
+    lifetimes = time[f_idx] - time[a_idx]
+    for k, row in churn.items():
+        row.append(lambda k=k: lifetimes[(churn_stack == k) & both].tolist())
+    prev_alloc = np.maximum.accumulate(np.where(is_alloc, np.arange(n), -1))
+    is_short = prev_alloc[f_idx] == a_idx
+    short, short_bytes = int(is_short.sum()), int(size[a_idx][is_short].sum())
+
+    # OOMs, with whether their device moved after them
+    activity = mask(ACTIVITY)
+    last_activity = {}
+    for d in range(ndev):
+        at = np.flatnonzero(activity & (dev == d)) if ndev > 1 else np.flatnonzero(activity)
+        if len(at):
+            last_activity[d] = int(at[-1])
+    ooms = [(i, int(dev[i]), last_activity.get(int(dev[i]), -1) > i) for i in np.flatnonzero(act == T.OOM).tolist()]
+
+    # timeline
+    da = np.zeros(n, dtype=np.int64)
+    da[is_alloc] = size[is_alloc]
+    da[is_req] = -size[is_req]
+    fr = ev[is_free[ev]]  # the frees, still by key and in trace order
+    if len(fr):
+        prev_req = np.zeros(len(fr), dtype=bool)
+        prev_req[1:] = (addr[fr[1:]] == addr[fr[:-1]]) & (dev[fr[1:]] == dev[fr[:-1]]) & is_req[fr[:-1]]
+        done = fr[(act[fr] == T.FREE_COMPLETED) & ~prev_req]
+        da[done] = -size[done]
+    dr = np.zeros(n, dtype=np.int64)
+    grow, shrink = mask((T.SEGMENT_ALLOC, T.SEGMENT_MAP)), mask((T.SEGMENT_FREE, T.SEGMENT_UNMAP))
+    dr[grow], dr[shrink] = size[grow], -size[shrink]
+    step = np.flatnonzero(has_time & ((da != 0) | (dr != 0)))
+    step = step[np.argsort(time[step], kind="stable")]
+    if not len(step):
+        timeline = {"t_us": [], "requested": [], "reserved": []}
+    else:
+        sda, sdr = da[step], dr[step]
+        al = requested_end - (np.cumsum(sda[::-1])[::-1] - sda)  # the state after each step: the end minus what came later
+        re = reserved_end - (np.cumsum(sdr[::-1])[::-1] - sdr)
+        t = time[step]
+        if len(t) > max_points:
+            stride = len(t) / max_points
+            keep = np.unique(np.concatenate([(np.arange(max_points) * stride).astype(np.int64),
+                                             [int(np.argmax(al)), int(np.argmax(re)), len(t) - 1]]))
+            t, al, re = t[keep], al[keep], re[keep]
+        timeline = {"t_us": t.tolist(), "requested": al.tolist(), "reserved": re.tolist()}
+    return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms, timeline)
+
+
+def _group(keys, sizes, nkeys: int) -> dict:
+    """key -> [count, bytes] in the order each key first appears (keys: ints below nkeys)."""
+    import numpy as np
+
+    if not len(keys):
+        return {}
+    counts = np.bincount(keys, minlength=nkeys)
+    total = np.zeros(nkeys, dtype=np.int64)
+    np.add.at(total, keys, sizes)  # exact, unlike bincount's float weights
+    first = np.full(nkeys, len(keys), dtype=np.int64)
+    np.minimum.at(first, keys, np.arange(len(keys)))
+    present = np.flatnonzero(counts)
+    present = present[np.argsort(first[present], kind="stable")]
+    return {k: [int(counts[k]), int(total[k])] for k in present.tolist()}
 
 
 def _mib(n: int) -> str:
