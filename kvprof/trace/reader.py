@@ -717,8 +717,8 @@ class Bundle:
         order written), as BlockChunks; no run of equal times is split between two chunks.
         A process's own events are put in time order with one piece of look-ahead (threads
         that race between reading the clock and writing the record)."""
-        sources = [_Sorted(self._process_chunks(i)) for i in range(len(self.processes))]
-        sources = [s for s in sources if not s.done or len(s.pending)]
+        every = [_Sorted(self._process_chunks(i)) for i in range(len(self.processes))]
+        sources = [s for s in every if not s.done or len(s.pending)]
         while sources:
             horizon = min(s.horizon for s in sources)
             parts = [s.release(horizon) for s in sources]
@@ -734,12 +734,9 @@ class Bundle:
                 if s.horizon == horizon and not s.done:
                     s.advance()
             sources = [s for s in sources if not s.done or len(s.pending)]
-        late = sum(s.late for s in self._all_sources(sources))
+        late = sum(s.late for s in every)
         if late:
             self.notes.append(f"{late:,} block events were written more than a piece out of time order and are analysed where they came")
-
-    def _all_sources(self, sources):
-        return sources
 
     def block_stream(self) -> BlockStream:
         """All block events in memory (tests and small inputs)."""
