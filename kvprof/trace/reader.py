@@ -736,7 +736,7 @@ class Bundle:
             sources = [s for s in sources if not s.done or len(s.pending)]
         late = sum(s.late for s in every)
         if late:
-            self.notes.append(f"{late:,} block events were written more than a piece out of time order and are analysed where they came")
+            self.notes.append(f"{late:,} block events were written more than a piece out of time order: analysed where they came, at the time of the event before them")
 
     def block_stream(self) -> BlockStream:
         """All block events in memory (tests and small inputs)."""
@@ -848,7 +848,12 @@ class _Sorted:
             self.horizon = np.iinfo(np.int64).max
             return
         if self.released is not None and len(nxt) and nxt.t.min() < self.released:
-            self.late += int((nxt.t < self.released).sum())
+            # more than a piece out of order (a damaged file, or a clock that went back): these
+            # events keep their order but take the last time released, so that time never
+            # goes back for the consumers (the bundle's notes say how many)
+            late = nxt.t < self.released
+            self.late += int(late.sum())
+            nxt.t = np.where(late, self.released, nxt.t)
         merged = BlockChunk.concat([self.pending, nxt])
         if len(merged) > 1 and (np.diff(merged.t) < 0).any():
             merged = _reorder(merged, np.argsort(merged.t, kind="stable"))
