@@ -319,79 +319,93 @@ class ProcessData:
 
     # -- version 2: staging records ------------------------------------------------------
     def pieces(self, want: int = 0):
-        """Staging records (N, 48) in the order they were written: the chunk log, then the
-        staging segments it does not hold.  ``want``: a tag bitmask; chunks without any of
-        those tags are skipped unread (0: all)."""
-        covered: dict[int, int] = {}
+        """Staging records (N, 48) in the order they were written: segment by segment, from
+        the chunk log where a segment was compressed, else from its staging file (a process
+        that died, or a rotation a signal interrupted, leaves some behind).  ``want``: a tag
+        bitmask; chunks without any of those tags are skipped unread (0: all)."""
+        sources: dict[int, list] = {}  # segment number -> [chunk (offset, header) or None, staging file or None]
         path = os.path.join(self.dir, stage.CHUNKS)
         if os.path.exists(path):
-            yield from self._chunk_pieces(path, want, covered)
-        segs = []
+            for off, head in self._chunk_index(path, want):
+                entry = sources.setdefault(head.seg_seq, [None, None])
+                if entry[0] is None:  # a segment compressed twice (a retried write): the first one
+                    entry[0] = (off, head)
         for name in os.listdir(self.dir):
             if name.startswith(stage.STAGE_PREFIX) and name.endswith(stage.STAGE_SUFFIX):
                 try:
-                    segs.append((int(name[len(stage.STAGE_PREFIX) : -len(stage.STAGE_SUFFIX)]), name))
+                    seq = int(name[len(stage.STAGE_PREFIX) : -len(stage.STAGE_SUFFIX)])
                 except ValueError:
                     continue
-        for seq, name in sorted(segs):
-            p = os.path.join(self.dir, name)
-            try:
-                size = _regular_file(p, "staging segment", 1 << 30)
-            except BundleError as exc:
-                self.damage.append(str(exc))
-                continue
-            if not size:
-                continue
-            with open(p, "rb") as fh:
-                recs = codec.valid_records(fh.read())
-            skip = covered.get(seq, 0)
-            if skip:
-                recs = recs[skip:]
-            if len(recs):
-                yield recs
+                sources.setdefault(seq, [None, None])[1] = name
+        fh = open(path, "rb") if os.path.exists(path) else None
+        try:
+            for seq in sorted(sources):
+                chunk, name = sources[seq]
+                covered = 0
+                if chunk is not None:
+                    off, head = chunk
+                    covered = head.seg_count
+                    if not want or head.tags & want:
+                        fh.seek(off + stage.HEADER_SIZE)
+                        try:
+                            recs = codec.decode_chunk(head, fh.read(head.comp_len))
+                        except stage.ChunkError as exc:
+                            self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS}: the chunk at byte {off:,} is damaged ({exc}): "
+                                               f"its {head.nrec:,} records are not read")
+                            covered = 0
+                        else:
+                            valid = codec.valid_records(recs)
+                            if len(valid) < len(recs):
+                                self.damage.append(f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}")
+                            if len(valid):
+                                yield valid
+                if name is not None:
+                    recs = self._stage_file(name)
+                    if recs is not None and len(recs) > covered:
+                        yield recs[covered:]
+        finally:
+            if fh is not None:
+                fh.close()
 
-    def _chunk_pieces(self, path: str, want: int, covered: dict):
+    def _stage_file(self, name: str):
+        p = os.path.join(self.dir, name)
+        try:
+            size = _regular_file(p, "staging segment", 1 << 30)
+        except BundleError as exc:
+            self.damage.append(str(exc))
+            return None
+        if not size:
+            return None
+        with open(p, "rb") as fh:
+            return codec.valid_records(fh.read())
+
+    def _chunk_index(self, path: str, want: int):
+        """(offset, header) of every staging-record chunk of the chunk log, read header by
+        header; heap-site chunks are decoded on the way (when wanted).  A damaged header or
+        a chunk cut short ends the log (said)."""
         size = _regular_file(path, "chunk log (events.kvc)", 1 << 62)
         pos = 0
         with open(path, "rb") as fh:
             while pos < size:
-                head_bytes = fh.read(stage.HEADER_SIZE)
+                fh.seek(pos)
                 try:
-                    head = stage.ChunkHeader(head_bytes)
+                    head = stage.ChunkHeader(fh.read(stage.HEADER_SIZE))
                 except stage.ChunkError as exc:
                     self._chunk_damage(exc, pos, size)
                     return
                 if pos + stage.HEADER_SIZE + head.comp_len > size:
                     self._chunk_damage("cut short", pos, size)
                     return
-                pos += stage.HEADER_SIZE + head.comp_len
                 if head.payload == stage.PAYLOAD_HEAP_SITES:
-                    if want and not want >> stage.TAG_HEAP_A & 1:
-                        fh.seek(pos)
-                        continue
-                    body = fh.read(head.comp_len)
-                    try:
-                        rows = codec.decode_chunk(head, body)
-                    except stage.ChunkError as exc:
-                        self._chunk_damage(exc, pos, size)
-                        return
-                    self._sites.append(rows)
-                    continue
-                if head.seg_seq >= 0:
-                    covered[head.seg_seq] = max(covered.get(head.seg_seq, 0), head.seg_count)
-                if want and not head.tags & want:
-                    fh.seek(pos)
-                    continue
-                body = fh.read(head.comp_len)
-                try:
-                    recs = codec.decode_chunk(head, body)
-                except stage.ChunkError as exc:
-                    self._chunk_damage(exc, pos, size)
-                    return
-                valid = codec.valid_records(recs)
-                if len(valid) < len(recs):
-                    self.damage.append(f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}")
-                yield valid
+                    if not want or want >> stage.TAG_HEAP_A & 1:
+                        try:
+                            self._sites.append(codec.decode_chunk(head, fh.read(head.comp_len)))
+                        except stage.ChunkError as exc:
+                            self._chunk_damage(exc, pos, size)
+                            return
+                elif head.seg_seq >= 0:
+                    yield pos, head
+                pos += stage.HEADER_SIZE + head.comp_len
 
     def _chunk_damage(self, why, pos: int, size: int) -> None:
         self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "

@@ -20,9 +20,11 @@ thread, one chunk each, appended with one ``write``: a 40-byte header (below, wi
 CRC of itself and of the payload) and the segment's valid records, byte-shuffled
 (byte 0 of every record, then byte 1, ...) and zlib-compressed.  A chunk says which
 staging segment it holds (number and record count), so a segment found beside its
-chunk (the process died between the two) is not read twice.  Heap-site rows of a
-tracemalloc snapshot are written as a chunk of their own.  A torn or corrupt chunk
-ends the chunk log for the reader (what the staging files hold is still read).
+chunk (the process died between the two) is not read twice; the reader takes the
+segments in their order, from the chunk log or from their files.  Heap-site rows of a
+tracemalloc snapshot are written as a chunk of their own.  A chunk with a damaged
+payload is skipped; a damaged header ends the chunk log for the reader (what the
+staging files hold is still read).
 """
 
 from __future__ import annotations
