@@ -379,6 +379,7 @@ class _Replay:
         self.admit_hits: dict = {}  # request -> hit tokens of an admission whose query the engine reports later
         self.admission: dict = {}  # request -> hit tokens of the admission in progress
         self.foreign: dict = {}
+        self.missed: dict = {}  # request -> positions [lo, hi) the engine hit and the replay computed
         self.freed_pos: dict = {}
         self.honor = False
         # counters
@@ -495,6 +496,8 @@ class _Replay:
         admission is in progress until its allocation succeeds (_admitted) or fails."""
         limit = self._limit(r, qhint)
         hits = self._lookup(r, max(limit, rec_hit_tokens))
+        # blocks the engine found cached and this replay did not: it computes them, and caches them
+        self.missed[r] = (len(hits), rec_hit_tokens // self.B0)
         self.table[r] = hits
         self.freed_pos[r] = set()
         self.running[r] = None
@@ -660,8 +663,16 @@ class _Replay:
                 tab = self.table.get(r)
                 if tab and self.prefix:
                     # at the recorded size, exactly the blocks the engine cached (it skips
-                    # content another block already holds); at others, every full block
-                    for j in (op[4] if B == B0 else range(min(self.cov[r] // B, len(tab)))):
+                    # content another block already holds), and those it had found cached
+                    # where the replay computed them (the engine would have cached them had it
+                    # computed them: without them, content the replay evicted never came back);
+                    # at others, every full block
+                    if B == B0:
+                        lo, hi = self.missed.get(r, (0, 0))
+                        js = list(op[4]) + list(range(lo, min(hi, self.cov[r] // B, len(tab))))
+                    else:
+                        js = range(min(self.cov[r] // B, len(tab)))
+                    for j in js:
                         if j >= len(tab):
                             continue
                         b = tab[j]
