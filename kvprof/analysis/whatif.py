@@ -83,6 +83,7 @@ class Schedule:
     class_of: np.ndarray = None
     foreign_ids: int = 0  # 1 + the largest id of blocks taken without a request
     foreign_blocks: int = 0  # blocks taken without a request, all told
+    foreign_largest: int = 0  # the most blocks one allocation without a request took
     events: int = 0  # the pool's events fed
     states: int = 0  # its request states
 
@@ -252,6 +253,7 @@ class ScheduleBuilder:
             code=trim(a["code"], nops), ops=trim(a["ops"], nops), payload=trim(a["pay"], npay),
             operations=int(st[K.S_NREAL]), request_keys=keys, max_tokens=RQ[:, K.Q_MAXTOK].copy(),
             class_off=cls_off, class_of=cls, foreign_ids=int(st[K.S_FMAX]), foreign_blocks=int(st[K.S_NFALLOC]),
+            foreign_largest=int(st[K.S_FALLOCMAX]),
             events=int(st[K.S_EVENTS]), states=int(st[K.S_STATES]),
         )
         self._a = {}
@@ -309,11 +311,12 @@ def replay(sched: Schedule, cfg: Config) -> ReplayResult:
     uncached_first, order = sched.free_order()
     M, N, F = K.replay(sched.code, sched.ops, sched.payload, sched.class_off, sched.class_of,
                              sched.max_tokens, int(sched.block_size), int(sched.t_start), int(sched.t_end), int(sched.foreign_ids),
+                             int(sched.foreign_largest),
                              B, n, _POLICY_IDS[cfg.policy], _ORDER_IDS[order], bool(uncached_first), cfg.recovery == "seeds",
                              bool(cfg.prefix_cache and sched.prefix_caching), bool(limited), reserved)
     mask = None
     if limited and M[K.C_PEAK] >= 0:
-        mask = N[M[K.O_BK] : M[K.O_BK] + n * K.N_BK].reshape(n, K.N_BK)[:, K.B_PMASK]
+        mask = N[M[K.O_TRK] : M[K.O_TRK] + n * K.N_TRK].reshape(n, K.N_TRK)[:, K.T_PMASK]
     m = _metrics(sched, cfg, K, n, reserved, M, F, mask)
     recorded = (cfg.block_size == sched.block_size and cfg.num_blocks == sched.num_blocks and cfg.policy == "free-queue"
                 and (cfg.prefix_cache or not sched.prefix_caching))

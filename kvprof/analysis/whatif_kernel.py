@@ -61,7 +61,7 @@ def jit(fn):
     """``njit(cache=True, nogil=True)``; without the cache when numba finds no place for it."""
     try:
         return numba.njit(cache=True, nogil=True)(fn)
-    except RuntimeError:  # "cannot cache function ...: no locator available"
+    except (RuntimeError, OSError):  # "cannot cache function ...: no locator available"
         return numba.njit(nogil=True)(fn)
 
 
@@ -182,7 +182,7 @@ def hm_rehash(okeys, ovals, nkeys, nvals):
 # wait in per-request lists until the request's next state (tokens) or query (hint)
 # arrives, and are dropped, unpatched, at its next preemption or finish.
 (S_NOPS, S_NPAY, S_TPREV, S_HAVE_T, S_TFIRST, S_TLAST, S_CACHED, S_UNS_HIT, S_UNS_FREE, S_UNS_EVICT, S_NUNION, S_PFREE, S_PTOP,
- S_HM_COUNT, S_NREAL, S_NFALLOC, S_EVENTS, S_STATES, S_FMAX) = range(19)
+ S_HM_COUNT, S_NREAL, S_NFALLOC, S_EVENTS, S_STATES, S_FMAX, S_FALLOCMAX) = range(20)
 N_BUILD_SCALARS = 24
 # per-request columns (int64) of the builder
 (Q_TLEN, Q_FREED, Q_LASTFREE, Q_TOUCH, Q_FINAL, Q_HASFINAL, Q_MAXTOK, Q_PENDT, Q_PENDQ, Q_GRP) = range(10)
@@ -338,6 +338,7 @@ def build_chunk(st, code, ops, pay, BLK, RQ, PN, HMK, HMV, UN, X, B0, t, kind, r
                         pay[p + x] = ids[lo + x]
                     st[S_NPAY] = p + cnt
                     st[S_NFALLOC] += cnt
+                    st[S_FALLOCMAX] = max(st[S_FALLOCMAX], cnt)
                 else:
                     st[S_UNS_HIT] += 1
                 continue
@@ -568,15 +569,17 @@ def build_classes(UN, nu, nreq):
 #
 #   M: scalars [0, N_SCALARS); RQ (per request, N_RQ columns); KC (each block's content class);
 #      CTK (the prefix cache's keys' class); MAXTOK (per request); CLSOFF (content classes' offsets)
-#   N: BK (per block, N_BK columns); CTV (the prefix cache: key's block index j, block); AUX (the
-#      allocator's heaps or runs); SCR (scratch: OUT, HITS, REL regions of n each); FMAP (recorded
-#      id of a block taken without a request -> block); CLS (content class per node); RES (reserved ids)
+#   N: BK (per block, N_BK columns); TRK (per block, when limited: the watermark's journal, N_TRK
+#      columns); CTV (the prefix cache: key's block index j, block); AUX (the allocator's heaps or
+#      runs); SCR (scratch: OUT, HITS, REL regions of S_SCRW each, and n more for the seeds'
+#      compaction); FMAP (recorded id of a block taken without a request -> block); CLS (content
+#      class per node); RES (reserved ids)
 (S_B, S_B0, S_N, S_PREFIX, S_SEEDS, S_CONTIG, S_BUDDY, S_POLICY, S_ORDER, S_UF, S_TRACK, S_NREQ, S_CTN, S_NRES, S_NFMAX,
- O_RQ, O_KC, O_CTK, O_MAXTOK, O_CLSOFF, O_BK, O_CTV, O_AUX, O_SCR, O_FMAP, O_CLS, O_RES,
+ O_RQ, O_KC, O_CTK, O_MAXTOK, O_CLSOFF, O_BK, O_CTV, O_AUX, O_SCR, O_FMAP, O_CLS, O_RES, O_TRK, S_SCRW,
  C_INUSE, C_WASTE, C_QUERY, C_HIT, C_FAILS, C_FRAG, C_PREEMPT, C_RECOMP, C_EVICT, C_MOVED, C_MAXRUN, C_UNSERVED, C_PEAK,
  C_PLATEAU, C_IAP_SET, C_IAP_W, C_IAP_S, C_HONOR, C_HONOR_FOR, C_RUN_HEAD, C_RUN_TAIL, C_RUN_COUNT, C_SUSP, C_AR_TOP,
  C_T_PREV, C_CUR_T, C_PREV_W, C_PREV_S, C_FP_COUNT, C_LIVE_CAP,
- A_FREE, A_HEAD, A_TAIL, A_HSIZE, A_NRUNS, A_RUNCAP, A_MAXO, A_DCOUNT, A_BHIN) = range(66)
+ A_FREE, A_HEAD, A_TAIL, A_HSIZE, A_NRUNS, A_RUNCAP, A_MAXO, A_DCOUNT, A_BHIN) = range(68)
 A_BHOFF = 64 + 8  # per order: where its heap starts in AUX
 A_BHSZ = A_BHOFF + 64  # per order: its heap's size
 A_NFREE = A_BHSZ + 64  # per order: free chunks
@@ -585,8 +588,10 @@ F_BLOCKS, F_SLOTS, F_WASTE = range(3)
 (R_TOFF, R_TLEN, R_TCAP, R_FILLED, R_KNOWN, R_WASTE, R_COV, R_SUSP, R_KEEP, R_DECIDED, R_PQV, R_PQH, R_AHV, R_AHH, R_ADV, R_ADH,
  R_MLO, R_MHI, R_RPREV, R_RNEXT, R_INRUN, R_FPGEN) = range(22)
 N_RQ = 22
-(B_REF, B_KJ, B_FM, B_X1, B_X2, B_DIRTY, B_PMASK, B_DL) = range(8)  # X1: nxt | in-heap flag | free chunk's order; X2: prv
-N_BK = 8
+(B_REF, B_KJ, B_FM, B_X1, B_X2) = range(5)  # X1: nxt | in-heap flag | free chunk's order; X2: prv
+N_BK = 5
+(T_DIRTY, T_PMASK, T_DL) = range(3)  # changed since the last watermark; the free mask there; the journal (a list)
+N_TRK = 3
 P_FQ, P_FF, P_BF, P_BUDDY = 0, 1, 2, 3
 O_FIFO, O_LIFO, O_LOWEST = 0, 1, 2
 
@@ -596,12 +601,11 @@ def _mark(M, N, b, v):
     """Set block b's free flag; while the watermark is tracked, journal the ids that changed
     since the last one (the watermark's mask is then kept without copying the pool at each
     new peak)."""
-    bk = M[O_BK] + b * N_BK
-    if M[S_TRACK] != 0 and N[bk + B_DIRTY] == 0:
-        N[bk + B_DIRTY] = 1
-        N[M[O_BK] + M[A_DCOUNT] * N_BK + B_DL] = b
+    if M[S_TRACK] != 0 and N[M[O_TRK] + b * N_TRK + T_DIRTY] == 0:
+        N[M[O_TRK] + b * N_TRK + T_DIRTY] = 1
+        N[M[O_TRK] + M[A_DCOUNT] * N_TRK + T_DL] = b
         M[A_DCOUNT] += 1
-    N[bk + B_FM] = v
+    N[M[O_BK] + b * N_BK + B_FM] = v
 
 
 @jit
@@ -1093,11 +1097,11 @@ def _ct_delete(M, N, i):
 @jit
 def _snapshot(M, N):
     """A new watermark: its mask is the free mask now."""
-    bk = M[O_BK]
+    trk = M[O_TRK]
     for i in range(M[A_DCOUNT]):
-        b = N[bk + i * N_BK + B_DL]
-        N[bk + b * N_BK + B_PMASK] = N[bk + b * N_BK + B_FM]
-        N[bk + b * N_BK + B_DIRTY] = 0
+        b = N[trk + i * N_TRK + T_DL]
+        N[trk + b * N_TRK + T_PMASK] = N[M[O_BK] + b * N_BK + B_FM]
+        N[trk + b * N_TRK + T_DIRTY] = 0
     M[A_DCOUNT] = 0
 
 
@@ -1105,7 +1109,7 @@ def _snapshot(M, N):
 def _release(M, N, base, m):
     """One free call: the blocks N[base : base + m], in the order the engine frees them."""
     bk = M[O_BK]
-    rel = M[O_SCR] + 2 * M[S_N]
+    rel = M[O_SCR] + 2 * M[S_SCRW]
     c = 0
     for i in range(m):
         b = N[base + i]
@@ -1156,7 +1160,7 @@ def _lookup(M, N, r, limit_tokens, dry):
     """Cached blocks of r's prefix into SCR's HITS region (their count); unless dry, r holds them."""
     if M[S_PREFIX] == 0:
         return i64(0)
-    hits = M[O_SCR] + M[S_N]
+    hits = M[O_SCR] + M[S_SCRW]
     nh = i64(0)
     for j in range(max(limit_tokens, 0) // M[S_B]):
         s = _ct_slot(M, N, i64(_key(M, N, i64(r), i64(j))), i64(j))
@@ -1219,7 +1223,7 @@ def _admit(M, N, AR, r, rec_hit_tokens, qhint):
     M[rq + R_TCAP] = cap
     M[C_AR_TOP] = top + cap
     M[C_LIVE_CAP] += cap
-    hits = M[O_SCR] + M[S_N]
+    hits = M[O_SCR] + M[S_SCRW]
     for i in range(nh):
         AR[top + i] = N[hits + i]
     M[rq + R_TLEN] = nh
@@ -1368,7 +1372,7 @@ def _defragment(M, N, AR, need):
     for b in range(n):
         if new_of[b] >= 0:
             ref[new_of[b]] = N[bk + b * N_BK + B_REF]
-    used = M[O_SCR] + 3 * n  # the blocks in use now, ascending, in the scratch's last region
+    used = M[O_SCR] + 3 * M[S_SCRW]  # the blocks in use now, ascending, in the scratch's last region
     u = 0
     for b in range(n):
         N[bk + b * N_BK + B_REF] = ref[b]
@@ -1443,7 +1447,7 @@ def _need(M, N, r, tokens, qhint):
     if tl > 0:
         return max(-(-tokens // B) - tl, 0)
     nh = _lookup(M, N, i64(r), i64(_limit(M, i64(r), i64(qhint))), i64(1))
-    hits = M[O_SCR] + M[S_N]
+    hits = M[O_SCR] + M[S_SCRW]
     c = 0
     for i in range(nh):
         if N[M[O_BK] + N[hits + i] * N_BK + B_REF] == 0:
@@ -1501,8 +1505,9 @@ def _fp_room(M, FPK, FPV, extra):
 
 
 @jit
-def layout(n, nreq, ncls, nclsoff, nfmax, nres, policy, order):
-    """Offsets of the regions of M and N: (M size, N size, offsets array)."""
+def layout(n, nreq, ncls, nclsoff, nfmax, nres, policy, order, scrw, limited):
+    """Offsets of the regions of M and N: (M size, N size, offsets array).  ``scrw``: the
+    most blocks one call moves (the largest table, the largest allocation without a request)."""
     ctn = 16
     while ctn < 2 * n:
         ctn *= 2
@@ -1538,25 +1543,33 @@ def layout(n, nreq, ncls, nclsoff, nfmax, nres, policy, order):
     off[7] = k  # AUX
     k += aux
     off[8] = k  # SCR
-    k += 4 * n
+    k += 3 * scrw + (n if policy != P_FQ else 0)
     off[9] = k  # FMAP
     k += max(nfmax, 1)
     off[10] = k  # CLS
     k += ncls
     off[11] = k  # RES
     k += max(nres, 1)
+    off[14] = k  # TRK
+    k += n * N_TRK if limited else 0
     off[12] = ctn
     off[13] = maxo
     return m, k, off
 
 
 @jit
-def replay(code, ops, pay, cls_off, cls, maxtok, B0, t_start, t_end, nfmax, B, n, policy, order, uncached_first, seeds, prefix,
+def replay(code, ops, pay, cls_off, cls, maxtok, B0, t_start, t_end, nfmax, nfalloc, B, n, policy, order, uncached_first, seeds, prefix,
            limited, reserved):
     """One configuration's replay.  Returns (M, N, the float integrals): the counters are M's
-    scalars; N's BK columns hold, when ``limited``, the free mask at the watermark (B_PMASK)."""
+    scalars; when ``limited``, N's TRK columns hold the free mask at the watermark (T_PMASK).
+    ``nfalloc``: the most blocks one allocation without a request takes."""
     nreq = len(maxtok)
-    msize, nsize, off = layout(i64(n), i64(nreq), i64(len(cls)), i64(len(cls_off)), i64(nfmax), i64(len(reserved)), i64(policy), i64(order))
+    scrw = max(nfalloc, 1)
+    for r in range(nreq):  # the largest table: a bound on the blocks one call moves
+        t = -(-max(maxtok[r], 0) // B)
+        scrw = max(scrw, min(2 * t + 2 if policy == P_BUDDY else t + 2, n + 2))
+    msize, nsize, off = layout(i64(n), i64(nreq), i64(len(cls)), i64(len(cls_off)), i64(nfmax), i64(len(reserved)), i64(policy),
+                               i64(order), i64(scrw), i64(limited))
     M_owner = np.zeros(msize, np.int64)
     N_owner = np.zeros(nsize, np.int32)
     M = _borrow(M_owner)
@@ -1564,6 +1577,8 @@ def replay(code, ops, pay, cls_off, cls, maxtok, B0, t_start, t_end, nfmax, B, n
     F = np.zeros(4, np.float64)
     M[O_RQ], M[O_KC], M[O_CTK], M[O_MAXTOK], M[O_CLSOFF] = off[0], off[1], off[2], off[3], off[4]
     M[O_BK], M[O_CTV], M[O_AUX], M[O_SCR], M[O_FMAP], M[O_CLS], M[O_RES] = off[5], off[6], off[7], off[8], off[9], off[10], off[11]
+    M[O_TRK] = off[14]
+    M[S_SCRW] = scrw
     M[S_CTN] = off[12]
     M[A_MAXO] = off[13]
     M[S_B] = B
@@ -1613,7 +1628,7 @@ def replay(code, ops, pay, cls_off, cls, maxtok, B0, t_start, t_end, nfmax, B, n
     _al_reset(M, N, i64(0), i64(0))
     if limited:
         for b in range(n):
-            N[bk + b * N_BK + B_PMASK] = N[bk + b * N_BK + B_FM]
+            N[M[O_TRK] + b * N_TRK + T_PMASK] = N[bk + b * N_BK + B_FM]
         M[S_TRACK] = 1
     AR_owner = np.empty(4096, np.int32)
     AR = _borrow(AR_owner)
