@@ -375,3 +375,25 @@ def test_kvprof_help_does_not_import_numba():
             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('numba' in sys.modules)\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.stdout.strip().splitlines()[-1] == "False", r.stdout + r.stderr
+
+
+@pytest.mark.vllm
+def test_the_compiled_replay_equals_the_reference_on_a_real_vllm_run(tmp_path):
+    """vLLM 0.32's own bundle (uncached blocks reused first, the null block reserved,
+    preemptions and refusals): schedule and every configuration equal the reference.
+    Slow: `make test-vllm`."""
+    from tests.conftest import WORKLOADS
+    from tests.integration.test_vllm import _vllm_python
+
+    bundle = tmp_path / "v.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--", _vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
+                   timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    stream = Bundle(str(bundle)).block_stream()
+    pool = W.pick_pool(stream, None).index
+    new, ref = W.extract(stream, pool), R.extract(stream, pool)
+    assert new.engine == "vllm" and new.free_order() == (True, "fifo")
+    assert_same_schedule(new, ref)
+    for cfg in _configs(new):
+        got, want = W.replay(new, cfg).metrics, R.replay(ref, cfg)
+        assert got == want, (cfg, {k: (got[k], want[k]) for k in want if got[k] != want[k]})

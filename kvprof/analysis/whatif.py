@@ -163,7 +163,11 @@ class ScheduleBuilder:
         loc = self._keymap[idx]
         new = loc < 0
         if new.any():
-            fresh = np.unique(idx[new])
+            cand = idx[new]
+            lo = int(cand.min())  # new requests of a chunk are mostly a run of keys: mark over that range
+            seen = np.zeros(int(cand.max()) - lo + 1, dtype=bool)
+            seen[cand - lo] = True
+            fresh = np.flatnonzero(seen) + lo
             self._keymap[fresh] = np.arange(self._nloc, self._nloc + len(fresh), dtype=np.int32)
             self._keys.append(fresh.astype(np.int64) - 1)
             self._nloc += len(fresh)
@@ -230,8 +234,9 @@ class ScheduleBuilder:
         self._done = True
         nops, npay, nloc, nu = int(st[K.S_NOPS]), int(st[K.S_NPAY]), self._nloc, int(st[K.S_NUNION])
 
-        def trim(arr, n):
-            return arr[:n].copy() if len(arr) > n + (n >> 2) else arr[:n]
+        def trim(arr, n):  # in place (realloc: no copy, no second buffer at the peak)
+            arr.resize((n,) + arr.shape[1:], refcheck=False)
+            return arr
 
         cls_off, cls = K.build_classes(a["UN"], nu, nloc)
         RQ = a["RQ"][:nloc]
