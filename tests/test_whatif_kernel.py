@@ -397,3 +397,29 @@ def test_the_compiled_replay_equals_the_reference_on_a_real_vllm_run(tmp_path):
     for cfg in _configs(new):
         got, want = W.replay(new, cfg).metrics, R.replay(ref, cfg)
         assert got == want, (cfg, {k: (got[k], want[k]) for k in want if got[k] != want[k]})
+
+
+def test_the_analysis_engine_s_way_gives_what_run_gives():
+    """The engine feeds one builder per pool during its own pass, picks the pool, and runs
+    the report's replays with analyze's figures: the section equals W.run's."""
+    from kvprof.analysis import block_metrics
+    from kvprof.analysis.blocks import analyze_blocks
+
+    stream = Bundle(os.path.join(FIXTURES, "demo.kvprof")).block_stream()
+    builders = [W.ScheduleBuilder(info) for info in stream.pools]
+    for chunk in chunks.from_stream(stream):  # every pool's events, as the engine reads them
+        for b in builders:
+            b.feed(chunk)
+    sched = W.pick_schedule([b.finish() for b in builders], None)
+    info = W.pick_pool(stream, None)
+    assert sched.pool == info.label
+    entries: dict = {}
+    block_metrics(entries, analyze_blocks(stream, [info.index]), 1, None)
+    analyzed = {k: v["value"] for k, v in entries.items()}
+    opts = W.WhatifOptions(unlimited=True, jobs=None)
+    got, want = W.run_schedule(sched, opts, analyzed), W.run(stream, opts)
+    got.pop("seconds"), want.pop("seconds")
+    assert got == want and all(f["equal"] for f in got["fidelity"].values())
+    with pytest.raises(ValueError, match="no pool 'nope'"):
+        W.pick_schedule([sched], "nope")
+    assert W.pick_schedule([sched], sched.pool.rsplit("@", 1)[0]) is sched

@@ -175,9 +175,13 @@ class ScheduleBuilder:
         return loc
 
     def _ensure(self, name: str, size: int, fill=0) -> None:
+        """Room for ``size`` rows: grown by half in place (realloc: no second buffer at the
+        peak, where a copy would hold the old and the new array at once)."""
         arr = self._a[name]
-        if size > len(arr):
-            self._a[name] = _grown(arr, max(size, 2 * len(arr)), fill)
+        old = len(arr)
+        if size > old:
+            arr.resize((max(size, old + (old >> 1)),) + arr.shape[1:], refcheck=False)
+            arr[old:] = fill
 
     # -- feeding ---------------------------------------------------------------------------------
     def feed(self, chunk) -> None:
