@@ -370,6 +370,16 @@ def test_kernels_still_run_where_no_cache_can_be_written(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["5", "True", "7"], r.stderr
 
 
+def test_a_compiled_kernel_is_cached(bundles):
+    """After a replay, its kernel's cache index exists: later processes load, not compile
+    (and kvprof says it compiles only when an index is missing)."""
+    from kvprof.analysis import whatif_kernel as KK
+
+    s = W.extract(Bundle(bundles[0]).block_stream(), 0)
+    W.replay(s, W.Config(s.block_size, s.num_blocks))
+    assert not KK.cache_is_cold(KK.build_chunk, KK.replay)
+
+
 def test_kvprof_help_does_not_import_numba():
     code = ("import sys\nfrom kvprof.commands import main\nsys.argv = ['kvprof', '--help']\n"
             "try:\n    main()\nexcept SystemExit:\n    pass\nprint('numba' in sys.modules)\n")

@@ -45,12 +45,22 @@ _POLICY_IDS = {"free-queue": 0, "first-fit": 1, "best-fit": 2, "buddy": 3}
 _ORDER_IDS = {"fifo": 0, "lifo": 1, "lowest": 2}
 
 
+_NOTED = False
+
+
 def _kernel():
     """The compiled kernels (imported here, never at kvprof's start: numba takes ~0.3 s)."""
+    global _NOTED
     try:
         from kvprof.analysis import whatif_kernel
     except ImportError as exc:  # numba missing or broken
         raise ValueError(f"kvprof whatif needs numba (pip install 'numba>=0.60'): {exc}") from None
+    if not _NOTED:
+        _NOTED = True
+        import sys
+
+        if sys.stderr is not None and sys.stderr.isatty() and whatif_kernel.cache_is_cold(whatif_kernel.build_chunk, whatif_kernel.replay):
+            print("kvprof: compiling the what-if replay, once for this install (about 30 s)", file=sys.stderr, flush=True)
     return whatif_kernel
 
 

@@ -57,6 +57,19 @@ from numba.extending import intrinsic  # noqa: E402
 from numba.np.arrayobj import make_array, populate_array  # noqa: E402
 
 
+def cache_is_cold(*functions) -> bool:
+    """Whether any of these kernel functions has no cache index yet (its first call will
+    compile).  False when that cannot be told."""
+    for f in functions:
+        try:
+            path = f._cache._cache_file._index_path
+        except AttributeError:  # no cache, or numba's private layout moved
+            continue
+        if not os.path.exists(path):
+            return True
+    return False
+
+
 def jit(fn):
     """``njit(cache=True, nogil=True)``; without the cache when numba finds no place for it."""
     try:
