@@ -35,8 +35,9 @@ ROOT = os.path.dirname(HERE)
 KVPROF = [sys.executable, "-m", "kvprof.commands"]
 
 
-def child(cmd: list, env: dict | None = None) -> tuple[float, float]:
-    """(seconds, peak RSS in MB) of one child process."""
+def child(cmd: list, env: dict | None = None) -> tuple[float, float, float]:
+    """(wall seconds, peak RSS in MB, CPU seconds: user + system) of one child process.  On a
+    shared machine the CPU time is the steadier figure (the wall time counts the waits)."""
     t0 = time.perf_counter()
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env)
     _, status, ru = os.wait4(p.pid, 0)
@@ -45,12 +46,12 @@ def child(cmd: list, env: dict | None = None) -> tuple[float, float]:
     p.stderr.close()
     if p.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}): {err.strip()[-500:]}")
-    return time.perf_counter() - t0, ru.ru_maxrss / 1024
+    return time.perf_counter() - t0, ru.ru_maxrss / 1024, ru.ru_utime + ru.ru_stime
 
 
-def best(cmd: list, repeat: int, env: dict | None = None) -> tuple[float, float]:
+def best(cmd: list, repeat: int, env: dict | None = None) -> tuple[float, float, float]:
     runs = [child(cmd, env) for _ in range(repeat)]
-    return min(r[0] for r in runs), max(r[1] for r in runs)
+    return min(r[0] for r in runs), max(r[1] for r in runs), min(r[2] for r in runs)
 
 
 def in_process(bundle: str) -> None:
@@ -72,15 +73,15 @@ def in_process(bundle: str) -> None:
     unlimited = [rec] + [W.Config(b, W.UNLIMITED) for b in W.DEFAULT_SIZES]
     times = {}
     for jobs in (1, 2):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         W.replay_many(sched, unlimited, jobs=jobs)
-        times[jobs] = time.perf_counter() - t0
+        times[jobs] = (time.perf_counter() - t0, time.process_time() - c0)
     print(f"in process: {n_events:,} events of the pool -> {sched.operations:,} schedule operations, "
           f"{sched.nbytes / 1e6:.1f} MB ({sched.nbytes / max(len(sched.code), 1):.1f} bytes an operation)")
     print(f"  extraction {t_extract:.2f} s ({n_events / t_extract / 1e6:.1f} M events/s); one replay (the recorded "
           f"configuration) {t_one:.3f} s ({sched.operations / t_one / 1e6:.1f} M operations/s)")
     print(f"  the report's replays (recorded + unlimited at {', '.join(map(str, W.DEFAULT_SIZES))}): "
-          f"{times[1]:.2f} s one after another, {times[2]:.2f} s on 2 threads")
+          f"{times[1][0]:.2f} s one after another ({times[1][1]:.2f} CPU s), {times[2][0]:.2f} s on 2 threads ({times[2][1]:.2f} CPU s)")
 
 
 def main() -> None:
@@ -119,14 +120,17 @@ def main() -> None:
         results = {}
         for name, cmd in rows:
             results[name] = best(cmd, args.repeat)
-        base_t, base_m = results["analyze"]
-        print(f"\nwhole processes on {bundle} (best of {args.repeat}; peak RSS):")
-        print(f"  {'':48s} {'seconds':>8s} {'x analyze':>10s} {'peak MB':>8s} {'x analyze':>10s}")
-        for name, (t, m) in results.items():
-            print(f"  {name:48s} {t:8.2f} {t / base_t:9.2f}x {m:8.0f} {m / base_m:9.2f}x")
+        base_t, base_m, base_c = results["analyze"]
+        print(f"\nwhole processes on {bundle} (best of {args.repeat}; peak RSS; CPU = user + system):")
+        print(f"  {'':44s} {'seconds':>8s} {'x analyze':>10s} {'CPU s':>7s} {'x analyze':>10s} {'peak MB':>8s} {'x analyze':>10s}")
+        for name, (t, m, c) in results.items():
+            print(f"  {name:44s} {t:8.2f} {t / base_t:9.2f}x {c:7.2f} {c / base_c:9.2f}x {m:8.0f} {m / base_m:9.2f}x")
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+        print(f"  (load average {load:.1f} on {os.cpu_count()} cores at the end: other work on the machine stretches the wall times)")
         t1, t2 = results["whatif, 8 configurations, --jobs 1"][0], results["whatif, 8 configurations, --jobs 2"][0]
         print(f"  8 configurations: --jobs 2 is {t1 / t2:.2f}x --jobs 1")
-        print(f"  the report's what-if costs {results['report (with its unlimited replays)'][0] - results['report --no-whatif'][0]:.2f} s")
+        r1, r0 = results["report (with its unlimited replays)"], results["report --no-whatif"]
+        print(f"  the report's what-if costs {r1[0] - r0[0]:.2f} s ({r1[2] - r0[2]:.2f} CPU s; its chart included)")
         print()
         sys.path.insert(0, ROOT)
         in_process(bundle)

@@ -409,9 +409,10 @@ def _warm() -> None:
     global _WARM
     if _WARM:
         return
-    from kvprof.trace.reader import PoolInfo
+    from types import SimpleNamespace
 
-    empty = ScheduleBuilder(PoolInfo(index=0, pid=0, local_index=0, name="warm", engine="custom", num_blocks=2, block_size=1)).finish()
+    info = SimpleNamespace(index=0, label="warm", engine="custom", num_blocks=2, block_size=1, bytes_per_block=None, extra={})
+    empty = ScheduleBuilder(info).finish()
     replay(empty, Config(1, 2))
     _WARM = True
 
