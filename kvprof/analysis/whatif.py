@@ -138,9 +138,12 @@ class ScheduleBuilder:
             builder.feed(chunk)
         schedule = builder.finish()
 
-    Memory: the schedule so far (~17 bytes an operation) and what is live: per request a
-    few integers, per recorded block id an owner, the positions of blocks requests hold.
-    Events of other pools in a chunk are skipped.
+    ``info`` is the pool's PoolInfo (read: index, label, engine, num_blocks, block_size,
+    bytes_per_block, extra).  Chunks are :class:`kvprof.trace.chunks.BlockChunk`, in time
+    order; they may be cut anywhere (the schedule is the same), and events of other pools
+    in them are skipped.  Memory: the schedule so far (~19 bytes an operation, grown in
+    place by half) and what is live: per request a few integers, per recorded block id an
+    owner, the positions of the blocks requests hold.
     """
 
     def __init__(self, info):
