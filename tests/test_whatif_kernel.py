@@ -325,6 +325,9 @@ def test_the_compiled_replay_equals_the_reference(bundles):
 
 
 def test_threads_give_what_one_after_another_gives(bundles):
+    from kvprof.analysis import whatif_kernel as KK
+
+    assert KK.replay.targetoptions["nogil"]  # the threads replay at once, on as many cores
     s = W.extract(Bundle(bundles[2]).block_stream(), 0)
     configs = _configs(s)[:12]
     assert [r.metrics for r in W.replay_many(s, configs, jobs=1)] == [r.metrics for r in W.replay_many(s, configs, jobs=3)]
