@@ -146,7 +146,7 @@ def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
         # analyze's figures are the pool's own when there is one pool and the analysis
         # covers the whole run: the fidelity check reads them instead of analysing again
         try:
-            out["whatif"] = W.run_schedule(bp.schedules[replay_pool], W.WhatifOptions(unlimited=True, jobs=1), pool_metrics(bp, replay_pool, window_label))
+            out["whatif"] = W.run_schedule(bp.schedules[replay_pool], W.WhatifOptions(unlimited=True, jobs=None), pool_metrics(bp, replay_pool, window_label))
         except ValueError as exc:  # a pool without request states: no replay, say why
             out["whatif_note"] = str(exc)
     return out
