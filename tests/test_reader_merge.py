@@ -37,8 +37,13 @@ def test_processes_and_threads_merge_in_time_order(tmp_path):
     from kvprof.trace.reader import _reorder
 
     ref = _reorder(raw, order)
-    for f in ("t", "kind", "pool", "req", "arg", "arg2", "n", "ids"):
+    for f in ("t", "kind", "pool", "arg", "arg2", "n", "ids"):
         np.testing.assert_array_equal(getattr(whole, f), getattr(ref, f), err_msg=f)
+    # request keys: dense, numbered as requests first appear, one per (process, request id)
+    pairs = set(zip(whole.req.tolist(), ref.req.tolist()))
+    assert len(pairs) == len(set(whole.req.tolist())) == len(set(ref.req.tolist()))
+    first = [k for k in dict.fromkeys(whole.req.tolist()) if k >= 0]
+    assert first == list(range(len(first)))
     # every pool, and all pools together, as the whole-stream analyzer has them
     keys, req = np.unique(ref.req, return_inverse=True)
     req = np.where(ref.req >= 0, req - int((keys < 0).sum()), -1)

@@ -112,7 +112,7 @@ def _record(w, kind: int, pool, blocks) -> None:
         req = _current_req
         rid = -1 if req is None else (w._strings.get(req) if type(req) is str else None)
         if rid is None:
-            rid = w.intern(req)
+            rid = w.intern_request(req)
         w.block(monotonic_ns(), kind, idx, rid, 0, 0, ids)
 
 

@@ -426,6 +426,9 @@ class ProcessData:
             for tag, key in ((stage.TAG_MARK, "marks"), (stage.TAG_GC, "gc"), (stage.TAG_HEAP_A, "heap")):
                 if tag in parts:
                     small[key].append(parts[tag][0])
+            if stage.TAG_STRING in parts:  # request ids, interned in the stream
+                for sid, text in parts[stage.TAG_STRING][0].items():
+                    self.strings.setdefault(sid, clean_str(text))
             if stage.TAG_BLOCK in parts:
                 rows, ids = parts[stage.TAG_BLOCK]
                 yield self._checked(rows, ids)
@@ -655,8 +658,10 @@ class Bundle:
     def _declare_pools(self) -> None:
         self.pools: list[PoolInfo] = []
         self._pool_lut: list[np.ndarray] = []  # per process: local pool index -> global (-1 undeclared)
-        self._req_base: list[int] = []  # per process: first request key
-        base = 0
+        # request keys: numbered in the order requests first appear, bundle-wide (dense, so the
+        # analysis can keep per-request state in arrays whatever ids a stream holds)
+        self._req_keys: dict[int, int] = {}  # (process << 32 | string id) -> key
+        self._key_of: list[tuple] = []  # key -> (process, string id)
         for proc in self.processes:
             local = {}
             for rec in proc.pools:
@@ -669,17 +674,39 @@ class Bundle:
             for li, gi in local.items():
                 lut[li] = gi
             self._pool_lut.append(lut)
-            self._req_base.append(base)
-            base += (max(proc.strings) + 1) if proc.strings else 0
-        self.request_keys = base
+
+    @property
+    def request_keys(self) -> int:
+        return len(self._key_of)
+
+    def _request_keys(self, ids: np.ndarray) -> np.ndarray:
+        """Dense keys of (process << 32 | string id) request ids (-1 stays -1), new ones
+        numbered on in the order they come: called on the merged stream, so the numbering is
+        the same every time."""
+        out = np.full(len(ids), -1, dtype=np.int64)
+        ok = ids >= 0
+        if not ok.any():
+            return out
+        u, first, inv = np.unique(ids[ok], return_index=True, return_inverse=True)
+        known = self._req_keys
+        keys = np.empty(len(u), dtype=np.int64)
+        for j in np.argsort(first, kind="stable").tolist():  # first come, first numbered
+            c = int(u[j])
+            k = known.get(c)
+            if k is None:
+                k = known[c] = len(self._key_of)
+                self._key_of.append((c >> 32, c & 0xFFFFFFFF))
+            keys[j] = k
+        out[ok] = keys[inv]
+        return out
 
     def request_name(self, key: int) -> str:
         """The request id a request key stands for ("pid:id" when several processes recorded)."""
-        if key < 0:
+        if key < 0 or key >= len(self._key_of):
             return ""
-        i = int(np.searchsorted(np.asarray(self._req_base), key, side="right")) - 1
+        i, sid = self._key_of[key]
         proc = self.processes[i]
-        name = proc.string(key - self._req_base[i])
+        name = proc.string(sid)
         return f"{proc.pid}:{name}" if len(self.processes) > 1 else name
 
     # -- block events ---------------------------------------------------------------------------
@@ -692,8 +719,6 @@ class Bundle:
     def _process_chunks_now(self, i: int):
         proc = self.processes[i]
         lut = self._pool_lut[i]
-        base = self._req_base[i]
-        nstr = (max(proc.strings) + 1) if proc.strings else 0
         if proc.version == 1 and not proc.v1_sorted():
             # kvprof 0.x wrote vLLM's events in batches out of time order: read the process whole
             pieces = list(proc.block_pieces())
@@ -714,7 +739,7 @@ class Bundle:
             pl = rows["pool"].astype(np.int64)
             gpool = np.where(pl < len(lut), lut[np.minimum(pl, len(lut) - 1)], -1)
             req = rows["req"].astype(np.int64)
-            req = np.where((req >= 0) & (req < nstr), req + base, -1)
+            req = np.where(req >= 0, (i << 32) | req, -1)  # made dense keys by block_chunks, in merge order
             chunk = BlockChunk(rows["t"].astype(np.int64), rows["kind"].astype(np.uint8), gpool.astype(np.int32), req,
                                rows["arg"].astype(np.int64), rows["arg2"].astype(np.int64), n, np.asarray(ids, dtype=np.int32))
             if (gpool < 0).any():  # events of a pool whose declaration was lost in a crash: dropped
@@ -739,11 +764,12 @@ class Bundle:
             parts = [p for p in parts if len(p)]
             if parts:
                 if len(parts) == 1:
-                    yield parts[0]
+                    out = parts[0]
                 else:
                     merged = BlockChunk.concat(parts)
-                    order = np.argsort(merged.t, kind="stable")
-                    yield _reorder(merged, order)
+                    out = _reorder(merged, np.argsort(merged.t, kind="stable"))
+                out.req = self._request_keys(out.req)
+                yield out
             for s in sources:
                 if s.horizon == horizon and not s.done:
                     s.advance()
