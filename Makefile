@@ -14,7 +14,17 @@ NANOVLLM := nano-vllm-fork==20260210
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: install browser demo test test-vllm vllm-env fixtures fuzz bench bench-vllm torch-truth docs clean
+# SGLang's real scheduler-side memory code (allocators, RadixCache, PrefillAdder, ScheduleBatch) for
+# the SGLang adapter's tests, in its own environment: sglang without its dependencies (its CUDA
+# kernels and model code are never loaded), the CPU torch, and the pure-Python packages its memory
+# and scheduler modules import.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PY := $(SGLANG_VENV)/bin/python
+SGLANG := sglang==0.5.23
+SGLANG_DEPS := numpy xxhash psutil pybase64 orjson pillow starlette msgspec pyzmq tqdm aiohttp transformers dill \
+	apache-tvm-ffi sentencepiece compressed-tensors gguf triton ipython openai partial_json_parser
+
+.PHONY: install browser demo test test-vllm vllm-env test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,6 +60,20 @@ vllm-env: $(VLLM_PY)
 
 test-vllm: $(STAMP) $(VLLM_PY)
 	KVPROF_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests -s
+
+# SGLang's memory code on the CPU (~1 minute); not in `make test`.
+$(SGLANG_PY):
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install -q --upgrade pip
+	$(SGLANG_PY) -m pip install -q torch==2.13.0
+	$(SGLANG_PY) -m pip install -q $(SGLANG_DEPS)
+	$(SGLANG_PY) -m pip install -q --no-deps $(SGLANG)
+	$(SGLANG_PY) -m pip install -q --no-deps -e .
+
+sglang-env: $(SGLANG_PY)
+
+test-sglang: $(STAMP) $(SGLANG_PY)
+	KVPROF_SGLANG_PYTHON=$(abspath $(SGLANG_PY)) $(PY) -m pytest -q -m sglang tests -s
 
 # What PyTorch's own reader prints for the snapshot fixtures (the tests' ground truth).
 TORCH_PY ?= $(VLLM_PY)
