@@ -78,6 +78,21 @@ _ctx = {"req": None, "batch": None, "evicting": 0, "pool": None, "step": 0}
 _last_state: dict = {}  # request id -> (filled, held) last written
 
 
+def _failed(exc) -> None:
+    """A probe that fails says why once and steps aside; it never raises into SGLang."""
+    w = runtime.writer
+    if w is not None and not _ctx.get("failed"):
+        _ctx["failed"] = True
+        w.error(f"sglang adapter: {exc!r} (later events of this process may be incomplete)")
+
+
+def _safely(fn, *args) -> None:
+    try:
+        fn(*args)
+    except Exception as exc:  # noqa: BLE001 - never into the target
+        _failed(exc)
+
+
 def _version() -> str:
     try:
         import sglang
@@ -232,6 +247,10 @@ class _Outer:
         try:
             if not _depth[0] and (_pending or _pending_cache):
                 _write_pending()
+        except Exception as exc:  # noqa: BLE001 - never into the target
+            _pending.clear()
+            _pending_cache.clear()
+            _failed(exc)
         finally:
             _ctx["req"] = self.prev
         return False
@@ -298,14 +317,8 @@ def _install_allocator(cls) -> None:
                 return orig(self, need_size, *a, **k)
             before = _free_view(self)
             out = orig(self, need_size, *a, **k)
-            if out is not None:
-                pages = _taken(self, before)
-                ps = _page[pool]
-                batch = _ctx["batch"]
-                sizes = None
-                if ps == 1 and batch is not None:  # token slots: the batch's tokens in order
-                    sizes = _ctx.get("sizes")
-                _split(pool, pages, sizes)
+            if out is not None:  # token slots: the batch's tokens in order; pages: one event
+                _safely(lambda: _split(pool, _taken(self, before), _ctx.get("sizes") if _page[pool] == 1 else None))
             return out
 
         return wrapper
@@ -318,9 +331,12 @@ def _install_allocator(cls) -> None:
             before = _free_view(self)
             out = orig(self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, *a, **k)
             if out is not None:
-                ps = _page[pool]
-                sizes = [-(-int(s) // ps) - -(-int(p) // ps) for p, s in zip(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist())]
-                _split(pool, _taken(self, before), sizes)
+                def write():
+                    ps = _page[pool]
+                    sizes = [-(-int(s) // ps) - -(-int(p) // ps) for p, s in zip(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist())]
+                    _split(pool, _taken(self, before), sizes)
+
+                _safely(write)
             return out
 
         return wrapper
@@ -333,9 +349,12 @@ def _install_allocator(cls) -> None:
             before = _free_view(self)
             out = orig(self, seq_lens, seq_lens_cpu, *a, **k)
             if out is not None:
-                ps = _page[pool]
-                sizes = [1 if (int(s) - 1) % ps == 0 else 0 for s in seq_lens_cpu.tolist()]
-                _split(pool, _taken(self, before), sizes)
+                def write():
+                    ps = _page[pool]
+                    sizes = [1 if (int(s) - 1) % ps == 0 else 0 for s in seq_lens_cpu.tolist()]
+                    _split(pool, _taken(self, before), sizes)
+
+                _safely(write)
             return out
 
         return wrapper
@@ -353,7 +372,7 @@ def _install_allocator(cls) -> None:
         def wrapper(self, *page_ids, **k):
             out = orig(self, *page_ids, **k)
             if runtime.writer is not None:
-                released(self, [int(i) for t in page_ids for i in t.tolist()])
+                _safely(lambda: released(self, [int(i) for t in page_ids for i in t.tolist()]))
             return out
 
         return wrapper
@@ -362,8 +381,8 @@ def _install_allocator(cls) -> None:
         def wrapper(self, free_index, *a, **k):
             grouped = getattr(self, "free_group", None) is not None
             out = orig(self, free_index, *a, **k)
-            if runtime.writer is not None and not grouped and free_index is not None and free_index.numel():
-                released(self, [int(i) for i in free_index.tolist()])
+            if runtime.writer is not None and not grouped and free_index is not None:
+                _safely(lambda: free_index.numel() and released(self, [int(i) for i in free_index.tolist()]))
             return out
 
         return wrapper
@@ -395,10 +414,13 @@ def _install_radix_cache(mod) -> None:
             before = getattr(self, "evictable_size_", None)
             out = orig(self, params, *a, **k)
             if before is not None and self.evictable_size_ > before:  # a new node: the request's pages now belong to the tree
-                node = getattr(out, "last_device_node", None)
-                pages = _pages(getattr(node, "value", None), _page[pool])
-                _cached(pool, pages)
-                _change(pool, pages, -1)
+                def write():
+                    node = getattr(out, "last_device_node", None)
+                    pages = _pages(getattr(node, "value", None), _page[pool])
+                    _cached(pool, pages)
+                    _change(pool, pages, -1)
+
+                _safely(write)
             return out
 
         return wrapper
@@ -409,9 +431,13 @@ def _install_radix_cache(mod) -> None:
                 pool = _pool_of_tree(self) if runtime.writer is not None else None
                 if pool is None or getattr(self, "disable", False):
                     return orig(self, node, *a, **k)
-                pages = _path_pages(self, node, _page[pool])
+                try:
+                    pages = _path_pages(self, node, _page[pool])
+                except Exception as exc:  # noqa: BLE001
+                    _failed(exc)
+                    return orig(self, node, *a, **k)
                 out = orig(self, node, *a, **k)
-                _change(pool, pages, d)
+                _safely(_change, pool, pages, d)
                 return out
 
             return wrapper
@@ -487,7 +513,7 @@ def _install_policy(mod) -> None:
             with _Outer(req.rid):
                 out = orig(self, req, *a, **k)
                 if len(self.can_run_list) > n0 and self.can_run_list[-1] is req:  # admitted
-                    _query(req, req.prefix_len)
+                    _safely(_query, req, req.prefix_len)
             return out
 
         return wrapper
@@ -554,28 +580,33 @@ def _install_schedule_batch(mod) -> None:
                 _ctx["step"] += 1
                 reqs = list(self.reqs)
                 prev = _ctx["batch"], _ctx.get("sizes")
-                _ctx["batch"] = [r.rid for r in reqs]
-                if decode:
-                    _ctx["sizes"] = [1] * len(reqs)
-                else:  # the tokens each request extends by, in batch order
-                    _ctx["sizes"] = [int(getattr(r, "extend_len", 0) or 0) for r in reqs]
+                try:
+                    _ctx["batch"] = [r.rid for r in reqs]
+                    # the tokens each request extends by, in batch order (decode: one each)
+                    _ctx["sizes"] = [1] * len(reqs) if decode else [int(getattr(r, "extend_len", 0) or 0) for r in reqs]
+                except Exception as exc:  # noqa: BLE001
+                    _ctx["batch"] = _ctx["sizes"] = None
+                    _failed(exc)
                 try:
                     with _Outer():
                         out = orig(self, *a, **k)
                 finally:
                     _ctx["batch"], _ctx["sizes"] = prev
-                ps = _page[pool]
-                for r in reqs:
-                    filled = int(getattr(r.kv, "kv_allocated_len", 0) or 0) if hasattr(r, "kv") else int(r.seqlen)
-                    state = (filled, -(-filled // ps))
-                    if _last_state.get(r.rid) != state:
-                        _last_state[r.rid] = state
-                        runtime.emit(K.REQ_STATE, pool, r.rid, state[0], state[1], ())
+                _safely(_states, pool, reqs)
                 return out
 
             return wrapper
 
         return make
+
+    def _states(pool, reqs):
+        ps = _page[pool]
+        for r in reqs:
+            filled = int(getattr(r.kv, "kv_allocated_len", 0) or 0) if hasattr(r, "kv") else int(r.seqlen)
+            state = (filled, -(-filled // ps))
+            if _last_state.get(r.rid) != state:
+                _last_state[r.rid] = state
+                runtime.emit(K.REQ_STATE, pool, r.rid, state[0], state[1], ())
 
     _hooks.patch(batch_cls, "prepare_for_extend", prepare(False))
     _hooks.patch(batch_cls, "prepare_for_decode", prepare(True))
