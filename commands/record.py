@@ -27,6 +27,7 @@ def run(
     torch_snapshot_at: list[str] = typer.Option(None, "--torch-snapshot-at", metavar="MARKER", help="--probe torch: also snapshot at each such marker (repeatable)."),
     torch_max_snapshots: int = typer.Option(20, "--torch-max-snapshots", metavar="N", help="--probe torch: most marker snapshots per process (exit and OOM snapshots always)."),
     nvml_interval: float = typer.Option(0.5, "--nvml-interval", metavar="S", help="--probe nvml: seconds between samples."),
+    ray_output: str = typer.Option(None, "--ray-output", metavar="DIR", help="Ray workers record into DIR, a directory every node reaches (default: the bundle); merge it with kvprof combine."),
 ):
     """Run a command and record its memory behaviour into a trace bundle."""
     import sys
@@ -77,7 +78,11 @@ def run(
     if "memray" in probes:
         options["memray"] = {"native": memray_native, "python_allocators": memray_python_allocators}
     result = record(command, output=output, probes=probes or None, module=module, force=force,
-                    pyspy_options={"rate": pyspy_rate, "native": pyspy_native}, probe_options=options or None)
+                    pyspy_options={"rate": pyspy_rate, "native": pyspy_native}, probe_options=options or None, ray_output=ray_output)
     if not quiet:
         sys.stderr.write(summary_line(result) + "\n")
+        ray = result.manifest.get("ray") or {}
+        if ray.get("output_processes"):  # Ray workers recorded apart (docs/distributed.md)
+            sys.stderr.write(f"kvprof: Ray workers: {ray['output_processes']['processes']} process(es) in {ray['output']}; "
+                             f"merge: kvprof combine OUT.kvprof {result.bundle} {ray['output']}\n")
     raise typer.Exit(result.exit_code)

@@ -25,6 +25,7 @@ from kvprof._shim import in_terminal_foreground
 from kvprof._version import __version__
 from kvprof.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, SIGNAL_BASE, RecordError, UsageError
 from kvprof.trace import format as fmt
+from kvprof.trace import hostinfo
 from kvprof.trace.atomic import write_json_atomic
 
 HOOK_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hook")
@@ -92,6 +93,7 @@ def _scan_processes(bundle: str) -> list[dict]:
                 "probes": probes if isinstance(probes, dict) else {},
                 "errors": errors if isinstance(errors, list) else [],
                 "records": sizes,
+                **{k: info[k] for k in ("host", "clock", "ray") if isinstance(info.get(k), dict)},  # docs/distributed.md
             }
         )
     starts = {p["pid"] for p in out}
@@ -508,6 +510,7 @@ def record(
     quiet: bool = False,
     pyspy_options: dict | None = None,
     probe_options: dict | None = None,
+    ray_output: str | None = None,
 ) -> RecordResult:
     from kvprof import probes as probe_registry
 
@@ -519,13 +522,14 @@ def record(
     if "markers" not in probes:
         probes.append("markers")
     bundle = os.path.abspath(output or default_output(argv, module))
+    ray_output = os.path.abspath(ray_output) if ray_output and os.path.abspath(ray_output) != bundle else None
     # the lock first: --force must not remove a bundle another recorder is writing
     with BundleLock(bundle):
-        return _record_locked(bundle, argv, probes, force, pyspy_options, probe_options)
+        return _record_locked(bundle, argv, probes, force, pyspy_options, probe_options, ray_output)
 
 
 def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
-                   pyspy_options: dict | None, probe_options: dict | None) -> RecordResult:
+                   pyspy_options: dict | None, probe_options: dict | None, ray_output: str | None = None) -> RecordResult:
     from kvprof import probes as probe_registry
 
     if os.path.lexists(bundle):
@@ -535,6 +539,10 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
             shutil.rmtree(bundle)
         else:
             raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
+    from kvprof.probes import ray as ray_probe
+
+    if ray_output:
+        ray_probe.prepare_output(ray_output, force, bundle)
     try:
         os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
     except OSError as exc:
@@ -547,7 +555,8 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         "command": argv,
         "cwd": os.getcwd(),
         "python": {"executable": sys.executable, "version": platform.python_version()},
-        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(), "boot_id": hostinfo.boot_id()},
+        "clock": {"wall_minus_mono_ns": {"start": hostinfo.wall_minus_mono_ns(), "end": None}},
         "start_time": time.time(),
         "start_ns": time.monotonic_ns(),
         "end_time": None,
@@ -571,6 +580,7 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         env[runtime.ENV_OPTIONS] = json.dumps(probe_options)
         manifest["probe_options"] = probe_options
     env["PYTHONPATH"] = HOOK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    manifest["ray"] = ray_probe.recorder_env(env, ray_output)  # Ray workers: through the job's runtime_env (docs/distributed.md)
 
     launch, pyspy = argv, None
     if "pyspy" in probes:
@@ -650,6 +660,11 @@ def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list
         if nvml is not None:
             manifest["probe_status"]["nvml"] = nvml.stop()
         manifest.update({"end_time": time.time(), "end_ns": time.monotonic_ns(), "target": outcome})
+        manifest["clock"]["wall_minus_mono_ns"]["end"] = hostinfo.wall_minus_mono_ns()
+        if (manifest.get("ray") or {}).get("output"):
+            from kvprof.probes import ray as ray_probe
+
+            manifest["ray"]["output_processes"] = ray_probe.finish_output(manifest["ray"]["output"], _scan_processes)
         manifest["processes"] = _scan_processes(bundle)
         manifest["probe_cost"] = _probe_cost(bundle, manifest["processes"], probes)
         reasons = _incomplete_reasons(bundle, manifest["processes"])

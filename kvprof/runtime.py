@@ -63,6 +63,12 @@ def start_from_env() -> None:
         except ValueError:
             sys.stderr.write(f"kvprof: ignoring malformed {ENV_OPTIONS}\n")
     try:
+        argv = getattr(sys, "argv", None) or [""]
+        if "ray" in str(argv[0]):  # Ray's own daemons are not recorded; its workers when their job is (probes/ray.py)
+            from kvprof.probes import ray as ray_probe
+
+            if not ray_probe.prepare_worker(bundle, argv):
+                return
         start(bundle, probes)
     except Exception as exc:  # never break the target
         sys.stderr.write(f"kvprof: recording disabled in pid {os.getpid()}: {exc}\n")

@@ -117,10 +117,11 @@ class PoolInfo:
     bytes_per_block: int | None = None
     clock: str = "monotonic"
     extra: dict = field(default_factory=dict)
+    node: str | None = None  # the node (host) of its process, in a bundle that spans several
 
     @property
     def label(self) -> str:
-        return f"{self.name}@{self.pid}"
+        return f"{self.name}@{self.node}:{self.pid}" if self.node else f"{self.name}@{self.pid}"
 
 
 def pool_from_record(rec: dict, index: int, pid: int, where: str) -> PoolInfo:
@@ -234,6 +235,8 @@ class ProcessData:
         names = set(os.listdir(directory))
         self.version = 2 if (stage.CHUNKS in names or any(n.startswith(stage.STAGE_PREFIX) for n in names)) else 1
         self._small: dict | None = None  # markers, gc pauses, heap snapshots, once a pass has read them
+        self.clock_shift = 0  # ns added to its monotonic times (set_clock_shift)
+        self.node: tuple = (None, None)  # (node key, node name) in a bundle of several nodes
         self._read_meta()
 
     # -- side records -------------------------------------------------------------------
@@ -411,10 +414,59 @@ class ProcessData:
         self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "
                            f"the {size - pos:,} bytes after it are not read")
 
+    # -- clocks: a bundle of several hosts (kvprof/trace/hostinfo.py) -------------------------
+    def set_clock_shift(self, ns: int) -> None:
+        """Put this process's monotonic times on the bundle's timeline (ns added to each);
+        events of pools on a simulated clock stay on it.  Before anything is read."""
+        self.clock_shift = int(ns)
+        if not ns:
+            return
+        self._life = (self.start_ns, _int(self.info.get("end_ns"), 0, (1 << 63) - 1))  # on its own clock
+        self.start_ns += ns
+        for key in ("start_ns", "end_ns"):
+            if _int(self.info.get(key), 0, (1 << 63) - 1) is not None:
+                self.info[key] += ns
+        for rec in [*self.notes, *self.pools]:
+            if _int(rec.get("t"), 0, (1 << 63) - 1) is not None and not (rec.get("type") == "pool" and rec.get("clock") == "simulated"):
+                rec["t"] += ns
+
+    def _simulated_pools(self) -> list[int]:
+        return [int(p.get("pool")) for p in self.pools if p.get("clock") == "simulated" and _int(p.get("pool"), 0, 1 << 16) is not None]
+
+    def _shift_rows(self, rows: np.ndarray) -> np.ndarray:
+        rows = rows.copy()
+        sim = self._simulated_pools()
+        if sim:
+            rows["t"][~np.isin(rows["pool"], sim)] += self.clock_shift
+        else:
+            rows["t"] += self.clock_shift
+        return rows
+
+    def _shift_small(self) -> None:
+        if not self.clock_shift:
+            return
+        small = self._small
+        marks = small["marks"].copy()
+        if self._simulated_pools():  # markers of a simulated pool (Pool.mark) are on its clock: those outside the process's life stay
+            lo, hi = self._life
+            marks["t"][(marks["t"] >= lo) & (marks["t"] <= (hi if hi is not None else np.iinfo(np.int64).max))] += self.clock_shift
+        else:
+            marks["t"] += self.clock_shift
+        gc, (snaps, sites) = small["gc"].copy(), small["heap"]
+        gc["t"] += self.clock_shift
+        snaps = snaps.copy()
+        snaps["t"] += self.clock_shift
+        self._small = {"marks": marks, "gc": gc, "heap": (snaps, sites)}
+
     # -- block events -------------------------------------------------------------------------
     def block_pieces(self):
-        """(rows of BLOCK_EVENT_DTYPE, ids) in the order written, bounded pieces; the small
-        streams seen on the way are kept (version 2 interleaves them with block events)."""
+        """(rows of BLOCK_EVENT_DTYPE, ids) in the order written, bounded pieces, on the
+        bundle's timeline; the small streams seen on the way are kept (version 2
+        interleaves them with block events)."""
+        for rows, ids in self._block_pieces():
+            yield (self._shift_rows(rows) if self.clock_shift else rows), ids
+
+    def _block_pieces(self):
         if self.version == 1:
             yield from self._v1_block_pieces()
             self._small_v1()
@@ -519,6 +571,7 @@ class ProcessData:
         if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
             sites = sites[np.isin(sites["seq"], snaps["seq"])]  # rows of a snapshot lost in a crash
         self._small = {"marks": cat(small["marks"], fmt.MARK_DTYPE), "gc": cat(small["gc"], fmt.GC_DTYPE), "heap": (snaps, sites)}
+        self._shift_small()
 
     def _small_v1(self) -> None:
         if self._small is not None:
@@ -529,6 +582,7 @@ class ProcessData:
         if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
             sites = sites[np.isin(sites["seq"], snaps["seq"])]
         self._small = {"marks": rd("marks.bin", fmt.MARK_DTYPE), "gc": rd("gc.bin", fmt.GC_DTYPE), "heap": (snaps, sites)}
+        self._shift_small()
 
     def _load_small(self) -> dict:
         if self._small is None:
@@ -651,6 +705,7 @@ class Bundle:
                 d = os.path.join(procs_dir, name)
                 if os.path.isdir(d) and not os.path.islink(d) and os.path.exists(os.path.join(d, fmt.PROCESS_JSON)):
                     self.processes.append(ProcessData(d, self))
+        self.clock = align_clocks(self.manifest, self.processes)
         self.processes.sort(key=lambda p: p.start_ns)
         self.notes: list[str] = []
         self._declare_pools()
@@ -666,6 +721,7 @@ class Bundle:
             local = {}
             for rec in proc.pools:
                 info = pool_from_record(rec, len(self.pools), proc.pid, proc.dir)
+                info.node = proc.node[1]
                 if info.local_index in local:
                     raise BundleError(f"bad pool record in {proc.dir}: pool {info.local_index} declared twice")
                 local[info.local_index] = info.index
@@ -914,6 +970,23 @@ class _Sorted:
         if len(out):
             self.released = int(out.t[-1])
         return out
+
+
+def align_clocks(manifest: dict, processes: list) -> dict:
+    """Processes recorded on several hosts on one timeline (kvprof/trace/hostinfo.py
+    clock_shifts), and each process's node when they span several; returns the summary
+    (reference clock, per host its offset, shift and spread)."""
+    from kvprof.trace import hostinfo
+
+    infos = [p.info for p in processes]
+    shifts, summary = hostinfo.clock_shifts(manifest, infos)
+    for proc, ns in zip(processes, shifts):
+        proc.set_clock_shift(ns)
+    nodes = hostinfo.node_keys(infos)
+    if len({k for k, _ in nodes if k is not None}) > 1:
+        for proc, node in zip(processes, nodes):
+            proc.node = node
+    return summary
 
 
 def open_bundle(path: str) -> Bundle:

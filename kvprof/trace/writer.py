@@ -33,7 +33,7 @@ import zlib
 
 from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
 from kvprof.trace import format as fmt
-from kvprof.trace import stage
+from kvprof.trace import hostinfo, stage
 from kvprof.trace.atomic import write_text
 
 TICK_S = 0.1  # the writer thread's period (the SIGTERM rescue's too)
@@ -127,6 +127,7 @@ class ProcessWriter:
             "format": "stage+chunks",
             "probes": {name: {"status": "requested"} for name in probes},
             "errors": [],
+            **hostinfo.process_fields(getattr(sys, "argv", None)),  # host, clock offset, Ray node: docs/distributed.md
         }
         self._strings: dict[str, int] = {}
         self._in_meta: set = set()  # string ids declared in meta.jsonl (the rest are staged records)
@@ -490,6 +491,7 @@ class ProcessWriter:
         self._fds.clear()
         self.info["end_ns"] = time.monotonic_ns()
         self.info["end_time"] = time.time()
+        self.info["clock"]["wall_minus_mono_ns"]["end"] = hostinfo.wall_minus_mono_ns()
         self.info["counts"] = dict(self.counts)
         if self.dropped:
             self.info["dropped"] = self.dropped
