@@ -62,6 +62,16 @@ REGISTRY: dict[str, Metric] = {
         _M("blocks.leaked_blocks", "blocks", "lower", "end of run", "Blocks still in use at the end after every request that referenced them finished (all in-use blocks when no request is live)."),
         _M("blocks.in_use_at_idle", "blocks", "lower", "idle points", "Most in-use blocks seen while no request was live."),
         _M("blocks.refcount_errors", "count", "lower", "whole run", "Ref-count imbalances: frees of blocks not in use, allocations of blocks in use."),
+        # -- fleet: pools on several nodes or in several processes (kvprof/analysis/fleet.py) -----
+        _M("fleet.nodes", "count", None, "whole run", "Nodes the recorded processes ran on: Ray nodes, else hosts."),
+        _M("fleet.engines", "count", None, "whole run", "Engines: block pools, each a replica's KV cache."),
+        _M("fleet.peak_blocks.sum", "blocks", "lower", "at peak", "Each engine's peak in-use blocks, summed over engines (the peaks need not coincide)."),
+        _M("fleet.peak_blocks.simultaneous", "blocks", "lower", "at peak", "Most blocks in use at one moment across all engines, on the timeline aligned across hosts; none when pools run on clocks of their own."),
+        _M("fleet.peak_blocks.max_node", "blocks", "lower", "at peak", "The largest per-node sum of its engines' peak blocks."),
+        _M("fleet.peak_blocks.imbalance", "ratio", "lower", "at peak", "The largest engine peak / the mean engine peak: 1 when replicas peak alike."),
+        _M("fleet.prefix_cache.hit_rate", "ratio", "higher", "whole run", "Hit tokens / query tokens over every engine of the fleet."),
+        _M("fleet.prefix_cache.min_engine_hit_rate", "ratio", "higher", "whole run", "The lowest prefix-cache hit rate of an engine that looked up tokens: the coldest replica."),
+        _M("fleet.preemptions", "count", "lower", "whole run", "Requests preempted, over every engine of the fleet."),
         # -- NVML (--probe nvml) -----------------------------------------------------------------
         _M("nvml.used_peak_bytes", "bytes", "lower", "whole run", "Most memory NVML saw in use on one GPU (all processes), sampled by the recorder.", noisy=True),
         _M("nvml.used_peak_ratio", "ratio", "lower", "whole run", "nvml.used_peak_bytes / that GPU's total memory.", noisy=True),

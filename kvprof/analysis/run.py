@@ -15,7 +15,7 @@ from kvprof.errors import BundleError, UsageError
 # with bounds = (t0, t1) or None (a Window, whose .label names it), after the one pass over
 # the block events (its result is ``bundle.block_pass``), and returns a SectionResult, or
 # None when the bundle holds no data for it.
-SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.analysis.heap:section", "kvprof.analysis.gc:section",
+SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.analysis.fleet:section", "kvprof.analysis.heap:section", "kvprof.analysis.gc:section",
                                 "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
 
 

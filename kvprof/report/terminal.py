@@ -28,6 +28,7 @@ HEADLINE = [
 # Renderers of other sections, as section name -> "module:function"; each is
 # called as function(console, section_dict, result) after the block-pool part.
 SECTION_RENDERERS: dict[str, str] = {
+    "fleet": "kvprof.report.fleet_terminal:render",
     "torch": "kvprof.report.torch_terminal:render",
     "heap": "kvprof.report.heap_terminal:render",
     "gc": "kvprof.report.gc_terminal:render",
