@@ -23,6 +23,7 @@ COMMANDS = [
     ("whatif", "whatif"),
     ("report", "report"),
     ("export", "export"),
+    ("combine", "combine"),
     ("demo", "demo"),
 ]
 
