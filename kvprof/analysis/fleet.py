@@ -52,11 +52,15 @@ def section(bundle, bounds) -> SectionResult | None:
     nodes_of_procs = {_node_of(p, bundle) for p in bundle.processes}
     if bp is None or not bp.per_pool or len(owners) != len(bp.per_pool):
         return None
-    if len({id(p) for p in owners}) < 2 and len(nodes_of_procs) < 2:
+    # a pool that saw no event is no engine: a forked child re-declares its parent's pools,
+    # and one that only ran exec (subprocess with a preexec_fn: Ray's daemons) never uses them
+    used = [i for i in range(len(owners)) if bp.pool_calls.get(i)]
+    if len({id(owners[i]) for i in used}) < 2 and len(nodes_of_procs) < 2:
         return None  # one process's pools on one node: the blocks section says it all
     window = getattr(bounds, "label", None)
     engines = []
-    for info, a, proc in zip(bundle.pools, bp.per_pool, owners):
+    for i in used:
+        info, a, proc = bundle.pools[i], bp.per_pool[i], owners[i]
         key, name = _node_of(proc, bundle)
         engines.append({"label": info.label, "engine": info.engine, "node": name, "node_key": key, "pid": info.pid,
                         "num_blocks": info.num_blocks, "capacity": a.capacity, "clock": info.clock, "peak_blocks": a.peak_blocks,
