@@ -76,7 +76,8 @@ def bundle_events(path: str, progress=None) -> list:
     out: list = []
     for proc in bundle.processes:
         role = proc.info.get("role") or "process"
-        out.append({"name": "process_name", "ph": "M", "pid": proc.pid, "tid": proc.pid, "args": {"name": f"{role} {proc.pid}"}})
+        where = f" on {proc.node[1]}" if getattr(proc, "node", (None, None))[1] else ""  # a bundle of several nodes
+        out.append({"name": "process_name", "ph": "M", "pid": proc.pid, "tid": proc.pid, "args": {"name": f"{role} {proc.pid}{where}"}})
     for p in bundle.pools:
         clock = p.clock if p.clock in origin else "monotonic"
         label = p.label if clock == "monotonic" else f"{p.label} ({clock} clock)"
