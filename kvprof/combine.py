@@ -68,7 +68,7 @@ def _open_parts(out: str, parts: list[str]) -> list:
         for proc in b.processes:
             key = (hostinfo.clock_domain(proc.info), proc.pid, proc.start_ns - proc.clock_shift)
             if key in owner and owner[key] is not b:
-                host = (proc.info.get("host") or {}).get("hostname") or "an unknown host"
+                host = hostinfo.hostname(proc.info) or "an unknown host"
                 raise UsageError(f"{owner[key].path} and {b.path} hold the same process (pid {proc.pid} on {host}): "
                                  "the same recording given twice?")
             owner[key] = b
@@ -128,7 +128,7 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
     part_of: dict = {}  # new dir name -> part index
     for i, b in enumerate(opened):
         for proc in b.processes:
-            host = _safe((proc.info.get("host") or {}).get("hostname") or (b.manifest.get("host") or {}).get("hostname") or f"part{i}")
+            host = _safe(hostinfo.hostname(proc.info) or hostinfo.hostname(b.manifest) or f"part{i}")
             base = os.path.basename(proc.dir)
             name = base if base.startswith(host + "-") else f"{host}-{base}"
             n = 2
@@ -140,7 +140,7 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
         extras = [e for e in sorted(os.listdir(b.path)) if e not in _SKIP_TOP and not e.startswith(".")]
         for e in extras:  # the reference's py-spy profile and NVML samples stay where the analysis reads them
             src = os.path.join(b.path, e)
-            dst = os.path.join(tmp, e) if i == ref_i else os.path.join(tmp, "parts", f"{i}-{_safe((b.manifest.get('host') or {}).get('hostname') or 'host')}", e)
+            dst = os.path.join(tmp, e) if i == ref_i else os.path.join(tmp, "parts", f"{i}-{_safe(hostinfo.hostname(b.manifest) or 'host')}", e)
             if os.path.isdir(src) and not os.path.islink(src):
                 _copy_tree(src, dst, skipped)
             elif os.path.isfile(src) and not os.path.islink(src):
@@ -185,7 +185,7 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
         "combined": {
             "at": time.time(),
             "reference_part": ref_i,
-            "parts": [{"path": b.path, "status": b.manifest.get("status"), "host": (b.manifest.get("host") or {}).get("hostname"),
+            "parts": [{"path": b.path, "status": b.manifest.get("status"), "host": hostinfo.hostname(b.manifest),
                        "processes": len(b.processes), "start_time": b.manifest.get("start_time"), "end_time": b.manifest.get("end_time"),
                        "command": b.manifest.get("command")} for b in opened],
         },
@@ -196,12 +196,12 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
     for p in processes:
         d = hostinfo.clock_domain(p)
         if d is not None:
-            names.setdefault(d, (p.get("host") or {}).get("hostname") or d)
+            names.setdefault(d, hostinfo.hostname(p) or d)
     for h in hosts:
         d = hostinfo.clock_domain(h)
         if d is not None:
-            names.setdefault(d, (h.get("host") or {}).get("hostname") or d)
-    unaligned = sorted({(p.get("host") or {}).get("hostname") or "unknown" for p in processes if hostinfo.clock_domain(p) not in table["domains"]})
+            names.setdefault(d, hostinfo.hostname(h) or d)
+    unaligned = sorted({hostinfo.hostname(p) or "unknown" for p in processes if hostinfo.clock_domain(p) not in table["domains"]})
     return {
         "parts": len(opened),
         "processes": len(processes),

@@ -199,3 +199,28 @@ def test_record_ray_output_makes_a_part_and_says_how_to_combine(tmp_path):
     assert r.returncode == 2 and "--ray-output exists" in r.stderr
     r = run_kvprof("record", "-o", str(tmp_path / "x.kvprof"), "--ray-output", str(tmp_path / "x.kvprof" / "in"), "--", sys.executable, "-c", "pass")
     assert r.returncode == 2 and "apart from the bundle" in r.stderr
+
+
+def test_hostile_host_and_clock_fields_are_read_as_no_alignment(tmp_path):
+    """A bundle is untrusted input: host and clock fields of the wrong types or impossible
+    values leave the times as recorded, never a traceback."""
+    out = tmp_path / "h.kvprof"
+    two = SCRIPT + "import subprocess, sys\nif len(sys.argv) < 2: subprocess.run([sys.executable, __file__, 'child'], check=True)\n"
+    (tmp_path / "two.py").write_text(two)
+    assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(tmp_path / "two.py")).returncode == 0
+    man = json.load(open(out / "manifest.json"))
+    man["clock"] = {"hosts": 7, "reference": ["x"], "wall_minus_mono_ns": {"start": 10**40}}
+    json.dump(man, open(out / "manifest.json", "w"))
+    hostile = [{"host": {"hostname": 5, "boot_id": "other"}, "clock": {"wall_minus_mono_ns": {"start": -(10**30), "end": "x"}}, "ray": [1]},
+               {"host": [1], "clock": 3, "ray": {"node_id": 7}}]
+    for proc_dir, fields in zip(sorted((out / "procs").iterdir()), hostile):
+        info = json.load(open(proc_dir / "process.json"))
+        info.update(fields)
+        json.dump(info, open(proc_dir / "process.json", "w"))
+    b = Bundle(str(out))
+    assert [p.clock_shift for p in b.processes] == [0, 0] and len(b.block_stream()) == 4
+    r = run_kvprof("analyze", str(out))
+    assert r.returncode == 0, r.stderr
+    assert "Fleet" in r.stdout  # two engines in two processes
+    r = run_kvprof("combine", str(tmp_path / "c.kvprof"), str(out))
+    assert r.returncode == 0, r.stderr

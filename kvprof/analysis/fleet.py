@@ -21,6 +21,7 @@ hit rate lies between its engines' lowest and highest.
 from __future__ import annotations
 
 from kvprof.analysis.results import Finding, SectionResult, metric_entry
+from kvprof.trace import hostinfo
 
 IMBALANCE_FINDING = 1.5  # an engine's peak this many times the engines' mean is said
 CLOCK_SPREAD_FINDING_S = 0.01  # a host whose offsets to wall time moved this much during the run
@@ -42,7 +43,7 @@ def _node_of(proc, bundle) -> tuple[str, str]:
     key, name = proc.node
     if key is not None:
         return key, name
-    host = (proc.info.get("host") or {}).get("hostname") or (bundle.manifest.get("host") or {}).get("hostname") or "local"
+    host = hostinfo.hostname(proc.info) or hostinfo.hostname(bundle.manifest) or "local"
     return f"host:{host}", str(host).split(".")[0]
 
 
@@ -70,16 +71,14 @@ def section(bundle, bounds) -> SectionResult | None:
     nodes: dict = {}
     for proc in bundle.processes:
         key, name = _node_of(proc, bundle)
-        n = nodes.setdefault(key, {"node": name, "hostname": (proc.info.get("host") or {}).get("hostname"), "ray_node_id": None,
+        n = nodes.setdefault(key, {"node": name, "hostname": hostinfo.hostname(proc.info), "ray_node_id": None,
                                    "processes": 0, "pids": [], "engines": 0, "capacity": 0, "peak_blocks_sum": 0,
                                    "query_tokens": 0, "hit_tokens": 0, "preemptions": 0, "clock_shift_s": None, "clock_spread_s": None})
         n["processes"] += 1
         n["pids"].append(proc.pid)
-        ray_node = (proc.info.get("ray") or {}).get("node_id")
+        ray_node = hostinfo.ray_node(proc.info)
         if ray_node == key:
             n["ray_node_id"] = ray_node
-        from kvprof.trace import hostinfo
-
         dom = domains.get(hostinfo.clock_domain(proc.info))
         if dom is not None:
             n["clock_shift_s"], n["clock_spread_s"] = dom["shift_ns"] / 1e9, dom["spread_ns"] / 1e9

@@ -180,6 +180,7 @@ def finish_output(path: str, scan) -> dict:
     """At the end of ``record``: the part's manifest lists its processes (``scan(path)``,
     the recorder's own listing); returns {"processes", "hosts"} for the closing line."""
     from kvprof.trace import format as fmt
+    from kvprof.trace import hostinfo
     from kvprof.trace.atomic import write_json_atomic
     from kvprof.trace.reader import load_json_file
 
@@ -195,7 +196,7 @@ def finish_output(path: str, scan) -> dict:
         write_json_atomic(mpath, man)
     except OSError:
         pass
-    hosts = {(p.get("host") or {}).get("hostname") for p in procs} - {None}
+    hosts = {hostinfo.hostname(p) for p in procs} - {None}
     return {"processes": len(procs), "hosts": len(hosts)}
 
 

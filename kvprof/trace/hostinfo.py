@@ -77,6 +77,20 @@ def process_fields(argv) -> dict:
     return out
 
 
+def hostname(info) -> str | None:
+    """The hostname a process record or manifest names (None when it names none, or not as text)."""
+    h = info.get("host") if isinstance(info, dict) else None
+    v = h.get("hostname") if isinstance(h, dict) else None
+    return v if isinstance(v, str) and v else None
+
+
+def ray_node(info) -> str | None:
+    """The Ray node id a process record names."""
+    r = info.get("ray") if isinstance(info, dict) else None
+    v = r.get("node_id") if isinstance(r, dict) else None
+    return v if isinstance(v, str) and v else None
+
+
 def clock_domain(info) -> str | None:
     """The identity of the monotonic clock a process (or a manifest) recorded with: its
     boot id, else its hostname; None when it says neither (kvprof before 0.2)."""
@@ -96,7 +110,8 @@ def offsets(info) -> list[int]:
     w = clock.get("wall_minus_mono_ns") if isinstance(clock, dict) else None
     if not isinstance(w, dict):
         return []
-    return [int(v) for v in (w.get("start"), w.get("end")) if isinstance(v, int) and not isinstance(v, bool)]
+    # a bundle is untrusted input: an offset no clock gives (beyond +-2**62 ns, 146 years) is left out
+    return [int(v) for v in (w.get("start"), w.get("end")) if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 62]
 
 
 def median_offsets(sources) -> dict:
@@ -123,7 +138,8 @@ def clock_shifts(manifest: dict, infos: list) -> tuple[list[int], dict]:
     offsets to wall time; one whose host or offsets are unknown stays where it is.
     Returns the shifts and a summary (reference, and per domain its offset, shift, spread)."""
     clock = manifest.get("clock") if isinstance(manifest.get("clock"), dict) else {}
-    hosts = [h for h in clock.get("hosts") or [] if isinstance(h, dict)]  # a combined bundle's parts
+    hosts = clock.get("hosts") if isinstance(clock.get("hosts"), list) else []
+    hosts = [h for h in hosts if isinstance(h, dict)]  # a combined bundle's parts
     table = median_offsets([manifest, *hosts, *infos])
     ref = clock.get("reference") if isinstance(clock.get("reference"), str) else clock_domain(manifest)
     if ref not in table:
@@ -141,16 +157,6 @@ def node_keys(infos: list) -> list:
     """Per process, (node key, node name): its Ray node when it was a Ray process, else its
     host; a host with a single Ray node counts as that node.  Names are hostnames, with the
     start of the Ray node id when several nodes share one (Ray's local test clusters)."""
-    def ray_node(info):
-        r = info.get("ray") if isinstance(info.get("ray"), dict) else {}
-        v = r.get("node_id")
-        return v if isinstance(v, str) and v else None
-
-    def hostname(info):
-        h = info.get("host") if isinstance(info.get("host"), dict) else {}
-        v = h.get("hostname")
-        return v if isinstance(v, str) and v else None
-
     ray_nodes_of: dict = {}
     for info in infos:
         if ray_node(info):
