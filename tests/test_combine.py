@@ -133,8 +133,12 @@ def test_fleet_totals_of_the_combined_bundle(parts, tmp_path):
     assert mt["fleet.peak_blocks.sum"] == 10 + 3 + 2
     assert mt["fleet.peak_blocks.simultaneous"] is None, "a simulated pool has no common timeline"
     assert mt["fleet.prefix_cache.hit_rate"] == pytest.approx((10 * 16 + 3 * 16) / ((20 + 6) * 32))
-    # compare, report and export take it like any bundle
+    # compare, report and export take it like any bundle; compare gates the fleet's metrics
     assert run_kvprof("compare", str(out), str(out)).returncode == 0
+    budget = tmp_path / "budget.toml"
+    budget.write_text('[budgets]\n"fleet.prefix_cache.min_engine_hit_rate" = { min = 0.9 }\n')
+    r = run_kvprof("analyze", str(out), "--budget", str(budget))
+    assert r.returncode == 1 and "fleet.prefix_cache.min_engine_hit_rate" in r.stdout + r.stderr
     r = run_kvprof("export", str(out), "--format", "perfetto", "-o", str(tmp_path / "t.json"))
     assert r.returncode == 0, r.stderr
     r = run_kvprof("report", str(out), "-o", str(tmp_path / "r.html"), "--no-whatif", timeout=300)
