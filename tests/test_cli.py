@@ -33,7 +33,7 @@ def test_analyze_terminal_report_fits_80_columns(demo):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80
-    for needle in ("usage.high_watermark", "internal_fragmentation.time_weighted", "Block map at the high watermark", "Block-size what-if", "Findings", "preemptions"):
+    for needle in ("usage.high_watermark", "internal_fragmentation.time_weighted", "Block map at the high watermark", "Block-size rounding", "Findings", "preemptions"):
         assert needle in r.stdout
 
 
