@@ -630,6 +630,50 @@ def record(
         return _record_locked(bundle, argv, probes, force, pyspy_options, probe_options)
 
 
+def new_manifest(argv: list[str], probes: list[str]) -> dict:
+    """A bundle's first manifest (status "recording"), as the recorder writes it before the
+    target starts."""
+    from kvprof import probes as probe_registry
+
+    return {
+        "format": fmt.FORMAT_NAME,
+        "format_version": fmt.FORMAT_VERSION,
+        "kvprof_version": __version__,
+        "status": "recording",
+        "command": argv,
+        "cwd": os.getcwd(),
+        "python": {"executable": sys.executable, "version": platform.python_version()},
+        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
+        "start_time": time.time(),
+        "start_ns": time.monotonic_ns(),
+        "end_time": None,
+        "probes": {p: probe_registry.PROBES[p][1] for p in probes},
+        "recorder_pid": os.getpid(),
+    }
+
+
+def start_session_bundle(bundle: str, argv: list[str], probes: list[str]) -> dict:
+    """Create the bundle of a recording made inside a running process (kvprof.runtime
+    start_session): its directory, replacing a bundle already there, and its first
+    manifest.  The manifest, to be finished by finish_session_bundle."""
+    if os.path.lexists(bundle):
+        if os.path.isdir(bundle) and not os.path.islink(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
+            shutil.rmtree(bundle)
+        else:
+            raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
+    os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
+    manifest = new_manifest(argv, probes)
+    manifest["session"] = {"pid": os.getpid()}  # recorded from inside this process, not by a recorder around it
+    write_json_atomic(os.path.join(bundle, fmt.MANIFEST), manifest)
+    return manifest
+
+
+def finish_session_bundle(bundle: str, manifest: dict, probes: list[str], outcome: dict) -> dict:
+    """The final manifest of a session's bundle, as `kvprof record` writes it at the end."""
+    _finish(bundle, os.path.join(bundle, fmt.MANIFEST), manifest, outcome, probes, None, None)
+    return manifest
+
+
 def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
                    pyspy_options: dict | None, probe_options: dict | None) -> RecordResult:
     from kvprof import probes as probe_registry
@@ -645,21 +689,7 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
     except OSError as exc:
         raise UsageError(f"cannot create bundle {bundle}: {exc.strerror}") from None
-    manifest = {
-        "format": fmt.FORMAT_NAME,
-        "format_version": fmt.FORMAT_VERSION,
-        "kvprof_version": __version__,
-        "status": "recording",
-        "command": argv,
-        "cwd": os.getcwd(),
-        "python": {"executable": sys.executable, "version": platform.python_version()},
-        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count()},
-        "start_time": time.time(),
-        "start_ns": time.monotonic_ns(),
-        "end_time": None,
-        "probes": {p: probe_registry.PROBES[p][1] for p in probes},
-        "recorder_pid": os.getpid(),
-    }
+    manifest = new_manifest(argv, probes)
     mpath = os.path.join(bundle, fmt.MANIFEST)
     try:
         write_json_atomic(mpath, manifest)

@@ -48,7 +48,7 @@ def value(v, unit: str) -> str:
         return f"{v:.2f} s"
     if unit == "bytes":
         return bytes_(v)
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1):
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
         text = f"{int(v):,}"
     else:
         text = f"{v:,.2f}"
