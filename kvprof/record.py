@@ -179,6 +179,33 @@ def _how_ended(processes: list[dict], outcome: dict | None, received: list[int] 
             q = by_pid.get(q.get("ppid"))
 
 
+STRAGGLER_WAIT_S = 2.0
+
+
+def _wait_for_stragglers(bundle: str, timeout: float = STRAGGLER_WAIT_S) -> None:
+    """Recorded processes that outlive the target by a moment (multiprocessing's resource
+    tracker, which exits once its pipe closes, after a leak report) would be listed as
+    still running: wait for them to end, up to ``timeout`` seconds, whatever runs on."""
+    deadline = time.monotonic() + timeout
+    procs = os.path.join(bundle, fmt.PROCS_DIR)
+    try:
+        names = os.listdir(procs)
+    except OSError:
+        return
+    waiting = []
+    for name in names:
+        try:
+            with open(os.path.join(procs, name, fmt.PROCESS_JSON), "rb") as fh:
+                info = json.loads(fh.read(1 << 20))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("end_ns") is None and _still_running(info.get("pid"), info.get("start_time")):
+            waiting.append((info.get("pid"), info.get("start_time")))
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+        waiting = [w for w in waiting if _still_running(*w)]
+
+
 def _ended_in_order(outcome: dict | None, received: list[int] | None) -> bool:
     if not outcome or not outcome.get("started"):
         return False
@@ -787,6 +814,7 @@ def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list
         if nvml is not None:
             manifest["probe_status"]["nvml"] = nvml.stop()
         manifest.update({"end_time": time.time(), "end_ns": time.monotonic_ns(), "target": outcome})
+        _wait_for_stragglers(bundle)
         manifest["processes"] = _scan_processes(bundle, manifest.get("command"), outcome, received)
         manifest["probe_cost"] = _probe_cost(bundle, manifest["processes"], probes)
         reasons = _incomplete_reasons(bundle, manifest["processes"])
