@@ -703,8 +703,6 @@ def finish_session_bundle(bundle: str, manifest: dict, probes: list[str], outcom
 
 def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
                    pyspy_options: dict | None, probe_options: dict | None) -> RecordResult:
-    from kvprof import probes as probe_registry
-
     if os.path.lexists(bundle):
         if not force:
             raise UsageError(f"output exists: {bundle} (use --force to replace it)")

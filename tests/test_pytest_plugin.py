@@ -4,7 +4,6 @@ summary; budgets from pyproject; pytest-xdist; the kept bundle opens with kvprof
 
 import json
 import os
-import sys
 
 import pytest
 
