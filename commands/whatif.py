@@ -26,7 +26,7 @@ def run(
     pool: str = typer.Option(None, "--pool", metavar="LABEL", help="The pool to replay (default: the busiest)."),
     bytes_per_token: float = typer.Option(None, "--bytes-per-token", help="KV bytes per token (layers × KV heads × head size × dtype bytes × 2), when the bundle does not say."),
     metadata_bytes: int = typer.Option(64, "--metadata-bytes", help="Bookkeeping bytes per block for the block-size advice."),
-    jobs: int = typer.Option(None, "--jobs", "-j", help="Worker processes (default: all cores)."),
+    jobs: int = typer.Option(None, "--jobs", "-j", help="Configurations replayed at once, in threads (default: all cores)."),
     json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the result (sections.whatif of schema kvprof.analysis/1) to FILE ('-': stdout)."),
     width: int = typer.Option(None, "--width", metavar="COLUMNS", min=40, help="Report width."),
 ):

@@ -362,7 +362,7 @@ def emit(kind: int, pool: int, req=None, arg: int = 0, arg2: int = 0, ids=None, 
     w = writer
     if w is None:
         return
-    w.block(now() if t is None else t, kind, pool, -1 if req is None else w.intern(req), arg, arg2, ids or ())
+    w.block(now() if t is None else t, kind, pool, -1 if req is None else w.intern_request(req), arg, arg2, ids or ())
 
 
 def mark(name: str, value: int = 0, t: int | None = None) -> None:

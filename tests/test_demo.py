@@ -54,10 +54,41 @@ def test_leak_knob_and_block_size_show_up(tmp_path):
     assert big["blocks.internal_fragmentation.time_weighted"] > small["blocks.internal_fragmentation.time_weighted"]
 
 
-@pytest.mark.parametrize("policy", ["lru", "lifo", "first-fit"])
-def test_policies_run_and_differ_in_placement(policy):
-    stats = run_demo(DemoConfig(requests=80, policy=policy))
-    assert stats.finished == 80
+def _allocations(bundle):
+    """(block ids taken by each allocation, in order) and the free blocks before each, from the
+    recorded stream, replayed: what each policy chose among what was free."""
+    from kvprof.trace.format import EventKind as K
+    from kvprof.trace.reader import Bundle
+
+    s = Bundle(str(bundle)).block_stream()
+    off = s.offsets
+    ref = {}
+    free_before, taken = [], []
+    for i in range(len(s)):
+        ids = s.ids[off[i] : off[i + 1]].tolist()
+        if s.kind[i] == K.ALLOC:
+            free_before.append(sorted(b for b in range(1, 256) if ref.get(b, 0) == 0))
+            taken.append(ids)
+        if s.kind[i] in (K.ALLOC, K.HIT):
+            for b in ids:
+                ref[b] = ref.get(b, 0) + 1
+        elif s.kind[i] == K.FREE:
+            for b in ids:
+                ref[b] -= 1
+    return taken, free_before
+
+
+def test_policies_run_and_differ_in_placement(tmp_path):
+    seen = {}
+    for policy in ("lru", "lifo", "first-fit"):
+        assert run_demo(DemoConfig(requests=80, policy=policy, num_blocks=256)).finished == 80
+        taken, free = _allocations(_record(tmp_path, policy, "--requests", "80", "--num-blocks", "256", "--policy", policy))
+        seen[policy] = taken
+        if policy == "first-fit":  # always the lowest free ids
+            assert all(t == f[: len(t)] for t, f in zip(taken, free))
+    assert seen["lru"] != seen["lifo"] != seen["first-fit"] != seen["lru"]
+    # lru takes the blocks freed longest ago, so the first-fit property does not hold for it
+    assert any(t != f[: len(t)] for t, f in zip(seen["lru"], _allocations(tmp_path / "lru.kvprof")[1]))
 
 
 def test_no_prefix_cache_means_no_hits(tmp_path):

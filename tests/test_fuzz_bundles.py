@@ -26,7 +26,7 @@ from kvprof.trace import stage
 from tests.conftest import run_kvprof
 
 EXAMPLES = int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "40"))
-SECONDS = 20  # one fuzzed bundle through the four commands
+SECONDS = 60  # one fuzzed bundle through the four commands (a hang, not a slow machine)
 
 
 @pytest.fixture(scope="module")

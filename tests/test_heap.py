@@ -329,3 +329,60 @@ def test_an_aggregated_memray_capture_is_named(tmp_path):
     subprocess.run([sys.executable, "-m", "memray", "run", "-q", "--aggregate", "-o", str(cap), str(script)], check=True, capture_output=True)
     r = run_kvprof("analyze", str(cap))
     assert r.returncode == 2 and "an aggregated memray capture (memray run --aggregate)" in r.stderr, r.stderr
+
+
+needs_cc = pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CC", "cc")), reason="no C compiler for the native library")
+
+
+@needs_cc
+def test_native_leak_grows_across_markers_in_memrays_capture(tmp_path):
+    """A C library that mallocs 8 KiB a step and never frees it: from memray's capture alone
+    (live bytes by stack replayed up to each marker), the top leak suspect, at its native frame."""
+    _, truth, a, text = _record(tmp_path, "native-leak", "memray", "--memray-native")
+    sec = a["sections"]["heap"]
+    mr = sec["processes"][0]["memray"]
+    assert mr["growth"] == {"markers": 40, "marker": "step", "steady_snapshots": 32} and mr["growth_note"] is None
+    top = sec["leak_suspects"][0]
+    assert top["source"] == "memray" and top["pid"] == truth["pid"]
+    assert top["stack"][0]["function"] == "kvprof_native_leak" and top["stack"][0]["file"].endswith("kvprof_native.c")
+    assert top["growth_bytes_per_step"] == 8192 and top["r2"] > 0.99 and top["consecutive_growth"] >= sec["k"]
+    assert top["live_bytes"] == 40 * 8192 and top["live_blocks"] == 40 and top["window"]["marker"] == "step"
+    assert any(f["function"] == "leak_step" or f["function"] == "main" for f in top["stack"])  # the Python frames behind it
+    assert len(sec["leak_suspects"]) == 1  # the malloc-and-free of the same library is not one
+    m = _values(a)
+    assert m["heap.leak_suspects"] == 1 and m["heap.leak_suspect_bytes_per_step"] == 8192
+    assert "possible leak" in text and "kvprof_native_leak" in text
+    assert any(f["source"] == "memray" and "kvprof_native_leak" in f["title"] for f in a["findings"])
+
+
+@needs_cc
+def test_clean_native_loop_has_no_memray_suspects(tmp_path):
+    _, _, a, _ = _record(tmp_path, "native-clean", "memray", "--memray-native")
+    sec = a["sections"]["heap"]
+    assert sec["processes"][0]["memray"]["growth"]["steady_snapshots"] == 32
+    assert sec["leak_suspects"] == []
+    m = _values(a)
+    assert m["heap.leak_suspects"] == 0 and m["heap.leak_suspect_bytes_per_step"] == 0
+
+
+def test_python_leak_grows_in_memrays_capture_at_its_line(tmp_path):
+    """Without native frames memray's Python stacks place the growing cache at its line (a
+    bytearray(8192) is one malloc of 8,193 bytes), as tracemalloc does."""
+    _, truth, a, _ = _record(tmp_path, "leak", "memray")
+    top = a["sections"]["heap"]["leak_suspects"][0]
+    assert top["source"] == "memray" and top["stack"][0]["line"] == truth["leak_line"] and top["stack"][0]["function"] == "leak_step"
+    assert top["growth_bytes_per_step"] == 8193 and top["r2"] > 0.99
+
+
+def test_memray_growth_needs_markers(tmp_path):
+    """A capture without kvprof markers (a bare file, or a program that never marks) has no
+    growth analysis and says so; its leak-suspect metrics stay unknown, not 0."""
+    out, truth = tmp_path / "nomark.kvprof", tmp_path / "t.json"
+    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, "-c", "x = [bytearray(9000) for _ in range(50)]")
+    assert r.returncode == 0, r.stderr
+    r = run_kvprof("analyze", str(out), "--json", str(truth))
+    assert r.returncode == 0, r.stderr
+    a = json.loads(truth.read_text())
+    mr = a["sections"]["heap"]["processes"][0]["memray"]
+    assert mr["growth"] is None and "no kvprof.mark" in mr["growth_note"]
+    assert _values(a)["heap.leak_suspects"] is None

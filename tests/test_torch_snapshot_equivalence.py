@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kvprof.analysis import torch_section
+from kvprof.analysis.torch_memory import snapshot_section as torch_section
 from kvprof.analysis.torch_memory import analyze_snapshot
 from kvprof.trace import torch_snapshot as T
 from tests.conftest import ROOT

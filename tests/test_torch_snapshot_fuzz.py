@@ -21,7 +21,7 @@ import time
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kvprof.analysis import torch_section
+from kvprof.analysis.torch_memory import snapshot_section as torch_section
 from kvprof.analysis.torch_memory import analyze_snapshot
 from kvprof.errors import BundleError
 from kvprof.trace.torch_snapshot import loads

@@ -490,10 +490,12 @@ class _Requests:
         waste = np.maximum(held * bs - filled, 0)
         needed = -(-filled // np.maximum(bs, 1))
         look = np.minimum(np.maximum(held - needed, 0) * bs, waste)
-        dwaste, dlook = self._group_diff(s_req, waste, look)
+        o = np.argsort(s_req, kind="stable")  # one sort by request serves both
+        dwaste, dlook = self._group_diff(s_req, waste, look, o)
         if is_state.any():
             self.have_state = True
-            self._lengths(s_req[is_state], filled[is_state], bs[is_state])
+            keep = is_state[o]
+            self._lengths(s_req[o][keep], filled[o][keep], bs[o][keep])
         return x.rsel[s_idx], x.r_t[s_idx], dwaste, dlook
 
     def feed(self, x: _Chunk) -> None:
@@ -545,11 +547,11 @@ class _Requests:
     def _idle(self, value: int) -> None:
         self.in_use_at_idle = max(self.in_use_at_idle, value)
 
-    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray):
-        """Change of each request's waste and lookahead since its previous state."""
+    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray):
+        """Change of each request's waste and lookahead since its previous state (``o``: the
+        stable sort of the state events by request)."""
         if not len(s_req):
             return waste, look
-        o = np.argsort(s_req, kind="stable")
         sr = s_req[o]
         first = np.ones(len(sr), dtype=bool)
         first[1:] = sr[1:] != sr[:-1]
@@ -566,17 +568,16 @@ class _Requests:
             out.append(res)
         return out[0], out[1]
 
-    def _lengths(self, req: np.ndarray, filled: np.ndarray, bs: np.ndarray) -> None:
+    def _lengths(self, sr: np.ndarray, filled: np.ndarray, bs: np.ndarray) -> None:
+        """Each request's longest and last state; arrays sorted by request (time order kept)."""
         R = self.R
-        o = np.argsort(req, kind="stable")
-        sr = req[o]
         first = np.flatnonzero(np.r_[True, sr[1:] != sr[:-1]])
         last = np.r_[first[1:] - 1, len(sr) - 1]
         keys = sr[first]
-        mx = np.maximum.reduceat(filled[o], first)
+        mx = np.maximum.reduceat(filled, first)
         R.max_filled[keys] = np.where(R.has_state[keys], np.maximum(R.max_filled[keys], mx), mx)
-        R.last_filled[keys] = filled[o][last]
-        R.bs[keys] = bs[o][last]
+        R.last_filled[keys] = filled[last]
+        R.bs[keys] = bs[last]
         R.has_state[keys] = True
 
     def result(self, capacity: int, inuse_at_end: int) -> RequestResult:
@@ -627,8 +628,12 @@ class _Occupancy:
         a = self.a
         # merged step functions over the chunk's timeline: block events and request states in call order
         nb, ns = x.m, len(state_call)
-        pos_b = np.arange(nb, dtype=np.int64) + np.searchsorted(state_call, x.ev_of, side="left")
-        pos_s = np.arange(ns, dtype=np.int64) + np.searchsorted(x.ev_of, state_call, side="left")
+        # position in the merged order: events of the other kind at earlier calls, counted
+        ncall = len(x.t)
+        s_per = np.bincount(state_call, minlength=ncall)
+        b_per = np.bincount(x.ev_of, minlength=ncall)
+        pos_b = np.arange(nb, dtype=np.int64) + (np.cumsum(s_per) - s_per)[x.ev_of]
+        pos_s = np.arange(ns, dtype=np.int64) + (np.cumsum(b_per) - b_per)[state_call]
         L = nb + ns
         tl_t = np.empty(L, dtype=np.int64)
         tl_t[pos_b] = x.bt

@@ -119,35 +119,4 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
 def _schedule_builder(info):
     from kvprof.analysis import whatif as W
 
-    make = getattr(W, "ScheduleBuilder", None)
-    if make is not None:
-        return make(info)
-    return _CollectingBuilder(info)
-
-
-class _CollectingBuilder:
-    """Until whatif extracts from chunks: keep the pool's chunks and extract at the end."""
-
-    def __init__(self, info):
-        self.info = info
-        self.parts: list = []
-
-    def feed(self, chunk) -> None:
-        self.parts.append(chunk)
-
-    def finish(self):
-        from kvprof.analysis import whatif as W
-        from kvprof.trace.chunks import BlockChunk
-        from kvprof.trace.reader import BlockStream
-
-        c = BlockChunk.concat(self.parts or [BlockChunk.empty()])
-        keys, req = np.unique(c.req, return_inverse=True)
-        req = np.where(c.req >= 0, req - int((keys < 0).sum()), -1)
-        pools = [None] * (self.info.index + 1)
-        pools[self.info.index] = self.info
-        for i in range(len(pools)):
-            if pools[i] is None:
-                pools[i] = self.info
-        stream = BlockStream(c.t, c.kind, c.pool, req, c.arg, c.arg2, c.n.astype(np.uint32), c.ids, pools,
-                             [str(k) for k in keys[keys >= 0].tolist()])
-        return W.extract(stream, self.info.index)
+    return W.ScheduleBuilder(info)

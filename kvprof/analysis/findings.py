@@ -11,6 +11,9 @@ from kvprof.analysis import Finding
 FULL_POOL = 0.95
 HIGH_INTERNAL = 0.20
 POLLUTION = 0.5
+# Re-admitted (preempted) requests finding less than this share of their tokens in the prefix
+# cache, while the cache evicted blocks: their own computed blocks were dropped before they came back.
+READMISSION_HITS = 0.5
 
 
 def _n(count: int, noun: str) -> str:
@@ -86,6 +89,19 @@ def block_findings(a, per_pool) -> list[Finding]:
         out.append(Finding("info", f"Prefix cache hit rate {_pct(a.hit_rate)}", f"{a.hit_tokens:,} of {a.query_tokens:,} queried tokens were found in the cache; {a.evictions:,} cached blocks were evicted.", {"query_tokens": a.query_tokens, "hit_tokens": a.hit_tokens}))
     if a.evictions and a.evicted_before_reuse_ratio is not None and a.evicted_before_reuse_ratio >= POLLUTION:
         out.append(Finding("warning", f"Cache pollution: {_pct(a.evicted_before_reuse_ratio)} of evicted blocks were never reused", f"{a.evicted_before_reuse} of {a.evictions} evicted cached blocks had no hit between being cached and being evicted.", {"evicted": a.evictions, "never_reused": a.evicted_before_reuse}))
+    if a.preempted_query_tokens and a.evictions and a.preempted_hit_rate is not None and a.preempted_hit_rate < READMISSION_HITS:
+        recomputed = a.preempted_query_tokens - a.preempted_hit_tokens
+        first = f"; first admissions found {_pct(a.hit_rate)}" if a.hit_rate is not None else ""
+        out.append(Finding(
+            "warning", f"Preempted requests recomputed {_pct(recomputed / a.preempted_query_tokens)} of their tokens on re-admission",
+            f"Coming back after {_n(a.preemptions, 'preemption')}, requests found {a.preempted_hit_tokens:,} of {a.preempted_query_tokens:,} queried tokens "
+            f"in the prefix cache ({_pct(a.preempted_hit_rate)}{first}); meanwhile {_n(a.evictions, 'cached block')} were evicted, "
+            f"{a.evicted_before_reuse:,} of them before any reuse. The cache dropped what the preempted requests had computed before "
+            f"they came back, so {recomputed:,} tokens were computed again. Fewer preemptions (more KV memory, fewer concurrent "
+            "sequences) or re-admitting preempted requests sooner keeps their blocks findable.",
+            {"preempted_query_tokens": a.preempted_query_tokens, "preempted_hit_tokens": a.preempted_hit_tokens,
+             "preempted_hit_rate": a.preempted_hit_rate, "recomputed_tokens": recomputed, "evictions": a.evictions,
+             "evicted_before_reuse": a.evicted_before_reuse, "preemptions": a.preemptions}))
     if a.leaked_blocks:
         ids = ", ".join(f"{p}#{b}" for p, b in a.leaked_block_ids[:8])
         out.append(Finding("error", f"{_n(a.leaked_blocks, 'block')} leaked", f"Still in use at the end though every request that referenced them finished (first ones: {ids}).", {"leaked_blocks": a.leaked_blocks, "blocks": a.leaked_block_ids[:50]}))

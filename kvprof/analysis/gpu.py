@@ -48,7 +48,7 @@ def torch_stats(bundle) -> dict:
 
 
 def torch_section(bundle, bounds=None):
-    from kvprof.analysis import torch_section as make_section
+    from kvprof.analysis.torch_memory import snapshot_section as make_section
     from kvprof.analysis.torch_memory import analyze_snapshot
     from kvprof.trace import torch_snapshot
 

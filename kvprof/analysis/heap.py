@@ -4,7 +4,11 @@ Definitions (docs/metrics.md, "Python and native heap"):
 
 * Leak suspect: a site (a stack, innermost frame first) whose live bytes grow in at
   least ``k`` consecutive intervals between steady-state marker snapshots, ranked by the least-squares
-  growth per step; from memray, the allocations still alive at exit, grouped by stack.
+  growth per step.  tracemalloc's snapshots are taken at the markers; from memray the live
+  bytes by stack at each marker are replayed from its capture (every allocation and free in
+  order, up to the buffer the probe allocates at each marker), native frames included with
+  ``--memray-native``.  Apart from suspects, memray's allocations still alive at exit are
+  grouped by stack.
 * Temporary allocation: freed before any other allocation was made in between
   (memray's and heaptrack's definition), counted by stack.
 * Peak: the high-water mark of live bytes, with the stacks alive at that moment.
@@ -48,7 +52,7 @@ class Frame:
 class LeakSuspect:
     pid: int
     role: str
-    source: str  # "tracemalloc"
+    source: str  # "tracemalloc" or "memray"
     site: str  # "file:line in function" of the innermost frame
     stack: list[Frame]
     live_bytes: int  # at the last steady-state snapshot
@@ -123,6 +127,9 @@ class MemrayProcess:
     reader_errors: int = 0
     note: str | None = None
     churn_note: str | None = None  # how churn was computed when not record by record
+    leak_suspects: list = field(default_factory=list)  # growth across markers (LeakSuspect, pid/role filled by analyze_heap)
+    growth: dict | None = None  # {"markers", "marker", "steady_snapshots"} when markers were replayed
+    growth_note: str | None = None  # why there is no growth analysis (no markers, a capture too large, ...)
 
 
 @dataclass
@@ -428,8 +435,9 @@ class _CapturedStderr:
         return False
 
 
-def analyze_memray_file(path: str) -> MemrayProcess:
-    """One memray capture: totals, peak, leaks, temporaries and churn by stack.
+def analyze_memray_file(path: str, marks: dict | None = None) -> MemrayProcess:
+    """One memray capture: totals, peak, leaks, temporaries and churn by stack, and with the
+    process's markers (``{"names", "t", "start_ns", "bounds", "k"}``) the growth across them.
 
     Read in a child process: memray's reader is C++ and a corrupt or hostile capture
     can crash it; that must end in one line about the file, not take kvprof down."""
@@ -447,7 +455,8 @@ def analyze_memray_file(path: str) -> MemrayProcess:
     env.pop("KVPROF_BUNDLE", None)  # never record the reader
     parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, env=env)
+    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, env=env,
+                          input=json.dumps(marks).encode() if marks else b"")
     if proc.returncode < 0:
         raise BundleError(f"memray's reader crashed (signal {-proc.returncode}) on {path}: the capture is corrupt")
     try:
@@ -468,7 +477,7 @@ def _per_s(n, duration: float):
     return None if n is None or duration < MIN_RATE_SECONDS else n / duration
 
 
-def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:
+def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:  # noqa: C901
     from memray._memray import compute_statistics
 
     try:
@@ -502,6 +511,8 @@ def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:
     )
     m.churn_note = (f"{meta.total_allocations:,} records: churn by innermost frame from memray's own statistics, "
                     f"without frees per site (exact up to {EXACT_CHURN_RECORDS:,} records)")
+    m.growth_note = (f"{meta.total_allocations:,} records: growth across markers is replayed record by record only up to "
+                     f"{EXACT_CHURN_RECORDS:,} (KVPROF_MEMRAY_EXACT_RECORDS)")
     return m
 
 
@@ -516,26 +527,33 @@ def _memray_from_json(d: dict) -> MemrayProcess:
     for key in ("peak_stacks", "leaked_stacks", "temporary_stacks"):
         d[key] = stacks(d[key])
     d["churn"] = [ChurnSite(**{**c, "stack": frames(c["stack"])}) for c in d["churn"]]
+    d["leak_suspects"] = [LeakSuspect(**{**x, "stack": frames(x["stack"])}) for x in d.get("leak_suspects") or []]
     return MemrayProcess(**d)
 
 
 def _read_worker(path: str) -> None:
-    """The child side of analyze_memray_file: one JSON object on stdout."""
+    """The child side of analyze_memray_file: the process's markers as JSON on stdin (or
+    nothing), one JSON object on stdout."""
     import json
 
     from kvprof.errors import BundleError
 
     try:
-        result = _read_capture(path)
+        raw = sys.stdin.read() if not sys.stdin.isatty() else ""
+        marks = json.loads(raw) if raw.strip() else None
+    except (ValueError, OSError):
+        marks = None
+    try:
+        result = _read_capture(path, marks)
         out = dataclasses.asdict(result)
     except BundleError as exc:
         out = {"error": str(exc)}
     sys.stdout.write(json.dumps(out))
 
 
-def _read_capture(path: str) -> MemrayProcess:
+def _read_capture(path: str, marks: dict | None = None) -> MemrayProcess:
     with _CapturedStderr() as err:
-        result = _analyze_memray_file(path)
+        result = _analyze_memray_file(path, marks)
     if err.lines:
         result.reader_errors = len(err.lines)
         result.note = (f"memray's reader reported {len(err.lines)} problem(s) in this capture, which may have been cut short "
@@ -543,7 +561,190 @@ def _read_capture(path: str) -> MemrayProcess:
     return result
 
 
-def _analyze_memray_file(path: str) -> MemrayProcess:
+class _LiveBySite:
+    """Live bytes and allocations per memray stack id while the records are replayed in order,
+    and a sparse snapshot (the stacks that changed since the last one) at each marker buffer."""
+
+    def __init__(self):
+        self.bytes: dict = {}
+        self.count: dict = {}
+        self.dirty: set = set()
+        self.snaps: list = []  # (marker ordinal modulo MARK_SPAN, {stack id: (bytes, count)})
+        self.marker_sids: set = set()
+        self.not_marker: set = set()
+
+    def add(self, sid, size) -> None:
+        self.bytes[sid] = self.bytes.get(sid, 0) + size
+        self.count[sid] = self.count.get(sid, 0) + 1
+        self.dirty.add(sid)
+
+    def sub(self, sid, size) -> None:
+        if sid in self.marker_sids:
+            return
+        self.bytes[sid] = self.bytes.get(sid, 0) - size
+        self.count[sid] = self.count.get(sid, 0) - 1
+        self.dirty.add(sid)
+
+    def is_marker(self, record, size: int) -> bool:
+        """The buffer kvprof's memray probe allocates at each marker (kvprof/probes/heap.py)."""
+        from kvprof.probes.heap import MARK_BASE, MARK_SPAN
+
+        if not MARK_BASE < size <= MARK_BASE + MARK_SPAN:
+            return False
+        sid = record.stack_id
+        if sid in self.marker_sids:
+            return True
+        if sid in self.not_marker:
+            return False
+        try:
+            frames = record.stack_trace()
+        except Exception:  # noqa: BLE001 - no stack
+            frames = ()
+        mine = any(fn == "_memray_mark" and str(fl).replace(os.sep, "/").endswith("kvprof/probes/heap.py") for fn, fl, _ in frames)
+        (self.marker_sids if mine else self.not_marker).add(sid)
+        return mine
+
+    def snapshot(self, size: int) -> None:
+        from kvprof.probes.heap import MARK_BASE, MARK_SPAN
+
+        mod = (size - MARK_BASE - 1) % MARK_SPAN
+        if self.snaps and self.snaps[-1][0] == mod and not self.dirty:
+            return  # the same buffer seen twice (a Python allocator and malloc both traced)
+        self.snaps.append((mod, {sid: (self.bytes[sid], self.count[sid]) for sid in self.dirty}))
+        self.dirty.clear()
+
+
+def _marker_ordinals(mods: list, n_marks: int):
+    """The process's marker ordinal of each marker buffer, from the ordinals modulo MARK_SPAN
+    (consecutive buffers are consecutive markers, but the tracker may have started after the
+    first markers): the latest placement that does not run past the markers recorded."""
+    from kvprof.probes.heap import MARK_SPAN
+
+    if not mods:
+        return []
+    rel = [0]
+    for a, b in zip(mods, mods[1:]):
+        rel.append(rel[-1] + ((b - a) % MARK_SPAN or MARK_SPAN))
+    first = mods[0]
+    if first + rel[-1] > n_marks - 1:
+        return None
+    first += MARK_SPAN * ((n_marks - 1 - rel[-1] - first) // MARK_SPAN)
+    return [first + r for r in rel]
+
+
+def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
+    """Leak suspects from the live bytes by stack at each marker: the rule applied to
+    tracemalloc's snapshots (k consecutive growing intervals between steady-state markers,
+    least-squares growth per step, r², minimum growth).  Returns (suspects, growth, note)."""
+    names, times = list(marks.get("names") or []), list(marks.get("t") or [])
+    k = int(marks.get("k") or K_CONSECUTIVE)
+    if not names:
+        return [], None, "no kvprof.mark calls in this process: no growth across markers"
+    if not live.snaps:
+        return [], None, "no marker buffers in the capture (markers made while memray was not tracking)"
+    ordinals = _marker_ordinals([m for m, _ in live.snaps], len(names))
+    if ordinals is None:
+        return [], None, "the capture's marker buffers do not match the process's markers"
+    bounds = marks.get("bounds")
+    cols = [j for j, o in enumerate(ordinals) if bounds is None or bounds[0] <= times[o] <= bounds[1]]
+    counts: dict = {}
+    for j in cols:
+        counts[names[ordinals[j]]] = counts.get(names[ordinals[j]], 0) + 1
+    if not counts:
+        return [], None, "no marker inside the window"
+    marker = max(counts, key=lambda n: (counts[n], n not in STEADY_MARKERS))
+    series = [j for j in cols if names[ordinals[j]] == marker]
+    steady = next((i for i, n in enumerate(names) if n in STEADY_MARKERS), None)
+    if steady is not None and sum(1 for j in series if ordinals[j] > steady) >= 2:
+        series = [j for j in series if ordinals[j] > steady]
+    elif len(series) > 2:
+        series = series[int(np.ceil(WARMUP_FRACTION * len(series))):]
+    growth = {"markers": len(live.snaps), "marker": marker, "steady_snapshots": len(series)}
+    if len(series) < k + 1:
+        return [], growth, f"{len(series)} steady-state marker snapshots; leak suspects need at least {k + 1}"
+    # the marker's ordinal among this process's calls of it (1-based), as for tracemalloc
+    ordinal_of, seen = {}, 0
+    for i, n in enumerate(names):
+        if n == marker:
+            seen += 1
+            ordinal_of[i] = seen
+    x = np.array([ordinal_of[ordinals[j]] for j in series], dtype=float)
+    # pass 1: each stack's value at the first and the last steady snapshot
+    state: dict = {}
+    first = None
+    want = {series[0]: "first", series[-1]: "last"}
+    for j, (_, delta) in enumerate(live.snaps):
+        state.update(delta)
+        if want.get(j) == "first":
+            first = dict(state)
+        if j == series[-1]:
+            break
+    last = state
+    # group the stacks that grew by their trace (a Python stack may have several memray stack ids)
+    groups: dict = {}
+    for sid, (b, _n) in last.items():
+        b0 = first.get(sid, (0, 0))[0]
+        if b <= b0 or sid in live.marker_sids:
+            continue
+        rec = reps.get(sid)
+        trace = _trace(rec, hybrid) if rec is not None else ()
+        if _is_own(trace):
+            continue
+        groups.setdefault(trace, []).append(sid)
+    grown = {t: sids for t, sids in groups.items() if sum(last[s][0] - first.get(s, (0, 0))[0] for s in sids) >= MIN_GROWTH_BYTES}
+    if not grown:
+        return [], growth, None
+    # pass 2: those groups' live bytes and allocations at every steady snapshot
+    keys = list(grown)
+    row_of = {sid: r for r, t in enumerate(keys) for sid in grown[t]}
+    y = np.zeros((len(keys), len(series)))
+    cnt = np.zeros((len(keys), len(series)), dtype=np.int64)
+    cur_b = np.zeros(len(keys))
+    cur_n = np.zeros(len(keys), dtype=np.int64)
+    per_sid: dict = {}
+    col = {j: c for c, j in enumerate(series)}
+    for j, (_, delta) in enumerate(live.snaps):
+        for sid, (b, n) in delta.items():
+            r = row_of.get(sid)
+            if r is None:
+                continue
+            ob, on = per_sid.get(sid, (0, 0))
+            per_sid[sid] = (b, n)
+            cur_b[r] += b - ob
+            cur_n[r] += n - on
+        c = col.get(j)
+        if c is not None:
+            y[:, c] = cur_b
+            cnt[:, c] = cur_n
+        if j == series[-1]:
+            break
+    d = np.diff(y, axis=1)
+    run = _longest_growth_run(d)
+    slope, r2 = _fit(x, y)
+    total = y[:, -1] - y[:, 0]
+    cand = np.flatnonzero((run >= k) & (slope > 0) & (total >= MIN_GROWTH_BYTES) & (r2 >= MIN_R2))
+    t0 = int(marks.get("start_ns") or (times[0] if times else 0))
+    start_s = (times[ordinals[series[0]]] - t0) / 1e9
+    end_s = (times[ordinals[series[-1]]] - t0) / 1e9
+    span_s = (end_s - start_s) or None
+    suspects = []
+    for r in cand[np.argsort(slope[cand])[::-1]]:
+        frames = _memray_frames(keys[r])
+        suspects.append(LeakSuspect(
+            pid=0, role="", source="memray", site=_site(frames), stack=frames,
+            live_bytes=int(y[r, -1]), live_blocks=int(cnt[r, -1]),
+            growth_bytes_per_step=float(slope[r]), growth_bytes_per_second=float(total[r] / span_s) if span_s else 0.0,
+            consecutive_growth=int(run[r]), r2=float(r2[r]),
+            window={"marker": marker, "from": float(x[0]), "to": float(x[-1]), "snapshots": int(len(series)),
+                    "start_s": float(start_s), "end_s": float(end_s)},
+            evidence=(f"live bytes (memray, {'native and Python' if hybrid else 'Python'} stacks) grew in {int(run[r])} consecutive "
+                      f"{marker} intervals (k={k}), {int(y[r, 0]):,} → {int(y[r, -1]):,} B over {len(series)} markers, "
+                      f"{slope[r]:,.0f} B per step (least squares, r²={r2[r]:.2f})"),
+        ))
+    return suspects, growth, None
+
+
+def _analyze_memray_file(path: str, marks: dict | None = None) -> MemrayProcess:
     from kvprof.errors import BundleError
 
     try:
@@ -567,26 +768,35 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
     try:
         # churn by site: every allocation and free, frees attributed through their address
         allocs: dict = {}  # stack_id -> [count, bytes, frees, representative record]
-        live: dict = {}  # address -> stack_id
+        live: dict = {}  # address -> (stack_id, size)
+        by_site = _LiveBySite() if marks and marks.get("names") else None  # live bytes by stack at each marker, for growth
         total = total_bytes = frees = 0
         for r in reader.get_allocation_records():
             a = r.allocator
             if a in FREE_ALLOCATORS:
                 frees += 1
-                sid = live.pop(r.address, None)
-                if sid is not None:
-                    allocs[sid][2] += 1
+                e = live.pop(r.address, None)
+                if e is not None:
+                    allocs[e[0]][2] += 1
+                    if by_site is not None:
+                        by_site.sub(e[0], e[1])
                 continue
             total += 1
-            total_bytes += r.size
+            size = r.size
+            total_bytes += size
             sid = r.stack_id
             e = allocs.get(sid)
             if e is None:
-                allocs[sid] = [1, r.size, 0, r]
+                allocs[sid] = [1, size, 0, r]
             else:
                 e[0] += 1
-                e[1] += r.size
-            live[r.address] = sid
+                e[1] += size
+            live[r.address] = (sid, size)
+            if by_site is not None:
+                if by_site.is_marker(r, size):
+                    by_site.snapshot(size)
+                else:
+                    by_site.add(sid, size)
         temporary = list(reader.get_temporary_allocation_records(merge_threads=True, threshold=1))
         leaked = list(reader.get_leaked_allocation_records(merge_threads=True))
         peak = list(reader.get_high_watermark_allocation_records(merge_threads=True))
@@ -616,7 +826,13 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
     for trace, (n, b, nf) in sorted(by_trace.items(), key=lambda kv: -kv[1][1])[:TOP]:
         frames = _memray_frames(trace)
         churn.append(ChurnSite(frames, _site(frames), n, b, nf, _per_s(n, duration), _per_s(nf, duration), temp_by_site.get(trace, 0)))
+    suspects, growth, growth_note = ([], None, None)
+    if marks is not None and by_site is None:
+        growth_note = "no kvprof.mark calls in this process: no growth across markers"
+    if by_site is not None:
+        suspects, growth, growth_note = _memray_growth(by_site, marks, {sid: e[3] for sid, e in allocs.items()}, hybrid)
     return MemrayProcess(
+        leak_suspects=suspects, growth=growth, growth_note=growth_note,
         file=path, pid=int(meta.pid), native=hybrid, python_allocator=str(meta.python_allocator),
         trace_python_allocators=bool(meta.trace_python_allocators), duration_s=duration,
         total_allocations=total, total_allocated_bytes=total_bytes, frees=frees, peak_bytes=int(meta.peak_memory),
@@ -629,6 +845,16 @@ def _analyze_memray_file(path: str) -> MemrayProcess:
 
 
 # -- the section ---------------------------------------------------------------------------
+def _marks_of(proc, marks, bounds, k: int) -> dict | None:
+    """One process's markers, in order, for the memray reader (names, times, window)."""
+    mine = np.flatnonzero(marks.pid == proc.pid)
+    if not len(mine):
+        return {"names": [], "t": [], "start_ns": 0, "k": int(k), "bounds": None}
+    return {"names": [marks.names[int(i)] for i in marks.name[mine]], "t": [int(t) for t in marks.t[mine]],
+            "start_ns": int(proc.info.get("start_ns") or marks.t[mine][0]), "k": int(k),
+            "bounds": None if bounds is None else [int(bounds[0]), int(bounds[1])]}
+
+
 def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = K_CONSECUTIVE) -> HeapAnalysis | None:
     marks = bundle.marks()
     procs: list[HeapProcess] = []
@@ -644,7 +870,7 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
         probes = proc.info.get("probes") or {}
         capture = proc.memray_file() if "memray" in probes else None
         if capture:
-            pending[proc.pid] = pool.submit(analyze_memray_file, capture)
+            pending[proc.pid] = pool.submit(analyze_memray_file, capture, _marks_of(proc, marks, bounds, k))
     for proc in bundle.processes:
         probes = proc.info.get("probes") or {}
         if "tracemalloc" not in probes and "memray" not in probes:
@@ -659,6 +885,10 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
         elif "memray" in probes:
             why = probes["memray"].get("reason") or probes["memray"].get("status")
             notes.append(f"process {proc.pid}: no memray capture ({why})")
+        if mr is not None and mr.leak_suspects:  # growth across markers, from memray's capture
+            for sus in mr.leak_suspects:
+                sus.pid, sus.role = proc.pid, str(proc.info.get("role"))
+            suspects = suspects + mr.leak_suspects
         if tm is None and mr is None:
             continue
         procs.append(HeapProcess(proc.pid, str(proc.info.get("role")), tm, mr, suspects))
@@ -666,7 +896,7 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     if not procs:
         return None
     if pending and bounds is not None:
-        notes.append("memray figures cover each process's whole run: --window does not cut them")
+        notes.append("memray figures other than growth across markers cover each process's whole run: --window does not cut them")
     suspects = sorted((s for p in procs for s in p.leak_suspects),
                       key=lambda s: -(s.growth_bytes_per_step if s.growth_bytes_per_step is not None else s.growth_bytes_per_second))
     peaks = [(p.memray.peak_bytes if p.memray else p.tracemalloc.peak_bytes, p.pid) for p in procs]
@@ -696,12 +926,15 @@ def section_result(a: HeapAnalysis, window: str | None = None):
     src = "memray" if any(p.memray for p in a.processes) else "tracemalloc"
     per_step = [s.growth_bytes_per_step for s in a.leak_suspects if s.growth_bytes_per_step is not None]
     has_tm = any(p.tracemalloc for p in a.processes)
+    # memray's growth across markers counts as a leak search only where markers were replayed
+    has_growth = has_tm or any(p.memray and p.memray.growth is not None for p in a.processes)
+    growth_src = "tracemalloc" if has_tm else "memray"
     metrics = dict([
         put("heap.peak_bytes", a.peak_bytes, src),
-        put("heap.leak_suspects", len(a.leak_suspects) if has_tm else None, "tracemalloc"),
+        put("heap.leak_suspects", len(a.leak_suspects) if has_growth else None, growth_src),
         # 0 for a clean run; None when the suspects grow per second (a run without markers),
         # not 0, so that a "lower is better" budget cannot pass a leak it cannot measure per step
-        put("heap.leak_suspect_bytes_per_step", float(sum(per_step)) if per_step else (0.0 if has_tm and not a.leak_suspects else None), "tracemalloc"),
+        put("heap.leak_suspect_bytes_per_step", float(sum(per_step)) if per_step else (0.0 if has_growth and not a.leak_suspects else None), growth_src),
         put("heap.live_bytes_at_exit", a.live_bytes_at_exit, "tracemalloc"),
         put("heap.leaked_bytes_at_exit", a.leaked_bytes_at_exit, "memray"),
         put("heap.temporary_allocations", a.temporary_allocations, "memray"),
@@ -716,9 +949,11 @@ def section_result(a: HeapAnalysis, window: str | None = None):
         findings.append(Finding(
             "warning", f"possible leak in process {s.pid} ({s.role}): {s.site} grows {rate}",
             f"{s.evidence}; {mib(s.live_bytes)} live at the end of the window ({s.window['start_s']:.2f}–{s.window['end_s']:.2f} s).",
-            {"pid": s.pid, "site": s.site, "growth_bytes_per_step": s.growth_bytes_per_step, "live_bytes": s.live_bytes}, "tracemalloc"))
+            {"pid": s.pid, "site": s.site, "growth_bytes_per_step": s.growth_bytes_per_step, "live_bytes": s.live_bytes}, s.source))
     for p in a.processes:
         m = p.memray
+        if m and m.growth_note and (m.growth is not None or "records" in m.growth_note):
+            findings.append(Finding("info", f"process {p.pid}: no memray growth analysis", m.growth_note, {"pid": p.pid}, "memray"))
         if m and m.note:
             findings.append(Finding("warning", f"process {p.pid}: memray capture incomplete", m.note, {"pid": p.pid, "file": m.file}, "memray"))
         if m and m.leaked_bytes and m.leaked_stacks:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
-from itertools import compress, islice, repeat
+from itertools import compress, islice
 
 from kvprof.trace import torch_snapshot as T
 from kvprof.trace.torch_snapshot import STACK_DEPTH  # noqa: F401 - frames that name a call site in the by-stack tables
@@ -475,3 +475,44 @@ def _advice(a: TorchAnalysis) -> list[dict]:
             "why": f"rounding waste is {_mib(a.rounding_waste)} ({100 * a.rounding_waste / a.allocated:.1f}% of allocated): finer size classes round less",
         })
     return out
+
+
+def snapshot_section(a, source: str):
+    """Metrics map, JSON section and findings of one TorchAnalysis (a SectionResult)."""
+    import dataclasses
+
+    from kvprof.analysis.results import Finding, SectionResult, metric_entry
+
+    put = lambda name, value: (name, metric_entry(name, value, "torch"))  # noqa: E731
+    metrics = dict([
+        put("torch.segments", a.segments), put("torch.reserved_bytes", a.reserved), put("torch.allocated_bytes", a.allocated),
+        put("torch.requested_bytes", a.requested), put("torch.pending_free_bytes", a.pending_free),
+        put("torch.rounding_waste_bytes", a.rounding_waste), put("torch.cached_free_bytes", a.cached_free),
+        put("torch.total_free_bytes", a.total_free), put("torch.internal_free_ratio", a.internal_free_ratio),
+        put("torch.external_fragmentation", a.external_fragmentation), put("torch.largest_free_block_bytes", a.largest_inactive),
+        put("torch.ooms", len(a.ooms)), put("torch.fragmentation_ooms", sum(1 for o in a.ooms if o.fragmentation_oom)),
+        put("torch.leaked_bytes", a.leaked_bytes), put("torch.allocations", a.alloc_count),
+        put("torch.allocated_bytes_total", a.alloc_bytes), put("torch.allocations_per_second", a.allocs_per_second),
+        put("torch.short_lived_allocations", a.short_lived),
+    ])
+    findings = []
+    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+    for o in a.ooms:
+        kind = "fragmentation OOM" if o.fragmentation_oom else "OOM"
+        findings.append(Finding(
+            "error", f"{kind}: {mib(o.requested)} could not be allocated on device {o.device}",
+            (f"The cache held {mib(o.inactive_bytes)} free but its largest free block was {mib(o.largest_inactive)}: the memory was there, in pieces."
+             if o.fragmentation_oom else f"The cache held {mib(o.inactive_bytes)} free (largest block {mib(o.largest_inactive)}): the request did not fit, fragmentation aside.")
+            + (" (allocator state at the snapshot, which came after the OOM)" if o.state_at == "snapshot" else ""),
+            {"requested": o.requested, "inactive_bytes": o.inactive_bytes, "largest_inactive": o.largest_inactive, "device_free": o.device_free}, "torch"))
+    if a.leaked_bytes:
+        top = a.leaks_by_stack[0]
+        findings.append(Finding(
+            "warning", f"{mib(a.leaked_bytes)} allocated during the trace is still allocated at its end",
+            f"Largest site: {top.stack}, {top.count} allocation(s), {mib(top.bytes)}. Allocations made before the trace window began are not counted.",
+            {"leaked_bytes": a.leaked_bytes, "top_stack": top.stack}, "torch"))
+    for adv in a.advice:
+        findings.append(Finding("info", f"try {adv['setting']}", adv["why"], {}, "torch"))
+    section = dataclasses.asdict(a)
+    section["source"] = source
+    return SectionResult(name="torch", metrics=metrics, section=section, findings=findings)

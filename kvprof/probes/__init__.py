@@ -12,7 +12,7 @@ from kvprof import runtime
 DEFAULT_PROBES = ("blocks",)
 # Engine adapters of the blocks probe: modules with MODULES (names whose import
 # triggers the adapter) and install(module) (patches by feature detection).
-ENGINE_ADAPTERS = ["kvprof.probes.vllm", "kvprof.probes.nanovllm"]
+ENGINE_ADAPTERS = ["kvprof.probes.vllm", "kvprof.probes.nanovllm", "kvprof.probes.sglang"]
 
 
 def _start_blocks(writer) -> None:
@@ -92,7 +92,7 @@ def _start_nvml(writer) -> None:
 
 
 PROBES = {
-    "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, and pools declared through kvprof.blocks"),
+    "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, SGLang, and pools declared through kvprof.blocks"),
     "markers": (_start_markers, "kvprof.mark() calls (always on)"),
     "pyspy": (_start_pyspy, "CPU samples of every recorded process by py-spy, run by the recorder (speedscope JSON in pyspy/)"),
     "gc": (_start_gc, "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)"),

@@ -231,7 +231,25 @@ def after_fork_tracemalloc(writer) -> None:
 
 # -- memray ------------------------------------------------------------------------
 MEMRAY_FILE = "memray.bin"
-_memray = {"tracker": None, "path": None, "active": False}
+_memray = {"tracker": None, "path": None, "active": False, "marks": 0}
+# Every kvprof.mark while memray tracks the process allocates (and drops) one buffer of
+# MARK_BASE + 1 + (n % MARK_SPAN) bytes in _memray_mark, n the marker's ordinal in the
+# process: memray's capture then says where each marker fell among the allocations, which
+# its records (without timestamps) do not; kvprof.analysis.heap replays the records up to each.
+# The size is above pymalloc's 512-byte limit, so the buffer is a malloc memray sees.
+MARK_BASE = 4093
+MARK_SPAN = 1024
+
+
+def _memray_mark(n: int) -> None:
+    bytearray(MARK_BASE + n % MARK_SPAN)
+
+
+def _memray_on_mark(name_id, value, t) -> None:
+    n = _memray["marks"]
+    _memray["marks"] = n + 1
+    if _memray.get("active") or _memray.get("followed"):
+        _memray_mark(n)
 
 
 def _memray_exit() -> None:
@@ -288,10 +306,13 @@ def start_memray(writer) -> None:
         trace_python_allocators=bool(opts.get("python_allocators")),
         follow_fork=True,
     )
-    _memray.update(tracker=tracker, path=path, mine=path)
+    _memray.update(tracker=tracker, path=path, mine=path, marks=0)
+    if _memray_on_mark not in runtime._mark_hooks:
+        runtime._mark_hooks.append(_memray_on_mark)
     _PROFILER_PARTS.append(os.path.dirname(os.path.abspath(memray.__file__)) + os.sep)
     runtime.probe_note("memray", status="waiting for __main__", file=MEMRAY_FILE, native=bool(opts.get("native")),
-                       python_allocators=bool(opts.get("python_allocators")), memray_version=getattr(memray, "__version__", None))
+                       python_allocators=bool(opts.get("python_allocators")), memray_version=getattr(memray, "__version__", None),
+                       marker_buffer_bytes=[MARK_BASE + 1, MARK_BASE + MARK_SPAN])
     # Started right away (inside the startup hook) memray records no Python frames for the
     # program; start it as the program's __main__ begins instead, as `memray run` does.
     _when_main_starts(_memray_activate)
@@ -358,7 +379,7 @@ def after_fork_memray(writer) -> None:
     # memray names every descendant's capture after the first tracker's file: a grandchild's
     # is memray.bin.<its pid> beside its grandparent's, like a child's
     child = f"{_memray['path']}.{os.getpid()}"
-    _memray.update(tracker=None, active=False, mine=child, followed=True)
+    _memray.update(tracker=None, active=False, mine=child, followed=True, marks=0)  # the child's marker stream starts empty
     while _memray_exit in runtime._closers:
         runtime._closers.remove(_memray_exit)
     runtime.probe_note("memray", status="attached (memray follows the fork)",

@@ -22,7 +22,8 @@ until the enclosing manager call has emitted its allocations and frees, so the
 stream orders them as the state changed.
 
 Requests are sequences (``seq_id``).  One ``req_query`` per admission of a
-never-preempted sequence (as vLLM counts prefix-cache queries); failures are
+never-preempted sequence, and one ``req_query_preempted`` per re-admission of a
+preempted one (vLLM counts those apart, as ``preempted_queries``); failures are
 ``can_allocate``/``can_append`` answering no.  Scheduler hooks add arrivals,
 steps, preemptions and per-step token counts (filled = tokens whose KV the
 scheduled step writes; held = blocks in the table, so slots allocated ahead of a
@@ -44,7 +45,7 @@ _hooks = Hooks("nano-vllm")
 _api = {"name": "unknown"}
 _depth = [0]  # nesting of hooked BlockManager calls (allocate calls _allocate_block, ...)
 _pending: list = []  # cache/evict events held until the outer call has emitted its own
-_preempted: set = set()  # seq ids preempted at least once: their re-admissions are not queries
+_preempted: set = set()  # seq ids preempted at least once: their re-admissions are counted apart
 _last_state: dict = {}  # seq id -> (filled, held) last reported
 
 
@@ -170,8 +171,7 @@ def _after_allocate(self, seq, cached_before) -> None:
     ids = list(seq.block_table)
     bs = int(self.block_size)
     hits = max(0, (int(seq.num_cached_tokens) - int(cached_before)) // bs)
-    if seq.seq_id not in _preempted:
-        _emit(K.REQ_QUERY, self, seq, int(len(seq)), hits * bs)
+    _emit(K.REQ_QUERY_PREEMPTED if seq.seq_id in _preempted else K.REQ_QUERY, self, seq, int(len(seq)), hits * bs)
     if hits:
         _emit(K.HIT, self, seq, 0, 0, ids[:hits])
     if ids[hits:]:

@@ -9,7 +9,8 @@ reported in process.json, never fatal):
 * ``KVCacheManager``: __init__ (declares the pool with its block size),
   allocate_slots (attributes allocations and hits to the request; ``None``
   is an allocation failure), free (attributes frees), record_prefix_cache_stats
-  (the lookup vLLM counts in ``prefix_cache_queries/hits``).
+  (each lookup, as vLLM counts it: ``req_query`` for ``prefix_cache_queries/hits``,
+  ``req_query_preempted`` for a preempted request's ``preempted_queries/hits``).
 * ``Scheduler``: add_request (arrival), schedule (a step; afterwards the token
   count and block-table length of each running request), _preempt_request,
   _free_request (finish).
@@ -112,7 +113,7 @@ def _record(w, kind: int, pool, blocks) -> None:
         req = _current_req
         rid = -1 if req is None else (w._strings.get(req) if type(req) is str else None)
         if rid is None:
-            rid = w.intern(req)
+            rid = w.intern_request(req)
         w.block(monotonic_ns(), kind, idx, rid, 0, 0, ids)
 
 
@@ -371,9 +372,11 @@ def _install_kv_cache_manager(mod) -> None:
             out = orig(self, request, num_hits, *a, **k)
             if runtime.writer is not None:
                 enabled = getattr(self, "prefix_cache_lookup_enabled", None)
-                # as vLLM counts prefix_cache_queries/hits: lookups of requests never preempted
-                if (enabled is None or enabled(request)) and getattr(request, "num_preemptions", 0) <= 0:
-                    runtime.emit(K.REQ_QUERY, _pool_index(self.block_pool), request.request_id, int(request.num_tokens), int(num_hits), ())
+                # as vLLM's PrefixCacheStats.record: lookups of requests never preempted are
+                # queries/hits, those of preempted requests coming back preempted_queries/hits
+                if enabled is None or enabled(request):
+                    kind = K.REQ_QUERY_PREEMPTED if getattr(request, "num_preemptions", 0) > 0 else K.REQ_QUERY
+                    runtime.emit(kind, _pool_index(self.block_pool), request.request_id, int(request.num_tokens), int(num_hits), ())
             return out
 
         return wrapper

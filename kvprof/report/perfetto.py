@@ -150,16 +150,17 @@ def snapshot_events(path: str) -> list:
 
 
 def export(path: str, output: str, progress=None) -> None:
+    from kvprof.analysis.sources import BUNDLE, SNAPSHOT, kind_of
+
     if not os.path.exists(path):
         raise BundleError(f"no such file or bundle: {path}")
-    if os.path.isdir(path):
+    kind = kind_of(path)
+    if kind == BUNDLE:
         events = bundle_events(path, progress)
-    else:
-        from kvprof.trace.torch_snapshot import looks_like_pickle
-
-        if not looks_like_pickle(path):
-            raise BundleError(f"not a kvprof bundle nor a PyTorch memory snapshot: {path}")
+    elif kind == SNAPSHOT:
         events = snapshot_events(path)
+    else:
+        raise BundleError(f"not a kvprof bundle nor a PyTorch memory snapshot: {path}")
     text = json.dumps({"traceEvents": events, "displayTimeUnit": "ms", "otherData": {"exporter": "kvprof", "source": os.path.basename(path)}})
     from kvprof.trace.atomic import write_output
 

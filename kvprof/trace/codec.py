@@ -9,8 +9,9 @@ import zlib
 import numpy as np
 
 from kvprof.trace import format as fmt
-from kvprof.trace.stage import (IDS_INLINE, IDS_PER_CONT, PAYLOAD_HEAP_SITES, RECORD, TAG_BLOCK, TAG_GC, TAG_HEAP_A, TAG_HEAP_B,
-                                TAG_IDS, TAG_MARK, MAX_TAG, WIDTH, ChunkError, ChunkHeader)
+from kvprof.trace.stage import (IDS_INLINE, IDS_PER_CONT, PAYLOAD_HEAP_SITES, RECORD, STRING_INLINE, STRING_PER_CONT, TAG_BLOCK, TAG_GC,
+                                TAG_HEAP_A, TAG_HEAP_B, TAG_IDS, TAG_MARK, TAG_STRING, TAG_STRING_CONT, MAX_TAG, WIDTH, ChunkError,
+                                ChunkHeader)
 
 # numpy views of staging records, by tag
 _STAGE_BLOCK = np.dtype({"names": ["t", "kind", "pool", "req", "arg", "arg2", "n", "ids"],
@@ -71,11 +72,16 @@ def _consistent_prefix(recs: np.ndarray, tags: np.ndarray) -> int:
         nid = recs[blk, 31:35].copy().view("<u4").ravel().astype(np.int64)
         need[blk] = -(-np.maximum(nid - IDS_INLINE, 0) // IDS_PER_CONT)
     need[tags == TAG_HEAP_A] = 1
-    follower = (tags == TAG_IDS) | (tags == TAG_HEAP_B)
+    st = np.flatnonzero(tags == TAG_STRING)
+    if len(st):
+        slen = recs[st, 4:6].copy().view("<u2").ravel().astype(np.int64)
+        need[st] = -(-np.maximum(slen - STRING_INLINE, 0) // STRING_PER_CONT)
+    follower = (tags == TAG_IDS) | (tags == TAG_HEAP_B) | (tags == TAG_STRING_CONT)
     # runs of followers and the record that heads each run
     head = np.flatnonzero(~follower)
     run = np.diff(np.r_[head, n]) - 1
-    cont_tag = np.where(tags[head] == TAG_BLOCK, TAG_IDS, np.where(tags[head] == TAG_HEAP_A, TAG_HEAP_B, 0))
+    cont_tag = np.where(tags[head] == TAG_BLOCK, TAG_IDS, np.where(tags[head] == TAG_HEAP_A, TAG_HEAP_B,
+                                                                   np.where(tags[head] == TAG_STRING, TAG_STRING_CONT, 0)))
     bad = run != need[head]
     if len(head) and head[0] != 0:  # followers with no head at the start: corrupt from the first record
         return 0
@@ -130,6 +136,9 @@ def split_records(recs: np.ndarray) -> dict:
             for name in target.names:
                 rows[name] = view[name]
             out[tag] = (rows, None)
+    st = np.flatnonzero(tags == TAG_STRING)
+    if len(st):  # interned request ids: few (one per request), read one by one
+        out[TAG_STRING] = (_strings(recs, st), None)
     sel = np.flatnonzero(tags == TAG_HEAP_A)
     if len(sel):
         pairs = np.concatenate([recs[sel], recs[sel + 1]], axis=1).reshape(-1)
@@ -138,4 +147,19 @@ def split_records(recs: np.ndarray) -> dict:
         for name in fmt.HEAP_SNAP_DTYPE.names:
             rows[name] = view[name]
         out[TAG_HEAP_A] = (rows, None)
+    return out
+
+
+def _strings(recs: np.ndarray, heads: np.ndarray) -> dict:
+    """{string id: text} of the interned strings whose records start at ``heads``."""
+    out = {}
+    sids = recs[heads, 0:4].copy().view("<i4").ravel().tolist()
+    lens = recs[heads, 4:6].copy().view("<u2").ravel().tolist()
+    for h, sid, n in zip(heads.tolist(), sids, lens):
+        data = recs[h, 6 : 6 + min(n, STRING_INLINE)].tobytes()
+        k = 1
+        while len(data) < n:
+            data += recs[h + k, : min(STRING_PER_CONT, n - len(data))].tobytes()
+            k += 1
+        out[sid] = data.decode("utf-8", "replace")
     return out

@@ -319,79 +319,93 @@ class ProcessData:
 
     # -- version 2: staging records ------------------------------------------------------
     def pieces(self, want: int = 0):
-        """Staging records (N, 48) in the order they were written: the chunk log, then the
-        staging segments it does not hold.  ``want``: a tag bitmask; chunks without any of
-        those tags are skipped unread (0: all)."""
-        covered: dict[int, int] = {}
+        """Staging records (N, 48) in the order they were written: segment by segment, from
+        the chunk log where a segment was compressed, else from its staging file (a process
+        that died, or a rotation a signal interrupted, leaves some behind).  ``want``: a tag
+        bitmask; chunks without any of those tags are skipped unread (0: all)."""
+        sources: dict[int, list] = {}  # segment number -> [chunk (offset, header) or None, staging file or None]
         path = os.path.join(self.dir, stage.CHUNKS)
         if os.path.exists(path):
-            yield from self._chunk_pieces(path, want, covered)
-        segs = []
+            for off, head in self._chunk_index(path, want):
+                entry = sources.setdefault(head.seg_seq, [None, None])
+                if entry[0] is None:  # a segment compressed twice (a retried write): the first one
+                    entry[0] = (off, head)
         for name in os.listdir(self.dir):
             if name.startswith(stage.STAGE_PREFIX) and name.endswith(stage.STAGE_SUFFIX):
                 try:
-                    segs.append((int(name[len(stage.STAGE_PREFIX) : -len(stage.STAGE_SUFFIX)]), name))
+                    seq = int(name[len(stage.STAGE_PREFIX) : -len(stage.STAGE_SUFFIX)])
                 except ValueError:
                     continue
-        for seq, name in sorted(segs):
-            p = os.path.join(self.dir, name)
-            try:
-                size = _regular_file(p, "staging segment", 1 << 30)
-            except BundleError as exc:
-                self.damage.append(str(exc))
-                continue
-            if not size:
-                continue
-            with open(p, "rb") as fh:
-                recs = codec.valid_records(fh.read())
-            skip = covered.get(seq, 0)
-            if skip:
-                recs = recs[skip:]
-            if len(recs):
-                yield recs
+                sources.setdefault(seq, [None, None])[1] = name
+        fh = open(path, "rb") if os.path.exists(path) else None
+        try:
+            for seq in sorted(sources):
+                chunk, name = sources[seq]
+                covered = 0
+                if chunk is not None:
+                    off, head = chunk
+                    covered = head.seg_count
+                    if not want or head.tags & want:
+                        fh.seek(off + stage.HEADER_SIZE)
+                        try:
+                            recs = codec.decode_chunk(head, fh.read(head.comp_len))
+                        except stage.ChunkError as exc:
+                            self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS}: the chunk at byte {off:,} is damaged ({exc}): "
+                                               f"its {head.nrec:,} records are not read")
+                            covered = 0
+                        else:
+                            valid = codec.valid_records(recs)
+                            if len(valid) < len(recs):
+                                self.damage.append(f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}")
+                            if len(valid):
+                                yield valid
+                if name is not None:
+                    recs = self._stage_file(name)
+                    if recs is not None and len(recs) > covered:
+                        yield recs[covered:]
+        finally:
+            if fh is not None:
+                fh.close()
 
-    def _chunk_pieces(self, path: str, want: int, covered: dict):
+    def _stage_file(self, name: str):
+        p = os.path.join(self.dir, name)
+        try:
+            size = _regular_file(p, "staging segment", 1 << 30)
+        except BundleError as exc:
+            self.damage.append(str(exc))
+            return None
+        if not size:
+            return None
+        with open(p, "rb") as fh:
+            return codec.valid_records(fh.read())
+
+    def _chunk_index(self, path: str, want: int):
+        """(offset, header) of every staging-record chunk of the chunk log, read header by
+        header; heap-site chunks are decoded on the way (when wanted).  A damaged header or
+        a chunk cut short ends the log (said)."""
         size = _regular_file(path, "chunk log (events.kvc)", 1 << 62)
         pos = 0
         with open(path, "rb") as fh:
             while pos < size:
-                head_bytes = fh.read(stage.HEADER_SIZE)
+                fh.seek(pos)
                 try:
-                    head = stage.ChunkHeader(head_bytes)
+                    head = stage.ChunkHeader(fh.read(stage.HEADER_SIZE))
                 except stage.ChunkError as exc:
                     self._chunk_damage(exc, pos, size)
                     return
                 if pos + stage.HEADER_SIZE + head.comp_len > size:
                     self._chunk_damage("cut short", pos, size)
                     return
-                pos += stage.HEADER_SIZE + head.comp_len
                 if head.payload == stage.PAYLOAD_HEAP_SITES:
-                    if want and not want >> stage.TAG_HEAP_A & 1:
-                        fh.seek(pos)
-                        continue
-                    body = fh.read(head.comp_len)
-                    try:
-                        rows = codec.decode_chunk(head, body)
-                    except stage.ChunkError as exc:
-                        self._chunk_damage(exc, pos, size)
-                        return
-                    self._sites.append(rows)
-                    continue
-                if head.seg_seq >= 0:
-                    covered[head.seg_seq] = max(covered.get(head.seg_seq, 0), head.seg_count)
-                if want and not head.tags & want:
-                    fh.seek(pos)
-                    continue
-                body = fh.read(head.comp_len)
-                try:
-                    recs = codec.decode_chunk(head, body)
-                except stage.ChunkError as exc:
-                    self._chunk_damage(exc, pos, size)
-                    return
-                valid = codec.valid_records(recs)
-                if len(valid) < len(recs):
-                    self.damage.append(f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}")
-                yield valid
+                    if not want or want >> stage.TAG_HEAP_A & 1:
+                        try:
+                            self._sites.append(codec.decode_chunk(head, fh.read(head.comp_len)))
+                        except stage.ChunkError as exc:
+                            self._chunk_damage(exc, pos, size)
+                            return
+                elif head.seg_seq >= 0:
+                    yield pos, head
+                pos += stage.HEADER_SIZE + head.comp_len
 
     def _chunk_damage(self, why, pos: int, size: int) -> None:
         self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "
@@ -412,6 +426,9 @@ class ProcessData:
             for tag, key in ((stage.TAG_MARK, "marks"), (stage.TAG_GC, "gc"), (stage.TAG_HEAP_A, "heap")):
                 if tag in parts:
                     small[key].append(parts[tag][0])
+            if stage.TAG_STRING in parts:  # request ids, interned in the stream
+                for sid, text in parts[stage.TAG_STRING][0].items():
+                    self.strings.setdefault(sid, clean_str(text))
             if stage.TAG_BLOCK in parts:
                 rows, ids = parts[stage.TAG_BLOCK]
                 yield self._checked(rows, ids)
@@ -641,8 +658,10 @@ class Bundle:
     def _declare_pools(self) -> None:
         self.pools: list[PoolInfo] = []
         self._pool_lut: list[np.ndarray] = []  # per process: local pool index -> global (-1 undeclared)
-        self._req_base: list[int] = []  # per process: first request key
-        base = 0
+        # request keys: numbered in the order requests first appear, bundle-wide (dense, so the
+        # analysis can keep per-request state in arrays whatever ids a stream holds)
+        self._req_keys: dict[int, int] = {}  # (process << 32 | string id) -> key
+        self._key_of: list[tuple] = []  # key -> (process, string id)
         for proc in self.processes:
             local = {}
             for rec in proc.pools:
@@ -655,17 +674,39 @@ class Bundle:
             for li, gi in local.items():
                 lut[li] = gi
             self._pool_lut.append(lut)
-            self._req_base.append(base)
-            base += (max(proc.strings) + 1) if proc.strings else 0
-        self.request_keys = base
+
+    @property
+    def request_keys(self) -> int:
+        return len(self._key_of)
+
+    def _request_keys(self, ids: np.ndarray) -> np.ndarray:
+        """Dense keys of (process << 32 | string id) request ids (-1 stays -1), new ones
+        numbered on in the order they come: called on the merged stream, so the numbering is
+        the same every time."""
+        out = np.full(len(ids), -1, dtype=np.int64)
+        ok = ids >= 0
+        if not ok.any():
+            return out
+        u, first, inv = np.unique(ids[ok], return_index=True, return_inverse=True)
+        known = self._req_keys
+        keys = np.empty(len(u), dtype=np.int64)
+        for j in np.argsort(first, kind="stable").tolist():  # first come, first numbered
+            c = int(u[j])
+            k = known.get(c)
+            if k is None:
+                k = known[c] = len(self._key_of)
+                self._key_of.append((c >> 32, c & 0xFFFFFFFF))
+            keys[j] = k
+        out[ok] = keys[inv]
+        return out
 
     def request_name(self, key: int) -> str:
         """The request id a request key stands for ("pid:id" when several processes recorded)."""
-        if key < 0:
+        if key < 0 or key >= len(self._key_of):
             return ""
-        i = int(np.searchsorted(np.asarray(self._req_base), key, side="right")) - 1
+        i, sid = self._key_of[key]
         proc = self.processes[i]
-        name = proc.string(key - self._req_base[i])
+        name = proc.string(sid)
         return f"{proc.pid}:{name}" if len(self.processes) > 1 else name
 
     # -- block events ---------------------------------------------------------------------------
@@ -678,8 +719,6 @@ class Bundle:
     def _process_chunks_now(self, i: int):
         proc = self.processes[i]
         lut = self._pool_lut[i]
-        base = self._req_base[i]
-        nstr = (max(proc.strings) + 1) if proc.strings else 0
         if proc.version == 1 and not proc.v1_sorted():
             # kvprof 0.x wrote vLLM's events in batches out of time order: read the process whole
             pieces = list(proc.block_pieces())
@@ -700,7 +739,7 @@ class Bundle:
             pl = rows["pool"].astype(np.int64)
             gpool = np.where(pl < len(lut), lut[np.minimum(pl, len(lut) - 1)], -1)
             req = rows["req"].astype(np.int64)
-            req = np.where((req >= 0) & (req < nstr), req + base, -1)
+            req = np.where(req >= 0, (i << 32) | req, -1)  # made dense keys by block_chunks, in merge order
             chunk = BlockChunk(rows["t"].astype(np.int64), rows["kind"].astype(np.uint8), gpool.astype(np.int32), req,
                                rows["arg"].astype(np.int64), rows["arg2"].astype(np.int64), n, np.asarray(ids, dtype=np.int32))
             if (gpool < 0).any():  # events of a pool whose declaration was lost in a crash: dropped
@@ -717,29 +756,27 @@ class Bundle:
         order written), as BlockChunks; no run of equal times is split between two chunks.
         A process's own events are put in time order with one piece of look-ahead (threads
         that race between reading the clock and writing the record)."""
-        sources = [_Sorted(self._process_chunks(i)) for i in range(len(self.processes))]
-        sources = [s for s in sources if not s.done or len(s.pending)]
+        every = [_Sorted(self._process_chunks(i)) for i in range(len(self.processes))]
+        sources = [s for s in every if not s.done or len(s.pending)]
         while sources:
             horizon = min(s.horizon for s in sources)
             parts = [s.release(horizon) for s in sources]
             parts = [p for p in parts if len(p)]
             if parts:
                 if len(parts) == 1:
-                    yield parts[0]
+                    out = parts[0]
                 else:
                     merged = BlockChunk.concat(parts)
-                    order = np.argsort(merged.t, kind="stable")
-                    yield _reorder(merged, order)
+                    out = _reorder(merged, np.argsort(merged.t, kind="stable"))
+                out.req = self._request_keys(out.req)
+                yield out
             for s in sources:
                 if s.horizon == horizon and not s.done:
                     s.advance()
             sources = [s for s in sources if not s.done or len(s.pending)]
-        late = sum(s.late for s in self._all_sources(sources))
+        late = sum(s.late for s in every)
         if late:
-            self.notes.append(f"{late:,} block events were written more than a piece out of time order and are analysed where they came")
-
-    def _all_sources(self, sources):
-        return sources
+            self.notes.append(f"{late:,} block events were written more than a piece out of time order: analysed where they came, at the time of the event before them")
 
     def block_stream(self) -> BlockStream:
         """All block events in memory (tests and small inputs)."""
@@ -851,7 +888,12 @@ class _Sorted:
             self.horizon = np.iinfo(np.int64).max
             return
         if self.released is not None and len(nxt) and nxt.t.min() < self.released:
-            self.late += int((nxt.t < self.released).sum())
+            # more than a piece out of order (a damaged file, or a clock that went back): these
+            # events keep their order but take the last time released, so that time never
+            # goes back for the consumers (the bundle's notes say how many)
+            late = nxt.t < self.released
+            self.late += int(late.sum())
+            nxt.t = np.where(late, self.released, nxt.t)
         merged = BlockChunk.concat([self.pending, nxt])
         if len(merged) > 1 and (np.diff(merged.t) < 0).any():
             merged = _reorder(merged, np.argsort(merged.t, kind="stable"))

@@ -20,9 +20,11 @@ thread, one chunk each, appended with one ``write``: a 40-byte header (below, wi
 CRC of itself and of the payload) and the segment's valid records, byte-shuffled
 (byte 0 of every record, then byte 1, ...) and zlib-compressed.  A chunk says which
 staging segment it holds (number and record count), so a segment found beside its
-chunk (the process died between the two) is not read twice.  Heap-site rows of a
-tracemalloc snapshot are written as a chunk of their own.  A torn or corrupt chunk
-ends the chunk log for the reader (what the staging files hold is still read).
+chunk (the process died between the two) is not read twice; the reader takes the
+segments in their order, from the chunk log or from their files.  Heap-site rows of a
+tracemalloc snapshot are written as a chunk of their own.  A chunk with a damaged
+payload is skipped; a damaged header ends the chunk log for the reader (what the
+staging files hold is still read).
 """
 
 from __future__ import annotations
@@ -36,17 +38,19 @@ IDS_PER_CONT = 11  # block ids per continuation record
 HEAP_SITE_BYTES = 24  # HEAP_SITE_DTYPE's itemsize
 
 # tags (the last byte of a staging record)
-TAG_BLOCK, TAG_IDS, TAG_MARK, TAG_GC, TAG_HEAP_A, TAG_HEAP_B = 1, 2, 3, 4, 5, 6
-MAX_TAG = TAG_HEAP_B
+TAG_BLOCK, TAG_IDS, TAG_MARK, TAG_GC, TAG_HEAP_A, TAG_HEAP_B, TAG_STRING, TAG_STRING_CONT = 1, 2, 3, 4, 5, 6, 7, 8
+MAX_TAG = TAG_STRING_CONT
+STRING_INLINE, STRING_PER_CONT = 41, 47  # UTF-8 bytes of an interned string in its first record, in each one after
 
 BLOCK_REC = struct.Struct("<qBHiqqIiiiB")  # t kind pool req arg arg2 n id0 id1 id2 tag
 IDS_REC = struct.Struct("<11i3xB")
 MARK_REC = struct.Struct("<qiq27xB")
 GC_REC = struct.Struct("<qqBqq14xB")
 HEAP_REC = struct.Struct("<qIBiqq14xBqqqqIq3xB")  # two records: t seq reason mark mark_value live | blocks traced peak overhead rows cost
+STRING_REC = struct.Struct("<iH41sB")  # an interned request id: its number, its UTF-8 length, the first 41 bytes
 # a block event with k <= IDS_INLINE ids: (t, kind, pool, req, arg, arg2, k, *ids, TAG_BLOCK)
 PACK_N = [struct.Struct("<qBHiqqI" + "i" * k + "x" * (4 * (IDS_INLINE - k)) + "B") for k in range(IDS_INLINE + 1)]
-assert all(s.size == RECORD for s in (BLOCK_REC, IDS_REC, MARK_REC, GC_REC, *PACK_N)) and HEAP_REC.size == 2 * RECORD
+assert all(s.size == RECORD for s in (BLOCK_REC, IDS_REC, MARK_REC, GC_REC, STRING_REC, *PACK_N)) and HEAP_REC.size == 2 * RECORD
 
 CHUNKS = "events.kvc"  # one chunk log per process
 STAGE_PREFIX, STAGE_SUFFIX = "stage-", ".kvs"
@@ -83,6 +87,21 @@ def pack_block(t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids)
     return head + b"".join(IDS_REC.pack(*rest[i : i + IDS_PER_CONT], TAG_IDS) for i in range(0, len(rest), IDS_PER_CONT))
 
 
+def pack_string(sid: int, text: str) -> bytes:
+    """The staging entry of an interned request id (its record, then continuation records
+    of 47 bytes each); at most 65,535 bytes of UTF-8 are kept."""
+    data = text.encode("utf-8", "surrogatepass")[:65535]
+    head = STRING_REC.pack(sid, len(data), data[:STRING_INLINE], TAG_STRING)
+    rest = data[STRING_INLINE:]
+    if not rest:
+        return head
+    parts = [head]
+    for i in range(0, len(rest), STRING_PER_CONT):
+        piece = rest[i : i + STRING_PER_CONT]
+        parts.append(piece + bytes(STRING_PER_CONT - len(piece)) + bytes((TAG_STRING_CONT,)))
+    return b"".join(parts)
+
+
 def written_records(buf) -> int:
     """Records a segment holds: those before the first never-written one (tag 0)."""
     tags = bytes(buf[RECORD - 1 :: RECORD])
@@ -111,7 +130,7 @@ def chunk_from_body(payload: int, body: bytes, nrec: int, raw_len: int, seg: tup
     records' tag bytes, for the header's bitmask of the tags present."""
     mask = 0
     for t in set(tags):
-        if 0 < t <= MAX_TAG:
+        if 0 < t < 8:  # the bitmask is one byte: tags 1 to 7 (8 only follows a 7)
             mask |= 1 << t
     head = HEADER.pack(MAGIC, payload, mask, 0, nrec, raw_len, len(body), seg[0], seg[1], zlib.crc32(body))
     return head + HEADER_CRC.pack(zlib.crc32(head)) + body

@@ -39,6 +39,7 @@ from kvprof.trace.atomic import write_text
 TICK_S = 0.1  # the writer thread's period (the SIGTERM rescue's too)
 FIRST_SEGMENT = 256 << 10  # bytes; each new segment doubles, up to MAX_SEGMENT
 MAX_SEGMENT = 4 << 20
+NUMPY_FROM = 1 << 20  # segments this big are transposed by numpy (no GIL held while it copies)
 
 I32 = (-(1 << 31), (1 << 31) - 1)
 U32 = (0, (1 << 32) - 1)
@@ -128,6 +129,7 @@ class ProcessWriter:
             "errors": [],
         }
         self._strings: dict[str, int] = {}
+        self._in_meta: set = set()  # string ids declared in meta.jsonl (the rest are staged records)
         self._sids = itertools.count()
         self._meta_lock = threading.RLock()
         self._seg_lock = threading.RLock()
@@ -159,16 +161,37 @@ class ProcessWriter:
 
     # -- side records ----------------------------------------------------------------
     def intern(self, s) -> int:
-        """Map a string (request id, marker name) to a small per-process integer."""
+        """Map a name (a marker's, a probe's) to a small per-process integer, declared in
+        meta.jsonl before this returns (the reader needs marker names before it reads any
+        stream, to cut windows)."""
         key = s if type(s) is str else str(s)
         sid = self._strings.get(key)
-        if sid is None:
+        if sid is None or sid not in self._in_meta:
             with self._meta_lock:
                 sid = self._strings.get(key)
                 if sid is None:
                     sid = next(self._sids)
-                    self._meta_line({"type": "string", "id": sid, "s": key})
                     self._strings[key] = sid
+                if sid not in self._in_meta:
+                    self._meta_line({"type": "string", "id": sid, "s": key})
+                    self._in_meta.add(sid)
+        return sid
+
+    def intern_request(self, s) -> int:
+        """Map a request id to a small per-process integer; the string goes into the staging
+        stream (one record, no system call: a new request per call is the common case).
+        Concurrent threads interning one id agree on its number (the dict's setdefault)."""
+        key = s if type(s) is str else str(s)
+        sid = self._strings.get(key)
+        if sid is None:
+            new = next(self._sids)
+            sid = self._strings.setdefault(key, new)
+            if sid == new:
+                data = stage.pack_string(sid, key)
+                try:
+                    self.write(data)
+                except ValueError:
+                    self._rotate_and_write(data)
         return sid
 
     def meta(self, record: dict) -> None:
@@ -362,23 +385,27 @@ class ProcessWriter:
             self._append(stage.CHUNKS, data)
 
     def _compress(self, seg: Segment) -> None:
-        """One chunk of a segment's records, then the segment goes.  The byte planes are
-        taken from the mapping one at a time: the thread never holds a copy of the segment
-        (a heap profiler watching the process sees kilobytes, not megabytes, of kvprof's)."""
+        """One chunk of a segment's records, then the segment goes.  The byte planes of a big
+        segment are made by numpy, which lets go of the GIL while it copies (and zlib while it
+        compresses), so the target's threads are not held up; numpy is imported here, in this
+        thread, the first time a segment of a megabyte or more is full (a process that records
+        little never imports it).  Small segments: plain bytes slicing."""
         count = stage.written_records(seg.mm)
         if count:
-            mv = memoryview(seg.mm)
-            co = zlib.compressobj(1)
-            body = []
-            tags = b""
-            for i in range(stage.RECORD):
-                plane = mv[i : count * stage.RECORD : stage.RECORD].tobytes()
-                if i == stage.RECORD - 1:
-                    tags = plane
-                body.append(co.compress(plane))
-            body.append(co.flush())
-            mv.release()
-            self._write_chunk(stage.chunk_from_body(stage.PAYLOAD_RECORDS, b"".join(body), count, count * stage.RECORD, (seg.seq, count), tags))
+            size = count * stage.RECORD
+            if size >= NUMPY_FROM:
+                import numpy as np
+
+                planes = np.frombuffer(seg.mm, dtype=np.uint8, count=size).reshape(count, stage.RECORD).T.copy()
+                tags = planes[stage.RECORD - 1].tobytes()
+                body = zlib.compress(planes, 1)
+                del planes
+            else:
+                raw = seg.mm[:size]
+                tags = raw[stage.RECORD - 1 :: stage.RECORD]
+                body = zlib.compress(stage.shuffle(raw, stage.RECORD), 1)
+                del raw
+            self._write_chunk(stage.chunk_from_body(stage.PAYLOAD_RECORDS, body, count, size, (seg.seq, count), tags))
             self.counts["blocks"] += tags.count(TAG_BLOCK)
             self.counts["marks"] += tags.count(stage.TAG_MARK)
             self.counts["gc"] += tags.count(stage.TAG_GC)

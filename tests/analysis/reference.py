@@ -18,6 +18,8 @@ def replay(events, num_blocks, block_size):
     inuse = 0
     peak, peak_t, peak_states = 0, None, None
     evictions = before_reuse = refcount_errors = 0
+    allocated = hit_blocks = frees_to_zero = 0
+    have_state = False
     query = hits = 0
     req_waste = {}
     changes = []  # (t, inuse, waste) after each event
@@ -34,6 +36,8 @@ def replay(events, num_blocks, block_size):
                 if b in reserved:
                     continue
                 before = state(b)
+                allocated += kind == K.ALLOC
+                hit_blocks += kind == K.HIT
                 if kind == K.ALLOC:
                     if ref[b] > 0:
                         refcount_errors += 1
@@ -61,6 +65,7 @@ def replay(events, num_blocks, block_size):
                     hits_since_set[b] = 0
                 after = state(b)
                 inuse += (after == 2) - (before == 2)
+                frees_to_zero += before == 2 and after != 2
                 if inuse > peak:
                     peak, peak_t = inuse, t
                     peak_states = [state(x) for x in range(num_blocks)]
@@ -70,6 +75,7 @@ def replay(events, num_blocks, block_size):
             query += arg
             hits += arg2
         elif kind == K.REQ_STATE:
+            have_state = True
             req_waste[req] = max(arg2 * block_size - arg, 0)
         elif kind in (K.REQ_FINISH, K.REQ_PREEMPT):
             req_waste[req] = 0
@@ -95,6 +101,10 @@ def replay(events, num_blocks, block_size):
         "query_tokens": query,
         "hit_tokens": hits,
         "usage_time_weighted": (ui / (span * capacity)) if span and capacity else None,
-        "internal_time_weighted": (wi / si) if si else None,
+        "internal_time_weighted": (wi / si) if si and have_state else None,
         "counts_ok": counts_ok,
+        "allocated_blocks": allocated,
+        "hit_blocks": hit_blocks,
+        "frees_to_zero": frees_to_zero,
+        "high_watermark": (peak / capacity) if capacity else None,
     }

@@ -98,9 +98,12 @@ def _check(events):
         assert a.usage_time_weighted in (None, 0.0)
     else:
         assert a.usage_time_weighted == pytest.approx(ref["usage_time_weighted"])
-    if a.internal_time_weighted is not None and ref["internal_time_weighted"] is not None:
+    assert (a.internal_time_weighted is None) == (ref["internal_time_weighted"] is None)
+    if a.internal_time_weighted is not None:
         assert a.internal_time_weighted == pytest.approx(ref["internal_time_weighted"])
         assert 0.0 <= a.internal_time_weighted <= 1.0
+    assert (a.allocated_blocks, a.hit_blocks, a.frees_to_zero) == (ref["allocated_blocks"], ref["hit_blocks"], ref["frees_to_zero"])
+    assert a.high_watermark == (pytest.approx(ref["high_watermark"]) if ref["high_watermark"] is not None else None)
     assert 0.0 <= (a.high_watermark or 0.0) <= 1.0
     if a.external_at_peak is not None:
         assert 0.0 <= a.external_at_peak <= 1.0

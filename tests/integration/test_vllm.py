@@ -41,6 +41,21 @@ def test_prefix_cache_and_preemptions_equal_vllm_metrics(vllm_run):
     assert m["blocks.preemptions"] == truth["vllm:num_preemptions"]
 
 
+def test_preempted_lookups_equal_vllm_preempted_counters(vllm_run):
+    """Lookups of preempted requests coming back: vLLM's PrefixCacheStats.preempted_queries/hits
+    (summed from the scheduler stats the engine core sent), equal to kvprof's preempted_*."""
+    bundle, truth, analysis = vllm_run
+    m = {k: v["value"] for k, v in analysis["metrics"].items()}
+    print("kvprof:", m["blocks.prefix_cache.preempted_query_tokens"], m["blocks.prefix_cache.preempted_hit_tokens"], "vllm:", truth)
+    assert truth["vllm:prefix_cache_preempted_requests"] > 0 and truth["vllm:prefix_cache_preempted_hits"] > 0
+    assert m["blocks.prefix_cache.preempted_query_tokens"] == truth["vllm:prefix_cache_preempted_queries"]
+    assert m["blocks.prefix_cache.preempted_hit_tokens"] == truth["vllm:prefix_cache_preempted_hits"]
+    s = Bundle(str(bundle)).block_stream()
+    from kvprof.trace.format import EventKind as K
+
+    assert int((s.kind == K.REQ_QUERY_PREEMPTED).sum()) == truth["vllm:prefix_cache_preempted_requests"]
+
+
 def test_event_stream_is_complete_and_consistent(vllm_run):
     _, _, analysis = vllm_run
     agg = analysis["sections"]["blocks"]["aggregate"]

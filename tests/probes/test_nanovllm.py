@@ -79,6 +79,8 @@ def test_stream_replays_to_the_engine_state(tmp_path, api):
     m = {k: v["value"] for k, v in json.loads((tmp_path / "a.json").read_text())["metrics"].items()}
     assert m["blocks.prefix_cache.query_tokens"] == truth["queries"]
     assert m["blocks.prefix_cache.hit_tokens"] == truth["hits"]
+    assert m["blocks.prefix_cache.preempted_query_tokens"] == truth["preempted_queries"]
+    assert m["blocks.prefix_cache.preempted_hit_tokens"] == truth["preempted_hits"]
     assert m["blocks.preemptions"] == truth["preemptions"]
     assert m["blocks.leaked_blocks"] == 0
     assert m["blocks.evictions"] > 0
@@ -86,3 +88,38 @@ def test_stream_replays_to_the_engine_state(tmp_path, api):
     kinds = s.kind
     assert (kinds == K.REQ_ARRIVE).sum() == (kinds == K.REQ_FINISH).sum() == truth["finished"] == 30
     assert (kinds == K.REQ_STATE).sum() > 0 and np.all(s.arg[kinds == K.REQ_STATE] > 0)
+
+
+@pytest.mark.parametrize("api", APIS)
+def test_readmission_lookups_are_counted_apart(tmp_path, api):
+    """40 blocks of 256 tokens, 80 requests: preempted sequences come back and find part of
+    their prefix still cached.  Those lookups are REQ_QUERY_PREEMPTED, one per re-admission,
+    and kvprof's preempted_* sums equal the engine's own (2025-12, seed 0: 7 preemptions, 2,560
+    of 5,303 tokens found on re-admission; first admissions 25,088 of 57,599)."""
+    out, truth_path = tmp_path / "nv.kvprof", tmp_path / "truth.json"
+    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "nanovllm_sched.py"),
+                   str(truth_path), "--api", api, "--requests", "80", "--blocks", "40", timeout=300)
+    assert r.returncode == 0, r.stderr
+    truth = json.loads(truth_path.read_text())
+    assert truth["readmissions"] > 0 and truth["preempted_hits"] > 0
+    s = Bundle(str(out)).block_stream()
+    pre = s.kind == K.REQ_QUERY_PREEMPTED
+    assert int(pre.sum()) == truth["readmissions"]
+    assert int(s.arg[pre].sum()) == truth["preempted_queries"] and int(s.arg2[pre].sum()) == truth["preempted_hits"]
+    assert int((s.kind == K.REQ_QUERY).sum()) == 80  # one first lookup per request, never a second
+    r = run_kvprof("analyze", str(out), "--json", str(tmp_path / "a.json"))
+    assert r.returncode == 0, r.stderr
+    analysis = json.loads((tmp_path / "a.json").read_text())
+    m = {k: v["value"] for k, v in analysis["metrics"].items()}
+    print(api, "engine:", {k: truth[k] for k in ("preemptions", "readmissions", "queries", "hits", "preempted_queries", "preempted_hits")})
+    assert m["blocks.preemptions"] == truth["preemptions"]
+    assert m["blocks.prefix_cache.query_tokens"] == truth["queries"] and m["blocks.prefix_cache.hit_tokens"] == truth["hits"]
+    assert m["blocks.prefix_cache.preempted_query_tokens"] == truth["preempted_queries"]
+    assert m["blocks.prefix_cache.preempted_hit_tokens"] == truth["preempted_hits"]
+    assert m["blocks.prefix_cache.preempted_hit_rate"] == pytest.approx(truth["preempted_hits"] / truth["preempted_queries"])
+    # re-admissions that find less than half their tokens while the cache evicts: the finding
+    recomputed = [f for f in analysis["findings"] if f["title"].startswith("Preempted requests recomputed")]
+    assert bool(recomputed) == (truth["preempted_hits"] < 0.5 * truth["preempted_queries"] and m["blocks.evictions"] > 0)
+    if api == "2025-12":  # the real engine code, seed 0
+        assert (truth["preemptions"], truth["hits"], truth["preempted_hits"], truth["preempted_queries"]) == (7, 25088, 2560, 5303)
+        assert recomputed and recomputed[0]["evidence"]["recomputed_tokens"] == 5303 - 2560

@@ -4,7 +4,15 @@
 
 MODE: leak (a cache that grows every step), churn (a buffer allocated and dropped
 many times a step), clean (temporary work only), pool-leak (a spawned
-multiprocessing pool whose workers leak).  Every step ends with kvprof.mark("step").
+multiprocessing pool whose workers leak), native-leak (a C library, compiled here
+with cc and loaded with ctypes, that mallocs NATIVE_LEAK_BYTES a step and never
+frees them), native-clean (the same library's malloc and free in the same call).
+Every step ends with kvprof.mark("step").
+
+The native modes call malloc from a shared library of their own: memray sees a
+library's malloc through the library's own calls (it patches every loaded
+library's entries for malloc and free), not a malloc called through ctypes'
+function pointer to libc, which it does not record.
 --truth writes the planted lines and the pids that did the work.
 """
 
@@ -48,6 +56,34 @@ def clean_step():
     return total
 
 
+NATIVE_LEAK_BYTES = 8192
+NATIVE_SOURCE = r"""
+#include <stdlib.h>
+#include <string.h>
+void *kvprof_native_leak(size_t n) { void *p = malloc(n); if (p) memset(p, 1, n); return p; }
+size_t kvprof_native_clean(size_t n) { char *p = malloc(n); size_t s = 0; if (p) { memset(p, 1, n); s = p[n - 1]; free(p); } return s; }
+"""
+
+
+def native_library():
+    """Compile the leaking library into a temporary directory and load it."""
+    import ctypes
+    import subprocess
+    import tempfile
+
+    d = tempfile.mkdtemp(prefix="kvprof-native-")
+    src, lib = os.path.join(d, "kvprof_native.c"), os.path.join(d, "libkvprof_native.so")
+    with open(src, "w") as fh:
+        fh.write(NATIVE_SOURCE)
+    subprocess.run([os.environ.get("CC", "cc"), "-O0", "-g", "-shared", "-fPIC", "-o", lib, src], check=True)
+    so = ctypes.CDLL(lib)
+    so.kvprof_native_leak.restype = ctypes.c_void_p
+    so.kvprof_native_leak.argtypes = [ctypes.c_size_t]
+    so.kvprof_native_clean.restype = ctypes.c_size_t
+    so.kvprof_native_clean.argtypes = [ctypes.c_size_t]
+    return so
+
+
 def pool_task(i):
     leak_step()
     clean_step()
@@ -66,7 +102,7 @@ def line_of(tag):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("mode", choices=["leak", "churn", "clean", "pool-leak"])
+    ap.add_argument("mode", choices=["leak", "churn", "clean", "pool-leak", "native-leak", "native-clean"])
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--truth")
     ap.add_argument("--pool", type=int, default=2)
@@ -81,6 +117,16 @@ def main():
             pool.close()
             pool.join()
         truth["worker_pids"] = sorted(set(pids))
+    elif args.mode.startswith("native"):
+        so = native_library()
+        kept = []
+        for i in range(args.steps):
+            if args.mode == "native-leak":
+                kept.append(so.kvprof_native_leak(NATIVE_LEAK_BYTES))  # the pointer is kept, its memory never freed
+            so.kvprof_native_clean(NATIVE_LEAK_BYTES)
+            clean_step()
+            mark("step", i)
+        truth["native_function"] = "kvprof_native_leak"
     else:
         step = {"leak": leak_step, "churn": churn_step, "clean": clean_step}[args.mode]
         for i in range(args.steps):

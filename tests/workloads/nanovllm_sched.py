@@ -10,7 +10,8 @@ package and `nanovllm.config` are stood in for here and only the engine modules
 2026: the API double in tests/doubles/nanovllm2026.
 
 Writes what the engine itself shows, read from its own objects around each
-step, independently of kvprof: admissions and their cached tokens, preemptions,
+step, independently of kvprof: admissions and their cached tokens (first
+admissions and re-admissions of preempted sequences apart), preemptions,
 and per step the used blocks and the blocks the prefix cache can find.
 """
 
@@ -89,7 +90,8 @@ def main():
     mgr = sched.block_manager
     rng = random.Random(a.seed)
     takes_prefill = "is_prefill" in inspect.signature(sched.postprocess).parameters
-    truth = {"api": a.api, "queries": 0, "hits": 0, "preemptions": 0, "steps": [], "finished": 0}
+    truth = {"api": a.api, "queries": 0, "hits": 0, "preempted_queries": 0, "preempted_hits": 0, "preemptions": 0,
+             "readmissions": 0, "steps": [], "finished": 0}
     step = 0
     t0 = time.perf_counter()
     while True:  # one round, or rounds until --min-seconds have passed (CPU profiling)
@@ -123,6 +125,10 @@ def main():
                     elif not had and has and s.seq_id not in preempted:
                         truth["queries"] += len(s)
                         truth["hits"] += s.num_cached_tokens
+                    elif not had and has:  # a preempted sequence re-admitted: its lookup, counted apart
+                        truth["readmissions"] += 1
+                        truth["preempted_queries"] += len(s)
+                        truth["preempted_hits"] += s.num_cached_tokens
             tokens = [17 + step % 1000] * len(out) if a.no_snapshots else [rng.randrange(1, 30000) for _ in out]
             if takes_prefill:
                 sched.postprocess(out, tokens, is_prefill)
@@ -135,7 +141,8 @@ def main():
     with open(a.truth, "w") as f:
         json.dump(truth, f)
     print(f"nano-vllm {a.api}: {truth['finished']} requests, {step} steps, {truth['preemptions']} preemptions, "
-          f"prefix cache {truth['hits']}/{truth['queries']} tokens")
+          f"prefix cache {truth['hits']}/{truth['queries']} tokens, on {truth['readmissions']} re-admissions "
+          f"{truth['preempted_hits']}/{truth['preempted_queries']}")
 
 
 if __name__ == "__main__":

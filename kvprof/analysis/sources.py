@@ -1,0 +1,49 @@
+"""What a path given to kvprof is: a bundle, a PyTorch memory snapshot, a memray capture,
+or something else (an analysis JSON for `compare`).  The one place that decides it."""
+
+from __future__ import annotations
+
+import os
+
+BUNDLE, SNAPSHOT, MEMRAY, OTHER = "bundle", "snapshot", "memray", "other"
+
+
+def kind_of(path: str) -> str:
+    """BUNDLE for a directory, SNAPSHOT or MEMRAY by the file's first bytes, else OTHER."""
+    if os.path.isdir(path):
+        return BUNDLE
+    if looks_like_memray(path):
+        return MEMRAY
+    from kvprof.trace.torch_snapshot import looks_like_pickle
+
+    return SNAPSHOT if looks_like_pickle(path) else OTHER
+
+
+def is_recording(path: str) -> bool:
+    """Whether the analysis reads this as a recording (a bundle, a PyTorch snapshot, a
+    memray capture) rather than something else, such as an analysis JSON."""
+    return kind_of(path) != OTHER
+
+
+def looks_like_memray(path: str) -> bool:
+    """memray's capture files start with b"memray", or an lz4 frame when compressed on exit."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(32)
+    except OSError:
+        return False
+    return head.startswith(b"memray") or (head[:4] == b"\x04\x22\x4d\x18" and b"memray" in head)
+
+
+def file_hint(path: str) -> str:
+    """A hint for the files people mistake for snapshots."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+    except OSError:
+        return ""
+    if not head:
+        return " (an empty file)"
+    if head == b"PK\x03\x04":
+        return " (a zip archive, as torch.save writes; a memory snapshot is torch.cuda.memory._dump_snapshot()'s pickle)"
+    return ""
