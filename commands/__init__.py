@@ -122,7 +122,7 @@ def _dispatch(argv: list[str]) -> int:
             from kvprof.commands import _fastpath
 
             mod = importlib.import_module(f"kvprof.commands.{names[argv[0]]}")
-            kwargs = None if getattr(mod, "COMMAND_SETTINGS", None) else _fastpath.parse(mod.run, argv[1:])
+            kwargs = None if getattr(mod, "COMMAND_SETTINGS", None) else _fastpath.parse(mod.run, argv[1:], argv[0])
             if kwargs is not None:
                 rc = mod.run(**kwargs)
                 return rc if isinstance(rc, int) else errors.EXIT_OK

@@ -31,13 +31,19 @@ PARSED = {
 }
 # Lines left to typer (help, typos, values typer words its own error for, missing values).
 LEFT = {
-    "analyze": [["--help"], ["B", "--frobnicate"], ["B", "--width", "39"], ["B", "--json"], ["--json", "-"], ["B", "extra"],
+    "analyze": [["--help"], ["B", "--frobnicate"], ["B", "--width", "39", "--nope"], ["B", "--json"], ["--json", "-"], ["B", "extra"],
                 ["B", "--width", "8o"], ["B", "--no-report=1"], ["B", "--json", "--no-report"], ["B", "--width", "1_000"]],
-    "compare": [["a", "b", "-qx"], ["a", "b", "--width", "20"]],
+    "compare": [["a", "b", "-qx"], ["a", "b", "--width", "20", "--nope"]],
     "demo": [["--seed", "3.5"], ["--prefix-share", "half"], ["-h"]],
     "export": [["B"], ["B", "-ox.json"]],
     "whatif": [["B", "-j4"]],
 }
+
+
+# Lines refused by the fast path itself: a number out of range, in click's words under any typer.
+REFUSED = [("analyze", ["B", "--width", "39"], "Invalid value for '--width': 39 is not in the range x>=40."),
+           ("whatif", ["B", "--width", "-3"], "Invalid value for '--width': -3 is not in the range x>=40."),
+           ("compare", ["a", "b", "--width", "20"], "Invalid value for '--width': 20 is not in the range x>=40.")]
 
 
 def _typer_kwargs(name: str, args: list[str]):
@@ -80,6 +86,17 @@ def test_lines_the_fast_path_leaves_to_typer(name, args):
     assert _fast(name, args) is None
 
 
+@pytest.mark.parametrize("name,args,message", REFUSED)
+def test_a_number_out_of_range_is_refused_in_the_same_words_under_any_typer(name, args, message):
+    from kvprof.errors import UsageError
+
+    with pytest.raises(UsageError) as exc:
+        _fast(name, args)
+    assert str(exc.value) == message
+    with pytest.raises(Exception):  # typer refuses it too (in its version's own words)
+        _typer_kwargs(name, args)
+
+
 def test_random_lines_parse_as_typer_parses_them_or_go_to_typer():
     """Seeded random command lines from the commands' own option names and tricky values:
     wherever the fast path answers, typer answers the same; where typer refuses a line, the
@@ -95,12 +112,16 @@ def test_random_lines_parse_as_typer_parses_them_or_go_to_typer():
     for _ in range(400):
         name = rng.choice(sorted(tokens))
         args = [rng.choice(tokens[name]) for _ in range(rng.randrange(0, 7))]
-        fast = _fast(name, args)
+        try:
+            fast = _fast(name, args)
+        except Exception as exc:  # refused here (a number out of range): typer must refuse it too
+            fast = exc
         try:
             slow = _typer_kwargs(name, args)
         except Exception as exc:  # typer refused the line (usage error) or showed help
-            assert fast is None, (args, fast, exc)
+            assert fast is None or isinstance(fast, Exception), (args, fast, exc)
             continue
+        assert not isinstance(fast, Exception), (args, fast)
         if fast is not None:
             parsed += 1
             assert fast == slow, args
