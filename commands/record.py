@@ -80,4 +80,4 @@ def run(
                     pyspy_options={"rate": pyspy_rate, "native": pyspy_native}, probe_options=options or None)
     if not quiet:
         sys.stderr.write(summary_line(result) + "\n")
-    raise typer.Exit(result.exit_code)
+    return result.exit_code
