@@ -22,7 +22,7 @@ PARSED = {
                 ["--", "B"], ["B", "--window", "a:"], ["-"]],
     "compare": [["a", "b"], ["--base", "a", "--base", "b", "--new", "c", "-q", "--all"], ["a", "b", "--width", "100", "--json", "-"],
                 ["a", "b", "--markdown", "m.md", "--junit", "j.xml", "--quiet"], ["--base=a", "--new=b"]],
-    "demo": [[], ["--seed", "-3", "--no-prefix-cache", "--prefix-share", "0.25", "--policy", "fifo"], ["--prefix-share", ".5"],
+    "demo": [[], ["--seed", "-3", "--no-prefix-cache", "--prefix-share", "0.25", "--free-order", "lifo"], ["--prefix-share", ".5"],
              ["--requests", "120", "--num-blocks", "256", "--seed", "1", "--leak-every", "12"], ["--prefix-share", "1e-1", "--prefix-cache"]],
     "export": [["B", "-o", "x.json"], ["B", "--format", "parquet", "--output", "d"], ["-o", "-", "B"]],
     "report": [["B", "-o", "-", "--no-whatif"], ["B", "--output", "r.html", "--window", "a:b"]],
@@ -103,7 +103,7 @@ def test_random_lines_parse_as_typer_parses_them_or_go_to_typer():
     fast path has left it to typer."""
     tokens = {
         "analyze": ["B", "C", "--json", "--window", "--no-report", "--width", "--budget", "--html", "-", "--", "80", "39", "x", "-5", "--nope", "a:b"],
-        "demo": ["--seed", "--block-size", "--num-blocks", "--requests", "--policy", "--prefix-share", "--leak-every",
+        "demo": ["--seed", "--block-size", "--num-blocks", "--requests", "--free-order", "--prefix-share", "--leak-every",
                  "--prefix-cache", "--no-prefix-cache", "3", "-2", "0.5", "1e2", "lru", "x", "--"],
         "compare": ["a", "b", "--base", "--new", "--budget", "--markdown", "--junit", "--json", "-q", "--quiet", "--all", "--width", "120", "-", "--"],
     }
