@@ -24,7 +24,7 @@ SGLANG := sglang==0.5.23
 SGLANG_DEPS := numpy xxhash psutil pybase64 orjson pillow starlette msgspec pyzmq tqdm aiohttp transformers dill \
 	apache-tvm-ffi sentencepiece compressed-tensors gguf triton ipython openai partial_json_parser
 
-.PHONY: install browser demo test test-ray ray-vllm-env test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean
+.PHONY: install browser demo test test-ray ray-vllm-env test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean dist parquet-docs bench-startup
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -132,6 +132,20 @@ fuzz: $(STAMP)
 
 docs: $(STAMP)
 	$(PY) -m kvprof.metrics > docs/metrics-reference.md
+
+# The sdist (the tree the tests run from) and the wheel (the package alone) in dist/; no download.
+dist: $(STAMP)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	@for f in dist/*; do echo "== $$f"; done
+
+# docs/parquet.md's table reference, from kvprof/report/parquet.py TABLES.
+parquet-docs: $(STAMP)
+	$(PY) -m kvprof.report.parquet --update docs/parquet.md
+
+# Start-up of --version, --help, analyze --help and a small analyze, whole process.
+bench-startup: $(STAMP)
+	$(PY) benchmarks/bench_startup.py --imports
 
 clean:
 	rm -rf demo.kvprof demo-analysis.json report.html test-artifacts .pytest_cache .hypothesis

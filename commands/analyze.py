@@ -45,4 +45,4 @@ def run(
     if budget is not None:
         if json_out != "-":
             render.terminal(verdict, width=width)
-        raise typer.Exit(EXIT_OK if verdict.passed else EXIT_REGRESSED)
+        return EXIT_OK if verdict.passed else EXIT_REGRESSED

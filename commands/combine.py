@@ -17,7 +17,7 @@ def run(
 
     from kvprof.combine import combine, summary_lines
 
-    summary = combine(output, list(parts), force=force)
+    summary = combine(output, list(parts or []), force=force)  # none: one line, whichever parser read the line
     if not quiet:
         for line in summary_lines(summary):
             sys.stderr.write(line + "\n")

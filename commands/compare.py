@@ -39,7 +39,7 @@ def run(
     render.write_all(result, markdown, junit, json_out)
     if json_out != "-":
         _terminal(render, result, quiet, width, show_all)
-    raise typer.Exit(EXIT_OK if result.passed else EXIT_REGRESSED)
+    return EXIT_OK if result.passed else EXIT_REGRESSED
 
 
 def _terminal(render, result, quiet: bool, width, show_all: bool) -> None:

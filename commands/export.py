@@ -5,22 +5,29 @@ import typer
 
 def run(
     bundle: str = typer.Argument(..., metavar="BUNDLE", help="A .kvprof bundle."),
-    format: str = typer.Option("perfetto", "--format", metavar="FORMAT", help="perfetto: Chrome trace-event JSON (ui.perfetto.dev, chrome://tracing)."),
-    output: str = typer.Option(..., "-o", "--output", metavar="FILE", help="The file to write ('-': stdout)."),
+    format: str = typer.Option("perfetto", "--format", metavar="FORMAT", help="perfetto: Chrome trace-event JSON (ui.perfetto.dev, chrome://tracing); parquet: a directory of Parquet tables, one per stream, plus metrics and findings (docs/parquet.md; needs pyarrow)."),
+    output: str = typer.Option(..., "-o", "--output", metavar="FILE|DIR", help="The file to write ('-': stdout); for parquet, the directory."),
 ):
-    """Export a bundle's timelines for other viewers (Perfetto / Chrome tracing).
+    """Export a bundle for other tools: Perfetto / Chrome tracing, or Parquet for SQL and dataframes.
 
     Exit status: 0; 2 bad input.
     """
     from kvprof.errors import UsageError
 
-    if format != "perfetto":
-        raise UsageError(f"--format must be perfetto, not {format!r}")
+    if format not in ("perfetto", "parquet"):
+        raise UsageError(f"--format must be perfetto or parquet, not {format!r}")
     from kvprof.inputs import check_input
-    from kvprof.report import perfetto
-
     from kvprof.report.progress import PassProgress
 
     check_input(bundle)
+    if format == "parquet":
+        from kvprof.report import parquet
+
+        with PassProgress("exporting") as progress:
+            rows = parquet.export(bundle, output, progress=progress)
+        typer.echo(f"kvprof: wrote {len(rows)} tables to {output} ({rows['block_events']:,} block events)")
+        return
+    from kvprof.report import perfetto
+
     with PassProgress("exporting") as progress:
         perfetto.export(bundle, output, progress=progress)

@@ -85,4 +85,4 @@ def run(
         if ray.get("output_processes"):  # Ray workers recorded apart (docs/distributed.md)
             sys.stderr.write(f"kvprof: Ray workers: {ray['output_processes']['processes']} process(es) in {ray['output']}; "
                              f"merge: kvprof combine OUT.kvprof {result.bundle} {ray['output']}\n")
-    raise typer.Exit(result.exit_code)
+    return result.exit_code

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 from kvprof.blocks import Pool
 
-POLICIES = ("lru", "lifo", "first-fit")
+FREE_ORDERS = ("lru", "lifo", "lowest-id")  # which free block an allocation takes (whatif --policy is the allocator)
 
 
 @dataclass
@@ -32,7 +32,7 @@ class DemoConfig:
     block_size: int = 16
     num_blocks: int = 512
     requests: int = 400
-    policy: str = "lru"
+    free_order: str = "lru"
     prefix_share: float = 0.5
     leak_every: int = 0
     prefix_cache: bool = True
@@ -46,8 +46,8 @@ class DemoConfig:
             raise ValueError(f"--num-blocks must be at least 2, not {self.num_blocks}")
         if self.requests < 1:
             raise ValueError(f"--requests must be at least 1, not {self.requests}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"--policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.free_order not in FREE_ORDERS:
+            raise ValueError(f"--free-order must be one of {', '.join(FREE_ORDERS)}, not {self.free_order!r}")
         if not 0.0 <= self.prefix_share <= 1.0:
             raise ValueError(f"--prefix-share must be between 0 and 1, not {self.prefix_share}")
         if self.leak_every < 0:
@@ -95,12 +95,13 @@ class _Request:
 
 
 class _FreeBlocks:
-    """Free blocks under an allocator policy.  Invariant: every block here has ref count 0."""
+    """Free blocks, taken in a free order: lru (the block freed longest ago, as vLLM's free
+    queue), lifo (the block freed last), lowest-id.  Invariant: every block here has ref count 0."""
 
-    def __init__(self, ids, policy):
-        self.policy = policy
+    def __init__(self, ids, order):
+        self.order = order
         self.members = set(ids)
-        if policy == "first-fit":
+        if order == "lowest-id":
             self.heap = list(ids)
             heapq.heapify(self.heap)
         else:
@@ -111,16 +112,16 @@ class _FreeBlocks:
 
     def push(self, block):
         self.members.add(block)
-        if self.policy == "first-fit":
+        if self.order == "lowest-id":
             heapq.heappush(self.heap, block)
         else:
             self.queue.append(block)
 
     def pop(self):
         while True:
-            if self.policy == "first-fit":
+            if self.order == "lowest-id":
                 b = heapq.heappop(self.heap)
-            elif self.policy == "lifo":
+            elif self.order == "lifo":
                 b = self.queue.pop()
             else:
                 b = self.queue.popleft()
@@ -130,7 +131,7 @@ class _FreeBlocks:
 
     def remove(self, block):
         self.members.discard(block)
-        if self.policy != "first-fit" and len(self.queue) > 4 * len(self.members) + 64:
+        if self.order != "lowest-id" and len(self.queue) > 4 * len(self.members) + 64:
             self.queue = deque(b for b in self.queue if b in self.members)
 
 
@@ -145,8 +146,8 @@ def run_demo(cfg: DemoConfig) -> DemoStats:
     rng = random.Random(cfg.seed)
     B = cfg.block_size
     clock_ns = [0]
-    pool = Pool(cfg.num_blocks, B, name="demo", engine="kvprof-demo", reserved=[0], clock=lambda: clock_ns[0], policy=cfg.policy)
-    free = _FreeBlocks(range(1, cfg.num_blocks), cfg.policy)
+    pool = Pool(cfg.num_blocks, B, name="demo", engine="kvprof-demo", reserved=[0], clock=lambda: clock_ns[0], free_order=cfg.free_order)
+    free = _FreeBlocks(range(1, cfg.num_blocks), cfg.free_order)
     ref = [0] * cfg.num_blocks
     block_hash: dict[int, int] = {}
     hash_to_block: dict[int, int] = {}
@@ -340,13 +341,13 @@ def main(argv=None) -> int:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-blocks", type=int, default=512)
     ap.add_argument("--requests", type=int, default=400)
-    ap.add_argument("--policy", default="lru", choices=POLICIES)
+    ap.add_argument("--free-order", default="lru", choices=FREE_ORDERS)
     ap.add_argument("--prefix-share", type=float, default=0.5)
     ap.add_argument("--leak-every", type=int, default=0)
     ap.add_argument("--no-prefix-cache", action="store_true")
     a = ap.parse_args(argv)
     try:
-        cfg = DemoConfig(a.seed, a.block_size, a.num_blocks, a.requests, a.policy, a.prefix_share, a.leak_every, not a.no_prefix_cache)
+        cfg = DemoConfig(a.seed, a.block_size, a.num_blocks, a.requests, a.free_order, a.prefix_share, a.leak_every, not a.no_prefix_cache)
     except ValueError as exc:
         ap.error(str(exc))
     print(run_demo(cfg).summary())

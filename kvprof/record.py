@@ -64,7 +64,13 @@ def default_output(argv: list[str], module: str | None) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.kvprof"
 
 
-def _scan_processes(bundle: str) -> list[dict]:
+def _scan_processes(bundle: str, command: list[str] | None = None, outcome: dict | None = None,
+                    received: list[int] | None = None) -> list[dict]:
+    """The manifest's list of recorded processes, from their process records.
+
+    ``command`` (the argv the recorder started) restores the module name in the main
+    process's argv; ``outcome`` and ``received`` (the signals the recorder got) say whether
+    the run ended in order, for processes that never closed their recording (see _how_ended)."""
     from kvprof.inputs import read_bytes
 
     out = []
@@ -81,15 +87,19 @@ def _scan_processes(bundle: str) -> list[dict]:
             continue
         probes, errors = info.get("probes"), info.get("errors")
         sizes = _record_counts(os.path.join(procs, name), info)
+        argv = info.get("argv")
+        if info.get("role") == "main" and command:
+            argv = module_argv(argv, command)
         out.append(
             {
                 "dir": f"{fmt.PROCS_DIR}/{name}",
                 "pid": info.get("pid"),
                 "ppid": info.get("ppid"),
                 "role": info.get("role"),
-                "argv": info.get("argv"),
+                "argv": argv,
                 "start_time": info.get("start_time"),
                 "exited_cleanly": info.get("end_ns") is not None,
+                "ended": "closed" if info.get("end_ns") is not None else "unknown",
                 "probes": probes if isinstance(probes, dict) else {},
                 "errors": errors if isinstance(errors, list) else [],
                 "records": sizes,
@@ -100,7 +110,130 @@ def _scan_processes(bundle: str) -> list[dict]:
     for p in out:  # the first recorded process under the recorder is "main"; others are children
         if p["role"] == "child" and p["ppid"] not in starts:
             p["parent_recorded"] = False
+    _how_ended(out, outcome, received)
     return out
+
+
+def module_argv(argv, command: list[str]):
+    """The argv of a process started as ``python -m MODULE ARGS``: Python puts "-m" where
+    the module's path will go until it has found the module, and the startup hook runs
+    before that, so the process recorded ``["-m", ARGS...]``.  The recorder knows the
+    command it started: ``["-m", MODULE, ARGS...]``.  Anything else is returned as it was."""
+    if not isinstance(argv, list) or not argv or argv[0] != "-m":
+        return argv
+    skip = False
+    for i, word in enumerate(command[1:], 1):
+        if skip:  # the value of -X / -W
+            skip = False
+            continue
+        if word in ("-X", "-W", "--check-hash-based-pycs"):
+            skip = True
+            continue
+        if word == "-m" and i + 1 < len(command):
+            module, rest = command[i + 1], command[i + 2:]
+        elif word.startswith("-m") and len(word) > 2:  # python -mjson.tool
+            module, rest = word[2:], command[i + 1:]
+        elif word in ("-c", "--") or not word.startswith("-"):
+            return argv  # a script or -c: not started as a module
+        else:
+            continue
+        return ["-m", module, *rest] if list(rest) == argv[1:] else argv
+    return argv
+
+
+# A process that never closed its recording either crashed, was killed, or is still running.
+# Servers end their helpers themselves: vLLM's API server, on Ctrl-C, sends SIGTERM to its
+# engine core and, with its default --shutdown-timeout of 0, SIGKILLs it and its workers at
+# once.  Their events are all in the bundle (every
+# record is in a MAP_SHARED file before the call returns) but end_ns never got written.
+ORDERLY_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _how_ended(processes: list[dict], outcome: dict | None, received: list[int] | None) -> None:
+    """Say how each process that did not close its recording ended, where the bundle tells:
+
+    * ``running``: still alive when the recorder finished (an orphan the target left);
+    * ``stopped_with_parent`` (``exited_cleanly`` true, ``stopped_by`` its recorded
+      ancestor): the run ended in order (the target exited 0, or of the very signal the
+      recorder was stopped with: a Ctrl-C, a SIGTERM), and a recorded ancestor closed its
+      own recording, so the process was ended by that ancestor's shutdown;
+    * ``unknown`` otherwise (killed or crashed).
+
+    A child that crashes while its parent lives on, in a run that then ends in order,
+    reads as stopped_with_parent: the bundle cannot tell the two apart (its events are
+    complete either way)."""
+    by_pid = {p["pid"]: p for p in processes if isinstance(p.get("pid"), int)}
+    orderly = _ended_in_order(outcome, received)
+    for p in processes:
+        if p["ended"] == "closed":
+            continue
+        if _still_running(p.get("pid"), p.get("start_time")):
+            p["ended"] = "running"
+            continue
+        if not orderly or p["errors"]:
+            continue
+        q, seen = by_pid.get(p.get("ppid")), set()
+        while q is not None and q["pid"] not in seen:
+            seen.add(q["pid"])
+            if q["ended"] == "closed":
+                p.update(ended="stopped_with_parent", stopped_by=q["pid"], exited_cleanly=True)
+                break
+            q = by_pid.get(q.get("ppid"))
+
+
+STRAGGLER_WAIT_S = 2.0
+
+
+def _wait_for_stragglers(bundle: str, timeout: float = STRAGGLER_WAIT_S) -> None:
+    """Recorded processes that outlive the target by a moment (multiprocessing's resource
+    tracker, which exits once its pipe closes, after a leak report) would be listed as
+    still running: wait for them to end, up to ``timeout`` seconds, whatever runs on."""
+    deadline = time.monotonic() + timeout
+    procs = os.path.join(bundle, fmt.PROCS_DIR)
+    try:
+        names = os.listdir(procs)
+    except OSError:
+        return
+    waiting = []
+    for name in names:
+        try:
+            with open(os.path.join(procs, name, fmt.PROCESS_JSON), "rb") as fh:
+                info = json.loads(fh.read(1 << 20))
+        except (OSError, ValueError):
+            continue
+        if isinstance(info, dict) and info.get("end_ns") is None and _still_running(info.get("pid"), info.get("start_time")):
+            waiting.append((info.get("pid"), info.get("start_time")))
+    while waiting and time.monotonic() < deadline:
+        time.sleep(0.05)
+        waiting = [w for w in waiting if _still_running(*w)]
+
+
+def _ended_in_order(outcome: dict | None, received: list[int] | None) -> bool:
+    if not outcome or not outcome.get("started"):
+        return False
+    stops = [s for s in received or [] if s in ORDERLY_STOP_SIGNALS]
+    if outcome.get("exit_code") == 0:
+        return True
+    died_of = outcome.get("signal") or ((outcome.get("exit_code") or 0) - SIGNAL_BASE)
+    return died_of in stops
+
+
+def _still_running(pid, start_time) -> bool:
+    """Whether the process of this pid that started at ``start_time`` (seconds since the
+    epoch) is alive, on Linux (elsewhere: False): a reused pid has another start time."""
+    if not isinstance(pid, int) or pid <= 0 or not isinstance(start_time, (int, float)):
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        if fields[0] == "Z":  # dead, not yet reaped
+            return False
+        with open("/proc/stat") as fh:
+            btime = next(int(line.split()[1]) for line in fh if line.startswith("btime "))
+        started = btime + int(fields[19]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return False
+    return abs(started - start_time) < 2.0
 
 
 def _record_counts(directory: str, info: dict) -> dict:
@@ -528,26 +661,12 @@ def record(
         return _record_locked(bundle, argv, probes, force, pyspy_options, probe_options, ray_output)
 
 
-def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
-                   pyspy_options: dict | None, probe_options: dict | None, ray_output: str | None = None) -> RecordResult:
+def new_manifest(argv: list[str], probes: list[str]) -> dict:
+    """A bundle's first manifest (status "recording"), as the recorder writes it before the
+    target starts."""
     from kvprof import probes as probe_registry
 
-    if os.path.lexists(bundle):
-        if not force:
-            raise UsageError(f"output exists: {bundle} (use --force to replace it)")
-        if os.path.isdir(bundle) and not os.path.islink(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
-            shutil.rmtree(bundle)
-        else:
-            raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
-    from kvprof.probes import ray as ray_probe
-
-    if ray_output:
-        ray_probe.prepare_output(ray_output, force, bundle)
-    try:
-        os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
-    except OSError as exc:
-        raise UsageError(f"cannot create bundle {bundle}: {exc.strerror}") from None
-    manifest = {
+    return {
         "format": fmt.FORMAT_NAME,
         "format_version": fmt.FORMAT_VERSION,
         "kvprof_version": __version__,
@@ -563,6 +682,48 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         "probes": {p: probe_registry.PROBES[p][1] for p in probes},
         "recorder_pid": os.getpid(),
     }
+
+
+def start_session_bundle(bundle: str, argv: list[str], probes: list[str]) -> dict:
+    """Create the bundle of a recording made inside a running process (kvprof.runtime
+    start_session): its directory, replacing a bundle already there, and its first
+    manifest.  The manifest, to be finished by finish_session_bundle."""
+    if os.path.lexists(bundle):
+        if os.path.isdir(bundle) and not os.path.islink(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
+            shutil.rmtree(bundle)
+        else:
+            raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
+    os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
+    manifest = new_manifest(argv, probes)
+    manifest["session"] = {"pid": os.getpid()}  # recorded from inside this process, not by a recorder around it
+    write_json_atomic(os.path.join(bundle, fmt.MANIFEST), manifest)
+    return manifest
+
+
+def finish_session_bundle(bundle: str, manifest: dict, probes: list[str], outcome: dict) -> dict:
+    """The final manifest of a session's bundle, as `kvprof record` writes it at the end."""
+    _finish(bundle, os.path.join(bundle, fmt.MANIFEST), manifest, outcome, probes, None, None)
+    return manifest
+
+
+def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
+                   pyspy_options: dict | None, probe_options: dict | None, ray_output: str | None = None) -> RecordResult:
+    if os.path.lexists(bundle):
+        if not force:
+            raise UsageError(f"output exists: {bundle} (use --force to replace it)")
+        if os.path.isdir(bundle) and not os.path.islink(bundle) and os.path.exists(os.path.join(bundle, fmt.MANIFEST)):
+            shutil.rmtree(bundle)
+        else:
+            raise UsageError(f"output exists and is not a kvprof bundle, not replacing it: {bundle}")
+    from kvprof.probes import ray as ray_probe
+
+    if ray_output:
+        ray_probe.prepare_output(ray_output, force, bundle)
+    try:
+        os.makedirs(os.path.join(bundle, fmt.PROCS_DIR))
+    except OSError as exc:
+        raise UsageError(f"cannot create bundle {bundle}: {exc.strerror}") from None
+    manifest = new_manifest(argv, probes)
     mpath = os.path.join(bundle, fmt.MANIFEST)
     try:
         write_json_atomic(mpath, manifest)
@@ -637,7 +798,7 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
             if fwd.received:
                 outcome["signals_forwarded"] = [signal.Signals(s).name for s in fwd.received]
     # From here on the target has ended: whatever happens to the bundle, its exit code is ours.
-    _finish(bundle, mpath, manifest, outcome, probes, nvml, reserve)
+    _finish(bundle, mpath, manifest, outcome, probes, nvml, reserve, fwd.received)
     if not outcome.get("started"):
         raise RecordError(f"cannot start {argv[0]}: {outcome['error']} (bundle kept: {bundle})", exit_code)
     return RecordResult(bundle, exit_code, manifest)
@@ -652,7 +813,8 @@ def _update_manifest(mpath: str, manifest: dict) -> None:
         pass
 
 
-def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list[str], nvml, reserve) -> None:
+def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list[str], nvml, reserve,
+            received: list[int] | None = None) -> None:
     """The final manifest: status complete, or incomplete with the reasons (a process's
     writer failed, the disk filled).  Never raises: a manifest that cannot be written at all
     is one warning line, the previous manifest (status "recording") stays."""
@@ -660,12 +822,13 @@ def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list
         if nvml is not None:
             manifest["probe_status"]["nvml"] = nvml.stop()
         manifest.update({"end_time": time.time(), "end_ns": time.monotonic_ns(), "target": outcome})
-        manifest["clock"]["wall_minus_mono_ns"]["end"] = hostinfo.wall_minus_mono_ns()
-        if (manifest.get("ray") or {}).get("output"):
+        manifest.setdefault("clock", {}).setdefault("wall_minus_mono_ns", {})["end"] = hostinfo.wall_minus_mono_ns()
+        _wait_for_stragglers(bundle)
+        if (manifest.get("ray") or {}).get("output"):  # Ray workers recorded apart (docs/distributed.md)
             from kvprof.probes import ray as ray_probe
 
             manifest["ray"]["output_processes"] = ray_probe.finish_output(manifest["ray"]["output"], _scan_processes)
-        manifest["processes"] = _scan_processes(bundle)
+        manifest["processes"] = _scan_processes(bundle, manifest.get("command"), outcome, received)
         manifest["probe_cost"] = _probe_cost(bundle, manifest["processes"], probes)
         reasons = _incomplete_reasons(bundle, manifest["processes"])
         manifest["status"] = "incomplete" if reasons else "complete"

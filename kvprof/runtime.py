@@ -393,3 +393,154 @@ def probe_note(name: str, **fields) -> None:
     w = writer
     if w is not None:
         w.probe_status(name, **fields)
+
+
+# -- recording part of a running process (the pytest plugin) ---------------------------
+# `kvprof record` starts the recording when a process starts and writes the manifest when
+# the command ends.  A session records part of a running process's life (one test) into a
+# bundle of its own and finishes it with a manifest, so the bundle is an ordinary one that
+# every command reads.  One session at a time, in a process that kvprof record is not
+# recording already; Python processes the process starts meanwhile (a spawned engine
+# core) are recorded into the same bundle, as under kvprof record.
+SESSION_PROBES = ("blocks", "markers", "gc", "tracemalloc")  # memray starts as __main__ begins, torch with CUDA: not inside a running process
+_SESSION_ENV = (ENV_BUNDLE, ENV_PROBES, ENV_OPTIONS, ENV_RECORDER_PID, "KVPROF_PATH", "PYTHONPATH")
+_session: dict | None = None
+_at_fork_seen: set = set()
+
+
+def start_session(bundle: str, probes: list[str] | None = None, probe_options: dict | None = None,
+                  command: list[str] | None = None) -> None:
+    """Start recording this process into a new bundle at ``bundle`` (an old bundle there is
+    replaced).  ``probes``: of SESSION_PROBES (default blocks; markers always);
+    ``probe_options`` as `kvprof record` passes them (``{"tracemalloc": {"interval": 0}}``);
+    ``command``: what the manifest names as the command (default sys.argv).
+
+    Probes start again in every session; what a probe sets up once per process (fork
+    handlers, marker hooks) is set up once.  Pools declared before the session are
+    declared in its bundle only if the session used them (see stop_session)."""
+    global _session
+    if _session is not None or writer is not None:
+        raise RuntimeError("this process is already being recorded" + (f" (into {_session['bundle']})" if _session else " (by kvprof record)"))
+    probes = list(dict.fromkeys([*(probes or ["blocks"]), "markers"]))
+    refused = [p for p in probes if p not in SESSION_PROBES]
+    if refused:
+        raise ValueError(f"probe {refused[0]!r} cannot record inside a running process (these can: {', '.join(SESSION_PROBES)}); "
+                         "record the whole run with `kvprof record -- ...` instead")
+    import tracemalloc
+
+    from kvprof import record as rec
+
+    bundle = os.path.abspath(bundle)
+    argv = list(command) if command is not None else [sys.executable, *sys.argv]
+    manifest = rec.start_session_bundle(bundle, argv, probes)
+    if probe_options:
+        manifest["probe_options"] = probe_options
+    saved_env = {k: os.environ.get(k) for k in _SESSION_ENV}
+    import json
+
+    os.environ.update({ENV_BUNDLE: bundle, ENV_PROBES: ",".join(probes), ENV_OPTIONS: json.dumps(probe_options or {}),
+                       "KVPROF_PATH": rec.PACKAGE_PARENT})
+    os.environ.pop(ENV_RECORDER_PID, None)  # the processes it starts are children; this one is the main one
+    os.environ["PYTHONPATH"] = rec.HOOK_DIR + (os.pathsep + saved_env["PYTHONPATH"] if saved_env["PYTHONPATH"] else "")
+    options.clear()
+    options.update(probe_options or {})
+    earlier_pools = list(_pools)
+    session = {"bundle": bundle, "manifest": manifest, "probes": probes, "env": saved_env,
+               "traced": tracemalloc.is_tracing(), "pools": len(earlier_pools), "pid": os.getpid()}
+    _pools.clear()  # the writer declares the process's pools as it starts: none of the earlier ones
+    real_register = getattr(os, "register_at_fork", None)
+    try:
+        if real_register is not None:
+            os.register_at_fork = _register_at_fork_once
+        start(bundle, probes)
+    except BaseException:
+        _session_env(saved_env)
+        raise
+    finally:
+        if real_register is not None:
+            os.register_at_fork = real_register
+        _pools[:0] = earlier_pools  # indices stay those the pools were given
+    _mark_hooks[:] = list(dict.fromkeys(_mark_hooks))  # a probe started again adds its hook again
+    writer.info["role"] = "main"
+    writer.write_process_info()
+    _session = session
+
+
+def _register_at_fork_once(**handlers) -> None:
+    """os.register_at_fork for probes started in a session: a handler registered by an
+    earlier session is not registered again (registrations cannot be undone, and a fork
+    handler that takes a lock, run twice, would wait for itself)."""
+    key = tuple(sorted(handlers.items()))
+    if key not in _at_fork_seen:
+        _at_fork_seen.add(key)
+        _real_register_at_fork(**handlers)
+
+
+_real_register_at_fork = getattr(os, "register_at_fork", None)
+
+
+def _session_env(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def session_bundle() -> str | None:
+    """The bundle the current session records into (None when there is none)."""
+    return _session["bundle"] if _session is not None else None
+
+
+def stop_session(outcome: dict | None = None) -> dict:
+    """Stop the session: the probes' exit work (last snapshots), the writer closed, the
+    earlier pools this session used declared, the final manifest written.  ``outcome``:
+    the manifest's ``target`` (default ``{"started": True, "exit_code": 0}``).  Returns
+    the manifest."""
+    global writer, _session
+    s = _session
+    if s is None:
+        raise RuntimeError("no session is recording")
+    _session = None
+    w = writer
+    try:
+        if w is not None and w.pid == os.getpid() and not w.closed:
+            w.closing = True
+            with _SigintDeferred(), w.quiet():
+                run_closers()
+                w.close()
+    finally:
+        writer = None
+        _closers.clear()
+        _session_env(s["env"])
+        import tracemalloc
+
+        if "tracemalloc" in s["probes"] and not s["traced"] and tracemalloc.is_tracing():
+            tracemalloc.stop()  # the next session starts with a heap of its own
+    if w is not None and s["pools"]:
+        _declare_used_pools(w.dir, s["pools"])
+    from kvprof import record as rec
+
+    return rec.finish_session_bundle(s["bundle"], s["manifest"], s["probes"], outcome or {"started": True, "exit_code": 0, "signal": None})
+
+
+def _declare_used_pools(directory: str, earlier: int) -> None:
+    """Pools declared before a session (by a fixture that outlives a test) are declared in
+    its bundle if the session wrote events of them: the others would count in the pool
+    capacity of a test that never used them."""
+    try:
+        from kvprof.trace import format as fmt
+        from kvprof.trace.reader import ProcessData
+
+        used: set = set()
+        for rows, _ in ProcessData(directory).block_pieces():
+            used.update(int(x) for x in set(rows["pool"].tolist()) if int(x) < earlier)
+        if not used:
+            return
+        import json
+
+        lines = "".join(json.dumps(_pools[i], default=str) + "\n" for i in sorted(used))
+        with open(os.path.join(directory, fmt.META_JSONL), "a", encoding="utf-8") as fh:
+            fh.write(lines)
+    except Exception as exc:  # the bundle stays readable; those pools' events are skipped, and said
+        sys.stderr.write(f"kvprof: could not declare the earlier pools in {directory}: {exc!r}\n")

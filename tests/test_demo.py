@@ -78,16 +78,16 @@ def _allocations(bundle):
     return taken, free_before
 
 
-def test_policies_run_and_differ_in_placement(tmp_path):
+def test_free_orders_run_and_differ_in_placement(tmp_path):
     seen = {}
-    for policy in ("lru", "lifo", "first-fit"):
-        assert run_demo(DemoConfig(requests=80, policy=policy, num_blocks=256)).finished == 80
-        taken, free = _allocations(_record(tmp_path, policy, "--requests", "80", "--num-blocks", "256", "--policy", policy))
-        seen[policy] = taken
-        if policy == "first-fit":  # always the lowest free ids
+    for order in ("lru", "lifo", "lowest-id"):
+        assert run_demo(DemoConfig(requests=80, free_order=order, num_blocks=256)).finished == 80
+        taken, free = _allocations(_record(tmp_path, order, "--requests", "80", "--num-blocks", "256", "--free-order", order))
+        seen[order] = taken
+        if order == "lowest-id":  # always the lowest free ids
             assert all(t == f[: len(t)] for t, f in zip(taken, free))
-    assert seen["lru"] != seen["lifo"] != seen["first-fit"] != seen["lru"]
-    # lru takes the blocks freed longest ago, so the first-fit property does not hold for it
+    assert seen["lru"] != seen["lifo"] != seen["lowest-id"] != seen["lru"]
+    # lru takes the blocks freed longest ago, so the lowest-id property does not hold for it
     assert any(t != f[: len(t)] for t, f in zip(seen["lru"], _allocations(tmp_path / "lru.kvprof")[1]))
 
 
@@ -96,7 +96,7 @@ def test_no_prefix_cache_means_no_hits(tmp_path):
     assert m["blocks.prefix_cache.hit_tokens"] == 0 and m["blocks.evictions"] == 0
 
 
-@pytest.mark.parametrize("args, msg", [(["--policy", "best"], "--policy must be one of"), (["--block-size", "0"], "--block-size must be")])
+@pytest.mark.parametrize("args, msg", [(["--free-order", "best"], "--free-order must be one of"), (["--free-order", "fifo"], "--free-order must be one of"), (["--block-size", "0"], "--block-size must be")])
 def test_bad_demo_options(args, msg):
     r = run_kvprof("demo", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr

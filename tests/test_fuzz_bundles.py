@@ -35,6 +35,9 @@ def seed_bundle(tmp_path_factory):
     r = run_kvprof("record", "-q", "-o", str(out), "--probe", "blocks,gc", "--", sys.executable, "-m", "kvprof.commands", "demo",
                    "--requests", "400", "--num-blocks", "128")
     assert r.returncode == 0, r.stderr
+    # the what-if kernels compile on their first use (about 30 s, once per install): not timed below
+    rc, err = run_in_process("whatif", str(out), "--block-size", "32", "--num-blocks", "64", "--json", os.devnull)
+    assert rc == 0, err
     return out
 
 

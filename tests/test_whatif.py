@@ -34,14 +34,14 @@ def test_replay_of_the_recorded_configuration_equals_analyze_on_the_fixtures(nam
 
 
 @pytest.mark.parametrize("args", [
-    ["--policy", "lifo"],
-    ["--policy", "first-fit", "--block-size", "32", "--num-blocks", "120"],
+    ["--free-order", "lifo"],
+    ["--free-order", "lowest-id", "--block-size", "32", "--num-blocks", "120"],
     ["--no-prefix-cache", "--num-blocks", "150"],
     ["--block-size", "8", "--num-blocks", "500", "--prefix-share", "0.9"],
     # a hit that takes blocks computed by two requests (one re-computed a block whose first
     # copy had been evicted): 112 hit tokens short before content classes replaced the
     # parent-and-shared-length model
-    ["--seed", "2", "--num-blocks", "100", "--block-size", "8", "--policy", "first-fit", "--prefix-share", "0.9"],
+    ["--seed", "2", "--num-blocks", "100", "--block-size", "8", "--free-order", "lowest-id", "--prefix-share", "0.9"],
 ])
 def test_replay_equals_analyze_for_every_demo_engine_policy(tmp_path, args):
     out = tmp_path / "d.kvprof"

@@ -1,7 +1,7 @@
 """The compiled what-if (kvprof/analysis/whatif_kernel.py) against the pure-Python reference
 (tests/whatif_reference.py): the schedule built from chunks equals the reference's
 extraction operation for operation, and every replay equals the reference's metric for
-metric, on the fixtures, demo recordings of every demo policy and synthetic engines that
+metric, on the fixtures, demo recordings of every demo free order and synthetic engines that
 exercise what the demo does not (partial frees, blocks taken without a request, refusals
 and preemptions, gaps of seconds, vLLM's free order).  Also: chunk boundaries anywhere,
 threads, one compiled version per kernel function, the cache directory fallback."""
@@ -233,11 +233,11 @@ def assert_same_schedule(new: W.Schedule, ref) -> None:
 
 
 def _bundles(tmp_path_factory):
-    """The fixtures and demo recordings of every demo policy (recorded once per session)."""
+    """The fixtures and demo recordings of every demo free order (recorded once per session)."""
     out = [os.path.join(FIXTURES, "demo.kvprof"), os.path.join(FIXTURES, "demo-leak.kvprof")]
     d = tmp_path_factory.mktemp("demos")
-    for i, args in enumerate([["--policy", "lifo", "--num-blocks", "90"],
-                              ["--policy", "first-fit", "--block-size", "32", "--num-blocks", "60"],
+    for i, args in enumerate([["--free-order", "lifo", "--num-blocks", "90"],
+                              ["--free-order", "lowest-id", "--block-size", "32", "--num-blocks", "60"],
                               ["--block-size", "8", "--num-blocks", "300", "--prefix-share", "0.9", "--seed", "2"],
                               ["--no-prefix-cache", "--num-blocks", "120"]]):
         path = d / f"d{i}.kvprof"

@@ -50,7 +50,7 @@ class Schedule:
         """The engine's own free queue: (uncached blocks reused first, order blocks leave in)."""
         if self.engine == "vllm":
             return True, "fifo"  # vLLM 0.32 BlockPool.free_blocks: uncached to the head, cached to the tail
-        return False, {"lifo": "lifo", "first-fit": "lowest"}.get(self.engine_policy or "", "fifo")
+        return False, {"lifo": "lifo", "lowest-id": "lowest", "first-fit": "lowest"}.get(self.engine_policy or "", "fifo")
 
     def free_order_label(self) -> str:
         first, order = self.free_order()
@@ -290,7 +290,7 @@ def extract(stream, pool_index: int) -> Schedule:
         pool=info.label, engine=info.engine, block_size=B, num_blocks=info.num_blocks, reserved_ids=sorted(set(reserved)),
         bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"),
         t_start=t_start, t_end=t_end, ops=ops, requests=int((seen_req >= 0).sum()), prefix_caching=cached_any,
-        final_lengths=list(final_len.values()), unsupported=unsupported, engine_policy=info.extra.get("policy"),
+        final_lengths=list(final_len.values()), unsupported=unsupported, engine_policy=info.extra.get("free_order") or info.extra.get("policy"),
         content={node: _find(uf, node) for node in uf},
     )
 

@@ -143,13 +143,47 @@ def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
     if replay_pool is not None and replay_pool in bp.schedules:
         from kvprof.analysis import whatif as W
 
-        # analyze's figures are the pool's own when there is one pool and the analysis
-        # covers the whole run: the fidelity check reads them instead of analysing again
-        try:
-            out["whatif"] = W.run_schedule(bp.schedules[replay_pool], W.WhatifOptions(unlimited=True, jobs=None), pool_metrics(bp, replay_pool, window_label))
-        except ValueError as exc:  # a pool without request states: no replay, say why
-            out["whatif_note"] = str(exc)
+        # the replays run in a thread of their own (the compiled kernel lets go of the GIL)
+        # while the caller draws the rest; resolve_series() waits for them
+        sched, analyzed = bp.schedules[replay_pool], pool_metrics(bp, replay_pool, window_label)
+        out["whatif"] = Pending(lambda: W.run_schedule(sched, W.WhatifOptions(unlimited=True, jobs=None), analyzed))
     return out
+
+
+class Pending:
+    """A series still being computed in a background thread."""
+
+    def __init__(self, fn):
+        import threading
+
+        self._value = self._error = None
+        self._thread = threading.Thread(target=self._run, args=(fn,), name="kvprof-whatif", daemon=True)
+        self._thread.start()
+
+    def _run(self, fn) -> None:
+        try:
+            self._value = fn()
+        except BaseException as exc:  # handed over to resolve()
+            self._error = exc
+
+    def resolve(self):
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
+def resolve_series(series: dict) -> dict:
+    """Wait for the series still being computed; a replay the pool cannot have (no request
+    states) becomes a note."""
+    w = series.get("whatif")
+    if isinstance(w, Pending):
+        try:
+            series["whatif"] = w.resolve()
+        except ValueError as exc:
+            series.pop("whatif")
+            series["whatif_note"] = str(exc)
+    return series
 
 
 def blocks_section(bundle, bounds) -> SectionResult | None:

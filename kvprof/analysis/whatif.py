@@ -78,7 +78,7 @@ class Schedule:
     prefix_caching: bool
     final_lengths: np.ndarray  # tokens of each request at its last state
     unsupported: dict = field(default_factory=dict)  # events the replay cannot use, by kind
-    engine_policy: str | None = None  # the pool's own free-block policy, when it declared one
+    engine_policy: str | None = None  # the pool's own free order, when it declared one (the demo's lru, lifo, lowest-id)
     # the operations (see whatif_kernel, "the schedule builder")
     code: np.ndarray = None  # uint8, one per operation
     ops: np.ndarray = None  # int32 rows: time step (uint32 bits), local request (0: none), a, b
@@ -101,7 +101,7 @@ class Schedule:
         """The engine's own free queue: (uncached blocks reused first, order blocks leave in)."""
         if self.engine == "vllm":
             return True, "fifo"  # vLLM 0.32 BlockPool.free_blocks: uncached to the head, cached to the tail
-        return False, {"lifo": "lifo", "first-fit": "lowest"}.get(self.engine_policy or "", "fifo")
+        return False, {"lifo": "lifo", "lowest-id": "lowest", "first-fit": "lowest"}.get(self.engine_policy or "", "fifo")
 
     def free_order_label(self) -> str:
         first, order = self.free_order()
@@ -271,7 +271,7 @@ class ScheduleBuilder:
             bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"),
             t_start=int(st[K.S_TFIRST]) if have else 0, t_end=int(st[K.S_TLAST]) if have else 0,
             requests=int((keys >= 0).sum()), prefix_caching=bool(st[K.S_CACHED]),
-            final_lengths=RQ[has, K.Q_FINAL].copy(), unsupported=unsupported, engine_policy=info.extra.get("policy"),
+            final_lengths=RQ[has, K.Q_FINAL].copy(), unsupported=unsupported, engine_policy=info.extra.get("free_order") or info.extra.get("policy"),  # "policy": bundles before the rename
             code=trim(a["code"], nops), ops=trim(a["ops"], nops), payload=trim(a["pay"], npay),
             operations=int(st[K.S_NREAL]), request_keys=keys, max_tokens=RQ[:, K.Q_MAXTOK].copy(),
             class_off=cls_off, class_of=cls, foreign_ids=int(st[K.S_FMAX]), foreign_blocks=int(st[K.S_NFALLOC]),

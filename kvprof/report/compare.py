@@ -82,14 +82,16 @@ def title(c: Comparison) -> str:
 
 def terminal(c: Comparison, width: int | None = None, console=None, show_all: bool = False) -> None:
     """The table (regressions first; unchanged rows only with show_all), then why each failure failed."""
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     from kvprof.compare import NO_DATA, UNCHANGED
+    from kvprof.report.format import term_width
 
     if console is None:
-        console = Console(width=width, highlight=False, soft_wrap=False, markup=False)  # paths may hold [brackets]
+        from kvprof.report.format import console as make_console
+
+        console = make_console(width=width or term_width(), markup=False)  # paths may hold [brackets]
     if c.base:
         console.print(Text("kvprof compare", style="bold") + Text(f"  base: {_text(', '.join(c.base))}  new: {_text(', '.join(c.new))}", style="dim"))
     else:

@@ -1,6 +1,36 @@
-"""Value formatting shared by the text renderers (terminal, Markdown)."""
+"""Value formatting and the terminal console shared by the text renderers (terminal, Markdown)."""
 
 from __future__ import annotations
+
+import os
+
+DEFAULT_WIDTH = 80
+
+
+def no_color() -> bool:
+    """NO_COLOR (https://no-color.org): set and not empty."""
+    return bool(os.environ.get("NO_COLOR"))
+
+
+def term_width(default: int = DEFAULT_WIDTH) -> int:
+    """Columns of the terminal on stdout ($COLUMNS first).  A terminal that reports 0
+    columns (a pty nobody sized: `docker exec -t`, some CI runners), or no terminal at all,
+    gets ``default``."""
+    import shutil
+
+    return shutil.get_terminal_size((default, 24)).columns or default
+
+
+def console(width: int | None = None, **kwargs):
+    """A rich Console for a report.  Under NO_COLOR it writes no escape sequence at all:
+    rich's own NO_COLOR handling drops the colours but keeps bold, dim and italic."""
+    from rich.console import Console
+
+    if no_color():
+        kwargs["color_system"] = None
+    kwargs.setdefault("highlight", False)
+    kwargs.setdefault("soft_wrap", False)
+    return Console(width=width, **kwargs)
 
 
 def value(v, unit: str) -> str:
@@ -18,7 +48,7 @@ def value(v, unit: str) -> str:
         return f"{v:.2f} s"
     if unit == "bytes":
         return bytes_(v)
-    if isinstance(v, int) or (isinstance(v, float) and v.is_integer() and abs(v) >= 1):
+    if isinstance(v, int) or (isinstance(v, float) and v.is_integer()):
         text = f"{int(v):,}"
     else:
         text = f"{v:,.2f}"

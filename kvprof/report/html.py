@@ -398,10 +398,6 @@ def render(result, series: dict) -> str:
         c = _frag_hit_chart(agg, series)
         if c is not None:
             charts.append(("blocks", "frag-hit", c, "Share of allocated slots holding no token, and the prefix-cache hit rate in tokens."))
-        c = _whatif_chart(agg, series)
-        if c is not None:
-            charts.append(("whatif", "whatif", c, "Left: wasted slots of the recorded final lengths at each block size. Right: `kvprof whatif`'s "
-                           "replay of the recorded schedule with no capacity limit: KV token slots needed at peak, against the recorded pool."))
     heap = result.sections.get("heap")
     if heap:
         for cid, c, cap in _heap_charts(heap):
@@ -417,6 +413,14 @@ def render(result, series: dict) -> str:
     c = _gc_chart(series)
     if c is not None:
         charts.append(("gc", "gc", c, "Every collection's pause by generation (gc probe)."))
+    if agg:  # last: its replay ran in the background while the others were drawn
+        from kvprof.analysis.run import resolve_series
+
+        resolve_series(series)
+        c = _whatif_chart(agg, series)
+        if c is not None:
+            charts.append(("whatif", "whatif", c, "Left: wasted slots of the recorded final lengths at each block size. Right: `kvprof whatif`'s "
+                           "replay of the recorded schedule with no capacity limit: KV token slots needed at peak, against the recorded pool."))
     if result.sections.get("cpu"):
         c = _cpu_chart(result.sections["cpu"])
         if c is not None:

@@ -42,10 +42,11 @@ class PassProgress:
         self.bar.update(self.task, completed=self.done if self.total is None else min(self.done, self.total))
 
     def _start(self) -> None:
-        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        console = Console(file=self.stream, stderr=True)
+        from kvprof.report.format import console as make_console
+
+        console = make_console(file=self.stream, stderr=True)
         cols = [TextColumn("kvprof: {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn()]
         if self.total:
             cols.append(TimeRemainingColumn())

@@ -40,12 +40,11 @@ SEVERITY = {"error": ("✗", "bold red"), "warning": ("!", "yellow"), "info": ("
 
 
 def render(result, width: int | None = None, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     if console is None:
-        console = Console(width=width or min(100, _term_width()), highlight=False, soft_wrap=False)
+        console = fmt.console(width=width or min(100, fmt.term_width()))
     src = result.source
     if src.get("snapshot"):
         console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['snapshot'])}", style="dim"))
@@ -111,15 +110,23 @@ def render(result, width: int | None = None, console=None) -> None:
         console.print(Text("Findings", style="bold"))
         for f in findings:
             mark, style = SEVERITY.get(f.severity, ("-", ""))
-            console.print(Text(f" {mark} ", style=style) + Text(f.title, style="bold"))
-            console.print(Text(f"   {f.detail}"), style="default")
+            title = indented(f.title, console.width, first=f" {mark} ", style="bold")
+            title.stylize(style, 0, 3)
+            console.print(title)
+            console.print(indented(f.detail, console.width))
 
 
-def _term_width() -> int:
-    try:
-        return os.get_terminal_size().columns
-    except OSError:
-        return 80
+def indented(text: str, width: int, indent: str = "   ", first: str | None = None, style: str = ""):
+    """``text`` wrapped at ``width`` with every line after the first starting at ``indent``
+    (rich's own wrapping would start them at column 0), as one Text printed unwrapped."""
+    import textwrap
+
+    from rich.text import Text
+
+    lines = textwrap.wrap(text, width=max(width, len(indent) + 20), initial_indent=indent if first is None else first,
+                          subsequent_indent=indent, break_on_hyphens=False) or [indent if first is None else first]
+    out = Text("\n".join(lines), style=style, no_wrap=True, overflow="ignore")
+    return out
 
 
 def _block_map(console, agg: dict, cols: int) -> None:
@@ -180,4 +187,5 @@ def _whatif(console, agg: dict) -> None:
     console.print(t)
     c = agg.get("contiguous") or {}
     if c.get("utilization") is not None:
-        console.print(f"  * recorded. A contiguous reservation of {c['max_len']:,} tokens per request would have used {100 * c['utilization']:.1f}% of its slots.", style="dim")
+        note = f"* recorded. A contiguous reservation of {c['max_len']:,} tokens per request would have used {100 * c['utilization']:.1f}% of its slots."
+        console.print(indented(note, console.width, indent="    ", first="  ", style="dim"))

@@ -28,14 +28,11 @@ def _v(v, unit):
 
 
 def render(section: dict, width: int | None = None, console=None) -> None:
-    from rich.console import Console
     from rich.table import Table
     from rich.text import Text
 
     if console is None:
-        import shutil
-
-        console = Console(width=width or max(shutil.get_terminal_size((180, 24)).columns, 180), highlight=False, soft_wrap=False)
+        console = fmt.console(width=width or max(fmt.term_width(180), 180))
     rec = section["recorded"]
     console.print(Text("kvprof whatif", style="bold") + Text(f"  pool {section['pool']} ({section['engine']})", style="dim"))
     console.print(Text(f"recorded: block size {rec['block_size']}, {rec['num_blocks']} blocks ({rec['reserved']} reserved), "
