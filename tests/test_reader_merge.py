@@ -37,6 +37,14 @@ def test_processes_and_threads_merge_in_time_order(tmp_path):
     from kvprof.trace.reader import _reorder
 
     ref = _reorder(raw, order)
+    late = [n for n in bundle.notes if "out of time order" in n]
+    if late:
+        # a racing thread stalled between reading the clock and writing while the other wrote
+        # more than a piece (a loaded machine): those events are moved forward in time, said
+        # in a note; the same events are read, none lost
+        key = lambda c: sorted(zip(c.kind.tolist(), c.pool.tolist(), c.arg.tolist(), c.n.tolist()))
+        assert key(whole) == key(ref) and int(late[0].split()[0].replace(",", "")) < len(whole) // 100
+        return
     for f in ("t", "kind", "pool", "arg", "arg2", "n", "ids"):
         np.testing.assert_array_equal(getattr(whole, f), getattr(ref, f), err_msg=f)
     # request keys: dense, numbered as requests first appear, one per (process, request id)
@@ -57,3 +65,38 @@ def test_processes_and_threads_merge_in_time_order(tmp_path):
         assert not differences(want, got), (pools, differences(want, got)[:5])
     a = run_kvprof("analyze", str(out), "--json", "-")
     assert a.returncode == 0, a.stderr
+
+
+def _chunk(ts):
+    from kvprof.trace.chunks import BlockChunk
+
+    n = len(ts)
+    z = np.zeros(n, dtype=np.int64)
+    return BlockChunk(np.array(ts, dtype=np.int64), np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int32), z - 1,
+                      np.arange(n, dtype=np.int64) + ts[0] * 100, z, np.ones(n, dtype=np.int64), np.arange(n, dtype=np.int32))
+
+
+def test_events_more_than_a_piece_late_move_forward_and_are_counted():
+    from kvprof.trace.reader import _Sorted
+
+    # a piece within one piece of order is sorted; one more than a piece late is moved to the
+    # earliest time not yet released: time never goes back and equal times are never split
+    src = _Sorted([_chunk([10, 30]), _chunk([20, 40]), _chunk([50, 60]), _chunk([5, 70])])
+    other = _Sorted([_chunk([35, 36, 45, 80])])
+    out = []
+    sources = [src, other]
+    while sources:
+        h = min(s.horizon for s in sources)
+        parts = [p for p in (s.release(h) for s in sources) if len(p)]
+        if parts:
+            m = BlockChunk.concat(parts)
+            out.append(m.t[np.argsort(m.t, kind="stable")].tolist())
+        for s in sources:
+            if s.horizon == h and not s.done:
+                s.advance()
+        sources = [s for s in sources if not s.done or len(s.pending)]
+    flat = [t for c in out for t in c]
+    assert flat == sorted(flat) and len(flat) == 12 and src.late == 1
+    for a, b in zip(out, out[1:]):
+        assert a[-1] < b[0]
+    assert 5 not in flat and sorted(flat) == flat

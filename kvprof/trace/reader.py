@@ -832,7 +832,7 @@ class Bundle:
             sources = [s for s in sources if not s.done or len(s.pending)]
         late = sum(s.late for s in every)
         if late:
-            self.notes.append(f"{late:,} block events were written more than a piece out of time order: analysed where they came, at the time of the event before them")
+            self.notes.append(f"{late:,} block events were written more than a piece out of time order: analysed where they came, at the earliest time not yet analysed")
 
     def block_stream(self) -> BlockStream:
         """All block events in memory (tests and small inputs)."""
@@ -933,7 +933,7 @@ class _Sorted:
         self.pending = BlockChunk.empty()
         self.done = False
         self.late = 0
-        self.released = None  # the last time released
+        self.floor = None  # every event released so far is earlier than this
         self.horizon = None
         self.advance()
 
@@ -943,13 +943,14 @@ class _Sorted:
             self.done = True
             self.horizon = np.iinfo(np.int64).max
             return
-        if self.released is not None and len(nxt) and nxt.t.min() < self.released:
-            # more than a piece out of order (a damaged file, or a clock that went back): these
-            # events keep their order but take the last time released, so that time never
-            # goes back for the consumers (the bundle's notes say how many)
-            late = nxt.t < self.released
+        if self.floor is not None and len(nxt) and nxt.t.min() < self.floor:
+            # more than a piece out of order (a thread stalled between reading the clock and
+            # writing, a damaged file, a clock that went back): these events keep their order
+            # but take the earliest time not yet released, so that time never goes back for
+            # the consumers and no run of equal times is split (the bundle's notes say how many)
+            late = nxt.t < self.floor
             self.late += int(late.sum())
-            nxt.t = np.where(late, self.released, nxt.t)
+            nxt.t = np.where(late, self.floor, nxt.t)
         merged = BlockChunk.concat([self.pending, nxt])
         if len(merged) > 1 and (np.diff(merged.t) < 0).any():
             merged = _reorder(merged, np.argsort(merged.t, kind="stable"))
@@ -959,16 +960,16 @@ class _Sorted:
             self.advance()
 
     def release(self, horizon: int) -> BlockChunk:
-        """Pending events with time < horizon (all of them once the source is exhausted)."""
+        """Pending events with time < horizon (all of them once the source is exhausted).
+        Every source is released up to the same horizon, so no later event is earlier."""
         if self.done and horizon == np.iinfo(np.int64).max:
             out, self.pending = self.pending, BlockChunk.empty()
-        else:
-            cut = int(np.searchsorted(self.pending.t, horizon, side="left"))
-            if cut == 0:
-                return BlockChunk.empty()
-            out, self.pending = self.pending.split(cut)
-        if len(out):
-            self.released = int(out.t[-1])
+            return out
+        self.floor = horizon if self.floor is None else max(self.floor, horizon)
+        cut = int(np.searchsorted(self.pending.t, horizon, side="left"))
+        if cut == 0:
+            return BlockChunk.empty()
+        out, self.pending = self.pending.split(cut)
         return out
 
 
