@@ -2,8 +2,10 @@
 them given another host identity and a clock offset on purpose) become one bundle on one
 timeline, which analyze, report, compare and export read like any other."""
 
+import importlib.util
 import json
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -230,3 +232,40 @@ def test_the_readmes_fleet_query_over_many_combined_runs(parts, tmp_path):
         os.chdir(cwd)
     assert {(run, engine): (rate, pre) for run, engine, rate, pre in rows} == expected
     assert any("host-b" in engine for _, engine in expected)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("pyspark") is None or not shutil.which("java"), reason="needs pyspark and Java")
+def test_the_readmes_fleet_query_on_spark(parts, tmp_path):
+    """The same README query, unchanged, through the README's PySpark lines (skipped without
+    pyspark and Java; run by hand: PYTHONPATH=<a venv with pyspark>/lib/python3.X/site-packages)."""
+    duckdb = pytest.importorskip("duckdb")
+    import re
+
+    from tests.conftest import ROOT
+
+    section = open(os.path.join(ROOT, "README.md")).read().split("### Many runs at fleet scale", 1)[1]
+    sql = re.search(r"```sql\n(.*?)```", section, re.S).group(1)
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    for run in ("monday", "tuesday"):
+        combined = tmp_path / f"{run}.kvprof"
+        assert run_kvprof("combine", "-q", str(combined), str(parts["a"]), str(parts["b"])).returncode == 0
+        assert run_kvprof("export", str(combined), "--format", "parquet", "-o", str(tmp_path / "runs" / run)).returncode == 0
+    statements = [s.strip() for s in sql.split(";") if s.strip()]
+    query = statements[-1]
+    cwd = os.getcwd()
+    os.chdir(tmp_path)
+    try:
+        con = duckdb.connect()
+        for s in statements[:-1]:
+            con.execute(s)
+        want = sorted(con.execute(query).fetchall(), key=lambda r: r[:2])
+        shown: list = []
+        scope = {"QUERY": query, "shown": shown}
+        exec(code.replace("spark.sql(QUERY).show()", "shown.extend(spark.sql(QUERY).collect())"), scope)
+        got = sorted((tuple(r) for r in shown), key=lambda r: r[:2])
+        scope["spark"].stop()
+    finally:
+        os.chdir(cwd)
+    assert len(got) == len(want) >= 4 and any("host-b" in r[1] for r in got)
+    for g, w in zip(got, want):
+        assert g[:2] == w[:2] and g[3] == w[3] and (g[2] == w[2] or (None not in (g[2], w[2]) and abs(g[2] - w[2]) < 1e-12))
