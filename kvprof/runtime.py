@@ -16,6 +16,9 @@ import sys
 import threading
 import time
 
+from kvprof import signals
+from kvprof.signals import HELD_SIGNALS
+
 ENV_BUNDLE = "KVPROF_BUNDLE"
 ENV_PROBES = "KVPROF_PROBES"
 ENV_RECORDER_PID = "KVPROF_RECORDER_PID"
@@ -72,10 +75,6 @@ def start_from_env() -> None:
         start(bundle, probes)
     except Exception as exc:  # never break the target
         sys.stderr.write(f"kvprof: recording disabled in pid {os.getpid()}: {exc}\n")
-
-
-# the process-directed signals kvprof keeps away from every thread but the main one
-HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
 
 
 class _SignalsHeld:
@@ -157,14 +156,7 @@ def _after_fork_in_child() -> None:
         _started_pid = os.getpid()
         for meta in _pools:
             writer.meta(meta)
-        if _rescue["armed"]:  # the inherited wakeup pipe is shared with the parent: a new one
-            _rescue["armed"] = False
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGURG, signal.SIG_DFL)
-            except (ValueError, OSError):
-                pass
-            _arm_rescue()
+        signals.rearm_rescue_after_fork()
         from kvprof import probes as probe_registry
 
         probe_registry.after_fork(_probes, writer)
@@ -236,87 +228,13 @@ def _install_signal_flush() -> None:
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
-            _arm_rescue()
+            signals.arm_rescue(_on_sigterm)
     except (ValueError, OSError):
         pass
 
 
-# A Python signal handler runs in the main thread between bytecodes.  A SIGTERM that lands
-# just before the main thread enters a blocking call that does not come back on its own
-# (a pool worker waiting on its queue's lock) has already been caught at the C level, so
-# the call is not interrupted and kvprof's handler, which replaced the default action
-# "die", would never run: Pool.terminate then waits for that worker forever (1 run in
-# ~150 under load).  The rescue: Python writes each caught signal's number to the
-# wakeup fd; kvprof's writer thread reads it there and, if the handler has not run a
-# moment later, interrupts the main thread with SIGURG, whose handler does nothing: the
-# interrupted call checks for pending handlers and runs kvprof's.  Only armed when the
-# program has no wakeup fd of its own and no SIGURG handler.
-_rescue = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False}
-
-
-def _poke(signum, frame) -> None:  # SIGURG: only there to interrupt a blocking call
-    pass
-
-
-def _arm_rescue() -> None:
-    if not hasattr(signal, "pthread_kill") or not hasattr(signal, "SIGURG"):
-        return
-    try:
-        if signal.getsignal(signal.SIGURG) is not signal.SIG_DFL:
-            return
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        if previous != -1:  # the program's own: leave it alone
-            signal.set_wakeup_fd(previous)
-            os.close(r)
-            os.close(w)
-            return
-        signal.signal(signal.SIGURG, _poke)
-    except (ValueError, OSError, TypeError):
-        return
-    for fd in (_rescue["r"], _rescue["w"]):  # a forked child's inherited pipe: not ours any more
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    st = os.fstat(r)
-    _rescue.update(r=r, w=w, seen=0, handled=False, armed=True, main=threading.main_thread().ident, ident=(st.st_dev, st.st_ino))
-
-
-def rescue_missed_sigterm() -> None:
-    """Called by the writer thread on each tick (see _arm_rescue)."""
-    if not _rescue["armed"]:
-        return
-    try:  # still our pipe?  A program that closed it may have that number for its own data
-        st = os.fstat(_rescue["r"])
-        if (st.st_dev, st.st_ino) != _rescue.get("ident"):
-            _rescue["armed"] = False
-            return
-    except OSError:
-        _rescue["armed"] = False
-        return
-    try:
-        data = os.read(_rescue["r"], 512)
-    except (BlockingIOError, OSError):
-        data = b""
-    if signal.SIGTERM in data and not _rescue["handled"]:
-        _rescue["seen"] = _rescue["seen"] or time.monotonic()
-    if _rescue["seen"] and not _rescue["handled"] and (signal.getsignal(signal.SIGTERM) is not _on_sigterm
-                                                      or signal.getsignal(signal.SIGURG) is not _poke):
-        _rescue["seen"] = 0  # the program installed its own handler (SIGTERM or SIGURG) since: its business
-    if _rescue["seen"] and not _rescue["handled"] and time.monotonic() - _rescue["seen"] > 0.2:
-        _rescue["seen"] = time.monotonic()  # again later if it did not take
-        try:
-            signal.pthread_kill(_rescue["main"], signal.SIGURG)
-        except (OSError, ValueError):
-            pass
-
-
 def _on_sigterm(signum, frame) -> None:
-    _rescue["handled"] = True
+    signals.sigterm_handled()
     if signal.getsignal(signum) is not _on_sigterm:
         # The program installed its own handler after kvprof and calls the one it replaced
         # (``old = signal.getsignal(SIGTERM)`` ... ``old(signum, frame)``): in its place the

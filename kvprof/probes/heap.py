@@ -136,7 +136,7 @@ def _on_mark(mark_id: int, value: int, t: int) -> None:
 
 
 def _timer() -> None:
-    from kvprof.trace.writer import block_process_signals
+    from kvprof.signals import block_process_signals
 
     block_process_signals()
     st = _state

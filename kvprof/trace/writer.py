@@ -31,7 +31,7 @@ import threading
 import time
 import zlib
 
-from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
+from kvprof.signals import block_process_signals, rescue_missed_sigterm
 from kvprof.trace import format as fmt
 from kvprof.trace import hostinfo, stage
 from kvprof.trace.atomic import write_text
@@ -51,17 +51,6 @@ _BLOCK_RANGES = (I64, U8, U16, I32, I64, I64)
 _PACK_N = stage.PACK_N
 TAG_BLOCK = stage.TAG_BLOCK
 IDS_INLINE = stage.IDS_INLINE
-
-
-def block_process_signals() -> None:
-    """In a kvprof thread: leave process-directed signals to the main thread.  A SIGTERM
-    delivered to a helper thread would not interrupt the main thread's blocking call, so
-    the target's handler (and kvprof's flush-and-die) would run late or never."""
-    if hasattr(signal, "pthread_sigmask"):
-        try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        except (OSError, ValueError):
-            pass
 
 
 def _same_file(fd: int, ident) -> bool:
