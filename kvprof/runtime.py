@@ -28,8 +28,8 @@ writer = None  # kvprof.trace.writer.ProcessWriter while recording in this proce
 _declare_lock = threading.Lock()
 _pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
 _probes: list[str] = []
-_closers: list = []  # probe functions run at exit, before the writer's last flush
-_mark_hooks: list = []  # probe functions called after each marker: hook(name_id, value, t)
+_closers: list = []  # on_exit hooks, run last first by run_closers; only this module touches it
+_mark_hooks: list = []  # on_mark hooks: hook(name_id, value, t); only this module touches it
 options: dict = {}  # per-probe options from `kvprof record` (KVPROF_OPTIONS, JSON)
 _started_pid = None
 
@@ -176,7 +176,8 @@ def _register_mp_finalizer(_writer) -> None:
 
 
 def run_closers() -> None:
-    """Run the probes' exit work once (last snapshots, stopping trackers)."""
+    """Run the probes' exit work once (last snapshots, stopping trackers): the
+    :func:`on_exit` hooks, last registered first, each removed as it runs."""
     while _closers:
         fn = _closers.pop()
         try:
@@ -270,6 +271,37 @@ def _on_sigterm(signum, frame) -> None:
 
 
 # -- helpers used by probes and the public API ---------------------------------------
+def on_exit(fn) -> None:
+    """Have ``fn()`` run when this process's recording closes (at exit, on a SIGTERM kvprof
+    handles, at the end of a session), before the writer's last flush, with the writer's
+    background compression held off.  Hooks run last registered first, once each;
+    registering a hook that is already registered changes nothing.  An exception is kept
+    in process.json's errors and the other hooks still run."""
+    if fn not in _closers:
+        _closers.append(fn)
+
+
+def remove_exit_hook(fn) -> None:
+    """Undo :func:`on_exit` (nothing happens if ``fn`` is not registered)."""
+    while fn in _closers:
+        _closers.remove(fn)
+
+
+def on_mark(fn) -> None:
+    """Have ``fn(name_id, value, t)`` called after each :func:`mark` this process records
+    (``name_id``: the writer's interned id of the marker's name), in the order the hooks
+    were registered; registering a hook that is already registered changes nothing.  An
+    exception is kept in process.json's errors and the marker is recorded all the same."""
+    if fn not in _mark_hooks:
+        _mark_hooks.append(fn)
+
+
+def remove_mark_hook(fn) -> None:
+    """Undo :func:`on_mark` (nothing happens if ``fn`` is not registered)."""
+    while fn in _mark_hooks:
+        _mark_hooks.remove(fn)
+
+
 def declare_pool(meta: dict) -> int:
     """Register a block pool of this process; returns its index in the block stream."""
     with _declare_lock:  # engine probes may declare from the writer's flush thread
@@ -378,7 +410,6 @@ def start_session(bundle: str, probes: list[str] | None = None, probe_options: d
         if real_register is not None:
             os.register_at_fork = real_register
         _pools[:0] = earlier_pools  # indices stay those the pools were given
-    _mark_hooks[:] = list(dict.fromkeys(_mark_hooks))  # a probe started again adds its hook again
     writer.info["role"] = "main"
     writer.write_process_info()
     _session = session

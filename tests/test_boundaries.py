@@ -157,3 +157,24 @@ def test_standalone_modules_import_no_kvprof_module():
     modules = _modules()
     for name in STANDALONE:
         assert _imports(name, modules[name], modules, everywhere=True) == set(), name
+
+
+def test_only_the_runtime_touches_its_hook_lists():
+    """Probes register through runtime.on_exit / on_mark (and remove_exit_hook /
+    remove_mark_hook), never through the lists behind them; nor do scripts the tests run."""
+    private = ("_closers", "_mark_hooks")
+    users = []
+    for folder in (ROOT / "kvprof", ROOT / "commands", ROOT / "tests", ROOT / "benchmarks"):
+        for path in sorted(folder.rglob("*.py")):
+            if path in (ROOT / "kvprof" / "runtime.py", Path(__file__).resolve()):
+                continue
+            text = path.read_text(encoding="utf-8")
+            if not any(name in text for name in private):
+                continue
+            for node in ast.walk(ast.parse(text, str(path))):
+                if ((isinstance(node, ast.Attribute) and node.attr in private)
+                        or (isinstance(node, ast.ImportFrom) and any(a.name in private for a in node.names))
+                        or (isinstance(node, ast.Constant) and isinstance(node.value, str)
+                            and any(f".{name}" in node.value for name in private))):  # code in a script a test writes
+                    users.append(f"{path.relative_to(ROOT)}:{node.lineno}")
+    assert not users, users

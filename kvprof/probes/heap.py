@@ -190,8 +190,8 @@ def start_tracemalloc(writer) -> None:
         # no snapshot may be half done when the process forks: the timer thread's
         # allocations racing a fork corrupt memray's capture of the parent (memray 1.20)
         os.register_at_fork(before=_fork_before, after_in_parent=_fork_after_parent)
-    runtime._mark_hooks.append(_on_mark)
-    runtime._closers.append(_at_exit_tracemalloc)
+    runtime.on_mark(_on_mark)
+    runtime.on_exit(_at_exit_tracemalloc)
     snapshot(REASON_START)
     _start_timer(st)
     runtime.probe_note("tracemalloc", status="attached", depth=depth, interval_s=st.interval, every=st.every,
@@ -222,8 +222,7 @@ def after_fork_tracemalloc(writer) -> None:
     st.fork_lock = None
     st.prev, st.stacks, st.skip = {}, {}, set()  # the child's streams start afresh
     st.seq, st.cost_ns, st.marks_seen = 0, 0, 0
-    if _at_exit_tracemalloc not in runtime._closers:
-        runtime._closers.append(_at_exit_tracemalloc)
+    runtime.on_exit(_at_exit_tracemalloc)
     snapshot(REASON_START)
     _start_timer(st)
     runtime.probe_note("tracemalloc", status="attached (inherited from parent through fork)")
@@ -307,8 +306,7 @@ def start_memray(writer) -> None:
         follow_fork=True,
     )
     _memray.update(tracker=tracker, path=path, mine=path, marks=0)
-    if _memray_on_mark not in runtime._mark_hooks:
-        runtime._mark_hooks.append(_memray_on_mark)
+    runtime.on_mark(_memray_on_mark)
     _PROFILER_PARTS.append(os.path.dirname(os.path.abspath(memray.__file__)) + os.sep)
     runtime.probe_note("memray", status="waiting for __main__", file=MEMRAY_FILE, native=bool(opts.get("native")),
                        python_allocators=bool(opts.get("python_allocators")), memray_version=getattr(memray, "__version__", None),
@@ -329,7 +327,7 @@ def _memray_activate() -> None:
         runtime.probe_note("memray", status="unavailable", reason=f"memray could not start: {exc}")
         return
     _memray["active"] = True
-    runtime._closers.append(_memray_exit)
+    runtime.on_exit(_memray_exit)
     runtime.probe_note("memray", status="attached")
 
 
@@ -380,7 +378,6 @@ def after_fork_memray(writer) -> None:
     # is memray.bin.<its pid> beside its grandparent's, like a child's
     child = f"{_memray['path']}.{os.getpid()}"
     _memray.update(tracker=None, active=False, mine=child, followed=True, marks=0)  # the child's marker stream starts empty
-    while _memray_exit in runtime._closers:
-        runtime._closers.remove(_memray_exit)
+    runtime.remove_exit_hook(_memray_exit)
     runtime.probe_note("memray", status="attached (memray follows the fork)",
                        file=os.path.relpath(child, writer.dir))
