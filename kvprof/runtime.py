@@ -35,16 +35,6 @@ _started_pid = None
 
 now = time.monotonic_ns
 
-# kvprof's own recording code inside a target, as path fragments: what the CPU
-# section counts as kvprof's overhead and the heap probes leave out of the user's
-# figures.  kvprof.blocks pools and the demo are the user's work, not listed.
-OWN_CODE = ("/kvprof/probes/", "/kvprof/trace/", "/kvprof/_hook/", "/kvprof/runtime.py", "/kvprof/__init__.py")
-
-
-def is_own_code(path: str) -> bool:
-    return any(part in path for part in OWN_CODE)
-
-
 def is_recording() -> bool:
     return writer is not None
 

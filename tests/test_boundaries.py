@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # source folder -> the package name it is installed as (pyproject.toml's package-dir)
 PACKAGES = {"kvprof": ROOT / "kvprof", "kvprof.commands": ROOT / "commands"}
 # modules that must import no other kvprof module at all, at any level
-STANDALONE = ("kvprof.signals",)
+STANDALONE = ("kvprof.signals", "kvprof.owncode")
 
 
 def _modules() -> dict[str, Path]:

@@ -24,11 +24,12 @@ import threading
 import time
 
 from kvprof import runtime
+from kvprof.owncode import is_own_code
 
 DEFAULT_DEPTH = 16
 DEFAULT_INTERVAL_S = 2.0
 REASON_START, REASON_MARK, REASON_TIMER, REASON_EXIT = 0, 1, 2, 3
-# besides kvprof's own code (runtime.OWN_CODE): the profilers; memray's package joins
+# besides kvprof's own code (kvprof.owncode.OWN_CODE): the profilers; memray's package joins
 # when the memray probe runs
 _PROFILER_PARTS = ["/tracemalloc.py", "/linecache.py"]
 
@@ -56,7 +57,7 @@ _state: _TraceState | None = None
 def _own(tb: tuple) -> bool:
     """Allocations made inside kvprof's recording code or a profiler, anywhere on the stack."""
     for filename, _ in tb:
-        if runtime.is_own_code(filename) or any(part in filename for part in _PROFILER_PARTS):
+        if is_own_code(filename) or any(part in filename for part in _PROFILER_PARTS):
             return True
     return False
 
