@@ -73,9 +73,10 @@ class _SignalsHeld:
     the process-directed signals, so none of those threads can ever take a SIGTERM: the
     kernel may hand a process-directed signal to any thread that does not block it, and
     one taken by a helper thread does not interrupt the main thread's blocking call, so
-    kvprof's flush-and-die handler never ran (a multiprocessing worker blocked on its
-    queue then never died of Pool.terminate's SIGTERM, and the pool hung in join).
-    Signals that arrive meanwhile stay pending and are delivered when the mask returns."""
+    kvprof's flush-and-die handler would not run (a multiprocessing worker blocked on its
+    queue would never die of Pool.terminate's SIGTERM, and the pool would hang in join).
+    Signals that arrive meanwhile stay pending and are delivered when the mask returns
+    (tests/test_record.py::test_no_thread_kvprof_starts_can_take_a_sigterm)."""
 
     def __enter__(self):
         self.old = None
@@ -230,7 +231,8 @@ def _on_sigterm(signum, frame) -> None:
         # The program installed its own handler after kvprof and calls the one it replaced
         # (``old = signal.getsignal(SIGTERM)`` ... ``old(signum, frame)``): in its place the
         # default action would have been there, which a chaining handler does not call.
-        # Keep what was recorded and let the program's shutdown go on.
+        # Keep what was recorded and let the program's shutdown go on
+        # (tests/test_record.py::test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short).
         w = writer
         if w is not None and not w.closed:
             w.flush()
@@ -245,7 +247,8 @@ def _on_sigterm(signum, frame) -> None:
     if w is not None and (w.closed or w.closing) and not w.finished:
         # we interrupted this thread's own close() (multiprocessing's exit hook runs it,
         # then Pool.terminate's SIGTERM lands): let it finish; it records the signal and
-        # dies of it after.  Nothing else here: the close may be serialising w.info.
+        # dies of it after.  Nothing else here: the close may be serialising w.info
+        # (tests/test_record.py::test_a_sigterm_during_the_last_write_of_the_record_still_ends_it).
         w.exit_signal = signum
         return
     if w is not None and not w.closed:

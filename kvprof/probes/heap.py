@@ -273,13 +273,13 @@ def import_memray_first() -> None:
 
     Python runs after-fork hooks in a child in the order they were registered, and memray
     registers its own (which moves the inherited tracker onto the child's file,
-    ``memray.bin.<pid>``) when it is imported.  Imported after kvprof's, it ran second: in
-    the child, kvprof's hook had already started the writer thread while the tracker was
-    still the parent's, whose file memray maps shared, so that thread's first records
-    (its name, its frames, its allocations) landed in the *parent's* capture, at the offset
-    the parent had at the fork, over what the parent wrote after it ("Invalid record
-    type", memray's reader aborting; 8 of 40 runs of a fork-and-fork-again test).  Never
-    raises: without memray, start_memray says why."""
+    ``memray.bin.<pid>``) when it is imported.  It must run before kvprof's, which starts
+    the child's writer thread: until memray's has run the tracker is still the parent's,
+    whose file memray maps shared, and that thread's first records would land in the
+    *parent's* capture over what the parent writes after the fork, leaving it unreadable
+    (tests/test_heap.py::test_memrays_fork_hook_runs_before_kvprofs and
+    test_children_that_keep_allocating_leave_the_parents_capture_whole).  Never raises:
+    without memray, start_memray says why."""
     try:
         import memray  # noqa: F401
     except Exception:

@@ -216,8 +216,9 @@ class ProcessWriter:
         # Serialised by json's C encoder (no indent), in one call: no bytecode runs in it,
         # so neither a signal handler in this thread nor another thread can change the
         # dict half way through.  The RLock keeps two threads' renames in order; a
-        # handler in this thread re-enters.  (tests/test_gc_probe.py: pool workers
-        # terminated at exit keep their events)
+        # handler in this thread re-enters.  (tests/test_record.py::
+        # test_a_sigterm_during_the_last_write_of_the_record_still_ends_it;
+        # tests/test_gc_probe.py::test_pool_workers_terminated_at_exit_keep_their_events)
         with self._info_lock:
             try:
                 text = json.dumps(self.info, default=str)
