@@ -29,7 +29,7 @@ from operator import itemgetter
 
 import numpy as np
 
-from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
+from kvprof.signals import HELD_SIGNALS, rescue_missed_sigterm
 from kvprof.trace import format as fmt
 from kvprof.trace.atomic import write_text
 

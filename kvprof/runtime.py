@@ -16,6 +16,9 @@ import sys
 import threading
 import time
 
+from kvprof import signals
+from kvprof.signals import HELD_SIGNALS
+
 ENV_BUNDLE = "KVPROF_BUNDLE"
 ENV_PROBES = "KVPROF_PROBES"
 ENV_RECORDER_PID = "KVPROF_RECORDER_PID"
@@ -25,22 +28,12 @@ writer = None  # kvprof.trace.writer.ProcessWriter while recording in this proce
 _declare_lock = threading.Lock()
 _pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
 _probes: list[str] = []
-_closers: list = []  # probe functions run at exit, before the writer's last flush
-_mark_hooks: list = []  # probe functions called after each marker: hook(name_id, value, t)
+_closers: list = []  # on_exit hooks, run last first by run_closers; only this module touches it
+_mark_hooks: list = []  # on_mark hooks: hook(name_id, value, t); only this module touches it
 options: dict = {}  # per-probe options from `kvprof record` (KVPROF_OPTIONS, JSON)
 _started_pid = None
 
 now = time.monotonic_ns
-
-# kvprof's own recording code inside a target, as path fragments: what the CPU
-# section counts as kvprof's overhead and the heap probes leave out of the user's
-# figures.  kvprof.blocks pools and the demo are the user's work, not listed.
-OWN_CODE = ("/kvprof/probes/", "/kvprof/trace/", "/kvprof/_hook/", "/kvprof/runtime.py", "/kvprof/__init__.py")
-
-
-def is_own_code(path: str) -> bool:
-    return any(part in path for part in OWN_CODE)
-
 
 def is_recording() -> bool:
     return writer is not None
@@ -74,19 +67,16 @@ def start_from_env() -> None:
         sys.stderr.write(f"kvprof: recording disabled in pid {os.getpid()}: {exc}\n")
 
 
-# the process-directed signals kvprof keeps away from every thread but the main one
-HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
-
-
 class _SignalsHeld:
     """Threads inherit their creator's signal mask.  While kvprof imports numpy (whose BLAS
     starts worker threads at import) and starts its writer thread, the main thread blocks
     the process-directed signals, so none of those threads can ever take a SIGTERM: the
     kernel may hand a process-directed signal to any thread that does not block it, and
     one taken by a helper thread does not interrupt the main thread's blocking call, so
-    kvprof's flush-and-die handler never ran (a multiprocessing worker blocked on its
-    queue then never died of Pool.terminate's SIGTERM, and the pool hung in join).
-    Signals that arrive meanwhile stay pending and are delivered when the mask returns."""
+    kvprof's flush-and-die handler would not run (a multiprocessing worker blocked on its
+    queue would never die of Pool.terminate's SIGTERM, and the pool would hang in join).
+    Signals that arrive meanwhile stay pending and are delivered when the mask returns
+    (tests/test_record.py::test_no_thread_kvprof_starts_can_take_a_sigterm)."""
 
     def __enter__(self):
         self.old = None
@@ -157,14 +147,7 @@ def _after_fork_in_child() -> None:
         _started_pid = os.getpid()
         for meta in _pools:
             writer.meta(meta)
-        if _rescue["armed"]:  # the inherited wakeup pipe is shared with the parent: a new one
-            _rescue["armed"] = False
-            try:
-                signal.set_wakeup_fd(-1)
-                signal.signal(signal.SIGURG, signal.SIG_DFL)
-            except (ValueError, OSError):
-                pass
-            _arm_rescue()
+        signals.rearm_rescue_after_fork()
         from kvprof import probes as probe_registry
 
         probe_registry.after_fork(_probes, writer)
@@ -184,7 +167,8 @@ def _register_mp_finalizer(_writer) -> None:
 
 
 def run_closers() -> None:
-    """Run the probes' exit work once (last snapshots, stopping trackers)."""
+    """Run the probes' exit work once (last snapshots, stopping trackers): the
+    :func:`on_exit` hooks, last registered first, each removed as it runs."""
     while _closers:
         fn = _closers.pop()
         try:
@@ -236,92 +220,19 @@ def _install_signal_flush() -> None:
     try:
         if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
             signal.signal(signal.SIGTERM, _on_sigterm)
-            _arm_rescue()
+            signals.arm_rescue(_on_sigterm)
     except (ValueError, OSError):
         pass
 
 
-# A Python signal handler runs in the main thread between bytecodes.  A SIGTERM that lands
-# just before the main thread enters a blocking call that does not come back on its own
-# (a pool worker waiting on its queue's lock) has already been caught at the C level, so
-# the call is not interrupted and kvprof's handler, which replaced the default action
-# "die", would never run: Pool.terminate then waits for that worker forever (1 run in
-# ~150 under load).  The rescue: Python writes each caught signal's number to the
-# wakeup fd; kvprof's writer thread reads it there and, if the handler has not run a
-# moment later, interrupts the main thread with SIGURG, whose handler does nothing: the
-# interrupted call checks for pending handlers and runs kvprof's.  Only armed when the
-# program has no wakeup fd of its own and no SIGURG handler.
-_rescue = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False}
-
-
-def _poke(signum, frame) -> None:  # SIGURG: only there to interrupt a blocking call
-    pass
-
-
-def _arm_rescue() -> None:
-    if not hasattr(signal, "pthread_kill") or not hasattr(signal, "SIGURG"):
-        return
-    try:
-        if signal.getsignal(signal.SIGURG) is not signal.SIG_DFL:
-            return
-        r, w = os.pipe()
-        os.set_blocking(r, False)
-        os.set_blocking(w, False)
-        previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        if previous != -1:  # the program's own: leave it alone
-            signal.set_wakeup_fd(previous)
-            os.close(r)
-            os.close(w)
-            return
-        signal.signal(signal.SIGURG, _poke)
-    except (ValueError, OSError, TypeError):
-        return
-    for fd in (_rescue["r"], _rescue["w"]):  # a forked child's inherited pipe: not ours any more
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-    st = os.fstat(r)
-    _rescue.update(r=r, w=w, seen=0, handled=False, armed=True, main=threading.main_thread().ident, ident=(st.st_dev, st.st_ino))
-
-
-def rescue_missed_sigterm() -> None:
-    """Called by the writer thread on each tick (see _arm_rescue)."""
-    if not _rescue["armed"]:
-        return
-    try:  # still our pipe?  A program that closed it may have that number for its own data
-        st = os.fstat(_rescue["r"])
-        if (st.st_dev, st.st_ino) != _rescue.get("ident"):
-            _rescue["armed"] = False
-            return
-    except OSError:
-        _rescue["armed"] = False
-        return
-    try:
-        data = os.read(_rescue["r"], 512)
-    except (BlockingIOError, OSError):
-        data = b""
-    if signal.SIGTERM in data and not _rescue["handled"]:
-        _rescue["seen"] = _rescue["seen"] or time.monotonic()
-    if _rescue["seen"] and not _rescue["handled"] and (signal.getsignal(signal.SIGTERM) is not _on_sigterm
-                                                      or signal.getsignal(signal.SIGURG) is not _poke):
-        _rescue["seen"] = 0  # the program installed its own handler (SIGTERM or SIGURG) since: its business
-    if _rescue["seen"] and not _rescue["handled"] and time.monotonic() - _rescue["seen"] > 0.2:
-        _rescue["seen"] = time.monotonic()  # again later if it did not take
-        try:
-            signal.pthread_kill(_rescue["main"], signal.SIGURG)
-        except (OSError, ValueError):
-            pass
-
-
 def _on_sigterm(signum, frame) -> None:
-    _rescue["handled"] = True
+    signals.sigterm_handled()
     if signal.getsignal(signum) is not _on_sigterm:
         # The program installed its own handler after kvprof and calls the one it replaced
         # (``old = signal.getsignal(SIGTERM)`` ... ``old(signum, frame)``): in its place the
         # default action would have been there, which a chaining handler does not call.
-        # Keep what was recorded and let the program's shutdown go on.
+        # Keep what was recorded and let the program's shutdown go on
+        # (tests/test_record.py::test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short).
         w = writer
         if w is not None and not w.closed:
             w.flush()
@@ -336,7 +247,8 @@ def _on_sigterm(signum, frame) -> None:
     if w is not None and (w.closed or w.closing) and not w.finished:
         # we interrupted this thread's own close() (multiprocessing's exit hook runs it,
         # then Pool.terminate's SIGTERM lands): let it finish; it records the signal and
-        # dies of it after.  Nothing else here: the close may be serialising w.info.
+        # dies of it after.  Nothing else here: the close may be serialising w.info
+        # (tests/test_record.py::test_a_sigterm_during_the_last_write_of_the_record_still_ends_it).
         w.exit_signal = signum
         return
     if w is not None and not w.closed:
@@ -352,6 +264,37 @@ def _on_sigterm(signum, frame) -> None:
 
 
 # -- helpers used by probes and the public API ---------------------------------------
+def on_exit(fn) -> None:
+    """Have ``fn()`` run when this process's recording closes (at exit, on a SIGTERM kvprof
+    handles, at the end of a session), before the writer's last flush, with the writer's
+    background compression held off.  Hooks run last registered first, once each;
+    registering a hook that is already registered changes nothing.  An exception is kept
+    in process.json's errors and the other hooks still run."""
+    if fn not in _closers:
+        _closers.append(fn)
+
+
+def remove_exit_hook(fn) -> None:
+    """Undo :func:`on_exit` (nothing happens if ``fn`` is not registered)."""
+    while fn in _closers:
+        _closers.remove(fn)
+
+
+def on_mark(fn) -> None:
+    """Have ``fn(name_id, value, t)`` called after each :func:`mark` this process records
+    (``name_id``: the writer's interned id of the marker's name), in the order the hooks
+    were registered; registering a hook that is already registered changes nothing.  An
+    exception is kept in process.json's errors and the marker is recorded all the same."""
+    if fn not in _mark_hooks:
+        _mark_hooks.append(fn)
+
+
+def remove_mark_hook(fn) -> None:
+    """Undo :func:`on_mark` (nothing happens if ``fn`` is not registered)."""
+    while fn in _mark_hooks:
+        _mark_hooks.remove(fn)
+
+
 def declare_pool(meta: dict) -> int:
     """Register a block pool of this process; returns its index in the block stream."""
     with _declare_lock:  # engine probes may declare from the writer's flush thread
@@ -460,7 +403,6 @@ def start_session(bundle: str, probes: list[str] | None = None, probe_options: d
         if real_register is not None:
             os.register_at_fork = real_register
         _pools[:0] = earlier_pools  # indices stay those the pools were given
-    _mark_hooks[:] = list(dict.fromkeys(_mark_hooks))  # a probe started again adds its hook again
     writer.info["role"] = "main"
     writer.write_process_info()
     _session = session

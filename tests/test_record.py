@@ -201,7 +201,7 @@ def test_a_sigterm_during_the_last_write_of_the_record_still_ends_it(tmp_path):
         "            Bomb.fired = True\n"
         "            os.kill(os.getpid(), signal.SIGTERM)\n"
         "        return 'bomb'\n"
-        "rt._closers.append(lambda: rt.writer.info.__setitem__('bomb', Bomb()))  # armed at exit\n"
+        "rt.on_exit(lambda: rt.writer.info.__setitem__('bomb', Bomb()))  # armed at exit\n"
         "print('done', flush=True)\n"
     )
     out = tmp_path / "l.kvprof"

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 
-from kvprof.runtime import OWN_CODE
+from kvprof.owncode import IDLE_LOOPS, OWN_CODE
 
 CATEGORIES = ("block management", "pytorch allocator", "gc", "kvprof", "other")
 _RULES = [  # (category, path fragment or None, function-name regex or None)
@@ -84,14 +84,13 @@ class CpuAnalysis:
     unrecorded_samples: int  # samples of processes kvprof did not record (the launcher shim, non-Python children)
 
 
-# kvprof's helper threads asleep between work: (function, file suffix) of their loops
-_IDLE_LOOPS = {("ProcessWriter._run", "kvprof/trace/writer.py"), ("_timer", "kvprof/probes/heap.py")}
 _WAITS = {"Event.wait", "Condition.wait", "wait"}
 
 
 def _waiting_kvprof_thread(frames: list, stack: list) -> bool:
-    """A kvprof helper thread asleep in its loop: below the loop's frame only threading's
-    waits and native frames (the lock wait py-spy --native shows)."""
+    """A kvprof helper thread asleep in its loop (kvprof.owncode.IDLE_LOOPS): below the
+    loop's frame only threading's waits and native frames (the lock wait py-spy --native
+    shows)."""
     for i in reversed(stack):
         f = frames[i] if 0 <= i < len(frames) else {}
         path = str(f.get("file", "")).replace("\\", "/")
@@ -100,7 +99,7 @@ def _waiting_kvprof_thread(frames: list, stack: list) -> bool:
         name = str(f.get("name", ""))
         if path.endswith("/threading.py") and name in _WAITS:
             continue
-        return any(name == fn and path.endswith(suffix) for fn, suffix in _IDLE_LOOPS)
+        return any(name == fn and path.endswith(suffix) for fn, suffix in IDLE_LOOPS)
     return False
 
 

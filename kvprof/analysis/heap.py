@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from kvprof.runtime import is_own_code
+from kvprof.owncode import is_own_code
 
 K_CONSECUTIVE = 5  # consecutive growing marker intervals that make a suspect
 WARMUP_FRACTION = 0.2

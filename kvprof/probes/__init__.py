@@ -65,7 +65,7 @@ def _start_gc(writer) -> None:
     runtime.probe_note("gc", status="attached", thresholds=list(gc.get_threshold()), enabled=gc.isenabled(),
                        frozen=gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else None)
     if hasattr(gc, "get_freeze_count"):  # the program may gc.freeze() later: what it had frozen at the end
-        runtime._closers.append(lambda: runtime.probe_note("gc", frozen_at_exit=gc.get_freeze_count(), thresholds_at_exit=list(gc.get_threshold())))
+        runtime.on_exit(lambda: runtime.probe_note("gc", frozen_at_exit=gc.get_freeze_count(), thresholds_at_exit=list(gc.get_threshold())))
 
 
 def _start_tracemalloc(writer) -> None:

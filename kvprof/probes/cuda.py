@@ -62,7 +62,7 @@ def _on_torch(torch) -> None:
     # allocation that triggered it.
     _state["torch"] = torch
     _state["names"] = set(_options()["snapshot_at"])
-    runtime._closers.append(_at_exit)
+    runtime.on_exit(_at_exit)
     version = str(getattr(torch, "__version__", "?"))
     lazy = getattr(getattr(torch, "cuda", None), "_lazy_call", None)
     if lazy is None:  # a torch without the hook: turn it on now if there is a device
@@ -94,7 +94,7 @@ def _enable() -> None:
         torch._C._cuda_attach_out_of_memory_observer(_on_oom)
     except Exception as exc:  # noqa: BLE001 - snapshots at exit and markers still work
         observer = f"unavailable: {exc!r}"
-    runtime._mark_hooks.append(_on_mark)
+    runtime.on_mark(_on_mark)
     runtime.probe_note("torch", status="attached", torch_version=str(getattr(torch, "__version__", "?")), max_entries=int(opts["max_entries"]),
                        stacks=stacks, depth=int(opts["depth"]), snapshot_at=sorted(_state["names"]), oom_observer=observer)
 

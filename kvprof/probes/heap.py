@@ -24,11 +24,12 @@ import threading
 import time
 
 from kvprof import runtime
+from kvprof.owncode import is_own_code
 
 DEFAULT_DEPTH = 16
 DEFAULT_INTERVAL_S = 2.0
 REASON_START, REASON_MARK, REASON_TIMER, REASON_EXIT = 0, 1, 2, 3
-# besides kvprof's own code (runtime.OWN_CODE): the profilers; memray's package joins
+# besides kvprof's own code (kvprof.owncode.OWN_CODE): the profilers; memray's package joins
 # when the memray probe runs
 _PROFILER_PARTS = ["/tracemalloc.py", "/linecache.py"]
 
@@ -56,7 +57,7 @@ _state: _TraceState | None = None
 def _own(tb: tuple) -> bool:
     """Allocations made inside kvprof's recording code or a profiler, anywhere on the stack."""
     for filename, _ in tb:
-        if runtime.is_own_code(filename) or any(part in filename for part in _PROFILER_PARTS):
+        if is_own_code(filename) or any(part in filename for part in _PROFILER_PARTS):
             return True
     return False
 
@@ -136,7 +137,7 @@ def _on_mark(mark_id: int, value: int, t: int) -> None:
 
 
 def _timer() -> None:
-    from kvprof.trace.writer import block_process_signals
+    from kvprof.signals import block_process_signals
 
     block_process_signals()
     st = _state
@@ -190,8 +191,8 @@ def start_tracemalloc(writer) -> None:
         # no snapshot may be half done when the process forks: the timer thread's
         # allocations racing a fork corrupt memray's capture of the parent (memray 1.20)
         os.register_at_fork(before=_fork_before, after_in_parent=_fork_after_parent)
-    runtime._mark_hooks.append(_on_mark)
-    runtime._closers.append(_at_exit_tracemalloc)
+    runtime.on_mark(_on_mark)
+    runtime.on_exit(_at_exit_tracemalloc)
     snapshot(REASON_START)
     _start_timer(st)
     runtime.probe_note("tracemalloc", status="attached", depth=depth, interval_s=st.interval, every=st.every,
@@ -222,8 +223,7 @@ def after_fork_tracemalloc(writer) -> None:
     st.fork_lock = None
     st.prev, st.stacks, st.skip = {}, {}, set()  # the child's streams start afresh
     st.seq, st.cost_ns, st.marks_seen = 0, 0, 0
-    if _at_exit_tracemalloc not in runtime._closers:
-        runtime._closers.append(_at_exit_tracemalloc)
+    runtime.on_exit(_at_exit_tracemalloc)
     snapshot(REASON_START)
     _start_timer(st)
     runtime.probe_note("tracemalloc", status="attached (inherited from parent through fork)")
@@ -273,13 +273,13 @@ def import_memray_first() -> None:
 
     Python runs after-fork hooks in a child in the order they were registered, and memray
     registers its own (which moves the inherited tracker onto the child's file,
-    ``memray.bin.<pid>``) when it is imported.  Imported after kvprof's, it ran second: in
-    the child, kvprof's hook had already started the writer thread while the tracker was
-    still the parent's, whose file memray maps shared, so that thread's first records
-    (its name, its frames, its allocations) landed in the *parent's* capture, at the offset
-    the parent had at the fork, over what the parent wrote after it ("Invalid record
-    type", memray's reader aborting; 8 of 40 runs of a fork-and-fork-again test).  Never
-    raises: without memray, start_memray says why."""
+    ``memray.bin.<pid>``) when it is imported.  It must run before kvprof's, which starts
+    the child's writer thread: until memray's has run the tracker is still the parent's,
+    whose file memray maps shared, and that thread's first records would land in the
+    *parent's* capture over what the parent writes after the fork, leaving it unreadable
+    (tests/test_heap.py::test_memrays_fork_hook_runs_before_kvprofs and
+    test_children_that_keep_allocating_leave_the_parents_capture_whole).  Never raises:
+    without memray, start_memray says why."""
     try:
         import memray  # noqa: F401
     except Exception:
@@ -307,8 +307,7 @@ def start_memray(writer) -> None:
         follow_fork=True,
     )
     _memray.update(tracker=tracker, path=path, mine=path, marks=0)
-    if _memray_on_mark not in runtime._mark_hooks:
-        runtime._mark_hooks.append(_memray_on_mark)
+    runtime.on_mark(_memray_on_mark)
     _PROFILER_PARTS.append(os.path.dirname(os.path.abspath(memray.__file__)) + os.sep)
     runtime.probe_note("memray", status="waiting for __main__", file=MEMRAY_FILE, native=bool(opts.get("native")),
                        python_allocators=bool(opts.get("python_allocators")), memray_version=getattr(memray, "__version__", None),
@@ -329,7 +328,7 @@ def _memray_activate() -> None:
         runtime.probe_note("memray", status="unavailable", reason=f"memray could not start: {exc}")
         return
     _memray["active"] = True
-    runtime._closers.append(_memray_exit)
+    runtime.on_exit(_memray_exit)
     runtime.probe_note("memray", status="attached")
 
 
@@ -380,7 +379,6 @@ def after_fork_memray(writer) -> None:
     # is memray.bin.<its pid> beside its grandparent's, like a child's
     child = f"{_memray['path']}.{os.getpid()}"
     _memray.update(tracker=None, active=False, mine=child, followed=True, marks=0)  # the child's marker stream starts empty
-    while _memray_exit in runtime._closers:
-        runtime._closers.remove(_memray_exit)
+    runtime.remove_exit_hook(_memray_exit)
     runtime.probe_note("memray", status="attached (memray follows the fork)",
                        file=os.path.relpath(child, writer.dir))

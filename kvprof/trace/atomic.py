@@ -17,7 +17,8 @@ def _replace(path: str, write, sync: bool) -> None:
     """Write through a temporary file renamed over `path`.  A link is followed (the file it
     names is replaced, not the link); an existing path that is not a regular file (/dev/null,
     /dev/stdout, a FIFO) is written in place: renaming over it would put a regular file where
-    a device was (as root, `-o /dev/null` replaced the machine's /dev/null)."""
+    a device was (as root, `-o /dev/null` would replace the machine's /dev/null;
+    tests/test_writers.py::test_writing_to_a_device_or_through_a_link_replaces_neither)."""
     path = os.path.realpath(path)
     try:
         st = os.stat(path)

@@ -31,7 +31,7 @@ import threading
 import time
 import zlib
 
-from kvprof.runtime import HELD_SIGNALS, rescue_missed_sigterm
+from kvprof.signals import block_process_signals, rescue_missed_sigterm
 from kvprof.trace import format as fmt
 from kvprof.trace import hostinfo, stage
 from kvprof.trace.atomic import write_text
@@ -51,17 +51,6 @@ _BLOCK_RANGES = (I64, U8, U16, I32, I64, I64)
 _PACK_N = stage.PACK_N
 TAG_BLOCK = stage.TAG_BLOCK
 IDS_INLINE = stage.IDS_INLINE
-
-
-def block_process_signals() -> None:
-    """In a kvprof thread: leave process-directed signals to the main thread.  A SIGTERM
-    delivered to a helper thread would not interrupt the main thread's blocking call, so
-    the target's handler (and kvprof's flush-and-die) would run late or never."""
-    if hasattr(signal, "pthread_sigmask"):
-        try:
-            signal.pthread_sigmask(signal.SIG_BLOCK, HELD_SIGNALS)
-        except (OSError, ValueError):
-            pass
 
 
 def _same_file(fd: int, ident) -> bool:
@@ -227,8 +216,9 @@ class ProcessWriter:
         # Serialised by json's C encoder (no indent), in one call: no bytecode runs in it,
         # so neither a signal handler in this thread nor another thread can change the
         # dict half way through.  The RLock keeps two threads' renames in order; a
-        # handler in this thread re-enters.  (tests/test_gc_probe.py: pool workers
-        # terminated at exit keep their events)
+        # handler in this thread re-enters.  (tests/test_record.py::
+        # test_a_sigterm_during_the_last_write_of_the_record_still_ends_it;
+        # tests/test_gc_probe.py::test_pool_workers_terminated_at_exit_keep_their_events)
         with self._info_lock:
             try:
                 text = json.dumps(self.info, default=str)
