@@ -2,8 +2,8 @@
 
 ``results`` holds the result types, ``sources`` decides what a path is, ``run``
 orchestrates (one pass over the block events in ``engine``, then every section);
-the analyzers are ``blocks``, ``heap``, ``gc``, ``cpu``, ``gpu``, ``torch_memory``,
-``whatif``.  The names below are re-exported lazily (importing an analyzer does not
+the analyzers are ``blocks``, ``heap`` (with ``heap_suspects`` and ``memray_reader``),
+``gc``, ``cpu``, ``gpu``, ``torch_memory``, ``whatif``.  The names below are re-exported lazily (importing an analyzer does not
 import the orchestration).
 """
 

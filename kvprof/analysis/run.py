@@ -16,7 +16,7 @@ from kvprof.errors import BundleError, UsageError
 # the block events (its result is ``bundle.block_pass``), and returns a SectionResult, or
 # None when the bundle holds no data for it.
 SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.analysis.fleet:section", "kvprof.analysis.heap:section", "kvprof.analysis.gc:section",
-                                "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
+                                "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_snapshots_section", "kvprof.analysis.gpu:nvml_section"]
 
 
 def _window_bounds(bundle, window: str | None):
