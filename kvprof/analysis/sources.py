@@ -19,6 +19,15 @@ def kind_of(path: str) -> str:
     return SNAPSHOT if looks_like_pickle(path) else OTHER
 
 
+def kind_of_existing(path: str, missing: str = "no such file or bundle") -> str:
+    """kind_of a path that must be there: BundleError("{missing}: {path}") when it is not."""
+    if not os.path.exists(path):
+        from kvprof.errors import BundleError
+
+        raise BundleError(f"{missing}: {path}")
+    return kind_of(path)
+
+
 def is_recording(path: str) -> bool:
     """Whether the analysis reads this as a recording (a bundle, a PyTorch snapshot, a
     memray capture) rather than something else, such as an analysis JSON."""
