@@ -3,6 +3,7 @@ from __future__ import annotations
 import typer
 
 from kvprof.commands._checks import require, usage_errors
+from kvprof.errors import UsageError
 
 
 def _list(text: str | None, what: str, cast=str):
@@ -10,11 +11,10 @@ def _list(text: str | None, what: str, cast=str):
         return ()
     items = [x.strip() for x in text.split(",") if x.strip()]
     require(items, f"{what}: empty list")
-    with usage_errors():
-        try:
-            return tuple(cast(x) for x in items)
-        except ValueError:
-            raise ValueError(f"{what}: not a list of numbers: {text!r}") from None
+    try:
+        return tuple(cast(x) for x in items)
+    except ValueError:
+        raise UsageError(f"{what}: not a list of numbers: {text!r}") from None
 
 
 def _is_int(text: str) -> bool:
