@@ -49,7 +49,6 @@ def run(
 
     from kvprof.analysis import AnalysisResult
     from kvprof.analysis import whatif as W
-    from kvprof.errors import BundleError
 
     sizes = _list(block_size, "--block-size", int)
     require(all(1 <= b <= 65536 for b in sizes), "--block-size: sizes must be between 1 and 65536")
@@ -81,9 +80,9 @@ def run(
     require(metadata_bytes >= 1, "--metadata-bytes must be 1 or more")
     require(json_out is None or json_out.strip(), "--json needs a file name ('-' for stdout)")
     require(jobs is None or jobs >= 1, "--jobs must be at least 1")
-    if not os.path.isdir(bundle):
-        raise BundleError(f"no such bundle: {bundle}" if not os.path.exists(bundle) else f"not a kvprof bundle (whatif replays a bundle's block events): {bundle}")
-    from kvprof.analysis import whatif_bundle
+    from kvprof.analysis import require_bundle, whatif_bundle
+
+    require_bundle(bundle, f"not a kvprof bundle (whatif replays a bundle's block events): {bundle}")
     from kvprof.trace.reader import Bundle
 
     opened = Bundle(bundle)

@@ -49,3 +49,14 @@ def test_compare_files_are_written_whole(tmp_path, monkeypatch):
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     with pytest.raises(UsageError, match="cannot write "):
         render.write_all(_comparison(), str(tmp_path / "no" / "such" / "c.md"))
+
+
+def test_require_bundle_reads_nothing(tmp_path):
+    require = sources.require_bundle
+    require(str(tmp_path), "unused")
+    with pytest.raises(BundleError, match="^no such bundle: "):
+        require(str(tmp_path / "nope"), "not a bundle")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it to read would block: require_bundle must not
+    with pytest.raises(BundleError, match="^not a bundle$"):
+        require(str(fifo), "not a bundle")

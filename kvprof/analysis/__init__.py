@@ -13,7 +13,7 @@ _EXPORTS = {
     "SCHEMA": "results", "Finding": "results", "SectionResult": "results", "AnalysisResult": "results", "metric_entry": "results",
     "Window": "results",
     "is_recording": "sources", "looks_like_memray": "sources", "file_hint": "sources", "kind_of": "sources",
-    "kind_of_existing": "sources",
+    "kind_of_existing": "sources", "require_bundle": "sources",
     "SECTION_ANALYZERS": "run", "analyze_path": "run", "analyze_bundle": "run", "analyze_snapshot_file": "run", "whatif_bundle": "run",
     "blocks_section": "run", "block_metrics": "run", "pool_metrics": "run",
     "snapshot_section": "torch_memory",

@@ -10,7 +10,7 @@ BUNDLE, SNAPSHOT, MEMRAY, OTHER = "bundle", "snapshot", "memray", "other"
 
 def kind_of(path: str) -> str:
     """BUNDLE for a directory, SNAPSHOT or MEMRAY by the file's first bytes, else OTHER."""
-    if os.path.isdir(path):
+    if is_bundle(path):
         return BUNDLE
     if looks_like_memray(path):
         return MEMRAY
@@ -26,6 +26,21 @@ def kind_of_existing(path: str, missing: str = "no such file or bundle") -> str:
 
         raise BundleError(f"{missing}: {path}")
     return kind_of(path)
+
+
+def require_bundle(path: str, otherwise: str) -> None:
+    """For a command that reads bundles only: BundleError "no such bundle" when nothing is
+    at ``path``, ``otherwise`` when something that is not a bundle is.  Reads nothing (a
+    FIFO would block the read)."""
+    if not is_bundle(path):
+        from kvprof.errors import BundleError
+
+        raise BundleError(otherwise if os.path.exists(path) else f"no such bundle: {path}")
+
+
+def is_bundle(path: str) -> bool:
+    """A bundle is a directory: what the path alone says, without opening anything."""
+    return os.path.isdir(path)
 
 
 def is_recording(path: str) -> bool:
