@@ -123,6 +123,7 @@ def _frames(raw) -> list[Frame]:
 
 
 def site_of(frames: list[Frame]) -> str:
+    """A stack's name in the reports: its innermost frame, "file:line in function"."""
     if not frames:
         return "<no Python frames>"
     f = frames[0]
@@ -185,6 +186,8 @@ def least_squares(x: np.ndarray, y: np.ndarray):
 
 
 def analyze_tracemalloc(proc, marks, bounds, k: int):
+    """One process's tracemalloc snapshots within ``bounds``: (TracemallocProcess, its leak
+    suspects), or (None, []) when it wrote none."""
     snaps, sites = proc.heap_snapshots()
     if not len(snaps):
         return None, []
