@@ -74,8 +74,10 @@ def _version(value: bool):
     if value:
         import typer
 
+        from kvprof.errors import EXIT_OK
+
         typer.echo(f"kvprof {__version__}")
-        raise typer.Exit()
+        raise typer.Exit(EXIT_OK)
 
 
 def __getattr__(name: str):  # `from kvprof.commands import app`: built on first use

@@ -17,13 +17,13 @@ def run(
     Exit status: 0, or 1 when --budget is given and a limit is broken; 2 bad input.
     """
     from kvprof.analysis import analyze_path
-    from kvprof.errors import EXIT_OK, EXIT_REGRESSED, UsageError
+    from kvprof.commands._checks import require
+    from kvprof.errors import EXIT_OK, EXIT_REGRESSED
     from kvprof.inputs import check_input
     from kvprof.report import json_report, terminal
 
     check_input(bundle)
-    if html_out == "-":
-        raise UsageError("--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
+    require(html_out != "-", "--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
     from kvprof.report.progress import PassProgress
 
     with PassProgress("analyzing") as progress:

@@ -21,19 +21,17 @@ def run(
     2 bad input or usage.
     """
     from kvprof import budgets as budgets_mod
+    from kvprof.commands._checks import require
     from kvprof.compare import compare, load_run
-    from kvprof.errors import EXIT_OK, EXIT_REGRESSED, UsageError
+    from kvprof.errors import EXIT_OK, EXIT_REGRESSED
     from kvprof.report import compare as render
 
     runs, base, new = list(runs or []), list(base or []), list(new or [])
-    if runs and (base or new):
-        raise UsageError("give BASE NEW as two arguments, or --base/--new options, not both")
+    require(not (runs and (base or new)), "give BASE NEW as two arguments, or --base/--new options, not both")
     if runs:
-        if len(runs) != 2:
-            raise UsageError(f"expected BASE and NEW, got {len(runs)} argument(s); repeated runs go in --base/--new")
+        require(len(runs) == 2, f"expected BASE and NEW, got {len(runs)} argument(s); repeated runs go in --base/--new")
         base, new = [runs[0]], [runs[1]]
-    if not base or not new:
-        raise UsageError("nothing to compare: give BASE NEW, or --base RUN ... --new RUN ...")
+    require(base and new, "nothing to compare: give BASE NEW, or --base RUN ... --new RUN ...")
     budgets = budgets_mod.discover(budget)
     result = compare([load_run(p) for p in base], [load_run(p) for p in new], budgets)
     render.write_all(result, markdown, junit, json_out)

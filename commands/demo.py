@@ -14,15 +14,13 @@ def run(
     prefix_cache: bool = typer.Option(True, "--prefix-cache/--no-prefix-cache", help="Reuse cached full blocks."),
 ):
     """Run the built-in paged-KV serving simulation (no GPU, no model)."""
+    from kvprof.commands._checks import usage_errors
     from kvprof.demo import DemoConfig, run_demo
-    from kvprof.errors import UsageError
 
-    try:
+    with usage_errors():  # DemoConfig checks its fields (kvprof.demo's own command line shares them)
         cfg = DemoConfig(
             seed=seed, block_size=block_size, num_blocks=num_blocks, requests=requests, free_order=free_order,
             prefix_share=prefix_share, leak_every=leak_every, prefix_cache=prefix_cache,
         )
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     stats = run_demo(cfg)
     typer.echo(stats.summary())

@@ -12,10 +12,9 @@ def run(
 
     Exit status: 0; 2 bad input.
     """
-    from kvprof.errors import UsageError
+    from kvprof.commands._checks import require
 
-    if format not in ("perfetto", "parquet"):
-        raise UsageError(f"--format must be perfetto or parquet, not {format!r}")
+    require(format in ("perfetto", "parquet"), f"--format must be perfetto or parquet, not {format!r}")
     from kvprof.inputs import check_input
     from kvprof.report.progress import PassProgress
 

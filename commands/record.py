@@ -32,6 +32,8 @@ def run(
     """Run a command and record its memory behaviour into a trace bundle."""
     import sys
 
+    from kvprof.commands._checks import require
+    from kvprof.errors import UsageError
     from kvprof.record import record, summary_line
 
     command = [c for c in (command or [])]
@@ -39,34 +41,19 @@ def run(
         command = command[1:]
     elif command and command[0].startswith("-") and not module:
         # an option kvprof does not know, before the command: a typo, not a program to run
-        from kvprof.errors import UsageError
-
         raise UsageError(f"no such option: {command[0]} (a command that starts with '-' goes after --; see `kvprof record --help`)")
     probes = []
     for p in probe or []:
         probes.extend(x.strip() for x in p.split(",") if x.strip())
-    if pyspy_rate <= 0:
-        from kvprof.errors import UsageError
-
-        raise UsageError("--pyspy-rate must be a positive number of samples per second")
-    from kvprof.errors import UsageError
-
-    if tracemalloc_depth < 1 or tracemalloc_depth > 1000:
-        raise UsageError("--tracemalloc-depth must be between 1 and 1000 frames")
-    if tracemalloc_interval < 0:
-        raise UsageError("--tracemalloc-interval must be 0 (off) or a positive number of seconds")
-    if tracemalloc_every < 1:
-        raise UsageError("--tracemalloc-every must be 1 or more")
-    if torch_max_entries < 1:
-        raise UsageError("--torch-max-entries must be 1 or more")
-    if torch_stacks not in ("python", "all", "none"):
-        raise UsageError(f"--torch-stacks must be python, all or none, not {torch_stacks!r}")
-    if torch_stack_depth < 1 or torch_stack_depth > 1000:
-        raise UsageError("--torch-stack-depth must be between 1 and 1000 frames")
-    if torch_max_snapshots < 0:
-        raise UsageError("--torch-max-snapshots must be 0 or more")
-    if not nvml_interval > 0:
-        raise UsageError("--nvml-interval must be a positive number of seconds")
+    require(pyspy_rate > 0, "--pyspy-rate must be a positive number of samples per second")
+    require(1 <= tracemalloc_depth <= 1000, "--tracemalloc-depth must be between 1 and 1000 frames")
+    require(not tracemalloc_interval < 0, "--tracemalloc-interval must be 0 (off) or a positive number of seconds")
+    require(tracemalloc_every >= 1, "--tracemalloc-every must be 1 or more")
+    require(torch_max_entries >= 1, "--torch-max-entries must be 1 or more")
+    require(torch_stacks in ("python", "all", "none"), f"--torch-stacks must be python, all or none, not {torch_stacks!r}")
+    require(1 <= torch_stack_depth <= 1000, "--torch-stack-depth must be between 1 and 1000 frames")
+    require(torch_max_snapshots >= 0, "--torch-max-snapshots must be 0 or more")
+    require(nvml_interval > 0, "--nvml-interval must be a positive number of seconds")
     options = {}
     if "torch" in probes:
         options["torch"] = {"max_entries": torch_max_entries, "stacks": torch_stacks, "depth": torch_stack_depth,

@@ -2,17 +2,27 @@ from __future__ import annotations
 
 import typer
 
+from kvprof.commands._checks import require, usage_errors
+from kvprof.errors import UsageError
+
 
 def _list(text: str | None, what: str, cast=str):
     if text is None:
         return ()
     items = [x.strip() for x in text.split(",") if x.strip()]
-    if not items:
-        raise ValueError(f"{what}: empty list")
+    require(items, f"{what}: empty list")
     try:
         return tuple(cast(x) for x in items)
     except ValueError:
-        raise ValueError(f"{what}: not a list of numbers: {text!r}") from None
+        raise UsageError(f"{what}: not a list of numbers: {text!r}") from None
+
+
+def _is_int(text: str) -> bool:
+    try:
+        int(text)
+    except ValueError:
+        return False
+    return True
 
 
 def run(
@@ -39,69 +49,50 @@ def run(
 
     from kvprof.analysis import AnalysisResult
     from kvprof.analysis import whatif as W
-    from kvprof.errors import BundleError, UsageError
 
-    try:
-        sizes = _list(block_size, "--block-size", int)
-        if any(b < 1 or b > 65536 for b in sizes):
-            raise ValueError("--block-size: sizes must be between 1 and 65536")
-        policies = _list(policy, "--policy")
-        bad = [p for p in policies if p not in W.allocators.POLICIES]
-        if bad:
-            raise ValueError(f"--policy: unknown {', '.join(bad)} (one of: {', '.join(W.allocators.POLICIES)})")
-        recoveries = _list(recovery, "--recovery") if recovery is not None else W.RECOVERIES
-        bad = [r for r in recoveries if r not in W.RECOVERIES]
-        if bad:
-            raise ValueError(f"--recovery: unknown {', '.join(bad)} (one of: {', '.join(W.RECOVERIES)})")
-        if recovery is not None and not any(p in W.allocators.CONTIGUOUS for p in policies):
-            raise ValueError("--recovery applies to the run allocators (first-fit, best-fit, buddy): the free queue always preempts")
-        if prefix_cache not in ("on", "off"):
-            raise ValueError(f"--prefix-cache must be on or off, not {prefix_cache!r}")
-        unlimited, nblocks = False, None
-        if num_blocks is not None:
-            if num_blocks == "unlimited":
-                unlimited = True
-            else:
-                try:
-                    nblocks = int(num_blocks)
-                except ValueError:
-                    raise ValueError(f"--num-blocks must be a number or 'unlimited', not {num_blocks!r}") from None
-                if nblocks < 2:
-                    raise ValueError("--num-blocks must be at least 2")
-        if unlimited and (policies != ("free-queue",) or recovery is not None):
-            raise ValueError("--num-blocks unlimited replays the engine's free queue only (no allocation can fail there): "
-                             "--policy and --recovery need a pool size")
-        if nblocks is not None and nblocks > W.MAX_BLOCKS:
-            raise ValueError(f"--num-blocks: at most {W.MAX_BLOCKS:,} (the replay keeps per-block state in memory)")
-        if num_blocks is not None and kv_memory is not None:
-            raise ValueError("give --num-blocks or --kv-memory, not both")
+    sizes = _list(block_size, "--block-size", int)
+    require(all(1 <= b <= 65536 for b in sizes), "--block-size: sizes must be between 1 and 65536")
+    policies = _list(policy, "--policy")
+    bad = [p for p in policies if p not in W.allocators.POLICIES]
+    require(not bad, f"--policy: unknown {', '.join(bad)} (one of: {', '.join(W.allocators.POLICIES)})")
+    recoveries = _list(recovery, "--recovery") if recovery is not None else W.RECOVERIES
+    bad = [r for r in recoveries if r not in W.RECOVERIES]
+    require(not bad, f"--recovery: unknown {', '.join(bad)} (one of: {', '.join(W.RECOVERIES)})")
+    require(recovery is None or any(p in W.allocators.CONTIGUOUS for p in policies),
+            "--recovery applies to the run allocators (first-fit, best-fit, buddy): the free queue always preempts")
+    require(prefix_cache in ("on", "off"), f"--prefix-cache must be on or off, not {prefix_cache!r}")
+    unlimited, nblocks = False, None
+    if num_blocks is not None:
+        if num_blocks == "unlimited":
+            unlimited = True
+        else:
+            require(_is_int(num_blocks), f"--num-blocks must be a number or 'unlimited', not {num_blocks!r}")
+            nblocks = int(num_blocks)
+            require(nblocks >= 2, "--num-blocks must be at least 2")
+    require(not (unlimited and (policies != ("free-queue",) or recovery is not None)),
+            "--num-blocks unlimited replays the engine's free queue only (no allocation can fail there): "
+            "--policy and --recovery need a pool size")
+    require(nblocks is None or nblocks <= W.MAX_BLOCKS, f"--num-blocks: at most {W.MAX_BLOCKS:,} (the replay keeps per-block state in memory)")
+    require(num_blocks is None or kv_memory is None, "give --num-blocks or --kv-memory, not both")
+    with usage_errors():  # the size's own parser names what it cannot read
         mem = W.parse_bytes(kv_memory) if kv_memory is not None else None
-        if bytes_per_token is not None and not (math.isfinite(bytes_per_token) and bytes_per_token > 0):
-            raise ValueError("--bytes-per-token must be a positive number")
-        if metadata_bytes < 1:
-            raise ValueError("--metadata-bytes must be 1 or more")
-        if json_out is not None and not json_out.strip():
-            raise ValueError("--json needs a file name ('-' for stdout)")
-        if jobs is not None and jobs < 1:
-            raise ValueError("--jobs must be at least 1")
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    if not os.path.isdir(bundle):
-        raise BundleError(f"no such bundle: {bundle}" if not os.path.exists(bundle) else f"not a kvprof bundle (whatif replays a bundle's block events): {bundle}")
-    from kvprof.analysis import whatif_bundle
+    require(bytes_per_token is None or (math.isfinite(bytes_per_token) and bytes_per_token > 0), "--bytes-per-token must be a positive number")
+    require(metadata_bytes >= 1, "--metadata-bytes must be 1 or more")
+    require(json_out is None or json_out.strip(), "--json needs a file name ('-' for stdout)")
+    require(jobs is None or jobs >= 1, "--jobs must be at least 1")
+    from kvprof.analysis import require_bundle, whatif_bundle
+
+    require_bundle(bundle, f"not a kvprof bundle (whatif replays a bundle's block events): {bundle}")
     from kvprof.trace.reader import Bundle
 
     opened = Bundle(bundle)
     opts = W.WhatifOptions(block_sizes=sizes, num_blocks=nblocks, unlimited=unlimited, kv_memory=mem, policies=policies,
                            recoveries=recoveries, prefix_cache=prefix_cache == "on", pool=pool, metadata_bytes=metadata_bytes,
                            bytes_per_token=bytes_per_token, jobs=jobs)
-    try:
-        from kvprof.report.progress import PassProgress
+    from kvprof.report.progress import PassProgress
 
-        with PassProgress("reading the schedule") as progress:
-            section = whatif_bundle(opened, opts, progress=progress)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
+    with usage_errors(), PassProgress("reading the schedule") as progress:  # --pool not in the bundle, no pool, no numba
+        section = whatif_bundle(opened, opts, progress=progress)
     if json_out:
         from kvprof.report import json_report
 

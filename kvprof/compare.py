@@ -157,9 +157,11 @@ def _load_analysis_json(path: str) -> dict:
 
         hint = file_hint(path) or f" (not valid JSON: {_short(exc, 120)})"
         raise BundleError(f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture{hint}") from None
-    if not isinstance(data, dict) or data.get("schema") != "kvprof.analysis/1":
+    from kvprof.analysis.results import SCHEMA as ANALYSIS_SCHEMA  # here: `kvprof --help` imports no analysis
+
+    if not isinstance(data, dict) or data.get("schema") != ANALYSIS_SCHEMA:
         found = data.get("schema") if isinstance(data, dict) else type(data).__name__
-        raise BundleError(f"{path}: not a kvprof analysis JSON (schema {_short(found)}, expected 'kvprof.analysis/1')")
+        raise BundleError(f"{path}: not a kvprof analysis JSON (schema {_short(found)}, expected {ANALYSIS_SCHEMA!r})")
     metrics = data.get("metrics")
     if not isinstance(metrics, dict):
         raise BundleError(f"{path}: analysis JSON has no metrics map")

@@ -22,6 +22,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from kvprof.blocks import Pool
+from kvprof.errors import EXIT_OK
 
 FREE_ORDERS = ("lru", "lifo", "lowest-id")  # which free block an allocation takes (whatif --policy is the allocator)
 
@@ -351,7 +352,7 @@ def main(argv=None) -> int:
     except ValueError as exc:
         ap.error(str(exc))
     print(run_demo(cfg).summary())
-    return 0
+    return EXIT_OK
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from kvprof import runtime
 from kvprof._shim import in_terminal_foreground
 from kvprof._version import __version__
-from kvprof.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, SIGNAL_BASE, RecordError, UsageError
+from kvprof.errors import EXIT_CANNOT_EXECUTE, EXIT_NOT_FOUND, EXIT_OK, SIGNAL_BASE, RecordError, UsageError
 from kvprof.trace import format as fmt
 from kvprof.trace import hostinfo
 from kvprof.trace.atomic import write_json_atomic
@@ -399,13 +399,13 @@ def _pyspy_finish(pyspy: dict, rc: int, manifest: dict):
                 except ChildProcessError:  # no subreaper here: it is not our child
                     _wait_gone(target)
             note["reason"] = "py-spy and its launcher ended before the target's exit status was known"
-            return (rc if rc >= 0 else 128 - rc), None
+            return (rc if rc >= 0 else SIGNAL_BASE - rc), None
         # the shim never ran: py-spy itself failed (permissions, unsupported platform)
         note.update(status="failed", reason=f"py-spy exited with {rc} before starting the target; ran the target without it")
         return rc, {"retry": True}
     if not status.get("started"):
         note.update(status="target not started")
-        return 127, {"started": False, "error": status.get("error", "unknown"), "errno": status.get("errno")}
+        return EXIT_NOT_FOUND, {"started": False, "error": status.get("error", "unknown"), "errno": status.get("errno")}
     note["status"] = "sampled" if os.path.exists(pyspy["profile"]) else "no profile written"
     return int(status["returncode"]), None
 
@@ -761,7 +761,7 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         if nvml.status.get("status") != "sampling":
             sys.stderr.write(f"kvprof: nvml probe off: {nvml.status['reason']}\n")
 
-    exit_code = 0
+    exit_code = EXIT_OK
     outcome: dict
     with _SignalForwarder() as fwd:
         if pyspy is not None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kvprof.analysis.torch_memory import snapshot_section as torch_section
+from kvprof.analysis.torch_memory import snapshot_section
 from kvprof.analysis.torch_memory import analyze_snapshot
 from kvprof.trace import torch_snapshot as T
 from tests.conftest import ROOT
@@ -54,7 +54,7 @@ def _both(snap) -> dict:
 def test_every_metric_is_what_it_was(name):
     snap = T.loads(open(os.path.join(SNAPS, name), "rb").read(), name)
     for use_numpy in (False, True):
-        metrics = torch_section(analyze_snapshot(snap, use_numpy=use_numpy), source=name).metrics
+        metrics = snapshot_section(analyze_snapshot(snap, use_numpy=use_numpy), source=name).metrics
         assert {k: v["value"] for k, v in metrics.items()} == BEFORE[name]
     _both(snap)
 

@@ -21,7 +21,7 @@ import time
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
-from kvprof.analysis.torch_memory import snapshot_section as torch_section
+from kvprof.analysis.torch_memory import snapshot_section
 from kvprof.analysis.torch_memory import analyze_snapshot
 from kvprof.errors import BundleError
 from kvprof.trace.torch_snapshot import loads
@@ -59,7 +59,7 @@ def _check(data: bytes) -> None:
         assert "\n" not in str(exc) and str(exc).startswith("fuzz.pickle")
     else:
         a = analyze_snapshot(snap)
-        part = torch_section(a, source="fuzz.pickle")
+        part = snapshot_section(a, source="fuzz.pickle")
         json.dumps(part.section)
         json.dumps({k: v for k, v in part.metrics.items()})
         assert dataclasses.asdict(a)["segments"] == len(snap["segments"])

@@ -2,8 +2,8 @@
 
 ``results`` holds the result types, ``sources`` decides what a path is, ``run``
 orchestrates (one pass over the block events in ``engine``, then every section);
-the analyzers are ``blocks``, ``heap``, ``gc``, ``cpu``, ``gpu``, ``torch_memory``,
-``whatif``.  The names below are re-exported lazily (importing an analyzer does not
+the analyzers are ``blocks``, ``heap`` (with ``heap_suspects`` and ``memray_reader``),
+``gc``, ``cpu``, ``gpu``, ``torch_memory``, ``whatif``.  The names below are re-exported lazily (importing an analyzer does not
 import the orchestration).
 """
 
@@ -13,6 +13,7 @@ _EXPORTS = {
     "SCHEMA": "results", "Finding": "results", "SectionResult": "results", "AnalysisResult": "results", "metric_entry": "results",
     "Window": "results",
     "is_recording": "sources", "looks_like_memray": "sources", "file_hint": "sources", "kind_of": "sources",
+    "kind_of_existing": "sources", "require_bundle": "sources",
     "SECTION_ANALYZERS": "run", "analyze_path": "run", "analyze_bundle": "run", "analyze_snapshot_file": "run", "whatif_bundle": "run",
     "blocks_section": "run", "block_metrics": "run", "pool_metrics": "run",
     "snapshot_section": "torch_memory",

@@ -47,9 +47,11 @@ def torch_stats(bundle) -> dict:
     return out
 
 
-def torch_section(bundle, bounds=None):
-    from kvprof.analysis.torch_memory import snapshot_section as make_section
-    from kvprof.analysis.torch_memory import analyze_snapshot
+def torch_snapshots_section(bundle, bounds=None):
+    """SECTION_ANALYZERS entry: the torch probe's snapshots in a bundle as the torch section
+    (the last one of each process, the process with the most reserved memory in front);
+    torch_memory.snapshot_section makes it from that one snapshot's analysis."""
+    from kvprof.analysis.torch_memory import analyze_snapshot, snapshot_section
     from kvprof.trace import torch_snapshot
 
     snaps = snapshots(bundle)
@@ -75,7 +77,7 @@ def torch_section(bundle, bounds=None):
 
         return SectionResult(name="torch", metrics={}, section={"snapshots": [dict(x, path=None) for x in snaps], "notes": notes}, findings=[])
     s, a = max(results, key=lambda r: r[1].reserved)
-    part = make_section(a, source=s["file"])
+    part = snapshot_section(a, source=s["file"])
     part.section["process"] = {"pid": s["pid"], "role": s["role"], "reason": s["reason"]}
     part.section["snapshots"] = [{k: v for k, v in x.items() if k != "path"} for x in snaps]
     part.section["per_process"] = [{"pid": x["pid"], "role": x["role"], "file": x["file"], "reserved": r.reserved, "allocated": r.allocated,

@@ -8,7 +8,7 @@ import dataclasses
 import os
 
 from kvprof.analysis.results import AnalysisResult, Finding, SectionResult, Window, metric_entry
-from kvprof.analysis.sources import BUNDLE, MEMRAY, SNAPSHOT, file_hint, kind_of
+from kvprof.analysis.sources import BUNDLE, MEMRAY, SNAPSHOT, file_hint, kind_of_existing
 from kvprof.errors import BundleError, UsageError
 
 # The bundle's sections, as "module:function".  Each is called as function(bundle, bounds)
@@ -16,7 +16,7 @@ from kvprof.errors import BundleError, UsageError
 # the block events (its result is ``bundle.block_pass``), and returns a SectionResult, or
 # None when the bundle holds no data for it.
 SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.analysis.fleet:section", "kvprof.analysis.heap:section", "kvprof.analysis.gc:section",
-                                "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
+                                "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_snapshots_section", "kvprof.analysis.gpu:nvml_section"]
 
 
 def _window_bounds(bundle, window: str | None):
@@ -40,9 +40,7 @@ def analyze_path(path: str, window: str | None = None, *, series: bool = False, 
     """A bundle directory, a bare PyTorch memory snapshot (a .pickle file) or a memray
     capture.  ``series``: also what the HTML report draws (``result.series``);
     ``whatif``: with it, the report's what-if replay; ``progress``: see engine.block_pass."""
-    if not os.path.exists(path):
-        raise BundleError(f"no such file or bundle: {path}")
-    kind = kind_of(path)
+    kind = kind_of_existing(path)
     if kind == BUNDLE:
         from kvprof.trace.reader import Bundle
 

@@ -10,13 +10,37 @@ BUNDLE, SNAPSHOT, MEMRAY, OTHER = "bundle", "snapshot", "memray", "other"
 
 def kind_of(path: str) -> str:
     """BUNDLE for a directory, SNAPSHOT or MEMRAY by the file's first bytes, else OTHER."""
-    if os.path.isdir(path):
+    if is_bundle(path):
         return BUNDLE
     if looks_like_memray(path):
         return MEMRAY
     from kvprof.trace.torch_snapshot import looks_like_pickle
 
     return SNAPSHOT if looks_like_pickle(path) else OTHER
+
+
+def kind_of_existing(path: str, missing: str = "no such file or bundle") -> str:
+    """kind_of a path that must be there: BundleError("{missing}: {path}") when it is not."""
+    if not os.path.exists(path):
+        from kvprof.errors import BundleError
+
+        raise BundleError(f"{missing}: {path}")
+    return kind_of(path)
+
+
+def require_bundle(path: str, otherwise: str) -> None:
+    """For a command that reads bundles only: BundleError "no such bundle" when nothing is
+    at ``path``, ``otherwise`` when something that is not a bundle is.  Reads nothing (a
+    FIFO would block the read)."""
+    if not is_bundle(path):
+        from kvprof.errors import BundleError
+
+        raise BundleError(otherwise if os.path.exists(path) else f"no such bundle: {path}")
+
+
+def is_bundle(path: str) -> bool:
+    """A bundle is a directory: what the path alone says, without opening anything."""
+    return os.path.isdir(path)
 
 
 def is_recording(path: str) -> bool:

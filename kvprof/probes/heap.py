@@ -235,7 +235,7 @@ _memray = {"tracker": None, "path": None, "active": False, "marks": 0}
 # Every kvprof.mark while memray tracks the process allocates (and drops) one buffer of
 # MARK_BASE + 1 + (n % MARK_SPAN) bytes in _memray_mark, n the marker's ordinal in the
 # process: memray's capture then says where each marker fell among the allocations, which
-# its records (without timestamps) do not; kvprof.analysis.heap replays the records up to each.
+# its records (without timestamps) do not; kvprof.analysis.memray_reader replays the records up to each.
 # The size is above pymalloc's 512-byte limit, so the buffer is a malloc memray sees.
 MARK_BASE = 4093
 MARK_SPAN = 1024

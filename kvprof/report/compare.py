@@ -176,34 +176,35 @@ def junit(c: Comparison) -> str:
     return '<?xml version="1.0" encoding="UTF-8"?>\n' + ET.tostring(root, encoding="unicode") + "\n"
 
 
-def write(path: str, text: str, append: bool = False) -> None:
+def _append(path: str, text: str) -> None:
+    """Add to a file another step may have written (GitHub concatenates step summaries):
+    appended, not replaced, so not through kvprof.trace.atomic."""
     try:
-        with open(path, "a" if append else "w", encoding="utf-8", errors="backslashreplace") as fh:
+        with open(path, "a", encoding="utf-8", errors="backslashreplace") as fh:
             fh.write(text)
     except OSError as exc:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def write_all(c: Comparison, markdown_path=None, junit_path=None, json_path=None) -> list[str]:
-    """Write the requested files (and $GITHUB_STEP_SUMMARY when set); returns what was written."""
+    """Write the requested files (and $GITHUB_STEP_SUMMARY when set); returns what was written.
+    Each file is written whole or not at all, '-' is stdout (kvprof.trace.atomic.write_output)."""
+    from kvprof.trace.atomic import write_output
+
     written = []
     if markdown_path:
-        write(markdown_path, markdown(c))
+        write_output(markdown_path, markdown(c))
         written.append(markdown_path)
     summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if summary:
-        write(summary, markdown(c), append=True)  # GitHub concatenates step summaries
+        _append(summary, markdown(c))
         written.append(summary)
     if junit_path:
-        write(junit_path, junit(c))
+        write_output(junit_path, junit(c))
         written.append(junit_path)
     if json_path:
         text = json.dumps(c.to_json(), indent=1) + "\n"  # ensure_ascii: lone surrogates escaped
-        if json_path == "-":
-            from kvprof.trace.atomic import write_output
-
-            write_output("-", text)
-        else:
-            write(json_path, text)
+        write_output(json_path, text)
+        if json_path != "-":
             written.append(json_path)
     return written

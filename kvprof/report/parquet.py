@@ -250,11 +250,11 @@ class _Table:
 def export(path: str, out_dir: str, progress=None) -> dict:
     """Write every table of the bundle at ``path`` into ``out_dir`` (created; files of the same
     names replaced, others left alone).  Returns {table: rows}."""
-    from kvprof.errors import BundleError, UsageError
+    from kvprof.analysis.sources import require_bundle
+    from kvprof.errors import UsageError
 
     pa, _ = _pa()
-    if not os.path.isdir(path):
-        raise BundleError(f"the Parquet export reads a kvprof bundle (a directory): {path}" if os.path.exists(path) else f"no such bundle: {path}")
+    require_bundle(path, f"the Parquet export reads a kvprof bundle (a directory): {path}")
     if out_dir == "-":
         raise UsageError("--format parquet writes a directory of files: give -o DIR")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):

@@ -151,11 +151,9 @@ def snapshot_events(path: str) -> list:
 
 
 def export(path: str, output: str, progress=None) -> None:
-    from kvprof.analysis.sources import BUNDLE, SNAPSHOT, kind_of
+    from kvprof.analysis.sources import BUNDLE, SNAPSHOT, kind_of_existing
 
-    if not os.path.exists(path):
-        raise BundleError(f"no such file or bundle: {path}")
-    kind = kind_of(path)
+    kind = kind_of_existing(path)
     if kind == BUNDLE:
         events = bundle_events(path, progress)
     elif kind == SNAPSHOT:

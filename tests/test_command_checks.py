@@ -1,0 +1,62 @@
+"""The one way a command refuses an option (commands/_checks.py), the one place that says
+what an input is (kvprof.analysis.sources), and compare's files through the one writer."""
+
+import os
+
+import pytest
+
+from kvprof.analysis import sources
+from kvprof.commands._checks import require, usage_errors
+from kvprof.errors import EXIT_BAD_INPUT, BundleError, UsageError
+
+
+def test_require_and_usage_errors_are_one_line_usage_errors():
+    require(True, "--jobs must be at least 1")
+    with pytest.raises(UsageError, match=r"^--jobs must be at least 1$") as exc:
+        require(False, "--jobs must be at least 1")
+    assert exc.value.exit_code == EXIT_BAD_INPUT
+    with pytest.raises(UsageError, match=r"^--block-size must be between 1 and 4096, not 0$") as exc:
+        with usage_errors():
+            raise ValueError("--block-size must be between 1 and 4096, not 0")
+    assert exc.value.__cause__ is None and exc.value.exit_code == EXIT_BAD_INPUT
+    with pytest.raises(KeyError):  # only ValueError is the library's way of refusing an option
+        with usage_errors():
+            raise KeyError("x")
+
+
+def test_kind_of_existing(tmp_path):
+    with pytest.raises(BundleError, match="no such file or bundle: "):
+        sources.kind_of_existing(str(tmp_path / "nope"))
+    with pytest.raises(BundleError, match="^no such bundle: "):
+        sources.kind_of_existing(str(tmp_path / "nope"), "no such bundle")
+    assert sources.kind_of_existing(str(tmp_path)) == sources.BUNDLE
+    (tmp_path / "x.json").write_text("{}")
+    assert sources.kind_of_existing(str(tmp_path / "x.json")) == sources.OTHER
+
+
+def test_compare_files_are_written_whole(tmp_path, monkeypatch):
+    """Markdown and JUnit go through trace.atomic.write_output like the JSON: no temporary
+    file left, an unwritable path one usage error."""
+    from tests.test_writers import _comparison
+
+    from kvprof.report import compare as render
+
+    monkeypatch.delenv("GITHUB_STEP_SUMMARY", raising=False)
+    md, xml = tmp_path / "c.md", tmp_path / "c.xml"
+    md.write_text("old " * 10000)
+    render.write_all(_comparison(), str(md), str(xml))
+    assert md.read_text(encoding="utf-8").startswith(render.markdown(_comparison())[:20]) and "old old" not in md.read_text(encoding="utf-8")
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+    with pytest.raises(UsageError, match="cannot write "):
+        render.write_all(_comparison(), str(tmp_path / "no" / "such" / "c.md"))
+
+
+def test_require_bundle_reads_nothing(tmp_path):
+    require = sources.require_bundle
+    require(str(tmp_path), "unused")
+    with pytest.raises(BundleError, match="^no such bundle: "):
+        require(str(tmp_path / "nope"), "not a bundle")
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)  # opening it to read would block: require_bundle must not
+    with pytest.raises(BundleError, match="^not a bundle$"):
+        require(str(fifo), "not a bundle")
