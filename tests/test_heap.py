@@ -209,13 +209,23 @@ def test_cut_and_foreign_captures(tmp_path):
 
 
 def test_hostile_process_record_cannot_point_out_of_the_bundle(tmp_path):
-    out, _, _, _ = _record(tmp_path, "clean", "memray", steps=3)
+    """A process.json whose memray file points out of the bundle: the capture there, a real one
+    that analyze would read if it followed the path, is not read (nor is /etc/passwd)."""
+    out, _, before, _ = _record(tmp_path, "clean", "memray", steps=3)
     pdir = out / "procs" / os.listdir(out / "procs")[0]
+    (proc,) = before["sections"]["heap"]["processes"]  # untouched: the capture inside the bundle is read
+    assert proc["memray"]["file"] == str(pdir / "memray.bin") and proc["memray"]["total_allocations"] > 0
+    outside = tmp_path / "outside.bin"
+    os.replace(pdir / "memray.bin", outside)
     info = json.loads((pdir / "process.json").read_text())
-    info["probes"]["memray"]["file"] = "../../../../../../etc/passwd"
-    (pdir / "process.json").write_text(json.dumps(info))
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
-    assert "heap" not in a["sections"] or not any(p["memray"] for p in a["sections"]["heap"]["processes"])
+    for hostile in (os.path.relpath(outside, pdir), str(outside), "../../../../../../etc/passwd"):
+        info["probes"]["memray"]["file"] = hostile
+        (pdir / "process.json").write_text(json.dumps(info))
+        r = run_kvprof("analyze", str(out), "--json", "-")
+        assert r.returncode == 0, r.stderr
+        a = json.loads(r.stdout)
+        assert "heap" not in a["sections"], (hostile, a["sections"]["heap"])
+        assert str(outside) not in r.stdout and "/etc/passwd" not in r.stdout, hostile
 
 
 def test_bad_options_are_one_line(tmp_path):
