@@ -183,7 +183,7 @@ def test_bad_gpu_options(tmp_path, args, message):
 
 
 def test_perfetto_export_carries_torch_samples_and_ooms(tmp_path):
-    from tests.test_html_report import _validate_trace_events
+    from tests.test_perfetto import _validate_trace_events
 
     out, r = _record(tmp_path, "--probe", "torch", workload_args=("--oom",))
     assert r.returncode == 0, r.stderr
