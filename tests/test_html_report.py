@@ -170,6 +170,8 @@ def test_a_pool_whose_every_allocation_was_refused(tmp_path):
     assert m["blocks.allocation_failures"]["value"] == 1 and m["blocks.fragmentation_that_hurts"]["value"] == 0
     r = run_kvprof("report", str(out), "-o", str(tmp_path / "r.html"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    text = (tmp_path / "r.html").read_text()
+    assert "<tr><td><code>blocks.allocation_failures</code></td><td class=num>1</td>" in text
     doc = json.loads(run_kvprof("export", str(out), "-o", "-").stdout)
     _validate_trace_events(doc)
     assert [e["name"] for e in doc["traceEvents"] if e["ph"] == "i"] == ["allocation refused big"]

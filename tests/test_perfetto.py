@@ -61,11 +61,21 @@ def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
     _validate_trace_events(doc)
     a = json.loads(run_kvprof("analyze", str(bundle), "--json", "-").stdout)
     assert sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("gc gen")) == a["sections"]["gc"]["collections"]
-    assert any(e["name"] == "heap live bytes (tracemalloc)" for e in doc["traceEvents"])
-    r = run_kvprof("export", os.path.join(FIXTURES, "torch-snapshots", "assignment2-systems.pickle"), "-o", "-")
+    # the heap counter: one sample per tracemalloc snapshot, the same live bytes analyze reads
+    (tm,) = [p["tracemalloc"] for p in a["sections"]["heap"]["processes"]]
+    heap = [e["args"]["live"] for e in doc["traceEvents"] if e["name"] == "heap live bytes (tracemalloc)"]
+    assert len(heap) == tm["snapshots"] > 10 and max(heap) == max(v for _, v in tm["series"]) > 0
+    snap = os.path.join(FIXTURES, "torch-snapshots", "assignment2-systems.pickle")
+    r = run_kvprof("export", snap, "-o", "-")
+    assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     _validate_trace_events(doc)
-    assert sum(1 for e in doc["traceEvents"] if e["name"] == "torch memory") > 1000
+    # the snapshot's counter is analyze's (thinned) timeline, point for point, from 0
+    tl = json.loads(run_kvprof("analyze", snap, "--json", "-").stdout)["sections"]["torch"]["timeline"]
+    mem = [e for e in doc["traceEvents"] if e["name"] == "torch memory"]
+    assert len(mem) == len(tl["t_us"]) > 1000
+    assert [e["args"]["requested"] for e in mem] == tl["requested"] and [e["args"]["reserved"] for e in mem] == tl["reserved"]
+    assert [e["ts"] for e in mem] == [t - tl["t_us"][0] for t in tl["t_us"]]
 
 
 def test_perfetto_puts_each_clock_at_its_own_origin(tmp_path):

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -128,7 +129,9 @@ def test_default_output_name(tmp_path):
     r = run_kvprof("record", "-q", "--", sys.executable, os.path.join(WORKLOADS, "children.py"), cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     made = [p for p in os.listdir(tmp_path) if p.endswith(".kvprof")]
-    assert len(made) == 1 and made[0].startswith("children-")
+    # the script's name and the start time: children-YYYYMMDD-HHMMSS.kvprof, a bundle of that run
+    assert len(made) == 1 and re.fullmatch(r"children-20\d{6}-\d{6}\.kvprof", made[0]), made
+    assert Bundle(str(tmp_path / made[0])).manifest["target"]["exit_code"] == 0
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
