@@ -8,6 +8,8 @@ import pytest
 from kvprof.demo import DemoConfig, run_demo
 from tests.conftest import recorded_events, run_kvprof
 
+pytestmark = pytest.mark.slow  # records the demo, several runs a test (make test-quick leaves it out)
+
 
 def _record(tmp_path, name, *args):
     out = tmp_path / f"{name}.kvprof"

@@ -9,6 +9,8 @@ import pytest
 from kvprof.trace.reader import Bundle
 from tests.conftest import ROOT, recorded_events, run_kvprof
 
+pytestmark = pytest.mark.slow  # re-records the fixtures (make test-quick leaves it out)
+
 FIX = os.path.join(ROOT, "fixtures")
 
 

@@ -4,7 +4,11 @@ import json
 import os
 import sys
 
+import pytest
+
 from tests.conftest import WORKLOADS, run_kvprof
+
+pytestmark = pytest.mark.slow  # records gc workloads, spawned pools among them (make test-quick leaves it out)
 
 
 def test_collections_equal_gc_get_stats_over_the_same_span(tmp_path):

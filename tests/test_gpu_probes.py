@@ -17,6 +17,8 @@ import pytest
 from kvprof.trace import torch_snapshot
 from tests.conftest import ROOT, WORKLOADS, run_kvprof
 
+pytestmark = pytest.mark.slow  # records the fake-GPU workloads (make test-quick leaves it out)
+
 FAKE = os.path.join(ROOT, "tests", "doubles", "fake_gpu")
 SNAP = os.path.join(ROOT, "fixtures", "torch-snapshots", "sketchkv2.pickle")
 MiB = 1 << 20

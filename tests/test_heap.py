@@ -10,6 +10,8 @@ import pytest
 
 from tests.conftest import WORKLOADS, run_kvprof
 
+pytestmark = pytest.mark.slow  # records the heap workloads under tracemalloc and memray (make test-quick leaves it out)
+
 FAULTS = os.path.join(WORKLOADS, "heap_faults.py")
 
 

@@ -11,6 +11,8 @@ import pytest
 
 from tests.conftest import ROOT, WORKLOADS, run_kvprof
 
+pytestmark = pytest.mark.slow  # records gc, heap and demo runs to export (make test-quick leaves it out)
+
 FIXTURES = os.path.join(ROOT, "fixtures")
 
 

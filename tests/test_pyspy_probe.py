@@ -13,7 +13,8 @@ import pytest
 from kvprof.record import find_pyspy
 from tests.conftest import WORKLOADS, run_kvprof
 
-pytestmark = pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)")
+pytestmark = [pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)"),
+              pytest.mark.slow]  # records py-spy sampling real workloads (make test-quick leaves it out)
 
 
 def _manifest(bundle):

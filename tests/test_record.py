@@ -13,6 +13,8 @@ import pytest
 from kvprof.trace.reader import Bundle
 from tests.conftest import ROOT, WORKLOADS, run_kvprof
 
+pytestmark = pytest.mark.slow  # records real workloads: children, signals, terminals (make test-quick leaves it out)
+
 
 def test_records_every_kind_of_child_and_keeps_exit_code(tmp_path):
     out = tmp_path / "kids.kvprof"
