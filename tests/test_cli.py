@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import run_kvprof
+from tests.conftest import analyze_json, run_kvprof
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def test_analyze_json_schema(demo, tmp_path):
 
 
 def test_window_between_markers(demo, tmp_path):
-    whole = json.loads(run_kvprof("analyze", str(demo), "--json", "-").stdout)
+    whole = analyze_json(str(demo))
     r = run_kvprof("analyze", str(demo), "--json", "-", "--window", "steady_state:drained")
     assert r.returncode == 0, r.stderr
     win = json.loads(r.stdout)

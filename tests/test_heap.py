@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import WORKLOADS, run_kvprof
+from tests.conftest import WORKLOADS, analyze_json, metric_values, run_kvprof
 
 pytestmark = pytest.mark.slow  # records the heap workloads under tracemalloc and memray (make test-quick leaves it out)
 
@@ -25,10 +25,6 @@ def _record(tmp_path, mode, probes, *extra, steps=40):
     return out, json.loads(truth.read_text()), json.loads((tmp_path / f"{mode}.a.json").read_text()), r.stdout
 
 
-def _values(a):
-    return {k: v["value"] for k, v in a["metrics"].items()}
-
-
 def test_growing_cache_is_the_top_leak_suspect_at_its_line(tmp_path):
     _, truth, a, text = _record(tmp_path, "leak", "tracemalloc")
     sec = a["sections"]["heap"]
@@ -42,7 +38,7 @@ def test_growing_cache_is_the_top_leak_suspect_at_its_line(tmp_path):
     assert top["live_bytes"] >= 30 * 8192
     proc = sec["processes"][0]
     assert proc["leak_suspects"][0]["site"] == top["site"]  # per process, too
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.leak_suspects"] >= 1 and m["heap.leak_suspect_bytes_per_step"] >= 8192
     assert m["heap.peak_bytes"] >= 40 * 8192
     assert "possible leak" in text and f"heap_faults.py:{truth['leak_line']} in leak_step" in text
@@ -53,7 +49,7 @@ def test_clean_loop_has_no_suspects(tmp_path):
     _, _, a, text = _record(tmp_path, "clean", "tracemalloc")
     sec = a["sections"]["heap"]
     assert sec["processes"][0]["tracemalloc"]["steady_snapshots"] >= 30
-    assert sec["leak_suspects"] == [] and _values(a)["heap.leak_suspects"] == 0
+    assert sec["leak_suspects"] == [] and metric_values(a)["heap.leak_suspects"] == 0
     assert "No leak suspects" in text
 
 
@@ -65,7 +61,7 @@ def test_churn_loop_tops_the_churn_list_and_counts_as_temporary(tmp_path):
     assert top["allocations"] == truth["churn_allocations"] == top["frees"]
     assert top["allocated_bytes"] >= truth["churn_allocations"] * 65536
     assert top["temporary"] >= 0.95 * truth["churn_allocations"]
-    assert _values(a)["heap.temporary_allocations"] >= top["temporary"]
+    assert metric_values(a)["heap.temporary_allocations"] >= top["temporary"]
     assert "busiest allocation site" in text
 
 
@@ -98,7 +94,7 @@ def test_totals_equal_memrays_own_on_the_same_capture(tmp_path):
     assert proc["memray"]["leaked_bytes"] == sum(r.size for r in reader.get_leaked_allocation_records(merge_threads=True)) > 40 * 8192
     temp = sum(r.n_allocations for r in reader.get_temporary_allocation_records(merge_threads=True, threshold=1))
     assert proc["memray"]["temporary_allocations"] == temp
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.allocations"] == stats["total_num_allocations"] and m["heap.peak_bytes"] == reader.metadata.peak_memory
     assert m["heap.leaked_bytes_at_exit"] == proc["memray"]["leaked_bytes"]
     # the planted leak is the largest group left at exit with a Python stack (a pymalloc arena
@@ -181,7 +177,7 @@ def test_bare_memray_capture_from_memray_run(tmp_path):
     a = json.loads((tmp_path / "a.json").read_text())
     st = tmp_path / "st.json"
     subprocess.run([sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), str(cap)], check=True, capture_output=True)
-    assert _values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
+    assert metric_values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
     assert a["sections"]["heap"]["processes"][0]["memray"]["churn"][0]["stack"][0]["function"] == "churn_step"
     assert "memray capture" in r.stdout
     # compare takes captures like bundles: the same capture twice changes nothing
@@ -200,7 +196,7 @@ def test_cut_and_foreign_captures(tmp_path):
     r = run_kvprof("analyze", str(cut), "--json", str(tmp_path / "cut.json"))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     a = json.loads((tmp_path / "cut.json").read_text())
-    assert 0 < _values(a)["heap.allocations"] < json.loads(run_kvprof("analyze", str(cap), "--json", "-").stdout)["metrics"]["heap.allocations"]["value"]
+    assert 0 < metric_values(a)["heap.allocations"] < analyze_json(str(cap))["metrics"]["heap.allocations"]["value"]
     assert any("memray capture incomplete" in f["title"] for f in a["findings"])
     # not a capture at all: one line, non-zero
     bad = tmp_path / "bad.bin"
@@ -236,12 +232,6 @@ def test_bad_options_are_one_line(tmp_path):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
-def _analyze(bundle):
-    r = run_kvprof("analyze", str(bundle), "--json", "-")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
-
-
 def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
     """200,000 strings held steady (about 14 MB): the peak is the program's, not the
     program's plus what each snapshot allocates while it aggregates the traces."""
@@ -249,7 +239,7 @@ def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
     script.write_text("import kvprof\nkeep = [str(i) * 3 for i in range(200_000)]\nfor i in range(5):\n    kvprof.mark('step', i)\n")
     out = tmp_path / "s.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc", "--tracemalloc-interval", "0", "--", sys.executable, str(script)).returncode == 0
-    heap = _analyze(out)["sections"]["heap"]
+    heap = analyze_json(out)["sections"]["heap"]
     (tm,) = [p["tracemalloc"] for p in heap["processes"] if p.get("tracemalloc")]
     live = max(v for _, v in tm["series"])
     assert live <= tm["peak_bytes"] <= 1.05 * live, (tm["peak_bytes"], live)
@@ -260,7 +250,7 @@ def test_marker_values_beyond_int64_keep_the_heap_stream(tmp_path):
     script.write_text("import kvprof\nkeep = []\nfor i in range(6):\n    keep.append(bytearray(10_000))\n    kvprof.mark('step', 2**70 + i)\n")
     out = tmp_path / "b.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc,gc", "--", sys.executable, str(script)).returncode == 0
-    doc = _analyze(out)
+    doc = analyze_json(out)
     (tm,) = [p["tracemalloc"] for p in doc["sections"]["heap"]["processes"] if p.get("tracemalloc")]
     assert tm["snapshots"] >= 7 and doc["sections"]["markers"]["step"]["count"] == 6
 
@@ -271,7 +261,7 @@ def test_gc_advice_sees_a_freeze_made_by_the_program(tmp_path):
                       "while time.time() - t < 1.0:\n    gc.collect()\n")
     out = tmp_path / "f.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script)).returncode == 0
-    gcs = _analyze(out)["sections"]["gc"]
+    gcs = analyze_json(out)["sections"]["gc"]
     (p,) = gcs["processes"]
     assert p["frozen"] >= 300_000
     assert not any("gc.freeze()" in a["advice"] for a in gcs["advice"]), gcs["advice"]
@@ -285,7 +275,7 @@ def test_a_grandchilds_memray_capture_is_its_own(tmp_path):
                       "os.waitpid(pid, 0)\n")
     out = tmp_path / "g.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
-    heap = _analyze(out)["sections"]["heap"]
+    heap = analyze_json(out)["sections"]["heap"]
     procs = heap["processes"]
     assert len(procs) == 3, heap["notes"]
     grand = max(procs, key=lambda p: p["pid"])
@@ -327,7 +317,7 @@ def test_children_that_keep_allocating_leave_the_parents_capture_whole(tmp_path)
     script.write_text(LONG_FORKS)
     out = tmp_path / "long.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
-    heap = _analyze(out)["sections"]["heap"]
+    heap = analyze_json(out)["sections"]["heap"]
     assert len(heap["processes"]) == 4 and heap["notes"] == [], heap["notes"]
     for p in heap["processes"]:
         assert p["memray"]["reader_errors"] == 0 and p["memray"]["total_allocated_bytes"] > 10 * 20000, p
@@ -361,7 +351,7 @@ def test_native_leak_grows_across_markers_in_memrays_capture(tmp_path):
     assert top["live_bytes"] == 40 * 8192 and top["live_blocks"] == 40 and top["window"]["marker"] == "step"
     assert any(f["function"] == "leak_step" or f["function"] == "main" for f in top["stack"])  # the Python frames behind it
     assert len(sec["leak_suspects"]) == 1  # the malloc-and-free of the same library is not one
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.leak_suspects"] == 1 and m["heap.leak_suspect_bytes_per_step"] == 8192
     assert "possible leak" in text and "kvprof_native_leak" in text
     assert any(f["source"] == "memray" and "kvprof_native_leak" in f["title"] for f in a["findings"])
@@ -373,7 +363,7 @@ def test_clean_native_loop_has_no_memray_suspects(tmp_path):
     sec = a["sections"]["heap"]
     assert sec["processes"][0]["memray"]["growth"]["steady_snapshots"] == 32
     assert sec["leak_suspects"] == []
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.leak_suspects"] == 0 and m["heap.leak_suspect_bytes_per_step"] == 0
 
 
@@ -397,4 +387,4 @@ def test_memray_growth_needs_markers(tmp_path):
     a = json.loads(truth.read_text())
     mr = a["sections"]["heap"]["processes"][0]["memray"]
     assert mr["growth"] is None and "no kvprof.mark" in mr["growth_note"]
-    assert _values(a)["heap.leak_suspects"] is None
+    assert metric_values(a)["heap.leak_suspects"] is None

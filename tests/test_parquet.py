@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_kvprof
+from tests.conftest import ROOT, analyzed_metrics, run_kvprof
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -27,12 +27,6 @@ def _export(bundle, out) -> None:
     assert r.stdout.startswith(f"kvprof: wrote {len(parquet.TABLES)} tables to {out}")
 
 
-def _analysis(bundle) -> dict:
-    r = run_kvprof("analyze", str(bundle), "--json", "-")
-    assert r.returncode == 0, r.stderr
-    return {k: v["value"] for k, v in json.loads(r.stdout)["metrics"].items()}
-
-
 def _doc_queries() -> list[str]:
     return re.findall(r"```sql\n(.*?)```", open(os.path.join(ROOT, "docs", "parquet.md"), encoding="utf-8").read(), re.S)
 
@@ -42,7 +36,7 @@ def test_sql_over_the_tables_gives_analyze_s_peak_blocks_and_hit_tokens(tmp_path
     bundle = os.path.join(FIXTURES, name)
     out = tmp_path / "pq"
     _export(bundle, out)
-    want = _analysis(bundle)
+    want = analyzed_metrics(bundle)
     peak_sql, hits_sql = (q.replace("run-parquet/", f"{out}/") for q in _doc_queries()[:2])  # the queries docs/parquet.md shows
     (peak,), = duckdb.sql(peak_sql).fetchall()
     (hits,), = duckdb.sql(hits_sql).fetchall()

@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import ROOT, WORKLOADS, analyze_json, run_kvprof
 
 pytestmark = pytest.mark.slow  # records gc, heap and demo runs to export (make test-quick leaves it out)
 
@@ -43,7 +43,7 @@ def test_perfetto_export(tmp_path):
     _validate_trace_events(doc)
     ev = doc["traceEvents"]
     counters = [e for e in ev if e["ph"] == "C" and e["name"].startswith("KV blocks demo")]
-    a = json.loads(run_kvprof("analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-").stdout)
+    a = analyze_json(os.path.join(FIXTURES, "demo.kvprof"))
     agg = a["sections"]["blocks"]["aggregate"]
     # the counter track keeps the watermark and the pool's size
     assert max(e["args"]["in use"] for e in counters) == agg["peak_blocks"]
@@ -61,7 +61,7 @@ def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     _validate_trace_events(doc)
-    a = json.loads(run_kvprof("analyze", str(bundle), "--json", "-").stdout)
+    a = analyze_json(str(bundle))
     assert sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("gc gen")) == a["sections"]["gc"]["collections"]
     # the heap counter: one sample per tracemalloc snapshot, the same live bytes analyze reads
     (tm,) = [p["tracemalloc"] for p in a["sections"]["heap"]["processes"]]
@@ -73,7 +73,7 @@ def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
     doc = json.loads(r.stdout)
     _validate_trace_events(doc)
     # the snapshot's counter is analyze's (thinned) timeline, point for point, from 0
-    tl = json.loads(run_kvprof("analyze", snap, "--json", "-").stdout)["sections"]["torch"]["timeline"]
+    tl = analyze_json(snap)["sections"]["torch"]["timeline"]
     mem = [e for e in doc["traceEvents"] if e["name"] == "torch memory"]
     assert len(mem) == len(tl["t_us"]) > 1000
     assert [e["args"]["requested"] for e in mem] == tl["requested"] and [e["args"]["reserved"] for e in mem] == tl["reserved"]

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from kvprof.trace.reader import Bundle
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import ROOT, WORKLOADS, analyze_json, run_kvprof
 
 pytestmark = pytest.mark.slow  # records real workloads: children, signals, terminals (make test-quick leaves it out)
 
@@ -246,7 +246,7 @@ def test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short(tmp_
     assert proc.stdout.read().strip() == "graceful shutdown done"
     (p,) = json.loads((out / "manifest.json").read_text())["processes"]
     assert p["exited_cleanly"]
-    assert json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]["ready"]["count"] == 1
+    assert analyze_json(str(out))["sections"]["markers"]["ready"]["count"] == 1
 
 
 def test_a_marker_value_out_of_range_loses_nothing_else(tmp_path):
@@ -254,7 +254,7 @@ def test_a_marker_value_out_of_range_loses_nothing_else(tmp_path):
     script.write_text("import kvprof\nkvprof.mark('huge', 2**63)\nfor i in range(20):\n    kvprof.mark('m', i)\nkvprof.mark('neg', -2**70)\n")
     out = tmp_path / "b.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), str(script)).returncode == 0
-    marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
+    marks = analyze_json(str(out))["sections"]["markers"]
     assert {k: v["count"] for k, v in marks.items()} == {"huge": 1, "m": 20, "neg": 1}
     (d,) = (out / "procs").iterdir()
     assert json.loads((d / "process.json").read_text())["errors"] == ["marker values outside 64-bit integers were clamped"]
@@ -357,7 +357,7 @@ def test_a_program_that_closes_every_descriptor_keeps_its_files_and_ours(tmp_pat
     r = run_kvprof("record", "-q", "-o", str(out), str(script))
     assert r.returncode == 0 and r.stdout == "hello\n", (r.stdout, r.stderr)
     assert all((tmp_path / f"user{i}.txt").stat().st_size == 0 for i in range(6))
-    marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
+    marks = analyze_json(str(out))["sections"]["markers"]
     assert {k: v["count"] for k, v in marks.items()} == {"a": 1, "b": 1, "c": 1}
 
 

@@ -19,7 +19,7 @@ from kvprof.trace import chunks
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.reader import BlockStream, Bundle
 from tests import whatif_reference as R
-from tests.conftest import ROOT, run_kvprof
+from tests.conftest import ROOT, run_kvprof, vllm_python
 
 FIXTURES = os.path.join(ROOT, "fixtures")
 
@@ -389,10 +389,9 @@ def test_the_compiled_replay_equals_the_reference_on_a_real_vllm_run(tmp_path):
     preemptions and refusals): schedule and every configuration equal the reference.
     Slow: `make test-vllm`."""
     from tests.conftest import WORKLOADS
-    from tests.integration.test_vllm import _vllm_python
-
+    
     bundle = tmp_path / "v.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--", _vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
                    timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     stream = Bundle(str(bundle)).block_stream()
