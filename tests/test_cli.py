@@ -59,6 +59,7 @@ def test_help_and_version_import_nothing_heavy():
         assert "Usage: kvprof " + s["argv"][0] in s["out"], s
 
 
+@pytest.mark.slow
 def test_analyze_terminal_report_fits_80_columns(demo):
     r = run_kvprof("analyze", str(demo), "--width", "80")
     assert r.returncode == 0, r.stderr
@@ -68,6 +69,7 @@ def test_analyze_terminal_report_fits_80_columns(demo):
         assert needle in r.stdout
 
 
+@pytest.mark.slow
 def test_analyze_json_schema(demo, tmp_path):
     out = tmp_path / "a.json"
     r = run_kvprof("analyze", str(demo), "--json", str(out), "--no-report")
@@ -92,6 +94,7 @@ def test_analyze_json_schema(demo, tmp_path):
     assert json.loads(r.stdout)["schema"] == "kvprof.analysis/1"
 
 
+@pytest.mark.slow
 def test_window_between_markers(demo, tmp_path):
     whole = analyze_json(str(demo))
     r = run_kvprof("analyze", str(demo), "--json", "-", "--window", "steady_state:drained")
@@ -103,6 +106,7 @@ def test_window_between_markers(demo, tmp_path):
     assert r.returncode == 2 and "no marker named 'nope'" in r.stderr
 
 
+@pytest.mark.slow
 def test_unknown_option_and_missing_argument(tmp_path):
     r = run_kvprof("analyze", "--frobnicate")
     assert r.returncode == 2 and "Traceback" not in r.stderr
@@ -114,6 +118,7 @@ def test_unknown_option_and_missing_argument(tmp_path):
     assert r.returncode == 2 and "no such file" in r.stderr
 
 
+@pytest.mark.slow
 def test_unwritable_json_output(demo):
     r = run_kvprof("analyze", str(demo), "--json", "/nonexistent/dir/out.json")
     assert r.returncode == 2 and "cannot write /nonexistent/dir/out.json" in r.stderr

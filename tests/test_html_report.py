@@ -54,6 +54,7 @@ def _assert_clean(res, expect_charts):
         assert c["canvases"] >= 1 and c["area"] > 50_000 and c["inked"] > 2_000 and c["data_pixels"] > 50, c
 
 
+@pytest.mark.slow
 def test_demo_report_renders_in_chromium(tmp_path):
     browser = _browser()
     out = tmp_path / "demo.html"
@@ -68,6 +69,7 @@ def test_demo_report_renders_in_chromium(tmp_path):
     assert res["title"] == "kvprof report: demo.kvprof"
 
 
+@pytest.mark.slow
 def test_heap_gc_and_torch_reports_render(tmp_path):
     browser = _browser()
     bundle = tmp_path / "h.kvprof"
@@ -84,6 +86,7 @@ def test_heap_gc_and_torch_reports_render(tmp_path):
     _assert_clean(_open(browser, out, "report-torch"), ["torch-timeline", "torch-segments"])
 
 
+@pytest.mark.slow
 def test_hostile_names_are_escaped(tmp_path):
     bundle = tmp_path / "x.kvprof"
     r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,tracemalloc", "--", sys.executable,
@@ -104,6 +107,7 @@ def test_hostile_names_are_escaped(tmp_path):
     assert res["dialogs"] == [] and res["errors"] == [], res
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["report", "nope.kvprof", "-o", "x.html"], "no such file or bundle"),
     (["report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "/nonexistent-dir/x.html"], "cannot write"),
@@ -155,6 +159,7 @@ def test_block_map_groups_large_pools_by_their_busiest_state():
     assert g["grid"].shape[1] <= 8 and g["grid"][1][-1] == EMPTY and (g["grid"][0] == EMPTY).all()
 
 
+@pytest.mark.slow
 def test_a_pool_whose_every_allocation_was_refused(tmp_path):
     """No block ever moved, one refusal: analyze counts it, the report renders, the export keeps it."""
     script = tmp_path / "refused.py"
@@ -177,6 +182,7 @@ def test_a_pool_whose_every_allocation_was_refused(tmp_path):
     assert [e["name"] for e in doc["traceEvents"] if e["ph"] == "i"] == ["allocation refused big"]
 
 
+@pytest.mark.slow
 def test_charts_share_one_time_origin(tmp_path):
     """A pool idle for a second before its traffic: markers, the usage timeline, the block map
     and the hit rate are all measured from the pool's first event."""
@@ -209,6 +215,7 @@ def test_charts_share_one_time_origin(tmp_path):
     assert bm["span_s"] == pytest.approx(marks["done"], abs=0.05) and marks["serving_start"] >= 0.45
 
 
+@pytest.mark.slow
 def test_a_window_is_shaded_and_said(tmp_path):
     out = tmp_path / "w.html"
     r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "--window", ":steady_state", "-o", str(out))
@@ -218,6 +225,7 @@ def test_a_window_is_shaded_and_said(tmp_path):
     assert "preemptions (50; 6 in the window)" in text
 
 
+@pytest.mark.slow
 def test_report_to_stdout_and_output_errors(tmp_path):
     r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-", cwd=str(tmp_path))
     assert r.returncode == 0 and r.stdout.startswith("<!DOCTYPE html>") and not os.path.exists(tmp_path / "-")
@@ -230,6 +238,7 @@ def test_report_to_stdout_and_output_errors(tmp_path):
             assert p.returncode == 2 and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device", p.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_manifest_is_one_line(tmp_path):
     import shutil
 

@@ -47,6 +47,7 @@ def _complete(shell: str, line: str, cwd=ROOT, raw=False) -> list[str]:
     return [line.split("\t", 1)[0] for line in r.stdout.splitlines()]  # fish: value<TAB>help
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_of_subcommands_options_probes_and_bundles(shell):
     assert _complete(shell, "kvprof ana") == ["analyze"]
@@ -82,6 +83,7 @@ def test_bash_completes_through_the_script_it_installs():
     assert r.stdout.split() == ["gc"], r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completes_through_the_script_it_installs(tmp_path):
     script = subprocess.run([sys.executable, "-m", "kvprof", "--show-completion", "fish"], capture_output=True, text=True,
@@ -141,6 +143,7 @@ def test_a_terminal_of_0x0_columns_gets_the_report_at_80():
     assert max(len(line) for line in lines) <= 80 and max(len(line) for line in lines) > 70
 
 
+@pytest.mark.slow
 def test_no_color_removes_every_style():
     styled = _on_pty([sys.executable, "-m", "kvprof", "analyze", DEMO], _env(TERM="xterm-256color"), cols=100, rows=40)
     assert "\x1b[1m" in styled  # bold, on a terminal, without NO_COLOR

@@ -260,11 +260,13 @@ def _streams(bundles):
         yield f"synthetic-{seed}-{engine}", synthetic(seed, engine), 0
 
 
+@pytest.mark.slow
 def test_the_schedule_equals_the_reference_extraction(bundles):
     for name, stream, pool in _streams(bundles):
         assert_same_schedule(W.extract(stream, pool), R.extract(stream, pool)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_events", [1, 3, 64])
 def test_chunk_boundaries_do_not_matter(bundles, chunk_events):
     """Pending patches, decision slots and groups cross chunk boundaries: any cut gives the
@@ -313,6 +315,7 @@ def _configs(sched) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_the_compiled_replay_equals_the_reference(bundles):
     checked = 0
     for name, stream, pool in _streams(bundles):
@@ -324,6 +327,7 @@ def test_the_compiled_replay_equals_the_reference(bundles):
     assert checked > 300
 
 
+@pytest.mark.slow
 def test_threads_give_what_one_after_another_gives(bundles):
     from kvprof.analysis import whatif_kernel as KK
 
@@ -333,6 +337,7 @@ def test_threads_give_what_one_after_another_gives(bundles):
     assert [r.metrics for r in W.replay_many(s, configs, jobs=1)] == [r.metrics for r in W.replay_many(s, configs, jobs=3)]
 
 
+@pytest.mark.slow
 def test_each_kernel_function_is_compiled_once(bundles):
     """Literal arguments compile a version of their own per value (and int32 against int64
     another): the kernels cast every scalar they pass, so that each compiles once."""
@@ -359,6 +364,7 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     assert KK.cache_dir_fallback() is None
 
 
+@pytest.mark.slow
 def test_kernels_still_run_where_no_cache_can_be_written(tmp_path):
     """A cache directory that cannot be created (a path under a file): the kernels compile
     and run all the same (numba skips the cache; where it refuses ``cache=True`` outright,
@@ -373,6 +379,7 @@ def test_kernels_still_run_where_no_cache_can_be_written(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["5", "True", "7"], r.stderr
 
 
+@pytest.mark.slow
 def test_a_compiled_kernel_is_cached(bundles):
     """After a replay, its kernel's cache index exists: later processes load, not compile
     (and kvprof says it compiles only when an index is missing)."""
