@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -17,6 +18,40 @@ def run_kvprof(*args, cwd=None, env=None, timeout=120, input=None):
         [sys.executable, "-m", "kvprof.commands", *args],
         cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input,
     )
+
+
+def analyze_json(bundle, *args, timeout=120, env=None) -> dict:
+    """`kvprof analyze BUNDLE --json -` (and `args`), which must succeed: the analysis document."""
+    r = run_kvprof("analyze", str(bundle), "--json", "-", *args, timeout=timeout, env=env)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def metric_values(doc) -> dict:
+    """{metric: value} of an analysis document."""
+    return {k: v["value"] for k, v in doc["metrics"].items()}
+
+
+def analyzed_metrics(bundle, *args, **kw) -> dict:
+    """{metric: value} of `kvprof analyze BUNDLE --json -`."""
+    return metric_values(analyze_json(bundle, *args, **kw))
+
+
+def optional_python(what: str, env_var: str, venv: str, make_target: str, *more: str) -> str:
+    """The Python of an optional environment (vLLM's, SGLang's): $env_var, else ROOT/venv, else
+    `more`; the test is skipped without one."""
+    for cand in (os.environ.get(env_var), os.path.join(ROOT, venv, "bin", "python"), *more):
+        if cand and os.path.exists(cand):
+            return cand
+    pytest.skip(f"no {what} environment: run `make {make_target}` or set {env_var}")
+
+
+def vllm_python() -> str:
+    return optional_python("vLLM", "KVPROF_VLLM_PYTHON", ".venv-vllm", "vllm-env", "/root/.venvs/vllm/bin/python")
+
+
+def sglang_python() -> str:
+    return optional_python("SGLang", "KVPROF_SGLANG_PYTHON", ".venv-sglang", "sglang-env")
 
 
 @pytest.fixture

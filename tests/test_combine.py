@@ -14,6 +14,8 @@ import pytest
 from kvprof.trace.reader import Bundle
 from tests.conftest import run_kvprof
 
+pytestmark = pytest.mark.slow  # records and combines several runs (make test-quick leaves it out)
+
 ENGINE = """
 import sys, time, gc
 import kvprof, kvprof.blocks

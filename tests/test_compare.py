@@ -34,6 +34,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_identical_runs_pass_with_zero_tolerance(runs, tmp_path):
     r = run_kvprof("compare", runs["base"][0], runs["again"][0], "--json", str(tmp_path / "c.json"), cwd=str(tmp_path))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -43,6 +44,7 @@ def test_identical_runs_pass_with_zero_tolerance(runs, tmp_path):
     assert {row["verdict"] for row in c["rows"]} == {UNCHANGED}  # every metric, timing ones included (simulated clock)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variant, metric", [
     ("leak", "blocks.leaked_blocks"),
     ("bigblocks", "blocks.internal_fragmentation.time_weighted"),
@@ -55,11 +57,13 @@ def test_planted_regressions_fail_and_name_the_metric(runs, tmp_path, variant, m
     assert "FAILED" in r.stdout
 
 
+@pytest.mark.slow
 def test_bundle_and_json_sides_mix(runs, tmp_path):
     r = run_kvprof("compare", runs["base"][0], runs["again"][1], "-q", cwd=str(tmp_path))
     assert r.returncode == 0 and r.stdout.startswith("passed"), r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_budgets_absolute_and_relative_with_globs(runs, tmp_path):
     budget = tmp_path / "budget.toml"
     budget.write_text(
@@ -80,6 +84,7 @@ def test_budgets_absolute_and_relative_with_globs(runs, tmp_path):
     assert frag["checks"][0]["pattern"] == "blocks.internal_fragmentation.*"
 
 
+@pytest.mark.slow
 def test_pyproject_budgets_are_found_and_analyze_checks_one_run(runs, tmp_path):
     proj = tmp_path / "proj"
     (proj / "sub").mkdir(parents=True)
@@ -92,6 +97,7 @@ def test_pyproject_budgets_are_found_and_analyze_checks_one_run(runs, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_markdown_junit_and_step_summary(runs, tmp_path):
     import xmlschema
 
@@ -118,6 +124,7 @@ def test_markdown_junit_and_step_summary(runs, tmp_path):
     assert "base: 0 blocks" in fail.text and "new: 10 blocks" in fail.text
 
 
+@pytest.mark.slow
 def test_bad_inputs_exit_2_with_one_line(runs, tmp_path):
     cases = {
         "notjson": "this is not json",
@@ -208,6 +215,7 @@ def test_a_nan_value_never_passes_a_budget(tmp_path):
     assert not c.passed
 
 
+@pytest.mark.slow
 def test_values_of_the_wrong_type_are_named(tmp_path):
     good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
     for name, entry in {
@@ -220,6 +228,7 @@ def test_values_of_the_wrong_type_are_named(tmp_path):
         _one_line_2(r, f"'bad.{name}'", bad)
 
 
+@pytest.mark.slow
 def test_nothing_to_compare_is_an_error_not_a_pass(tmp_path):
     empty = _analysis(tmp_path / "empty.json", {})
     good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
@@ -260,6 +269,7 @@ def test_deep_nesting_is_one_line(tmp_path):
     assert run_kvprof("compare", good, good, cwd=str(proj)).returncode == 0
 
 
+@pytest.mark.slow
 def test_fifos_devices_and_huge_files_are_refused_without_reading(tmp_path):
     good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
     fifo = tmp_path / "fifo.json"

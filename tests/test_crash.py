@@ -10,11 +10,12 @@ import pytest
 from kvprof.trace.reader import Bundle
 from tests.conftest import WORKLOADS, run_kvprof
 
+pytestmark = pytest.mark.slow  # the crash matrix: a workload recorded and killed 33 ways (make test-quick leaves it out)
+
 N = 4000
 WAYS = ["os_exit", "sigkill", "sigsegv", "sigabrt", "sighup", "sigquit", "sigusr1", "sigusr2", "sigterm", "exception", "sys_exit"]
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("where", ["main", "spawn", "fork"])
 @pytest.mark.parametrize("how", WAYS)
 def test_no_recorded_event_is_lost(tmp_path, where, how):

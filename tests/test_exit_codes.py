@@ -81,6 +81,7 @@ def test_out_of_memory_is_one_line_and_not_a_pass(monkeypatch, capsys):
     assert capsys.readouterr().err == "kvprof: error: out of memory\n"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args", [["--json", "-"], [], ["--budget", "BUDGET"]])
 def test_a_reader_that_left_is_not_a_regression(tmp_path, args):
     """`kvprof analyze X --json - | head -c 10`: 141 (128 + SIGPIPE, as a shell reports a

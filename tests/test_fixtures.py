@@ -1,25 +1,20 @@
 """Fixtures are real bundles from `make fixtures`; they must stay readable and regenerable."""
 
-import json
 import os
 import sys
 
 import pytest
 
 from kvprof.trace.reader import Bundle
-from tests.conftest import ROOT, recorded_events, run_kvprof
+from tests.conftest import ROOT, analyzed_metrics, recorded_events, run_kvprof
+
+pytestmark = pytest.mark.slow  # re-records the fixtures (make test-quick leaves it out)
 
 FIX = os.path.join(ROOT, "fixtures")
 
 
-def _metrics(path):
-    r = run_kvprof("analyze", path, "--json", "-")
-    assert r.returncode == 0, r.stderr
-    return {k: v["value"] for k, v in json.loads(r.stdout)["metrics"].items()}
-
-
 def test_demo_fixture_numbers():
-    m = _metrics(os.path.join(FIX, "demo.kvprof"))
+    m = analyzed_metrics(os.path.join(FIX, "demo.kvprof"))
     assert m["blocks.events"] == 7174
     assert m["blocks.preemptions"] == 50 and m["blocks.allocation_failures"] == 279
     assert (m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"]) == (25114, 9760)
@@ -32,7 +27,7 @@ def test_leak_fixture_reports_the_planted_leak():
     r = run_kvprof("analyze", os.path.join(FIX, "demo-leak.kvprof"), "--width", "80")
     assert r.returncode == 0
     assert "10 blocks leaked" in r.stdout
-    assert _metrics(os.path.join(FIX, "demo-leak.kvprof"))["blocks.leaked_blocks"] == 10
+    assert analyzed_metrics(os.path.join(FIX, "demo-leak.kvprof"))["blocks.leaked_blocks"] == 10
 
 
 def test_sigkilled_fixture_keeps_every_event():
@@ -41,7 +36,7 @@ def test_sigkilled_fixture_keeps_every_event():
     # 39 allocations, then 0.8 s later 2 more just before the SIGKILL: all in the staging
     # segment the killed process left (format 1 lost the last two)
     assert any(f.endswith(".kvs") for f in os.listdir(b.processes[0].dir))
-    assert _metrics(os.path.join(FIX, "crash-sigkill.kvprof"))["blocks.events"] == 41
+    assert analyzed_metrics(os.path.join(FIX, "crash-sigkill.kvprof"))["blocks.events"] == 41
     r = run_kvprof("analyze", os.path.join(FIX, "crash-sigkill.kvprof"))
     assert "killed by SIGKILL" in r.stdout
 

@@ -25,6 +25,8 @@ from hypothesis import strategies as st
 from kvprof.trace import stage
 from tests.conftest import run_kvprof
 
+pytestmark = pytest.mark.slow  # dozens of damaged bundles, each through every command (make test-quick leaves it out)
+
 EXAMPLES = int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "40"))
 SECONDS = 180  # one fuzzed bundle through the four commands: a hang, not a slow or loaded machine (125 s seen at load 5 on 2 cores)
 

@@ -4,7 +4,11 @@ import json
 import os
 import sys
 
-from tests.conftest import WORKLOADS, run_kvprof
+import pytest
+
+from tests.conftest import WORKLOADS, analyze_json, run_kvprof
+
+pytestmark = pytest.mark.slow  # records gc workloads, spawned pools among them (make test-quick leaves it out)
 
 
 def test_collections_equal_gc_get_stats_over_the_same_span(tmp_path):
@@ -32,7 +36,7 @@ def test_without_the_probe_there_is_no_gc_section(tmp_path):
     out = tmp_path / "plain.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "5")
     assert r.returncode == 0, r.stderr
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    a = analyze_json(str(out))
     assert "gc" not in a["sections"] and not any(k.startswith("gc.") for k in a["metrics"])
 
 
@@ -54,7 +58,7 @@ def test_spawned_children_record_their_own_collections(tmp_path):
     out = tmp_path / "kids.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script))
     assert r.returncode == 0, r.stderr
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    a = analyze_json(str(out))
     procs = a["sections"]["gc"]["processes"]
     children = [p for p in procs if p["role"] == "child"]
     assert len(children) >= 2  # both pool workers recorded (whichever ran the tasks)
@@ -81,7 +85,7 @@ def test_pool_workers_terminated_at_exit_keep_their_events(tmp_path):
         procs = json.loads((out / "manifest.json").read_text())["processes"]
         workers = [p for p in procs if "--multiprocessing-fork" in " ".join(p["argv"] or [])]
         assert workers and all(p["exited_cleanly"] for p in workers), workers
-        a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+        a = analyze_json(str(out))
         pids = {p["pid"] for p in workers}
         gen2 = sum(p["by_generation"][2]["collections"] for p in a["sections"]["gc"]["processes"] if p["pid"] in pids)
         assert gen2 >= 12, a["sections"]["gc"]["processes"]

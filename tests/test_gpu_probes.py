@@ -15,7 +15,9 @@ import time
 import pytest
 
 from kvprof.trace import torch_snapshot
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import ROOT, WORKLOADS, analyze_json, run_kvprof
+
+pytestmark = pytest.mark.slow  # records the fake-GPU workloads (make test-quick leaves it out)
 
 FAKE = os.path.join(ROOT, "tests", "doubles", "fake_gpu")
 SNAP = os.path.join(ROOT, "fixtures", "torch-snapshots", "sketchkv2.pickle")
@@ -75,8 +77,8 @@ def test_snapshots_at_markers_oom_and_exit_with_history_settings(tmp_path):
     assert status["status"] == "attached" and status["oom_observer"] == "attached"
 
     # the bundle's torch section is the bare snapshot's analysis (the exit snapshot: the same file here)
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
-    b = json.loads(run_kvprof("analyze", SNAP, "--json", "-").stdout)
+    a = analyze_json(str(out))
+    b = analyze_json(SNAP)
     for k in ("torch.reserved_bytes", "torch.allocated_bytes", "torch.external_fragmentation", "torch.cached_free_bytes"):
         assert a["metrics"][k]["value"] == b["metrics"][k]["value"], k
     assert a["metrics"]["torch.reserved_bytes"]["value"] == reserved
@@ -120,7 +122,7 @@ def test_a_process_without_torch_is_left_alone(tmp_path):
     assert r.returncode == 0 and r.stdout == "no torch here\n", r.stderr
     status = json.loads(open(os.path.join(_proc_dir(out), "process.json")).read())["probes"]["torch"]
     assert status["status"] == "waiting for torch to be imported"
-    assert "torch" not in json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]
+    assert "torch" not in analyze_json(str(out))["sections"]
 
 
 def test_nvml_samples_and_memory_outside_torch(tmp_path):
@@ -128,7 +130,7 @@ def test_nvml_samples_and_memory_outside_torch(tmp_path):
     assert r.returncode == 0, r.stderr
     m = json.loads(open(out / "manifest.json").read())["probe_status"]["nvml"]
     assert m["status"] == "sampling" and m["gpus"] == 1 and m["names"] == ["Fake GPU 80GB"] and m["samples"] >= 10
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    a = analyze_json(str(out))
     sec = a["sections"]["nvml"]
     reserved = a["metrics"]["torch.reserved_bytes"]["value"]
     (row,) = [p for p in sec["processes"] if p["recorded"]]
@@ -167,7 +169,7 @@ def test_a_hostile_snapshot_record_is_ignored(tmp_path):
     assert r.returncode == 0, r.stderr
     with open(os.path.join(_proc_dir(out), "meta.jsonl"), "a") as fh:
         fh.write(json.dumps({"type": "torch_snapshot", "t": 1 << 62, "reason": "exit", "file": "../../../../../etc/passwd"}) + "\n")
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    a = analyze_json(str(out))
     assert all("passwd" not in s["file"] for s in a["sections"]["torch"]["snapshots"])
 
 
@@ -183,7 +185,7 @@ def test_bad_gpu_options(tmp_path, args, message):
 
 
 def test_perfetto_export_carries_torch_samples_and_ooms(tmp_path):
-    from tests.test_html_report import _validate_trace_events
+    from tests.test_perfetto import _validate_trace_events
 
     out, r = _record(tmp_path, "--probe", "torch", workload_args=("--oom",))
     assert r.returncode == 0, r.stderr

@@ -8,7 +8,9 @@ import sys
 
 import pytest
 
-from tests.conftest import WORKLOADS, run_kvprof
+from tests.conftest import WORKLOADS, analyze_json, metric_values, run_kvprof
+
+pytestmark = pytest.mark.slow  # records the heap workloads under tracemalloc and memray (make test-quick leaves it out)
 
 FAULTS = os.path.join(WORKLOADS, "heap_faults.py")
 
@@ -21,10 +23,6 @@ def _record(tmp_path, mode, probes, *extra, steps=40):
     r = run_kvprof("analyze", str(out), "--json", str(tmp_path / f"{mode}.a.json"), "--width", "120")
     assert r.returncode == 0, r.stderr
     return out, json.loads(truth.read_text()), json.loads((tmp_path / f"{mode}.a.json").read_text()), r.stdout
-
-
-def _values(a):
-    return {k: v["value"] for k, v in a["metrics"].items()}
 
 
 def test_growing_cache_is_the_top_leak_suspect_at_its_line(tmp_path):
@@ -40,7 +38,7 @@ def test_growing_cache_is_the_top_leak_suspect_at_its_line(tmp_path):
     assert top["live_bytes"] >= 30 * 8192
     proc = sec["processes"][0]
     assert proc["leak_suspects"][0]["site"] == top["site"]  # per process, too
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.leak_suspects"] >= 1 and m["heap.leak_suspect_bytes_per_step"] >= 8192
     assert m["heap.peak_bytes"] >= 40 * 8192
     assert "possible leak" in text and f"heap_faults.py:{truth['leak_line']} in leak_step" in text
@@ -51,7 +49,7 @@ def test_clean_loop_has_no_suspects(tmp_path):
     _, _, a, text = _record(tmp_path, "clean", "tracemalloc")
     sec = a["sections"]["heap"]
     assert sec["processes"][0]["tracemalloc"]["steady_snapshots"] >= 30
-    assert sec["leak_suspects"] == [] and _values(a)["heap.leak_suspects"] == 0
+    assert sec["leak_suspects"] == [] and metric_values(a)["heap.leak_suspects"] == 0
     assert "No leak suspects" in text
 
 
@@ -63,7 +61,7 @@ def test_churn_loop_tops_the_churn_list_and_counts_as_temporary(tmp_path):
     assert top["allocations"] == truth["churn_allocations"] == top["frees"]
     assert top["allocated_bytes"] >= truth["churn_allocations"] * 65536
     assert top["temporary"] >= 0.95 * truth["churn_allocations"]
-    assert _values(a)["heap.temporary_allocations"] >= top["temporary"]
+    assert metric_values(a)["heap.temporary_allocations"] >= top["temporary"]
     assert "busiest allocation site" in text
 
 
@@ -96,7 +94,7 @@ def test_totals_equal_memrays_own_on_the_same_capture(tmp_path):
     assert proc["memray"]["leaked_bytes"] == sum(r.size for r in reader.get_leaked_allocation_records(merge_threads=True)) > 40 * 8192
     temp = sum(r.n_allocations for r in reader.get_temporary_allocation_records(merge_threads=True, threshold=1))
     assert proc["memray"]["temporary_allocations"] == temp
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.allocations"] == stats["total_num_allocations"] and m["heap.peak_bytes"] == reader.metadata.peak_memory
     assert m["heap.leaked_bytes_at_exit"] == proc["memray"]["leaked_bytes"]
     # the planted leak is the largest group left at exit with a Python stack (a pymalloc arena
@@ -179,7 +177,7 @@ def test_bare_memray_capture_from_memray_run(tmp_path):
     a = json.loads((tmp_path / "a.json").read_text())
     st = tmp_path / "st.json"
     subprocess.run([sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), str(cap)], check=True, capture_output=True)
-    assert _values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
+    assert metric_values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
     assert a["sections"]["heap"]["processes"][0]["memray"]["churn"][0]["stack"][0]["function"] == "churn_step"
     assert "memray capture" in r.stdout
     # compare takes captures like bundles: the same capture twice changes nothing
@@ -198,7 +196,7 @@ def test_cut_and_foreign_captures(tmp_path):
     r = run_kvprof("analyze", str(cut), "--json", str(tmp_path / "cut.json"))
     assert r.returncode == 0 and r.stderr == "", r.stderr
     a = json.loads((tmp_path / "cut.json").read_text())
-    assert 0 < _values(a)["heap.allocations"] < json.loads(run_kvprof("analyze", str(cap), "--json", "-").stdout)["metrics"]["heap.allocations"]["value"]
+    assert 0 < metric_values(a)["heap.allocations"] < analyze_json(str(cap))["metrics"]["heap.allocations"]["value"]
     assert any("memray capture incomplete" in f["title"] for f in a["findings"])
     # not a capture at all: one line, non-zero
     bad = tmp_path / "bad.bin"
@@ -209,25 +207,29 @@ def test_cut_and_foreign_captures(tmp_path):
 
 
 def test_hostile_process_record_cannot_point_out_of_the_bundle(tmp_path):
-    out, _, _, _ = _record(tmp_path, "clean", "memray", steps=3)
+    """A process.json whose memray file points out of the bundle: the capture there, a real one
+    that analyze would read if it followed the path, is not read (nor is /etc/passwd)."""
+    out, _, before, _ = _record(tmp_path, "clean", "memray", steps=3)
     pdir = out / "procs" / os.listdir(out / "procs")[0]
+    (proc,) = before["sections"]["heap"]["processes"]  # untouched: the capture inside the bundle is read
+    assert proc["memray"]["file"] == str(pdir / "memray.bin") and proc["memray"]["total_allocations"] > 0
+    outside = tmp_path / "outside.bin"
+    os.replace(pdir / "memray.bin", outside)
     info = json.loads((pdir / "process.json").read_text())
-    info["probes"]["memray"]["file"] = "../../../../../../etc/passwd"
-    (pdir / "process.json").write_text(json.dumps(info))
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
-    assert "heap" not in a["sections"] or not any(p["memray"] for p in a["sections"]["heap"]["processes"])
+    for hostile in (os.path.relpath(outside, pdir), str(outside), "../../../../../../etc/passwd"):
+        info["probes"]["memray"]["file"] = hostile
+        (pdir / "process.json").write_text(json.dumps(info))
+        r = run_kvprof("analyze", str(out), "--json", "-")
+        assert r.returncode == 0, r.stderr
+        a = json.loads(r.stdout)
+        assert "heap" not in a["sections"], (hostile, a["sections"]["heap"])
+        assert str(outside) not in r.stdout and "/etc/passwd" not in r.stdout, hostile
 
 
 def test_bad_options_are_one_line(tmp_path):
     for opt in (["--tracemalloc-depth", "0"], ["--tracemalloc-interval", "-1"], ["--tracemalloc-every", "0"]):
         r = run_kvprof("record", "-o", str(tmp_path / "x.kvprof"), "-p", "tracemalloc", *opt, "--", sys.executable, "-c", "pass")
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-
-
-def _analyze(bundle):
-    r = run_kvprof("analyze", str(bundle), "--json", "-")
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)
 
 
 def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
@@ -237,7 +239,7 @@ def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
     script.write_text("import kvprof\nkeep = [str(i) * 3 for i in range(200_000)]\nfor i in range(5):\n    kvprof.mark('step', i)\n")
     out = tmp_path / "s.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc", "--tracemalloc-interval", "0", "--", sys.executable, str(script)).returncode == 0
-    heap = _analyze(out)["sections"]["heap"]
+    heap = analyze_json(out)["sections"]["heap"]
     (tm,) = [p["tracemalloc"] for p in heap["processes"] if p.get("tracemalloc")]
     live = max(v for _, v in tm["series"])
     assert live <= tm["peak_bytes"] <= 1.05 * live, (tm["peak_bytes"], live)
@@ -248,7 +250,7 @@ def test_marker_values_beyond_int64_keep_the_heap_stream(tmp_path):
     script.write_text("import kvprof\nkeep = []\nfor i in range(6):\n    keep.append(bytearray(10_000))\n    kvprof.mark('step', 2**70 + i)\n")
     out = tmp_path / "b.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc,gc", "--", sys.executable, str(script)).returncode == 0
-    doc = _analyze(out)
+    doc = analyze_json(out)
     (tm,) = [p["tracemalloc"] for p in doc["sections"]["heap"]["processes"] if p.get("tracemalloc")]
     assert tm["snapshots"] >= 7 and doc["sections"]["markers"]["step"]["count"] == 6
 
@@ -259,7 +261,7 @@ def test_gc_advice_sees_a_freeze_made_by_the_program(tmp_path):
                       "while time.time() - t < 1.0:\n    gc.collect()\n")
     out = tmp_path / "f.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script)).returncode == 0
-    gcs = _analyze(out)["sections"]["gc"]
+    gcs = analyze_json(out)["sections"]["gc"]
     (p,) = gcs["processes"]
     assert p["frozen"] >= 300_000
     assert not any("gc.freeze()" in a["advice"] for a in gcs["advice"]), gcs["advice"]
@@ -273,7 +275,7 @@ def test_a_grandchilds_memray_capture_is_its_own(tmp_path):
                       "os.waitpid(pid, 0)\n")
     out = tmp_path / "g.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
-    heap = _analyze(out)["sections"]["heap"]
+    heap = analyze_json(out)["sections"]["heap"]
     procs = heap["processes"]
     assert len(procs) == 3, heap["notes"]
     grand = max(procs, key=lambda p: p["pid"])
@@ -315,7 +317,7 @@ def test_children_that_keep_allocating_leave_the_parents_capture_whole(tmp_path)
     script.write_text(LONG_FORKS)
     out = tmp_path / "long.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
-    heap = _analyze(out)["sections"]["heap"]
+    heap = analyze_json(out)["sections"]["heap"]
     assert len(heap["processes"]) == 4 and heap["notes"] == [], heap["notes"]
     for p in heap["processes"]:
         assert p["memray"]["reader_errors"] == 0 and p["memray"]["total_allocated_bytes"] > 10 * 20000, p
@@ -349,7 +351,7 @@ def test_native_leak_grows_across_markers_in_memrays_capture(tmp_path):
     assert top["live_bytes"] == 40 * 8192 and top["live_blocks"] == 40 and top["window"]["marker"] == "step"
     assert any(f["function"] == "leak_step" or f["function"] == "main" for f in top["stack"])  # the Python frames behind it
     assert len(sec["leak_suspects"]) == 1  # the malloc-and-free of the same library is not one
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.leak_suspects"] == 1 and m["heap.leak_suspect_bytes_per_step"] == 8192
     assert "possible leak" in text and "kvprof_native_leak" in text
     assert any(f["source"] == "memray" and "kvprof_native_leak" in f["title"] for f in a["findings"])
@@ -361,7 +363,7 @@ def test_clean_native_loop_has_no_memray_suspects(tmp_path):
     sec = a["sections"]["heap"]
     assert sec["processes"][0]["memray"]["growth"]["steady_snapshots"] == 32
     assert sec["leak_suspects"] == []
-    m = _values(a)
+    m = metric_values(a)
     assert m["heap.leak_suspects"] == 0 and m["heap.leak_suspect_bytes_per_step"] == 0
 
 
@@ -385,4 +387,4 @@ def test_memray_growth_needs_markers(tmp_path):
     a = json.loads(truth.read_text())
     mr = a["sections"]["heap"]["processes"][0]["memray"]
     assert mr["growth"] is None and "no kvprof.mark" in mr["growth_note"]
-    assert _values(a)["heap.leak_suspects"] is None
+    assert metric_values(a)["heap.leak_suspects"] is None

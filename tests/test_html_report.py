@@ -1,6 +1,5 @@
-"""kvprof report (HTML) and kvprof export (Perfetto): the report opens in headless Chromium
-with no console errors and every chart painted, trace strings are escaped, the Perfetto
-JSON follows the trace-event format."""
+"""kvprof report (HTML): the report opens in headless Chromium with no console errors and
+every chart painted, trace strings are escaped (the Perfetto export: tests/test_perfetto.py)."""
 
 import html
 import json
@@ -11,6 +10,7 @@ import sys
 import pytest
 
 from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.test_perfetto import _validate_trace_events
 
 FIXTURES = os.path.join(ROOT, "fixtures")
 ARTIFACTS = os.environ.get("KVPROF_TEST_ARTIFACTS", os.path.join(ROOT, "test-artifacts"))
@@ -54,6 +54,7 @@ def _assert_clean(res, expect_charts):
         assert c["canvases"] >= 1 and c["area"] > 50_000 and c["inked"] > 2_000 and c["data_pixels"] > 50, c
 
 
+@pytest.mark.slow
 def test_demo_report_renders_in_chromium(tmp_path):
     browser = _browser()
     out = tmp_path / "demo.html"
@@ -68,6 +69,7 @@ def test_demo_report_renders_in_chromium(tmp_path):
     assert res["title"] == "kvprof report: demo.kvprof"
 
 
+@pytest.mark.slow
 def test_heap_gc_and_torch_reports_render(tmp_path):
     browser = _browser()
     bundle = tmp_path / "h.kvprof"
@@ -84,6 +86,7 @@ def test_heap_gc_and_torch_reports_render(tmp_path):
     _assert_clean(_open(browser, out, "report-torch"), ["torch-timeline", "torch-segments"])
 
 
+@pytest.mark.slow
 def test_hostile_names_are_escaped(tmp_path):
     bundle = tmp_path / "x.kvprof"
     r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,tracemalloc", "--", sys.executable,
@@ -104,65 +107,10 @@ def test_hostile_names_are_escaped(tmp_path):
     assert res["dialogs"] == [] and res["errors"] == [], res
 
 
-def _validate_trace_events(doc):
-    """The Chrome trace-event format (the JSON Object form), as Perfetto's importer reads it."""
-    assert isinstance(doc, dict) and isinstance(doc["traceEvents"], list) and doc.get("displayTimeUnit") in ("ms", "ns")
-    for e in doc["traceEvents"]:
-        assert isinstance(e["name"], str) and e["name"], e
-        assert e["ph"] in ("M", "C", "i", "X"), e
-        assert isinstance(e["pid"], int) and isinstance(e.get("tid", 0), int), e
-        if e["ph"] == "M":
-            assert e["name"] == "process_name" and isinstance(e["args"]["name"], str)
-            continue
-        assert isinstance(e["ts"], (int, float)) and e["ts"] >= 0, e
-        if e["ph"] == "C":
-            assert e["args"] and all(isinstance(v, (int, float)) for v in e["args"].values()), e
-        elif e["ph"] == "i":
-            assert e["s"] in ("g", "p", "t"), e
-        elif e["ph"] == "X":
-            assert isinstance(e["dur"], (int, float)) and e["dur"] >= 0, e
-
-
-def test_perfetto_export(tmp_path):
-    out = tmp_path / "demo.json"
-    r = run_kvprof("export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "perfetto", "-o", str(out))
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(out.read_text())
-    _validate_trace_events(doc)
-    ev = doc["traceEvents"]
-    counters = [e for e in ev if e["ph"] == "C" and e["name"].startswith("KV blocks demo")]
-    a = json.loads(run_kvprof("analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-").stdout)
-    agg = a["sections"]["blocks"]["aggregate"]
-    # the counter track keeps the watermark and the pool's size
-    assert max(e["args"]["in use"] for e in counters) == agg["peak_blocks"]
-    assert all(e["args"]["in use"] + e["args"]["free-cached"] + e["args"]["free"] == agg["capacity"] for e in counters)
-    assert sum(1 for e in ev if e["name"].startswith("preempt")) == agg["preemptions"]
-    assert {e["name"] for e in ev if e["ph"] == "i" and e.get("s") == "t"} == {"steady_state", "drained"}
-
-
-def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
-    bundle = tmp_path / "g.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "gc,tracemalloc", "--", sys.executable,
-                   os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "100", timeout=300)
-    assert r.returncode == 0, r.stderr
-    r = run_kvprof("export", str(bundle), "-o", "-")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
-    _validate_trace_events(doc)
-    a = json.loads(run_kvprof("analyze", str(bundle), "--json", "-").stdout)
-    assert sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("gc gen")) == a["sections"]["gc"]["collections"]
-    assert any(e["name"] == "heap live bytes (tracemalloc)" for e in doc["traceEvents"])
-    r = run_kvprof("export", os.path.join(FIXTURES, "torch-snapshots", "assignment2-systems.pickle"), "-o", "-")
-    doc = json.loads(r.stdout)
-    _validate_trace_events(doc)
-    assert sum(1 for e in doc["traceEvents"] if e["name"] == "torch memory") > 1000
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["report", "nope.kvprof", "-o", "x.html"], "no such file or bundle"),
     (["report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "/nonexistent-dir/x.html"], "cannot write"),
-    (["export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "speedscope", "-o", "x.json"], "--format must be perfetto"),
-    (["export", "nope.kvprof", "-o", "x.json"], "no such file or bundle"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = run_kvprof(*args, cwd=str(tmp_path))
@@ -211,6 +159,7 @@ def test_block_map_groups_large_pools_by_their_busiest_state():
     assert g["grid"].shape[1] <= 8 and g["grid"][1][-1] == EMPTY and (g["grid"][0] == EMPTY).all()
 
 
+@pytest.mark.slow
 def test_a_pool_whose_every_allocation_was_refused(tmp_path):
     """No block ever moved, one refusal: analyze counts it, the report renders, the export keeps it."""
     script = tmp_path / "refused.py"
@@ -226,11 +175,14 @@ def test_a_pool_whose_every_allocation_was_refused(tmp_path):
     assert m["blocks.allocation_failures"]["value"] == 1 and m["blocks.fragmentation_that_hurts"]["value"] == 0
     r = run_kvprof("report", str(out), "-o", str(tmp_path / "r.html"))
     assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+    text = (tmp_path / "r.html").read_text()
+    assert "<tr><td><code>blocks.allocation_failures</code></td><td class=num>1</td>" in text
     doc = json.loads(run_kvprof("export", str(out), "-o", "-").stdout)
     _validate_trace_events(doc)
     assert [e["name"] for e in doc["traceEvents"] if e["ph"] == "i"] == ["allocation refused big"]
 
 
+@pytest.mark.slow
 def test_charts_share_one_time_origin(tmp_path):
     """A pool idle for a second before its traffic: markers, the usage timeline, the block map
     and the hit rate are all measured from the pool's first event."""
@@ -263,6 +215,7 @@ def test_charts_share_one_time_origin(tmp_path):
     assert bm["span_s"] == pytest.approx(marks["done"], abs=0.05) and marks["serving_start"] >= 0.45
 
 
+@pytest.mark.slow
 def test_a_window_is_shaded_and_said(tmp_path):
     out = tmp_path / "w.html"
     r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "--window", ":steady_state", "-o", str(out))
@@ -272,41 +225,7 @@ def test_a_window_is_shaded_and_said(tmp_path):
     assert "preemptions (50; 6 in the window)" in text
 
 
-def test_perfetto_puts_each_clock_at_its_own_origin(tmp_path):
-    """The demo's pool runs on a simulated clock, the gc probe on the monotonic one: both
-    start near 0 in the export instead of hours apart."""
-    bundle = tmp_path / "d.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,gc", "-m", "kvprof.demo", "--", "--requests", "200")
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(run_kvprof("export", str(bundle), "-o", "-").stdout)
-    _validate_trace_events(doc)
-    ev = doc["traceEvents"]
-    kv = [e["ts"] for e in ev if e["ph"] == "C" and e["name"].startswith("KV blocks demo") and e["name"].endswith("(simulated clock)")]
-    gc = [e["ts"] for e in ev if e["ph"] == "X"]
-    assert kv and gc and min(kv) < 1e6 and min(gc) < 60e6 and max(gc) < 600e6
-    marks = {e["name"]: e["ts"] for e in ev if e["ph"] == "i" and e.get("s") == "t"}
-    assert marks["drained"] == pytest.approx(max(kv), abs=1e5)  # the pool's own markers are on its clock
-
-
-def test_perfetto_keeps_every_snapshot_oom(tmp_path):
-    import pickle
-
-    seg = {"device": 0, "address": 1 << 40, "total_size": 2 << 20, "stream": 0, "segment_type": "large", "allocated_size": 1 << 20,
-           "active_size": 1 << 20, "blocks": [{"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20},
-                                              {"size": 1 << 20, "state": "inactive"}]}
-    oom = {"action": "oom", "addr": 0, "size": 8 << 20, "stream": 0, "device_free": 0, "frames": []}
-    cases = {"only": [dict(oom, time_us=1000)],
-             "at0": [{"action": "alloc", "addr": 1 << 40, "size": 1 << 20, "stream": 0, "time_us": 0, "frames": []}, dict(oom, time_us=0),
-                     {"action": "alloc", "addr": (1 << 40) + (1 << 20), "size": 1 << 19, "stream": 0, "time_us": 500, "frames": []}]}
-    for name, trace in cases.items():
-        path = tmp_path / f"{name}.pickle"
-        path.write_bytes(pickle.dumps({"segments": [seg], "device_traces": [trace]}, protocol=4))
-        doc = json.loads(run_kvprof("export", str(path), "-o", "-").stdout)
-        _validate_trace_events(doc)
-        (o,) = [e for e in doc["traceEvents"] if e["name"] == "OOM"]
-        assert o["ts"] == 0.0 and o["args"]["requested"] == 8 << 20, (name, o)
-
-
+@pytest.mark.slow
 def test_report_to_stdout_and_output_errors(tmp_path):
     r = run_kvprof("report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-", cwd=str(tmp_path))
     assert r.returncode == 0 and r.stdout.startswith("<!DOCTYPE html>") and not os.path.exists(tmp_path / "-")
@@ -319,6 +238,7 @@ def test_report_to_stdout_and_output_errors(tmp_path):
             assert p.returncode == 2 and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device", p.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_manifest_is_one_line(tmp_path):
     import shutil
 

@@ -10,7 +10,7 @@ import zipfile
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, vllm_python
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,6 @@ def test_the_sdist_carries_what_its_tests_need(dist):
         assert not sorted(set(tracked) - names)
 
 
-def _vllm_python():
-    for cand in (os.environ.get("KVPROF_VLLM_PYTHON"), os.path.join(ROOT, ".venv-vllm", "bin", "python")):
-        if cand and os.path.exists(cand):
-            return cand
-    pytest.skip("no vLLM environment: run `make vllm-env` or set KVPROF_VLLM_PYTHON")
-
 
 def _pip_check(python) -> set:
     r = subprocess.run([python, "-m", "pip", "check"], capture_output=True, text=True, timeout=300)
@@ -83,7 +77,7 @@ def test_the_wheel_installs_beside_vllm_with_pip_check_clean(dist, tmp_path):
     nothing new to say (the environment's own complaints, from `make vllm-env` removing
     torchvision, torchaudio and torchcodec, stay what they were)."""
     wheel, _ = dist
-    vpy = _vllm_python()
+    vpy = vllm_python()
     info = subprocess.run([vpy, "-c", "import sys, sysconfig; print(sys._base_executable); print(sysconfig.get_paths()['purelib'])"],
                           capture_output=True, text=True, check=True).stdout.split("\n")
     base, site = info[0], info[1]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT, run_kvprof
+from tests.conftest import ROOT, analyzed_metrics, run_kvprof
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -27,22 +27,17 @@ def _export(bundle, out) -> None:
     assert r.stdout.startswith(f"kvprof: wrote {len(parquet.TABLES)} tables to {out}")
 
 
-def _analysis(bundle) -> dict:
-    r = run_kvprof("analyze", str(bundle), "--json", "-")
-    assert r.returncode == 0, r.stderr
-    return {k: v["value"] for k, v in json.loads(r.stdout)["metrics"].items()}
-
-
 def _doc_queries() -> list[str]:
     return re.findall(r"```sql\n(.*?)```", open(os.path.join(ROOT, "docs", "parquet.md"), encoding="utf-8").read(), re.S)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["demo.kvprof", "demo-leak.kvprof", "crash-sigkill.kvprof"])
 def test_sql_over_the_tables_gives_analyze_s_peak_blocks_and_hit_tokens(tmp_path, name):
     bundle = os.path.join(FIXTURES, name)
     out = tmp_path / "pq"
     _export(bundle, out)
-    want = _analysis(bundle)
+    want = analyzed_metrics(bundle)
     peak_sql, hits_sql = (q.replace("run-parquet/", f"{out}/") for q in _doc_queries()[:2])  # the queries docs/parquet.md shows
     (peak,), = duckdb.sql(peak_sql).fetchall()
     (hits,), = duckdb.sql(hits_sql).fetchall()
@@ -74,6 +69,7 @@ def test_every_table_is_written_with_its_declared_columns_and_types(tmp_path):
     assert "demo" in con.execute(f"SELECT argv FROM '{out}/processes.parquet'").fetchone()[0]
 
 
+@pytest.mark.slow
 def test_heap_gc_and_markers_of_a_recording(tmp_path):
     bundle = tmp_path / "h.kvprof"
     r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,gc,tracemalloc", "--tracemalloc-interval", "0", "--",
@@ -135,6 +131,7 @@ def test_block_events_are_written_a_row_group_at_a_time(tmp_path, monkeypatch):
     assert max(seen) < 1000 + 90_000  # one chunk past the threshold at most (a chunk: a staging segment, <= 87,000 events)
 
 
+@pytest.mark.slow
 def test_export_needs_pyarrow_and_a_directory(tmp_path):
     code = "import sys; sys.modules['pyarrow'] = None; from kvprof.commands import main; sys.exit(main(sys.argv[1:]))"
     r = subprocess.run([sys.executable, "-c", code, "export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "parquet", "-o", str(tmp_path / "x")],

@@ -11,9 +11,10 @@ import time
 import pytest
 
 from kvprof.record import find_pyspy
-from tests.conftest import WORKLOADS, run_kvprof
+from tests.conftest import WORKLOADS, analyze_json, run_kvprof
 
-pytestmark = pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)")
+pytestmark = [pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)"),
+              pytest.mark.slow]  # records py-spy sampling real workloads (make test-quick leaves it out)
 
 
 def _manifest(bundle):
@@ -50,7 +51,7 @@ def test_without_a_working_py_spy_the_target_still_runs(tmp_path):
         assert r.returncode == 5, r.stderr
         assert r.stderr.count("py-spy probe off") == 1, r.stderr
         assert _manifest(out)["probe_status"]["pyspy"]["status"] == status
-        a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+        a = analyze_json(str(out))
         assert "cpu" not in a["sections"]
 
 
@@ -60,7 +61,7 @@ def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
                    os.path.join(WORKLOADS, "nanovllm_sched.py"), str(tmp_path / "t.json"), "--requests", "1500", "--blocks", "60",
                    "--no-snapshots", "--min-seconds", "1.5", timeout=300)
     assert r.returncode == 0, r.stderr
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    a = analyze_json(str(out))
     cpu = a["sections"]["cpu"]
     (main,) = [p for p in cpu["processes"] if p["role"] == "main"]
     assert main["samples"] >= 100
@@ -83,7 +84,7 @@ def test_native_gc_share_agrees_with_the_gc_probe(tmp_path):
     assert r.returncode == 0, r.stderr
     if _manifest(out)["probe_status"]["pyspy"]["status"] != "sampled":
         pytest.skip("py-spy cannot read native stacks here")
-    a = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)
+    a = analyze_json(str(out))
     (cpu,) = [p for p in a["sections"]["cpu"]["processes"] if p["role"] == "main"]
     (gc,) = [p for p in a["sections"]["gc"]["processes"] if p["role"] == "main"]
     assert cpu["samples"] >= 100 and gc["time_share"] > 0.2

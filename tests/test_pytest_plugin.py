@@ -19,6 +19,8 @@ import kvprof.trace.writer  # noqa: F401
 import numpy  # noqa: F401
 from tests.conftest import run_kvprof
 
+pytestmark = pytest.mark.slow  # runs pytest sessions that record (make test-quick leaves it out)
+
 SUITE = '''
 import pytest
 import kvprof.blocks

@@ -187,6 +187,7 @@ def test_record_says_host_clock_and_rays_hook(tmp_path):
     assert b.processes[0].clock_shift == 0
 
 
+@pytest.mark.slow
 def test_record_ray_output_makes_a_part_and_says_how_to_combine(tmp_path):
     out, parts = tmp_path / "r.kvprof", tmp_path / "shared" / "ray-parts"
     code = "import os; assert os.environ['KVPROF_RAY_OUTPUT'] == os.environ['RAY_OUT']"
@@ -201,6 +202,7 @@ def test_record_ray_output_makes_a_part_and_says_how_to_combine(tmp_path):
     assert r.returncode == 2 and "apart from the bundle" in r.stderr
 
 
+@pytest.mark.slow
 def test_hostile_host_and_clock_fields_are_read_as_no_alignment(tmp_path):
     """A bundle is untrusted input: host and clock fields of the wrong types or impossible
     values leave the times as recorded, never a traceback."""

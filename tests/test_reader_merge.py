@@ -7,6 +7,7 @@ import os
 import sys
 
 import numpy as np
+import pytest
 
 from kvprof.analysis import blocks as new
 from kvprof.trace.chunks import BlockChunk
@@ -16,6 +17,7 @@ from tests.analysis.test_blocks_streaming import differences
 from tests.conftest import WORKLOADS, run_kvprof
 
 
+@pytest.mark.slow
 def test_processes_and_threads_merge_in_time_order(tmp_path):
     out = tmp_path / "m.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "two_pools.py"), timeout=300)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,7 +11,9 @@ import time
 import pytest
 
 from kvprof.trace.reader import Bundle
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import ROOT, WORKLOADS, analyze_json, run_kvprof
+
+pytestmark = pytest.mark.slow  # records real workloads: children, signals, terminals (make test-quick leaves it out)
 
 
 def test_records_every_kind_of_child_and_keeps_exit_code(tmp_path):
@@ -128,7 +131,9 @@ def test_default_output_name(tmp_path):
     r = run_kvprof("record", "-q", "--", sys.executable, os.path.join(WORKLOADS, "children.py"), cwd=str(tmp_path))
     assert r.returncode == 0, r.stderr
     made = [p for p in os.listdir(tmp_path) if p.endswith(".kvprof")]
-    assert len(made) == 1 and made[0].startswith("children-")
+    # the script's name and the start time: children-YYYYMMDD-HHMMSS.kvprof, a bundle of that run
+    assert len(made) == 1 and re.fullmatch(r"children-20\d{6}-\d{6}\.kvprof", made[0]), made
+    assert Bundle(str(tmp_path / made[0])).manifest["target"]["exit_code"] == 0
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self/task"), reason="needs Linux's /proc")
@@ -241,7 +246,7 @@ def test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short(tmp_
     assert proc.stdout.read().strip() == "graceful shutdown done"
     (p,) = json.loads((out / "manifest.json").read_text())["processes"]
     assert p["exited_cleanly"]
-    assert json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]["ready"]["count"] == 1
+    assert analyze_json(str(out))["sections"]["markers"]["ready"]["count"] == 1
 
 
 def test_a_marker_value_out_of_range_loses_nothing_else(tmp_path):
@@ -249,7 +254,7 @@ def test_a_marker_value_out_of_range_loses_nothing_else(tmp_path):
     script.write_text("import kvprof\nkvprof.mark('huge', 2**63)\nfor i in range(20):\n    kvprof.mark('m', i)\nkvprof.mark('neg', -2**70)\n")
     out = tmp_path / "b.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), str(script)).returncode == 0
-    marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
+    marks = analyze_json(str(out))["sections"]["markers"]
     assert {k: v["count"] for k, v in marks.items()} == {"huge": 1, "m": 20, "neg": 1}
     (d,) = (out / "procs").iterdir()
     assert json.loads((d / "process.json").read_text())["errors"] == ["marker values outside 64-bit integers were clamped"]
@@ -352,7 +357,7 @@ def test_a_program_that_closes_every_descriptor_keeps_its_files_and_ours(tmp_pat
     r = run_kvprof("record", "-q", "-o", str(out), str(script))
     assert r.returncode == 0 and r.stdout == "hello\n", (r.stdout, r.stderr)
     assert all((tmp_path / f"user{i}.txt").stat().st_size == 0 for i in range(6))
-    marks = json.loads(run_kvprof("analyze", str(out), "--json", "-").stdout)["sections"]["markers"]
+    marks = analyze_json(str(out))["sections"]["markers"]
     assert {k: v["count"] for k, v in marks.items()} == {"a": 1, "b": 1, "c": 1}
 
 

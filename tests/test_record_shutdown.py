@@ -14,6 +14,8 @@ import pytest
 from kvprof.record import _ended_in_order, module_argv
 from tests.conftest import ROOT
 
+pytestmark = pytest.mark.slow  # records servers shut down under a terminal (make test-quick leaves it out)
+
 
 def _record_on_a_terminal(tmp_path, *args, ctrl_c=True):
     """kvprof record -- python -m tests.workloads.server_shutdown ARGS, on a pseudo-terminal

@@ -47,6 +47,7 @@ def _complete(shell: str, line: str, cwd=ROOT, raw=False) -> list[str]:
     return [line.split("\t", 1)[0] for line in r.stdout.splitlines()]  # fish: value<TAB>help
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("shell", ["bash", "zsh", "fish"])
 def test_completion_of_subcommands_options_probes_and_bundles(shell):
     assert _complete(shell, "kvprof ana") == ["analyze"]
@@ -82,6 +83,7 @@ def test_bash_completes_through_the_script_it_installs():
     assert r.stdout.split() == ["gc"], r.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completes_through_the_script_it_installs(tmp_path):
     script = subprocess.run([sys.executable, "-m", "kvprof", "--show-completion", "fish"], capture_output=True, text=True,
@@ -111,8 +113,9 @@ def test_install_completion_writes_the_shell_s_startup_file(tmp_path, shell, rc)
     assert (tmp_path / rc).exists()
 
 
-def _on_pty(argv, env, cols=0, rows=0) -> str:
-    """Run with stdout on a pseudo-terminal of the given size; what it printed."""
+def _on_pty(argv, env, cols=0, rows=0, expect_rc=0) -> str:
+    """Run with stdout on a pseudo-terminal of the given size; what it printed (its exit
+    status must be expect_rc: compare exits 1 on a regression)."""
     import pty
 
     master, slave = pty.openpty()
@@ -130,7 +133,7 @@ def _on_pty(argv, env, cols=0, rows=0) -> str:
         out += data
     os.close(master)
     err = p.stderr.read().decode()
-    assert p.wait(timeout=120) == 0, err
+    assert p.wait(timeout=120) == expect_rc, err
     return out.decode().replace("\r\n", "\n")
 
 
@@ -141,35 +144,14 @@ def test_a_terminal_of_0x0_columns_gets_the_report_at_80():
     assert max(len(line) for line in lines) <= 80 and max(len(line) for line in lines) > 70
 
 
+@pytest.mark.slow
 def test_no_color_removes_every_style():
     styled = _on_pty([sys.executable, "-m", "kvprof", "analyze", DEMO], _env(TERM="xterm-256color"), cols=100, rows=40)
     assert "\x1b[1m" in styled  # bold, on a terminal, without NO_COLOR
     for argv in (["analyze", DEMO], ["compare", DEMO, os.path.join(ROOT, "fixtures", "demo-leak.kvprof")], ["--help"], ["analyze", "--help"]):
-        plain = _on_pty([sys.executable, "-m", "kvprof", *argv], _env(TERM="xterm-256color", NO_COLOR="1"), cols=100, rows=40) \
-            if argv[0] != "compare" else _on_pty_rc([sys.executable, "-m", "kvprof", *argv], _env(TERM="xterm-256color", NO_COLOR="1"))
+        plain = _on_pty([sys.executable, "-m", "kvprof", *argv], _env(TERM="xterm-256color", NO_COLOR="1"), cols=100, rows=40,
+                        expect_rc=1 if argv[0] == "compare" else 0)
         assert plain.strip() and "\x1b[" not in plain, (argv, plain[:300])
-
-
-def _on_pty_rc(argv, env) -> str:
-    """compare exits 1 on a regression: the same pty capture, without the exit-code check."""
-    import pty
-
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
-    p = subprocess.Popen(argv, stdout=slave, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, env=env, cwd=ROOT)
-    os.close(slave)
-    out = b""
-    while True:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        out += data
-    os.close(master)
-    p.wait(timeout=120)
-    return out.decode()
 
 
 def test_wrapped_findings_keep_their_indent():

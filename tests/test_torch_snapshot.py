@@ -177,6 +177,7 @@ def _reduce_pickle(marker, protocol):
     return pickle.dumps({"segments": [], "x": Evil()}, protocol=protocol)
 
 
+@pytest.mark.slow
 def test_hostile_pickles_are_refused_and_nothing_runs(tmp_path):
     marker = tmp_path / "pwned"
     cases = {f"reduce-p{p}": _reduce_pickle(marker, p) for p in (2, 3, 4, 5)}  # GLOBAL / STACK_GLOBAL + REDUCE
@@ -195,6 +196,7 @@ def test_hostile_pickles_are_refused_and_nothing_runs(tmp_path):
     assert "refused" in run_kvprof("analyze", str(tmp_path / "reduce-p4.pickle")).stderr
 
 
+@pytest.mark.slow
 def test_broken_snapshots_give_one_line(tmp_path):
     good = open(os.path.join(SNAPS, "docubox.pickle"), "rb").read()
     cases = {
@@ -261,6 +263,7 @@ def test_structure_bombs_are_refused_in_one_line(tmp_path):
         _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), message, "refused" if name != "huge.pickle" else "plausible")
 
 
+@pytest.mark.slow
 def test_noop_build_before_a_deep_key_is_refused_by_every_command(tmp_path):
     """Red team: a BUILD opcode that changes nothing (state None) ahead of a 200,000-deep tuple
     key stopped the old opcode scan and segfaulted analyze, compare and report."""
@@ -287,6 +290,7 @@ def _bundle_with_snapshot(tmp_path, data: bytes):
     return out
 
 
+@pytest.mark.slow
 def test_a_hostile_snapshot_inside_a_bundle_is_a_note(tmp_path):
     """A bundle's snapshots go through the same loader: the deep key is one note in the torch
     section, and the rest of the bundle is analyzed (exit 0), compared and reported."""
@@ -388,6 +392,7 @@ def test_a_huge_memo_index_is_refused_within_the_memory_limit(tmp_path):
     _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), "needs more memory than the reader allows")
 
 
+@pytest.mark.slow
 def test_a_slow_pickle_is_stopped_at_the_cpu_limit(monkeypatch):
     """Integers that all hash alike make each dict insertion walk every earlier key: building
     a dict of them is quadratic.  The reader's CPU limit (1 s here) stops it."""
@@ -405,6 +410,7 @@ def test_a_slow_pickle_is_stopped_at_the_cpu_limit(monkeypatch):
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow
 def test_odd_settings_and_frames_are_kept_as_plain_data(tmp_path):
     """allocator_settings and frames pass through to JSON and reports: a settings dict that
     contains itself, bytes keys, or a frame whose name is not a string must not break them."""
@@ -481,6 +487,7 @@ def test_segment_map_of_blocks_without_addresses():
     assert seg["blocks"] == [[0, 1 << 20, "active_allocated"], [1 << 20, 2 << 20, "inactive"]] and seg["pool"] == "small"
 
 
+@pytest.mark.slow
 def test_files_mistaken_for_snapshots_are_named(tmp_path):
     zipped, empty = tmp_path / "model.pt", tmp_path / "empty.pickle"
     zipped.write_bytes(b"PK\x03\x04" + b"\0" * 100)

@@ -129,6 +129,7 @@ def snapshots(draw):
     return {"segments": segs, "device_traces": traces, "allocator_settings": {"expandable_segments": draw(st.booleans())}}
 
 
+@pytest.mark.slow
 @seed(20261201)
 @settings(max_examples=int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "60")), deadline=None, database=None, suppress_health_check=list(HealthCheck))
 @given(snapshots())

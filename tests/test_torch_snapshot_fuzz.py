@@ -18,6 +18,7 @@ import struct
 import tempfile
 import time
 
+import pytest
 from hypothesis import HealthCheck, given, seed, settings
 from hypothesis import strategies as st
 
@@ -26,6 +27,8 @@ from kvprof.analysis.torch_memory import analyze_snapshot
 from kvprof.errors import BundleError
 from kvprof.trace.torch_snapshot import loads
 from tests.conftest import ROOT
+
+pytestmark = pytest.mark.slow  # the fuzz suite: hundreds of generated and mutated snapshots (make test-quick leaves it out)
 
 EXAMPLES = int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "25"))
 SEED = int(os.environ.get("KVPROF_FUZZ_SEED", "20261201"))

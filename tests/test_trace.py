@@ -50,6 +50,7 @@ def _chunks(path):
     return out
 
 
+@pytest.mark.slow
 def test_chunks_open_with_struct_zlib_and_numpy(demo_bundle):
     proc = next((demo_bundle / "procs").iterdir())
     assert not [f for f in os.listdir(proc) if f.endswith(".kvs")]  # a clean exit compressed every segment
@@ -70,6 +71,7 @@ def test_chunks_open_with_struct_zlib_and_numpy(demo_bundle):
     np.testing.assert_array_equal(stream.kind, ev["kind"])
 
 
+@pytest.mark.slow
 def test_a_damaged_chunk_ends_the_log_and_says_so(demo_bundle, tmp_path):
     b = _copy(demo_bundle, tmp_path / "cut.kvprof")
     proc = next((b / "procs").iterdir())
@@ -96,6 +98,7 @@ def test_a_damaged_chunk_ends_the_log_and_says_so(demo_bundle, tmp_path):
         assert any(f["title"] == "Parts of the bundle could not be read" for f in out["findings"])
 
 
+@pytest.mark.slow
 def test_staging_left_by_a_dead_process_is_read_and_a_torn_entry_dropped(demo_bundle, tmp_path):
     b = _copy(demo_bundle, tmp_path / "torn.kvprof")
     proc = next((b / "procs").iterdir())
@@ -158,6 +161,7 @@ def test_truncated_version_1_streams_are_read_up_to_the_cut(tmp_path):
     assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.slow
 def test_interrupted_recorder_manifest_still_reads(demo_bundle, tmp_path):
     b = _copy(demo_bundle, tmp_path / "rec.kvprof")
     man = json.load(open(b / "manifest.json"))
@@ -194,6 +198,7 @@ def test_foreign_or_broken_bundles_raise_one_error_type(tmp_path, make, message)
     assert cli_message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_a_damaged_side_record_line_is_skipped_and_said(demo_bundle, tmp_path):
     b = _copy(demo_bundle, tmp_path / "bad.kvprof")
     proc = next((b / "procs").iterdir())

@@ -315,6 +315,7 @@ def test_cli_table_and_json(tmp_path):
     assert w["rows"][0]["recorded"] and not w["rows"][3]["recorded"]
 
 
+@pytest.mark.slow
 def test_cli_capacity_options(tmp_path):
     demo = os.path.join(FIXTURES, "demo.kvprof")
     r = run_kvprof("whatif", demo, "--block-size", "16", "--kv-memory", "1MiB", "--bytes-per-token", "1024", "--json", "-")
@@ -327,6 +328,7 @@ def test_cli_capacity_options(tmp_path):
     assert w["rows"] == [] and len(w["blocks_needed"]) == 5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, message", [
     (["--policy", "worst-fit"], "--policy: unknown worst-fit"),
     (["--block-size", "16,x"], "--block-size: not a list of numbers"),
@@ -353,6 +355,7 @@ def test_cli_bad_options_are_one_line(args, message):
     assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_bad_inputs(tmp_path):
     r = run_kvprof("whatif", str(tmp_path / "missing.kvprof"))
     assert r.returncode == 2 and "no such bundle" in r.stderr
@@ -364,6 +367,7 @@ def test_cli_bad_inputs(tmp_path):
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
+@pytest.mark.slow
 def test_prefix_cache_off_replays_without_hits_and_still_checks_the_recorded_run():
     r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16", "--prefix-cache", "off", "--json", "-")
     assert r.returncode == 0, r.stderr
@@ -397,6 +401,7 @@ def test_a_refusal_with_no_later_state_is_replayed_from_the_blocks_the_engine_wa
     assert w["fidelity"]["blocks.allocation_failures"] == {**w["fidelity"]["blocks.allocation_failures"], "analyze": 1, "replay": 1, "equal": True}
 
 
+@pytest.mark.slow
 def test_cli_bytes_per_token_and_plain_byte_sizes():
     """--bytes-per-token reaches the rows' peak and compaction bytes, not only the advice; a
     --kv-memory in plain bytes is a size."""

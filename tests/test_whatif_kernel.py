@@ -19,7 +19,7 @@ from kvprof.trace import chunks
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.reader import BlockStream, Bundle
 from tests import whatif_reference as R
-from tests.conftest import ROOT, run_kvprof
+from tests.conftest import ROOT, run_kvprof, vllm_python
 
 FIXTURES = os.path.join(ROOT, "fixtures")
 
@@ -260,11 +260,13 @@ def _streams(bundles):
         yield f"synthetic-{seed}-{engine}", synthetic(seed, engine), 0
 
 
+@pytest.mark.slow
 def test_the_schedule_equals_the_reference_extraction(bundles):
     for name, stream, pool in _streams(bundles):
         assert_same_schedule(W.extract(stream, pool), R.extract(stream, pool)), name
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("chunk_events", [1, 3, 64])
 def test_chunk_boundaries_do_not_matter(bundles, chunk_events):
     """Pending patches, decision slots and groups cross chunk boundaries: any cut gives the
@@ -313,6 +315,7 @@ def _configs(sched) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_the_compiled_replay_equals_the_reference(bundles):
     checked = 0
     for name, stream, pool in _streams(bundles):
@@ -324,6 +327,7 @@ def test_the_compiled_replay_equals_the_reference(bundles):
     assert checked > 300
 
 
+@pytest.mark.slow
 def test_threads_give_what_one_after_another_gives(bundles):
     from kvprof.analysis import whatif_kernel as KK
 
@@ -333,6 +337,7 @@ def test_threads_give_what_one_after_another_gives(bundles):
     assert [r.metrics for r in W.replay_many(s, configs, jobs=1)] == [r.metrics for r in W.replay_many(s, configs, jobs=3)]
 
 
+@pytest.mark.slow
 def test_each_kernel_function_is_compiled_once(bundles):
     """Literal arguments compile a version of their own per value (and int32 against int64
     another): the kernels cast every scalar they pass, so that each compiles once."""
@@ -359,6 +364,7 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     assert KK.cache_dir_fallback() is None
 
 
+@pytest.mark.slow
 def test_kernels_still_run_where_no_cache_can_be_written(tmp_path):
     """A cache directory that cannot be created (a path under a file): the kernels compile
     and run all the same (numba skips the cache; where it refuses ``cache=True`` outright,
@@ -373,6 +379,7 @@ def test_kernels_still_run_where_no_cache_can_be_written(tmp_path):
     assert r.returncode == 0 and r.stdout.split() == ["5", "True", "7"], r.stderr
 
 
+@pytest.mark.slow
 def test_a_compiled_kernel_is_cached(bundles):
     """After a replay, its kernel's cache index exists: later processes load, not compile
     (and kvprof says it compiles only when an index is missing)."""
@@ -383,23 +390,15 @@ def test_a_compiled_kernel_is_cached(bundles):
     assert not KK.cache_is_cold(KK.build_chunk, KK.replay)
 
 
-def test_kvprof_help_does_not_import_numba():
-    code = ("import sys\nfrom kvprof.commands import main\nsys.argv = ['kvprof', '--help']\n"
-            "try:\n    main()\nexcept SystemExit:\n    pass\nprint('numba' in sys.modules)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert r.stdout.strip().splitlines()[-1] == "False", r.stdout + r.stderr
-
-
 @pytest.mark.vllm
 def test_the_compiled_replay_equals_the_reference_on_a_real_vllm_run(tmp_path):
     """vLLM 0.32's own bundle (uncached blocks reused first, the null block reserved,
     preemptions and refusals): schedule and every configuration equal the reference.
     Slow: `make test-vllm`."""
     from tests.conftest import WORKLOADS
-    from tests.integration.test_vllm import _vllm_python
-
+    
     bundle = tmp_path / "v.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--", _vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
+    r = run_kvprof("record", "-q", "-o", str(bundle), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
                    timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     stream = Bundle(str(bundle)).block_stream()

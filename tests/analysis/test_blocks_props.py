@@ -109,6 +109,7 @@ def _check(events):
         assert 0.0 <= a.external_at_peak <= 1.0
 
 
+@pytest.mark.slow
 @settings(max_examples=300, deadline=None)
 @given(streams())
 def test_matches_reference_on_valid_streams(events):
@@ -117,6 +118,7 @@ def test_matches_reference_on_valid_streams(events):
     assert a.refcount_errors == 0
 
 
+@pytest.mark.slow
 @settings(max_examples=200, deadline=None)
 @given(streams(allow_errors=True))
 def test_matches_reference_with_refcount_errors(events):

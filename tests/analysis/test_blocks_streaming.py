@@ -135,6 +135,7 @@ def engine_streams(draw):
     return BlockStream.from_events(events, pools, [f"r{i}" for i in range(6)]), t
 
 
+@pytest.mark.slow
 @settings(max_examples=400, deadline=None)
 @given(engine_streams(), st.data())
 def test_streaming_equals_whole_stream(stream_t, data):

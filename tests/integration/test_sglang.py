@@ -13,21 +13,15 @@ import pytest
 
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.reader import Bundle
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import WORKLOADS, run_kvprof, sglang_python
 
 pytestmark = pytest.mark.sglang
 
 
-def _sglang_python():
-    for cand in (os.environ.get("KVPROF_SGLANG_PYTHON"), os.path.join(ROOT, ".venv-sglang", "bin", "python")):
-        if cand and os.path.exists(cand):
-            return cand
-    pytest.skip("no SGLang environment: run `make sglang-env` or set KVPROF_SGLANG_PYTHON")
-
 
 def record(tmp_path, *args):
     out, truth = tmp_path / "sg.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", _sglang_python(), "-W", "ignore", os.path.join(WORKLOADS, "sglang_sched.py"),
+    r = run_kvprof("record", "-q", "-o", str(out), "--", sglang_python(), "-W", "ignore", os.path.join(WORKLOADS, "sglang_sched.py"),
                    str(truth), *args, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a = run_kvprof("analyze", str(out), "--json", str(tmp_path / "a.json"), "--no-report")

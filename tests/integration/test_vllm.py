@@ -8,23 +8,17 @@ import os
 import pytest
 
 from kvprof.trace.reader import Bundle
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
+from tests.conftest import WORKLOADS, run_kvprof, vllm_python
 
 pytestmark = pytest.mark.vllm
 
-
-def _vllm_python():
-    for cand in (os.environ.get("KVPROF_VLLM_PYTHON"), os.path.join(ROOT, ".venv-vllm", "bin", "python"), "/root/.venvs/vllm/bin/python"):
-        if cand and os.path.exists(cand):
-            return cand
-    pytest.skip("no vLLM environment: run `make vllm-env` or set KVPROF_VLLM_PYTHON")
 
 
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm")
     bundle, truth = d / "v.kvprof", d / "truth.json"
-    r = run_kvprof("record", "-o", str(bundle), "--", _vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(truth), timeout=600)
+    r = run_kvprof("record", "-o", str(bundle), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(truth), timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     a = run_kvprof("analyze", str(bundle), "--json", str(d / "a.json"), "--no-report")
     assert a.returncode == 0, a.stderr

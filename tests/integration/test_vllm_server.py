@@ -14,16 +14,10 @@ import urllib.request
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import vllm_python
 
 pytestmark = pytest.mark.vllm
 
-
-def _vllm_python():
-    for cand in (os.environ.get("KVPROF_VLLM_PYTHON"), os.path.join(ROOT, ".venv-vllm", "bin", "python")):
-        if cand and os.path.exists(cand):
-            return cand
-    pytest.skip("no vLLM environment: run `make vllm-env` or set KVPROF_VLLM_PYTHON")
 
 
 def _free_port() -> int:
@@ -33,7 +27,7 @@ def _free_port() -> int:
 
 
 def test_ctrl_c_of_the_openai_server(tmp_path):
-    vpy = _vllm_python()
+    vpy = vllm_python()
     model = tmp_path / "tiny"
     code = ("from transformers import LlamaConfig; LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, "
             "num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, "

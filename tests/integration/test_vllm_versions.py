@@ -13,8 +13,7 @@ import pytest
 
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.reader import Bundle
-from tests.conftest import ROOT, WORKLOADS, run_kvprof
-from tests.integration.test_vllm import _vllm_python
+from tests.conftest import ROOT, WORKLOADS, run_kvprof, vllm_python
 
 pytestmark = pytest.mark.vllm
 
@@ -74,7 +73,7 @@ def _newest():
 def test_v1_core_attaches_and_replays_to_vllms_state(tmp_path, release):
     env = {"PYTHONPATH": _newest()} if release == "0.33" else {}
     out, truth_path = tmp_path / "v.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", _vllm_python(), os.path.join(WORKLOADS, "vllm_sched.py"), str(truth_path),
+    r = run_kvprof("record", "-q", "-o", str(out), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_sched.py"), str(truth_path),
                    env=env, timeout=900)
     assert r.returncode == 0, r.stderr[-3000:]
     truth = json.loads(truth_path.read_text())

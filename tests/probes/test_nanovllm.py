@@ -57,6 +57,7 @@ def replay_check(stream, truth):
     assert sorted(b for b, r in ref.items() if r > 0) == truth["final_used"] == []
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", APIS)
 def test_stream_replays_to_the_engine_state(tmp_path, api):
     out, truth_path = tmp_path / "nv.kvprof", tmp_path / "truth.json"
@@ -90,6 +91,7 @@ def test_stream_replays_to_the_engine_state(tmp_path, api):
     assert (kinds == K.REQ_STATE).sum() > 0 and np.all(s.arg[kinds == K.REQ_STATE] > 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("api", APIS)
 def test_readmission_lookups_are_counted_apart(tmp_path, api):
     """40 blocks of 256 tokens, 80 requests: preempted sequences come back and find part of
