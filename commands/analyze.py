@@ -20,10 +20,13 @@ def run(
     from kvprof.commands._checks import require
     from kvprof.errors import EXIT_OK, EXIT_REGRESSED
     from kvprof.inputs import check_input
+    from kvprof.trace.atomic import check_output
     from kvprof.report import json_report, terminal
 
     check_input(bundle)
     require(html_out != "-", "--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
+    for path in (json_out, html_out):
+        check_output(path)
     from kvprof.report.progress import PassProgress
 
     with PassProgress("analyzing") as progress:

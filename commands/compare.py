@@ -8,8 +8,8 @@ def run(
     base: list[str] = typer.Option(None, "--base", metavar="RUN", help="A BASE run; repeat for repeated runs (medians are compared)."),
     new: list[str] = typer.Option(None, "--new", metavar="RUN", help="A NEW run; repeat for repeated runs."),
     budget: str = typer.Option(None, "--budget", metavar="FILE", help="Budget TOML with a [budgets] table (default: [tool.kvprof.budgets] of the nearest pyproject.toml)."),
-    markdown: str = typer.Option(None, "--markdown", metavar="FILE", help="Write a Markdown table here (also appended to $GITHUB_STEP_SUMMARY when set)."),
-    junit: str = typer.Option(None, "--junit", metavar="FILE", help="Write JUnit XML here: one test case per checked metric."),
+    markdown: str = typer.Option(None, "--markdown", metavar="FILE", help="Write a Markdown table here ('-' for stdout; also appended to $GITHUB_STEP_SUMMARY when set)."),
+    junit: str = typer.Option(None, "--junit", metavar="FILE", help="Write JUnit XML here ('-' for stdout): one test case per checked metric."),
     json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the comparison (schema kvprof.compare/1) here ('-' for stdout)."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the verdict line on the terminal."),
     show_all: bool = typer.Option(False, "--all", help="List unchanged metrics too."),
@@ -22,6 +22,7 @@ def run(
     """
     from kvprof import budgets as budgets_mod
     from kvprof.commands._checks import require
+    from kvprof.trace.atomic import check_output
     from kvprof.compare import compare, load_run
     from kvprof.errors import EXIT_OK, EXIT_REGRESSED
     from kvprof.report import compare as render
@@ -32,6 +33,8 @@ def run(
         require(len(runs) == 2, f"expected BASE and NEW, got {len(runs)} argument(s); repeated runs go in --base/--new")
         base, new = [runs[0]], [runs[1]]
     require(base and new, "nothing to compare: give BASE NEW, or --base RUN ... --new RUN ...")
+    for path in (markdown, junit, json_out):
+        check_output(path)
     budgets = budgets_mod.discover(budget)
     result = compare([load_run(p) for p in base], [load_run(p) for p in new], budgets)
     render.write_all(result, markdown, junit, json_out)

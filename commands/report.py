@@ -15,10 +15,12 @@ def run(
     """
     from kvprof.analysis import analyze_path
     from kvprof.inputs import check_input
+    from kvprof.trace.atomic import check_output
     from kvprof.report import html
     from kvprof.report.progress import PassProgress
 
     check_input(source)
+    check_output(output)
     with PassProgress("analyzing") as progress:
         result = analyze_path(source, window=window, series=True, whatif=not no_whatif, progress=progress)
     html.write(result, result.series, output)

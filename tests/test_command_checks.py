@@ -60,3 +60,21 @@ def test_require_bundle_reads_nothing(tmp_path):
     os.mkfifo(fifo)  # opening it to read would block: require_bundle must not
     with pytest.raises(BundleError, match="^not a bundle$"):
         require(str(fifo), "not a bundle")
+
+
+@pytest.mark.parametrize("args", [
+    ("report", "{demo}", "-o", "{tmp}/no/r.html"),
+    ("analyze", "{demo}", "--json", "{tmp}/no/a.json"),
+    ("analyze", "{demo}", "--html", "{tmp}"),
+    ("compare", "{demo}", "{demo}", "--junit", "{tmp}/no/j.xml"),
+    ("whatif", "{demo}", "--json", "{tmp}/no/w.json"),
+])
+def test_an_output_that_cannot_be_written_is_refused_before_the_work(args, tmp_path):
+    """Refused in one line before the input is read (a report of an hour's recording would
+    be built, then thrown away): the input here is an empty directory, which reading would
+    refuse with another message."""
+    from tests.conftest import run_kvprof
+
+    (tmp_path / "empty").mkdir()
+    r = run_kvprof(*(a.format(demo=tmp_path / "empty", tmp=tmp_path) for a in args))
+    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: cannot write ") and r.stderr.count("\n") == 1, r.stderr

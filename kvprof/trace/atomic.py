@@ -106,6 +106,24 @@ def write_output(path: str, text: str) -> None:
         raise UsageError(f"cannot write {path}: {exc.strerror}") from None
 
 
+def check_output(path: str | None) -> None:
+    """Refuse, before any work, an output path that can never be written (its directory is
+    missing or read-only, or it is a directory): one-line usage error, as write_output's."""
+    import os
+
+    from kvprof.errors import UsageError
+
+    if not path or path == "-":
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise UsageError(f"cannot write {path}: it is a directory")
+    if not os.path.isdir(parent):
+        raise UsageError(f"cannot write {path}: no directory {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK) and not (os.path.exists(path) and not os.path.isfile(path)):
+        raise UsageError(f"cannot write {path}: the directory {parent} is not writable")
+
+
 def _write_stdout(stream, text: str) -> None:
     """Text to standard output, all of it, whatever its encoding holds.
 
