@@ -79,13 +79,13 @@ def run(
     require(bytes_per_token is None or (math.isfinite(bytes_per_token) and bytes_per_token > 0), "--bytes-per-token must be a positive number")
     require(metadata_bytes >= 1, "--metadata-bytes must be 1 or more")
     require(json_out is None or json_out.strip(), "--json needs a file name ('-' for stdout)")
-    from kvprof.trace.atomic import check_output
-
-    check_output(json_out)
     require(jobs is None or jobs >= 1, "--jobs must be at least 1")
     from kvprof.analysis import require_bundle, whatif_bundle
 
     require_bundle(bundle, f"not a kvprof bundle (whatif replays a bundle's block events): {bundle}")
+    from kvprof.trace.atomic import check_output
+
+    check_output(json_out)
     from kvprof.trace.reader import Bundle
 
     opened = Bundle(bundle)

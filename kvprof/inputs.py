@@ -38,10 +38,11 @@ def check_regular(path: str, what: str, error=BundleError, allow_dir: bool = Fal
 
 
 def check_input(path: str) -> None:
-    """What `analyze`, `report` and `export` read: a bundle directory or a regular file.
-    A missing path is left to the analyzer's own message."""
-    if os.path.lexists(path):
-        check_regular(path, "input", allow_dir=True)
+    """What `analyze`, `report` and `export` read: a bundle directory or a regular file,
+    checked (without reading it) before the outputs are."""
+    if not os.path.lexists(path):
+        raise BundleError(f"no such file or bundle: {path}")
+    check_regular(path, "input", allow_dir=True)
 
 
 def read_bytes(path: str, what: str, error=BundleError, limit: int = MAX_INPUT_BYTES) -> bytes:
