@@ -473,7 +473,7 @@ class BundleLock:
         self.path = lock_path(bundle)
         self.fd = -1
 
-    def acquire(self) -> "BundleLock":
+    def acquire(self) -> BundleLock:
         import fcntl
 
         for _ in range(50):

@@ -57,7 +57,7 @@ class Distribution:
     max: float | None
 
     @classmethod
-    def of(cls, values: np.ndarray, scale: float = 1.0) -> "Distribution":
+    def of(cls, values: np.ndarray, scale: float = 1.0) -> Distribution:
         if len(values) == 0:
             return cls(0, None, None, None, None, None)
         v = values.astype(np.float64) * scale
@@ -321,7 +321,7 @@ class ReplayResult:
 class _Replay:
     """Per-block reference counts and cached flags, carried from chunk to chunk."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         nk = a.nkeys
         self.a = a
         self.ref = np.zeros(nk, dtype=np.int64)
@@ -460,7 +460,7 @@ class _Requests:
     """Per request: its waste and lookahead (for the slot integrals), its length, whether it
     arrived and finished; liveness and the idle points; refused allocations."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         self.R = _Grow(seen=bool, finished=bool, has_state=bool, last_waste=np.int64, last_look=np.int64,
                        last_filled=np.int64, max_filled=np.int64, bs=np.int64)
         self.have_state = False
@@ -614,7 +614,7 @@ class _Occupancy:
     """Blocks and slots in use and unfilled over time: their integrals (exact, in integers),
     the high watermark, the end of its plateau and the pool's state at it."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         self.a = a
         self.v = np.zeros(4, dtype=np.int64)  # blocks, slots, waste, lookahead after the last timeline point
         self.tl_last = None  # clipped time of the last timeline point
@@ -720,7 +720,7 @@ class ExternalResult:
     block_map_at_peak: list
 
 
-def _external(a: "BlockAnalyzer", peak_states: np.ndarray | None, reserved: np.ndarray) -> ExternalResult:
+def _external(a: BlockAnalyzer, peak_states: np.ndarray | None, reserved: np.ndarray) -> ExternalResult:
     """Free runs in block-id space at the high watermark, and the pool's map there."""
     if not a.infos:
         return ExternalResult(None, 0, 0, {}, [])
@@ -761,7 +761,7 @@ class _PrefixCache:
     """Lookups, hits and allocations; evictions, and whether the content evicted was ever
     hit between being cached and being evicted (its epoch)."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         nk = a.nkeys
         self.ep_seen = np.zeros(nk, dtype=bool)
         self.ep_hits = np.zeros(nk, dtype=np.int64)  # hits in each block's current epoch
@@ -831,7 +831,7 @@ class _Lifetimes:
     """In-use intervals: how long blocks stay in use, how long they sit cached before being
     evicted or reused, and blocks freed and taken again within one engine step."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         nk = a.nkeys
         self.has_start = np.zeros(nk, dtype=bool)
         self.start_t = np.zeros(nk, dtype=np.int64)
@@ -900,7 +900,7 @@ class _Leaks:
     in use at the end whose every referencing request finished is leaked (or, with none,
     when no request is alive at the end)."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         self.a = a
         self.start_seq = np.full(a.nkeys, -1, dtype=np.int64)
         self.key = np.zeros(0, dtype=np.int64)

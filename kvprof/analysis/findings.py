@@ -49,7 +49,7 @@ def run_findings(bundle) -> list[Finding]:
     for p in man.get("processes", []) or []:
         for err in p.get("errors", []) or []:
             out.append(Finding("warning", f"Probe problem in pid {p.get('pid')}", str(err), {"pid": p.get("pid")}, "run"))
-        for name, st in (p.get("probes") or {}).items():
+        for st in (p.get("probes") or {}).values():
             for engine, info in (st.get("engines") or {}).items():
                 missing = info.get("missing") if isinstance(info, dict) else None
                 if missing:

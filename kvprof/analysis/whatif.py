@@ -244,7 +244,7 @@ class ScheduleBuilder:
     def states(self) -> int:
         return int(self._a["st"][self._K.S_STATES])
 
-    def finish(self) -> "Schedule":
+    def finish(self) -> Schedule:
         """The schedule; the builder's working state is released."""
         K, a, info = self._K, self._a, self.info
         st = a["st"]
@@ -514,7 +514,7 @@ def pick_pool(stream, label: str | None):
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in stream.pools)})")
 
 
-def pick_schedule(schedules: list, label: str | None) -> "Schedule | None":
+def pick_schedule(schedules: list, label: str | None) -> Schedule | None:
     """pick_pool's choice among schedules built for each pool (ScheduleBuilder.finish): the
     busiest pool with request states, or the one named ``label``."""
     pools = [s for s in schedules if s.states] or list(schedules)

@@ -199,7 +199,7 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
     def walk(node, x0, depth):
         nonlocal depth_max
         x = x0
-        for i, (key, child) in enumerate(sorted(node["children"].items(), key=lambda kv: -kv[1]["w"])):
+        for i, (_key, child) in enumerate(sorted(node["children"].items(), key=lambda kv: -kv[1]["w"])):
             fr = child["frame"]
             data["left"].append(x)
             data["right"].append(x + child["w"])

@@ -164,7 +164,7 @@ class BlockStream:
     requests: list[str]
 
     @classmethod
-    def from_events(cls, events, pools: list[dict], requests: list[str] | None = None) -> "BlockStream":
+    def from_events(cls, events, pools: list[dict], requests: list[str] | None = None) -> BlockStream:
         """Build a stream from ``(t, kind, pool, req, arg, arg2, ids)`` tuples (tests, simulators).
 
         ``pools`` are dicts with at least num_blocks and block_size; ``req`` indexes ``requests``.
