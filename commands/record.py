@@ -42,7 +42,7 @@ def run(
         from kvprof.errors import UsageError
 
         raise UsageError(f"no such option: {command[0]} (a command that starts with '-' goes after --; see `kvprof record --help`)")
-    probes = []
+    probes: list[str] = []
     for p in probe or []:
         probes.extend(x.strip() for x in p.split(",") if x.strip())
     if pyspy_rate <= 0:

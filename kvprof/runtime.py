@@ -15,13 +15,14 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 ENV_BUNDLE = "KVPROF_BUNDLE"
 ENV_PROBES = "KVPROF_PROBES"
 ENV_RECORDER_PID = "KVPROF_RECORDER_PID"
 ENV_OPTIONS = "KVPROF_OPTIONS"
 
-writer = None  # kvprof.trace.writer.ProcessWriter while recording in this process
+writer: Any = None  # kvprof.trace.writer.ProcessWriter while recording in this process
 _declare_lock = threading.Lock()
 _pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
 _probes: list[str] = []
@@ -251,7 +252,7 @@ def _install_signal_flush() -> None:
 # moment later, interrupts the main thread with SIGURG, whose handler does nothing: the
 # interrupted call checks for pending handlers and runs kvprof's.  Only armed when the
 # program has no wakeup fd of its own and no SIGURG handler.
-_rescue = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False}
+_rescue: dict[str, Any] = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False}
 
 
 def _poke(signum, frame) -> None:  # SIGURG: only there to interrupt a blocking call
@@ -461,8 +462,8 @@ def start_session(bundle: str, probes: list[str] | None = None, probe_options: d
             os.register_at_fork = real_register
         _pools[:0] = earlier_pools  # indices stay those the pools were given
     _mark_hooks[:] = list(dict.fromkeys(_mark_hooks))  # a probe started again adds its hook again
-    writer.info["role"] = "main"
-    writer.write_process_info()
+    writer.info["role"] = "main"  # type: ignore[attr-defined]  # set by start(); mypy keeps the "is None" check above
+    writer.write_process_info()  # type: ignore[attr-defined]
     _session = session
 
 
@@ -476,7 +477,7 @@ def _register_at_fork_once(**handlers) -> None:
         _real_register_at_fork(**handlers)
 
 
-_real_register_at_fork = getattr(os, "register_at_fork", None)
+_real_register_at_fork: Any = getattr(os, "register_at_fork", None)
 
 
 def _session_env(saved: dict) -> None:

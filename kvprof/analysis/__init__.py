@@ -9,6 +9,8 @@ import the orchestration).
 
 from __future__ import annotations
 
+from typing import Any
+
 _EXPORTS = {
     "SCHEMA": "results", "Finding": "results", "SectionResult": "results", "AnalysisResult": "results", "metric_entry": "results",
     "Window": "results",
@@ -19,7 +21,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

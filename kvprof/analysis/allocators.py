@@ -20,6 +20,7 @@ of contiguous KV memory would.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable
 
 import numpy as np
 
@@ -73,7 +74,7 @@ class FreeQueue:
         if k > len(self.queue):
             return None
         if self.order == "lowest":
-            out = []
+            out: list[int] = []
             while len(out) < k:
                 b = heapq.heappop(self.heap) if self.heap else min(self.queue)
                 if b in self.queue and b not in out:
@@ -122,6 +123,7 @@ class _RunAllocator:
     """Free ids as a mask; subclasses choose the run (``_pick``)."""
 
     contiguous = True
+    _pick: Callable[[np.ndarray, np.ndarray, int], int | None]  # (run starts, run lengths, k) -> the first id
 
     def __init__(self, n: int, reserved=()):
         self.n = n

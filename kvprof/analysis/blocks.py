@@ -24,6 +24,7 @@ tests/analysis/legacy_blocks.py; tests hold the two equal.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -167,7 +168,17 @@ def _dot(v: np.ndarray, dt: np.ndarray) -> int:
 class _Grow:
     """Per-request arrays that grow with the largest request key seen."""
 
-    def __init__(self, **dtypes):
+    # the arrays, set by name (the requests' phase: _Requests.R)
+    seen: np.ndarray
+    finished: np.ndarray
+    has_state: np.ndarray
+    last_waste: np.ndarray
+    last_look: np.ndarray
+    last_filled: np.ndarray
+    max_filled: np.ndarray
+    bs: np.ndarray
+
+    def __init__(self, **dtypes: Any):
         self.dtypes = dtypes
         self.size = 0
         for name, dt in dtypes.items():
@@ -192,7 +203,7 @@ class _Series:
 
     def __init__(self, points: int):
         self.points = points
-        self.t0 = None
+        self.t0: int | None = None
         self.width = 1
         self.n = 2 * points
         self.present = np.zeros(self.n, dtype=bool)
@@ -215,6 +226,7 @@ class _Series:
         self.width *= 2
 
     def _fit(self, t_last: int) -> None:
+        assert self.t0 is not None  # set by the first add_blocks
         while (t_last - self.t0) // self.width >= self.n:
             self._double()
 
@@ -306,6 +318,53 @@ class _Chunk:
                  "gend", "gstart_of", "idx", "isset", "hashed_before", "hashed_after", "st_before", "st_after", "ref_after", "d_in",
                  "inuse0", "inuse", "cached", "win_b", "win_sorted", "st_t", "start_m", "end_m", "lsi", "lei",
                  "rsel", "r_t", "r_kind", "r_req", "r_arg", "r_arg2", "r_bs", "win_r", "step_t", "steps_before")
+    c: BlockChunk
+    m: int  # block-level events
+    inuse0: int
+    t: np.ndarray
+    kind: np.ndarray
+    win_c: np.ndarray
+    ev_of: np.ndarray
+    key: np.ndarray
+    bkind: np.ndarray
+    bt: np.ndarray
+    bsz: np.ndarray
+    order: np.ndarray
+    sk: np.ndarray
+    skind: np.ndarray
+    gs: np.ndarray
+    gstart: np.ndarray
+    gid: np.ndarray
+    gkey: np.ndarray
+    gend: np.ndarray
+    gstart_of: np.ndarray
+    idx: np.ndarray
+    isset: np.ndarray
+    hashed_before: np.ndarray
+    hashed_after: np.ndarray
+    st_before: np.ndarray
+    st_after: np.ndarray
+    ref_after: np.ndarray
+    d_in: np.ndarray
+    inuse: np.ndarray
+    cached: np.ndarray
+    win_b: np.ndarray
+    win_sorted: np.ndarray
+    st_t: np.ndarray
+    start_m: np.ndarray
+    end_m: np.ndarray
+    lsi: np.ndarray
+    lei: np.ndarray
+    rsel: np.ndarray
+    r_t: np.ndarray
+    r_kind: np.ndarray
+    r_req: np.ndarray
+    r_arg: np.ndarray
+    r_arg2: np.ndarray
+    r_bs: np.ndarray
+    win_r: np.ndarray
+    step_t: np.ndarray
+    steps_before: np.ndarray
 
 
 # -- phases: each keeps its own carried state, reads a _Chunk, returns a small result ----------
@@ -503,7 +562,7 @@ class _Requests:
         fail = np.flatnonzero((x.r_kind == K.ALLOC_FAIL) & x.win_r)
         if len(fail):
             # in use just before the failure in call order (timestamps may tie on a simulated clock)
-            p = np.searchsorted(x.ev_of, x.rsel[fail], side="left") - 1
+            p: Any = np.searchsorted(x.ev_of, x.rsel[fail], side="left") - 1
             before = np.where(p >= 0, x.inuse[np.maximum(p, 0)] if x.m else 0, x.inuse0)
             need, seen = x.r_arg[fail], x.r_arg2[fail]
             self.fail_need.append((need + before)[need >= 0])
@@ -617,12 +676,12 @@ class _Occupancy:
     def __init__(self, a: BlockAnalyzer):
         self.a = a
         self.v = np.zeros(4, dtype=np.int64)  # blocks, slots, waste, lookahead after the last timeline point
-        self.tl_last = None  # clipped time of the last timeline point
+        self.tl_last: int | None = None  # clipped time of the last timeline point
         self.integrals = [0, 0, 0, 0]  # blocks, slots, min(waste, slots), min(lookahead, slots)
         self.before_end = (0, 0)  # (waste, slots) at the last point before the chunk's last time
-        self.peak = None  # (blocks, time)
+        self.peak: tuple[int, int] | None = None  # (blocks, time)
         self.peak_states = None  # every block's state just after the peak
-        self.plateau = None  # (waste, slots) just before the plateau ends; None until seen
+        self.plateau: tuple[int, int] | None = None  # (waste, slots) just before the plateau ends; None until seen
 
     def feed(self, x: _Chunk, state_call, state_t, dwaste, dlook, states_before_chunk) -> tuple:
         a = self.a
@@ -695,7 +754,7 @@ class _Occupancy:
             blocks_int = slot_int = waste_int = look_int = 0
         if self.peak is not None and capacity:
             peak_blocks, peak_time = self.peak
-            hw = peak_blocks / capacity
+            hw: float | None = peak_blocks / capacity
             plateau = self.plateau if self.plateau is not None else self.before_end
         else:
             peak_blocks, peak_time, hw, plateau = 0, None, (0.0 if capacity else None), None
@@ -1004,7 +1063,9 @@ class BlockAnalyzer:
         self.key_dtype = np.uint16 if self.nkeys <= 1 << 16 else np.uint32
         self.W0 = window[0] if window is not None else -_I64_MAX
         self.W1 = window[1] if window is not None else _I64_MAX
-        self.t_start = self.t_end = self.w0 = None
+        self.t_start: int | None = None
+        self.t_end: int | None = None
+        self.w0: int | None = None
         self.calls = 0  # events of the pools, of any kind
         self.preempt_t: list = []
         self.replay = _Replay(self)

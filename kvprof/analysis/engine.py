@@ -93,6 +93,7 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
                 builders[p].feed(part)
                 if whole:
                     whole[p].feed(part)
+        assert agg is not None  # several pools
         agg.feed(chunk)
     results = [a.finish() for a in per]
     total = None
@@ -102,6 +103,7 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
     out = BlockPass(per_pool=results, total=total, pool_steps={i: a.counts["steps"] for i, a in enumerate(per)},
                     pool_calls={i: a.calls for i, a in enumerate(per)}, pool_has_state={i: a.have_state for i, a in enumerate(per)})
     if series and t0 is not None:
+        assert maps is not None and counts is not None and instants is not None and hit is not None and t1 is not None  # made with t0
         out.series = {
             "t0_ns": t0,
             "block_maps": [m for m in (maps[i].result(t1, per[i].reserved) for i in range(len(pools))) if m is not None],

@@ -39,7 +39,7 @@ def run_findings(bundle) -> list[Finding]:
         out.append(Finding("warning", f"The target was killed by {target.get('signal_name')}", "Every event it had recorded is in the bundle (the kernel keeps what a killed process wrote into its staging files).", {"exit_code": target.get("exit_code")}, "run"))
     elif target.get("exit_code"):
         out.append(Finding("warning", f"The target exited with code {target['exit_code']}", "The run may have crashed; the analysis covers what was recorded.", {"exit_code": target["exit_code"]}, "run"))
-    probes = {}
+    probes: dict[str, list[dict]] = {}
     for p in man.get("processes", []) or []:
         for name, st in (p.get("probes") or {}).items():
             probes.setdefault(name, []).append(st)

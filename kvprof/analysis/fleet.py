@@ -20,6 +20,8 @@ hit rate lies between its engines' lowest and highest.
 
 from __future__ import annotations
 
+from typing import Any
+
 from kvprof.analysis.results import Finding, SectionResult, metric_entry
 from kvprof.trace import hostinfo
 
@@ -115,7 +117,7 @@ def section(bundle, bounds) -> SectionResult | None:
     }
     clock = {"reference": (getattr(bundle, "clock", None) or {}).get("reference"),
              "aligned": any(d["shift_ns"] for d in domains.values())}
-    section = {"totals": totals, "nodes": sorted(nodes.values(), key=lambda n: n["node"]), "engines": engines, "clock": clock}
+    section: dict[str, Any] = {"totals": totals, "nodes": sorted(nodes.values(), key=lambda n: n["node"]), "engines": engines, "clock": clock}
     for e in engines:
         e.pop("node_key")
     metrics = {}

@@ -62,6 +62,8 @@ def metric_entry(name: str, value, source: str, window: str | None = None) -> di
 class Window(tuple):
     """(t0, t1) of an analysis window, carrying its label for the sections' metrics."""
 
+    label: str
+
     def __new__(cls, bounds, label: str):
         self = super().__new__(cls, bounds)
         self.label = label

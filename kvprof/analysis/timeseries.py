@@ -191,9 +191,9 @@ class PoolCountsSeries:
         self.use: list = []
         self.use_max: list = []
         self.cached: list = []
-        self.last = None  # (in use, cached) of the last point kept
+        self.last: tuple[int, int] | None = None  # (in use, cached) of the last point kept
         self.points = 0
-        self.cols = None  # buckets, once thinning started
+        self.cols: _Columns | None = None  # buckets, once thinning started
 
     def observe(self, v) -> None:
         if not len(v.bt):

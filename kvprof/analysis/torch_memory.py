@@ -22,6 +22,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from itertools import compress, islice
+from typing import Any
 
 from kvprof.trace import torch_snapshot as T
 from kvprof.trace.torch_snapshot import STACK_DEPTH  # noqa: F401 - frames that name a call site in the by-stack tables
@@ -143,7 +144,7 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
     for i, (dev, stream, kind, pool) in enumerate(zip(c.seg_device, c.seg_stream, c.seg_type, c.seg_pool)):
         n = st[i + 1] - st[i]
         inactive = list(compress(islice(it_size, n), islice(it_free, n)))
-        key = (dev, stream, c.seg_types[kind], c.seg_pools[pool])
+        key: tuple[Any, ...] = (dev, stream, c.seg_types[kind], c.seg_pools[pool])
         got = pools.get(key)
         if got is None:
             pools[key] = inactive
@@ -303,7 +304,9 @@ def _timeline_python(c: T.Columns, devs: list, times: list, requested_end: int, 
         re.append(r)
         a -= da
         r -= dr
-    t.reverse(), al.reverse(), re.reverse()
+    t.reverse()
+    al.reverse()
+    re.reverse()
     if len(t) > max_points:  # evenly spaced points, plus the peaks and the last point (the state at the end)
         stride = len(t) / max_points
         keep = sorted({int(i * stride) for i in range(max_points)} | {max(range(len(al)), key=al.__getitem__),
@@ -411,7 +414,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     step = np.flatnonzero(has_time & ((da != 0) | (dr != 0)))
     step = step[np.argsort(time[step], kind="stable")]
     if not len(step):
-        timeline = {"t_us": [], "requested": [], "reserved": []}
+        timeline: dict[str, Any] = {"t_us": [], "requested": [], "reserved": []}
     else:
         sda, sdr = da[step], dr[step]
         al = requested_end - (np.cumsum(sda[::-1])[::-1] - sda)  # the state after each step: the end minus what came later

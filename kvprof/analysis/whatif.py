@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -80,17 +81,17 @@ class Schedule:
     unsupported: dict = field(default_factory=dict)  # events the replay cannot use, by kind
     engine_policy: str | None = None  # the pool's own free order, when it declared one (the demo's lru, lifo, lowest-id)
     # the operations (see whatif_kernel, "the schedule builder")
-    code: np.ndarray = None  # uint8, one per operation
-    ops: np.ndarray = None  # int32 rows: time step (uint32 bits), local request (0: none), a, b
-    payload: np.ndarray = None  # int32
+    code: np.ndarray | None = None  # uint8, one per operation
+    ops: np.ndarray | None = None  # int32 rows: time step (uint32 bits), local request (0: none), a, b
+    payload: np.ndarray | None = None  # int32
     operations: int = 0  # operations (the slots left unused not counted)
-    request_keys: np.ndarray = None  # local request index -> the bundle's request key
-    max_tokens: np.ndarray = None  # per local request: the most tokens any of its operations names
+    request_keys: np.ndarray | None = None  # local request index -> the bundle's request key
+    max_tokens: np.ndarray | None = None  # per local request: the most tokens any of its operations names
     # content classes of (request, recorded block index): blocks whose token prefixes the
     # recorded hits show equal.  Request r's nodes are blocks 0..L-1, class_of[class_off[r] + j];
     # a block beyond them is a class of its own
-    class_off: np.ndarray = None
-    class_of: np.ndarray = None
+    class_off: np.ndarray | None = None
+    class_of: np.ndarray | None = None
     foreign_ids: int = 0  # 1 + the largest id of blocks taken without a request
     foreign_blocks: int = 0  # blocks taken without a request, all told
     foreign_largest: int = 0  # the most blocks one allocation without a request took
@@ -443,7 +444,7 @@ def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: 
     bytes_per_token = sched.bytes_per_token
     lengths = sched.final_lengths[sched.final_lengths > 0]
     L = (int(lengths.sum()) / len(lengths)) if len(lengths) else None
-    out = {"mean_length": L, "metadata_bytes_per_block": metadata_bytes, "bytes_per_token": bytes_per_token}
+    out: dict[str, Any] = {"mean_length": L, "metadata_bytes_per_block": metadata_bytes, "bytes_per_token": bytes_per_token}
     if bytes_per_token and L:
         out["closed_form_block_size"] = math.sqrt(2 * L * metadata_bytes / bytes_per_token)
     costs = []

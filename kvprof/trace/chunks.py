@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import BlockStream
 
 DEFAULT_CHUNK_EVENTS = 1 << 17
 
@@ -94,7 +98,7 @@ def tie_safe(chunks: Iterable[BlockChunk]) -> Iterator[BlockChunk]:
         yield held
 
 
-def from_stream(stream, pools: list[int] | None = None, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Iterator[BlockChunk]:
+def from_stream(stream: BlockStream, pools: list[int] | None = None, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Iterator[BlockChunk]:
     """Chunks of an in-memory :class:`kvprof.trace.reader.BlockStream` (tests, simulators),
     restricted to the global pool indices ``pools`` (None: all), in stream order."""
     if pools is None:
@@ -104,7 +108,7 @@ def from_stream(stream, pools: list[int] | None = None, chunk_events: int = DEFA
     off = stream.offsets
     n = stream.n.astype(np.int64)
 
-    def pieces():
+    def pieces() -> Iterator[BlockChunk]:
         for a in range(0, len(sel), chunk_events):
             rows = sel[a : a + chunk_events]
             starts = off[rows]
