@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -54,7 +55,7 @@ class FreeQueue:
         self.n = n
         self.uncached_first = uncached_first
         self.order = order  # "fifo" (vLLM, nano-vllm, the demo's lru), "lifo", "lowest" (lowest id first)
-        self.heap: list = []
+        self.heap: list[Any] = []
         res = set(reserved)
         self.queue = OrderedDict.fromkeys(b for b in range(n) if b not in res)
         self.free_mask = np.zeros(n, dtype=bool)
@@ -197,8 +198,8 @@ class Buddy:
     def __init__(self, n: int, reserved=()):
         self.n = n
         self.max_order = max(0, int(n).bit_length() - 1)
-        self.free_sets: list[set] = [set() for _ in range(self.max_order + 1)]
-        self.heaps: list[list] = [[] for _ in range(self.max_order + 1)]
+        self.free_sets: list[set[Any]] = [set() for _ in range(self.max_order + 1)]
+        self.heaps: list[list[Any]] = [[] for _ in range(self.max_order + 1)]
         self.free_mask = np.zeros(n, dtype=bool)
         self._count = 0
         start = 0

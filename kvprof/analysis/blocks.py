@@ -71,7 +71,7 @@ class PoolAnalysis:
     """Everything kvprof knows about one pool (or all pools together: pool = None)."""
 
     label: str
-    pools: list[dict]
+    pools: list[dict[str, Any]]
     capacity: int
     reserved: int
     block_size: int | None
@@ -94,8 +94,8 @@ class PoolAnalysis:
     external_at_peak: float | None
     free_runs_at_peak: int
     largest_free_run_at_peak: int
-    free_run_histogram: dict
-    block_map_at_peak: list  # run-length encoded [[state, count], ...] over block ids
+    free_run_histogram: dict[str, Any]
+    block_map_at_peak: list[Any]  # run-length encoded [[state, count], ...] over block ids
     # failures
     allocation_failures: int
     fragmentation_that_hurts: int
@@ -127,7 +127,7 @@ class PoolAnalysis:
     # leaks
     in_use_at_end: int
     leaked_blocks: int
-    leaked_block_ids: list
+    leaked_block_ids: list[Any]
     live_requests_at_end: int
     in_use_at_idle: int
     idle_points: int
@@ -135,9 +135,9 @@ class PoolAnalysis:
     out_of_range_ids: int
     damaged_queries: int  # lookups reporting more hit tokens than queried, or negative counts: left out
     # the recorded final lengths rounded up to other block sizes (not the replay: that is `kvprof whatif`)
-    rounding: list
-    contiguous: dict
-    timeline: dict = field(default_factory=dict)
+    rounding: list[Any]
+    contiguous: dict[str, Any]
+    timeline: dict[str, Any] = field(default_factory=dict)
 
 
 def true_runs(mask: np.ndarray):
@@ -147,7 +147,7 @@ def true_runs(mask: np.ndarray):
     return starts, np.flatnonzero(d == -1) - starts
 
 
-def _rle(states: np.ndarray) -> list:
+def _rle(states: np.ndarray) -> list[Any]:
     if not len(states):
         return []
     change = np.flatnonzero(np.r_[True, states[1:] != states[:-1]])
@@ -264,7 +264,7 @@ class _Series:
         self.tl_slots[idx] = slots[ends]
         self.tl_have[idx] = True
 
-    def timeline(self, capacity: int, t0: int, preempt_t: list, window, have_state: bool) -> dict:
+    def timeline(self, capacity: int, t0: int, preempt_t: list[Any], window, have_state: bool) -> dict[str, Any]:
         if self.t0 is None:
             return {}
         while self.present.any() and int(np.flatnonzero(self.present)[-1]) >= self.points:  # at most `points` buckets
@@ -527,8 +527,8 @@ class _Requests:
         self.idle_points = 0
         self.in_use_at_idle = 0
         self.idle_pending = False
-        self.fail_need: list = []
-        self.fail_seen: list = []
+        self.fail_need: list[Any] = []
+        self.fail_seen: list[Any] = []
         self.failures = 0
         self.preemptions = 0
 
@@ -683,7 +683,7 @@ class _Occupancy:
         self.peak_states = None  # every block's state just after the peak
         self.plateau: tuple[int, int] | None = None  # (waste, slots) just before the plateau ends; None until seen
 
-    def feed(self, x: _Chunk, state_call, state_t, dwaste, dlook, states_before_chunk) -> tuple:
+    def feed(self, x: _Chunk, state_call, state_t, dwaste, dlook, states_before_chunk) -> tuple[Any, ...]:
         a = self.a
         # merged step functions over the chunk's timeline: block events and request states in call order
         nb, ns = x.m, len(state_call)
@@ -775,8 +775,8 @@ class ExternalResult:
     external_at_peak: float | None
     free_runs_at_peak: int
     largest_free_run_at_peak: int
-    free_run_histogram: dict
-    block_map_at_peak: list
+    free_run_histogram: dict[str, Any]
+    block_map_at_peak: list[Any]
 
 
 def _external(a: BlockAnalyzer, peak_states: np.ndarray | None, reserved: np.ndarray) -> ExternalResult:
@@ -787,7 +787,7 @@ def _external(a: BlockAnalyzer, peak_states: np.ndarray | None, reserved: np.nda
     states[reserved] = RESERVED
     pieces = [states[a.base[i] : a.base[i + 1]] for i in range(len(a.infos))]
     free_runs = largest = total_free = 0
-    hist: dict = {}
+    hist: dict[str, Any] = {}
     for piece in pieces:
         free = (piece == EMPTY) | (piece == CACHED)
         total_free += int(free.sum())
@@ -897,9 +897,9 @@ class _Lifetimes:
         self.has_end = np.zeros(nk, dtype=bool)
         self.end_t = np.zeros(nk, dtype=np.int64)
         self.end_step = np.zeros(nk, dtype=np.int64)
-        self.lifetimes: list = []
-        self.idle: list = []
-        self.reuse: list = []
+        self.lifetimes: list[Any] = []
+        self.idle: list[Any] = []
+        self.reuse: list[Any] = []
         self.frees_to_zero = self.realloc = self.steps = self.steps_in = 0
 
     def feed(self, x: _Chunk, evict: np.ndarray, in_win) -> None:
@@ -951,7 +951,7 @@ class _Lifetimes:
 class LeakResult:
     in_use_at_end: int
     leaked_blocks: int
-    leaked_block_ids: list  # the first 50, [pool label, block id]
+    leaked_block_ids: list[Any]  # the first 50, [pool label, block id]
 
 
 class _Leaks:
@@ -1017,7 +1017,7 @@ class _Leaks:
         return LeakResult(len(live_keys), len(leaky), ids)
 
 
-def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list, dict]:
+def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list[Any], dict]:
     """The recorded final lengths rounded up to each block size; a contiguous reservation."""
     rows = []
     total = int(lengths.sum())
@@ -1067,7 +1067,7 @@ class BlockAnalyzer:
         self.t_end: int | None = None
         self.w0: int | None = None
         self.calls = 0  # events of the pools, of any kind
-        self.preempt_t: list = []
+        self.preempt_t: list[Any] = []
         self.replay = _Replay(self)
         self.requests = _Requests(self)
         self.occupancy = _Occupancy(self)
@@ -1075,7 +1075,7 @@ class BlockAnalyzer:
         self.lifetimes = _Lifetimes(self)
         self.leaks = _Leaks(self)
         self.series = _Series(TIMELINE_POINTS)
-        self.observers: list = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
+        self.observers: list[Any] = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
 
     @property
     def reserved(self) -> np.ndarray:
@@ -1086,7 +1086,7 @@ class BlockAnalyzer:
         return self.requests.have_state
 
     @property
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, Any]:
         return {"steps": self.lifetimes.steps}
 
     def _in_win(self, t: np.ndarray) -> np.ndarray:

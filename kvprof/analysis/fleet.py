@@ -33,7 +33,7 @@ def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def _pool_processes(bundle) -> list:
+def _pool_processes(bundle) -> list[Any]:
     """The process of each pool, by global pool index (the reader numbers pools process by process)."""
     out = []
     for proc in bundle.processes:
@@ -70,7 +70,7 @@ def section(bundle, bounds) -> SectionResult | None:
                         "high_watermark": a.high_watermark, "query_tokens": a.query_tokens, "hit_tokens": a.hit_tokens,
                         "hit_rate": a.hit_rate, "preemptions": a.preemptions, "requests": a.requests, "block_events": a.block_events})
     domains = (getattr(bundle, "clock", None) or {}).get("domains") or {}
-    nodes: dict = {}
+    nodes: dict[str, Any] = {}
     for proc in bundle.processes:
         key, name = _node_of(proc, bundle)
         n = nodes.setdefault(key, {"node": name, "hostname": hostinfo.hostname(proc.info), "ray_node_id": None,
@@ -137,7 +137,7 @@ def section(bundle, bounds) -> SectionResult | None:
     return SectionResult(name="fleet", metrics=metrics, section=section, findings=_findings(totals, engines, section["nodes"]))
 
 
-def _findings(totals: dict, engines: list, nodes: list) -> list:
+def _findings(totals: dict[str, Any], engines: list[Any], nodes: list[Any]) -> list[Any]:
     out = []
     imb = totals["peak_imbalance"]
     if imb is not None and imb >= IMBALANCE_FINDING and len(engines) > 1:

@@ -15,15 +15,20 @@ nvml probe's samples.  Pure functions of the bundle's files; no torch, no NVML.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvprof.trace import format as fmt
 
+if TYPE_CHECKING:
+    from kvprof.analysis.results import SectionResult, Window
+    from kvprof.trace.reader import Bundle
 
-def snapshots(bundle) -> list[dict]:
+
+def snapshots(bundle: Bundle) -> list[dict[str, Any]]:
     """Every torch snapshot the bundle holds, oldest first: pid, role, reason, mark, t, path."""
-    out = []
+    out: list[dict[str, Any]] = []
     for proc in bundle.processes:
         for rec in proc.notes:
             if rec.get("type") != "torch_snapshot":
@@ -37,9 +42,9 @@ def snapshots(bundle) -> list[dict]:
     return sorted(out, key=lambda s: s["t"])
 
 
-def torch_stats(bundle) -> dict:
+def torch_stats(bundle: Bundle) -> dict[int, list[tuple[int, dict[str, Any]]]]:
     """pid -> list of (t ns, {device: stats}) from the torch probe's memory_stats samples."""
-    out: dict = {}
+    out: dict[int, list[tuple[int, dict[str, Any]]]] = {}
     for proc in bundle.processes:
         rows = [(int(r.get("t") or 0), r.get("devices") or {}) for r in proc.notes if r.get("type") == "torch_stats"]
         if rows:
@@ -47,7 +52,7 @@ def torch_stats(bundle) -> dict:
     return out
 
 
-def torch_section(bundle, bounds=None):
+def torch_section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     from kvprof.analysis.torch_memory import snapshot_section as make_section
     from kvprof.analysis.torch_memory import analyze_snapshot
     from kvprof.trace import torch_snapshot
@@ -61,7 +66,7 @@ def torch_section(bundle, bounds=None):
         from kvprof.analysis import SectionResult
 
         return SectionResult(name="torch", metrics={}, section={"snapshots": [], "notes": notes[:20]}, findings=[])
-    last: dict = {}
+    last: dict[str, Any] = {}
     for s in snaps:
         last[s["pid"]] = s
     results = []
@@ -84,7 +89,7 @@ def torch_section(bundle, bounds=None):
     for f in part.findings:
         f.detail += f" (pid {s['pid']}, {s['file']})"
     # OOMs the allocator's observer reported as they happened (the snapshot taken then is listed)
-    seen = []
+    seen: list[dict[str, Any]] = []
     for proc in bundle.processes:
         for rec in proc.notes:
             if rec.get("type") == "torch_oom":
@@ -103,7 +108,7 @@ def torch_section(bundle, bounds=None):
     return part
 
 
-def _read(path: str, dtype) -> np.ndarray:
+def _read(path: str, dtype: np.dtype[Any]) -> np.ndarray:
     if not os.path.exists(path):
         return np.zeros(0, dtype=dtype)
     data = np.fromfile(path, dtype=np.uint8)
@@ -111,7 +116,7 @@ def _read(path: str, dtype) -> np.ndarray:
     return data[: n * dtype.itemsize].view(dtype)
 
 
-def nvml_section(bundle, bounds=None):
+def nvml_section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     from kvprof.analysis import Finding, SectionResult, metric_entry
 
     status = (bundle.manifest.get("probe_status") or {}).get("nvml")
@@ -131,10 +136,10 @@ def nvml_section(bundle, bounds=None):
                          "used_mean": float(rows["used"].mean()), "t_s": ((rows["t"][::step] - t0) / 1e9).tolist(), "used": rows["used"][::step].tolist()})
     out_procs = []
     stats = torch_stats(bundle)
-    outside_max = None
+    outside_max: int | None = None
     for (g, pid) in sorted({(int(a), int(b)) for a, b in zip(procs["gpu"], procs["pid"])}):
         rows = procs[(procs["gpu"] == g) & (procs["pid"] == pid)]
-        row = {"gpu": g, "pid": pid, "recorded": pid in recorded, "role": recorded.get(pid), "used_peak": int(rows["used"].max())}
+        row: dict[str, Any] = {"gpu": g, "pid": pid, "recorded": pid in recorded, "role": recorded.get(pid), "used_peak": int(rows["used"].max())}
         if pid in stats:
             ts = np.array([x[0] for x in stats[pid]])
             res = np.array([int((x[1].get(str(g)) or {}).get("reserved", 0)) for x in stats[pid]])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from typing import Any
 
 from kvprof.analysis.results import AnalysisResult, Finding, SectionResult, Window, metric_entry
 from kvprof.analysis.sources import BUNDLE, MEMRAY, SNAPSHOT, file_hint, kind_of
@@ -96,8 +97,8 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
         "processes": len(bundle.processes),
         "window": window_label or "whole run",
     }
-    metrics: dict = {}
-    sections: dict = {}
+    metrics: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
     findings: list[Finding] = run_findings(bundle)
     bp = block_pass(bundle, bounds, series=series, schedule_pools="all" if (whatif and series) else (), progress=progress)
     replay_pool = bp.replay_pool() if (whatif and series) else None
@@ -123,7 +124,7 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
     return result
 
 
-def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
+def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict[str, Any]:
     """What the HTML report and the Perfetto export draw, beside the analysis."""
     from kvprof.analysis import timeseries as ts
 
@@ -173,7 +174,7 @@ class Pending:
         return self._value
 
 
-def resolve_series(series: dict) -> dict:
+def resolve_series(series: dict[str, Any]) -> dict[str, Any]:
     """Wait for the series still being computed; a replay the pool cannot have (no request
     states) becomes a note."""
     w = series.get("whatif")
@@ -193,13 +194,13 @@ def blocks_section(bundle, bounds) -> SectionResult | None:
     bp = bundle.block_pass
     if not bp.per_pool:
         return None
-    metrics: dict = {}
+    metrics: dict[str, Any] = {}
     block_metrics(metrics, bp.total, len(bp.per_pool), getattr(bounds, "label", None))
     section = {"aggregate": dataclasses.asdict(bp.total), "pools": [dataclasses.asdict(p) for p in bp.per_pool]}
     return SectionResult(name="blocks", metrics=metrics, section=section, findings=block_findings(bp.total, bp.per_pool))
 
 
-def whatif_bundle(bundle, opts, progress=None) -> dict:
+def whatif_bundle(bundle, opts, progress=None) -> dict[str, Any]:
     """`kvprof whatif`: one pass over the bundle gives every pool's analysis and schedule;
     the chosen pool's schedule is replayed under ``opts`` and checked against its analysis."""
     from kvprof.analysis import whatif as W
@@ -212,15 +213,15 @@ def whatif_bundle(bundle, opts, progress=None) -> dict:
     return W.run_schedule(bp.schedules[pool], opts, pool_metrics(bp, pool, None))
 
 
-def pool_metrics(bp, pool: int, window_label: str | None) -> dict:
+def pool_metrics(bp, pool: int, window_label: str | None) -> dict[str, Any]:
     """analyze's figures (name -> value) for one pool over the whole run, for the what-if
     fidelity check: the pass's own when it covered the whole run."""
-    entries: dict = {}
+    entries: dict[str, Any] = {}
     block_metrics(entries, bp.whole_run.get(pool) or bp.per_pool[pool], 1, None)
     return {k: v["value"] for k, v in entries.items()}
 
 
-def block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
+def block_metrics(out: dict[str, Any], a, npools: int, window_label: str | None) -> None:
     src = "blocks"
     w = window_label
 
@@ -265,7 +266,7 @@ def block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
     put("blocks.refcount_errors", a.refcount_errors)
 
 
-def _marker_summary(bundle) -> dict:
+def _marker_summary(bundle) -> dict[str, Any]:
     marks = bundle.marks()
     out = {}
     for i, name in enumerate(marks.names):

@@ -10,6 +10,8 @@ figure of the analysis is computed on all events.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
@@ -97,7 +99,7 @@ class BlockMapSeries:
                 np.add.at(self.counts, (g, v.state_after[sel]), 1)
         self.seen = True
 
-    def result(self, t1: int, reserved: np.ndarray | None = None) -> dict | None:
+    def result(self, t1: int, reserved: np.ndarray | None = None) -> dict[str, Any] | None:
         if not self.seen:
             return None
         old = self.cols.width
@@ -157,7 +159,7 @@ class HitRateSeries:
         self.h += np.bincount(b, weights=c.arg2[sel], minlength=self.cols.n)
         self.seen = True
 
-    def result(self, t1: int) -> dict | None:
+    def result(self, t1: int) -> dict[str, Any] | None:
         if not self.seen:
             return None
         old = self.cols.width
@@ -187,10 +189,10 @@ class PoolCountsSeries:
     def __init__(self, info, max_points: int = 20000):
         self.info = info
         self.max_points = max_points
-        self.t: list = []
-        self.use: list = []
-        self.use_max: list = []
-        self.cached: list = []
+        self.t: list[Any] = []
+        self.use: list[Any] = []
+        self.use_max: list[Any] = []
+        self.cached: list[Any] = []
         self.last: tuple[int, int] | None = None  # (in use, cached) of the last point kept
         self.points = 0
         self.cols: _Columns | None = None  # buckets, once thinning started
@@ -235,7 +237,7 @@ class PoolCountsSeries:
         self.cached = [cached[ends]]
         self.points = len(ends)
 
-    def result(self, capacity: int) -> dict | None:
+    def result(self, capacity: int) -> dict[str, Any] | None:
         if not self.points:
             return None
         if self.points > self.max_points:
@@ -252,7 +254,7 @@ class InstantSeries:
     def __init__(self, info, limit: int = 100000):
         self.info = info
         self.limit = limit
-        self.parts: list = []
+        self.parts: list[Any] = []
         self.kept = 0
 
     def observe(self, v) -> None:
@@ -264,12 +266,12 @@ class InstantSeries:
             self.parts.append((c.t[sel], c.kind[sel], c.req[sel]))
             self.kept += len(sel)
 
-    def result(self) -> dict:
+    def result(self) -> dict[str, Any]:
         cat = lambda i, dt: np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype=dt)  # noqa: E731
         return {"pool": self.info.index, "t": cat(0, np.int64), "kind": cat(1, np.uint8), "req": cat(2, np.int64)}
 
 
-def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list:
+def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list[Any]:
     """(seconds since t0, name, pid) of the markers, thinned to ``limit`` evenly."""
     marks = bundle.marks()
     if not len(marks.t):
@@ -281,7 +283,7 @@ def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list:
     return [((int(marks.t[i]) - t0) / 1e9, marks.names[int(marks.name[i])], int(marks.pid[i])) for i in idx]
 
 
-def gc_pauses(bundle, t0_ns: int | None, limit: int = 5000) -> list:
+def gc_pauses(bundle, t0_ns: int | None, limit: int = 5000) -> list[Any]:
     """Every collection (the longest ``limit`` when there are more): process, start (s since
     t0), pause (s), generation."""
     rows = []
@@ -300,7 +302,7 @@ def gc_pauses(bundle, t0_ns: int | None, limit: int = 5000) -> list:
     return [{"pid": int(p), "t_s": (int(a) - base) / 1e9, "pause_s": int(d) / 1e9, "generation": int(x)} for p, a, d, x in zip(pid, t, dur, gen)]
 
 
-def segment_layout(snapshot: dict, max_segments: int = 120, max_blocks: int = 4000) -> list:
+def segment_layout(snapshot: dict[str, Any], max_segments: int = 120, max_blocks: int = 4000) -> list[Any]:
     """The largest segments of a PyTorch snapshot with their blocks in address order:
     [{"address", "size", "stream", "pool", "blocks": [[offset, size, state], ...]}]."""
     segs = sorted(snapshot.get("segments") or [], key=lambda s: -int(s.get("total_size") or 0))[:max_segments]

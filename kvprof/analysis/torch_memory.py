@@ -22,10 +22,13 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass, field
 from itertools import compress, islice
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kvprof.trace import torch_snapshot as T
 from kvprof.trace.torch_snapshot import STACK_DEPTH  # noqa: F401 - frames that name a call site in the by-stack tables
+
+if TYPE_CHECKING:
+    from kvprof.analysis.results import SectionResult
 
 ALLOC, PENDING = "active_allocated", "active_pending_free"
 NUMPY_ENTRIES = 100_000  # trace entries from which the replay runs in numpy
@@ -93,9 +96,9 @@ class TorchAnalysis:
     churn_by_stack: list[StackRow]
     short_lived: int  # allocations freed before the next allocation was made
     short_lived_bytes: int
-    timeline: dict  # {"t_us": [...], "requested": [...], "reserved": [...]} rebuilt from the trace
-    allocator_settings: dict
-    advice: list[dict] = field(default_factory=list)
+    timeline: dict[str, Any]  # {"t_us": [...], "requested": [...], "reserved": [...]} rebuilt from the trace
+    allocator_settings: dict[str, Any]
+    advice: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _frag(total: int, largest: int) -> float | None:
@@ -115,15 +118,15 @@ class _Trace:
     span: float | None
     alloc_count: int
     alloc_bytes: int
-    leaks: dict  # stack index -> [count, bytes], in the order the allocations stayed live
-    churn: dict  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
+    leaks: dict[int, Any]  # stack index -> [count, bytes], in the order the allocations stayed live
+    churn: dict[int, Any]  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
     short: int
     short_bytes: int
-    ooms: list  # (index, device, later activity on its device)
-    timeline: dict
+    ooms: list[Any]  # (index, device, later activity on its device)
+    timeline: dict[str, Any]
 
 
-def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis:
+def analyze_snapshot(snap: dict[str, Any], use_numpy: bool | None = None) -> TorchAnalysis:
     """The analysis of a normalized snapshot; `use_numpy` forces one replay of the trace
     (None: numpy for long traces, or when it is imported already)."""
     c: T.Columns = snap["columns"]
@@ -138,7 +141,7 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
     pending = sum(compress(size, map([k == pending_state for k in codes].__getitem__, state)))
     free_mask = list(map([k not in (alloc_state, pending_state) for k in codes].__getitem__, state))  # inactive blocks
     reserved = sum(c.seg_total)
-    pools: dict[tuple, list[int]] = {}  # (device, stream, kind, pool) -> inactive block sizes
+    pools: dict[tuple[Any, ...], list[int]] = {}  # (device, stream, kind, pool) -> inactive block sizes
     seg_free = []  # (inactive bytes, largest, count, segment index) of segments with more than one inactive block
     it_size, it_free = iter(size), iter(free_mask)
     for i, (dev, stream, kind, pool) in enumerate(zip(c.seg_device, c.seg_stream, c.seg_type, c.seg_pool)):
@@ -175,7 +178,7 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
     replay = _replay_numpy if use_numpy else _replay_python
     tr = replay(c, requested, reserved)
     ooms = []
-    serving: dict = {}
+    serving: dict[tuple[Any, ...], tuple[int, int]] = {}
     for k, (i, d, later) in enumerate(tr.ooms):  # in trace order, as the OOM columns
         stream, want = c.oom_stream[k], c.size[i]
         key = (d, stream, want <= SMALL_REQUEST)
@@ -210,7 +213,7 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
 SMALL_REQUEST = 1 << 20  # PyTorch's kSmallSize: requests up to 1 MiB come from the small pool
 
 
-def _serving_pool(pools: dict, device: int, stream: int, size: int) -> list:
+def _serving_pool(pools: dict[tuple[Any, ...], list[int]], device: int, stream: int, size: int) -> list[Any]:
     """Inactive block sizes of the pool an allocation of ``size`` is served from: the default
     pool (private pools serve only their own graphs and MemPools) of its device and stream,
     small for requests up to 1 MiB, large beyond.  Snapshots too old to name segment types
@@ -232,12 +235,12 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
     known = [t for t in times if t is not None]
     span = (max(known) - min(known)) if len(known) >= 2 else None
     stacks = iter(c.alloc_stack)
-    live: dict[tuple, tuple] = {}  # (device, addr) -> (size, stack, time, index)
+    live: dict[tuple[Any, ...], tuple] = {}  # (device, addr) -> (size, stack, time, index)
     alloc_count = alloc_bytes = short = short_bytes = 0
-    churn: dict = {}
+    churn: dict[int, Any] = {}
     last_alloc_index = -1
     ooms = []
-    last_activity: dict = {}  # device -> index of its last allocator activity in the trace
+    last_activity: dict[int, int] = {}  # device -> index of its last allocator activity in the trace
     for i, (d, act) in enumerate(zip(devs, c.action)):
         if act in ACTIVITY:
             last_activity[d] = i
@@ -261,7 +264,7 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
                     short_bytes += size
         elif act == T.OOM:
             ooms.append((i, d, last_activity.get(d, -1) > i))  # this device's state changed after the OOM
-    leaks: dict = {}
+    leaks: dict[int, Any] = {}
     for size, stack, _t, _i in live.values():
         row = leaks.setdefault(stack, [0, 0])
         row[0] += 1
@@ -270,14 +273,14 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
                   _timeline_python(c, devs, times, requested_end, reserved_end))
 
 
-def _timeline_python(c: T.Columns, devs: list, times: list, requested_end: int, reserved_end: int, max_points: int = 2000) -> dict:
+def _timeline_python(c: T.Columns, devs: list[Any], times: list[Any], requested_end: int, reserved_end: int, max_points: int = 2000) -> dict[str, Any]:
     """Requested (live) and reserved bytes over the trace window, rebuilt backwards from the
     snapshot's own totals (the trace is a ring buffer that ends at the snapshot).  The
     trace's alloc and free sizes are the sizes the program asked for, not the rounded
     block sizes, so the rebuild starts from the requested total; the devices' entries are
     merged in time order (each device has its own list)."""
     steps = []
-    requested: set = set()  # blocks whose free was requested: they left `allocated` then
+    requested: set[Any] = set()  # blocks whose free was requested: they left `allocated` then
     for d, act, addr, size, t in zip(devs, c.action, c.addr, c.size, times):
         da = 0
         if act == T.ALLOC:
@@ -429,7 +432,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms, timeline)
 
 
-def _group(keys, sizes, nkeys: int) -> dict:
+def _group(keys, sizes, nkeys: int) -> dict[int, Any]:
     """key -> [count, bytes] in the order each key first appears (keys: ints below nkeys)."""
     import numpy as np
 
@@ -449,7 +452,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _advice(a: TorchAnalysis) -> list[dict]:
+def _advice(a: TorchAnalysis) -> list[dict[str, Any]]:
     out = []
     settings = a.allocator_settings
     frag_ooms = [o for o in a.ooms if o.fragmentation_oom]
@@ -480,7 +483,7 @@ def _advice(a: TorchAnalysis) -> list[dict]:
     return out
 
 
-def snapshot_section(a, source: str):
+def snapshot_section(a: TorchAnalysis, source: str) -> SectionResult:
     """Metrics map, JSON section and findings of one TorchAnalysis (a SectionResult)."""
     import dataclasses
 

@@ -32,13 +32,16 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvprof.analysis import allocators
+from kvprof.analysis import allocators as allocators  # re-exported: commands/whatif.py uses W.allocators
 from kvprof.analysis.blocks import true_runs
 from kvprof.trace.format import EventKind as K
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import PoolInfo
 
 UNLIMITED = -1
 RECOVERIES = ("preempt", "seeds")
@@ -71,14 +74,14 @@ class Schedule:
     engine: str
     block_size: int
     num_blocks: int
-    reserved_ids: list
+    reserved_ids: list[Any]
     bytes_per_block: int | None
     t_start: int
     t_end: int
     requests: int
     prefix_caching: bool
     final_lengths: np.ndarray  # tokens of each request at its last state
-    unsupported: dict = field(default_factory=dict)  # events the replay cannot use, by kind
+    unsupported: dict[str, Any] = field(default_factory=dict)  # events the replay cannot use, by kind
     engine_policy: str | None = None  # the pool's own free order, when it declared one (the demo's lru, lifo, lowest-id)
     # the operations (see whatif_kernel, "the schedule builder")
     code: np.ndarray | None = None  # uint8, one per operation
@@ -147,7 +150,7 @@ class ScheduleBuilder:
     owner, the positions of the blocks requests hold.
     """
 
-    def __init__(self, info):
+    def __init__(self, info: PoolInfo | Any) -> None:  # a PoolInfo, or a stand-in with its fields
         self.info = info
         self.B0 = int(info.block_size)
         self._K = K = _kernel()
@@ -311,7 +314,7 @@ class ReplayResult:
     recovery: str
     prefix_cache: bool
     recorded: bool
-    metrics: dict  # analyze's metric names, plus the what-if ones (whatif.*)
+    metrics: dict[str, Any]  # analyze's metric names, plus the what-if ones (whatif.*)
 
 
 def pool_size(sched: Schedule, cfg: Config) -> int:
@@ -347,7 +350,7 @@ def replay(sched: Schedule, cfg: Config) -> ReplayResult:
                         cfg.recovery if cfg.policy in allocators.CONTIGUOUS else "n/a", cfg.prefix_cache and sched.prefix_caching, recorded, m)
 
 
-def _metrics(sched: Schedule, cfg: Config, K, n: int, reserved: np.ndarray, SC, FL, peak_mask) -> dict:
+def _metrics(sched: Schedule, cfg: Config, K, n: int, reserved: np.ndarray, SC, FL, peak_mask) -> dict[str, Any]:
     """analyze's metrics, and the what-if ones, from the kernel's counters (SC), integrals (FL)
     and the free mask at the watermark."""
     B = cfg.block_size
@@ -438,7 +441,7 @@ def replay_many(sched: Schedule, configs: list[Config], jobs: int | None = None)
 
 
 # -- block-size advice ---------------------------------------------------------------------------------
-def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: int) -> dict:
+def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: int) -> dict[str, Any]:
     """The empirical optimum on the recorded lengths beside the closed form
     B* = sqrt(2 L m_metadata / m_token) (L: mean final length)."""
     bytes_per_token = sched.bytes_per_token
@@ -488,12 +491,12 @@ def parse_bytes(text: str) -> int:
 
 @dataclass
 class WhatifOptions:
-    block_sizes: tuple = ()  # empty: DEFAULT_SIZES plus the recorded size
+    block_sizes: tuple[Any, ...] = ()  # empty: DEFAULT_SIZES plus the recorded size
     num_blocks: int | None = None  # fixed count for every size; None: see kv_memory / same memory
     unlimited: bool = False  # only the replay without a capacity limit
     kv_memory: int | None = None  # bytes of KV memory: blocks = kv_memory / (B * bytes per token)
-    policies: tuple = ("free-queue",)
-    recoveries: tuple = RECOVERIES
+    policies: tuple[Any, ...] = ("free-queue",)
+    recoveries: tuple[Any, ...] = RECOVERIES
     prefix_cache: bool = True
     pool: str | None = None
     metadata_bytes: int = 64
@@ -515,7 +518,7 @@ def pick_pool(stream, label: str | None):
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in stream.pools)})")
 
 
-def pick_schedule(schedules: list, label: str | None) -> Schedule | None:
+def pick_schedule(schedules: list[Any], label: str | None) -> Schedule | None:
     """pick_pool's choice among schedules built for each pool (ScheduleBuilder.finish): the
     busiest pool with request states, or the one named ``label``."""
     pools = [s for s in schedules if s.states] or list(schedules)
@@ -531,7 +534,7 @@ def pick_schedule(schedules: list, label: str | None) -> Schedule | None:
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(s.pool for s in schedules)})")
 
 
-def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
+def run(stream, opts: WhatifOptions, analyzed: dict[str, Any] | None = None) -> dict[str, Any]:
     """sections.whatif for one pool of an in-memory stream (tests; the commands go through
     the analysis pass, which extracts the schedule on the way: :func:`run_schedule`).
     ``analyzed``: analyze's metric values (name -> value) for that pool over the whole run,
@@ -544,18 +547,18 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
     t0 = time.perf_counter()
     sched = extract(stream, info.index)
 
-    def analyze_pool() -> dict:  # analyze's figures for this pool, through analyze's own metric mapping
+    def analyze_pool() -> dict[str, Any]:  # analyze's figures for this pool, through analyze's own metric mapping
         from kvprof.analysis import block_metrics
         from kvprof.analysis.blocks import analyze_blocks
 
-        entries: dict = {}
+        entries: dict[str, Any] = {}
         block_metrics(entries, analyze_blocks(stream, [info.index]), 1, None)
         return {k: v["value"] for k, v in entries.items()}
 
     return run_schedule(sched, opts, analyzed if analyzed is not None else analyze_pool, started=t0)
 
 
-def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed, started: float | None = None) -> dict:
+def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed, started: float | None = None) -> dict[str, Any]:
     """sections.whatif from a schedule already built (ScheduleBuilder.finish): the analysis
     engine's way, which feeds the builder during its own pass over the bundle.
     ``analyzed``: analyze's metric values (name -> value) for the schedule's pool over the
