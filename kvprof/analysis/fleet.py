@@ -20,10 +20,13 @@ hit rate lies between its engines' lowest and highest.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kvprof.analysis.results import Finding, SectionResult, metric_entry
+from kvprof.analysis.results import Finding, SectionResult, Window, metric_entry
 from kvprof.trace import hostinfo
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import Bundle, ProcessData
 
 IMBALANCE_FINDING = 1.5  # an engine's peak this many times the engines' mean is said
 CLOCK_SPREAD_FINDING_S = 0.01  # a host whose offsets to wall time moved this much during the run
@@ -33,15 +36,15 @@ def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def _pool_processes(bundle) -> list[Any]:
+def _pool_processes(bundle: Bundle) -> list[ProcessData]:
     """The process of each pool, by global pool index (the reader numbers pools process by process)."""
-    out = []
+    out: list[ProcessData] = []
     for proc in bundle.processes:
         out.extend([proc] * len(proc.pools))
     return out
 
 
-def _node_of(proc, bundle) -> tuple[str, str]:
+def _node_of(proc: ProcessData, bundle: Bundle) -> tuple[str, str | None]:
     key, name = proc.node
     if key is not None:
         return key, name
@@ -49,7 +52,7 @@ def _node_of(proc, bundle) -> tuple[str, str]:
     return f"host:{host}", str(host).split(".")[0]
 
 
-def section(bundle, bounds) -> SectionResult | None:
+def section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
     bp = getattr(bundle, "block_pass", None)
     owners = _pool_processes(bundle)
     nodes_of_procs = {_node_of(p, bundle) for p in bundle.processes}
@@ -120,9 +123,9 @@ def section(bundle, bounds) -> SectionResult | None:
     section: dict[str, Any] = {"totals": totals, "nodes": sorted(nodes.values(), key=lambda n: n["node"]), "engines": engines, "clock": clock}
     for e in engines:
         e.pop("node_key")
-    metrics = {}
+    metrics: dict[str, Any] = {}
 
-    def put(name, value):
+    def put(name: str, value: Any) -> None:
         metrics[name] = metric_entry(name, value, "fleet", window)
 
     put("fleet.nodes", totals["nodes"])

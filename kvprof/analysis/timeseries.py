@@ -10,12 +10,15 @@ figure of the analysis is computed on all events.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
+from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED, ChunkView
 from kvprof.trace.format import EventKind as K
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import Bundle, PoolInfo
 
 _RANK = np.array([0, 1, 3, 2], dtype=np.int8)  # state -> rank: EMPTY < CACHED < RESERVED < IN_USE
 _BACK = np.array([EMPTY, CACHED, RESERVED, IN_USE], dtype=np.int8)  # rank -> state
@@ -48,7 +51,7 @@ class BlockMapSeries:
     ids, or groups of consecutive ids when the pool is larger than ``max_rows`` (a group
     shows its busiest state: in use > reserved > cached > free)."""
 
-    def __init__(self, info, t0: int, columns: int = 300, max_rows: int = 512):
+    def __init__(self, info: PoolInfo, t0: int, columns: int = 300, max_rows: int = 512):
         self.info = info
         n = info.num_blocks
         self.group = -(-n // max_rows) if n > max_rows else 1
@@ -78,7 +81,7 @@ class BlockMapSeries:
             self.col //= 2
         self.grid = g
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         if not len(v.bt):
             return
         old = self.cols.width
@@ -146,7 +149,7 @@ class HitRateSeries:
             self.h = np.r_[self.h[0::2] + self.h[1::2], np.zeros(len(self.h) // 2)]
             f //= 2
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         c = v.chunk
         sel = np.flatnonzero(c.kind == K.REQ_QUERY)
         if not len(sel):
@@ -186,7 +189,7 @@ class PoolCountsSeries:
     to ``max_points`` once there are more (the last value of each time bucket, and the
     bucket's largest in-use count, so the watermark survives thinning)."""
 
-    def __init__(self, info, max_points: int = 20000):
+    def __init__(self, info: PoolInfo, max_points: int = 20000):
         self.info = info
         self.max_points = max_points
         self.t: list[Any] = []
@@ -197,7 +200,7 @@ class PoolCountsSeries:
         self.points = 0
         self.cols: _Columns | None = None  # buckets, once thinning started
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         if not len(v.bt):
             return
         call_last = np.r_[v.ev_of[1:] != v.ev_of[:-1], True]  # the state after each call
@@ -251,13 +254,13 @@ class InstantSeries:
     """A pool's preemptions and refused allocations (time, kind, request key), the first
     ``limit`` of them, for the Perfetto export's instant events."""
 
-    def __init__(self, info, limit: int = 100000):
+    def __init__(self, info: PoolInfo, limit: int = 100000):
         self.info = info
         self.limit = limit
         self.parts: list[Any] = []
         self.kept = 0
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         c = v.chunk
         if self.kept >= self.limit:
             return
@@ -267,11 +270,13 @@ class InstantSeries:
             self.kept += len(sel)
 
     def result(self) -> dict[str, Any]:
-        cat = lambda i, dt: np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype=dt)  # noqa: E731
+        def cat(i: int, dt: Any) -> np.ndarray:
+            return np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype=dt)
+
         return {"pool": self.info.index, "t": cat(0, np.int64), "kind": cat(1, np.uint8), "req": cat(2, np.int64)}
 
 
-def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list[Any]:
+def marker_times(bundle: Bundle, t0_ns: int | None, limit: int = 400) -> list[Any]:
     """(seconds since t0, name, pid) of the markers, thinned to ``limit`` evenly."""
     marks = bundle.marks()
     if not len(marks.t):
@@ -283,7 +288,7 @@ def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list[Any]:
     return [((int(marks.t[i]) - t0) / 1e9, marks.names[int(marks.name[i])], int(marks.pid[i])) for i in idx]
 
 
-def gc_pauses(bundle, t0_ns: int | None, limit: int = 5000) -> list[Any]:
+def gc_pauses(bundle: Bundle, t0_ns: int | None, limit: int = 5000) -> list[Any]:
     """Every collection (the longest ``limit`` when there are more): process, start (s since
     t0), pause (s), generation."""
     rows = []
