@@ -23,14 +23,18 @@ tests/analysis/legacy_blocks.py; tests hold the two equal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvprof.trace.chunks import BlockChunk
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.reader import PoolInfo
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import BlockStream
 
 EMPTY, CACHED, IN_USE, RESERVED = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "free-empty", CACHED: "free-cached", IN_USE: "in-use", RESERVED: "reserved"}
@@ -140,7 +144,7 @@ class PoolAnalysis:
     timeline: dict[str, Any] = field(default_factory=dict)
 
 
-def true_runs(mask: np.ndarray):
+def true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start and length of every run of True in a boolean array."""
     d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
     starts = np.flatnonzero(d == 1)
@@ -216,7 +220,10 @@ class _Series:
     def _double(self) -> None:
         """Merge bucket pairs: max of maxes, the later bucket's last values."""
         h = self.n // 2
-        z = lambda dt: np.zeros(h, dtype=dt)  # noqa: E731
+
+        def z(dt: Any) -> np.ndarray:
+            return np.zeros(h, dtype=dt)
+
         self.in_max = np.r_[np.maximum(self.in_max[0::2], self.in_max[1::2]), z(np.int64)]
         self.cached = np.r_[np.where(self.present[1::2], self.cached[1::2], self.cached[0::2]), z(np.int64)]
         self.tl_waste = np.r_[np.where(self.tl_have[1::2], self.tl_waste[1::2], self.tl_waste[0::2]), z(np.int64)]
@@ -264,7 +271,7 @@ class _Series:
         self.tl_slots[idx] = slots[ends]
         self.tl_have[idx] = True
 
-    def timeline(self, capacity: int, t0: int, preempt_t: list[Any], window, have_state: bool) -> dict[str, Any]:
+    def timeline(self, capacity: int, t0: int, preempt_t: list[Any], window: tuple[int, int] | None, have_state: bool) -> dict[str, Any]:
         if self.t0 is None:
             return {}
         while self.present.any() and int(np.flatnonzero(self.present)[-1]) >= self.points:  # at most `points` buckets
@@ -393,7 +400,7 @@ class _Replay:
         self.out_of_range = 0
         self.block_events = 0
 
-    def view(self, c: BlockChunk, in_win) -> _Chunk:
+    def view(self, c: BlockChunk, in_win: Callable[[np.ndarray], np.ndarray]) -> _Chunk:
         a = self.a
         x = _Chunk()
         x.c, x.t, x.kind = c, c.t, c.kind
@@ -532,7 +539,7 @@ class _Requests:
         self.failures = 0
         self.preemptions = 0
 
-    def waste(self, x: _Chunk):
+    def waste(self, x: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The chunk's state events (call indices) and the change of waste and lookahead slots each makes."""
         if len(x.rsel):
             top = int(x.r_req.max())
@@ -606,7 +613,7 @@ class _Requests:
     def _idle(self, value: int) -> None:
         self.in_use_at_idle = max(self.in_use_at_idle, value)
 
-    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray):
+    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Change of each request's waste and lookahead since its previous state (``o``: the
         stable sort of the state events by request)."""
         if not len(s_req):
@@ -683,7 +690,8 @@ class _Occupancy:
         self.peak_states = None  # every block's state just after the peak
         self.plateau: tuple[int, int] | None = None  # (waste, slots) just before the plateau ends; None until seen
 
-    def feed(self, x: _Chunk, state_call, state_t, dwaste, dlook, states_before_chunk) -> tuple[Any, ...]:
+    def feed(self, x: _Chunk, state_call: np.ndarray, state_t: np.ndarray, dwaste: np.ndarray, dlook: np.ndarray,
+             states_before_chunk: np.ndarray) -> tuple[Any, ...]:
         a = self.a
         # merged step functions over the chunk's timeline: block events and request states in call order
         nb, ns = x.m, len(state_call)
@@ -845,7 +853,7 @@ class _PrefixCache:
             self.pre_hits += int(h[~bad].sum())
         self.allocated += int(((x.bkind == K.ALLOC) & x.win_b).sum())
         self.hit_blocks += int(((x.bkind == K.HIT) & x.win_b).sum())
-        evict = ((x.skind == K.ALLOC) & (x.st_before == CACHED)) | ((x.skind == K.EVICT) & x.hashed_before)
+        evict: np.ndarray = ((x.skind == K.ALLOC) & (x.st_before == CACHED)) | ((x.skind == K.EVICT) & x.hashed_before)
         m = x.m
         if not m:
             return evict
@@ -902,7 +910,7 @@ class _Lifetimes:
         self.reuse: list[Any] = []
         self.frees_to_zero = self.realloc = self.steps = self.steps_in = 0
 
-    def feed(self, x: _Chunk, evict: np.ndarray, in_win) -> None:
+    def feed(self, x: _Chunk, evict: np.ndarray, in_win: Callable[[np.ndarray], np.ndarray]) -> None:
         steps_before = self.steps
         self.steps += len(x.step_t)
         self.steps_in += int(in_win(x.step_t).sum())
@@ -942,7 +950,9 @@ class _Lifetimes:
         self.end_step[gk[ended]] = step_of[last_end[ended]]
 
     def result(self) -> LifetimeResult:
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
         return LifetimeResult(cat(self.lifetimes), cat(self.idle), cat(self.reuse), self.frees_to_zero,
                               self.realloc if self.steps else 0, self.steps_in, self.steps)
 
@@ -1017,7 +1027,7 @@ class _Leaks:
         return LeakResult(len(live_keys), len(leaky), ids)
 
 
-def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list[Any], dict]:
+def _rounding(lengths: np.ndarray, block_size: int | None, infos: list[PoolInfo]) -> tuple[list[Any], dict[str, Any]]:
     """The recorded final lengths rounded up to each block size; a contiguous reservation."""
     rows = []
     total = int(lengths.sum())
@@ -1029,7 +1039,7 @@ def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list[
         rows.append({"block_size": b, "allocated_slots": slots, "wasted_slots": slots - total,
                      "waste_ratio": (slots - total) / slots if slots else 0.0, "block_table_entries": int(nb.sum()),
                      "mean_last_block_waste": float(((-lengths) % b).mean()), "recorded": b == block_size})
-    contiguous = {}
+    contiguous: dict[str, Any] = {}
     if len(lengths):
         max_len = max(int(lengths.max()), *(int(p.extra.get("max_model_len") or 0) for p in infos))
         contiguous = {"max_len": max_len, "utilization": total / (len(lengths) * max_len) if max_len else None,
@@ -1185,7 +1195,7 @@ class BlockAnalyzer:
         )
 
 
-def analyze_blocks(stream, pools: list[int] | None = None, window: tuple[int, int] | None = None, chunk_events: int | None = None) -> PoolAnalysis:
+def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: tuple[int, int] | None = None, chunk_events: int | None = None) -> PoolAnalysis:
     """Analyze the pools ``pools`` (global indices; None: all) of an in-memory BlockStream."""
     from kvprof.trace import chunks as ch
 
