@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from itertools import compress, islice
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,8 @@ from kvprof.trace import torch_snapshot as T
 from kvprof.trace.torch_snapshot import STACK_DEPTH  # noqa: F401 - frames that name a call site in the by-stack tables
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kvprof.analysis.results import SectionResult
 
 ALLOC, PENDING = "active_allocated", "active_pending_free"
@@ -66,7 +69,7 @@ class StackRow:
     stack: str
     count: int
     bytes: int
-    median_lifetime_us: float | None = None
+    median_lifetime_us: Any = None  # float | None; while ranking, the lifetimes (a list, or a function that gives it)
 
 
 @dataclass
@@ -105,7 +108,7 @@ def _frag(total: int, largest: int) -> float | None:
     return (1 - largest / total) if total > 0 else None
 
 
-def _median(xs):
+def _median(xs: Iterable[float]) -> float | None:
     xs = sorted(xs)
     n = len(xs)
     return None if not n else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
@@ -235,7 +238,7 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
     known = [t for t in times if t is not None]
     span = (max(known) - min(known)) if len(known) >= 2 else None
     stacks = iter(c.alloc_stack)
-    live: dict[tuple[Any, ...], tuple] = {}  # (device, addr) -> (size, stack, time, index)
+    live: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # (device, addr) -> (size, stack, time, index)
     alloc_count = alloc_bytes = short = short_bytes = 0
     churn: dict[int, Any] = {}
     last_alloc_index = -1
@@ -330,7 +333,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     requested bytes alone when the previous free of its key was a free_requested."""
     import numpy as np
 
-    def mask(codes):
+    def mask(codes: Iterable[int]) -> np.ndarray:
         table = np.zeros(256, dtype=bool)
         table[list(codes)] = True
         return table[act.view(np.uint8)]
@@ -432,7 +435,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms, timeline)
 
 
-def _group(keys, sizes, nkeys: int) -> dict[int, Any]:
+def _group(keys: np.ndarray, sizes: np.ndarray, nkeys: int) -> dict[int, Any]:
     """key -> [count, bytes] in the order each key first appears (keys: ints below nkeys)."""
     import numpy as np
 
@@ -489,7 +492,9 @@ def snapshot_section(a: TorchAnalysis, source: str) -> SectionResult:
 
     from kvprof.analysis.results import Finding, SectionResult, metric_entry
 
-    put = lambda name, value: (name, metric_entry(name, value, "torch"))  # noqa: E731
+    def put(name: str, value: Any) -> tuple[str, dict[str, Any]]:
+        return name, metric_entry(name, value, "torch")
+
     metrics = dict([
         put("torch.segments", a.segments), put("torch.reserved_bytes", a.reserved), put("torch.allocated_bytes", a.allocated),
         put("torch.requested_bytes", a.requested), put("torch.pending_free_bytes", a.pending_free),
@@ -502,7 +507,10 @@ def snapshot_section(a: TorchAnalysis, source: str) -> SectionResult:
         put("torch.short_lived_allocations", a.short_lived),
     ])
     findings = []
-    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+
+    def mib(n: float) -> str:
+        return f"{n / 2**20:,.1f} MiB"
+
     for o in a.ooms:
         kind = "fragmentation OOM" if o.fragmentation_oom else "OOM"
         findings.append(Finding(
