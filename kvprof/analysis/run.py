@@ -6,11 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from kvprof.analysis.results import AnalysisResult, Finding, SectionResult, Window, metric_entry
 from kvprof.analysis.sources import BUNDLE, MEMRAY, SNAPSHOT, file_hint, kind_of
 from kvprof.errors import BundleError, UsageError
+
+if TYPE_CHECKING:
+    from kvprof.analysis.blocks import PoolAnalysis
+    from kvprof.analysis.engine import BlockPass
+    from kvprof.analysis.whatif import WhatifOptions
+    from kvprof.trace.reader import Bundle
 
 # The bundle's sections, as "module:function".  Each is called as function(bundle, bounds)
 # with bounds = (t0, t1) or None (a Window, whose .label names it), after the one pass over
@@ -20,7 +27,7 @@ SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.an
                                 "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_section", "kvprof.analysis.gpu:nvml_section"]
 
 
-def _window_bounds(bundle, window: str | None):
+def _window_bounds(bundle: Bundle, window: str | None) -> tuple[Window | None, str | None]:
     if not window:
         return None, None
     start, _, end = window.partition(":")
@@ -37,7 +44,8 @@ def _window_bounds(bundle, window: str | None):
     return Window((t0, t1), label), label
 
 
-def analyze_path(path: str, window: str | None = None, *, series: bool = False, whatif: bool = False, progress=None) -> AnalysisResult:
+def analyze_path(path: str, window: str | None = None, *, series: bool = False, whatif: bool = False,
+                 progress: Callable[[int], object] | None = None) -> AnalysisResult:
     """A bundle directory, a bare PyTorch memory snapshot (a .pickle file) or a memray
     capture.  ``series``: also what the HTML report draws (``result.series``);
     ``whatif``: with it, the report's what-if replay; ``progress``: see engine.block_pass."""
@@ -79,7 +87,8 @@ def analyze_snapshot_file(path: str) -> AnalysisResult:
     return AnalysisResult(source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings)
 
 
-def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, whatif: bool = False, progress=None) -> AnalysisResult:
+def analyze_bundle(bundle: Bundle, window: str | None = None, *, series: bool = False, whatif: bool = False,
+                   progress: Callable[[int], object] | None = None) -> AnalysisResult:
     """Everything kvprof computes from a bundle, in one pass over its block events."""
     import importlib
 
@@ -124,7 +133,7 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
     return result
 
 
-def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict[str, Any]:
+def _bundle_series(bundle: Bundle, result: AnalysisResult, bp: BlockPass, replay_pool: int | None, window_label: str | None) -> dict[str, Any]:
     """What the HTML report and the Perfetto export draw, beside the analysis."""
     from kvprof.analysis import timeseries as ts
 
@@ -154,20 +163,21 @@ def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict[str, A
 class Pending:
     """A series still being computed in a background thread."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[], Any]):
         import threading
 
-        self._value = self._error = None
+        self._value: Any = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(fn,), name="kvprof-whatif", daemon=True)
         self._thread.start()
 
-    def _run(self, fn) -> None:
+    def _run(self, fn: Callable[[], Any]) -> None:
         try:
             self._value = fn()
         except BaseException as exc:  # handed over to resolve()
             self._error = exc
 
-    def resolve(self):
+    def resolve(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
@@ -187,7 +197,7 @@ def resolve_series(series: dict[str, Any]) -> dict[str, Any]:
     return series
 
 
-def blocks_section(bundle, bounds) -> SectionResult | None:
+def blocks_section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
     """The block pools: every pool's analysis and all pools together, from the pass."""
     from kvprof.analysis.findings import block_findings
 
@@ -200,7 +210,7 @@ def blocks_section(bundle, bounds) -> SectionResult | None:
     return SectionResult(name="blocks", metrics=metrics, section=section, findings=block_findings(bp.total, bp.per_pool))
 
 
-def whatif_bundle(bundle, opts, progress=None) -> dict[str, Any]:
+def whatif_bundle(bundle: Bundle, opts: WhatifOptions, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
     """`kvprof whatif`: one pass over the bundle gives every pool's analysis and schedule;
     the chosen pool's schedule is replayed under ``opts`` and checked against its analysis."""
     from kvprof.analysis import whatif as W
@@ -213,7 +223,7 @@ def whatif_bundle(bundle, opts, progress=None) -> dict[str, Any]:
     return W.run_schedule(bp.schedules[pool], opts, pool_metrics(bp, pool, None))
 
 
-def pool_metrics(bp, pool: int, window_label: str | None) -> dict[str, Any]:
+def pool_metrics(bp: BlockPass, pool: int, window_label: str | None) -> dict[str, Any]:
     """analyze's figures (name -> value) for one pool over the whole run, for the what-if
     fidelity check: the pass's own when it covered the whole run."""
     entries: dict[str, Any] = {}
@@ -221,11 +231,11 @@ def pool_metrics(bp, pool: int, window_label: str | None) -> dict[str, Any]:
     return {k: v["value"] for k, v in entries.items()}
 
 
-def block_metrics(out: dict[str, Any], a, npools: int, window_label: str | None) -> None:
+def block_metrics(out: dict[str, Any], a: PoolAnalysis, npools: int, window_label: str | None) -> None:
     src = "blocks"
     w = window_label
 
-    def put(name, value, window=None):
+    def put(name: str, value: Any, window: str | None = None) -> None:
         out[name] = metric_entry(name, value, src, window or w)
 
     put("blocks.events", a.block_events)
@@ -266,9 +276,9 @@ def block_metrics(out: dict[str, Any], a, npools: int, window_label: str | None)
     put("blocks.refcount_errors", a.refcount_errors)
 
 
-def _marker_summary(bundle) -> dict[str, Any]:
+def _marker_summary(bundle: Bundle) -> dict[str, Any]:
     marks = bundle.marks()
-    out = {}
+    out: dict[str, Any] = {}
     for i, name in enumerate(marks.names):
         sel = marks.name == i
         out[name] = {"count": int(sel.sum()), "processes": sorted({int(p) for p in marks.pid[sel]})}

@@ -683,6 +683,10 @@ _MANIFEST_FIELDS = (
 class Bundle:
     """An opened bundle.  ``Bundle(path)`` validates it or raises BundleError."""
 
+    # set by the analysis (kvprof/analysis/run.py analyze_bundle) for the sections it runs
+    block_pass: Any  # kvprof.analysis.engine.BlockPass
+    pool_steps: dict[int, int]
+
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
         if not os.path.exists(path):
