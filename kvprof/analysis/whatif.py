@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -41,7 +42,8 @@ from kvprof.analysis.blocks import true_runs
 from kvprof.trace.format import EventKind as K
 
 if TYPE_CHECKING:
-    from kvprof.trace.reader import PoolInfo
+    from kvprof.trace.chunks import BlockChunk
+    from kvprof.trace.reader import BlockStream, PoolInfo
 
 UNLIMITED = -1
 RECOVERIES = ("preempt", "seeds")
@@ -52,7 +54,7 @@ _ORDER_IDS = {"fifo": 0, "lifo": 1, "lowest": 2}
 _NOTED = False
 
 
-def _kernel():
+def _kernel() -> Any:  # the whatif_kernel module (numba's compiled functions)
     """The compiled kernels (imported here, never at kvprof's start: numba takes ~0.3 s)."""
     global _NOTED
     try:
@@ -126,7 +128,7 @@ class Schedule:
                                       self.max_tokens, self.class_off, self.class_of, self.final_lengths) if x is not None)
 
 
-def _grown(arr: np.ndarray, size: int, fill) -> np.ndarray:
+def _grown(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
     """arr with ``size`` rows, the new ones ``fill`` (a value, or one per column)."""
     out = np.empty((size,) + arr.shape[1:], dtype=arr.dtype)
     out[len(arr):] = fill
@@ -177,7 +179,7 @@ class ScheduleBuilder:
         top = int(idx.max()) if len(idx) else 0
         if top >= len(self._keymap):
             self._keymap = _grown(self._keymap, max(top + 1, 2 * len(self._keymap)), -1)
-        loc = self._keymap[idx]
+        loc: np.ndarray = self._keymap[idx]
         new = loc < 0
         if new.any():
             cand = idx[new]
@@ -191,7 +193,7 @@ class ScheduleBuilder:
             loc = self._keymap[idx]
         return loc
 
-    def _ensure(self, name: str, size: int, fill=0) -> None:
+    def _ensure(self, name: str, size: int, fill: Any = 0) -> None:
         """Room for ``size`` rows: grown by half in place (realloc: no second buffer at the
         peak, where a copy would hold the old and the new array at once)."""
         arr = self._a[name]
@@ -201,7 +203,7 @@ class ScheduleBuilder:
             arr[old:] = fill
 
     # -- feeding ---------------------------------------------------------------------------------
-    def feed(self, chunk) -> None:
+    def feed(self, chunk: BlockChunk) -> None:
         """Take the next time-ordered chunk of this pool's events (other pools' are skipped)."""
         if self._done:
             raise RuntimeError("ScheduleBuilder.feed after finish")
@@ -255,7 +257,7 @@ class ScheduleBuilder:
         self._done = True
         nops, npay, nloc, nu = int(st[K.S_NOPS]), int(st[K.S_NPAY]), self._nloc, int(st[K.S_NUNION])
 
-        def trim(arr, n):  # in place (realloc: no copy, no second buffer at the peak)
+        def trim(arr: np.ndarray, n: int) -> np.ndarray:  # in place (realloc: no copy, no second buffer at the peak)
             arr.resize((n,) + arr.shape[1:], refcheck=False)
             return arr
 
@@ -286,7 +288,7 @@ class ScheduleBuilder:
         return sched
 
 
-def extract(stream, pool_index: int) -> Schedule:
+def extract(stream: BlockStream, pool_index: int) -> Schedule:
     """The replayable schedule of one pool (a global pool index of ``stream``, an in-memory
     :class:`kvprof.trace.reader.BlockStream`)."""
     from kvprof.trace import chunks
@@ -350,7 +352,8 @@ def replay(sched: Schedule, cfg: Config) -> ReplayResult:
                         cfg.recovery if cfg.policy in allocators.CONTIGUOUS else "n/a", cfg.prefix_cache and sched.prefix_caching, recorded, m)
 
 
-def _metrics(sched: Schedule, cfg: Config, K, n: int, reserved: np.ndarray, SC, FL, peak_mask) -> dict[str, Any]:
+def _metrics(sched: Schedule, cfg: Config, K: Any, n: int, reserved: np.ndarray, SC: np.ndarray, FL: np.ndarray,
+             peak_mask: np.ndarray | None) -> dict[str, Any]:
     """analyze's metrics, and the what-if ones, from the kernel's counters (SC), integrals (FL)
     and the free mask at the watermark."""
     B = cfg.block_size
@@ -504,7 +507,7 @@ class WhatifOptions:
     jobs: int | None = None
 
 
-def pick_pool(stream, label: str | None):
+def pick_pool(stream: BlockStream, label: str | None) -> PoolInfo | None:
     pools = [p for p in stream.pools if np.any((stream.pool == p.index) & (stream.kind == K.REQ_STATE))] or list(stream.pools)
     if not pools:
         return None
@@ -518,7 +521,7 @@ def pick_pool(stream, label: str | None):
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in stream.pools)})")
 
 
-def pick_schedule(schedules: list[Any], label: str | None) -> Schedule | None:
+def pick_schedule(schedules: list[Schedule], label: str | None) -> Schedule | None:
     """pick_pool's choice among schedules built for each pool (ScheduleBuilder.finish): the
     busiest pool with request states, or the one named ``label``."""
     pools = [s for s in schedules if s.states] or list(schedules)
@@ -534,7 +537,7 @@ def pick_schedule(schedules: list[Any], label: str | None) -> Schedule | None:
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(s.pool for s in schedules)})")
 
 
-def run(stream, opts: WhatifOptions, analyzed: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(stream: BlockStream, opts: WhatifOptions, analyzed: dict[str, Any] | None = None) -> dict[str, Any]:
     """sections.whatif for one pool of an in-memory stream (tests; the commands go through
     the analysis pass, which extracts the schedule on the way: :func:`run_schedule`).
     ``analyzed``: analyze's metric values (name -> value) for that pool over the whole run,
@@ -558,7 +561,8 @@ def run(stream, opts: WhatifOptions, analyzed: dict[str, Any] | None = None) -> 
     return run_schedule(sched, opts, analyzed if analyzed is not None else analyze_pool, started=t0)
 
 
-def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed, started: float | None = None) -> dict[str, Any]:
+def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict[str, Any] | Callable[[], dict[str, Any]],
+                 started: float | None = None) -> dict[str, Any]:
     """sections.whatif from a schedule already built (ScheduleBuilder.finish): the analysis
     engine's way, which feeds the builder during its own pass over the bundle.
     ``analyzed``: analyze's metric values (name -> value) for the schedule's pool over the
@@ -576,10 +580,11 @@ def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed, started: float 
     if opts.kv_memory and not bpt:
         raise ValueError("--kv-memory needs the bytes one token takes: the bundle does not say (give --bytes-per-token)")
 
-    def capacity(b):
+    def capacity(b: int) -> int:
         if opts.num_blocks:
             n = opts.num_blocks
         elif opts.kv_memory:
+            assert bpt is not None  # checked above
             n = max(int(opts.kv_memory // (b * bpt)), 2)
         else:
             n = max(sched.num_blocks * sched.block_size // b, 2)  # the recorded KV memory
