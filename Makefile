@@ -24,7 +24,7 @@ SGLANG := sglang==0.5.23
 SGLANG_DEPS := numpy xxhash psutil pybase64 orjson pillow starlette msgspec pyzmq tqdm aiohttp transformers dill \
 	apache-tvm-ffi sentencepiece compressed-tensors gguf triton ipython openai partial_json_parser
 
-.PHONY: install browser demo test test-quick test-ray ray-vllm-env test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean dist parquet-docs bench-startup
+.PHONY: install browser demo test test-quick lint test-ray ray-vllm-env test-vllm vllm-env vllm-newest test-sglang sglang-env fixtures fuzz bench bench-vllm torch-truth docs clean dist parquet-docs bench-startup
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ test: $(STAMP)
 # the crash matrix, the fuzzers).  A command-line -m replaces pyproject's addopts -m: hence the whole expression.
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow and not vllm and not sglang and not ray'
+
+# Lint (ruff) and type check (mypy), both configured in pyproject.toml.
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # Ray: a local cluster of three nodes (raylets) on this machine, drivers recorded (~1.5 minutes); and, when
 # $(VLLM_VENV) and $(RAY_VLLM_DIR) are there, vLLM's Ray executor (~1.5 minutes more). Not in `make test`.

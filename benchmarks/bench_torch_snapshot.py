@@ -88,9 +88,9 @@ def build_repeated(out: str, entries: int, source: str = FIXTURE, share_frames: 
         def frames(fr):
             if share_frames:
                 return fr
-            got = lists.get(id(fr))
+            got = lists.get(id(fr))  # noqa: B023 (called within this iteration only)
             if got is None:
-                got = lists[id(fr)] = list(fr)
+                got = lists[id(fr)] = list(fr)  # noqa: B023
             return got
 
         out_trace.extend(dict(e, time_us=e["time_us"] - dt, frames=frames(e["frames"])) for e in balanced)

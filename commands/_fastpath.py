@@ -74,7 +74,7 @@ class _Param:
         if self.kind is str:
             return text
         if self.kind is int and _INT.match(text):
-            value = int(text)
+            value: int | float = int(text)
         elif self.kind is float and _FLOAT.match(text):
             value = float(text)
         else:

@@ -11,7 +11,6 @@ parameters apart by their annotations, which must be real types.
 """
 
 import os
-import typing
 
 # what the run arguments read besides bundle directories (kvprof.analysis.is_recording, compare.load_run)
 RUN_FILE_SUFFIXES = (".pickle", ".pkl", ".bin", ".json")
@@ -20,7 +19,7 @@ RUN_METAVARS = ("BUNDLE", "BASE NEW", "RUN")
 EXPORT_FORMATS = {"perfetto": "Chrome trace-event JSON (ui.perfetto.dev)", "parquet": "one Parquet table per stream (docs/parquet.md)"}
 
 
-def complete_probe(incomplete: str) -> typing.List[typing.Tuple[str, str]]:
+def complete_probe(incomplete: str) -> list[tuple[str, str]]:
     """Probe names; after a comma, the rest of a list (``blocks,g`` -> ``blocks,gc``)."""
     from kvprof import probes
 
@@ -31,11 +30,11 @@ def complete_probe(incomplete: str) -> typing.List[typing.Tuple[str, str]]:
             if name.startswith(last) and name not in taken]
 
 
-def complete_format(incomplete: str) -> typing.List[typing.Tuple[str, str]]:
+def complete_format(incomplete: str) -> list[tuple[str, str]]:
     return [(name, text) for name, text in EXPORT_FORMATS.items() if name.startswith(incomplete)]
 
 
-def complete_run(incomplete: str) -> typing.List[str]:
+def complete_run(incomplete: str) -> list[str]:
     """Bundle directories (``*.kvprof``), the files kvprof reads, and directories to look
     in.  A lone directory is opened, level by level, so the shell (which puts a space after
     a single answer) never ends a path at ``dir/ ``."""
@@ -48,7 +47,7 @@ def complete_run(incomplete: str) -> typing.List[str]:
     return out
 
 
-def _entries(incomplete: str) -> typing.List[str]:
+def _entries(incomplete: str) -> list[str]:
     directory, prefix = os.path.split(incomplete)
     try:
         names = sorted(os.listdir(os.path.expanduser(directory) or "."))

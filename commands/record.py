@@ -42,7 +42,7 @@ def run(
     elif command and command[0].startswith("-") and not module:
         # an option kvprof does not know, before the command: a typo, not a program to run
         raise UsageError(f"no such option: {command[0]} (a command that starts with '-' goes after --; see `kvprof record --help`)")
-    probes = []
+    probes: list[str] = []
     for p in probe or []:
         probes.extend(x.strip() for x in p.split(",") if x.strip())
     require(pyspy_rate > 0, "--pyspy-rate must be a positive number of samples per second")

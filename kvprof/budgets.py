@@ -136,7 +136,7 @@ def _budgets_table(data: dict, path: str):
     """(table, source) of a parsed file: ``[budgets]``, else ``[tool.kvprof.budgets]``, else (None, None)."""
     if "budgets" in data:
         return data["budgets"], path
-    node = data
+    node: object = data
     for key in ("tool", "kvprof", "budgets"):
         if not isinstance(node, dict):
             return None, None  # `tool = 3`: not where budgets live

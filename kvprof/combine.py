@@ -192,7 +192,7 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
     }
     write_json_atomic(os.path.join(tmp, fmt.MANIFEST), man)
     shifts, table = hostinfo.clock_shifts(man, processes)
-    names = {}
+    names: dict[str, str] = {}
     for p in processes:
         d = hostinfo.clock_domain(p)
         if d is not None:

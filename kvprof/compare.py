@@ -26,6 +26,7 @@ import math
 import os
 import statistics
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvprof.budgets import Budgets
 from kvprof.errors import BundleError, UsageError
@@ -43,7 +44,7 @@ VERDICT_ORDER = {v: i for i, v in enumerate([FAIL, ONLY_BASE, ONLY_NEW, WORSE_OK
 @dataclass
 class Run:
     label: str  # the path it came from
-    metrics: dict  # name -> {"value", "unit", "better", "noisy", ...}
+    metrics: dict[str, Any]  # name -> {"value", "unit", "better", "noisy", ...}
 
 
 @dataclass
@@ -94,10 +95,10 @@ class Comparison:
     def passed(self) -> bool:
         return not self.failures
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         import dataclasses
 
-        def clean(x):
+        def clean(x: Any) -> Any:
             if isinstance(x, float) and not math.isfinite(x):
                 return "inf" if x > 0 else "-inf" if x < 0 else None
             if isinstance(x, dict):
@@ -106,7 +107,7 @@ class Comparison:
                 return [clean(v) for v in x]
             return x
 
-        return clean({
+        out: dict[str, Any] = clean({
             "schema": SCHEMA,
             "passed": self.passed,
             "base": self.base,
@@ -117,6 +118,7 @@ class Comparison:
             "failures": [r.name for r in self.failures],
             "rows": [dataclasses.asdict(r) for r in self.rows],
         })
+        return out
 
 
 # -- loading ---------------------------------------------------------------------------
@@ -143,7 +145,7 @@ def load_run(path: str) -> Run:
     return run
 
 
-def _load_analysis_json(path: str) -> dict:
+def _load_analysis_json(path: str) -> dict[str, Any]:
     """The metrics map of an analysis JSON, every entry checked: one line naming the first
     bad one (a value that is not a finite number or null, a bad `better`, unit or noisy)."""
     from kvprof.inputs import brief as _short, parse_guarded, read_bytes
@@ -180,7 +182,7 @@ def _load_analysis_json(path: str) -> dict:
     return metrics
 
 
-def broken_value(v) -> str | None:
+def broken_value(v: Any) -> str | None:
     """Why a metric value cannot be compared, or None when it can (a finite number, or null
     for "not measured")."""
     if v is None:
@@ -231,17 +233,18 @@ def _values(runs: list[Run], name: str) -> tuple[list[float], bool, list[str]]:
     return out, present, broken
 
 
-def _median(values: list):
+def _median(values: list[float]) -> float:
     m = statistics.median(values)
     if all(isinstance(v, int) for v in values) and float(m).is_integer():
         return int(m)
     return m
 
 
-def _meta(runs: list[Run], name: str) -> dict:
+def _meta(runs: list[Run], name: str) -> dict[str, Any]:
     for r in runs:
         if name in r.metrics:
-            return r.metrics[name]
+            meta: dict[str, Any] = r.metrics[name]
+            return meta
     return {}
 
 
@@ -290,7 +293,7 @@ def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets
     row.delta, row.rel = delta, _rel(delta, base)
     allow = spread or 0.0  # changes within the base runs' own spread are noise
 
-    def relative(kind: str, limit: float, sign: int, pattern, word: str, note: str = "") -> Check:
+    def relative(kind: str, limit: float, sign: int, pattern: str | None, word: str, note: str = "") -> Check:
         excess = sign * delta - allow  # how far beyond the base spread, in the limit's direction
         if excess <= EPS:
             ok = True
@@ -298,6 +301,7 @@ def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets
             ok = False  # any change from zero is an infinite relative change
         else:
             ok = excess / abs(base) <= limit + EPS
+        assert row.rel is not None  # set above
         spread_note = f", beyond base spread {_fmt(allow, unit)}" if allow > EPS else ""
         msg = (f"{_pct(row.rel)} ({_fmt(base, unit)} -> {_fmt(new, unit)}{spread_note}): "
                f"{word} {'within' if ok else 'exceeds'} {100 * limit:.2f}%{note}")
@@ -331,7 +335,7 @@ def _better(delta: float, better: str) -> bool:
     return delta < 0 if better == "lower" else delta > 0
 
 
-def _fmt(v, unit) -> str:
+def _fmt(v: Any, unit: Any) -> str:
     from kvprof.report.format import value
 
     return value(v, unit)

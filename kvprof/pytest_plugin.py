@@ -198,7 +198,7 @@ class KvprofPlugin:
             self.disabled = f"kvprof: not recording tests in this process: {exc}"
             import warnings
 
-            warnings.warn(pytest.PytestWarning(self.disabled))
+            warnings.warn(pytest.PytestWarning(self.disabled), stacklevel=2)
             return
         state["bundle"] = bundle
 

@@ -73,7 +73,7 @@ def _scan_processes(bundle: str, command: list[str] | None = None, outcome: dict
     the run ended in order, for processes that never closed their recording (see _how_ended)."""
     from kvprof.inputs import read_bytes
 
-    out = []
+    out: list[dict] = []
     procs = os.path.join(bundle, fmt.PROCS_DIR)
     if not os.path.isdir(procs):
         return out
@@ -473,7 +473,7 @@ class BundleLock:
         self.path = lock_path(bundle)
         self.fd = -1
 
-    def acquire(self) -> "BundleLock":
+    def acquire(self) -> BundleLock:
         import fcntl
 
         for _ in range(50):

@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 import time
+from typing import Any
 
 from kvprof import signals
 from kvprof.signals import HELD_SIGNALS
@@ -24,7 +25,7 @@ ENV_PROBES = "KVPROF_PROBES"
 ENV_RECORDER_PID = "KVPROF_RECORDER_PID"
 ENV_OPTIONS = "KVPROF_OPTIONS"
 
-writer = None  # kvprof.trace.writer.ProcessWriter while recording in this process
+writer: Any = None  # kvprof.trace.writer.ProcessWriter while recording in this process
 _declare_lock = threading.Lock()
 _pools: list[dict] = []  # pool declarations of this process, re-emitted after fork
 _probes: list[str] = []
@@ -403,8 +404,8 @@ def start_session(bundle: str, probes: list[str] | None = None, probe_options: d
         if real_register is not None:
             os.register_at_fork = real_register
         _pools[:0] = earlier_pools  # indices stay those the pools were given
-    writer.info["role"] = "main"
-    writer.write_process_info()
+    writer.info["role"] = "main"  # type: ignore[attr-defined]  # set by start(); mypy keeps the "is None" check above
+    writer.write_process_info()  # type: ignore[attr-defined]
     _session = session
 
 
@@ -418,7 +419,7 @@ def _register_at_fork_once(**handlers) -> None:
         _real_register_at_fork(**handlers)
 
 
-_real_register_at_fork = getattr(os, "register_at_fork", None)
+_real_register_at_fork: Any = getattr(os, "register_at_fork", None)
 
 
 def _session_env(saved: dict) -> None:

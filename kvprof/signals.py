@@ -12,6 +12,7 @@ import os
 import signal
 import threading
 import time
+from typing import Any
 
 # the process-directed signals kvprof keeps away from every thread but the main one
 HELD_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2})
@@ -39,7 +40,7 @@ def block_process_signals() -> None:
 # the interrupted call checks for pending handlers and runs kvprof's.  Only armed when
 # the program has no wakeup fd of its own and no SIGURG handler.  Guarded by
 # tests/test_record.py::test_a_sigterm_caught_by_another_thread_still_flushes_and_kills.
-_rescue = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False, "handler": None}
+_rescue: dict[str, Any] = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False, "handler": None}
 
 
 def _poke(signum, frame) -> None:  # SIGURG: only there to interrupt a blocking call

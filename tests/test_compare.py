@@ -108,8 +108,8 @@ def test_markdown_junit_and_step_summary(runs, tmp_path):
     assert r.returncode == 1
     md = (tmp_path / "c.md").read_text()
     lines = md.splitlines()
-    header = next(i for i, l in enumerate(lines) if l.startswith("| metric"))
-    assert lines[header + 1].startswith("|---") and all(l.count("|") - l.count("\\|") == 7 for l in lines[header:] if l)
+    header = next(i for i, ln in enumerate(lines) if ln.startswith("| metric"))
+    assert lines[header + 1].startswith("|---") and all(ln.count("|") - ln.count("\\|") == 7 for ln in lines[header:] if ln)
     assert "**fail**" in md and "`blocks.leaked_blocks`" in md
     assert summary.read_text() == "earlier step\n" + md  # appended, as GitHub expects
     xml = (tmp_path / "c.xml").read_text()

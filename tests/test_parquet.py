@@ -52,7 +52,7 @@ def test_every_table_is_written_with_its_declared_columns_and_types(tmp_path):
     out = tmp_path / "pq"
     _export(os.path.join(FIXTURES, "demo.kvprof"), out)
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{t}.parquet" for t in parquet.TABLES)
-    for table, (doc, cols) in parquet.TABLES.items():
+    for table, (_doc, cols) in parquet.TABLES.items():
         s = pq.read_schema(out / f"{table}.parquet")
         assert s.names == [c for c, _, _ in cols], table
         assert all(s.field(c).type == parquet._type(pa, t) for c, t, _ in cols), table

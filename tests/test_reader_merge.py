@@ -44,7 +44,7 @@ def test_processes_and_threads_merge_in_time_order(tmp_path):
         # a racing thread stalled between reading the clock and writing while the other wrote
         # more than a piece (a loaded machine): those events are moved forward in time, said
         # in a note; the same events are read, none lost
-        key = lambda c: sorted(zip(c.kind.tolist(), c.pool.tolist(), c.arg.tolist(), c.n.tolist()))
+        key = lambda c: sorted(zip(c.kind.tolist(), c.pool.tolist(), c.arg.tolist(), c.n.tolist()))  # noqa: E731
         assert key(whole) == key(ref) and int(late[0].split()[0].replace(",", "")) < len(whole) // 100
         return
     for f in ("t", "kind", "pool", "arg", "arg2", "n", "ids"):

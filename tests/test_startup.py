@@ -93,7 +93,7 @@ def test_a_number_out_of_range_is_refused_in_the_same_words_under_any_typer(name
     with pytest.raises(UsageError) as exc:
         _fast(name, args)
     assert str(exc.value) == message
-    with pytest.raises(Exception):  # typer refuses it too (in its version's own words)
+    with pytest.raises(Exception):  # noqa: B017 typer refuses it too (in its version's own words)
         _typer_kwargs(name, args)
 
 

@@ -73,7 +73,7 @@ def test_every_segment_line_equals_pytorchs_live(name):
     path = os.path.join(SNAPS, name)
     r = subprocess.run([_torch_python(), "-m", "torch.cuda._memory_viz", "stats", path], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    theirs = [l for l in r.stdout.splitlines() if re.match(r"^\[.*\] .* allocated, .* free", l)]
+    theirs = [ln for ln in r.stdout.splitlines() if re.match(r"^\[.*\] .* allocated, .* free", ln)]
     snap = loads(open(path, "rb").read())
     mine = []
     for s in sorted(snap["segments"], key=lambda s: (s["total_size"], sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated"))):
@@ -85,7 +85,7 @@ def test_every_segment_line_equals_pytorchs_live(name):
         pct = f" ({100 * rounding / free:.1f}% internal)" if free else ""
         stream = f" stream_{s['stream']}" if s["stream"] else ""
         mine.append(f"{torch_size(s['total_size'])} allocated, {torch_size(free)}{pct} free{stream}")
-    assert [l.split("] ", 1)[1] for l in theirs] == mine
+    assert [ln.split("] ", 1)[1] for ln in theirs] == mine
 
 
 # -- hand-made snapshots: every format and every finding -------------------------------------

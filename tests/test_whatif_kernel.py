@@ -396,7 +396,7 @@ def test_the_compiled_replay_equals_the_reference_on_a_real_vllm_run(tmp_path):
     preemptions and refusals): schedule and every configuration equal the reference.
     Slow: `make test-vllm`."""
     from tests.conftest import WORKLOADS
-    
+
     bundle = tmp_path / "v.kvprof"
     r = run_kvprof("record", "-q", "-o", str(bundle), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
                    timeout=600)

@@ -9,15 +9,17 @@ to equal it, metric for metric.
 
 from __future__ import annotations
 
-import math
-import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvprof.analysis import allocators
 from kvprof.analysis.blocks import true_runs  # noqa: F401 (the metrics below)
 from kvprof.trace.format import EventKind as K
+
+if TYPE_CHECKING:
+    from kvprof.analysis.whatif import Config
 
 # schedule operations
 (OP_STEP, OP_QUERY, OP_LOOKUP, OP_GROW, OP_CACHE, OP_FREE, OP_STATE, OP_PREEMPT, OP_FINISH, OP_FAIL, OP_FALLOC, OP_FFREE) = range(12)

@@ -9,6 +9,29 @@ import the orchestration).
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what __getattr__ below imports on first use, for the type checker
+    from kvprof.analysis.results import SCHEMA as SCHEMA
+    from kvprof.analysis.results import AnalysisResult as AnalysisResult
+    from kvprof.analysis.results import Finding as Finding
+    from kvprof.analysis.results import SectionResult as SectionResult
+    from kvprof.analysis.results import Window as Window
+    from kvprof.analysis.results import metric_entry as metric_entry
+    from kvprof.analysis.run import SECTION_ANALYZERS as SECTION_ANALYZERS
+    from kvprof.analysis.run import analyze_bundle as analyze_bundle
+    from kvprof.analysis.run import analyze_path as analyze_path
+    from kvprof.analysis.run import analyze_snapshot_file as analyze_snapshot_file
+    from kvprof.analysis.run import block_metrics as block_metrics
+    from kvprof.analysis.run import blocks_section as blocks_section
+    from kvprof.analysis.run import pool_metrics as pool_metrics
+    from kvprof.analysis.run import whatif_bundle as whatif_bundle
+    from kvprof.analysis.sources import file_hint as file_hint
+    from kvprof.analysis.sources import is_recording as is_recording
+    from kvprof.analysis.sources import kind_of as kind_of
+    from kvprof.analysis.sources import looks_like_memray as looks_like_memray
+    from kvprof.analysis.torch_memory import snapshot_section as snapshot_section
+
 _EXPORTS = {
     "SCHEMA": "results", "Finding": "results", "SectionResult": "results", "AnalysisResult": "results", "metric_entry": "results",
     "Window": "results",
@@ -20,7 +43,7 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     mod = _EXPORTS.get(name)
     if mod is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,6 +20,8 @@ of contiguous KV memory would.
 from __future__ import annotations
 
 import heapq
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -29,8 +31,9 @@ POLICIES = ("free-queue", "first-fit", "best-fit", "buddy")
 CONTIGUOUS = frozenset({"first-fit", "best-fit", "buddy"})  # serve each allocation from one run of ids
 
 
-def make(policy: str, n: int, reserved=(), uncached_first: bool = False, order: str = "fifo"):
-    cls = {"free-queue": FreeQueue, "first-fit": FirstFit, "best-fit": BestFit, "buddy": Buddy}.get(policy)
+def make(policy: str, n: int, reserved: Iterable[int] = (), uncached_first: bool = False,
+         order: str = "fifo") -> FreeQueue | FirstFit | BestFit | Buddy:
+    cls: type[FreeQueue | FirstFit | BestFit | Buddy] | None = {"free-queue": FreeQueue, "first-fit": FirstFit, "best-fit": BestFit, "buddy": Buddy}.get(policy)
     if cls is None:
         raise ValueError(f"unknown allocator policy {policy!r} (one of: {', '.join(POLICIES)})")
     if cls is FreeQueue:
@@ -47,13 +50,13 @@ class FreeQueue:
 
     contiguous = False
 
-    def __init__(self, n: int, reserved=(), uncached_first: bool = False, order: str = "fifo"):
+    def __init__(self, n: int, reserved: Iterable[int] = (), uncached_first: bool = False, order: str = "fifo"):
         from collections import OrderedDict
 
         self.n = n
         self.uncached_first = uncached_first
         self.order = order  # "fifo" (vLLM, nano-vllm, the demo's lru), "lifo", "lowest" (lowest id first)
-        self.heap: list = []
+        self.heap: list[int] = []
         res = set(reserved)
         self.queue = OrderedDict.fromkeys(b for b in range(n) if b not in res)
         self.free_mask = np.zeros(n, dtype=bool)
@@ -69,11 +72,11 @@ class FreeQueue:
     def can_alloc(self, k: int) -> bool:
         return k <= len(self.queue)
 
-    def alloc(self, k: int):
+    def alloc(self, k: int) -> list[int] | None:
         if k > len(self.queue):
             return None
         if self.order == "lowest":
-            out = []
+            out: list[int] = []
             while len(out) < k:
                 b = heapq.heappop(self.heap) if self.heap else min(self.queue)
                 if b in self.queue and b not in out:
@@ -93,7 +96,7 @@ class FreeQueue:
         if self.order == "lowest":
             heapq.heappush(self.heap, b)
 
-    def free_many(self, blocks, cached) -> None:
+    def free_many(self, blocks: Sequence[int], cached: Any) -> None:
         """One free call: ``cached[i]`` says whether blocks[i] still holds cached content."""
         if not self.uncached_first:
             for b in blocks:
@@ -122,8 +125,9 @@ class _RunAllocator:
     """Free ids as a mask; subclasses choose the run (``_pick``)."""
 
     contiguous = True
+    _pick: Callable[[np.ndarray, np.ndarray, int], int | None]  # (run starts, run lengths, k) -> the first id
 
-    def __init__(self, n: int, reserved=()):
+    def __init__(self, n: int, reserved: Iterable[int] = ()):
         self.n = n
         self.free_mask = np.ones(n, dtype=bool)
         for b in reserved:
@@ -138,7 +142,7 @@ class _RunAllocator:
     def can_alloc(self, k: int) -> bool:
         return k <= self.largest_run()
 
-    def alloc(self, k: int):
+    def alloc(self, k: int) -> list[int] | None:
         if k > self._count:
             return None
         starts, lengths = true_runs(self.free_mask)
@@ -153,7 +157,7 @@ class _RunAllocator:
         self.free_mask[b] = True
         self._count += 1
 
-    def free_many(self, blocks, cached) -> None:
+    def free_many(self, blocks: Sequence[int], cached: Any) -> None:
         for b in blocks:
             self.free(b)
 
@@ -169,7 +173,7 @@ class _RunAllocator:
 class FirstFit(_RunAllocator):
     """The lowest-addressed run that is long enough."""
 
-    def _pick(self, starts, lengths, k):
+    def _pick(self, starts: np.ndarray, lengths: np.ndarray, k: int) -> int | None:
         ok = np.flatnonzero(lengths >= k)
         return int(starts[ok[0]]) if len(ok) else None
 
@@ -177,7 +181,7 @@ class FirstFit(_RunAllocator):
 class BestFit(_RunAllocator):
     """The shortest run that is long enough (lowest address among equals)."""
 
-    def _pick(self, starts, lengths, k):
+    def _pick(self, starts: np.ndarray, lengths: np.ndarray, k: int) -> int | None:
         ok = np.flatnonzero(lengths >= k)
         if not len(ok):
             return None
@@ -192,11 +196,11 @@ class Buddy:
 
     contiguous = True
 
-    def __init__(self, n: int, reserved=()):
+    def __init__(self, n: int, reserved: Iterable[int] = ()):
         self.n = n
         self.max_order = max(0, int(n).bit_length() - 1)
-        self.free_sets: list[set] = [set() for _ in range(self.max_order + 1)]
-        self.heaps: list[list] = [[] for _ in range(self.max_order + 1)]
+        self.free_sets: list[set[int]] = [set() for _ in range(self.max_order + 1)]
+        self.heaps: list[list[int]] = [[] for _ in range(self.max_order + 1)]
         self.free_mask = np.zeros(n, dtype=bool)
         self._count = 0
         start = 0
@@ -220,7 +224,7 @@ class Buddy:
         self.free_sets[order].add(start)
         heapq.heappush(self.heaps[order], start)
 
-    def _pop(self, order: int):
+    def _pop(self, order: int) -> int | None:
         h, s = self.heaps[order], self.free_sets[order]
         while h:
             start = heapq.heappop(h)
@@ -237,13 +241,13 @@ class Buddy:
         o = self.order_for(k)
         return any(self.free_sets[j] for j in range(o, self.max_order + 1))
 
-    def alloc(self, k: int):
+    def alloc(self, k: int) -> list[int] | None:
         o = self.order_for(k)
         if o > self.max_order:
             return None
         for j in range(o, self.max_order + 1):
             if self.free_sets[j]:
-                start = self._pop(j)
+                start: int = self._pop(j)  # type: ignore[assignment]  # not None: free_sets[j] is not empty
                 while j > o:  # split, keeping the lower half
                     j -= 1
                     self._push(start + (1 << j), j)
@@ -285,7 +289,7 @@ class Buddy:
                 return
         raise KeyError(f"block {b} is not free")
 
-    def free_many(self, blocks, cached) -> None:
+    def free_many(self, blocks: Sequence[int], cached: Any) -> None:
         for b in blocks:
             self.free(b)
 
@@ -295,6 +299,6 @@ class Buddy:
                 return 1 << o
         return 0
 
-    def chunks(self):
+    def chunks(self) -> list[tuple[int, int]]:
         """(start, order) of every free chunk (for tests)."""
         return [(s, o) for o, ss in enumerate(self.free_sets) for s in ss]

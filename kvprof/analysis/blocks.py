@@ -23,13 +23,18 @@ tests/analysis/legacy_blocks.py; tests hold the two equal.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvprof.trace.chunks import BlockChunk
 from kvprof.trace.format import EventKind as K
 from kvprof.trace.reader import PoolInfo
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import BlockStream
 
 EMPTY, CACHED, IN_USE, RESERVED = 0, 1, 2, 3
 STATE_NAMES = {EMPTY: "free-empty", CACHED: "free-cached", IN_USE: "in-use", RESERVED: "reserved"}
@@ -57,7 +62,7 @@ class Distribution:
     max: float | None
 
     @classmethod
-    def of(cls, values: np.ndarray, scale: float = 1.0) -> "Distribution":
+    def of(cls, values: np.ndarray, scale: float = 1.0) -> Distribution:
         if len(values) == 0:
             return cls(0, None, None, None, None, None)
         v = values.astype(np.float64) * scale
@@ -70,7 +75,7 @@ class PoolAnalysis:
     """Everything kvprof knows about one pool (or all pools together: pool = None)."""
 
     label: str
-    pools: list[dict]
+    pools: list[dict[str, Any]]
     capacity: int
     reserved: int
     block_size: int | None
@@ -93,8 +98,8 @@ class PoolAnalysis:
     external_at_peak: float | None
     free_runs_at_peak: int
     largest_free_run_at_peak: int
-    free_run_histogram: dict
-    block_map_at_peak: list  # run-length encoded [[state, count], ...] over block ids
+    free_run_histogram: dict[str, Any]
+    block_map_at_peak: list[Any]  # run-length encoded [[state, count], ...] over block ids
     # failures
     allocation_failures: int
     fragmentation_that_hurts: int
@@ -126,7 +131,7 @@ class PoolAnalysis:
     # leaks
     in_use_at_end: int
     leaked_blocks: int
-    leaked_block_ids: list
+    leaked_block_ids: list[Any]
     live_requests_at_end: int
     in_use_at_idle: int
     idle_points: int
@@ -134,19 +139,19 @@ class PoolAnalysis:
     out_of_range_ids: int
     damaged_queries: int  # lookups reporting more hit tokens than queried, or negative counts: left out
     # the recorded final lengths rounded up to other block sizes (not the replay: that is `kvprof whatif`)
-    rounding: list
-    contiguous: dict
-    timeline: dict = field(default_factory=dict)
+    rounding: list[Any]
+    contiguous: dict[str, Any]
+    timeline: dict[str, Any] = field(default_factory=dict)
 
 
-def true_runs(mask: np.ndarray):
+def true_runs(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Start and length of every run of True in a boolean array."""
     d = np.diff(np.concatenate(([0], mask.astype(np.int8), [0])))
     starts = np.flatnonzero(d == 1)
     return starts, np.flatnonzero(d == -1) - starts
 
 
-def _rle(states: np.ndarray) -> list:
+def _rle(states: np.ndarray) -> list[Any]:
     if not len(states):
         return []
     change = np.flatnonzero(np.r_[True, states[1:] != states[:-1]])
@@ -167,7 +172,17 @@ def _dot(v: np.ndarray, dt: np.ndarray) -> int:
 class _Grow:
     """Per-request arrays that grow with the largest request key seen."""
 
-    def __init__(self, **dtypes):
+    # the arrays, set by name (the requests' phase: _Requests.R)
+    seen: np.ndarray
+    finished: np.ndarray
+    has_state: np.ndarray
+    last_waste: np.ndarray
+    last_look: np.ndarray
+    last_filled: np.ndarray
+    max_filled: np.ndarray
+    bs: np.ndarray
+
+    def __init__(self, **dtypes: Any):
         self.dtypes = dtypes
         self.size = 0
         for name, dt in dtypes.items():
@@ -192,7 +207,7 @@ class _Series:
 
     def __init__(self, points: int):
         self.points = points
-        self.t0 = None
+        self.t0: int | None = None
         self.width = 1
         self.n = 2 * points
         self.present = np.zeros(self.n, dtype=bool)
@@ -205,7 +220,10 @@ class _Series:
     def _double(self) -> None:
         """Merge bucket pairs: max of maxes, the later bucket's last values."""
         h = self.n // 2
-        z = lambda dt: np.zeros(h, dtype=dt)  # noqa: E731
+
+        def z(dt: Any) -> np.ndarray:
+            return np.zeros(h, dtype=dt)
+
         self.in_max = np.r_[np.maximum(self.in_max[0::2], self.in_max[1::2]), z(np.int64)]
         self.cached = np.r_[np.where(self.present[1::2], self.cached[1::2], self.cached[0::2]), z(np.int64)]
         self.tl_waste = np.r_[np.where(self.tl_have[1::2], self.tl_waste[1::2], self.tl_waste[0::2]), z(np.int64)]
@@ -215,6 +233,7 @@ class _Series:
         self.width *= 2
 
     def _fit(self, t_last: int) -> None:
+        assert self.t0 is not None  # set by the first add_blocks
         while (t_last - self.t0) // self.width >= self.n:
             self._double()
 
@@ -252,7 +271,7 @@ class _Series:
         self.tl_slots[idx] = slots[ends]
         self.tl_have[idx] = True
 
-    def timeline(self, capacity: int, t0: int, preempt_t: list, window, have_state: bool) -> dict:
+    def timeline(self, capacity: int, t0: int, preempt_t: list[Any], window: tuple[int, int] | None, have_state: bool) -> dict[str, Any]:
         if self.t0 is None:
             return {}
         while self.present.any() and int(np.flatnonzero(self.present)[-1]) >= self.points:  # at most `points` buckets
@@ -306,6 +325,53 @@ class _Chunk:
                  "gend", "gstart_of", "idx", "isset", "hashed_before", "hashed_after", "st_before", "st_after", "ref_after", "d_in",
                  "inuse0", "inuse", "cached", "win_b", "win_sorted", "st_t", "start_m", "end_m", "lsi", "lei",
                  "rsel", "r_t", "r_kind", "r_req", "r_arg", "r_arg2", "r_bs", "win_r", "step_t", "steps_before")
+    c: BlockChunk
+    m: int  # block-level events
+    inuse0: int
+    t: np.ndarray
+    kind: np.ndarray
+    win_c: np.ndarray
+    ev_of: np.ndarray
+    key: np.ndarray
+    bkind: np.ndarray
+    bt: np.ndarray
+    bsz: np.ndarray
+    order: np.ndarray
+    sk: np.ndarray
+    skind: np.ndarray
+    gs: np.ndarray
+    gstart: np.ndarray
+    gid: np.ndarray
+    gkey: np.ndarray
+    gend: np.ndarray
+    gstart_of: np.ndarray
+    idx: np.ndarray
+    isset: np.ndarray
+    hashed_before: np.ndarray
+    hashed_after: np.ndarray
+    st_before: np.ndarray
+    st_after: np.ndarray
+    ref_after: np.ndarray
+    d_in: np.ndarray
+    inuse: np.ndarray
+    cached: np.ndarray
+    win_b: np.ndarray
+    win_sorted: np.ndarray
+    st_t: np.ndarray
+    start_m: np.ndarray
+    end_m: np.ndarray
+    lsi: np.ndarray
+    lei: np.ndarray
+    rsel: np.ndarray
+    r_t: np.ndarray
+    r_kind: np.ndarray
+    r_req: np.ndarray
+    r_arg: np.ndarray
+    r_arg2: np.ndarray
+    r_bs: np.ndarray
+    win_r: np.ndarray
+    step_t: np.ndarray
+    steps_before: np.ndarray
 
 
 # -- phases: each keeps its own carried state, reads a _Chunk, returns a small result ----------
@@ -321,7 +387,7 @@ class ReplayResult:
 class _Replay:
     """Per-block reference counts and cached flags, carried from chunk to chunk."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         nk = a.nkeys
         self.a = a
         self.ref = np.zeros(nk, dtype=np.int64)
@@ -334,7 +400,7 @@ class _Replay:
         self.out_of_range = 0
         self.block_events = 0
 
-    def view(self, c: BlockChunk, in_win) -> _Chunk:
+    def view(self, c: BlockChunk, in_win: Callable[[np.ndarray], np.ndarray]) -> _Chunk:
         a = self.a
         x = _Chunk()
         x.c, x.t, x.kind = c, c.t, c.kind
@@ -460,7 +526,7 @@ class _Requests:
     """Per request: its waste and lookahead (for the slot integrals), its length, whether it
     arrived and finished; liveness and the idle points; refused allocations."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         self.R = _Grow(seen=bool, finished=bool, has_state=bool, last_waste=np.int64, last_look=np.int64,
                        last_filled=np.int64, max_filled=np.int64, bs=np.int64)
         self.have_state = False
@@ -468,12 +534,12 @@ class _Requests:
         self.idle_points = 0
         self.in_use_at_idle = 0
         self.idle_pending = False
-        self.fail_need: list = []
-        self.fail_seen: list = []
+        self.fail_need: list[Any] = []
+        self.fail_seen: list[Any] = []
         self.failures = 0
         self.preemptions = 0
 
-    def waste(self, x: _Chunk):
+    def waste(self, x: _Chunk) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The chunk's state events (call indices) and the change of waste and lookahead slots each makes."""
         if len(x.rsel):
             top = int(x.r_req.max())
@@ -503,7 +569,7 @@ class _Requests:
         fail = np.flatnonzero((x.r_kind == K.ALLOC_FAIL) & x.win_r)
         if len(fail):
             # in use just before the failure in call order (timestamps may tie on a simulated clock)
-            p = np.searchsorted(x.ev_of, x.rsel[fail], side="left") - 1
+            p: Any = np.searchsorted(x.ev_of, x.rsel[fail], side="left") - 1
             before = np.where(p >= 0, x.inuse[np.maximum(p, 0)] if x.m else 0, x.inuse0)
             need, seen = x.r_arg[fail], x.r_arg2[fail]
             self.fail_need.append((need + before)[need >= 0])
@@ -547,7 +613,7 @@ class _Requests:
     def _idle(self, value: int) -> None:
         self.in_use_at_idle = max(self.in_use_at_idle, value)
 
-    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray):
+    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Change of each request's waste and lookahead since its previous state (``o``: the
         stable sort of the state events by request)."""
         if not len(s_req):
@@ -614,17 +680,18 @@ class _Occupancy:
     """Blocks and slots in use and unfilled over time: their integrals (exact, in integers),
     the high watermark, the end of its plateau and the pool's state at it."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         self.a = a
         self.v = np.zeros(4, dtype=np.int64)  # blocks, slots, waste, lookahead after the last timeline point
-        self.tl_last = None  # clipped time of the last timeline point
+        self.tl_last: int | None = None  # clipped time of the last timeline point
         self.integrals = [0, 0, 0, 0]  # blocks, slots, min(waste, slots), min(lookahead, slots)
         self.before_end = (0, 0)  # (waste, slots) at the last point before the chunk's last time
-        self.peak = None  # (blocks, time)
+        self.peak: tuple[int, int] | None = None  # (blocks, time)
         self.peak_states = None  # every block's state just after the peak
-        self.plateau = None  # (waste, slots) just before the plateau ends; None until seen
+        self.plateau: tuple[int, int] | None = None  # (waste, slots) just before the plateau ends; None until seen
 
-    def feed(self, x: _Chunk, state_call, state_t, dwaste, dlook, states_before_chunk) -> tuple:
+    def feed(self, x: _Chunk, state_call: np.ndarray, state_t: np.ndarray, dwaste: np.ndarray, dlook: np.ndarray,
+             states_before_chunk: np.ndarray) -> tuple[Any, ...]:
         a = self.a
         # merged step functions over the chunk's timeline: block events and request states in call order
         nb, ns = x.m, len(state_call)
@@ -695,7 +762,7 @@ class _Occupancy:
             blocks_int = slot_int = waste_int = look_int = 0
         if self.peak is not None and capacity:
             peak_blocks, peak_time = self.peak
-            hw = peak_blocks / capacity
+            hw: float | None = peak_blocks / capacity
             plateau = self.plateau if self.plateau is not None else self.before_end
         else:
             peak_blocks, peak_time, hw, plateau = 0, None, (0.0 if capacity else None), None
@@ -716,11 +783,11 @@ class ExternalResult:
     external_at_peak: float | None
     free_runs_at_peak: int
     largest_free_run_at_peak: int
-    free_run_histogram: dict
-    block_map_at_peak: list
+    free_run_histogram: dict[str, Any]
+    block_map_at_peak: list[Any]
 
 
-def _external(a: "BlockAnalyzer", peak_states: np.ndarray | None, reserved: np.ndarray) -> ExternalResult:
+def _external(a: BlockAnalyzer, peak_states: np.ndarray | None, reserved: np.ndarray) -> ExternalResult:
     """Free runs in block-id space at the high watermark, and the pool's map there."""
     if not a.infos:
         return ExternalResult(None, 0, 0, {}, [])
@@ -728,7 +795,7 @@ def _external(a: "BlockAnalyzer", peak_states: np.ndarray | None, reserved: np.n
     states[reserved] = RESERVED
     pieces = [states[a.base[i] : a.base[i + 1]] for i in range(len(a.infos))]
     free_runs = largest = total_free = 0
-    hist: dict = {}
+    hist: dict[str, Any] = {}
     for piece in pieces:
         free = (piece == EMPTY) | (piece == CACHED)
         total_free += int(free.sum())
@@ -761,7 +828,7 @@ class _PrefixCache:
     """Lookups, hits and allocations; evictions, and whether the content evicted was ever
     hit between being cached and being evicted (its epoch)."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         nk = a.nkeys
         self.ep_seen = np.zeros(nk, dtype=bool)
         self.ep_hits = np.zeros(nk, dtype=np.int64)  # hits in each block's current epoch
@@ -786,7 +853,7 @@ class _PrefixCache:
             self.pre_hits += int(h[~bad].sum())
         self.allocated += int(((x.bkind == K.ALLOC) & x.win_b).sum())
         self.hit_blocks += int(((x.bkind == K.HIT) & x.win_b).sum())
-        evict = ((x.skind == K.ALLOC) & (x.st_before == CACHED)) | ((x.skind == K.EVICT) & x.hashed_before)
+        evict: np.ndarray = ((x.skind == K.ALLOC) & (x.st_before == CACHED)) | ((x.skind == K.EVICT) & x.hashed_before)
         m = x.m
         if not m:
             return evict
@@ -831,19 +898,19 @@ class _Lifetimes:
     """In-use intervals: how long blocks stay in use, how long they sit cached before being
     evicted or reused, and blocks freed and taken again within one engine step."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         nk = a.nkeys
         self.has_start = np.zeros(nk, dtype=bool)
         self.start_t = np.zeros(nk, dtype=np.int64)
         self.has_end = np.zeros(nk, dtype=bool)
         self.end_t = np.zeros(nk, dtype=np.int64)
         self.end_step = np.zeros(nk, dtype=np.int64)
-        self.lifetimes: list = []
-        self.idle: list = []
-        self.reuse: list = []
+        self.lifetimes: list[Any] = []
+        self.idle: list[Any] = []
+        self.reuse: list[Any] = []
         self.frees_to_zero = self.realloc = self.steps = self.steps_in = 0
 
-    def feed(self, x: _Chunk, evict: np.ndarray, in_win) -> None:
+    def feed(self, x: _Chunk, evict: np.ndarray, in_win: Callable[[np.ndarray], np.ndarray]) -> None:
         steps_before = self.steps
         self.steps += len(x.step_t)
         self.steps_in += int(in_win(x.step_t).sum())
@@ -883,7 +950,9 @@ class _Lifetimes:
         self.end_step[gk[ended]] = step_of[last_end[ended]]
 
     def result(self) -> LifetimeResult:
-        cat = lambda parts: np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)  # noqa: E731
+        def cat(parts: list[np.ndarray]) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
         return LifetimeResult(cat(self.lifetimes), cat(self.idle), cat(self.reuse), self.frees_to_zero,
                               self.realloc if self.steps else 0, self.steps_in, self.steps)
 
@@ -892,7 +961,7 @@ class _Lifetimes:
 class LeakResult:
     in_use_at_end: int
     leaked_blocks: int
-    leaked_block_ids: list  # the first 50, [pool label, block id]
+    leaked_block_ids: list[Any]  # the first 50, [pool label, block id]
 
 
 class _Leaks:
@@ -900,7 +969,7 @@ class _Leaks:
     in use at the end whose every referencing request finished is leaked (or, with none,
     when no request is alive at the end)."""
 
-    def __init__(self, a: "BlockAnalyzer"):
+    def __init__(self, a: BlockAnalyzer):
         self.a = a
         self.start_seq = np.full(a.nkeys, -1, dtype=np.int64)
         self.key = np.zeros(0, dtype=np.int64)
@@ -958,7 +1027,7 @@ class _Leaks:
         return LeakResult(len(live_keys), len(leaky), ids)
 
 
-def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list, dict]:
+def _rounding(lengths: np.ndarray, block_size: int | None, infos: list[PoolInfo]) -> tuple[list[Any], dict[str, Any]]:
     """The recorded final lengths rounded up to each block size; a contiguous reservation."""
     rows = []
     total = int(lengths.sum())
@@ -970,7 +1039,7 @@ def _rounding(lengths: np.ndarray, block_size: int | None, infos) -> tuple[list,
         rows.append({"block_size": b, "allocated_slots": slots, "wasted_slots": slots - total,
                      "waste_ratio": (slots - total) / slots if slots else 0.0, "block_table_entries": int(nb.sum()),
                      "mean_last_block_waste": float(((-lengths) % b).mean()), "recorded": b == block_size})
-    contiguous = {}
+    contiguous: dict[str, Any] = {}
     if len(lengths):
         max_len = max(int(lengths.max()), *(int(p.extra.get("max_model_len") or 0) for p in infos))
         contiguous = {"max_len": max_len, "utilization": total / (len(lengths) * max_len) if max_len else None,
@@ -1004,9 +1073,11 @@ class BlockAnalyzer:
         self.key_dtype = np.uint16 if self.nkeys <= 1 << 16 else np.uint32
         self.W0 = window[0] if window is not None else -_I64_MAX
         self.W1 = window[1] if window is not None else _I64_MAX
-        self.t_start = self.t_end = self.w0 = None
+        self.t_start: int | None = None
+        self.t_end: int | None = None
+        self.w0: int | None = None
         self.calls = 0  # events of the pools, of any kind
-        self.preempt_t: list = []
+        self.preempt_t: list[Any] = []
         self.replay = _Replay(self)
         self.requests = _Requests(self)
         self.occupancy = _Occupancy(self)
@@ -1014,7 +1085,7 @@ class BlockAnalyzer:
         self.lifetimes = _Lifetimes(self)
         self.leaks = _Leaks(self)
         self.series = _Series(TIMELINE_POINTS)
-        self.observers: list = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
+        self.observers: list[Any] = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
 
     @property
     def reserved(self) -> np.ndarray:
@@ -1025,7 +1096,7 @@ class BlockAnalyzer:
         return self.requests.have_state
 
     @property
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, Any]:
         return {"steps": self.lifetimes.steps}
 
     def _in_win(self, t: np.ndarray) -> np.ndarray:
@@ -1124,7 +1195,7 @@ class BlockAnalyzer:
         )
 
 
-def analyze_blocks(stream, pools: list[int] | None = None, window: tuple[int, int] | None = None, chunk_events: int | None = None) -> PoolAnalysis:
+def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: tuple[int, int] | None = None, chunk_events: int | None = None) -> PoolAnalysis:
     """Analyze the pools ``pools`` (global indices; None: all) of an in-memory BlockStream."""
     from kvprof.trace import chunks as ch
 

@@ -22,8 +22,13 @@ import json
 import os
 import re
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 from kvprof.owncode import IDLE_LOOPS, OWN_CODE
+
+if TYPE_CHECKING:
+    from kvprof.analysis.results import SectionResult, Window
+    from kvprof.trace.reader import Bundle
 
 CATEGORIES = ("block management", "pytorch allocator", "gc", "kvprof", "other")
 _RULES = [  # (category, path fragment or None, function-name regex or None)
@@ -66,10 +71,10 @@ class CpuProcess:
     role: str
     samples: int
     cpu_s: float
-    shares: dict  # category -> share of this process's samples
-    seconds: dict  # category -> CPU seconds (sample weights)
+    shares: dict[str, float]  # category -> share of this process's samples
+    seconds: dict[str, float]  # category -> CPU seconds (sample weights)
     steps: int | None
-    cpu_s_per_step: dict | None  # category -> seconds per engine step
+    cpu_s_per_step: dict[str, float] | None  # category -> seconds per engine step
     top: list[Stack] = field(default_factory=list)
 
 
@@ -79,7 +84,7 @@ class CpuAnalysis:
     rate: int | None
     samples: int
     cpu_s: float
-    shares: dict
+    shares: dict[str, Any]
     processes: list[CpuProcess]
     unrecorded_samples: int  # samples of processes kvprof did not record (the launcher shim, non-Python children)
 
@@ -87,7 +92,7 @@ class CpuAnalysis:
 _WAITS = {"Event.wait", "Condition.wait", "wait"}
 
 
-def _waiting_kvprof_thread(frames: list, stack: list) -> bool:
+def _waiting_kvprof_thread(frames: list[Any], stack: list[Any]) -> bool:
     """A kvprof helper thread asleep in its loop (kvprof.owncode.IDLE_LOOPS): below the
     loop's frame only threading's waits and native frames (the lock wait py-spy --native
     shows)."""
@@ -103,7 +108,7 @@ def _waiting_kvprof_thread(frames: list, stack: list) -> bool:
     return False
 
 
-def _label(frames: list, stack: list[int], at: int) -> str:
+def _label(frames: list[Any], stack: list[int], at: int) -> str:
     parts = []
     for i in stack[at::-1][:3]:
         f = frames[i]
@@ -113,7 +118,7 @@ def _label(frames: list, stack: list[int], at: int) -> str:
     return " < ".join(parts) or "(no frames: native or idle)"
 
 
-def analyze_cpu(bundle) -> CpuAnalysis | None:
+def analyze_cpu(bundle: Bundle) -> CpuAnalysis | None:
     note = (bundle.manifest.get("probe_status") or {}).get("pyspy")
     if not note or not note.get("profile"):
         return None
@@ -129,7 +134,7 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
     recorded = {p.pid: p for p in bundle.processes}
     pool_steps = getattr(bundle, "pool_steps", None) or {}  # engine steps per pool, from the analysis pass
     marks = bundle.marks()
-    per_pid: dict[int, dict] = {}
+    per_pid: dict[int, dict[str, Any]] = {}
     unrecorded = 0
     for prof in profiles:
         m = _PROC.search(str(prof.get("name", "")))
@@ -175,14 +180,16 @@ def analyze_cpu(bundle) -> CpuAnalysis | None:
                        processes=procs, unrecorded_samples=unrecorded)
 
 
-def section(bundle, bounds=None):
+def section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     """SECTION_ANALYZERS entry (py-spy samples carry no timestamps: always the whole run)."""
     from kvprof.analysis import Finding, SectionResult, metric_entry
 
     a = analyze_cpu(bundle)
     if a is None:
         return None
-    put = lambda name, value: (name, metric_entry(name, value, "pyspy", "whole run"))  # noqa: E731
+    def put(name: str, value: Any) -> tuple[str, dict[str, Any]]:
+        return name, metric_entry(name, value, "pyspy", "whole run")
+
     metrics = dict([
         put("cpu.samples", a.samples), put("cpu.seconds", a.cpu_s),
         put("cpu.block_management_share", a.shares["block management"]), put("cpu.torch_allocator_share", a.shares["pytorch allocator"]),

@@ -12,11 +12,17 @@ the events.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvprof.analysis.blocks import BlockAnalyzer, PoolAnalysis
+
+if TYPE_CHECKING:
+    from kvprof.analysis.whatif import ScheduleBuilder
+    from kvprof.trace.reader import Bundle, PoolInfo
 
 
 @dataclass
@@ -25,30 +31,33 @@ class BlockPass:
 
     per_pool: list[PoolAnalysis]
     total: PoolAnalysis | None  # None without pools; the one pool's own result with one
-    series: dict = field(default_factory=dict)  # drawing series (see timeseries)
-    schedules: dict = field(default_factory=dict)  # pool index -> what-if schedule
-    pool_steps: dict = field(default_factory=dict)  # pool index -> engine steps recorded
-    pool_calls: dict = field(default_factory=dict)  # pool index -> events (calls) recorded
-    pool_has_state: dict = field(default_factory=dict)  # pool index -> whether the probe reported request states
-    whole_run: dict = field(default_factory=dict)  # pool index -> its analysis over the whole run, when a window cut the others
+    series: dict[str, Any] = field(default_factory=dict)  # drawing series (see timeseries)
+    schedules: dict[int, Any] = field(default_factory=dict)  # pool index -> what-if schedule
+    pool_steps: dict[int, int] = field(default_factory=dict)  # pool index -> engine steps recorded
+    pool_calls: dict[int, int] = field(default_factory=dict)  # pool index -> events (calls) recorded
+    pool_has_state: dict[int, bool] = field(default_factory=dict)  # pool index -> whether the probe reported request states
+    whole_run: dict[int, Any] = field(default_factory=dict)  # pool index -> its analysis over the whole run, when a window cut the others
 
-    def replay_pool(self, label: str | None = None, pools=None) -> int | None:
+    def replay_pool(self, label: str | None = None, pools: list[PoolInfo] | None = None) -> int | None:
         """The pool `kvprof whatif` replays: ``label`` (a pool label or name), else the busiest
         of those with request states (else of all)."""
         if not self.pool_calls:
             return None
         if label is not None:
-            named = [p for p in pools if label in (p.label, p.name)]
+            named = [p for p in pools or () if label in (p.label, p.name)]
             if len(named) > 1:
                 raise ValueError(f"several pools are named {label!r}: give one of {', '.join(p.label for p in named)}")
             if not named:
-                raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in pools)})")
+                raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in pools or ())})")
             return named[0].index
         cand = [i for i, s in self.pool_has_state.items() if s] or list(self.pool_calls)
-        return max(cand, key=lambda i: (self.pool_calls[i], -i))
+        best: int = max(cand, key=lambda i: (self.pool_calls[i], -i))
+        return best
 
 
-def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), progress=None) -> BlockPass:
+def block_pass(bundle: Bundle, bounds: tuple[int, int] | None = None, *, series: bool = False,
+               schedule_pools: Any = (),  # global pool indices, or "all"
+               progress: Callable[[int], object] | None = None) -> BlockPass:
     """Read every block event of ``bundle`` once.  ``bounds``: the analysis window (t0, t1);
     ``series``: also build the drawing series; ``schedule_pools``: global pool indices
     whose what-if schedule to extract ("all": every pool's); ``progress``: called with each chunk's events."""
@@ -93,6 +102,7 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
                 builders[p].feed(part)
                 if whole:
                     whole[p].feed(part)
+        assert agg is not None  # several pools
         agg.feed(chunk)
     results = [a.finish() for a in per]
     total = None
@@ -102,6 +112,7 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
     out = BlockPass(per_pool=results, total=total, pool_steps={i: a.counts["steps"] for i, a in enumerate(per)},
                     pool_calls={i: a.calls for i, a in enumerate(per)}, pool_has_state={i: a.have_state for i, a in enumerate(per)})
     if series and t0 is not None:
+        assert maps is not None and counts is not None and instants is not None and hit is not None and t1 is not None  # made with t0
         out.series = {
             "t0_ns": t0,
             "block_maps": [m for m in (maps[i].result(t1, per[i].reserved) for i in range(len(pools))) if m is not None],
@@ -116,7 +127,7 @@ def block_pass(bundle, bounds=None, *, series: bool = False, schedule_pools=(), 
     return out
 
 
-def _schedule_builder(info):
+def _schedule_builder(info: PoolInfo) -> ScheduleBuilder:
     from kvprof.analysis import whatif as W
 
     return W.ScheduleBuilder(info)

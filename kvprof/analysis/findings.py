@@ -6,7 +6,13 @@ beyond the sentence itself.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
+
 from kvprof.analysis import Finding
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import Bundle
 
 FULL_POOL = 0.95
 HIGH_INTERNAL = 0.20
@@ -24,14 +30,14 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def run_findings(bundle) -> list[Finding]:
+def run_findings(bundle: Bundle) -> list[Finding]:
     out = []
     man = bundle.manifest
     target = man.get("target") or {}
     if man.get("status") == "recording":
         out.append(Finding("warning", "The recording did not finish", "The recorder itself stopped before writing its final manifest; streams are read as far as they go.", {"status": "recording"}, "run"))
     if man.get("status") == "incomplete":
-        inc = man.get("incomplete") if isinstance(man.get("incomplete"), dict) else {}
+        inc: Any = man.get("incomplete") if isinstance(man.get("incomplete"), dict) else {}
         reasons = [str(r) for r in inc.get("reasons") or []] if isinstance(inc.get("reasons"), list) else []
         out.append(Finding("warning", "The bundle is incomplete", "; ".join(reasons[:5]) or "The recorder could not write everything (a full disk).",
                            {"reasons": reasons[:20]}, "run"))
@@ -39,7 +45,7 @@ def run_findings(bundle) -> list[Finding]:
         out.append(Finding("warning", f"The target was killed by {target.get('signal_name')}", "Every event it had recorded is in the bundle (the kernel keeps what a killed process wrote into its staging files).", {"exit_code": target.get("exit_code")}, "run"))
     elif target.get("exit_code"):
         out.append(Finding("warning", f"The target exited with code {target['exit_code']}", "The run may have crashed; the analysis covers what was recorded.", {"exit_code": target["exit_code"]}, "run"))
-    probes = {}
+    probes: dict[str, list[dict[str, Any]]] = {}
     for p in man.get("processes", []) or []:
         for name, st in (p.get("probes") or {}).items():
             probes.setdefault(name, []).append(st)
@@ -49,7 +55,7 @@ def run_findings(bundle) -> list[Finding]:
     for p in man.get("processes", []) or []:
         for err in p.get("errors", []) or []:
             out.append(Finding("warning", f"Probe problem in pid {p.get('pid')}", str(err), {"pid": p.get("pid")}, "run"))
-        for name, st in (p.get("probes") or {}).items():
+        for st in (p.get("probes") or {}).values():
             for engine, info in (st.get("engines") or {}).items():
                 missing = info.get("missing") if isinstance(info, dict) else None
                 if missing:
@@ -57,12 +63,12 @@ def run_findings(bundle) -> list[Finding]:
     return out
 
 
-def bundle_has_pools(bundle):
+def bundle_has_pools(bundle: Bundle) -> Iterator[bool]:
     for proc in bundle.processes:
         yield bool(proc.pools)
 
 
-def block_findings(a, per_pool) -> list[Finding]:
+def block_findings(a: Any, per_pool: Any) -> list[Finding]:
     out: list[Finding] = []
     cap = a.capacity
     if a.high_watermark is not None and a.high_watermark >= FULL_POOL:

@@ -20,8 +20,13 @@ hit rate lies between its engines' lowest and highest.
 
 from __future__ import annotations
 
-from kvprof.analysis.results import Finding, SectionResult, metric_entry
+from typing import TYPE_CHECKING, Any
+
+from kvprof.analysis.results import Finding, SectionResult, Window, metric_entry
 from kvprof.trace import hostinfo
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import Bundle, ProcessData
 
 IMBALANCE_FINDING = 1.5  # an engine's peak this many times the engines' mean is said
 CLOCK_SPREAD_FINDING_S = 0.01  # a host whose offsets to wall time moved this much during the run
@@ -31,15 +36,15 @@ def _ratio(a: int, b: int) -> float | None:
     return a / b if b else None
 
 
-def _pool_processes(bundle) -> list:
+def _pool_processes(bundle: Bundle) -> list[ProcessData]:
     """The process of each pool, by global pool index (the reader numbers pools process by process)."""
-    out = []
+    out: list[ProcessData] = []
     for proc in bundle.processes:
         out.extend([proc] * len(proc.pools))
     return out
 
 
-def _node_of(proc, bundle) -> tuple[str, str]:
+def _node_of(proc: ProcessData, bundle: Bundle) -> tuple[str, str | None]:
     key, name = proc.node
     if key is not None:
         return key, name
@@ -47,7 +52,7 @@ def _node_of(proc, bundle) -> tuple[str, str]:
     return f"host:{host}", str(host).split(".")[0]
 
 
-def section(bundle, bounds) -> SectionResult | None:
+def section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
     bp = getattr(bundle, "block_pass", None)
     owners = _pool_processes(bundle)
     nodes_of_procs = {_node_of(p, bundle) for p in bundle.processes}
@@ -68,7 +73,7 @@ def section(bundle, bounds) -> SectionResult | None:
                         "high_watermark": a.high_watermark, "query_tokens": a.query_tokens, "hit_tokens": a.hit_tokens,
                         "hit_rate": a.hit_rate, "preemptions": a.preemptions, "requests": a.requests, "block_events": a.block_events})
     domains = (getattr(bundle, "clock", None) or {}).get("domains") or {}
-    nodes: dict = {}
+    nodes: dict[str, Any] = {}
     for proc in bundle.processes:
         key, name = _node_of(proc, bundle)
         n = nodes.setdefault(key, {"node": name, "hostname": hostinfo.hostname(proc.info), "ray_node_id": None,
@@ -115,12 +120,12 @@ def section(bundle, bounds) -> SectionResult | None:
     }
     clock = {"reference": (getattr(bundle, "clock", None) or {}).get("reference"),
              "aligned": any(d["shift_ns"] for d in domains.values())}
-    section = {"totals": totals, "nodes": sorted(nodes.values(), key=lambda n: n["node"]), "engines": engines, "clock": clock}
+    section: dict[str, Any] = {"totals": totals, "nodes": sorted(nodes.values(), key=lambda n: n["node"]), "engines": engines, "clock": clock}
     for e in engines:
         e.pop("node_key")
-    metrics = {}
+    metrics: dict[str, Any] = {}
 
-    def put(name, value):
+    def put(name: str, value: Any) -> None:
         metrics[name] = metric_entry(name, value, "fleet", window)
 
     put("fleet.nodes", totals["nodes"])
@@ -135,7 +140,7 @@ def section(bundle, bounds) -> SectionResult | None:
     return SectionResult(name="fleet", metrics=metrics, section=section, findings=_findings(totals, engines, section["nodes"]))
 
 
-def _findings(totals: dict, engines: list, nodes: list) -> list:
+def _findings(totals: dict[str, Any], engines: list[Any], nodes: list[Any]) -> list[Any]:
     out = []
     imb = totals["peak_imbalance"]
     if imb is not None and imb >= IMBALANCE_FINDING and len(engines) > 1:

@@ -9,8 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kvprof.analysis.results import SectionResult, Window
+    from kvprof.trace.reader import Bundle, ProcessData
 
 GENERATIONS = (0, 1, 2)
 
@@ -46,7 +51,7 @@ class GcProcess:
     max_pause_s: float
     time_share: float | None  # pause / wall time
     by_generation: list[GenStats]
-    thresholds: list | None
+    thresholds: list[Any] | None
     frozen: int | None
 
 
@@ -61,7 +66,7 @@ class GcAnalysis:
     by_generation: list[GenStats]
     processes: list[GcProcess]
     longest: list[Pause]
-    advice: list[dict] = field(default_factory=list)
+    advice: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _gen_stats(ev: np.ndarray) -> list[GenStats]:
@@ -77,19 +82,19 @@ def _gen_stats(ev: np.ndarray) -> list[GenStats]:
 MAX_PAUSE_NS = 3600 * 10**9  # a collection longer than an hour is a damaged record
 
 
-def _ints(v) -> list | None:
+def _ints(v: Any) -> list[int] | None:
     """A list of plain integers from a process record, or None (a damaged note)."""
     if isinstance(v, list) and v and all(isinstance(x, int) and not isinstance(x, bool) for x in v):
         return v
     return None
 
 
-def _end_ns(info: dict) -> int | None:
+def _end_ns(info: dict[str, Any]) -> int | None:
     v = info.get("end_ns")
     return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
 
 
-def _plausible(proc) -> np.ndarray:
+def _plausible(proc: ProcessData) -> np.ndarray:
     """The process's collections that can be real: a generation of 0-2, a pause of zero to
     an hour, counts that are not negative, inside the process's life when it is known.
     The rest is a damaged stream: dropped, and said (bundle damage)."""
@@ -108,7 +113,7 @@ def _plausible(proc) -> np.ndarray:
     return ev
 
 
-def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalysis | None:
+def analyze_gc(bundle: Bundle, bounds: tuple[int, int] | None = None, window_label: str = "whole run") -> GcAnalysis | None:
     marks = bundle.marks()
     procs, longest, all_ev = [], [], []
     for proc in bundle.processes:
@@ -154,7 +159,7 @@ def analyze_gc(bundle, bounds=None, window_label: str = "whole run") -> GcAnalys
     return a
 
 
-def _advice(a: GcAnalysis) -> list[dict]:
+def _advice(a: GcAnalysis) -> list[dict[str, Any]]:
     out = []
     for p in a.processes:
         g2 = p.by_generation[2]
@@ -175,7 +180,7 @@ def _advice(a: GcAnalysis) -> list[dict]:
     return out
 
 
-def section(bundle, bounds=None):
+def section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     """SECTION_ANALYZERS entry: the gc section, its metrics and findings (None without --probe gc)."""
     from kvprof.analysis import Finding, SectionResult, metric_entry
 
@@ -183,7 +188,9 @@ def section(bundle, bounds=None):
     a = analyze_gc(bundle, bounds, label)
     if a is None:
         return None
-    put = lambda name, value: (name, metric_entry(name, value, "gc", None if bounds is None else label))  # noqa: E731
+    def put(name: str, value: Any) -> tuple[str, dict[str, Any]]:
+        return name, metric_entry(name, value, "gc", None if bounds is None else label)
+
     metrics = dict([
         put("gc.collections", a.collections), put("gc.pause_seconds_total", a.pause_s), put("gc.pause_seconds_max", a.max_pause_s),
         put("gc.time_share", a.time_share), put("gc.collections_gen2", a.by_generation[2].collections),
@@ -192,7 +199,7 @@ def section(bundle, bounds=None):
     findings = []
     if a.time_share is not None and a.time_share >= 0.01:
         worst = max(a.processes, key=lambda p: p.time_share or 0)
-        findings.append(Finding("warning", f"the garbage collector took {100 * worst.time_share:.1f}% of process {worst.pid}'s time",
+        findings.append(Finding("warning", f"the garbage collector took {100 * (worst.time_share or 0):.1f}% of process {worst.pid}'s time",
                                 f"{worst.collections:,} collections, {worst.pause_s:.3f} s in total, longest {1e3 * worst.max_pause_s:.1f} ms.",
                                 {"pid": worst.pid, "pause_s": worst.pause_s, "time_share": worst.time_share}, "gc"))
     for adv in a.advice:

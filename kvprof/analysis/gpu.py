@@ -15,15 +15,20 @@ nvml probe's samples.  Pure functions of the bundle's files; no torch, no NVML.
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvprof.trace import format as fmt
 
+if TYPE_CHECKING:
+    from kvprof.analysis.results import SectionResult, Window
+    from kvprof.trace.reader import Bundle
 
-def snapshots(bundle) -> list[dict]:
+
+def snapshots(bundle: Bundle) -> list[dict[str, Any]]:
     """Every torch snapshot the bundle holds, oldest first: pid, role, reason, mark, t, path."""
-    out = []
+    out: list[dict[str, Any]] = []
     for proc in bundle.processes:
         for rec in proc.notes:
             if rec.get("type") != "torch_snapshot":
@@ -37,9 +42,9 @@ def snapshots(bundle) -> list[dict]:
     return sorted(out, key=lambda s: s["t"])
 
 
-def torch_stats(bundle) -> dict:
+def torch_stats(bundle: Bundle) -> dict[int, list[tuple[int, dict[str, Any]]]]:
     """pid -> list of (t ns, {device: stats}) from the torch probe's memory_stats samples."""
-    out: dict = {}
+    out: dict[int, list[tuple[int, dict[str, Any]]]] = {}
     for proc in bundle.processes:
         rows = [(int(r.get("t") or 0), r.get("devices") or {}) for r in proc.notes if r.get("type") == "torch_stats"]
         if rows:
@@ -47,7 +52,7 @@ def torch_stats(bundle) -> dict:
     return out
 
 
-def torch_snapshots_section(bundle, bounds=None):
+def torch_snapshots_section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     """SECTION_ANALYZERS entry: the torch probe's snapshots in a bundle as the torch section
     (the last one of each process, the process with the most reserved memory in front);
     torch_memory.snapshot_section makes it from that one snapshot's analysis."""
@@ -63,7 +68,7 @@ def torch_snapshots_section(bundle, bounds=None):
         from kvprof.analysis import SectionResult
 
         return SectionResult(name="torch", metrics={}, section={"snapshots": [], "notes": notes[:20]}, findings=[])
-    last: dict = {}
+    last: dict[str, Any] = {}
     for s in snaps:
         last[s["pid"]] = s
     results = []
@@ -86,7 +91,7 @@ def torch_snapshots_section(bundle, bounds=None):
     for f in part.findings:
         f.detail += f" (pid {s['pid']}, {s['file']})"
     # OOMs the allocator's observer reported as they happened (the snapshot taken then is listed)
-    seen = []
+    seen: list[dict[str, Any]] = []
     for proc in bundle.processes:
         for rec in proc.notes:
             if rec.get("type") == "torch_oom":
@@ -105,7 +110,7 @@ def torch_snapshots_section(bundle, bounds=None):
     return part
 
 
-def _read(path: str, dtype) -> np.ndarray:
+def _read(path: str, dtype: np.dtype[Any]) -> np.ndarray:
     if not os.path.exists(path):
         return np.zeros(0, dtype=dtype)
     data = np.fromfile(path, dtype=np.uint8)
@@ -113,7 +118,7 @@ def _read(path: str, dtype) -> np.ndarray:
     return data[: n * dtype.itemsize].view(dtype)
 
 
-def nvml_section(bundle, bounds=None):
+def nvml_section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     from kvprof.analysis import Finding, SectionResult, metric_entry
 
     status = (bundle.manifest.get("probe_status") or {}).get("nvml")
@@ -133,10 +138,10 @@ def nvml_section(bundle, bounds=None):
                          "used_mean": float(rows["used"].mean()), "t_s": ((rows["t"][::step] - t0) / 1e9).tolist(), "used": rows["used"][::step].tolist()})
     out_procs = []
     stats = torch_stats(bundle)
-    outside_max = None
+    outside_max: int | None = None
     for (g, pid) in sorted({(int(a), int(b)) for a, b in zip(procs["gpu"], procs["pid"])}):
         rows = procs[(procs["gpu"] == g) & (procs["pid"] == pid)]
-        row = {"gpu": g, "pid": pid, "recorded": pid in recorded, "role": recorded.get(pid), "used_peak": int(rows["used"].max())}
+        row: dict[str, Any] = {"gpu": g, "pid": pid, "recorded": pid in recorded, "role": recorded.get(pid), "used_peak": int(rows["used"].max())}
         if pid in stats:
             ts = np.array([x[0] for x in stats[pid]])
             res = np.array([int((x[1].get(str(g)) or {}).get("reserved", 0)) for x in stats[pid]])

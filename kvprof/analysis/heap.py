@@ -115,7 +115,7 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
         notes.append("memray figures other than growth across markers cover each process's whole run: --window does not cut them")
     suspects = sorted((s for p in procs for s in p.leak_suspects),
                       key=lambda s: -(s.growth_bytes_per_step if s.growth_bytes_per_step is not None else s.growth_bytes_per_second))
-    peaks = [(p.memray.peak_bytes if p.memray else p.tracemalloc.peak_bytes, p.pid) for p in procs]
+    peaks = [(p.memray.peak_bytes if p.memray else p.tracemalloc.peak_bytes if p.tracemalloc else 0, p.pid) for p in procs]
     peak, peak_pid = max(peaks)
     mrs = [p.memray for p in procs if p.memray]
     tms = [p.tracemalloc for p in procs if p.tracemalloc]

@@ -214,7 +214,7 @@ def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:  # no
 
         raise BundleError(f"memray capture {path} is truncated or corrupt: {exc}") from None
     counts = dict(st.top_locations_by_count)
-    churn = []
+    churn: list[ChurnSite] = []
     for loc, size in st.top_locations_by_size:
         if _is_own((loc,)) or len(churn) >= TOP:
             continue
@@ -422,6 +422,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
         if j == series[-1]:
             break
     last = state
+    assert first is not None  # set at the series' first index, which the loop reaches
     # group the stacks that grew by their trace (a Python stack may have several memray stack ids)
     groups: dict = {}
     for sid, (b, _n) in last.items():
@@ -549,7 +550,7 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
     # the same Python stack can have several memray stack ids (threads, native parts): merge
     by_trace: dict = {}
     own = [0, 0]
-    for sid, (n, b, nf, rec) in allocs.items():
+    for n, b, nf, rec in allocs.values():
         trace = _trace(rec, hybrid)
         if _is_own(trace):
             own[0] += n
@@ -569,7 +570,7 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
     suspects, growth, growth_note = ([], None, None)
     if marks is not None and by_site is None:
         growth_note = "no kvprof.mark calls in this process: no growth across markers"
-    if by_site is not None:
+    if by_site is not None and marks is not None:  # by_site is made only with marks
         suspects, growth, growth_note = _memray_growth(by_site, marks, {sid: e[3] for sid, e in allocs.items()}, hybrid)
     return _memray_process(
         path, meta, hybrid, duration, records, total_allocations=total, total_allocated_bytes=total_bytes, frees=frees, churn=churn,

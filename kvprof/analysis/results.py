@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from kvprof import metrics as registry
 from kvprof._version import __version__
@@ -18,27 +19,27 @@ class Finding:
     severity: str  # "error", "warning", "info"
     title: str
     detail: str
-    evidence: dict = field(default_factory=dict)
+    evidence: dict[str, Any] = field(default_factory=dict)
     source: str = "blocks"
 
 
 @dataclass
 class SectionResult:
     name: str  # key under "sections"
-    metrics: dict  # name -> metric_entry(...)
-    section: dict  # JSON-ready details
-    findings: list  # [Finding]
+    metrics: dict[str, Any]  # name -> metric_entry(...)
+    section: dict[str, Any]  # JSON-ready details
+    findings: list[Any]  # [Finding]
 
 
 @dataclass
 class AnalysisResult:
-    source: dict
-    metrics: dict  # name -> {"value", "unit", "better", "window", "source"}
-    sections: dict
+    source: dict[str, Any]
+    metrics: dict[str, Any]  # name -> {"value", "unit", "better", "window", "source"}
+    sections: dict[str, Any]
     findings: list[Finding]
-    series: dict = field(default_factory=dict)  # what the HTML report and the Perfetto export draw (not in the JSON)
+    series: dict[str, Any] = field(default_factory=dict)  # what the HTML report and the Perfetto export draw (not in the JSON)
 
-    def to_json(self) -> dict:
+    def to_json(self) -> dict[str, Any]:
         return {
             "schema": SCHEMA,
             "kvprof_version": __version__,
@@ -50,7 +51,7 @@ class AnalysisResult:
         }
 
 
-def metric_entry(name: str, value, source: str, window: str | None = None) -> dict:
+def metric_entry(name: str, value: Any, source: str, window: str | None = None) -> dict[str, Any]:
     m = registry.get(name)
     if m is None:
         raise KeyError(f"metric {name!r} is not in the registry")
@@ -59,10 +60,12 @@ def metric_entry(name: str, value, source: str, window: str | None = None) -> di
     return {"value": value, "unit": m.unit, "better": m.better, "window": window or m.window, "source": source, "noisy": m.noisy}
 
 
-class Window(tuple):
+class Window(tuple[int, int]):
     """(t0, t1) of an analysis window, carrying its label for the sections' metrics."""
 
-    def __new__(cls, bounds, label: str):
+    label: str
+
+    def __new__(cls, bounds: tuple[int, int], label: str) -> Window:
         self = super().__new__(cls, bounds)
         self.label = label
         return self

@@ -6,10 +6,18 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from kvprof.analysis.results import AnalysisResult, Finding, SectionResult, Window, metric_entry
 from kvprof.analysis.sources import BUNDLE, MEMRAY, SNAPSHOT, file_hint, kind_of_existing
 from kvprof.errors import BundleError, UsageError
+
+if TYPE_CHECKING:
+    from kvprof.analysis.blocks import PoolAnalysis
+    from kvprof.analysis.engine import BlockPass
+    from kvprof.analysis.whatif import WhatifOptions
+    from kvprof.trace.reader import Bundle
 
 # The bundle's sections, as "module:function".  Each is called as function(bundle, bounds)
 # with bounds = (t0, t1) or None (a Window, whose .label names it), after the one pass over
@@ -19,7 +27,7 @@ SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.an
                                 "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_snapshots_section", "kvprof.analysis.gpu:nvml_section"]
 
 
-def _window_bounds(bundle, window: str | None):
+def _window_bounds(bundle: Bundle, window: str | None) -> tuple[Window | None, str | None]:
     if not window:
         return None, None
     start, _, end = window.partition(":")
@@ -36,7 +44,8 @@ def _window_bounds(bundle, window: str | None):
     return Window((t0, t1), label), label
 
 
-def analyze_path(path: str, window: str | None = None, *, series: bool = False, whatif: bool = False, progress=None) -> AnalysisResult:
+def analyze_path(path: str, window: str | None = None, *, series: bool = False, whatif: bool = False,
+                 progress: Callable[[int], object] | None = None) -> AnalysisResult:
     """A bundle directory, a bare PyTorch memory snapshot (a .pickle file) or a memray
     capture.  ``series``: also what the HTML report draws (``result.series``);
     ``whatif``: with it, the report's what-if replay; ``progress``: see engine.block_pass."""
@@ -76,7 +85,8 @@ def analyze_snapshot_file(path: str) -> AnalysisResult:
     return AnalysisResult(source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings)
 
 
-def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, whatif: bool = False, progress=None) -> AnalysisResult:
+def analyze_bundle(bundle: Bundle, window: str | None = None, *, series: bool = False, whatif: bool = False,
+                   progress: Callable[[int], object] | None = None) -> AnalysisResult:
     """Everything kvprof computes from a bundle, in one pass over its block events."""
     import importlib
 
@@ -94,8 +104,8 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
         "processes": len(bundle.processes),
         "window": window_label or "whole run",
     }
-    metrics: dict = {}
-    sections: dict = {}
+    metrics: dict[str, Any] = {}
+    sections: dict[str, Any] = {}
     findings: list[Finding] = run_findings(bundle)
     bp = block_pass(bundle, bounds, series=series, schedule_pools="all" if (whatif and series) else (), progress=progress)
     replay_pool = bp.replay_pool() if (whatif and series) else None
@@ -121,7 +131,7 @@ def analyze_bundle(bundle, window: str | None = None, *, series: bool = False, w
     return result
 
 
-def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
+def _bundle_series(bundle: Bundle, result: AnalysisResult, bp: BlockPass, replay_pool: int | None, window_label: str | None) -> dict[str, Any]:
     """What the HTML report and the Perfetto export draw, beside the analysis."""
     from kvprof.analysis import timeseries as ts
 
@@ -151,27 +161,28 @@ def _bundle_series(bundle, result, bp, replay_pool, window_label) -> dict:
 class Pending:
     """A series still being computed in a background thread."""
 
-    def __init__(self, fn):
+    def __init__(self, fn: Callable[[], Any]):
         import threading
 
-        self._value = self._error = None
+        self._value: Any = None
+        self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, args=(fn,), name="kvprof-whatif", daemon=True)
         self._thread.start()
 
-    def _run(self, fn) -> None:
+    def _run(self, fn: Callable[[], Any]) -> None:
         try:
             self._value = fn()
         except BaseException as exc:  # handed over to resolve()
             self._error = exc
 
-    def resolve(self):
+    def resolve(self) -> Any:
         self._thread.join()
         if self._error is not None:
             raise self._error
         return self._value
 
 
-def resolve_series(series: dict) -> dict:
+def resolve_series(series: dict[str, Any]) -> dict[str, Any]:
     """Wait for the series still being computed; a replay the pool cannot have (no request
     states) becomes a note."""
     w = series.get("whatif")
@@ -184,20 +195,20 @@ def resolve_series(series: dict) -> dict:
     return series
 
 
-def blocks_section(bundle, bounds) -> SectionResult | None:
+def blocks_section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
     """The block pools: every pool's analysis and all pools together, from the pass."""
     from kvprof.analysis.findings import block_findings
 
     bp = bundle.block_pass
     if not bp.per_pool:
         return None
-    metrics: dict = {}
+    metrics: dict[str, Any] = {}
     block_metrics(metrics, bp.total, len(bp.per_pool), getattr(bounds, "label", None))
     section = {"aggregate": dataclasses.asdict(bp.total), "pools": [dataclasses.asdict(p) for p in bp.per_pool]}
     return SectionResult(name="blocks", metrics=metrics, section=section, findings=block_findings(bp.total, bp.per_pool))
 
 
-def whatif_bundle(bundle, opts, progress=None) -> dict:
+def whatif_bundle(bundle: Bundle, opts: WhatifOptions, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
     """`kvprof whatif`: one pass over the bundle gives every pool's analysis and schedule;
     the chosen pool's schedule is replayed under ``opts`` and checked against its analysis."""
     from kvprof.analysis import whatif as W
@@ -210,19 +221,19 @@ def whatif_bundle(bundle, opts, progress=None) -> dict:
     return W.run_schedule(bp.schedules[pool], opts, pool_metrics(bp, pool, None))
 
 
-def pool_metrics(bp, pool: int, window_label: str | None) -> dict:
+def pool_metrics(bp: BlockPass, pool: int, window_label: str | None) -> dict[str, Any]:
     """analyze's figures (name -> value) for one pool over the whole run, for the what-if
     fidelity check: the pass's own when it covered the whole run."""
-    entries: dict = {}
+    entries: dict[str, Any] = {}
     block_metrics(entries, bp.whole_run.get(pool) or bp.per_pool[pool], 1, None)
     return {k: v["value"] for k, v in entries.items()}
 
 
-def block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
+def block_metrics(out: dict[str, Any], a: PoolAnalysis, npools: int, window_label: str | None) -> None:
     src = "blocks"
     w = window_label
 
-    def put(name, value, window=None):
+    def put(name: str, value: Any, window: str | None = None) -> None:
         out[name] = metric_entry(name, value, src, window or w)
 
     put("blocks.events", a.block_events)
@@ -263,9 +274,9 @@ def block_metrics(out: dict, a, npools: int, window_label: str | None) -> None:
     put("blocks.refcount_errors", a.refcount_errors)
 
 
-def _marker_summary(bundle) -> dict:
+def _marker_summary(bundle: Bundle) -> dict[str, Any]:
     marks = bundle.marks()
-    out = {}
+    out: dict[str, Any] = {}
     for i, name in enumerate(marks.names):
         sel = marks.name == i
         out[name] = {"count": int(sel.sum()), "processes": sorted({int(p) for p in marks.pid[sel]})}

@@ -10,10 +10,15 @@ figure of the analysis is computed on all events.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
-from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
+from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED, ChunkView
 from kvprof.trace.format import EventKind as K
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import Bundle, PoolInfo
 
 _RANK = np.array([0, 1, 3, 2], dtype=np.int8)  # state -> rank: EMPTY < CACHED < RESERVED < IN_USE
 _BACK = np.array([EMPTY, CACHED, RESERVED, IN_USE], dtype=np.int8)  # rank -> state
@@ -46,7 +51,7 @@ class BlockMapSeries:
     ids, or groups of consecutive ids when the pool is larger than ``max_rows`` (a group
     shows its busiest state: in use > reserved > cached > free)."""
 
-    def __init__(self, info, t0: int, columns: int = 300, max_rows: int = 512):
+    def __init__(self, info: PoolInfo, t0: int, columns: int = 300, max_rows: int = 512):
         self.info = info
         n = info.num_blocks
         self.group = -(-n // max_rows) if n > max_rows else 1
@@ -76,7 +81,7 @@ class BlockMapSeries:
             self.col //= 2
         self.grid = g
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         if not len(v.bt):
             return
         old = self.cols.width
@@ -97,7 +102,7 @@ class BlockMapSeries:
                 np.add.at(self.counts, (g, v.state_after[sel]), 1)
         self.seen = True
 
-    def result(self, t1: int, reserved: np.ndarray | None = None) -> dict | None:
+    def result(self, t1: int, reserved: np.ndarray | None = None) -> dict[str, Any] | None:
         if not self.seen:
             return None
         old = self.cols.width
@@ -144,7 +149,7 @@ class HitRateSeries:
             self.h = np.r_[self.h[0::2] + self.h[1::2], np.zeros(len(self.h) // 2)]
             f //= 2
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         c = v.chunk
         sel = np.flatnonzero(c.kind == K.REQ_QUERY)
         if not len(sel):
@@ -157,7 +162,7 @@ class HitRateSeries:
         self.h += np.bincount(b, weights=c.arg2[sel], minlength=self.cols.n)
         self.seen = True
 
-    def result(self, t1: int) -> dict | None:
+    def result(self, t1: int) -> dict[str, Any] | None:
         if not self.seen:
             return None
         old = self.cols.width
@@ -184,18 +189,18 @@ class PoolCountsSeries:
     to ``max_points`` once there are more (the last value of each time bucket, and the
     bucket's largest in-use count, so the watermark survives thinning)."""
 
-    def __init__(self, info, max_points: int = 20000):
+    def __init__(self, info: PoolInfo, max_points: int = 20000):
         self.info = info
         self.max_points = max_points
-        self.t: list = []
-        self.use: list = []
-        self.use_max: list = []
-        self.cached: list = []
-        self.last = None  # (in use, cached) of the last point kept
+        self.t: list[Any] = []
+        self.use: list[Any] = []
+        self.use_max: list[Any] = []
+        self.cached: list[Any] = []
+        self.last: tuple[int, int] | None = None  # (in use, cached) of the last point kept
         self.points = 0
-        self.cols = None  # buckets, once thinning started
+        self.cols: _Columns | None = None  # buckets, once thinning started
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         if not len(v.bt):
             return
         call_last = np.r_[v.ev_of[1:] != v.ev_of[:-1], True]  # the state after each call
@@ -235,7 +240,7 @@ class PoolCountsSeries:
         self.cached = [cached[ends]]
         self.points = len(ends)
 
-    def result(self, capacity: int) -> dict | None:
+    def result(self, capacity: int) -> dict[str, Any] | None:
         if not self.points:
             return None
         if self.points > self.max_points:
@@ -249,13 +254,13 @@ class InstantSeries:
     """A pool's preemptions and refused allocations (time, kind, request key), the first
     ``limit`` of them, for the Perfetto export's instant events."""
 
-    def __init__(self, info, limit: int = 100000):
+    def __init__(self, info: PoolInfo, limit: int = 100000):
         self.info = info
         self.limit = limit
-        self.parts: list = []
+        self.parts: list[Any] = []
         self.kept = 0
 
-    def observe(self, v) -> None:
+    def observe(self, v: ChunkView) -> None:
         c = v.chunk
         if self.kept >= self.limit:
             return
@@ -264,12 +269,14 @@ class InstantSeries:
             self.parts.append((c.t[sel], c.kind[sel], c.req[sel]))
             self.kept += len(sel)
 
-    def result(self) -> dict:
-        cat = lambda i, dt: np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype=dt)  # noqa: E731
+    def result(self) -> dict[str, Any]:
+        def cat(i: int, dt: Any) -> np.ndarray:
+            return np.concatenate([p[i] for p in self.parts]) if self.parts else np.zeros(0, dtype=dt)
+
         return {"pool": self.info.index, "t": cat(0, np.int64), "kind": cat(1, np.uint8), "req": cat(2, np.int64)}
 
 
-def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list:
+def marker_times(bundle: Bundle, t0_ns: int | None, limit: int = 400) -> list[Any]:
     """(seconds since t0, name, pid) of the markers, thinned to ``limit`` evenly."""
     marks = bundle.marks()
     if not len(marks.t):
@@ -281,7 +288,7 @@ def marker_times(bundle, t0_ns: int | None, limit: int = 400) -> list:
     return [((int(marks.t[i]) - t0) / 1e9, marks.names[int(marks.name[i])], int(marks.pid[i])) for i in idx]
 
 
-def gc_pauses(bundle, t0_ns: int | None, limit: int = 5000) -> list:
+def gc_pauses(bundle: Bundle, t0_ns: int | None, limit: int = 5000) -> list[Any]:
     """Every collection (the longest ``limit`` when there are more): process, start (s since
     t0), pause (s), generation."""
     rows = []
@@ -300,7 +307,7 @@ def gc_pauses(bundle, t0_ns: int | None, limit: int = 5000) -> list:
     return [{"pid": int(p), "t_s": (int(a) - base) / 1e9, "pause_s": int(d) / 1e9, "generation": int(x)} for p, a, d, x in zip(pid, t, dur, gen)]
 
 
-def segment_layout(snapshot: dict, max_segments: int = 120, max_blocks: int = 4000) -> list:
+def segment_layout(snapshot: dict[str, Any], max_segments: int = 120, max_blocks: int = 4000) -> list[Any]:
     """The largest segments of a PyTorch snapshot with their blocks in address order:
     [{"address", "size", "stream", "pool", "blocks": [[offset, size, state], ...]}]."""
     segs = sorted(snapshot.get("segments") or [], key=lambda s: -int(s.get("total_size") or 0))[:max_segments]

@@ -21,10 +21,17 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass, field
+from collections.abc import Iterable
 from itertools import compress, islice
+from typing import TYPE_CHECKING, Any
 
 from kvprof.trace import torch_snapshot as T
 from kvprof.trace.torch_snapshot import STACK_DEPTH  # noqa: F401 - frames that name a call site in the by-stack tables
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from kvprof.analysis.results import SectionResult
 
 ALLOC, PENDING = "active_allocated", "active_pending_free"
 NUMPY_ENTRIES = 100_000  # trace entries from which the replay runs in numpy
@@ -62,7 +69,7 @@ class StackRow:
     stack: str
     count: int
     bytes: int
-    median_lifetime_us: float | None = None
+    median_lifetime_us: Any = None  # float | None; while ranking, the lifetimes (a list, or a function that gives it)
 
 
 @dataclass
@@ -92,16 +99,16 @@ class TorchAnalysis:
     churn_by_stack: list[StackRow]
     short_lived: int  # allocations freed before the next allocation was made
     short_lived_bytes: int
-    timeline: dict  # {"t_us": [...], "requested": [...], "reserved": [...]} rebuilt from the trace
-    allocator_settings: dict
-    advice: list[dict] = field(default_factory=list)
+    timeline: dict[str, Any]  # {"t_us": [...], "requested": [...], "reserved": [...]} rebuilt from the trace
+    allocator_settings: dict[str, Any]
+    advice: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _frag(total: int, largest: int) -> float | None:
     return (1 - largest / total) if total > 0 else None
 
 
-def _median(xs):
+def _median(xs: Iterable[float]) -> float | None:
     xs = sorted(xs)
     n = len(xs)
     return None if not n else (xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2)
@@ -114,15 +121,15 @@ class _Trace:
     span: float | None
     alloc_count: int
     alloc_bytes: int
-    leaks: dict  # stack index -> [count, bytes], in the order the allocations stayed live
-    churn: dict  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
+    leaks: dict[int, Any]  # stack index -> [count, bytes], in the order the allocations stayed live
+    churn: dict[int, Any]  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
     short: int
     short_bytes: int
-    ooms: list  # (index, device, later activity on its device)
-    timeline: dict
+    ooms: list[Any]  # (index, device, later activity on its device)
+    timeline: dict[str, Any]
 
 
-def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis:
+def analyze_snapshot(snap: dict[str, Any], use_numpy: bool | None = None) -> TorchAnalysis:
     """The analysis of a normalized snapshot; `use_numpy` forces one replay of the trace
     (None: numpy for long traces, or when it is imported already)."""
     c: T.Columns = snap["columns"]
@@ -137,13 +144,13 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
     pending = sum(compress(size, map([k == pending_state for k in codes].__getitem__, state)))
     free_mask = list(map([k not in (alloc_state, pending_state) for k in codes].__getitem__, state))  # inactive blocks
     reserved = sum(c.seg_total)
-    pools: dict[tuple, list[int]] = {}  # (device, stream, kind, pool) -> inactive block sizes
+    pools: dict[tuple[Any, ...], list[int]] = {}  # (device, stream, kind, pool) -> inactive block sizes
     seg_free = []  # (inactive bytes, largest, count, segment index) of segments with more than one inactive block
     it_size, it_free = iter(size), iter(free_mask)
     for i, (dev, stream, kind, pool) in enumerate(zip(c.seg_device, c.seg_stream, c.seg_type, c.seg_pool)):
         n = st[i + 1] - st[i]
         inactive = list(compress(islice(it_size, n), islice(it_free, n)))
-        key = (dev, stream, c.seg_types[kind], c.seg_pools[pool])
+        key: tuple[Any, ...] = (dev, stream, c.seg_types[kind], c.seg_pools[pool])
         got = pools.get(key)
         if got is None:
             pools[key] = inactive
@@ -174,7 +181,7 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
     replay = _replay_numpy if use_numpy else _replay_python
     tr = replay(c, requested, reserved)
     ooms = []
-    serving: dict = {}
+    serving: dict[tuple[Any, ...], tuple[int, int]] = {}
     for k, (i, d, later) in enumerate(tr.ooms):  # in trace order, as the OOM columns
         stream, want = c.oom_stream[k], c.size[i]
         key = (d, stream, want <= SMALL_REQUEST)
@@ -209,7 +216,7 @@ def analyze_snapshot(snap: dict, use_numpy: bool | None = None) -> TorchAnalysis
 SMALL_REQUEST = 1 << 20  # PyTorch's kSmallSize: requests up to 1 MiB come from the small pool
 
 
-def _serving_pool(pools: dict, device: int, stream: int, size: int) -> list:
+def _serving_pool(pools: dict[tuple[Any, ...], list[int]], device: int, stream: int, size: int) -> list[Any]:
     """Inactive block sizes of the pool an allocation of ``size`` is served from: the default
     pool (private pools serve only their own graphs and MemPools) of its device and stream,
     small for requests up to 1 MiB, large beyond.  Snapshots too old to name segment types
@@ -231,12 +238,12 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
     known = [t for t in times if t is not None]
     span = (max(known) - min(known)) if len(known) >= 2 else None
     stacks = iter(c.alloc_stack)
-    live: dict[tuple, tuple] = {}  # (device, addr) -> (size, stack, time, index)
+    live: dict[tuple[Any, ...], tuple[Any, ...]] = {}  # (device, addr) -> (size, stack, time, index)
     alloc_count = alloc_bytes = short = short_bytes = 0
-    churn: dict = {}
+    churn: dict[int, Any] = {}
     last_alloc_index = -1
     ooms = []
-    last_activity: dict = {}  # device -> index of its last allocator activity in the trace
+    last_activity: dict[int, int] = {}  # device -> index of its last allocator activity in the trace
     for i, (d, act) in enumerate(zip(devs, c.action)):
         if act in ACTIVITY:
             last_activity[d] = i
@@ -260,7 +267,7 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
                     short_bytes += size
         elif act == T.OOM:
             ooms.append((i, d, last_activity.get(d, -1) > i))  # this device's state changed after the OOM
-    leaks: dict = {}
+    leaks: dict[int, Any] = {}
     for size, stack, _t, _i in live.values():
         row = leaks.setdefault(stack, [0, 0])
         row[0] += 1
@@ -269,14 +276,14 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
                   _timeline_python(c, devs, times, requested_end, reserved_end))
 
 
-def _timeline_python(c: T.Columns, devs: list, times: list, requested_end: int, reserved_end: int, max_points: int = 2000) -> dict:
+def _timeline_python(c: T.Columns, devs: list[Any], times: list[Any], requested_end: int, reserved_end: int, max_points: int = 2000) -> dict[str, Any]:
     """Requested (live) and reserved bytes over the trace window, rebuilt backwards from the
     snapshot's own totals (the trace is a ring buffer that ends at the snapshot).  The
     trace's alloc and free sizes are the sizes the program asked for, not the rounded
     block sizes, so the rebuild starts from the requested total; the devices' entries are
     merged in time order (each device has its own list)."""
     steps = []
-    requested: set = set()  # blocks whose free was requested: they left `allocated` then
+    requested: set[Any] = set()  # blocks whose free was requested: they left `allocated` then
     for d, act, addr, size, t in zip(devs, c.action, c.addr, c.size, times):
         da = 0
         if act == T.ALLOC:
@@ -303,7 +310,9 @@ def _timeline_python(c: T.Columns, devs: list, times: list, requested_end: int, 
         re.append(r)
         a -= da
         r -= dr
-    t.reverse(), al.reverse(), re.reverse()
+    t.reverse()
+    al.reverse()
+    re.reverse()
     if len(t) > max_points:  # evenly spaced points, plus the peaks and the last point (the state at the end)
         stride = len(t) / max_points
         keep = sorted({int(i * stride) for i in range(max_points)} | {max(range(len(al)), key=al.__getitem__),
@@ -324,7 +333,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     requested bytes alone when the previous free of its key was a free_requested."""
     import numpy as np
 
-    def mask(codes):
+    def mask(codes: Iterable[int]) -> np.ndarray:
         table = np.zeros(256, dtype=bool)
         table[list(codes)] = True
         return table[act.view(np.uint8)]
@@ -411,7 +420,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     step = np.flatnonzero(has_time & ((da != 0) | (dr != 0)))
     step = step[np.argsort(time[step], kind="stable")]
     if not len(step):
-        timeline = {"t_us": [], "requested": [], "reserved": []}
+        timeline: dict[str, Any] = {"t_us": [], "requested": [], "reserved": []}
     else:
         sda, sdr = da[step], dr[step]
         al = requested_end - (np.cumsum(sda[::-1])[::-1] - sda)  # the state after each step: the end minus what came later
@@ -426,7 +435,7 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
     return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms, timeline)
 
 
-def _group(keys, sizes, nkeys: int) -> dict:
+def _group(keys: np.ndarray, sizes: np.ndarray, nkeys: int) -> dict[int, Any]:
     """key -> [count, bytes] in the order each key first appears (keys: ints below nkeys)."""
     import numpy as np
 
@@ -446,7 +455,7 @@ def _mib(n: int) -> str:
     return f"{n / 2**20:,.1f} MiB"
 
 
-def _advice(a: TorchAnalysis) -> list[dict]:
+def _advice(a: TorchAnalysis) -> list[dict[str, Any]]:
     out = []
     settings = a.allocator_settings
     frag_ooms = [o for o in a.ooms if o.fragmentation_oom]
@@ -477,13 +486,15 @@ def _advice(a: TorchAnalysis) -> list[dict]:
     return out
 
 
-def snapshot_section(a, source: str):
+def snapshot_section(a: TorchAnalysis, source: str) -> SectionResult:
     """Metrics map, JSON section and findings of one TorchAnalysis (a SectionResult)."""
     import dataclasses
 
     from kvprof.analysis.results import Finding, SectionResult, metric_entry
 
-    put = lambda name, value: (name, metric_entry(name, value, "torch"))  # noqa: E731
+    def put(name: str, value: Any) -> tuple[str, dict[str, Any]]:
+        return name, metric_entry(name, value, "torch")
+
     metrics = dict([
         put("torch.segments", a.segments), put("torch.reserved_bytes", a.reserved), put("torch.allocated_bytes", a.allocated),
         put("torch.requested_bytes", a.requested), put("torch.pending_free_bytes", a.pending_free),
@@ -496,7 +507,10 @@ def snapshot_section(a, source: str):
         put("torch.short_lived_allocations", a.short_lived),
     ])
     findings = []
-    mib = lambda n: f"{n / 2**20:,.1f} MiB"  # noqa: E731
+
+    def mib(n: float) -> str:
+        return f"{n / 2**20:,.1f} MiB"
+
     for o in a.ooms:
         kind = "fragmentation OOM" if o.fragmentation_oom else "OOM"
         findings.append(Finding(

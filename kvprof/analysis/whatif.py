@@ -31,13 +31,19 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from kvprof.analysis import allocators
+from kvprof.analysis import allocators as allocators  # re-exported: commands/whatif.py uses W.allocators
 from kvprof.analysis.blocks import true_runs
 from kvprof.trace.format import EventKind as K
+
+if TYPE_CHECKING:
+    from kvprof.trace.chunks import BlockChunk
+    from kvprof.trace.reader import BlockStream, PoolInfo
 
 UNLIMITED = -1
 RECOVERIES = ("preempt", "seeds")
@@ -48,7 +54,7 @@ _ORDER_IDS = {"fifo": 0, "lifo": 1, "lowest": 2}
 _NOTED = False
 
 
-def _kernel():
+def _kernel() -> Any:  # the whatif_kernel module (numba's compiled functions)
     """The compiled kernels (imported here, never at kvprof's start: numba takes ~0.3 s)."""
     global _NOTED
     try:
@@ -70,27 +76,27 @@ class Schedule:
     engine: str
     block_size: int
     num_blocks: int
-    reserved_ids: list
+    reserved_ids: list[Any]
     bytes_per_block: int | None
     t_start: int
     t_end: int
     requests: int
     prefix_caching: bool
     final_lengths: np.ndarray  # tokens of each request at its last state
-    unsupported: dict = field(default_factory=dict)  # events the replay cannot use, by kind
+    unsupported: dict[str, Any] = field(default_factory=dict)  # events the replay cannot use, by kind
     engine_policy: str | None = None  # the pool's own free order, when it declared one (the demo's lru, lifo, lowest-id)
     # the operations (see whatif_kernel, "the schedule builder")
-    code: np.ndarray = None  # uint8, one per operation
-    ops: np.ndarray = None  # int32 rows: time step (uint32 bits), local request (0: none), a, b
-    payload: np.ndarray = None  # int32
+    code: np.ndarray | None = None  # uint8, one per operation
+    ops: np.ndarray | None = None  # int32 rows: time step (uint32 bits), local request (0: none), a, b
+    payload: np.ndarray | None = None  # int32
     operations: int = 0  # operations (the slots left unused not counted)
-    request_keys: np.ndarray = None  # local request index -> the bundle's request key
-    max_tokens: np.ndarray = None  # per local request: the most tokens any of its operations names
+    request_keys: np.ndarray | None = None  # local request index -> the bundle's request key
+    max_tokens: np.ndarray | None = None  # per local request: the most tokens any of its operations names
     # content classes of (request, recorded block index): blocks whose token prefixes the
     # recorded hits show equal.  Request r's nodes are blocks 0..L-1, class_of[class_off[r] + j];
     # a block beyond them is a class of its own
-    class_off: np.ndarray = None
-    class_of: np.ndarray = None
+    class_off: np.ndarray | None = None
+    class_of: np.ndarray | None = None
     foreign_ids: int = 0  # 1 + the largest id of blocks taken without a request
     foreign_blocks: int = 0  # blocks taken without a request, all told
     foreign_largest: int = 0  # the most blocks one allocation without a request took
@@ -122,7 +128,7 @@ class Schedule:
                                       self.max_tokens, self.class_off, self.class_of, self.final_lengths) if x is not None)
 
 
-def _grown(arr: np.ndarray, size: int, fill) -> np.ndarray:
+def _grown(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
     """arr with ``size`` rows, the new ones ``fill`` (a value, or one per column)."""
     out = np.empty((size,) + arr.shape[1:], dtype=arr.dtype)
     out[len(arr):] = fill
@@ -146,7 +152,7 @@ class ScheduleBuilder:
     owner, the positions of the blocks requests hold.
     """
 
-    def __init__(self, info):
+    def __init__(self, info: PoolInfo | Any) -> None:  # a PoolInfo, or a stand-in with its fields
         self.info = info
         self.B0 = int(info.block_size)
         self._K = K = _kernel()
@@ -173,7 +179,7 @@ class ScheduleBuilder:
         top = int(idx.max()) if len(idx) else 0
         if top >= len(self._keymap):
             self._keymap = _grown(self._keymap, max(top + 1, 2 * len(self._keymap)), -1)
-        loc = self._keymap[idx]
+        loc: np.ndarray = self._keymap[idx]
         new = loc < 0
         if new.any():
             cand = idx[new]
@@ -187,7 +193,7 @@ class ScheduleBuilder:
             loc = self._keymap[idx]
         return loc
 
-    def _ensure(self, name: str, size: int, fill=0) -> None:
+    def _ensure(self, name: str, size: int, fill: Any = 0) -> None:
         """Room for ``size`` rows: grown by half in place (realloc: no second buffer at the
         peak, where a copy would hold the old and the new array at once)."""
         arr = self._a[name]
@@ -197,7 +203,7 @@ class ScheduleBuilder:
             arr[old:] = fill
 
     # -- feeding ---------------------------------------------------------------------------------
-    def feed(self, chunk) -> None:
+    def feed(self, chunk: BlockChunk) -> None:
         """Take the next time-ordered chunk of this pool's events (other pools' are skipped)."""
         if self._done:
             raise RuntimeError("ScheduleBuilder.feed after finish")
@@ -244,14 +250,14 @@ class ScheduleBuilder:
     def states(self) -> int:
         return int(self._a["st"][self._K.S_STATES])
 
-    def finish(self) -> "Schedule":
+    def finish(self) -> Schedule:
         """The schedule; the builder's working state is released."""
         K, a, info = self._K, self._a, self.info
         st = a["st"]
         self._done = True
         nops, npay, nloc, nu = int(st[K.S_NOPS]), int(st[K.S_NPAY]), self._nloc, int(st[K.S_NUNION])
 
-        def trim(arr, n):  # in place (realloc: no copy, no second buffer at the peak)
+        def trim(arr: np.ndarray, n: int) -> np.ndarray:  # in place (realloc: no copy, no second buffer at the peak)
             arr.resize((n,) + arr.shape[1:], refcheck=False)
             return arr
 
@@ -282,7 +288,7 @@ class ScheduleBuilder:
         return sched
 
 
-def extract(stream, pool_index: int) -> Schedule:
+def extract(stream: BlockStream, pool_index: int) -> Schedule:
     """The replayable schedule of one pool (a global pool index of ``stream``, an in-memory
     :class:`kvprof.trace.reader.BlockStream`)."""
     from kvprof.trace import chunks
@@ -310,7 +316,7 @@ class ReplayResult:
     recovery: str
     prefix_cache: bool
     recorded: bool
-    metrics: dict  # analyze's metric names, plus the what-if ones (whatif.*)
+    metrics: dict[str, Any]  # analyze's metric names, plus the what-if ones (whatif.*)
 
 
 def pool_size(sched: Schedule, cfg: Config) -> int:
@@ -346,7 +352,8 @@ def replay(sched: Schedule, cfg: Config) -> ReplayResult:
                         cfg.recovery if cfg.policy in allocators.CONTIGUOUS else "n/a", cfg.prefix_cache and sched.prefix_caching, recorded, m)
 
 
-def _metrics(sched: Schedule, cfg: Config, K, n: int, reserved: np.ndarray, SC, FL, peak_mask) -> dict:
+def _metrics(sched: Schedule, cfg: Config, K: Any, n: int, reserved: np.ndarray, SC: np.ndarray, FL: np.ndarray,
+             peak_mask: np.ndarray | None) -> dict[str, Any]:
     """analyze's metrics, and the what-if ones, from the kernel's counters (SC), integrals (FL)
     and the free mask at the watermark."""
     B = cfg.block_size
@@ -437,13 +444,13 @@ def replay_many(sched: Schedule, configs: list[Config], jobs: int | None = None)
 
 
 # -- block-size advice ---------------------------------------------------------------------------------
-def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: int) -> dict:
+def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: int) -> dict[str, Any]:
     """The empirical optimum on the recorded lengths beside the closed form
     B* = sqrt(2 L m_metadata / m_token) (L: mean final length)."""
     bytes_per_token = sched.bytes_per_token
     lengths = sched.final_lengths[sched.final_lengths > 0]
     L = (int(lengths.sum()) / len(lengths)) if len(lengths) else None
-    out = {"mean_length": L, "metadata_bytes_per_block": metadata_bytes, "bytes_per_token": bytes_per_token}
+    out: dict[str, Any] = {"mean_length": L, "metadata_bytes_per_block": metadata_bytes, "bytes_per_token": bytes_per_token}
     if bytes_per_token and L:
         out["closed_form_block_size"] = math.sqrt(2 * L * metadata_bytes / bytes_per_token)
     costs = []
@@ -487,12 +494,12 @@ def parse_bytes(text: str) -> int:
 
 @dataclass
 class WhatifOptions:
-    block_sizes: tuple = ()  # empty: DEFAULT_SIZES plus the recorded size
+    block_sizes: tuple[Any, ...] = ()  # empty: DEFAULT_SIZES plus the recorded size
     num_blocks: int | None = None  # fixed count for every size; None: see kv_memory / same memory
     unlimited: bool = False  # only the replay without a capacity limit
     kv_memory: int | None = None  # bytes of KV memory: blocks = kv_memory / (B * bytes per token)
-    policies: tuple = ("free-queue",)
-    recoveries: tuple = RECOVERIES
+    policies: tuple[Any, ...] = ("free-queue",)
+    recoveries: tuple[Any, ...] = RECOVERIES
     prefix_cache: bool = True
     pool: str | None = None
     metadata_bytes: int = 64
@@ -500,7 +507,7 @@ class WhatifOptions:
     jobs: int | None = None
 
 
-def pick_pool(stream, label: str | None):
+def pick_pool(stream: BlockStream, label: str | None) -> PoolInfo | None:
     pools = [p for p in stream.pools if np.any((stream.pool == p.index) & (stream.kind == K.REQ_STATE))] or list(stream.pools)
     if not pools:
         return None
@@ -514,7 +521,7 @@ def pick_pool(stream, label: str | None):
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(p.label for p in stream.pools)})")
 
 
-def pick_schedule(schedules: list, label: str | None) -> "Schedule | None":
+def pick_schedule(schedules: list[Schedule], label: str | None) -> Schedule | None:
     """pick_pool's choice among schedules built for each pool (ScheduleBuilder.finish): the
     busiest pool with request states, or the one named ``label``."""
     pools = [s for s in schedules if s.states] or list(schedules)
@@ -530,7 +537,7 @@ def pick_schedule(schedules: list, label: str | None) -> "Schedule | None":
     raise ValueError(f"no pool {label!r} in this bundle (pools: {', '.join(s.pool for s in schedules)})")
 
 
-def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
+def run(stream: BlockStream, opts: WhatifOptions, analyzed: dict[str, Any] | None = None) -> dict[str, Any]:
     """sections.whatif for one pool of an in-memory stream (tests; the commands go through
     the analysis pass, which extracts the schedule on the way: :func:`run_schedule`).
     ``analyzed``: analyze's metric values (name -> value) for that pool over the whole run,
@@ -543,18 +550,19 @@ def run(stream, opts: WhatifOptions, analyzed: dict | None = None) -> dict:
     t0 = time.perf_counter()
     sched = extract(stream, info.index)
 
-    def analyze_pool() -> dict:  # analyze's figures for this pool, through analyze's own metric mapping
+    def analyze_pool() -> dict[str, Any]:  # analyze's figures for this pool, through analyze's own metric mapping
         from kvprof.analysis import block_metrics
         from kvprof.analysis.blocks import analyze_blocks
 
-        entries: dict = {}
+        entries: dict[str, Any] = {}
         block_metrics(entries, analyze_blocks(stream, [info.index]), 1, None)
         return {k: v["value"] for k, v in entries.items()}
 
     return run_schedule(sched, opts, analyzed if analyzed is not None else analyze_pool, started=t0)
 
 
-def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed, started: float | None = None) -> dict:
+def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict[str, Any] | Callable[[], dict[str, Any]],
+                 started: float | None = None) -> dict[str, Any]:
     """sections.whatif from a schedule already built (ScheduleBuilder.finish): the analysis
     engine's way, which feeds the builder during its own pass over the bundle.
     ``analyzed``: analyze's metric values (name -> value) for the schedule's pool over the
@@ -572,10 +580,11 @@ def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed, started: float 
     if opts.kv_memory and not bpt:
         raise ValueError("--kv-memory needs the bytes one token takes: the bundle does not say (give --bytes-per-token)")
 
-    def capacity(b):
+    def capacity(b: int) -> int:
         if opts.num_blocks:
             n = opts.num_blocks
         elif opts.kv_memory:
+            assert bpt is not None  # checked above
             n = max(int(opts.kv_memory // (b * bpt)), 2)
         else:
             n = max(sched.num_blocks * sched.block_size // b, 2)  # the recorded KV memory

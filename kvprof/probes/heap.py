@@ -22,6 +22,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 from kvprof import runtime
 from kvprof.owncode import is_own_code
@@ -45,10 +46,10 @@ class _TraceState:
         self.every = 1
         self.interval = DEFAULT_INTERVAL_S
         self.stop = threading.Event()
-        self.thread = None
+        self.thread: threading.Thread | None = None
         self.cost_ns = 0
         self.active = False
-        self.fork_lock = None
+        self.fork_lock: Any = None  # the held lock, across a fork
 
 
 _state: _TraceState | None = None
@@ -89,7 +90,7 @@ def snapshot(reason: int, mark_id: int = -1, mark_value: int = 0, t: int | None 
         c0 = time.perf_counter_ns()
         t = runtime.now() if t is None else t
         traced, peak = tracemalloc.get_traced_memory()
-        traces = tracemalloc._get_traces()  # (domain, size, traceback, total_nframe)
+        traces = tracemalloc._get_traces()  # type: ignore[attr-defined]  # CPython's, private  # (domain, size, traceback, total_nframe)
         # Aggregation that allocates almost nothing per trace: every allocation made here
         # is itself traced, and tracing one costs microseconds.
         tbs = list(map(itemgetter(2), traces))
@@ -209,7 +210,7 @@ def _fork_before() -> None:
 def _fork_after_parent() -> None:
     st = _state
     lock = getattr(st, "fork_lock", None) if st is not None else None
-    if lock is not None:
+    if st is not None and lock is not None:
         st.fork_lock = None
         lock.release()
 
@@ -231,7 +232,7 @@ def after_fork_tracemalloc(writer) -> None:
 
 # -- memray ------------------------------------------------------------------------
 MEMRAY_FILE = "memray.bin"
-_memray = {"tracker": None, "path": None, "active": False, "marks": 0}
+_memray: dict[str, Any] = {"tracker": None, "path": None, "active": False, "marks": 0}
 # Every kvprof.mark while memray tracks the process allocates (and drops) one buffer of
 # MARK_BASE + 1 + (n % MARK_SPAN) bytes in _memray_mark, n the marker's ordinal in the
 # process: memray's capture then says where each marker fell among the allocations, which
@@ -345,7 +346,7 @@ def _when_main_starts(fn) -> None:
     thread's real stack (memray 1.20)."""
     import sys
 
-    done = []
+    done: list[str] = []
 
     def starter(go, ready):
         go.wait()

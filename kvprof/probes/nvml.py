@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from typing import Any
 
 import numpy as np
 
@@ -24,7 +25,7 @@ class Sampler:
         self.status: dict = {}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._nvml = None
+        self._nvml: Any = None  # the pynvml module, once loaded
         self.samples = 0
 
     def start(self) -> dict:
@@ -55,12 +56,13 @@ class Sampler:
     def _sample(self, gpus_fh, procs_fh) -> None:
         nv = self._nvml
         t = time.monotonic_ns()
-        g_rows, p_rows = [], []
+        g_rows: list[tuple[int, ...]] = []
+        p_rows: list[tuple[int, ...]] = []
         for i in range(nv.nvmlDeviceGetCount()):
             h = nv.nvmlDeviceGetHandleByIndex(i)
             mem = nv.nvmlDeviceGetMemoryInfo(h)
             g_rows.append((t, i, int(mem.used), int(mem.total)))
-            seen = {}
+            seen: dict[int, int] = {}
             for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
                 try:
                     for p in getattr(nv, getter)(h):

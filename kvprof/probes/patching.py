@@ -23,7 +23,7 @@ class Hooks:
         if getattr(original, "__kvprof__", False):  # already patched (module re-imported)
             return
         wrapper = functools.wraps(original)(make(original))
-        wrapper.__kvprof__ = True
+        wrapper.__kvprof__ = True  # type: ignore[attr-defined]  # a function attribute: the mark of a patch
         setattr(cls, name, wrapper)
         self.attached.append(label)
 

@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from typing import Any
 
 from kvprof import runtime
 from kvprof.probes.patching import Hooks
@@ -74,7 +75,7 @@ _immortal: list = []
 _depth = [0]  # nesting of hooked calls; reference changes are netted until it is 0 again
 _pending: dict = {}  # (pool, page) -> net reference change not yet written
 _pending_cache: dict = {}  # (pool, page) -> None: pages cached, not yet written (ordered)
-_ctx = {"req": None, "batch": None, "evicting": 0, "pool": None, "step": 0}
+_ctx: dict[str, Any] = {"req": None, "batch": None, "evicting": 0, "pool": None, "step": 0}
 _last_state: dict = {}  # request id -> (filled, held) last written
 
 

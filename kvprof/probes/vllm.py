@@ -303,7 +303,7 @@ def _kv_layout(config) -> dict:
     try:
         groups = list(config.kv_cache_groups)
         total = sum(int(g.kv_cache_spec.page_size_bytes) * len(g.layer_names) for g in groups)
-        out = {"bytes_per_block": total} if total > 0 else {}
+        out: dict[str, object] = {"bytes_per_block": total} if total > 0 else {}
         spec = groups[0].kv_cache_spec
         heads, size = getattr(spec, "num_kv_heads", None), getattr(spec, "head_size", None)
         if heads and size:

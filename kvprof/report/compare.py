@@ -108,7 +108,7 @@ def terminal(c: Comparison, width: int | None = None, console=None, show_all: bo
             table.add_column("change", justify="right", no_wrap=True)
         table.add_column("verdict", no_wrap=True)
         for r in shown:
-            cells = [_text(r.name)] + ([_short(r.base, r.unit)] if c.base else []) + [_short(r.new, r.unit)]
+            cells: list = [_text(r.name)] + ([_short(r.base, r.unit)] if c.base else []) + [_short(r.new, r.unit)]
             cells += [_change(r)] if c.base else []
             mark = "*" if r.judged_on_spread else ""
             cells.append(Text(r.verdict + mark, style=STYLE.get(r.verdict, "")))

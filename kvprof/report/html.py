@@ -192,14 +192,14 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
             key = f"{fr.get('function', '?')} ({os.path.basename(str(fr.get('file', '?')))}:{fr.get('line', '?')})"
             node = node["children"].setdefault(key, {"children": {}, "w": 0.0, "frame": fr})
             node["w"] += w
-    data = {"left": [], "right": [], "top": [], "bottom": [], "name": [], "file": [], "weight": [], "color": []}
+    data: dict[str, list] = {"left": [], "right": [], "top": [], "bottom": [], "name": [], "file": [], "weight": [], "color": []}
     palette = ["#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#fdd0a2", "#fee6ce"]
     depth_max = 0
 
     def walk(node, x0, depth):
         nonlocal depth_max
         x = x0
-        for i, (key, child) in enumerate(sorted(node["children"].items(), key=lambda kv: -kv[1]["w"])):
+        for i, (_key, child) in enumerate(sorted(node["children"].items(), key=lambda kv: -kv[1]["w"])):
             fr = child["frame"]
             data["left"].append(x)
             data["right"].append(x + child["w"])
@@ -220,7 +220,7 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
     p.quad(left="left", right="right", top="top", bottom="bottom", fill_color="color", line_color="white", source=src)
     # names on the boxes wide enough to hold some of them (hover shows every box in full)
     total = root["w"] or 1.0
-    lab = {"x": [], "y": [], "text": []}
+    lab: dict[str, list] = {"x": [], "y": [], "text": []}
     for left, right, top, name in zip(data["left"], data["right"], data["top"], data["name"]):
         chars = int((right - left) / total * 110)
         if chars >= 4:
@@ -251,7 +251,7 @@ def _heap_charts(heap: dict):
             c = _icicle(f"Left at exit by stack, pid {proc['pid']} (memray)", mem["leaked_stacks"], "bytes", "bytes")
             if c is not None:
                 out.append((f"heap-exit-{proc['pid']}", c, "Memory allocated and not freed when memray's tracker stopped."))
-    series = [(p["pid"], p.get("role"), (p.get("tracemalloc") or {}).get("series")) for p in heap.get("processes") or []]
+    series: list = [(p["pid"], p.get("role"), (p.get("tracemalloc") or {}).get("series")) for p in heap.get("processes") or []]
     series = [s for s in series if s[2]]
     if series:
         p = _fig("Python heap live bytes over time (tracemalloc snapshots)", "seconds since the process started tracing", "bytes")
@@ -277,7 +277,7 @@ def _torch_charts(torch: dict, series: dict):
         out.append(("torch-timeline", p, "Rebuilt backwards from the snapshot's totals through its trace (device_traces)."))
     segs = series.get("segments") or []
     if segs:
-        data = {"left": [], "right": [], "top": [], "bottom": [], "state": [], "size": [], "color": [], "segment": []}
+        data: dict[str, list] = {"left": [], "right": [], "top": [], "bottom": [], "state": [], "size": [], "color": [], "segment": []}
         for i, s in enumerate(segs):
             for off, size, state in s["blocks"]:
                 data["left"].append(off / 2**20)

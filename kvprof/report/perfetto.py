@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 
 import numpy as np
 
@@ -20,7 +21,7 @@ from kvprof.errors import BundleError
 from kvprof.trace.format import EventKind as K
 
 
-def _origins(bundle, spans_by_pool: dict, marks) -> tuple[dict, object]:
+def _origins(bundle, spans_by_pool: dict, marks) -> tuple[dict, Callable[[int], str]]:
     """Times are microseconds from the earliest event of their clock.  Pools on a clock of
     their own (a simulator's: ``kvprof.blocks.Pool(clock=...)``) start at 0 like the
     monotonic clock every other stream uses, instead of hours apart from it.  A marker

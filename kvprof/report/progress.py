@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Any
 
 SHOW_AFTER_S = 1.0
 
@@ -21,7 +22,7 @@ class PassProgress:
         self.stream = stream if stream is not None else sys.stderr
         self.done = 0
         self.t0 = time.monotonic()
-        self.bar = None
+        self.bar: Any = None  # a rich Progress (rich is imported when the bar shows)
         self.task = None
         try:
             self.enabled = self.stream.isatty() and os.environ.get("TERM") != "dumb"

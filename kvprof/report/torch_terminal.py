@@ -45,7 +45,7 @@ def render(console, sec: dict, result) -> None:
         console.print(Text("Free space by stream and pool", style="bold"))
         pt = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
         for col, just in (("pool", "left"), ("free", "right"), ("largest", "right"), ("blocks", "right"), ("ext. frag", "right")):
-            pt.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")
+            pt.add_column(col, justify=just, no_wrap=True, overflow="ellipsis")  # type: ignore[arg-type]  # "left", "right"
         for p in pools:
             f = p["external_fragmentation"]
             pt.add_row(p["scope"], b(p["inactive_bytes"]), b(p["largest_inactive"]), f"{p['inactive_blocks']:,}", "" if f is None else f"{100 * f:.1f}%")

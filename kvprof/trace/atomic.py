@@ -11,9 +11,11 @@ import json
 import os
 import stat
 import tempfile
+from collections.abc import Callable
+from typing import IO, Any
 
 
-def _replace(path: str, write, sync: bool) -> None:
+def _replace(path: str, write: Callable[[IO[str]], None], sync: bool) -> None:
     """Write through a temporary file renamed over `path`.  A link is followed (the file it
     names is replaced, not the link); an existing path that is not a regular file (/dev/null,
     /dev/stdout, a FIFO) is written in place: renaming over it would put a regular file where
@@ -62,16 +64,16 @@ def _umask() -> int:
     return umask
 
 
-def _shareable(fh) -> None:
+def _shareable(fh: IO[str]) -> None:
     """The permissions a new file gets (mkstemp's are private; a bundle and a report are for
     sharing).  Only on the temporary file: a device written in place keeps its own."""
     if stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
         os.fchmod(fh.fileno(), 0o666 & ~_umask())
 
 
-def write_json_atomic(path: str, data) -> None:
+def write_json_atomic(path: str, data: Any) -> None:
     # ensure_ascii (the default): every non-ASCII character, lone surrogates included, escaped
-    def write(fh):
+    def write(fh: IO[str]) -> None:
         json.dump(data, fh, indent=1, default=str, ensure_ascii=True)
         _shareable(fh)
 
@@ -83,7 +85,7 @@ def write_text(path: str, text: str, sync: bool = False) -> None:
     permissions a new file gets; `sync` waits for the disk (a record that must survive the
     process dying next)."""
 
-    def write(fh):
+    def write(fh: IO[str]) -> None:
         fh.write(text)
         _shareable(fh)
 
@@ -124,7 +126,7 @@ def check_output(path: str | None) -> None:
         raise UsageError(f"cannot write {path}: the directory {parent} is not writable")
 
 
-def _write_stdout(stream, text: str) -> None:
+def _write_stdout(stream: IO[str], text: str) -> None:
     """Text to standard output, all of it, whatever its encoding holds.
 
     Characters the stream cannot encode (a lone surrogate; an ASCII locale) go out as

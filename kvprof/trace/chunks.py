@@ -14,8 +14,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import BlockStream
 
 DEFAULT_CHUNK_EVENTS = 1 << 17
 
@@ -40,7 +44,7 @@ class BlockChunk:
         np.cumsum(self.n, out=off[1:])
         return off
 
-    def take(self, rows: np.ndarray) -> "BlockChunk":
+    def take(self, rows: np.ndarray) -> BlockChunk:
         """The events ``rows`` (sorted indices or a boolean mask) with their ids."""
         if rows.dtype == bool:
             mask = rows
@@ -53,7 +57,7 @@ class BlockChunk:
         return BlockChunk(self.t[mask], self.kind[mask], self.pool[mask], self.req[mask], self.arg[mask], self.arg2[mask],
                           self.n[mask], self.ids[idmask])
 
-    def split(self, at: int) -> tuple["BlockChunk", "BlockChunk"]:
+    def split(self, at: int) -> tuple[BlockChunk, BlockChunk]:
         """Events [0, at) and [at, len)."""
         cut = int(self.n[:at].sum())
         a = BlockChunk(self.t[:at], self.kind[:at], self.pool[:at], self.req[:at], self.arg[:at], self.arg2[:at], self.n[:at], self.ids[:cut])
@@ -61,14 +65,14 @@ class BlockChunk:
         return a, b
 
     @staticmethod
-    def concat(parts: list["BlockChunk"]) -> "BlockChunk":
+    def concat(parts: list[BlockChunk]) -> BlockChunk:
         parts = [p for p in parts if len(p)] or parts[:1]
         if len(parts) == 1:
             return parts[0]
         return BlockChunk(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("t", "kind", "pool", "req", "arg", "arg2", "n", "ids")))
 
     @staticmethod
-    def empty() -> "BlockChunk":
+    def empty() -> BlockChunk:
         e = np.zeros(0, dtype=np.int64)
         return BlockChunk(e, e.astype(np.uint8), e.astype(np.int32), e, e, e, e, e.astype(np.int32))
 
@@ -94,7 +98,7 @@ def tie_safe(chunks: Iterable[BlockChunk]) -> Iterator[BlockChunk]:
         yield held
 
 
-def from_stream(stream, pools: list[int] | None = None, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Iterator[BlockChunk]:
+def from_stream(stream: BlockStream, pools: list[int] | None = None, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Iterator[BlockChunk]:
     """Chunks of an in-memory :class:`kvprof.trace.reader.BlockStream` (tests, simulators),
     restricted to the global pool indices ``pools`` (None: all), in stream order."""
     if pools is None:
@@ -104,7 +108,7 @@ def from_stream(stream, pools: list[int] | None = None, chunk_events: int = DEFA
     off = stream.offsets
     n = stream.n.astype(np.int64)
 
-    def pieces():
+    def pieces() -> Iterator[BlockChunk]:
         for a in range(0, len(sel), chunk_events):
             rows = sel[a : a + chunk_events]
             starts = off[rows]

@@ -5,6 +5,7 @@ The layouts, and why they are what they are, are in kvprof/trace/stage.py.
 from __future__ import annotations
 
 import zlib
+from typing import Any
 
 import numpy as np
 
@@ -27,7 +28,8 @@ _STAGE_HEAP = np.dtype({"names": ["t", "seq", "reason", "mark", "mark_value", "l
 
 def unshuffle(data: bytes, width: int) -> np.ndarray:
     n = len(data) // width
-    return np.frombuffer(data, dtype=np.uint8, count=n * width).reshape(width, n).T.copy()
+    out: np.ndarray = np.frombuffer(data, dtype=np.uint8, count=n * width).reshape(width, n).T.copy()
+    return out
 
 
 def decode_chunk(head: ChunkHeader, body: bytes) -> np.ndarray:
@@ -47,7 +49,7 @@ def decode_chunk(head: ChunkHeader, body: bytes) -> np.ndarray:
     return recs
 
 
-def valid_records(buf) -> np.ndarray:
+def valid_records(buf: bytes | np.ndarray) -> np.ndarray:
     """The records of a staging segment's bytes as an (N, 48) uint8 array, cut at the first
     never-written record and at an entry the process did not finish writing."""
     raw = np.frombuffer(buf, dtype=np.uint8)
@@ -97,9 +99,9 @@ def _consistent_prefix(recs: np.ndarray, tags: np.ndarray) -> int:
     return n
 
 
-def split_records(recs: np.ndarray) -> dict:
+def split_records(recs: np.ndarray) -> dict[int, tuple[Any, np.ndarray | None]]:
     """Stream rows from valid staging records: {tag: (rows, ids)} with ids for blocks only."""
-    out: dict = {}
+    out: dict[int, tuple[Any, np.ndarray | None]] = {}
     if not len(recs):
         return out
     tags = recs[:, RECORD - 1]
@@ -150,7 +152,7 @@ def split_records(recs: np.ndarray) -> dict:
     return out
 
 
-def _strings(recs: np.ndarray, heads: np.ndarray) -> dict:
+def _strings(recs: np.ndarray, heads: np.ndarray) -> dict[int, str]:
     """{string id: text} of the interned strings whose records start at ``heads``."""
     out = {}
     sids = recs[heads, 0:4].copy().view("<i4").ravel().tolist()

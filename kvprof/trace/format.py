@@ -24,6 +24,8 @@ docs/trace-format.md and kvprof/trace/codec.py.
 
 from __future__ import annotations
 
+from typing import Any
+
 FORMAT_NAME = "kvprof.bundle"
 FORMAT_VERSION = 2  # what the writer writes; the reader reads 1 and 2
 MANIFEST = "manifest.json"
@@ -40,7 +42,7 @@ NVML_PROCS = "nvml_procs.bin"
 _DTYPE_NAMES = ('BLOCK_EVENT_DTYPE', 'BLOCK_ID_DTYPE', 'MARK_DTYPE', 'GC_DTYPE', 'HEAP_SNAP_DTYPE', 'HEAP_SITE_DTYPE', 'NVML_GPU_DTYPE', 'NVML_PROC_DTYPE', 'STREAM_DTYPES')
 
 
-def _build_dtypes() -> dict:
+def _build_dtypes() -> dict[str, Any]:
     import numpy as np
 
     # One record per hook call.  Block ids of the call live in block_ids.bin; the
@@ -134,7 +136,7 @@ def _build_dtypes() -> dict:
     return {name: value for name, value in locals().items() if name in _DTYPE_NAMES}
 
 
-def __getattr__(name: str):
+def __getattr__(name: str) -> Any:
     if name in _DTYPE_NAMES:
         built = _build_dtypes()
         globals().update(built)

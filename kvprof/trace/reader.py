@@ -15,7 +15,9 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -33,11 +35,12 @@ MAX_POOL_BLOCKS = 1 << 26  # per-block state of bigger pools would not fit in me
 MAX_BLOCK_SIZE = 1 << 24
 MAX_IDS_PER_EVENT = 1 << 26
 MAX_PROCESSES = 100_000
+T = TypeVar("T")
 KNOWN_KINDS = np.zeros(256, dtype=bool)
 KNOWN_KINDS[[v for k, v in vars(fmt.EventKind).items() if not k.startswith("_")]] = True
 
 
-def clean_str(value) -> str:
+def clean_str(value: Any) -> str:
     """A string from a trace as text every writer can encode: lone surrogates (a
     non-UTF-8 argv or marker name) become U+FFFD."""
     s = value if isinstance(value, str) else str(value)
@@ -64,7 +67,7 @@ def _regular_file(path: str, what: str, limit: int) -> int:
     return st.st_size
 
 
-def load_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES):
+def load_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES) -> Any:
     _regular_file(path, what, limit)
     try:
         with open(path, "rb") as fh:
@@ -78,14 +81,14 @@ def load_json_file(path: str, what: str, limit: int = MAX_JSON_BYTES):
     return data
 
 
-def _load_json(path: str, what: str) -> dict:
+def _load_json(path: str, what: str) -> dict[str, Any]:
     data = load_json_file(path, what)
     if not isinstance(data, dict):
         raise BundleError(f"{what} is not a JSON object: {path}")
     return data
 
 
-def probe_map(value) -> dict:
+def probe_map(value: Any) -> dict[str, Any]:
     """A process's probe notes as the analysis reads them: name -> dict (a note of another
     shape, from a damaged or foreign record, becomes {"status": its text})."""
     if not isinstance(value, dict):
@@ -93,7 +96,7 @@ def probe_map(value) -> dict:
     return {clean_str(k): (v if isinstance(v, dict) else {"status": clean_str(v)}) for k, v in value.items()}
 
 
-def _int(value, lo: int, hi: int) -> int | None:
+def _int(value: Any, lo: int, hi: int) -> int | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     if isinstance(value, float):
@@ -116,7 +119,7 @@ class PoolInfo:
     block_size: int
     bytes_per_block: int | None = None
     clock: str = "monotonic"
-    extra: dict = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
     node: str | None = None  # the node (host) of its process, in a bundle that spans several
 
     @property
@@ -124,7 +127,7 @@ class PoolInfo:
         return f"{self.name}@{self.node}:{self.pid}" if self.node else f"{self.name}@{self.pid}"
 
 
-def pool_from_record(rec: dict, index: int, pid: int, where: str) -> PoolInfo:
+def pool_from_record(rec: dict[str, Any], index: int, pid: int, where: str) -> PoolInfo:
     """A pool declaration checked field by field (a bundle is untrusted input)."""
     li = _int(rec.get("pool"), 0, (1 << 16) - 1)
     nb = _int(rec.get("num_blocks"), 1, MAX_POOL_BLOCKS)
@@ -164,7 +167,7 @@ class BlockStream:
     requests: list[str]
 
     @classmethod
-    def from_events(cls, events, pools: list[dict], requests: list[str] | None = None) -> "BlockStream":
+    def from_events(cls, events: Iterable[Any], pools: list[dict[str, Any]], requests: list[str] | None = None) -> BlockStream:
         """Build a stream from ``(t, kind, pool, req, arg, arg2, ids)`` tuples (tests, simulators).
 
         ``pools`` are dicts with at least num_blocks and block_size; ``req`` indexes ``requests``.
@@ -177,7 +180,10 @@ class BlockStream:
         ]
         events = list(events)
         ids = [b for e in events for b in (e[6] or ())]
-        col = lambda i, dt: np.array([e[i] for e in events], dtype=dt)  # noqa: E731
+
+        def col(i: int, dt: Any) -> np.ndarray:
+            return np.array([e[i] for e in events], dtype=dt)
+
         nreq = max([e[3] for e in events] + [-1]) + 1
         return cls(
             t=col(0, np.int64), kind=col(1, np.uint8), pool=col(2, np.int32), req=col(3, np.int64),
@@ -208,13 +214,14 @@ class Marks:
     def times_of(self, name: str) -> np.ndarray:
         if name not in self.names:
             return np.zeros(0, dtype=np.int64)
-        return self.t[self.name == self.names.index(name)]
+        out: np.ndarray = self.t[self.name == self.names.index(name)]
+        return out
 
 
 class ProcessData:
     """The streams one process wrote."""
 
-    def __init__(self, directory: str, bundle=None):
+    def __init__(self, directory: str, bundle: Bundle | None = None):
         self.dir = directory
         self.bundle = bundle
         self.info = _load_json(os.path.join(directory, fmt.PROCESS_JSON), "process record")
@@ -228,15 +235,15 @@ class ProcessData:
         if "role" in self.info:
             self.info["role"] = clean_str(self.info["role"])
         self.strings: dict[int, str] = {}
-        self.pools: list[dict] = []
-        self.stacks: dict[int, list] = {}  # tracemalloc stack id -> [[file, line], ...] innermost first
-        self.notes: list[dict] = []
+        self.pools: list[dict[str, Any]] = []
+        self.stacks: dict[int, list[tuple[str, int]]] = {}  # tracemalloc stack id -> [[file, line], ...] innermost first
+        self.notes: list[dict[str, Any]] = []
         self.damage: list[str] = []  # what the reader stepped over
         names = set(os.listdir(directory))
         self.version = 2 if (stage.CHUNKS in names or any(n.startswith(stage.STAGE_PREFIX) for n in names)) else 1
-        self._small: dict | None = None  # markers, gc pauses, heap snapshots, once a pass has read them
+        self._small: dict[str, Any] | None = None  # markers, gc pauses, heap snapshots, once a pass has read them
         self.clock_shift = 0  # ns added to its monotonic times (set_clock_shift)
-        self.node: tuple = (None, None)  # (node key, node name) in a bundle of several nodes
+        self.node: tuple[str | None, str | None] = (None, None)  # (node key, node name) in a bundle of several nodes
         self._read_meta()
 
     # -- side records -------------------------------------------------------------------
@@ -287,7 +294,7 @@ class ProcessData:
             elif isinstance(rec, dict):
                 self.notes.append(rec)
 
-    def _parse_meta_lines(self, data: bytes, path: str) -> list:
+    def _parse_meta_lines(self, data: bytes, path: str) -> list[Any]:
         """Line by line, for a block the one-parse path refused: a damaged line is skipped
         and said (one line of garbage must not cost the whole process's strings)."""
         out = []
@@ -321,12 +328,12 @@ class ProcessData:
         return path if os.path.isfile(path) else None
 
     # -- version 2: staging records ------------------------------------------------------
-    def pieces(self, want: int = 0):
+    def pieces(self, want: int = 0) -> Iterator[np.ndarray]:
         """Staging records (N, 48) in the order they were written: segment by segment, from
         the chunk log where a segment was compressed, else from its staging file (a process
         that died, or a rotation a signal interrupted, leaves some behind).  ``want``: a tag
         bitmask; chunks without any of those tags are skipped unread (0: all)."""
-        sources: dict[int, list] = {}  # segment number -> [chunk (offset, header) or None, staging file or None]
+        sources: dict[int, list[Any]] = {}  # segment number -> [chunk (offset, header) or None, staging file or None]
         path = os.path.join(self.dir, stage.CHUNKS)
         if os.path.exists(path):
             for off, head in self._chunk_index(path, want):
@@ -349,6 +356,7 @@ class ProcessData:
                     off, head = chunk
                     covered = head.seg_count
                     if not want or head.tags & want:
+                        assert fh is not None  # a chunk was indexed: the chunk log is there
                         fh.seek(off + stage.HEADER_SIZE)
                         try:
                             recs = codec.decode_chunk(head, fh.read(head.comp_len))
@@ -363,14 +371,14 @@ class ProcessData:
                             if len(valid):
                                 yield valid
                 if name is not None:
-                    recs = self._stage_file(name)
-                    if recs is not None and len(recs) > covered:
-                        yield recs[covered:]
+                    staged = self._stage_file(name)
+                    if staged is not None and len(staged) > covered:
+                        yield staged[covered:]
         finally:
             if fh is not None:
                 fh.close()
 
-    def _stage_file(self, name: str):
+    def _stage_file(self, name: str) -> np.ndarray | None:
         p = os.path.join(self.dir, name)
         try:
             size = _regular_file(p, "staging segment", 1 << 30)
@@ -382,7 +390,7 @@ class ProcessData:
         with open(p, "rb") as fh:
             return codec.valid_records(fh.read())
 
-    def _chunk_index(self, path: str, want: int):
+    def _chunk_index(self, path: str, want: int) -> Iterator[tuple[int, stage.ChunkHeader]]:
         """(offset, header) of every staging-record chunk of the chunk log, read header by
         header; heap-site chunks are decoded on the way (when wanted).  A damaged header or
         a chunk cut short ends the log (said)."""
@@ -410,7 +418,7 @@ class ProcessData:
                     yield pos, head
                 pos += stage.HEADER_SIZE + head.comp_len
 
-    def _chunk_damage(self, why, pos: int, size: int) -> None:
+    def _chunk_damage(self, why: object, pos: int, size: int) -> None:
         self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "
                            f"the {size - pos:,} bytes after it are not read")
 
@@ -431,7 +439,7 @@ class ProcessData:
                 rec["t"] += ns
 
     def _simulated_pools(self) -> list[int]:
-        return [int(p.get("pool")) for p in self.pools if p.get("clock") == "simulated" and _int(p.get("pool"), 0, 1 << 16) is not None]
+        return [int(p["pool"]) for p in self.pools if p.get("clock") == "simulated" and _int(p.get("pool"), 0, 1 << 16) is not None]
 
     def _shift_rows(self, rows: np.ndarray) -> np.ndarray:
         rows = rows.copy()
@@ -446,6 +454,7 @@ class ProcessData:
         if not self.clock_shift:
             return
         small = self._small
+        assert small is not None  # read before it is shifted
         marks = small["marks"].copy()
         if self._simulated_pools():  # markers of a simulated pool (Pool.mark) are on its clock: those outside the process's life stay
             lo, hi = self._life
@@ -459,20 +468,20 @@ class ProcessData:
         self._small = {"marks": marks, "gc": gc, "heap": (snaps, sites)}
 
     # -- block events -------------------------------------------------------------------------
-    def block_pieces(self):
+    def block_pieces(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """(rows of BLOCK_EVENT_DTYPE, ids) in the order written, bounded pieces, on the
         bundle's timeline; the small streams seen on the way are kept (version 2
         interleaves them with block events)."""
         for rows, ids in self._block_pieces():
             yield (self._shift_rows(rows) if self.clock_shift else rows), ids
 
-    def _block_pieces(self):
+    def _block_pieces(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         if self.version == 1:
             yield from self._v1_block_pieces()
             self._small_v1()
             return
-        small = {"marks": [], "gc": [], "heap": []}
-        self._sites = []
+        small: dict[str, list[np.ndarray]] = {"marks": [], "gc": [], "heap": []}
+        self._sites: list[np.ndarray] = []
         for recs in self.pieces():
             parts = codec.split_records(recs)
             for tag, key in ((stage.TAG_MARK, "marks"), (stage.TAG_GC, "gc"), (stage.TAG_HEAP_A, "heap")):
@@ -483,10 +492,11 @@ class ProcessData:
                     self.strings.setdefault(sid, clean_str(text))
             if stage.TAG_BLOCK in parts:
                 rows, ids = parts[stage.TAG_BLOCK]
+                assert ids is not None  # split_records gives block rows their ids
                 yield self._checked(rows, ids)
         self._finish_small(small)
 
-    def _checked(self, rows: np.ndarray, ids: np.ndarray):
+    def _checked(self, rows: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Events of kinds kvprof does not know are dropped (with their ids) and said."""
         bad = ~KNOWN_KINDS[rows["kind"]]
         if bad.any():
@@ -496,7 +506,7 @@ class ProcessData:
             rows = rows[keep]
         return rows, ids
 
-    def _v1_block_pieces(self):
+    def _v1_block_pieces(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         ev_path = os.path.join(self.dir, "blocks.bin")
         id_path = os.path.join(self.dir, "block_ids.bin")
         if not os.path.exists(ev_path):
@@ -563,8 +573,10 @@ class ProcessData:
                     return True
 
     # -- small streams ---------------------------------------------------------------------------
-    def _finish_small(self, small: dict) -> None:
-        cat = lambda parts, dt: np.concatenate(parts) if parts else np.zeros(0, dtype=dt)  # noqa: E731
+    def _finish_small(self, small: dict[str, list[np.ndarray]]) -> None:
+        def cat(parts: list[np.ndarray], dt: Any) -> np.ndarray:
+            return np.concatenate(parts) if parts else np.zeros(0, dtype=dt)
+
         snaps = cat(small["heap"], fmt.HEAP_SNAP_DTYPE)
         sites = cat(self._sites, fmt.HEAP_SITE_DTYPE)
         self._sites = []
@@ -576,7 +588,9 @@ class ProcessData:
     def _small_v1(self) -> None:
         if self._small is not None:
             return
-        rd = lambda name, dt: _read_all(os.path.join(self.dir, name), dt)  # noqa: E731
+        def rd(name: str, dt: Any) -> np.ndarray:
+            return _read_all(os.path.join(self.dir, name), dt)
+
         snaps = rd("heap_snaps.bin", fmt.HEAP_SNAP_DTYPE)
         sites = rd("heap_sites.bin", fmt.HEAP_SITE_DTYPE)
         if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
@@ -584,12 +598,12 @@ class ProcessData:
         self._small = {"marks": rd("marks.bin", fmt.MARK_DTYPE), "gc": rd("gc.bin", fmt.GC_DTYPE), "heap": (snaps, sites)}
         self._shift_small()
 
-    def _load_small(self) -> dict:
+    def _load_small(self) -> dict[str, Any]:
         if self._small is None:
             if self.version == 1:
                 self._small_v1()
             else:
-                small = {"marks": [], "gc": [], "heap": []}
+                small: dict[str, list[np.ndarray]] = {"marks": [], "gc": [], "heap": []}
                 self._sites = []
                 want = 1 << stage.TAG_MARK | 1 << stage.TAG_GC | 1 << stage.TAG_HEAP_A
                 for recs in self.pieces(want):
@@ -598,24 +612,28 @@ class ProcessData:
                         if tag in parts:
                             small[key].append(parts[tag][0])
                 self._finish_small(small)
+        assert self._small is not None  # read just above
         return self._small
 
     def marks(self) -> np.ndarray:
-        return self._load_small()["marks"]
+        out: np.ndarray = self._load_small()["marks"]
+        return out
 
     def gc_events(self) -> np.ndarray:
-        return self._load_small()["gc"]
+        out: np.ndarray = self._load_small()["gc"]
+        return out
 
     def heap_snapshots(self) -> tuple[np.ndarray, np.ndarray]:
         """tracemalloc snapshots and their site rows; rows of a snapshot lost in a crash are dropped."""
-        return self._load_small()["heap"]
+        out: tuple[np.ndarray, np.ndarray] = self._load_small()["heap"]
+        return out
 
     def expected_events(self) -> int:
         """Block events this process wrote, as far as it can be told without reading them (for
         a progress bar): its own count at exit, else the records its files hold."""
         counts = self.info.get("counts")
         if isinstance(counts, dict) and isinstance(counts.get("blocks"), int):
-            return counts["blocks"]
+            return int(counts["blocks"])
         if self.version == 1:
             path = os.path.join(self.dir, "blocks.bin")
             return os.path.getsize(path) // fmt.BLOCK_EVENT_DTYPE.itemsize if os.path.isfile(path) else 0
@@ -628,7 +646,7 @@ class ProcessData:
                 total += os.path.getsize(p) // 4  # about 4 bytes per event compressed
         return total
 
-    def counts(self) -> dict:
+    def counts(self) -> dict[str, int]:
         """Records per stream, counted from what is on disk."""
         out = {"blocks": 0, "block_ids": 0}
         for rows, ids in self.block_pieces():
@@ -639,7 +657,7 @@ class ProcessData:
         return out
 
 
-def _read_all(path: str, dtype) -> np.ndarray:
+def _read_all(path: str, dtype: np.dtype[Any]) -> np.ndarray:
     """Whole records of ``dtype`` from a version-1 file; a trailing partial record is dropped."""
     if not os.path.exists(path):
         return np.zeros(0, dtype=dtype)
@@ -664,6 +682,10 @@ _MANIFEST_FIELDS = (
 
 class Bundle:
     """An opened bundle.  ``Bundle(path)`` validates it or raises BundleError."""
+
+    # set by the analysis (kvprof/analysis/run.py analyze_bundle) for the sections it runs
+    block_pass: Any  # kvprof.analysis.engine.BlockPass
+    pool_steps: dict[int, int]
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
@@ -716,9 +738,9 @@ class Bundle:
         # request keys: numbered in the order requests first appear, bundle-wide (dense, so the
         # analysis can keep per-request state in arrays whatever ids a stream holds)
         self._req_keys: dict[int, int] = {}  # (process << 32 | string id) -> key
-        self._key_of: list[tuple] = []  # key -> (process, string id)
+        self._key_of: list[tuple[int, int]] = []  # key -> (process, string id)
         for proc in self.processes:
-            local = {}
+            local: dict[int, int] = {}
             for rec in proc.pools:
                 info = pool_from_record(rec, len(self.pools), proc.pid, proc.dir)
                 info.node = proc.node[1]
@@ -766,13 +788,13 @@ class Bundle:
         return f"{proc.pid}:{name}" if len(self.processes) > 1 else name
 
     # -- block events ---------------------------------------------------------------------------
-    def _process_chunks(self, i: int):
+    def _process_chunks(self, i: int) -> Iterator[BlockChunk]:
         """One process's block events as BlockChunks (global pools, request keys), in the
         order written; the next piece is read and decompressed by a helper thread while
         this one is analysed (zlib and numpy let go of the GIL)."""
         return _prefetched(self._process_chunks_now(i))
 
-    def _process_chunks_now(self, i: int):
+    def _process_chunks_now(self, i: int) -> Iterator[BlockChunk]:
         proc = self.processes[i]
         lut = self._pool_lut[i]
         if proc.version == 1 and not proc.v1_sorted():
@@ -807,7 +829,7 @@ class Bundle:
         if dropped:
             proc.damage.append(f"{dropped:,} block events of undeclared pools skipped in {os.path.basename(proc.dir)}")
 
-    def block_chunks(self):
+    def block_chunks(self) -> Iterator[BlockChunk]:
         """Every process's block events merged in time order (ties: process order, then the
         order written), as BlockChunks; no run of equal times is split between two chunks.
         A process's own events are put in time order with one piece of look-ahead (threads
@@ -852,12 +874,12 @@ class Bundle:
     def marks(self) -> Marks:
         names: list[str] = []
         index: dict[str, int] = {}
-        cols = []
+        cols: list[tuple[np.ndarray, ...]] = []
         for proc in self.processes:
             m = proc.marks()
             if not len(m):
                 continue
-            lut = {}
+            lut: dict[int, int] = {}
             for sid in np.unique(m["name"]):
                 s = proc.string(sid)
                 if s not in index:
@@ -877,16 +899,16 @@ class Bundle:
 _DONE = object()
 
 
-def _prefetched(gen, depth: int = 2):
+def _prefetched(gen: Iterable[T], depth: int = 2) -> Iterator[T]:
     """Run a generator one or two items ahead in a daemon thread; its exceptions are raised
     here, in order.  Closing this generator stops the thread at its next item."""
     import queue
     import threading
 
-    q: queue.Queue = queue.Queue(depth)
+    q: queue.Queue[tuple[Any, BaseException | None]] = queue.Queue(depth)
     stop = threading.Event()
 
-    def work():
+    def work() -> None:
         try:
             for item in gen:
                 while not stop.is_set():
@@ -928,13 +950,13 @@ class _Sorted:
     released once a later piece shows no earlier time can still come (up to the horizon,
     the smallest time of the piece read last)."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks: Iterable[BlockChunk]):
         self.it = iter(chunks)
         self.pending = BlockChunk.empty()
         self.done = False
         self.late = 0
-        self.floor = None  # every event released so far is earlier than this
-        self.horizon = None
+        self.floor: int | None = None  # every event released so far is earlier than this
+        self.horizon: int = 0  # set by advance(), below
         self.advance()
 
     def advance(self) -> None:
@@ -973,7 +995,7 @@ class _Sorted:
         return out
 
 
-def align_clocks(manifest: dict, processes: list) -> dict:
+def align_clocks(manifest: dict[str, Any], processes: list[ProcessData]) -> dict[str, Any]:
     """Processes recorded on several hosts on one timeline (kvprof/trace/hostinfo.py
     clock_shifts), and each process's node when they span several; returns the summary
     (reference clock, per host its offset, shift and spread)."""

@@ -31,6 +31,10 @@ from __future__ import annotations
 
 import struct
 import zlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import mmap
 
 RECORD = 48  # bytes per staging record
 IDS_INLINE = 3  # block ids carried by the event record itself
@@ -73,7 +77,7 @@ def stage_name(seq: int) -> str:
     return f"{STAGE_PREFIX}{seq:06d}{STAGE_SUFFIX}"
 
 
-def pack_block(t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids) -> bytes:
+def pack_block(t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids: list[int] | tuple[int, ...]) -> bytes:
     """The staging entry of one block event: the event record and its continuations."""
     n = len(ids)
     if n <= IDS_INLINE:
@@ -102,7 +106,7 @@ def pack_string(sid: int, text: str) -> bytes:
     return b"".join(parts)
 
 
-def written_records(buf) -> int:
+def written_records(buf: bytes | bytearray | memoryview | mmap.mmap) -> int:
     """Records a segment holds: those before the first never-written one (tag 0)."""
     tags = bytes(buf[RECORD - 1 :: RECORD])
     end = tags.find(0)

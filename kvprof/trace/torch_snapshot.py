@@ -61,16 +61,18 @@ import pickle
 import signal
 import struct
 import sys
+from collections.abc import Callable, Iterator
 from array import array
 from itertools import chain, compress, islice, repeat
 from operator import contains, itemgetter, not_
+from typing import Any
 
 from kvprof.errors import BundleError
 
 try:
     import resource
 except ImportError:  # not POSIX
-    resource = None
+    resource = None  # type: ignore[assignment]  # checked before use
 
 PICKLE_MAGIC = b"\x80"
 MAX_BYTES = 4 << 30  # refuse to read more than this into memory
@@ -102,10 +104,10 @@ _ONLY = [bytes(int(i == code) for i in range(256)) for code in range(len(ACTIONS
 
 
 class _NoGlobals(pickle.Unpickler):
-    def find_class(self, module, name):  # GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*
+    def find_class(self, module: str, name: str) -> Any:  # GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*
         raise pickle.UnpicklingError(f"it asks to import {str(module)[:100]}.{str(name)[:100]}; snapshots hold plain data only, so nothing was run")
 
-    def persistent_load(self, pid):
+    def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("it uses persistent ids; snapshots hold plain data only")
 
 
@@ -122,10 +124,10 @@ def looks_like_pickle(path: str) -> bool:
 
 
 # -- entry points -------------------------------------------------------------------------------
-_cache: tuple = ()  # (key, snapshot) of the last file read: report reads a snapshot twice
+_cache: tuple[Any, ...] = ()  # (key, snapshot) of the last file read: report reads a snapshot twice
 
 
-def load(path: str) -> dict:
+def load(path: str) -> dict[str, Any]:
     """The normalized snapshot at `path`; BundleError (one line) for anything unreadable."""
     global _cache
     try:
@@ -140,10 +142,11 @@ def load(path: str) -> dict:
         raise BundleError(f"cannot read {path}: {exc.strerror}") from None
     key = (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
     if _cache and _cache[0] == key:
-        return _cache[1]
+        cached: dict[str, Any] = _cache[1]
+        return cached
     _check_head(head, path)
 
-    def read():
+    def read() -> Any:
         with open(path, "rb") as fh:
             return _NoGlobals(fh).load()
 
@@ -152,12 +155,12 @@ def load(path: str) -> dict:
     return snap
 
 
-def loads(data: bytes, name: str = "snapshot") -> dict:
+def loads(data: bytes, name: str = "snapshot") -> dict[str, Any]:
     _check_head(data[:2], name)
     return _assemble(*_isolated(lambda: _NoGlobals(io.BytesIO(data)).load(), name, len(data)))
 
 
-def normalize(obj, name: str = "snapshot") -> dict:
+def normalize(obj: Any, name: str = "snapshot") -> dict[str, Any]:
     """The normalized form of an already unpickled snapshot (trusted objects, in this process)."""
     return _assemble(*_read_columns(lambda: obj, name, MAX_ITEMS * ITEM_BYTES))
 
@@ -178,7 +181,7 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def _read_columns(read, name: str, nbytes: int) -> tuple[dict, dict]:
+def _read_columns(read: Callable[[], Any], name: str, nbytes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, columns) of what `read` unpickles; BundleError, in one line, for any refusal."""
     try:
         try:
@@ -209,7 +212,7 @@ def _limit_child(nbytes: int) -> None:
         return
     inf = resource.RLIM_INFINITY
 
-    def lower(which, value, hard_margin=None):
+    def lower(which: int, value: int, hard_margin: int | None = None) -> None:
         soft, hard = resource.getrlimit(which)
         if hard != inf:
             value = min(value, hard)
@@ -237,7 +240,7 @@ def _limit_child(nbytes: int) -> None:
         pass
 
 
-def _child(wfd: int, read, name: str, nbytes: int) -> None:
+def _child(wfd: int, read: Callable[[], Any], name: str, nbytes: int) -> None:
     """The forked reader: never returns, never runs the parent's cleanup."""
     code = 70
     try:
@@ -263,7 +266,7 @@ def _child(wfd: int, read, name: str, nbytes: int) -> None:
         os._exit(code)
 
 
-def _send(fd: int, meta: dict, cols: dict) -> None:
+def _send(fd: int, meta: dict[str, Any], cols: dict[str, Any]) -> None:
     meta = dict(meta, columns=[(k, v.format, len(v)) for k, v in cols.items()])
     head = marshal.dumps(meta)
     _write_all(fd, struct.pack("<Q", len(head)) + head)
@@ -271,14 +274,14 @@ def _send(fd: int, meta: dict, cols: dict) -> None:
         _write_all(fd, memoryview(v).cast("B"))
 
 
-def _write_all(fd: int, data) -> None:
+def _write_all(fd: int, data: bytes | memoryview) -> None:
     view = memoryview(data)
     while len(view):
         n = os.write(fd, view[: 1 << 20])
         view = view[n:]
 
 
-def _read_exact(fh, n: int) -> bytearray | None:
+def _read_exact(fh: io.RawIOBase, n: int) -> bytearray | None:
     buf = bytearray(n)
     view = memoryview(buf)
     got = 0
@@ -290,7 +293,7 @@ def _read_exact(fh, n: int) -> bytearray | None:
     return buf
 
 
-def _isolated(read, name: str, nbytes: int) -> tuple[dict, dict]:
+def _isolated(read: Callable[[], Any], name: str, nbytes: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, columns) of the snapshot `read` unpickles, read in a child process with limits."""
     if not hasattr(os, "fork"):  # no isolation available: this process's own limits apply
         try:
@@ -301,7 +304,8 @@ def _isolated(read, name: str, nbytes: int) -> tuple[dict, dict]:
     try:
         pid = os.fork()
     except OSError as exc:
-        os.close(rfd), os.close(wfd)
+        os.close(rfd)
+        os.close(wfd)
         raise BundleError(f"{name}: cannot start the snapshot reader process: {exc.strerror}") from None
     if pid == 0:
         os.close(rfd)
@@ -312,7 +316,8 @@ def _isolated(read, name: str, nbytes: int) -> tuple[dict, dict]:
             import numpy  # noqa: F401
         except ImportError:
             pass
-    meta = cols = None
+    meta: dict[str, Any] | None = None
+    cols: dict[str, Any] | None = None
     try:
         with os.fdopen(rfd, "rb", buffering=0) as fh:
             head = _read_exact(fh, 8)
@@ -359,16 +364,16 @@ def _death(status: int) -> str:
 
 
 # -- columns from the unpickled objects ----------------------------------------------------------
-def _get(dicts: list, key: str) -> list:
+def _get(dicts: list[Any], key: str) -> list[Any]:
     """d.get(key) of every dict, in a C loop."""
     return list(map(dict.get, dicts, repeat(key)))
 
 
-def _first_bad(values: list, ok) -> int:
+def _first_bad(values: list[Any], ok: Callable[[Any], bool]) -> int:
     return next(i for i, v in enumerate(values) if not ok(v))
 
 
-def _ints(vals: list, default, what: str, nonneg: bool = False) -> array:
+def _ints(vals: list[Any], default: Any, what: str, nonneg: bool = False) -> array[int]:
     """A 64-bit column: absent and non-integer values take `default` (one value, or a column of
     them; booleans count as 0 and 1); numbers beyond 64 bits, and negative ones where sizes are
     meant, are refused."""
@@ -391,9 +396,10 @@ def _ints(vals: list, default, what: str, nonneg: bool = False) -> array:
     return col
 
 
-def _times(vals: list) -> array:
+def _times(vals: list[Any]) -> array[Any]:
     """time_us: an int64 column (NO_TIME when absent), or float64 (NaN when absent) when the
     trace has floats.  Times are within 2**62 of zero, so that their differences fit 64 bits."""
+    col: array[int] | None
     try:
         col = array("q", vals)
     except (TypeError, OverflowError):
@@ -424,7 +430,7 @@ def _times(vals: list) -> array:
     return array("d", out)
 
 
-def _int_scalar(v, default=0) -> int:
+def _int_scalar(v: Any, default: int = 0) -> int:
     if type(v) is not int:
         return default
     if not I64_MIN <= v <= I64_MAX:
@@ -432,7 +438,7 @@ def _int_scalar(v, default=0) -> int:
     return v
 
 
-def _frame_text(f: dict) -> str:
+def _frame_text(f: dict[str, Any]) -> str:
     fn, nm = f.get("filename"), f.get("name")
     fn = fn[:4096] if isinstance(fn, str) else "?"
     nm = nm[:4096] if isinstance(nm, str) else "?"
@@ -440,7 +446,7 @@ def _frame_text(f: dict) -> str:
     return f"{nm} ({base}:{_int_scalar(f.get('line'), 0)})"
 
 
-def _frame_columns(frame_lists: list) -> tuple[bytes, array, list]:
+def _frame_columns(frame_lists: list[Any]) -> tuple[bytes, array[int], list[Any]]:
     """Each item's first STACK_DEPTH frame dicts as (count per item, their indices in a table of
     frame texts, the table): C loops, and each frame dict (PyTorch shares them) formatted once.
     The call sites are put together in the parent (Columns.stacks)."""
@@ -450,7 +456,7 @@ def _frame_columns(frame_lists: list) -> tuple[bytes, array, list]:
         heads = [x[:STACK_DEPTH] if isinstance(x, list) else [] for x in frame_lists]
     flat = list(chain.from_iterable(heads))
     if not all(map(isinstance, flat, repeat(dict))):  # odd lists: the first dicts of each, once per list
-        firsts: dict = {}
+        firsts: dict[int, list[Any]] = {}
         for x in frame_lists:
             if isinstance(x, list) and id(x) not in firsts:
                 firsts[id(x)] = list(islice(filter(lambda f: isinstance(f, dict), x), STACK_DEPTH))
@@ -463,14 +469,14 @@ def _frame_columns(frame_lists: list) -> tuple[bytes, array, list]:
     return bytes(map(len, heads)), array("i", map(text_of.__getitem__, fids)), texts
 
 
-def _table(values: list) -> tuple[array, list]:
+def _table(values: list[Any]) -> tuple[array[int], list[Any]]:
     """(index per value, distinct values in first-seen order) of hashable flat values."""
     table = dict.fromkeys(values)
     pos = dict(zip(table, range(len(table))))
     return array("i", map(pos.__getitem__, values)), list(table)
 
 
-def _plain(v, depth: int = 0):
+def _plain(v: Any, depth: int = 0) -> Any:
     """allocator_settings and annotations: str keys, scalar values, two levels of nesting, bounded."""
     if isinstance(v, bool) or v is None or isinstance(v, float):
         return v
@@ -481,7 +487,7 @@ def _plain(v, depth: int = 0):
     if depth >= 2:
         return None
     if isinstance(v, dict):
-        out = {}
+        out: dict[str, Any] = {}
         for k, x in islice(v.items(), 1000):
             if isinstance(k, str):
                 out[k[:256]] = _plain(x, depth + 1)
@@ -493,7 +499,7 @@ def _plain(v, depth: int = 0):
     return None
 
 
-def _extract(obj, name: str, budget: int) -> tuple[dict, dict]:
+def _extract(obj: Any, name: str, budget: int) -> tuple[dict[str, Any], dict[str, Any]]:
     """(meta, columns) of an unpickled snapshot; BundleError or _Implausible when it is not one."""
     if isinstance(obj, list):  # the oldest format: the segment list itself
         obj = {"segments": obj}
@@ -501,7 +507,7 @@ def _extract(obj, name: str, budget: int) -> tuple[dict, dict]:
         what = type(obj).__name__ if not isinstance(obj, dict) else "a dict without a 'segments' list"
         raise BundleError(f"{name}: not a PyTorch memory snapshot (top level is {what})")
 
-    def too_many(n):
+    def too_many(n: int) -> BundleError:
         return BundleError(f"{name}: refused: {n:,} or more segments, blocks and trace entries (counting shared references), "
                            f"more than a snapshot of this size holds (at most {budget:,})")
 
@@ -530,8 +536,8 @@ def _extract(obj, name: str, budget: int) -> tuple[dict, dict]:
     if items > budget:
         raise too_many(items)
 
-    cols: dict = {}
-    meta: dict = {}
+    cols: dict[str, Any] = {}
+    meta: dict[str, Any] = {}
     # segments
     cols["seg_device"] = _ints(_get(segs, "device"), 0, "a segment's device")
     cols["seg_address"] = _ints(_get(segs, "address"), -1, "a segment's address")
@@ -558,7 +564,7 @@ def _extract(obj, name: str, budget: int) -> tuple[dict, dict]:
     # blocks
     blocks = list(chain.from_iterable(block_lists))
     sizes = _get(blocks, "size") if all(map(isinstance, blocks, repeat(dict))) else None
-    states = _get(blocks, "state") if sizes is not None else None
+    states: Any = _get(blocks, "state") if sizes is not None else None
     if sizes is None or not all(map(isinstance, sizes, repeat(int))) or not set(map(type, states)) <= {str}:
         k = _first_bad(blocks, lambda b: isinstance(b, dict) and isinstance(b.get("size"), int) and isinstance(b.get("state"), str))
         i = 0
@@ -589,6 +595,8 @@ def _extract(obj, name: str, budget: int) -> tuple[dict, dict]:
 
     # the trace
     entries = list(chain.from_iterable(raw_traces))
+    acts: Any
+    codes: bytes | None
     try:
         acts = _get(entries, "action")
         codes = bytes(map(ACTION_CODE.get, acts, repeat(OTHER)))
@@ -626,60 +634,83 @@ def _extract(obj, name: str, budget: int) -> tuple[dict, dict]:
 class Columns:
     """The blocks' and the trace's columns (memoryviews of int64, int32, int8 or float64)."""
 
-    def __init__(self, meta: dict, cols: dict):
+    # set from the columns (_extract's cols), by name
+    seg_device: memoryview
+    seg_address: memoryview
+    seg_total: memoryview
+    seg_stream: memoryview
+    seg_blocks: memoryview
+    seg_type: memoryview
+    seg_pool: memoryview
+    seg_expandable: memoryview
+    blk_size: memoryview
+    blk_state: memoryview
+    blk_address: memoryview
+    blk_requested: memoryview
+    action: memoryview
+    addr: memoryview
+    size: memoryview
+    time: memoryview
+    oom_stream: memoryview
+    oom_device_free: memoryview
+    alloc_frames: memoryview
+    alloc_nframes: memoryview
+
+    def __init__(self, meta: dict[str, Any], cols: dict[str, memoryview]):
         self.__dict__.update(cols)
         self.seg_types, self.seg_pools = meta["seg_types"], [tuple(p) for p in meta["seg_pools"]]
         self.blk_states, self.frame_texts = meta["blk_states"], meta["frame_texts"]
-        self._stacks = None
+        self._stacks: tuple[Any, list[str]] | None = None
         self.dev_lens = meta["dev_lens"]
         starts = [0]
         for n in self.seg_blocks:
             starts.append(starts[-1] + n)
         self.seg_starts = starts  # blocks of segment i: seg_starts[i]:seg_starts[i + 1]
         self.time_is_float = self.time.format == "d"
-        self._ordinals = None
+        self._ordinals: tuple[dict[int, int], dict[int, int]] | None = None
 
     @property
     def entries(self) -> int:
         return len(self.action)
 
     @property
-    def alloc_stack(self):
+    def alloc_stack(self) -> Any:
         """Per allocation, the index of its call site in `stacks`."""
         if self._stacks is None:
             self._stacks = _call_sites(self)
         return self._stacks[0]
 
     @property
-    def stacks(self) -> list:
+    def stacks(self) -> list[str]:
         """The call sites: 'name (file:line) < ...' of the first STACK_DEPTH frames, or NO_FRAMES."""
         if self._stacks is None:
             self._stacks = _call_sites(self)
         return self._stacks[1]
 
-    def entry(self, i: int) -> dict:
+    def entry(self, i: int) -> dict[str, Any]:
         if self._ordinals is None:
             at = range(len(self.action))
             self._ordinals = ({j: k for k, j in enumerate(compress(at, map(ALLOC.__eq__, self.action)))},
                               {j: k for k, j in enumerate(compress(at, map(OOM.__eq__, self.action)))})
         allocs, ooms = self._ordinals
-        out = {"action": ACTIONS[self.action[i]], "addr": self.addr[i], "size": self.size[i], "time_us": self.time_of(i)}
+        out: dict[str, Any] = {"action": ACTIONS[self.action[i]], "addr": self.addr[i], "size": self.size[i], "time_us": self.time_of(i)}
         if i in allocs:
             out["stack"] = self.stacks[self.alloc_stack[allocs[i]]]
         if i in ooms:
             out["stream"], out["device_free"] = self.oom_stream[ooms[i]], self.oom_device_free[ooms[i]]
         return out
 
-    def time_of(self, i: int):
+    def time_of(self, i: int) -> Any:
         t = self.time[i]
         return (None if t != t else t) if self.time_is_float else (None if t == NO_TIME else t)
 
 
-def _call_sites(c: Columns) -> tuple:
+def _call_sites(c: Columns) -> tuple[Any, list[str]]:
     """(call site index per allocation, call sites) from the allocations' frame text indices:
     numpy for many allocations when it is imported, C loops otherwise."""
     n = len(c.alloc_nframes)
     texts = c.frame_texts
+    ids: Any  # a memoryview or an array of int32
     if n >= CALL_SITES_NUMPY and "numpy" in sys.modules and len(texts) < 1 << 15:
         import numpy as np
 
@@ -693,7 +724,7 @@ def _call_sites(c: Columns) -> tuple:
         order = np.argsort(first, kind="stable")  # first-seen order, as the C loops give it
         rank = np.empty(len(uniq), dtype=np.int64)
         rank[order] = np.arange(len(uniq))
-        ids = memoryview(rank[inverse.reshape(-1)].astype(np.int32))
+        ids = memoryview(rank[inverse.reshape(-1)].astype(np.int32))  # type: ignore[arg-type]  # a buffer: numpy says so for Python 3.12+
         keys = [tuple(t - 1 for t in (int(k) >> 16 * (STACK_DEPTH - 1 - j) & 0xFFFF for j in range(STACK_DEPTH)) if t) for k in uniq[order].tolist()]
     else:
         it = iter(c.alloc_frames)
@@ -713,14 +744,14 @@ class _Blocks:
     def __init__(self, c: Columns, lo: int, hi: int):
         self._c, self._lo, self._hi = c, lo, hi
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._hi - self._lo
 
-    def _row(self, j: int) -> dict:
+    def _row(self, j: int) -> dict[str, Any]:
         c = self._c
         return {"size": c.blk_size[j], "state": c.blk_states[c.blk_state[j]], "requested_size": c.blk_requested[j], "address": c.blk_address[j]}
 
-    def __getitem__(self, i):
+    def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
             return [self._row(self._lo + j) for j in range(*i.indices(len(self)))]
         if i < 0:
@@ -729,7 +760,7 @@ class _Blocks:
             raise IndexError(i)
         return self._row(self._lo + i)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return map(self._row, range(self._lo, self._hi))
 
 
@@ -742,21 +773,21 @@ class _Entries:
     def __init__(self, c: Columns, lo: int, hi: int):
         self._c, self._lo, self._hi = c, lo, hi
 
-    def __len__(self):
+    def __len__(self) -> int:
         return self._hi - self._lo
 
-    def __getitem__(self, i: int) -> dict:
+    def __getitem__(self, i: int) -> dict[str, Any]:
         if i < 0:
             i += len(self)
         if not 0 <= i < len(self):
             raise IndexError(i)
         return self._c.entry(self._lo + i)
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator[dict[str, Any]]:
         return map(self._c.entry, range(self._lo, self._hi))
 
 
-def _assemble(meta: dict, cols: dict) -> dict:
+def _assemble(meta: dict[str, Any], cols: dict[str, Any]) -> dict[str, Any]:
     c = Columns(meta, cols)
     st = c.seg_starts
     segments = [{"device": dev, "address": addr, "total_size": total, "stream": stream, "segment_type": c.seg_types[kind],
@@ -767,7 +798,7 @@ def _assemble(meta: dict, cols: dict) -> dict:
     for n in c.dev_lens:
         traces.append(_Entries(c, at, at + n))
         at += n
-    out = {"segments": segments, "device_traces": traces, "columns": c}
+    out: dict[str, Any] = {"segments": segments, "device_traces": traces, "columns": c}
     for key in ("allocator_settings", "external_annotations"):
         if key in meta:
             out[key] = meta[key]

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 import zlib
+from typing import Any
 
 from kvprof.signals import block_process_signals, rescue_missed_sigterm
 from kvprof.trace import format as fmt
@@ -53,7 +54,7 @@ TAG_BLOCK = stage.TAG_BLOCK
 IDS_INLINE = stage.IDS_INLINE
 
 
-def _same_file(fd: int, ident) -> bool:
+def _same_file(fd: int, ident: tuple[int, int] | None) -> bool:
     try:
         st = os.fstat(fd)
     except OSError:
@@ -61,7 +62,7 @@ def _same_file(fd: int, ident) -> bool:
     return ident is not None and (st.st_dev, st.st_ino) == ident
 
 
-def _fit(value, bounds) -> int | None:
+def _fit(value: Any, bounds: tuple[int, int]) -> int | None:
     """An integer field clamped to its column's range; None when it is no integer at all."""
     try:
         v = int(value)
@@ -119,7 +120,7 @@ class ProcessWriter:
             **hostinfo.process_fields(getattr(sys, "argv", None)),  # host, clock offset, Ray node: docs/distributed.md
         }
         self._strings: dict[str, int] = {}
-        self._in_meta: set = set()  # string ids declared in meta.jsonl (the rest are staged records)
+        self._in_meta: set[int] = set()  # string ids declared in meta.jsonl (the rest are staged records)
         self._sids = itertools.count()
         self._meta_lock = threading.RLock()
         self._seg_lock = threading.RLock()
@@ -130,10 +131,10 @@ class ProcessWriter:
         self._segsize = FIRST_SEGMENT
         self._full: list[Segment] = []  # segments waiting to be compressed
         self._fds: dict[str, int] = {}
-        self._ids: dict[str, tuple] = {}  # (st_dev, st_ino) of each open file
+        self._ids: dict[str, tuple[int, int]] = {}  # (st_dev, st_ino) of each open file
         self.counts = {"blocks": 0, "marks": 0, "gc": 0, "heap_snaps": 0, "heap_sites": 0}
         self.dropped = 0  # entries that found no space (a full disk) or carried no usable value
-        self._notes: set = set()
+        self._notes: set[str] = set()
         self.closed = False
         self.closing = False  # the exit hook runs (probes' exit work, then close)
         self.finished = False  # close() has written everything
@@ -150,7 +151,7 @@ class ProcessWriter:
         self._thread.start()
 
     # -- side records ----------------------------------------------------------------
-    def intern(self, s) -> int:
+    def intern(self, s: Any) -> int:
         """Map a name (a marker's, a probe's) to a small per-process integer, declared in
         meta.jsonl before this returns (the reader needs marker names before it reads any
         stream, to cut windows)."""
@@ -167,7 +168,7 @@ class ProcessWriter:
                     self._in_meta.add(sid)
         return sid
 
-    def intern_request(self, s) -> int:
+    def intern_request(self, s: Any) -> int:
         """Map a request id to a small per-process integer; the string goes into the staging
         stream (one record, no system call: a new request per call is the common case).
         Concurrent threads interning one id agree on its number (the dict's setdefault)."""
@@ -184,11 +185,11 @@ class ProcessWriter:
                     self._rotate_and_write(data)
         return sid
 
-    def meta(self, record: dict) -> None:
+    def meta(self, record: dict[str, Any]) -> None:
         with self._meta_lock:
             self._meta_line(record)
 
-    def _meta_line(self, record: dict) -> None:
+    def _meta_line(self, record: dict[str, Any]) -> None:
         if self.failed:
             return
         try:
@@ -197,7 +198,7 @@ class ProcessWriter:
         except Exception as exc:  # never raise into the target
             self._fail(exc)
 
-    def probe_status(self, name: str, **fields) -> None:
+    def probe_status(self, name: str, **fields: Any) -> None:
         entry = self.info["probes"].setdefault(name, {})
         entry.update(fields)
         self.write_process_info()
@@ -227,7 +228,7 @@ class ProcessWriter:
                 self.failed = isinstance(exc, OSError) or self.failed
 
     # -- producers ---------------------------------------------------------------------
-    def block(self, t, kind, pool, req, arg, arg2, ids=()) -> None:
+    def block(self, t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids: list[int] | tuple[int, ...] = ()) -> None:
         """One block-stream event (``req`` already interned, -1 for none)."""
         try:
             n = len(ids)
@@ -236,15 +237,16 @@ class ProcessWriter:
             else:
                 data = stage.pack_block(t, kind, pool, req, arg, arg2, ids)
         except (struct.error, TypeError, ValueError, OverflowError):
-            data = self._clean_block(t, kind, pool, req, arg, arg2, ids)
-            if data is None:
+            clean = self._clean_block(t, kind, pool, req, arg, arg2, ids)
+            if clean is None:
                 return
+            data = clean
         try:
             self.write(data)
         except ValueError:
             self._rotate_and_write(data)
 
-    def _clean_block(self, t, kind, pool, req, arg, arg2, ids) -> bytes | None:
+    def _clean_block(self, t: Any, kind: Any, pool: Any, req: Any, arg: Any, arg2: Any, ids: Any) -> bytes | None:
         """An event some value of which does not fit its column: integers are clamped to the
         column's range, arguments that are no integers become 0; an event whose time, kind,
         pool or block ids are no integers is dropped.  Each case is said once in process.json."""
@@ -261,7 +263,7 @@ class ProcessWriter:
             self.note_once("block event arguments that were not integers were recorded as 0")
             fields = [0 if v is None else v for v in fields]
         self.note_once("block event values outside their column's range were clamped")
-        return stage.pack_block(*fields, clean_ids)
+        return stage.pack_block(*fields, clean_ids)  # type: ignore[arg-type, call-arg]  # Nones ruled out above
 
     def mark(self, t: int, name_id: int, value: int) -> None:
         try:
@@ -285,7 +287,7 @@ class ProcessWriter:
         except ValueError:
             self._rotate_and_write(data)
 
-    def heap_snapshot(self, snap: tuple, sites) -> None:
+    def heap_snapshot(self, snap: tuple[int, ...], sites: Any) -> None:
         """A tracemalloc snapshot record (HEAP_SNAP_DTYPE fields) and its site rows: the
         sites first, as one chunk of their own, so a snapshot never lacks its sites."""
         if sites is not None and len(sites):
@@ -305,7 +307,7 @@ class ProcessWriter:
         except ValueError:
             self._rotate_and_write(data)
 
-    def _drop(self, data) -> None:
+    def _drop(self, data: bytes) -> None:
         self.dropped += 1
 
     # -- segments ---------------------------------------------------------------------
@@ -325,13 +327,13 @@ class ProcessWriter:
         if self.closed:
             self.dropped += 1
             return
-        if self._seg_lock._is_owned():  # a signal handler interrupted this thread's rotation
+        if self._seg_lock._is_owned():  # type: ignore[attr-defined]  # CPython's RLock (private)  # a signal handler interrupted this thread's rotation
             self._deferred.append(data)
             return
         with self._seg_lock:
             old = self._seg
             try:  # another thread may have rotated already
-                if old is not None and self.write.__self__ is not old.mm:
+                if old is not None and self.write.__self__ is not old.mm:  # type: ignore[union-attr]  # a bound method
                     self.write(data)
                     return
             except (ValueError, AttributeError):
@@ -431,7 +433,7 @@ class ProcessWriter:
                 self._draining = False
         return True
 
-    def quiet(self):
+    def quiet(self) -> threading.RLock:
         """While held, the writer thread starts no compression (the probes' exit work runs
         then: a heap profiler stopping sees none of kvprof's buffers in flight)."""
         return self._drain_lock
@@ -456,7 +458,7 @@ class ProcessWriter:
         return len(self._full)
 
     # -- end -------------------------------------------------------------------------------
-    def close(self, exit_status: dict | None = None) -> None:
+    def close(self, exit_status: dict[str, Any] | None = None) -> None:
         if self.closed:
             return
         self.finished = False

@@ -42,7 +42,7 @@ class Distribution:
     max: float | None
 
     @classmethod
-    def of(cls, values: np.ndarray, scale: float = 1.0) -> "Distribution":
+    def of(cls, values: np.ndarray, scale: float = 1.0) -> Distribution:
         if len(values) == 0:
             return cls(0, None, None, None, None, None)
         v = values.astype(np.float64) * scale
