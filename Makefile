@@ -55,9 +55,10 @@ test: $(STAMP)
 test-quick: $(STAMP)
 	$(PY) -m pytest -q -m 'not slow and not vllm and not sglang and not ray'
 
-# Lint (ruff) and type check (mypy), both configured in pyproject.toml.
+# Lint and format check (ruff) and type check (mypy), all configured in pyproject.toml (`ruff format .` formats).
 lint: $(STAMP)
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
 # Ray: a local cluster of three nodes (raylets) on this machine, drivers recorded (~1.5 minutes); and, when

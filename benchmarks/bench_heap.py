@@ -43,10 +43,22 @@ def main() -> None:
     try:
         rows = [("bare", best([py, *work], a.repeat))]
         rows.append(("python -X tracemalloc=16", best([py, "-X", "tracemalloc=16", *work], a.repeat)))
-        rows.append(("kvprof --probe tracemalloc (every marker)", best([*rec, "-p", "tracemalloc", "--", py, *work], a.repeat)))
-        rows.append(("kvprof --probe tracemalloc --tracemalloc-every 10", best([*rec, "-p", "tracemalloc", "--tracemalloc-every", "10", "--", py, *work], a.repeat)))
+        rows.append(
+            ("kvprof --probe tracemalloc (every marker)", best([*rec, "-p", "tracemalloc", "--", py, *work], a.repeat))
+        )
+        rows.append(
+            (
+                "kvprof --probe tracemalloc --tracemalloc-every 10",
+                best([*rec, "-p", "tracemalloc", "--tracemalloc-every", "10", "--", py, *work], a.repeat),
+            )
+        )
         if have_memray:
-            rows.append(("memray run", best([py, "-m", "memray", "run", "-q", "-f", "-o", os.path.join(tmp, "m.bin"), *work], a.repeat)))
+            rows.append(
+                (
+                    "memray run",
+                    best([py, "-m", "memray", "run", "-q", "-f", "-o", os.path.join(tmp, "m.bin"), *work], a.repeat),
+                )
+            )
             rows.append(("kvprof --probe memray", best([*rec, "-p", "memray", "--", py, *work], a.repeat)))
         else:
             print("memray not installed: its rows are skipped")

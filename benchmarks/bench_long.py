@@ -72,8 +72,25 @@ def measure(cmd: list[str], repeat: int) -> tuple[float, int]:
 def bundle(workdir: str, requests: int) -> str:
     path = os.path.join(workdir, f"demo-{requests}.kvprof")
     if not os.path.isdir(path):
-        subprocess.run([*KVPROF, "record", "-q", "--force", "-o", path, "--", *KVPROF, "demo", "--requests", str(requests), "--num-blocks", "4096"],
-                       check=True, stdout=subprocess.DEVNULL)
+        subprocess.run(
+            [
+                *KVPROF,
+                "record",
+                "-q",
+                "--force",
+                "-o",
+                path,
+                "--",
+                *KVPROF,
+                "demo",
+                "--requests",
+                str(requests),
+                "--num-blocks",
+                "4096",
+            ],
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
     return path
 
 
@@ -100,20 +117,44 @@ def main() -> None:
         rows.append((what, value, goal, "met" if ok else "NOT MET"))
 
     bare = measure([sys.executable, "-c", BARE_READ, b1], args.repeat)
-    ana = measure([*KVPROF, "analyze", b1, "--no-report", "--json", os.path.join(args.workdir, "out.json")], args.repeat)
-    ana2 = measure([*KVPROF, "analyze", b2, "--no-report", "--json", os.path.join(args.workdir, "out.json")], args.repeat)
+    ana = measure(
+        [*KVPROF, "analyze", b1, "--no-report", "--json", os.path.join(args.workdir, "out.json")], args.repeat
+    )
+    ana2 = measure(
+        [*KVPROF, "analyze", b2, "--no-report", "--json", os.path.join(args.workdir, "out.json")], args.repeat
+    )
     rep = measure([*KVPROF, "report", b1, "-o", html], args.repeat)
-    wif = measure([*KVPROF, "whatif", b1, "--block-size", "32", "--policy", "free-queue", "--json", os.path.join(args.workdir, "out.json")], args.repeat)
+    wif = measure(
+        [
+            *KVPROF,
+            "whatif",
+            b1,
+            "--block-size",
+            "32",
+            "--policy",
+            "free-queue",
+            "--json",
+            os.path.join(args.workdir, "out.json"),
+        ],
+        args.repeat,
+    )
     demo = [*KVPROF, "demo", "--requests", str(small), "--num-blocks", "4096"]
     bare_demo = measure(demo, args.repeat)
     rec_dir = os.path.join(args.workdir, "rec.kvprof")
     rec = measure([*KVPROF, "record", "-q", "--force", "-o", rec_dir, "--", *demo], args.repeat)
 
     print(f"{small:,}-request bundle: {size(b1) / 1e6:.1f} MB; {large:,}: {size(b2) / 1e6:.1f} MB")
-    print(f"bare read of the columns {bare[0]:.2f} s {bare[1]} MB; analyze {ana[0]:.2f} s {ana[1]} MB; analyze {large:,} {ana2[0]:.2f} s {ana2[1]} MB")
+    print(
+        f"bare read of the columns {bare[0]:.2f} s {bare[1]} MB; analyze {ana[0]:.2f} s {ana[1]} MB; analyze {large:,} {ana2[0]:.2f} s {ana2[1]} MB"
+    )
     print(f"report {rep[0]:.2f} s {rep[1]} MB; whatif one configuration {wif[0]:.2f} s {wif[1]} MB")
     print(f"bare demo {bare_demo[0]:.2f} s; recorded {rec[0]:.2f} s\n")
-    row(f"analyze {small:,} / bare read of its columns (time)", f"{ana[0] / bare[0]:.2f}x", "<= 3x", ana[0] <= 3 * bare[0])
+    row(
+        f"analyze {small:,} / bare read of its columns (time)",
+        f"{ana[0] / bare[0]:.2f}x",
+        "<= 3x",
+        ana[0] <= 3 * bare[0],
+    )
     row(f"analyze {small:,} peak RSS", f"{ana[1]} MB", "<= 300 MB", ana[1] <= 300)
     row(f"analyze peak RSS {large:,} / {small:,}", f"{ana2[1] / ana[1]:.2f}x", "<= 1.25x", ana2[1] <= 1.25 * ana[1])
     row("report / analyze (time)", f"{rep[0] / ana[0]:.2f}x", "<= 2x", rep[0] <= 2 * ana[0])

@@ -45,15 +45,43 @@ def main() -> None:
     py = sys.executable
     try:
         rows = [("bare", best([py, *demo], a.repeat))]
-        rows.append(("kvprof record (blocks)", best([py, "-m", "kvprof.commands", "record", "-q", "--force", "-o", os.path.join(tmp, "r.kvprof"), "--", py, *demo], a.repeat)))
+        rows.append(
+            (
+                "kvprof record (blocks)",
+                best(
+                    [
+                        py,
+                        "-m",
+                        "kvprof.commands",
+                        "record",
+                        "-q",
+                        "--force",
+                        "-o",
+                        os.path.join(tmp, "r.kvprof"),
+                        "--",
+                        py,
+                        *demo,
+                    ],
+                    a.repeat,
+                ),
+            )
+        )
         record = [py, "-m", "kvprof.commands", "record", "-q", "--force", "-o", os.path.join(tmp, "p.kvprof")]
         rows.append(("kvprof record --probe gc", best([*record, "--probe", "gc", "--", py, *demo], a.repeat)))
         rows.append(("kvprof record --probe pyspy", best([*record, "--probe", "pyspy", "--", py, *demo], a.repeat)))
-        rows.append(("kvprof --probe blocks,gc,pyspy", best([*record, "--probe", "blocks,gc,pyspy", "--", py, *demo], a.repeat)))
+        rows.append(
+            ("kvprof --probe blocks,gc,pyspy", best([*record, "--probe", "blocks,gc,pyspy", "--", py, *demo], a.repeat))
+        )
         rows.append(("python -X tracemalloc", best([py, "-X", "tracemalloc", *demo], a.repeat)))
-        memray = shutil.which("memray") or (os.path.join(os.path.dirname(py), "memray") if os.path.exists(os.path.join(os.path.dirname(py), "memray")) else None)
+        memray = shutil.which("memray") or (
+            os.path.join(os.path.dirname(py), "memray")
+            if os.path.exists(os.path.join(os.path.dirname(py), "memray"))
+            else None
+        )
         if memray:
-            rows.append(("memray run", best([memray, "run", "-q", "-f", "-o", os.path.join(tmp, "m.bin"), *demo], a.repeat)))
+            rows.append(
+                ("memray run", best([memray, "run", "-q", "-f", "-o", os.path.join(tmp, "m.bin"), *demo], a.repeat))
+            )
         base = rows[0][1]
         print(f"demo with {a.requests} requests, best of {a.repeat}, whole processes")
         for name, t in rows:

@@ -179,9 +179,18 @@ def measure(cmds: list, n: int) -> list:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("files", nargs="*")
-    ap.add_argument("--torch-python", default=os.environ.get("KVPROF_TORCH_PYTHON") or os.path.join(ROOT, ".venv-vllm", "bin", "python"))
-    ap.add_argument("--entries", type=int, default=619_000, help="trace entries of the big snapshot built on the fly (0: none)")
-    ap.add_argument("--share-frames", action="store_true", help="the built snapshots reuse the fixture's frame lists (smaller, faster to unpickle)")
+    ap.add_argument(
+        "--torch-python",
+        default=os.environ.get("KVPROF_TORCH_PYTHON") or os.path.join(ROOT, ".venv-vllm", "bin", "python"),
+    )
+    ap.add_argument(
+        "--entries", type=int, default=619_000, help="trace entries of the big snapshot built on the fly (0: none)"
+    )
+    ap.add_argument(
+        "--share-frames",
+        action="store_true",
+        help="the built snapshots reuse the fixture's frame lists (smaller, faster to unpickle)",
+    )
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--build", metavar="PATH", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -198,24 +207,44 @@ def main() -> None:
                     f = os.path.join(tmp, f"repeated-{n // 1000}k{'-shared' if a.share_frames else ''}.pickle")
                     # in a process of its own: a child forked from this one would start with its memory
                     # (Linux counts it in the child's peak RSS until exec)
-                    got = int(subprocess.run([sys.executable, __file__, "--build", f, str(n)] + (["--share-frames"] if a.share_frames else []),
-                                             check=True, capture_output=True, text=True, cwd=ROOT).stdout)
+                    got = int(
+                        subprocess.run(
+                            [sys.executable, __file__, "--build", f, str(n)]
+                            + (["--share-frames"] if a.share_frames else []),
+                            check=True,
+                            capture_output=True,
+                            text=True,
+                            cwd=ROOT,
+                        ).stdout
+                    )
                     print(f"built {os.path.basename(f)}: {got:,} trace entries, {os.path.getsize(f) / 2**20:.1f} MiB")
                     files.append(f)
         have_torch = shutil.which(a.torch_python) or os.path.exists(a.torch_python)
         kvprof = [sys.executable, "-m", "kvprof.commands", "analyze"]
-        print(f"{'snapshot':26s} {'MiB':>5s} | {'kvprof analyze':>21s} | {'pickle.load':>21s} | {'_memory_viz stats':>21s} | "
-              f"{'kvprof/load':>17s} | {'viz/kvprof':>10s}")
-        print(f"{'':26s} {'':5s} | {'wall   cpu   peak':>21s} | {'wall   cpu   peak':>21s} | {'wall   cpu   peak':>21s} | "
-              f"{'wall  cpu  mem':>17s} | {'wall   cpu':>10s}")
+        print(
+            f"{'snapshot':26s} {'MiB':>5s} | {'kvprof analyze':>21s} | {'pickle.load':>21s} | {'_memory_viz stats':>21s} | "
+            f"{'kvprof/load':>17s} | {'viz/kvprof':>10s}"
+        )
+        print(
+            f"{'':26s} {'':5s} | {'wall   cpu   peak':>21s} | {'wall   cpu   peak':>21s} | {'wall   cpu   peak':>21s} | "
+            f"{'wall  cpu  mem':>17s} | {'wall   cpu':>10s}"
+        )
         for f in files:
-            k, p, t = measure([kvprof + [f, "--no-report", "--json", os.devnull],
-                               [sys.executable, "-c", "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))", f],
-                               [a.torch_python, "-m", "torch.cuda._memory_viz", "stats", f] if have_torch else None], a.runs)
+            k, p, t = measure(
+                [
+                    kvprof + [f, "--no-report", "--json", os.devnull],
+                    [sys.executable, "-c", "import pickle, sys; pickle.load(open(sys.argv[1], 'rb'))", f],
+                    [a.torch_python, "-m", "torch.cuda._memory_viz", "stats", f] if have_torch else None,
+                ],
+                a.runs,
+            )
             cell = lambda r: f"{r[0]:5.2f}s {r[1]:5.2f}s {r[2]:4.0f}M" if r else f"{'n/a':>21s}"  # noqa: E731
             viz = f"{t[0] / k[0]:5.1f}x {t[1] / k[1]:5.1f}x" if t else f"{'n/a':>10s}"
-            print(f"{os.path.basename(f):26s} {os.path.getsize(f) / 2**20:5.1f} | {cell(k)} | {cell(p)} | {cell(t)} | "
-                  f"{k[0] / p[0]:4.2f}x {k[1] / p[1]:4.2f}x {k[2] / p[2]:4.2f}x | {viz}", flush=True)
+            print(
+                f"{os.path.basename(f):26s} {os.path.getsize(f) / 2**20:5.1f} | {cell(k)} | {cell(p)} | {cell(t)} | "
+                f"{k[0] / p[0]:4.2f}x {k[1] / p[1]:4.2f}x {k[2] / p[2]:4.2f}x | {viz}",
+                flush=True,
+            )
         print("goals: 619k entries: time/load <= 1.5x, mem/load <= 2x; small fixtures: viz/kvprof >= 10x")
         if not have_torch:
             print(f"(no torch at {a.torch_python}: --torch-python PATH)")

@@ -76,12 +76,18 @@ def in_process(bundle: str) -> None:
         t0, c0 = time.perf_counter(), time.process_time()
         W.replay_many(sched, unlimited, jobs=jobs)
         times[jobs] = (time.perf_counter() - t0, time.process_time() - c0)
-    print(f"in process: {n_events:,} events of the pool -> {sched.operations:,} schedule operations, "
-          f"{sched.nbytes / 1e6:.1f} MB ({sched.nbytes / max(len(sched.code), 1):.1f} bytes an operation)")
-    print(f"  extraction {t_extract:.2f} s ({n_events / t_extract / 1e6:.1f} M events/s); one replay (the recorded "
-          f"configuration) {t_one:.3f} s ({sched.operations / t_one / 1e6:.1f} M operations/s)")
-    print(f"  the report's replays (recorded + unlimited at {', '.join(map(str, W.DEFAULT_SIZES))}): "
-          f"{times[1][0]:.2f} s one after another ({times[1][1]:.2f} CPU s), {times[2][0]:.2f} s on 2 threads ({times[2][1]:.2f} CPU s)")
+    print(
+        f"in process: {n_events:,} events of the pool -> {sched.operations:,} schedule operations, "
+        f"{sched.nbytes / 1e6:.1f} MB ({sched.nbytes / max(len(sched.code), 1):.1f} bytes an operation)"
+    )
+    print(
+        f"  extraction {t_extract:.2f} s ({n_events / t_extract / 1e6:.1f} M events/s); one replay (the recorded "
+        f"configuration) {t_one:.3f} s ({sched.operations / t_one / 1e6:.1f} M operations/s)"
+    )
+    print(
+        f"  the report's replays (recorded + unlimited at {', '.join(map(str, W.DEFAULT_SIZES))}): "
+        f"{times[1][0]:.2f} s one after another ({times[1][1]:.2f} CPU s), {times[2][0]:.2f} s on 2 threads ({times[2][1]:.2f} CPU s)"
+    )
 
 
 def main() -> None:
@@ -96,8 +102,23 @@ def main() -> None:
         if not bundle:
             bundle = os.path.join(tmp, "demo.kvprof")
             t0 = time.perf_counter()
-            subprocess.run(KVPROF + ["record", "-q", "-o", bundle, "--", *KVPROF, "demo", "--requests", str(args.requests),
-                                     "--num-blocks", "4096"], check=True)
+            subprocess.run(
+                KVPROF
+                + [
+                    "record",
+                    "-q",
+                    "-o",
+                    bundle,
+                    "--",
+                    *KVPROF,
+                    "demo",
+                    "--requests",
+                    str(args.requests),
+                    "--num-blocks",
+                    "4096",
+                ],
+                check=True,
+            )
             print(f"recorded the {args.requests}-request demo in {time.perf_counter() - t0:.1f} s")
         # the kernels' compile, once per install, against a cached load
         small = os.path.join(ROOT, "fixtures", "demo.kvprof")
@@ -105,15 +126,28 @@ def main() -> None:
         cold = child(KVPROF + ["whatif", small, "--block-size", "16", "-j", "1"], env)
         warm = best(KVPROF + ["whatif", small, "--block-size", "16", "-j", "1"], args.repeat, env)
         plain = best(KVPROF + ["analyze", small], args.repeat)
-        print(f"compile once (empty numba cache): whatif on the 120-request fixture {cold[0]:.1f} s; cached {warm[0]:.2f} s "
-              f"(analyze of the same: {plain[0]:.2f} s)")
+        print(
+            f"compile once (empty numba cache): whatif on the 120-request fixture {cold[0]:.1f} s; cached {warm[0]:.2f} s "
+            f"(analyze of the same: {plain[0]:.2f} s)"
+        )
         child(KVPROF + ["whatif", bundle, "--block-size", "32", "-j", "1"])  # the cache of this checkout, warm
         html = os.path.join(tmp, "r.html")
         rows = [
             ("analyze", KVPROF + ["analyze", bundle]),
-            ("whatif, 1 configuration (B=32 free-queue)", KVPROF + ["whatif", bundle, "--block-size", "32", "--policy", "free-queue", "-j", "1"]),
-            ("whatif, 8 configurations, --jobs 1", KVPROF + ["whatif", bundle, "--block-size", "8,16,32,64", "--policy", "free-queue,first-fit", "-j", "1"]),
-            ("whatif, 8 configurations, --jobs 2", KVPROF + ["whatif", bundle, "--block-size", "8,16,32,64", "--policy", "free-queue,first-fit", "-j", "2"]),
+            (
+                "whatif, 1 configuration (B=32 free-queue)",
+                KVPROF + ["whatif", bundle, "--block-size", "32", "--policy", "free-queue", "-j", "1"],
+            ),
+            (
+                "whatif, 8 configurations, --jobs 1",
+                KVPROF
+                + ["whatif", bundle, "--block-size", "8,16,32,64", "--policy", "free-queue,first-fit", "-j", "1"],
+            ),
+            (
+                "whatif, 8 configurations, --jobs 2",
+                KVPROF
+                + ["whatif", bundle, "--block-size", "8,16,32,64", "--policy", "free-queue,first-fit", "-j", "2"],
+            ),
             ("report --no-whatif", KVPROF + ["report", bundle, "-o", html, "--no-whatif"]),
             ("report (with its unlimited replays)", KVPROF + ["report", bundle, "-o", html]),
         ]
@@ -122,11 +156,15 @@ def main() -> None:
             results[name] = best(cmd, args.repeat)
         base_t, base_m, base_c = results["analyze"]
         print(f"\nwhole processes on {bundle} (best of {args.repeat}; peak RSS; CPU = user + system):")
-        print(f"  {'':44s} {'seconds':>8s} {'x analyze':>10s} {'CPU s':>7s} {'x analyze':>10s} {'peak MB':>8s} {'x analyze':>10s}")
+        print(
+            f"  {'':44s} {'seconds':>8s} {'x analyze':>10s} {'CPU s':>7s} {'x analyze':>10s} {'peak MB':>8s} {'x analyze':>10s}"
+        )
         for name, (t, m, c) in results.items():
             print(f"  {name:44s} {t:8.2f} {t / base_t:9.2f}x {c:7.2f} {c / base_c:9.2f}x {m:8.0f} {m / base_m:9.2f}x")
         load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-        print(f"  (load average {load:.1f} on {os.cpu_count()} cores at the end: other work on the machine stretches the wall times)")
+        print(
+            f"  (load average {load:.1f} on {os.cpu_count()} cores at the end: other work on the machine stretches the wall times)"
+        )
         t1, t2 = results["whatif, 8 configurations, --jobs 1"][0], results["whatif, 8 configurations, --jobs 2"][0]
         print(f"  8 configurations: --jobs 2 is {t1 / t2:.2f}x --jobs 1")
         r1, r0 = results["report (with its unlimited replays)"], results["report --no-whatif"]

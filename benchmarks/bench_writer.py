@@ -69,7 +69,9 @@ print(json.dumps({{"call_ns": (t1 - t0) / n * 1e9, "wall_ns": (t2 - t0) / n * 1e
 
 def run(which: str, n: int) -> dict:
     out = tempfile.mkdtemp(prefix=f"kvprof-bw-{which}-")
-    r = subprocess.run([sys.executable, "-c", CHILD.format(here=HERE), which, str(n), out], capture_output=True, text=True, check=True)
+    r = subprocess.run(
+        [sys.executable, "-c", CHILD.format(here=HERE), which, str(n), out], capture_output=True, text=True, check=True
+    )
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
@@ -85,8 +87,12 @@ def main() -> None:
     old, new = res["legacy"], res["mmap"]
     print(f"{args.events:,} events, median of {args.repeat} runs, each writer in a process of its own")
     print(f"{'':<34}{'format 1 (deque)':>18}{'format 2 (mmap)':>18}{'ratio':>8}")
-    for key, label in (("call_ns", "in the calling thread, ns/event"), ("wall_ns", "until all on disk, ns/event"),
-                       ("cpu_ns", "CPU of both threads, ns/event"), ("bytes", "bytes on disk per event")):
+    for key, label in (
+        ("call_ns", "in the calling thread, ns/event"),
+        ("wall_ns", "until all on disk, ns/event"),
+        ("cpu_ns", "CPU of both threads, ns/event"),
+        ("bytes", "bytes on disk per event"),
+    ):
         print(f"{label:<34}{old[key]:>18.1f}{new[key]:>18.1f}{new[key] / old[key]:>7.2f}x")
 
 

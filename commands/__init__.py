@@ -58,7 +58,9 @@ def build_app():
 
     @app.callback()
     def _root(
-        version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+        version: bool = typer.Option(
+            False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
     ):
         """Memory profiler for LLM serving."""
 
@@ -101,8 +103,10 @@ def main(argv: list[str] | None = None) -> int:
         import traceback
 
         traceback.print_exc()
-        sys.stderr.write(f"kvprof: internal error: this is a bug in kvprof {__version__}; please report it, "
-                         "with the command you ran and the traceback above\n")
+        sys.stderr.write(
+            f"kvprof: internal error: this is a bug in kvprof {__version__}; please report it, "
+            "with the command you ran and the traceback above\n"
+        )
         return errors.EXIT_INTERNAL
 
 

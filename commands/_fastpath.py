@@ -50,7 +50,10 @@ class _Param:
             raise _Fallback
         self.kind = kind
         self.is_option = type(info).__name__ == "OptionInfo"
-        if any(getattr(info, attr, None) for attr in ("callback", "envvar", "prompt", "parser", "click_type", "default_factory")):
+        if any(
+            getattr(info, attr, None)
+            for attr in ("callback", "envvar", "prompt", "parser", "click_type", "default_factory")
+        ):
             raise _Fallback  # behaviour typer adds to the value
         self.names: list[str] = []
         self.off_names: list[str] = []

@@ -5,12 +5,28 @@ import typer
 
 def run(
     bundle: str = typer.Argument(..., metavar="BUNDLE", help="A .kvprof bundle directory."),
-    json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the analysis (schema kvprof.analysis/1) to this file ('-' for stdout)."),
-    window: str = typer.Option(None, "--window", metavar="START[:END]", help="Only events between two markers: START[:END] marker names."),
+    json_out: str = typer.Option(
+        None,
+        "--json",
+        metavar="FILE",
+        help="Write the analysis (schema kvprof.analysis/1) to this file ('-' for stdout).",
+    ),
+    window: str = typer.Option(
+        None, "--window", metavar="START[:END]", help="Only events between two markers: START[:END] marker names."
+    ),
     no_report: bool = typer.Option(False, "--no-report", help="Do not print the terminal report."),
-    width: int = typer.Option(None, "--width", metavar="COLUMNS", min=40, help="Terminal report width (default: the terminal's)."),
-    budget: str = typer.Option(None, "--budget", metavar="FILE", help="Check the run against the absolute limits (max, min) of this budget TOML; exit 1 on a breach."),
-    html_out: str = typer.Option(None, "--html", metavar="FILE", help="Also write the self-contained HTML report (as `kvprof report`)."),
+    width: int = typer.Option(
+        None, "--width", metavar="COLUMNS", min=40, help="Terminal report width (default: the terminal's)."
+    ),
+    budget: str = typer.Option(
+        None,
+        "--budget",
+        metavar="FILE",
+        help="Check the run against the absolute limits (max, min) of this budget TOML; exit 1 on a breach.",
+    ),
+    html_out: str = typer.Option(
+        None, "--html", metavar="FILE", help="Also write the self-contained HTML report (as `kvprof report`)."
+    ),
 ):
     """Analyze a recorded bundle: block pools, fragmentation, prefix cache, churn, leaks.
 
@@ -24,7 +40,10 @@ def run(
     from kvprof.report import json_report, terminal
 
     check_input(bundle)
-    require(html_out != "-", "--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`")
+    require(
+        html_out != "-",
+        "--html - would mix HTML into the terminal report: give a file, or use `kvprof report BUNDLE -o -`",
+    )
     for path in (json_out, html_out):
         check_output(path)
     from kvprof.report.progress import PassProgress

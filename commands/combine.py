@@ -5,7 +5,11 @@ import typer
 
 def run(
     output: str = typer.Argument(..., metavar="OUT", help="The combined bundle to write (OUT.kvprof)."),
-    parts: list[str] = typer.Argument(..., metavar="PART...", help="Bundles, or parts of one (record --ray-output, a node's directory), from any hosts."),
+    parts: list[str] = typer.Argument(
+        ...,
+        metavar="PART...",
+        help="Bundles, or parts of one (record --ray-output, a node's directory), from any hosts.",
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle at OUT."),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="No closing lines."),
 ):

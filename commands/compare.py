@@ -4,16 +4,38 @@ import typer
 
 
 def run(
-    runs: list[str] = typer.Argument(None, metavar="BASE NEW", help="Two runs: each a .kvprof bundle, a PyTorch snapshot, a memray capture, or an analysis JSON (kvprof analyze --json)."),
-    base: list[str] = typer.Option(None, "--base", metavar="RUN", help="A BASE run; repeat for repeated runs (medians are compared)."),
+    runs: list[str] = typer.Argument(
+        None,
+        metavar="BASE NEW",
+        help="Two runs: each a .kvprof bundle, a PyTorch snapshot, a memray capture, or an analysis JSON (kvprof analyze --json).",
+    ),
+    base: list[str] = typer.Option(
+        None, "--base", metavar="RUN", help="A BASE run; repeat for repeated runs (medians are compared)."
+    ),
     new: list[str] = typer.Option(None, "--new", metavar="RUN", help="A NEW run; repeat for repeated runs."),
-    budget: str = typer.Option(None, "--budget", metavar="FILE", help="Budget TOML with a [budgets] table (default: [tool.kvprof.budgets] of the nearest pyproject.toml)."),
-    markdown: str = typer.Option(None, "--markdown", metavar="FILE", help="Write a Markdown table here ('-' for stdout; also appended to $GITHUB_STEP_SUMMARY when set)."),
-    junit: str = typer.Option(None, "--junit", metavar="FILE", help="Write JUnit XML here ('-' for stdout): one test case per checked metric."),
-    json_out: str = typer.Option(None, "--json", metavar="FILE", help="Write the comparison (schema kvprof.compare/1) here ('-' for stdout)."),
+    budget: str = typer.Option(
+        None,
+        "--budget",
+        metavar="FILE",
+        help="Budget TOML with a [budgets] table (default: [tool.kvprof.budgets] of the nearest pyproject.toml).",
+    ),
+    markdown: str = typer.Option(
+        None,
+        "--markdown",
+        metavar="FILE",
+        help="Write a Markdown table here ('-' for stdout; also appended to $GITHUB_STEP_SUMMARY when set).",
+    ),
+    junit: str = typer.Option(
+        None, "--junit", metavar="FILE", help="Write JUnit XML here ('-' for stdout): one test case per checked metric."
+    ),
+    json_out: str = typer.Option(
+        None, "--json", metavar="FILE", help="Write the comparison (schema kvprof.compare/1) here ('-' for stdout)."
+    ),
     quiet: bool = typer.Option(False, "-q", "--quiet", help="Only the verdict line on the terminal."),
     show_all: bool = typer.Option(False, "--all", help="List unchanged metrics too."),
-    width: int = typer.Option(None, "--width", metavar="COLUMNS", min=40, help="Terminal width (default: the terminal's)."),
+    width: int = typer.Option(
+        None, "--width", metavar="COLUMNS", min=40, help="Terminal width (default: the terminal's)."
+    ),
 ):
     """Compare runs against budgets; fail on a regression.
 

@@ -16,7 +16,10 @@ import os
 RUN_FILE_SUFFIXES = (".pickle", ".pkl", ".bin", ".json")
 # parameter metavars that name a run: completed with bundle paths
 RUN_METAVARS = ("BUNDLE", "BASE NEW", "RUN")
-EXPORT_FORMATS = {"perfetto": "Chrome trace-event JSON (ui.perfetto.dev)", "parquet": "one Parquet table per stream (docs/parquet.md)"}
+EXPORT_FORMATS = {
+    "perfetto": "Chrome trace-event JSON (ui.perfetto.dev)",
+    "parquet": "one Parquet table per stream (docs/parquet.md)",
+}
 
 
 def complete_probe(incomplete: str) -> list[tuple[str, str]]:
@@ -26,8 +29,11 @@ def complete_probe(incomplete: str) -> list[tuple[str, str]]:
     head, _, last = incomplete.rpartition(",")
     taken = set(head.split(",")) if head else set()
     prefix = head + "," if head else ""
-    return [(prefix + name, probes.PROBES[name][1]) for name in probes.known()
-            if name.startswith(last) and name not in taken]
+    return [
+        (prefix + name, probes.PROBES[name][1])
+        for name in probes.known()
+        if name.startswith(last) and name not in taken
+    ]
 
 
 def complete_format(incomplete: str) -> list[tuple[str, str]]:
@@ -73,7 +79,11 @@ def attach(run) -> None:
 
     for p in inspect.signature(run).parameters.values():
         info = p.default
-        if not hasattr(info, "autocompletion") or info.autocompletion is not None or getattr(info, "shell_complete", None):
+        if (
+            not hasattr(info, "autocompletion")
+            or info.autocompletion is not None
+            or getattr(info, "shell_complete", None)
+        ):
             continue
         if getattr(info, "metavar", None) in RUN_METAVARS:
             info.autocompletion = complete_run

@@ -5,8 +5,15 @@ import typer
 
 def run(
     bundle: str = typer.Argument(..., metavar="BUNDLE", help="A .kvprof bundle."),
-    format: str = typer.Option("perfetto", "--format", metavar="FORMAT", help="perfetto: Chrome trace-event JSON (ui.perfetto.dev, chrome://tracing); parquet: a directory of Parquet tables, one per stream, plus metrics and findings (docs/parquet.md; needs pyarrow)."),
-    output: str = typer.Option(..., "-o", "--output", metavar="FILE|DIR", help="The file to write ('-': stdout); for parquet, the directory."),
+    format: str = typer.Option(
+        "perfetto",
+        "--format",
+        metavar="FORMAT",
+        help="perfetto: Chrome trace-event JSON (ui.perfetto.dev, chrome://tracing); parquet: a directory of Parquet tables, one per stream, plus metrics and findings (docs/parquet.md; needs pyarrow).",
+    ),
+    output: str = typer.Option(
+        ..., "-o", "--output", metavar="FILE|DIR", help="The file to write ('-': stdout); for parquet, the directory."
+    ),
 ):
     """Export a bundle for other tools: Perfetto / Chrome tracing, or Parquet for SQL and dataframes.
 

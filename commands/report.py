@@ -4,7 +4,9 @@ import typer
 
 
 def run(
-    source: str = typer.Argument(..., metavar="BUNDLE", help="A .kvprof bundle, a PyTorch memory snapshot or a memray capture."),
+    source: str = typer.Argument(
+        ..., metavar="BUNDLE", help="A .kvprof bundle, a PyTorch memory snapshot or a memray capture."
+    ),
     output: str = typer.Option(..., "-o", "--output", metavar="FILE", help="The HTML file to write (- for stdout)."),
     window: str = typer.Option(None, "--window", metavar="START[:END]", help="Only events between two markers."),
     no_whatif: bool = typer.Option(False, "--no-whatif", help="Skip the block-size replay (its chart)."),

@@ -49,7 +49,9 @@ def main() -> int:
         with open(status_path, "w") as fh:
             json.dump({"started": False, "error": f"{exc.strerror}: {argv[0]}", "errno": exc.errno}, fh)
         return 127 if isinstance(exc, FileNotFoundError) else 126
-    with open(status_path + ".target", "w") as fh:  # py-spy kills this shim on Ctrl-C: kvprof then waits for the command itself
+    with open(
+        status_path + ".target", "w"
+    ) as fh:  # py-spy kills this shim on Ctrl-C: kvprof then waits for the command itself
         fh.write(str(proc.pid))
 
     def forward(signum, frame):

@@ -108,7 +108,11 @@ class Pool:
         t = self._clock() if self._clock else _now()
         n = len(ids)
         try:
-            data = _PACK[n](t, kind, self.index, rid, arg, arg2, n, *ids, _TAG) if n <= 3 else _pack_block(t, kind, self.index, rid, arg, arg2, ids)
+            data = (
+                _PACK[n](t, kind, self.index, rid, arg, arg2, n, *ids, _TAG)
+                if n <= 3
+                else _pack_block(t, kind, self.index, rid, arg, arg2, ids)
+            )
         except Exception:
             w.block(t, kind, self.index, rid, arg, arg2, ids)  # clamps or drops, and says so
             return

@@ -64,14 +64,14 @@ class Budgets:
 
 def _fraction(value, where: str) -> float:
     if isinstance(value, bool):
-        raise UsageError(f"{where}: expected a percentage like \"5%\" or a fraction like 0.05, got {value!r}")
+        raise UsageError(f'{where}: expected a percentage like "5%" or a fraction like 0.05, got {value!r}')
     try:
         if isinstance(value, (int, float)):
             f = float(value)
         elif isinstance(value, str) and value.strip().endswith("%"):
             f = float(value.strip()[:-1]) / 100
         else:
-            raise UsageError(f"{where}: expected a percentage like \"5%\" or a fraction like 0.05, got {_short(value)}")
+            raise UsageError(f'{where}: expected a percentage like "5%" or a fraction like 0.05, got {_short(value)}')
     except (ValueError, OverflowError):
         raise UsageError(f"{where}: not a percentage: {_short(value)}") from None
     if not math.isfinite(f) or f < 0:
@@ -95,7 +95,7 @@ def parse(table: dict, source: str) -> Budgets:
         raise UsageError(f"{source}: budgets must be a table")
     b = Budgets(entries={}, source=source)
     for key, value in table.items():
-        where = f"{source}: budgets.{key}" if "*" not in key else f"{source}: budgets.\"{key}\""
+        where = f"{source}: budgets.{key}" if "*" not in key else f'{source}: budgets."{key}"'
         if key == "tolerance":
             b.tolerance = _fraction(value, where)
             continue
@@ -127,7 +127,9 @@ def _load_toml(path: str) -> dict:
     try:
         return parse_guarded(lambda b: tomllib.loads(b.decode("utf-8")), data, path, "budget file", error=UsageError)
     except UnicodeDecodeError as exc:
-        raise UsageError(f"budget file {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        raise UsageError(
+            f"budget file {path} is not valid TOML: not UTF-8 text ({exc.reason} at byte {exc.start})"
+        ) from None
     except tomllib.TOMLDecodeError as exc:
         raise UsageError(f"budget file {path} is not valid TOML: {exc}") from None
 

@@ -69,8 +69,10 @@ def _open_parts(out: str, parts: list[str]) -> list:
             key = (hostinfo.clock_domain(proc.info), proc.pid, proc.start_ns - proc.clock_shift)
             if key in owner and owner[key] is not b:
                 host = hostinfo.hostname(proc.info) or "an unknown host"
-                raise UsageError(f"{owner[key].path} and {b.path} hold the same process (pid {proc.pid} on {host}): "
-                                 "the same recording given twice?")
+                raise UsageError(
+                    f"{owner[key].path} and {b.path} hold the same process (pid {proc.pid} on {host}): "
+                    "the same recording given twice?"
+                )
             owner[key] = b
     return opened
 
@@ -140,7 +142,11 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
         extras = [e for e in sorted(os.listdir(b.path)) if e not in _SKIP_TOP and not e.startswith(".")]
         for e in extras:  # the reference's py-spy profile and NVML samples stay where the analysis reads them
             src = os.path.join(b.path, e)
-            dst = os.path.join(tmp, e) if i == ref_i else os.path.join(tmp, "parts", f"{i}-{_safe(hostinfo.hostname(b.manifest) or 'host')}", e)
+            dst = (
+                os.path.join(tmp, e)
+                if i == ref_i
+                else os.path.join(tmp, "parts", f"{i}-{_safe(hostinfo.hostname(b.manifest) or 'host')}", e)
+            )
             if os.path.isdir(src) and not os.path.islink(src):
                 _copy_tree(src, dst, skipped)
             elif os.path.isfile(src) and not os.path.islink(src):
@@ -153,17 +159,33 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
     for p in processes:
         p["part"] = part_of.get(p["dir"].rsplit("/", 1)[-1])
     # every part's own clock record counts for its host's offset (hostinfo.clock_shifts)
-    hosts = [{"part": i, "host": b.manifest.get("host"), "clock": b.manifest.get("clock")} for i, b in enumerate(opened)
-             if isinstance(b.manifest.get("host"), dict) and isinstance(b.manifest.get("clock"), dict)]
-    clock = {"reference": hostinfo.clock_domain(ref) or next((hostinfo.clock_domain(p) for p in processes if hostinfo.clock_domain(p)), None),
-             "wall_minus_mono_ns": (ref.get("clock") or {}).get("wall_minus_mono_ns"), "hosts": hosts}
+    hosts = [
+        {"part": i, "host": b.manifest.get("host"), "clock": b.manifest.get("clock")}
+        for i, b in enumerate(opened)
+        if isinstance(b.manifest.get("host"), dict) and isinstance(b.manifest.get("clock"), dict)
+    ]
+    clock = {
+        "reference": hostinfo.clock_domain(ref)
+        or next((hostinfo.clock_domain(p) for p in processes if hostinfo.clock_domain(p)), None),
+        "wall_minus_mono_ns": (ref.get("clock") or {}).get("wall_minus_mono_ns"),
+        "hosts": hosts,
+    }
     reasons = []
     for b in opened:
         st = b.manifest.get("status")
         if st not in ("complete", "part"):
-            reasons.append(f"part {b.path} is {st!r}" + (": " + "; ".join(map(str, (b.manifest.get("incomplete") or {}).get("reasons") or [])) if st == "incomplete" else ""))
+            reasons.append(
+                f"part {b.path} is {st!r}"
+                + (
+                    ": " + "; ".join(map(str, (b.manifest.get("incomplete") or {}).get("reasons") or []))
+                    if st == "incomplete"
+                    else ""
+                )
+            )
     if skipped:
-        reasons.append(f"{len(skipped)} entries of the parts that are not regular files or directories were not copied: {skipped[0]}")
+        reasons.append(
+            f"{len(skipped)} entries of the parts that are not regular files or directories were not copied: {skipped[0]}"
+        )
     probes: dict = {}
     for b in opened:
         mp = b.manifest.get("probes")
@@ -176,7 +198,11 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
         "kvprof_version": __version__,
         "status": "incomplete" if reasons else "complete",
         **({"incomplete": {"reasons": reasons}} if reasons else {}),
-        **{k: ref[k] for k in ("command", "cwd", "python", "host", "target", "probe_options", "probe_status", "ray") if k in ref},
+        **{
+            k: ref[k]
+            for k in ("command", "cwd", "python", "host", "target", "probe_options", "probe_status", "ray")
+            if k in ref
+        },
         "clock": clock,
         "start_time": min(starts) if starts else None,
         "end_time": max(ends) if ends else None,
@@ -185,9 +211,18 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
         "combined": {
             "at": time.time(),
             "reference_part": ref_i,
-            "parts": [{"path": b.path, "status": b.manifest.get("status"), "host": hostinfo.hostname(b.manifest),
-                       "processes": len(b.processes), "start_time": b.manifest.get("start_time"), "end_time": b.manifest.get("end_time"),
-                       "command": b.manifest.get("command")} for b in opened],
+            "parts": [
+                {
+                    "path": b.path,
+                    "status": b.manifest.get("status"),
+                    "host": hostinfo.hostname(b.manifest),
+                    "processes": len(b.processes),
+                    "start_time": b.manifest.get("start_time"),
+                    "end_time": b.manifest.get("end_time"),
+                    "command": b.manifest.get("command"),
+                }
+                for b in opened
+            ],
         },
     }
     write_json_atomic(os.path.join(tmp, fmt.MANIFEST), man)
@@ -201,12 +236,21 @@ def _write(tmp: str, opened: list, ref_i: int, scan) -> dict:
         d = hostinfo.clock_domain(h)
         if d is not None:
             names.setdefault(d, hostinfo.hostname(h) or d)
-    unaligned = sorted({hostinfo.hostname(p) or "unknown" for p in processes if hostinfo.clock_domain(p) not in table["domains"]})
+    unaligned = sorted(
+        {hostinfo.hostname(p) or "unknown" for p in processes if hostinfo.clock_domain(p) not in table["domains"]}
+    )
     return {
         "parts": len(opened),
         "processes": len(processes),
-        "hosts": [{"host": names.get(d, d), "shift_s": v["shift_ns"] / 1e9, "spread_s": v["spread_ns"] / 1e9,
-                   "reference": d == table["reference"]} for d, v in table["domains"].items()],
+        "hosts": [
+            {
+                "host": names.get(d, d),
+                "shift_s": v["shift_ns"] / 1e9,
+                "spread_s": v["spread_ns"] / 1e9,
+                "reference": d == table["reference"],
+            }
+            for d, v in table["domains"].items()
+        ],
         "unaligned": unaligned,
         "status": man["status"],
         "reasons": reasons,
@@ -217,14 +261,18 @@ def summary_lines(s: dict) -> list[str]:
     rel = os.path.relpath(s["out"])
     shown = rel if not rel.startswith("..") else s["out"]
     hosts = s["hosts"]
-    out = [f"kvprof: combined {s['parts']} part{'s' if s['parts'] != 1 else ''} into {shown} "
-           f"({s['processes']} process{'es' if s['processes'] != 1 else ''}, {len(hosts)} host{'s' if len(hosts) != 1 else ''})"]
+    out = [
+        f"kvprof: combined {s['parts']} part{'s' if s['parts'] != 1 else ''} into {shown} "
+        f"({s['processes']} process{'es' if s['processes'] != 1 else ''}, {len(hosts)} host{'s' if len(hosts) != 1 else ''})"
+    ]
     if len(hosts) > 1:
         ref = next((h["host"] for h in hosts if h["reference"]), "?")
         moved = ", ".join(f"{h['host']} {h['shift_s'] * 1e3:+.3f} ms" for h in hosts if not h["reference"])
         out.append(f"kvprof: clocks on {ref}'s timeline: {moved}")
     if s["unaligned"]:
-        out.append(f"kvprof: warning: processes of {', '.join(s['unaligned'])} carry no clock offsets (recorded by an older kvprof): their times are taken as they are")
+        out.append(
+            f"kvprof: warning: processes of {', '.join(s['unaligned'])} carry no clock offsets (recorded by an older kvprof): their times are taken as they are"
+        )
     if s["reasons"]:
         out.append(f"kvprof: warning: the combined bundle is incomplete: {s['reasons'][0]}")
     return out

@@ -36,9 +36,18 @@ EPS = 1e-12
 
 # verdicts, worst first (the order of the reports)
 FAIL, WORSE_OK, IMPROVED, CHANGED, UNCHANGED, ONLY_BASE, ONLY_NEW, NO_DATA = (
-    "fail", "worse, within tolerance", "improved", "changed", "unchanged", "only in base", "only in new", "no data",
+    "fail",
+    "worse, within tolerance",
+    "improved",
+    "changed",
+    "unchanged",
+    "only in base",
+    "only in new",
+    "no data",
 )
-VERDICT_ORDER = {v: i for i, v in enumerate([FAIL, ONLY_BASE, ONLY_NEW, WORSE_OK, IMPROVED, CHANGED, UNCHANGED, NO_DATA])}
+VERDICT_ORDER = {
+    v: i for i, v in enumerate([FAIL, ONLY_BASE, ONLY_NEW, WORSE_OK, IMPROVED, CHANGED, UNCHANGED, NO_DATA])
+}
 
 
 @dataclass
@@ -107,17 +116,19 @@ class Comparison:
                 return [clean(v) for v in x]
             return x
 
-        out: dict[str, Any] = clean({
-            "schema": SCHEMA,
-            "passed": self.passed,
-            "base": self.base,
-            "new": self.new,
-            "budgets": self.budgets,
-            "tolerance": self.tolerance,
-            "noisy_tolerance": self.noisy_tolerance,
-            "failures": [r.name for r in self.failures],
-            "rows": [dataclasses.asdict(r) for r in self.rows],
-        })
+        out: dict[str, Any] = clean(
+            {
+                "schema": SCHEMA,
+                "passed": self.passed,
+                "base": self.base,
+                "new": self.new,
+                "budgets": self.budgets,
+                "tolerance": self.tolerance,
+                "noisy_tolerance": self.noisy_tolerance,
+                "failures": [r.name for r in self.failures],
+                "rows": [dataclasses.asdict(r) for r in self.rows],
+            }
+        )
         return out
 
 
@@ -140,8 +151,10 @@ def load_run(path: str) -> Run:
     else:
         run = Run(label=path, metrics=_load_analysis_json(path))
     if not run.metrics:
-        raise BundleError(f"{path}: no metrics: the run holds nothing kvprof measures (no block pool, heap, "
-                          "GC, CPU or GPU data), so there is nothing to compare")
+        raise BundleError(
+            f"{path}: no metrics: the run holds nothing kvprof measures (no block pool, heap, "
+            "GC, CPU or GPU data), so there is nothing to compare"
+        )
     return run
 
 
@@ -158,7 +171,9 @@ def _load_analysis_json(path: str) -> dict[str, Any]:
         from kvprof.analysis import file_hint
 
         hint = file_hint(path) or f" (not valid JSON: {_short(exc, 120)})"
-        raise BundleError(f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture{hint}") from None
+        raise BundleError(
+            f"{path}: not a kvprof bundle, analysis JSON, PyTorch snapshot or memray capture{hint}"
+        ) from None
     from kvprof.analysis.results import SCHEMA as ANALYSIS_SCHEMA  # here: `kvprof --help` imports no analysis
 
     if not isinstance(data, dict) or data.get("schema") != ANALYSIS_SCHEMA:
@@ -169,16 +184,22 @@ def _load_analysis_json(path: str) -> dict[str, Any]:
         raise BundleError(f"{path}: analysis JSON has no metrics map")
     for name, entry in metrics.items():
         if not isinstance(entry, dict):
-            raise BundleError(f"{path}: metric {_short(name)} is malformed: expected {{\"value\": number or null, ...}}, got {_short(entry)}")
+            raise BundleError(
+                f'{path}: metric {_short(name)} is malformed: expected {{"value": number or null, ...}}, got {_short(entry)}'
+            )
         problem = broken_value(entry.get("value"))
         if problem:
             raise BundleError(f"{path}: metric {_short(name)} has value {_short(entry.get('value'))}: {problem}")
         if entry.get("better") not in (None, "lower", "higher"):
-            raise BundleError(f"{path}: metric {_short(name)} has better={_short(entry.get('better'))} (expected lower, higher or null)")
+            raise BundleError(
+                f"{path}: metric {_short(name)} has better={_short(entry.get('better'))} (expected lower, higher or null)"
+            )
         if not isinstance(entry.get("unit"), (str, type(None))):
             raise BundleError(f"{path}: metric {_short(name)} has unit={_short(entry.get('unit'))} (expected a string)")
         if not isinstance(entry.get("noisy"), (bool, type(None))):
-            raise BundleError(f"{path}: metric {_short(name)} has noisy={_short(entry.get('noisy'))} (expected true or false)")
+            raise BundleError(
+                f"{path}: metric {_short(name)} has noisy={_short(entry.get('noisy'))} (expected true or false)"
+            )
     return metrics
 
 
@@ -261,8 +282,21 @@ def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets
     base = _median(bvals) if bvals else None
     new = _median(nvals) if nvals else None
     spread = (max(bvals) - min(bvals)) if len(bvals) >= 2 else None
-    row = Row(name=name, unit=unit, better=better, noisy=noisy, base=base, new=new, base_runs=len(bvals), new_runs=len(nvals),
-              delta=None, rel=None, base_spread=spread, judged_on_spread=bool(spread and spread > EPS), verdict=NO_DATA)
+    row = Row(
+        name=name,
+        unit=unit,
+        better=better,
+        noisy=noisy,
+        base=base,
+        new=new,
+        base_runs=len(bvals),
+        new_runs=len(nvals),
+        delta=None,
+        rel=None,
+        base_spread=spread,
+        judged_on_spread=bool(spread and spread > EPS),
+        verdict=NO_DATA,
+    )
     limits = budgets.limits_for(name)
     if bbroken or nbroken:  # a value that is there but no number fails; it is not "no data"
         for side, problems in (("base", bbroken), ("new", nbroken)):
@@ -275,10 +309,26 @@ def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets
     if new is not None:
         if limits.max is not None:
             ok = new <= limits.max + EPS
-            row.checks.append(Check("max", limits.max, ok, f"{_fmt(new, unit)} {'<=' if ok else '>'} max {_fmt(limits.max, unit)}", limits.patterns["max"]))
+            row.checks.append(
+                Check(
+                    "max",
+                    limits.max,
+                    ok,
+                    f"{_fmt(new, unit)} {'<=' if ok else '>'} max {_fmt(limits.max, unit)}",
+                    limits.patterns["max"],
+                )
+            )
         if limits.min is not None:
             ok = new >= limits.min - EPS
-            row.checks.append(Check("min", limits.min, ok, f"{_fmt(new, unit)} {'>=' if ok else '<'} min {_fmt(limits.min, unit)}", limits.patterns["min"]))
+            row.checks.append(
+                Check(
+                    "min",
+                    limits.min,
+                    ok,
+                    f"{_fmt(new, unit)} {'>=' if ok else '<'} min {_fmt(limits.min, unit)}",
+                    limits.patterns["min"],
+                )
+            )
 
     if not bpresent or not npresent:
         row.verdict = ONLY_BASE if bpresent else ONLY_NEW
@@ -303,14 +353,20 @@ def judge(name: str, base_runs: list[Run], new_runs: list[Run], budgets: Budgets
             ok = excess / abs(base) <= limit + EPS
         assert row.rel is not None  # set above
         spread_note = f", beyond base spread {_fmt(allow, unit)}" if allow > EPS else ""
-        msg = (f"{_pct(row.rel)} ({_fmt(base, unit)} -> {_fmt(new, unit)}{spread_note}): "
-               f"{word} {'within' if ok else 'exceeds'} {100 * limit:.2f}%{note}")
+        msg = (
+            f"{_pct(row.rel)} ({_fmt(base, unit)} -> {_fmt(new, unit)}{spread_note}): "
+            f"{word} {'within' if ok else 'exceeds'} {100 * limit:.2f}%{note}"
+        )
         return Check(kind, limit, ok, msg, pattern)
 
     if limits.max_increase is not None:
-        row.checks.append(relative("max_increase", limits.max_increase, +1, limits.patterns["max_increase"], "increase"))
+        row.checks.append(
+            relative("max_increase", limits.max_increase, +1, limits.patterns["max_increase"], "increase")
+        )
     if limits.max_decrease is not None:
-        row.checks.append(relative("max_decrease", limits.max_decrease, -1, limits.patterns["max_decrease"], "decrease"))
+        row.checks.append(
+            relative("max_decrease", limits.max_decrease, -1, limits.patterns["max_decrease"], "decrease")
+        )
     if better in ("lower", "higher"):
         sign = +1 if better == "lower" else -1
         if (limits.max_increase if sign > 0 else limits.max_decrease) is None:
@@ -355,11 +411,19 @@ def compare(base_runs: list[Run], new_runs: list[Run], budgets: Budgets) -> Comp
     if not any(r.checks for r in rows):
         only_base = sum(r.verdict == ONLY_BASE for r in rows)
         only_new = sum(r.verdict == ONLY_NEW for r in rows)
-        raise BundleError(f"nothing compared: no metric with a better direction or a budget limit has a value in both "
-                          f"BASE and NEW ({len(rows)} metrics: {only_base} only in base, {only_new} only in new)")
+        raise BundleError(
+            f"nothing compared: no metric with a better direction or a budget limit has a value in both "
+            f"BASE and NEW ({len(rows)} metrics: {only_base} only in base, {only_new} only in new)"
+        )
     rows.sort(key=lambda r: (VERDICT_ORDER[r.verdict], r.name))
-    return Comparison(base=[r.label for r in base_runs], new=[r.label for r in new_runs], budgets=budgets.source,
-                      tolerance=budgets.tolerance, noisy_tolerance=budgets.noisy_tolerance, rows=rows)
+    return Comparison(
+        base=[r.label for r in base_runs],
+        new=[r.label for r in new_runs],
+        budgets=budgets.source,
+        tolerance=budgets.tolerance,
+        noisy_tolerance=budgets.noisy_tolerance,
+        rows=rows,
+    )
 
 
 def check_run(run: Run, budgets: Budgets) -> Comparison:
@@ -375,8 +439,16 @@ def check_run(run: Run, budgets: Budgets) -> Comparison:
         if row.checks:
             rows.append(row)
     if not rows:
-        raise BundleError(f"nothing checked: no metric of {run.label} has a value under a max or min limit of "
-                          f"{budgets.source or 'the budget'} ({len(run.metrics)} metrics)")
+        raise BundleError(
+            f"nothing checked: no metric of {run.label} has a value under a max or min limit of "
+            f"{budgets.source or 'the budget'} ({len(run.metrics)} metrics)"
+        )
     rows.sort(key=lambda r: (VERDICT_ORDER[r.verdict], r.name))
-    return Comparison(base=[], new=[run.label], budgets=budgets.source, tolerance=budgets.tolerance,
-                      noisy_tolerance=budgets.noisy_tolerance, rows=rows)
+    return Comparison(
+        base=[],
+        new=[run.label],
+        budgets=budgets.source,
+        tolerance=budgets.tolerance,
+        noisy_tolerance=budgets.noisy_tolerance,
+        rows=rows,
+    )

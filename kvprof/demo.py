@@ -147,7 +147,15 @@ def run_demo(cfg: DemoConfig) -> DemoStats:
     rng = random.Random(cfg.seed)
     B = cfg.block_size
     clock_ns = [0]
-    pool = Pool(cfg.num_blocks, B, name="demo", engine="kvprof-demo", reserved=[0], clock=lambda: clock_ns[0], free_order=cfg.free_order)
+    pool = Pool(
+        cfg.num_blocks,
+        B,
+        name="demo",
+        engine="kvprof-demo",
+        reserved=[0],
+        clock=lambda: clock_ns[0],
+        free_order=cfg.free_order,
+    )
     free = _FreeBlocks(range(1, cfg.num_blocks), cfg.free_order)
     ref = [0] * cfg.num_blocks
     block_hash: dict[int, int] = {}
@@ -348,7 +356,16 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prefix-cache", action="store_true")
     a = ap.parse_args(argv)
     try:
-        cfg = DemoConfig(a.seed, a.block_size, a.num_blocks, a.requests, a.free_order, a.prefix_share, a.leak_every, not a.no_prefix_cache)
+        cfg = DemoConfig(
+            a.seed,
+            a.block_size,
+            a.num_blocks,
+            a.requests,
+            a.free_order,
+            a.prefix_share,
+            a.leak_every,
+            not a.no_prefix_cache,
+        )
     except ValueError as exc:
         ap.error(str(exc))
     print(run_demo(cfg).summary())

@@ -12,8 +12,15 @@ from __future__ import annotations
 # kvprof's own recording code inside a target, as path fragments: what the CPU
 # section counts as kvprof's overhead and the heap probes leave out of the user's
 # figures.  kvprof.blocks pools and the demo are the user's work, not listed.
-OWN_CODE = ("/kvprof/probes/", "/kvprof/trace/", "/kvprof/_hook/", "/kvprof/runtime.py", "/kvprof/signals.py",
-            "/kvprof/owncode.py", "/kvprof/__init__.py")
+OWN_CODE = (
+    "/kvprof/probes/",
+    "/kvprof/trace/",
+    "/kvprof/_hook/",
+    "/kvprof/runtime.py",
+    "/kvprof/signals.py",
+    "/kvprof/owncode.py",
+    "/kvprof/__init__.py",
+)
 
 # kvprof's helper threads asleep between work: (qualified name, file suffix) of each
 # thread's loop, as py-spy names the frame

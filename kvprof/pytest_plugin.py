@@ -47,17 +47,43 @@ SUMMARY_COLUMNS = [  # (metric, header, unit)
     ("heap.live_bytes_at_exit", "heap left", "bytes"),
 ]
 PROBES_FOR = {"heap.": "tracemalloc", "gc.": "gc"}  # metric prefix -> the probe that measures it
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def pytest_addoption(parser):
     group = parser.getgroup("kvprof", "kvprof: KV-block, heap and GPU memory per test")
-    group.addoption("--kvprof", action="store_true", default=False, help="Record each test with kvprof and check its memory budgets.")
-    group.addoption("--kvprof-probe", action="append", default=None, metavar="NAME",
-                    help="Probe to record with (repeatable or comma-separated; default blocks): blocks, gc, tracemalloc.")
-    group.addoption("--kvprof-keep", action="store_true", default=False, help="Keep every test's bundle, not only failing tests'.")
-    group.addoption("--kvprof-dir", default=None, metavar="DIR", help="Where the bundles go (default: .kvprof/ in the rootdir).")
-    group.addoption("--kvprof-top", type=int, default=10, metavar="N", help="Tests in the summary table (default 10; 0: none).")
+    group.addoption(
+        "--kvprof",
+        action="store_true",
+        default=False,
+        help="Record each test with kvprof and check its memory budgets.",
+    )
+    group.addoption(
+        "--kvprof-probe",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="Probe to record with (repeatable or comma-separated; default blocks): blocks, gc, tracemalloc.",
+    )
+    group.addoption(
+        "--kvprof-keep", action="store_true", default=False, help="Keep every test's bundle, not only failing tests'."
+    )
+    group.addoption(
+        "--kvprof-dir", default=None, metavar="DIR", help="Where the bundles go (default: .kvprof/ in the rootdir)."
+    )
+    group.addoption(
+        "--kvprof-top", type=int, default=10, metavar="N", help="Tests in the summary table (default 10; 0: none)."
+    )
 
 
 def pytest_configure(config):
@@ -125,7 +151,9 @@ class KvprofPlugin:
 
         bad = [p for p in probes if p not in runtime.SESSION_PROBES]
         if bad:
-            raise pytest.UsageError(f"--kvprof-probe {bad[0]}: not a probe that records inside pytest (one of: {', '.join(runtime.SESSION_PROBES)})")
+            raise pytest.UsageError(
+                f"--kvprof-probe {bad[0]}: not a probe that records inside pytest (one of: {', '.join(runtime.SESSION_PROBES)})"
+            )
         self.probes = list(dict.fromkeys(probes))
         self.keep_all = config.getoption("kvprof_keep")
         self.top = config.getoption("kvprof_top")
@@ -142,7 +170,9 @@ class KvprofPlugin:
             from kvprof import budgets
 
             path = budgets.find_pyproject(str(self.config.rootpath))
-            self.project_budgets = budgets.discover(None, start=os.path.dirname(path)) if path else budgets.Budgets(entries={})
+            self.project_budgets = (
+                budgets.discover(None, start=os.path.dirname(path)) if path else budgets.Budgets(entries={})
+            )
         return self.project_budgets
 
     def _budgets(self, item):
@@ -153,7 +183,7 @@ class KvprofPlugin:
         table = {}
         for mark in reversed(list(item.iter_markers(MARKER))):  # the closest marker (the test's own) wins
             if mark.args:
-                raise BudgetError(f"{MARKER} takes keyword arguments only (**{{\"blocks.leaked_blocks\": 0}})")
+                raise BudgetError(f'{MARKER} takes keyword arguments only (**{{"blocks.leaked_blocks": 0}})')
             table.update(marker_limits(mark.kwargs))
         if not table:
             return project, []
@@ -161,16 +191,27 @@ class KvprofPlugin:
             from_marker = budgets.parse(table, f"@pytest.mark.{MARKER}")
         except Exception as exc:  # kvprof.errors.UsageError: one line naming the entry
             raise BudgetError(str(exc)) from None
-        merged = budgets.Budgets(entries={**project.entries, **from_marker.entries}, tolerance=project.tolerance,
-                                 noisy_tolerance=project.noisy_tolerance,
-                                 source=f"@pytest.mark.{MARKER}" + (f" and {project.source}" if project.source else ""))
+        merged = budgets.Budgets(
+            entries={**project.entries, **from_marker.entries},
+            tolerance=project.tolerance,
+            noisy_tolerance=project.noisy_tolerance,
+            source=f"@pytest.mark.{MARKER}" + (f" and {project.source}" if project.source else ""),
+        )
         self._from_marker = set(from_marker.entries)
         return merged, [n for n in from_marker.entries if not any(c in n for c in "*?[")]
 
     # -- one test ----------------------------------------------------------------------------
     @pytest.hookimpl(tryfirst=True)
     def pytest_runtest_setup(self, item):
-        state = {"bundle": None, "failed": False, "error": None, "metrics": {}, "breaches": [], "missing": [], "named": []}
+        state = {
+            "bundle": None,
+            "failed": False,
+            "error": None,
+            "metrics": {},
+            "breaches": [],
+            "missing": [],
+            "named": [],
+        }
         item._kvprof = state
         try:
             self._from_marker = set()
@@ -190,7 +231,9 @@ class KvprofPlugin:
                 if name.startswith(prefix) and probe not in probes:
                     probes.append(probe)
         bundle = os.path.join(self.dir, _node_file_name(item.nodeid, self.worker))
-        options = {"tracemalloc": {"interval": 0}} if "tracemalloc" in probes else None  # snapshots at start, markers and the end
+        options = (
+            {"tracemalloc": {"interval": 0}} if "tracemalloc" in probes else None
+        )  # snapshots at start, markers and the end
         try:
             os.makedirs(self.dir, exist_ok=True)
             runtime.start_session(bundle, probes, options, command=["pytest", item.nodeid])
@@ -225,9 +268,15 @@ class KvprofPlugin:
         state["done"] = True
         if not state["bundle"] or runtime.session_bundle() != state["bundle"]:
             return
-        manifest = runtime.stop_session({"started": True, "exit_code": 1 if state["failed"] else 0, "signal": None, "test": item.nodeid})
-        recorded = sum(v for p in manifest.get("processes", []) for k, v in p.get("records", {}).items()
-                       if k in ("blocks.bin", "heap_snaps.bin", "gc.bin"))
+        manifest = runtime.stop_session(
+            {"started": True, "exit_code": 1 if state["failed"] else 0, "signal": None, "test": item.nodeid}
+        )
+        recorded = sum(
+            v
+            for p in manifest.get("processes", [])
+            for k, v in p.get("records", {}).items()
+            if k in ("blocks.bin", "heap_snaps.bin", "gc.bin")
+        )
         if recorded or state["named"]:
             from kvprof.analysis import analyze_path
 
@@ -259,9 +308,17 @@ class KvprofPlugin:
                 continue
             for c in row.checks:
                 if not c.passed:
-                    state["breaches"].append({"metric": row.name, "value": row.new, "unit": row.unit, "kind": c.kind,
-                                              "limit": None if isinstance(c.limit, float) and math.isnan(c.limit) else c.limit,
-                                              "message": c.message, "entry": c.pattern})
+                    state["breaches"].append(
+                        {
+                            "metric": row.name,
+                            "value": row.new,
+                            "unit": row.unit,
+                            "kind": c.kind,
+                            "limit": None if isinstance(c.limit, float) and math.isnan(c.limit) else c.limit,
+                            "message": c.message,
+                            "entry": c.pattern,
+                        }
+                    )
 
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
@@ -275,18 +332,34 @@ class KvprofPlugin:
         problems = []
         for b in state["breaches"]:
             if b["kind"] in ("max", "min"):
-                where = f"@pytest.mark.{MARKER}" if b["entry"] in state.get("from_marker", ()) else (state["budgets"].source or "budgets")
+                where = (
+                    f"@pytest.mark.{MARKER}"
+                    if b["entry"] in state.get("from_marker", ())
+                    else (state["budgets"].source or "budgets")
+                )
                 side = "above" if b["kind"] == "max" else "below"
-                problems.append(f"  {b['metric']} = {_exact(b['value'], b['unit'])}, {side} its limit: {b['kind']} "
-                                f"{_exact(b['limit'], b['unit'])} ({where})")
+                problems.append(
+                    f"  {b['metric']} = {_exact(b['value'], b['unit'])}, {side} its limit: {b['kind']} "
+                    f"{_exact(b['limit'], b['unit'])} ({where})"
+                )
             else:
                 problems.append(f"  {b['metric']}: {b['message']}")
         for name in state["missing"]:
             need = next((p for prefix, p in PROBES_FOR.items() if name.startswith(prefix)), None)
-            hint = f" (is the {need} probe on?)" if need else " (no block pool was used in this test)" if name.startswith("blocks.") else ""
+            hint = (
+                f" (is the {need} probe on?)"
+                if need
+                else " (no block pool was used in this test)"
+                if name.startswith("blocks.")
+                else ""
+            )
             problems.append(f"  {name}: not measured in this test{hint}")
         if problems:
-            text = "kvprof budget exceeded:\n" + "\n".join(problems) + f"\n  bundle: {state.get('kept')}  (kvprof analyze {state.get('kept')})"
+            text = (
+                "kvprof budget exceeded:\n"
+                + "\n".join(problems)
+                + f"\n  bundle: {state.get('kept')}  (kvprof analyze {state.get('kept')})"
+            )
             if report.passed:
                 report.outcome = "failed"
                 report.longrepr = text
@@ -296,8 +369,17 @@ class KvprofPlugin:
             report.sections.append(("kvprof", f"bundle: {state['kept']}  (kvprof analyze {state['kept']})"))
         if state["bundle"]:
             figures = {m: (state["metrics"].get(m) or {}).get("value") for m, _, _ in SUMMARY_COLUMNS}
-            report.user_properties.append((PROPERTY, {"nodeid": item.nodeid, "bundle": state.get("kept"), "figures": figures,
-                                                      "over_budget": bool(problems)}))
+            report.user_properties.append(
+                (
+                    PROPERTY,
+                    {
+                        "nodeid": item.nodeid,
+                        "bundle": state.get("kept"),
+                        "figures": figures,
+                        "over_budget": bool(problems),
+                    },
+                )
+            )
         return report
 
     # -- the summary -------------------------------------------------------------------------
@@ -322,7 +404,10 @@ class KvprofPlugin:
 
         def key(r):
             f = r["figures"]
-            return tuple(-(f.get(m) or 0) for m in ("blocks.peak_blocks", "heap.peak_bytes", "blocks.leaked_blocks", "heap.live_bytes_at_exit"))
+            return tuple(
+                -(f.get(m) or 0)
+                for m in ("blocks.peak_blocks", "heap.peak_bytes", "blocks.leaked_blocks", "heap.live_bytes_at_exit")
+            )
 
         rows = sorted(measured, key=key)[: self.top]
         header = [h for _, h, _ in SUMMARY_COLUMNS]
@@ -334,7 +419,9 @@ class KvprofPlugin:
             tr.write_line("  ".join(f"{v:>{w}}" for v, w in zip(c, widths)) + f"  {r['nodeid']}{flag}")
         kept = [r for r in self.rows if r.get("bundle")]
         if kept:
-            tr.write_line(f"{len(kept)} bundle(s) kept (failing tests'{'' if not self.keep_all else ', and every other'}): kvprof analyze BUNDLE")
+            tr.write_line(
+                f"{len(kept)} bundle(s) kept (failing tests'{'' if not self.keep_all else ', and every other'}): kvprof analyze BUNDLE"
+            )
 
 
 def _exact(value, unit: str) -> str:

@@ -64,8 +64,9 @@ def default_output(argv: list[str], module: str | None) -> str:
     return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.kvprof"
 
 
-def _scan_processes(bundle: str, command: list[str] | None = None, outcome: dict | None = None,
-                    received: list[int] | None = None) -> list[dict]:
+def _scan_processes(
+    bundle: str, command: list[str] | None = None, outcome: dict | None = None, received: list[int] | None = None
+) -> list[dict]:
     """The manifest's list of recorded processes, from their process records.
 
     ``command`` (the argv the recorder started) restores the module name in the main
@@ -103,7 +104,9 @@ def _scan_processes(bundle: str, command: list[str] | None = None, outcome: dict
                 "probes": probes if isinstance(probes, dict) else {},
                 "errors": errors if isinstance(errors, list) else [],
                 "records": sizes,
-                **{k: info[k] for k in ("host", "clock", "ray") if isinstance(info.get(k), dict)},  # docs/distributed.md
+                **{
+                    k: info[k] for k in ("host", "clock", "ray") if isinstance(info.get(k), dict)
+                },  # docs/distributed.md
             }
         )
     starts = {p["pid"] for p in out}
@@ -130,9 +133,9 @@ def module_argv(argv, command: list[str]):
             skip = True
             continue
         if word == "-m" and i + 1 < len(command):
-            module, rest = command[i + 1], command[i + 2:]
+            module, rest = command[i + 1], command[i + 2 :]
         elif word.startswith("-m") and len(word) > 2:  # python -mjson.tool
-            module, rest = word[2:], command[i + 1:]
+            module, rest = word[2:], command[i + 1 :]
         elif word in ("-c", "--") or not word.startswith("-"):
             return argv  # a script or -c: not started as a module
         else:
@@ -201,7 +204,11 @@ def _wait_for_stragglers(bundle: str, timeout: float = STRAGGLER_WAIT_S) -> None
                 info = json.loads(fh.read(1 << 20))
         except (OSError, ValueError):
             continue
-        if isinstance(info, dict) and info.get("end_ns") is None and _still_running(info.get("pid"), info.get("start_time")):
+        if (
+            isinstance(info, dict)
+            and info.get("end_ns") is None
+            and _still_running(info.get("pid"), info.get("start_time"))
+        ):
             waiting.append((info.get("pid"), info.get("start_time")))
     while waiting and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -262,17 +269,30 @@ def _probe_cost(bundle: str, processes: list[dict], probes: list[str]) -> dict:
     out: dict = {}
     if "tracemalloc" in probes:
         secs = sum(float((p["probes"].get("tracemalloc") or {}).get("snapshot_seconds") or 0) for p in processes)
-        size = sum(p["records"].get(name, 0) * fmt.STREAM_DTYPES[name].itemsize
-                   for p in processes for name in ("heap_snaps.bin", "heap_sites.bin"))
-        out["tracemalloc"] = {"snapshot_seconds": round(secs, 6), "bytes_written": size,
-                              "note": "time taken by snapshots in the target; tracing every allocation costs more, see benchmarks/bench_heap.py"}
+        size = sum(
+            p["records"].get(name, 0) * fmt.STREAM_DTYPES[name].itemsize
+            for p in processes
+            for name in ("heap_snaps.bin", "heap_sites.bin")
+        )
+        out["tracemalloc"] = {
+            "snapshot_seconds": round(secs, 6),
+            "bytes_written": size,
+            "note": "time taken by snapshots in the target; tracing every allocation costs more, see benchmarks/bench_heap.py",
+        }
     if "memray" in probes:
         size = 0
         for p in processes:
             d = os.path.join(bundle, p["dir"])
-            size += sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith("memray.bin")) if os.path.isdir(d) else 0
-        out["memray"] = {"bytes_written": size, "seconds": None,
-                         "note": "memray's cost is spread over every allocation and cannot be told apart in the run; see benchmarks/bench_heap.py"}
+            size += (
+                sum(os.path.getsize(os.path.join(d, f)) for f in os.listdir(d) if f.startswith("memray.bin"))
+                if os.path.isdir(d)
+                else 0
+            )
+        out["memray"] = {
+            "bytes_written": size,
+            "seconds": None,
+            "note": "memray's cost is spread over every allocation and cannot be told apart in the run; see benchmarks/bench_heap.py",
+        }
     return out
 
 
@@ -340,7 +360,11 @@ def _pyspy_setup(bundle: str, argv: list[str], options: dict, manifest: dict) ->
     exe = find_pyspy()
     note = manifest.setdefault("probe_status", {})
     if exe is None:
-        why = f"py-spy not found at $KVPROF_PYSPY ({os.environ['KVPROF_PYSPY']})" if os.environ.get("KVPROF_PYSPY") else "py-spy not found (pip install 'kvprof[pyspy]')"
+        why = (
+            f"py-spy not found at $KVPROF_PYSPY ({os.environ['KVPROF_PYSPY']})"
+            if os.environ.get("KVPROF_PYSPY")
+            else "py-spy not found (pip install 'kvprof[pyspy]')"
+        )
         note["pyspy"] = {"status": "unavailable", "reason": why}
         sys.stderr.write(f"kvprof: py-spy probe off: {why}\n")
         return None
@@ -350,7 +374,18 @@ def _pyspy_setup(bundle: str, argv: list[str], options: dict, manifest: dict) ->
     profile = os.path.join(out_dir, "profile.speedscope.json")
     status = os.path.join(out_dir, "target-status.json")
     native = bool(options.get("native"))
-    cmd = [exe, "record", "--format", "speedscope", "--output", profile, "--rate", str(rate), "--subprocesses", "--full-filenames"]
+    cmd = [
+        exe,
+        "record",
+        "--format",
+        "speedscope",
+        "--output",
+        profile,
+        "--rate",
+        str(rate),
+        "--subprocesses",
+        "--full-filenames",
+    ]
     # native stacks need the target paused while it is read; Python stacks do not
     cmd.append("--native" if native else "--nonblocking")
     try:  # the target's stdout, passed around py-spy (which prints its own progress there)
@@ -359,9 +394,22 @@ def _pyspy_setup(bundle: str, argv: list[str], options: dict, manifest: dict) ->
     except (OSError, ValueError, AttributeError):
         out_fd = -1
     cmd += ["--", sys.executable, "-S", SHIM, status, str(out_fd), "--", *argv]
-    note["pyspy"] = {"status": "sampling", "py_spy": exe, "rate": rate, "native": bool(options.get("native")),
-                     "profile": os.path.relpath(profile, bundle), "idle": False, "nonblocking": not native}
-    return {"argv": cmd, "status": status, "profile": profile, "stdout_fd": out_fd, "log": os.path.join(out_dir, "py-spy.log")}
+    note["pyspy"] = {
+        "status": "sampling",
+        "py_spy": exe,
+        "rate": rate,
+        "native": bool(options.get("native")),
+        "profile": os.path.relpath(profile, bundle),
+        "idle": False,
+        "nonblocking": not native,
+    }
+    return {
+        "argv": cmd,
+        "status": status,
+        "profile": profile,
+        "stdout_fd": out_fd,
+        "log": os.path.join(out_dir, "py-spy.log"),
+    }
 
 
 def _read_pid(path: str) -> int | None:
@@ -401,7 +449,9 @@ def _pyspy_finish(pyspy: dict, rc: int, manifest: dict):
             note["reason"] = "py-spy and its launcher ended before the target's exit status was known"
             return (rc if rc >= 0 else SIGNAL_BASE - rc), None
         # the shim never ran: py-spy itself failed (permissions, unsupported platform)
-        note.update(status="failed", reason=f"py-spy exited with {rc} before starting the target; ran the target without it")
+        note.update(
+            status="failed", reason=f"py-spy exited with {rc} before starting the target; ran the target without it"
+        )
         return rc, {"retry": True}
     if not status.get("started"):
         note.update(status="target not started")
@@ -481,15 +531,19 @@ class BundleLock:
                 os.makedirs(os.path.dirname(self.path), exist_ok=True)  # -o new/dir/run.kvprof
                 fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
             except OSError as exc:
-                raise RecordError(f"cannot create bundle {self.bundle}: {exc.strerror} (its lock file {self.path})") from None
+                raise RecordError(
+                    f"cannot create bundle {self.bundle}: {exc.strerror} (its lock file {self.path})"
+                ) from None
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as exc:
                 holder = _holder(fd)
                 os.close(fd)
                 if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                    raise RecordError(f"another kvprof record ({holder}) is recording {self.bundle}; "
-                                      f"not touching it (its lock: {self.path})") from None
+                    raise RecordError(
+                        f"another kvprof record ({holder}) is recording {self.bundle}; "
+                        f"not touching it (its lock: {self.path})"
+                    ) from None
                 raise RecordError(f"cannot lock {self.bundle}: {exc.strerror} ({self.path})") from None
             if _same_file(fd, self.path):
                 self.fd = fd
@@ -625,7 +679,8 @@ def _write_final_manifest(mpath: str, manifest: dict, reserve: str | None) -> st
     compact = {k: v for k, v in manifest.items() if k not in ("processes", "probe_cost")}
     compact["status"] = "incomplete"
     compact.setdefault("incomplete", {}).setdefault("reasons", []).append(
-        f"the full manifest could not be written ({first.strerror or first}): the per-process list is left out")
+        f"the full manifest could not be written ({first.strerror or first}): the per-process list is left out"
+    )
     try:
         write_json_atomic(mpath, compact)
         manifest.update(status="incomplete", incomplete=compact["incomplete"])
@@ -674,7 +729,12 @@ def new_manifest(argv: list[str], probes: list[str]) -> dict:
         "command": argv,
         "cwd": os.getcwd(),
         "python": {"executable": sys.executable, "version": platform.python_version()},
-        "host": {"hostname": socket.gethostname(), "platform": platform.platform(), "cpus": os.cpu_count(), "boot_id": hostinfo.boot_id()},
+        "host": {
+            "hostname": socket.gethostname(),
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "boot_id": hostinfo.boot_id(),
+        },
         "clock": {"wall_minus_mono_ns": {"start": hostinfo.wall_minus_mono_ns(), "end": None}},
         "start_time": time.time(),
         "start_ns": time.monotonic_ns(),
@@ -706,8 +766,15 @@ def finish_session_bundle(bundle: str, manifest: dict, probes: list[str], outcom
     return manifest
 
 
-def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
-                   pyspy_options: dict | None, probe_options: dict | None, ray_output: str | None = None) -> RecordResult:
+def _record_locked(
+    bundle: str,
+    argv: list[str],
+    probes: list[str],
+    force: bool,
+    pyspy_options: dict | None,
+    probe_options: dict | None,
+    ray_output: str | None = None,
+) -> RecordResult:
     if os.path.lexists(bundle):
         if not force:
             raise UsageError(f"output exists: {bundle} (use --force to replace it)")
@@ -741,7 +808,9 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         env[runtime.ENV_OPTIONS] = json.dumps(probe_options)
         manifest["probe_options"] = probe_options
     env["PYTHONPATH"] = HOOK_DIR + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    manifest["ray"] = ray_probe.recorder_env(env, ray_output)  # Ray workers: through the job's runtime_env (docs/distributed.md)
+    manifest["ray"] = ray_probe.recorder_env(
+        env, ray_output
+    )  # Ray workers: through the job's runtime_env (docs/distributed.md)
 
     launch, pyspy = argv, None
     if "pyspy" in probes:
@@ -769,7 +838,9 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
         try:
             if pyspy is not None:
                 with open(pyspy["log"], "wb") as log:
-                    rc = _run(launch, env, fwd, stdout=log, pass_fds=(pyspy["stdout_fd"],) if pyspy["stdout_fd"] >= 0 else ())
+                    rc = _run(
+                        launch, env, fwd, stdout=log, pass_fds=(pyspy["stdout_fd"],) if pyspy["stdout_fd"] >= 0 else ()
+                    )
                 if pyspy["stdout_fd"] >= 0:
                     os.close(pyspy["stdout_fd"])
             else:
@@ -791,7 +862,12 @@ def _record_locked(bundle: str, argv: list[str], probes: list[str], force: bool,
                 exit_code = EXIT_NOT_FOUND if failure.get("errno") == errno.ENOENT else EXIT_CANNOT_EXECUTE
             elif rc < 0:
                 exit_code = SIGNAL_BASE - rc
-                outcome = {"started": True, "exit_code": exit_code, "signal": -rc, "signal_name": signal.Signals(-rc).name}
+                outcome = {
+                    "started": True,
+                    "exit_code": exit_code,
+                    "signal": -rc,
+                    "signal_name": signal.Signals(-rc).name,
+                }
             else:
                 exit_code = rc
                 outcome = {"started": True, "exit_code": rc, "signal": None}
@@ -813,8 +889,16 @@ def _update_manifest(mpath: str, manifest: dict) -> None:
         pass
 
 
-def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list[str], nvml, reserve,
-            received: list[int] | None = None) -> None:
+def _finish(
+    bundle: str,
+    mpath: str,
+    manifest: dict,
+    outcome: dict,
+    probes: list[str],
+    nvml,
+    reserve,
+    received: list[int] | None = None,
+) -> None:
     """The final manifest: status complete, or incomplete with the reasons (a process's
     writer failed, the disk filled).  Never raises: a manifest that cannot be written at all
     is one warning line, the previous manifest (status "recording") stays."""
@@ -844,8 +928,10 @@ def _finish(bundle: str, mpath: str, manifest: dict, outcome: dict, probes: list
         why = f"{exc!r}, a bug in kvprof {__version__}: please report it with the traceback above"
     if why is not None:
         _release_space(reserve)
-        sys.stderr.write(f"kvprof: warning: could not write the final manifest of {bundle} ({why}); it still says "
-                         "\"recording\", and the streams are readable as far as they were written\n")
+        sys.stderr.write(
+            f"kvprof: warning: could not write the final manifest of {bundle} ({why}); it still says "
+            '"recording", and the streams are readable as far as they were written\n'
+        )
     elif manifest.get("status") == "incomplete":
         reasons = manifest["incomplete"]["reasons"]
         more = f" (and {len(reasons) - 1} more, listed in its manifest)" if len(reasons) > 1 else ""

@@ -36,6 +36,7 @@ _started_pid = None
 
 now = time.monotonic_ns
 
+
 def is_recording() -> bool:
     return writer is not None
 
@@ -197,7 +198,10 @@ class _SigintDeferred:
     def __enter__(self):
         self.old = None
         try:
-            if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            if (
+                threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            ):
                 self.old = signal.signal(signal.SIGINT, lambda signum, frame: None)
         except (ValueError, OSError):
             self.old = None
@@ -346,14 +350,20 @@ def probe_note(name: str, **fields) -> None:
 # every command reads.  One session at a time, in a process that kvprof record is not
 # recording already; Python processes the process starts meanwhile (a spawned engine
 # core) are recorded into the same bundle, as under kvprof record.
-SESSION_PROBES = ("blocks", "markers", "gc", "tracemalloc")  # memray starts as __main__ begins, torch with CUDA: not inside a running process
+SESSION_PROBES = (
+    "blocks",
+    "markers",
+    "gc",
+    "tracemalloc",
+)  # memray starts as __main__ begins, torch with CUDA: not inside a running process
 _SESSION_ENV = (ENV_BUNDLE, ENV_PROBES, ENV_OPTIONS, ENV_RECORDER_PID, "KVPROF_PATH", "PYTHONPATH")
 _session: dict | None = None
 _at_fork_seen: set = set()
 
 
-def start_session(bundle: str, probes: list[str] | None = None, probe_options: dict | None = None,
-                  command: list[str] | None = None) -> None:
+def start_session(
+    bundle: str, probes: list[str] | None = None, probe_options: dict | None = None, command: list[str] | None = None
+) -> None:
     """Start recording this process into a new bundle at ``bundle`` (an old bundle there is
     replaced).  ``probes``: of SESSION_PROBES (default blocks; markers always);
     ``probe_options`` as `kvprof record` passes them (``{"tracemalloc": {"interval": 0}}``);
@@ -364,12 +374,17 @@ def start_session(bundle: str, probes: list[str] | None = None, probe_options: d
     declared in its bundle only if the session used them (see stop_session)."""
     global _session
     if _session is not None or writer is not None:
-        raise RuntimeError("this process is already being recorded" + (f" (into {_session['bundle']})" if _session else " (by kvprof record)"))
+        raise RuntimeError(
+            "this process is already being recorded"
+            + (f" (into {_session['bundle']})" if _session else " (by kvprof record)")
+        )
     probes = list(dict.fromkeys([*(probes or ["blocks"]), "markers"]))
     refused = [p for p in probes if p not in SESSION_PROBES]
     if refused:
-        raise ValueError(f"probe {refused[0]!r} cannot record inside a running process (these can: {', '.join(SESSION_PROBES)}); "
-                         "record the whole run with `kvprof record -- ...` instead")
+        raise ValueError(
+            f"probe {refused[0]!r} cannot record inside a running process (these can: {', '.join(SESSION_PROBES)}); "
+            "record the whole run with `kvprof record -- ...` instead"
+        )
     import tracemalloc
 
     from kvprof import record as rec
@@ -382,15 +397,28 @@ def start_session(bundle: str, probes: list[str] | None = None, probe_options: d
     saved_env = {k: os.environ.get(k) for k in _SESSION_ENV}
     import json
 
-    os.environ.update({ENV_BUNDLE: bundle, ENV_PROBES: ",".join(probes), ENV_OPTIONS: json.dumps(probe_options or {}),
-                       "KVPROF_PATH": rec.PACKAGE_PARENT})
+    os.environ.update(
+        {
+            ENV_BUNDLE: bundle,
+            ENV_PROBES: ",".join(probes),
+            ENV_OPTIONS: json.dumps(probe_options or {}),
+            "KVPROF_PATH": rec.PACKAGE_PARENT,
+        }
+    )
     os.environ.pop(ENV_RECORDER_PID, None)  # the processes it starts are children; this one is the main one
     os.environ["PYTHONPATH"] = rec.HOOK_DIR + (os.pathsep + saved_env["PYTHONPATH"] if saved_env["PYTHONPATH"] else "")
     options.clear()
     options.update(probe_options or {})
     earlier_pools = list(_pools)
-    session = {"bundle": bundle, "manifest": manifest, "probes": probes, "env": saved_env,
-               "traced": tracemalloc.is_tracing(), "pools": len(earlier_pools), "pid": os.getpid()}
+    session = {
+        "bundle": bundle,
+        "manifest": manifest,
+        "probes": probes,
+        "env": saved_env,
+        "traced": tracemalloc.is_tracing(),
+        "pools": len(earlier_pools),
+        "pid": os.getpid(),
+    }
     _pools.clear()  # the writer declares the process's pools as it starts: none of the earlier ones
     real_register = getattr(os, "register_at_fork", None)
     try:
@@ -464,7 +492,9 @@ def stop_session(outcome: dict | None = None) -> dict:
         _declare_used_pools(w.dir, s["pools"])
     from kvprof import record as rec
 
-    return rec.finish_session_bundle(s["bundle"], s["manifest"], s["probes"], outcome or {"started": True, "exit_code": 0, "signal": None})
+    return rec.finish_session_bundle(
+        s["bundle"], s["manifest"], s["probes"], outcome or {"started": True, "exit_code": 0, "signal": None}
+    )
 
 
 def _declare_used_pools(directory: str, earlier: int) -> None:

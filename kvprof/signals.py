@@ -74,8 +74,16 @@ def arm_rescue(handler) -> None:
             except OSError:
                 pass
     st = os.fstat(r)
-    _rescue.update(r=r, w=w, seen=0, handled=False, armed=True, handler=handler, main=threading.main_thread().ident,
-                   ident=(st.st_dev, st.st_ino))
+    _rescue.update(
+        r=r,
+        w=w,
+        seen=0,
+        handled=False,
+        armed=True,
+        handler=handler,
+        main=threading.main_thread().ident,
+        ident=(st.st_dev, st.st_ino),
+    )
 
 
 def rearm_rescue_after_fork() -> None:
@@ -114,8 +122,11 @@ def rescue_missed_sigterm() -> None:
         data = b""
     if signal.SIGTERM in data and not _rescue["handled"]:
         _rescue["seen"] = _rescue["seen"] or time.monotonic()
-    if _rescue["seen"] and not _rescue["handled"] and (signal.getsignal(signal.SIGTERM) is not _rescue["handler"]
-                                                      or signal.getsignal(signal.SIGURG) is not _poke):
+    if (
+        _rescue["seen"]
+        and not _rescue["handled"]
+        and (signal.getsignal(signal.SIGTERM) is not _rescue["handler"] or signal.getsignal(signal.SIGURG) is not _poke)
+    ):
         _rescue["seen"] = 0  # the program installed its own handler (SIGTERM or SIGURG) since: its business
     if _rescue["seen"] and not _rescue["handled"] and time.monotonic() - _rescue["seen"] > 0.2:
         _rescue["seen"] = time.monotonic()  # again later if it did not take

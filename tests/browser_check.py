@@ -10,8 +10,16 @@ import os
 import shutil
 import sys
 
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 # every chart container must hold a canvas with painted pixels (Bokeh draws into shadow roots)
 CHECK_JS = """
@@ -47,7 +55,12 @@ CHECK_JS = """
 
 
 def find_chromium():
-    for c in (os.environ.get("KVPROF_CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium"), shutil.which("chromium-browser")):
+    for c in (
+        os.environ.get("KVPROF_CHROMIUM"),
+        "/usr/bin/chromium",
+        shutil.which("chromium"),
+        shutil.which("chromium-browser"),
+    ):
         if c and os.path.exists(c):
             return c
     return None
@@ -63,7 +76,9 @@ def check(report: str, screenshot: str) -> dict:
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: errors.append(str(e)))
         page.on("dialog", lambda d: (dialogs.append(d.message), d.dismiss()))
-        page.on("request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:", "blob:")) else None)
+        page.on(
+            "request", lambda r: requests.append(r.url) if not r.url.startswith(("file:", "data:", "blob:")) else None
+        )
         page.goto("file://" + os.path.abspath(report))
         page.wait_for_load_state("load")
         page.wait_for_timeout(1500)  # Bokeh paints after load

@@ -16,7 +16,12 @@ def run_kvprof(*args, cwd=None, env=None, timeout=120, input=None):
         full_env.update(env)
     return subprocess.run(
         [sys.executable, "-m", "kvprof.commands", *args],
-        cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout, input=input,
+        cwd=cwd,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
     )
 
 

@@ -36,7 +36,8 @@ def _modules() -> dict[str, Path]:
 
 def _is_type_checking(test: ast.expr) -> bool:
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
 def _import_time_nodes(body):
@@ -135,8 +136,10 @@ def test_the_graph_sees_the_imports_it_should():
 
 def test_no_import_cycle_at_module_level():
     cycles = _cycles(_graph())
-    assert not cycles, "modules that import each other at import time (move the shared part into a module of its own): " + "; ".join(
-        " <-> ".join(c) for c in cycles)
+    assert not cycles, (
+        "modules that import each other at import time (move the shared part into a module of its own): "
+        + "; ".join(" <-> ".join(c) for c in cycles)
+    )
 
 
 def test_the_trace_layer_imports_neither_the_runtime_nor_the_probes():
@@ -145,8 +148,11 @@ def test_the_trace_layer_imports_neither_the_runtime_nor_the_probes():
     modules = _modules()
     for name, path in modules.items():
         if name == "kvprof.trace" or name.startswith("kvprof.trace."):
-            up = {m for m in _imports(name, path, modules, everywhere=True)
-                  if m == "kvprof.runtime" or m == "kvprof.probes" or m.startswith("kvprof.probes.")}
+            up = {
+                m
+                for m in _imports(name, path, modules, everywhere=True)
+                if m == "kvprof.runtime" or m == "kvprof.probes" or m.startswith("kvprof.probes.")
+            }
             assert not up, f"{name} imports {sorted(up)}"
     graph = _graph()
     graph["kvprof.runtime"].add("kvprof.trace.writer")  # so the runtime may import its writer at the top
@@ -172,9 +178,14 @@ def test_only_the_runtime_touches_its_hook_lists():
             if not any(name in text for name in private):
                 continue
             for node in ast.walk(ast.parse(text, str(path))):
-                if ((isinstance(node, ast.Attribute) and node.attr in private)
-                        or (isinstance(node, ast.ImportFrom) and any(a.name in private for a in node.names))
-                        or (isinstance(node, ast.Constant) and isinstance(node.value, str)
-                            and any(f".{name}" in node.value for name in private))):  # code in a script a test writes
+                if (
+                    (isinstance(node, ast.Attribute) and node.attr in private)
+                    or (isinstance(node, ast.ImportFrom) and any(a.name in private for a in node.names))
+                    or (
+                        isinstance(node, ast.Constant)
+                        and isinstance(node.value, str)
+                        and any(f".{name}" in node.value for name in private)
+                    )
+                ):  # code in a script a test writes
                     users.append(f"{path.relative_to(ROOT)}:{node.lineno}")
     assert not users, users

@@ -21,8 +21,9 @@ def demo(tmp_path_factory):
 # What a help line must not pull in: the analysis and recording stacks, each a second or more
 # of start-up on a cold cache (kvprof.commands' docstring: help builds typer's app, nothing else).
 HEAVY = ("torch", "numpy", "memray", "pyarrow", "numba", "bokeh", "kvprof.analysis", "kvprof.report.html")
-HELP_LINES = [["--version"], ["--help"]] + [[name, "--help"] for name in
-                                            ("record", "analyze", "compare", "whatif", "report", "export", "combine", "demo")]
+HELP_LINES = [["--version"], ["--help"]] + [
+    [name, "--help"] for name in ("record", "analyze", "compare", "whatif", "report", "export", "combine", "demo")
+]
 # Runs each line through the CLI's main() in one interpreter, in order, and prints (as JSON, on
 # the real stdout) each line's exit status, what it wrote, and the heavy modules loaded so far.
 _IMPORTS_AFTER = """
@@ -44,8 +45,12 @@ print(json.dumps(seen))
 def test_help_and_version_import_nothing_heavy():
     """Not a stopwatch (a loaded machine makes any threshold flaky): what --version and every
     --help load, which is what makes them slow or fast."""
-    r = subprocess.run([sys.executable, "-c", _IMPORTS_AFTER, json.dumps(HELP_LINES), json.dumps(HEAVY)],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-c", _IMPORTS_AFTER, json.dumps(HELP_LINES), json.dumps(HEAVY)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     seen = json.loads(r.stdout)
     assert [s["argv"] for s in seen] == HELP_LINES
@@ -65,7 +70,14 @@ def test_analyze_terminal_report_fits_80_columns(demo):
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80
-    for needle in ("usage.high_watermark", "internal_fragmentation.time_weighted", "Block map at the high watermark", "Block-size rounding", "Findings", "preemptions"):
+    for needle in (
+        "usage.high_watermark",
+        "internal_fragmentation.time_weighted",
+        "Block map at the high watermark",
+        "Block-size rounding",
+        "Findings",
+        "preemptions",
+    ):
         assert needle in r.stdout
 
 
@@ -77,10 +89,19 @@ def test_analyze_json_schema(demo, tmp_path):
     d = json.loads(out.read_text())
     assert d["schema"] == "kvprof.analysis/1"
     required = [
-        "blocks.usage.high_watermark", "blocks.internal_fragmentation.time_weighted", "blocks.internal_fragmentation.at_peak",
-        "blocks.external_fragmentation.at_peak", "blocks.prefix_cache.query_tokens", "blocks.prefix_cache.hit_tokens",
-        "blocks.prefix_cache.hit_rate", "blocks.evictions", "blocks.evicted_before_reuse_ratio", "blocks.preemptions",
-        "blocks.allocation_failures", "blocks.leaked_blocks", "blocks.events",
+        "blocks.usage.high_watermark",
+        "blocks.internal_fragmentation.time_weighted",
+        "blocks.internal_fragmentation.at_peak",
+        "blocks.external_fragmentation.at_peak",
+        "blocks.prefix_cache.query_tokens",
+        "blocks.prefix_cache.hit_tokens",
+        "blocks.prefix_cache.hit_rate",
+        "blocks.evictions",
+        "blocks.evicted_before_reuse_ratio",
+        "blocks.preemptions",
+        "blocks.allocation_failures",
+        "blocks.leaked_blocks",
+        "blocks.events",
     ]
     for name in required:
         entry = d["metrics"][name]
@@ -101,7 +122,11 @@ def test_window_between_markers(demo, tmp_path):
     assert r.returncode == 0, r.stderr
     win = json.loads(r.stdout)
     assert win["source"]["window"] == "between markers steady_state and drained"
-    assert 0 < win["metrics"]["blocks.prefix_cache.query_tokens"]["value"] < whole["metrics"]["blocks.prefix_cache.query_tokens"]["value"]
+    assert (
+        0
+        < win["metrics"]["blocks.prefix_cache.query_tokens"]["value"]
+        < whole["metrics"]["blocks.prefix_cache.query_tokens"]["value"]
+    )
     r = run_kvprof("analyze", str(demo), "--window", "nope")
     assert r.returncode == 2 and "no marker named 'nope'" in r.stderr
 

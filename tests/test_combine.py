@@ -56,7 +56,9 @@ def _record(tmp_path, name, *args):
 def _offsets(bundle_dir) -> list[int]:
     """Every clock offset a part recorded (manifest and processes), as the reader pools them."""
     out = []
-    for info in [json.load(open(bundle_dir / "manifest.json"))] + [json.load(open(d / "process.json")) for d in (bundle_dir / "procs").iterdir()]:
+    for info in [json.load(open(bundle_dir / "manifest.json"))] + [
+        json.load(open(d / "process.json")) for d in (bundle_dir / "procs").iterdir()
+    ]:
         w = info["clock"]["wall_minus_mono_ns"]
         out += [v for v in (w["start"], w["end"]) if v is not None]
     return sorted(out)
@@ -99,7 +101,11 @@ def test_combined_parts_are_one_timeline_in_order(parts, tmp_path):
     assert "combined 2 parts" in r.stderr and "2 hosts" in r.stderr and "host-b" in r.stderr
     b = Bundle(str(out))
     names = sorted(os.listdir(out / "procs"))
-    assert len(names) == 2 and any(n.startswith("host-b-") for n in names) and any(n.startswith(os.uname().nodename.split(".")[0][:3]) for n in names)
+    assert (
+        len(names) == 2
+        and any(n.startswith("host-b-") for n in names)
+        and any(n.startswith(os.uname().nodename.split(".")[0][:3]) for n in names)
+    )
     assert b.manifest["status"] == "complete" and len(b.manifest["combined"]["parts"]) == 2
     assert b.manifest["command"][-3:] == ["a", "20", "0.05"], "the first recorded part is the reference"
     proc_b = next(p for p in b.processes if p.info["host"]["hostname"] == "host-b")
@@ -221,7 +227,10 @@ def test_the_readmes_fleet_query_over_many_combined_runs(parts, tmp_path):
         js = tmp_path / f"{run}.json"
         assert run_kvprof("analyze", str(combined), "--json", str(js)).returncode == 0
         for e in json.load(open(js))["sections"]["fleet"]["engines"]:
-            expected[(run, e["label"])] = (None if e["hit_rate"] is None else pytest.approx(e["hit_rate"]), e["preemptions"])
+            expected[(run, e["label"])] = (
+                None if e["hit_rate"] is None else pytest.approx(e["hit_rate"]),
+                e["preemptions"],
+            )
     con = duckdb.connect()
     cwd = os.getcwd()
     os.chdir(tmp_path)  # the query reads runs/*/...
@@ -236,7 +245,9 @@ def test_the_readmes_fleet_query_over_many_combined_runs(parts, tmp_path):
     assert any("host-b" in engine for _, engine in expected)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("pyspark") is None or not shutil.which("java"), reason="needs pyspark and Java")
+@pytest.mark.skipif(
+    importlib.util.find_spec("pyspark") is None or not shutil.which("java"), reason="needs pyspark and Java"
+)
 def test_the_readmes_fleet_query_on_spark(parts, tmp_path):
     """The same README query, unchanged, through the README's PySpark lines (skipped without
     pyspark and Java; run by hand: PYTHONPATH=<a venv with pyspark>/lib/python3.X/site-packages)."""
@@ -251,7 +262,10 @@ def test_the_readmes_fleet_query_on_spark(parts, tmp_path):
     for run in ("monday", "tuesday"):
         combined = tmp_path / f"{run}.kvprof"
         assert run_kvprof("combine", "-q", str(combined), str(parts["a"]), str(parts["b"])).returncode == 0
-        assert run_kvprof("export", str(combined), "--format", "parquet", "-o", str(tmp_path / "runs" / run)).returncode == 0
+        assert (
+            run_kvprof("export", str(combined), "--format", "parquet", "-o", str(tmp_path / "runs" / run)).returncode
+            == 0
+        )
     statements = [s.strip() for s in sql.split(";") if s.strip()]
     query = statements[-1]
     cwd = os.getcwd()
@@ -270,4 +284,8 @@ def test_the_readmes_fleet_query_on_spark(parts, tmp_path):
         os.chdir(cwd)
     assert len(got) == len(want) >= 4 and any("host-b" in r[1] for r in got)
     for g, w in zip(got, want):
-        assert g[:2] == w[:2] and g[3] == w[3] and (g[2] == w[2] or (None not in (g[2], w[2]) and abs(g[2] - w[2]) < 1e-12))
+        assert (
+            g[:2] == w[:2]
+            and g[3] == w[3]
+            and (g[2] == w[2] or (None not in (g[2], w[2]) and abs(g[2] - w[2]) < 1e-12))
+        )

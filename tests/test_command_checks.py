@@ -45,7 +45,9 @@ def test_compare_files_are_written_whole(tmp_path, monkeypatch):
     md, xml = tmp_path / "c.md", tmp_path / "c.xml"
     md.write_text("old " * 10000)
     render.write_all(_comparison(), str(md), str(xml))
-    assert md.read_text(encoding="utf-8").startswith(render.markdown(_comparison())[:20]) and "old old" not in md.read_text(encoding="utf-8")
+    assert md.read_text(encoding="utf-8").startswith(
+        render.markdown(_comparison())[:20]
+    ) and "old old" not in md.read_text(encoding="utf-8")
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     with pytest.raises(UsageError, match="cannot write "):
         render.write_all(_comparison(), str(tmp_path / "no" / "such" / "c.md"))
@@ -62,13 +64,16 @@ def test_require_bundle_reads_nothing(tmp_path):
         require(str(fifo), "not a bundle")
 
 
-@pytest.mark.parametrize("args", [
-    ("report", "{demo}", "-o", "{tmp}/no/r.html"),
-    ("analyze", "{demo}", "--json", "{tmp}/no/a.json"),
-    ("analyze", "{demo}", "--html", "{tmp}"),
-    ("compare", "{demo}", "{demo}", "--junit", "{tmp}/no/j.xml"),
-    ("whatif", "{demo}", "--json", "{tmp}/no/w.json"),
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("report", "{demo}", "-o", "{tmp}/no/r.html"),
+        ("analyze", "{demo}", "--json", "{tmp}/no/a.json"),
+        ("analyze", "{demo}", "--html", "{tmp}"),
+        ("compare", "{demo}", "{demo}", "--junit", "{tmp}/no/j.xml"),
+        ("whatif", "{demo}", "--json", "{tmp}/no/w.json"),
+    ],
+)
 def test_an_output_that_cannot_be_written_is_refused_before_the_work(args, tmp_path):
     """Refused in one line before the input is read (a report of an hour's recording would
     be built, then thrown away): the input here is an empty directory, which reading would
@@ -77,4 +82,6 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(args, tmp_p
 
     (tmp_path / "empty").mkdir()
     r = run_kvprof(*(a.format(demo=tmp_path / "empty", tmp=tmp_path) for a in args))
-    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: cannot write ") and r.stderr.count("\n") == 1, r.stderr
+    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: cannot write ") and r.stderr.count("\n") == 1, (
+        r.stderr
+    )

@@ -18,7 +18,10 @@ def runs(tmp_path_factory):
     """Analysis JSONs of demo runs: two identical, and planted regressions."""
     d = tmp_path_factory.mktemp("runs")
     variants = {
-        "base": [], "again": [], "leak": ["--leak-every", "8"], "bigblocks": ["--block-size", "32"],
+        "base": [],
+        "again": [],
+        "leak": ["--leak-every", "8"],
+        "bigblocks": ["--block-size", "32"],
         "smallpool": ["--num-blocks", "160"],
     }
     out = {}
@@ -45,11 +48,14 @@ def test_identical_runs_pass_with_zero_tolerance(runs, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant, metric", [
-    ("leak", "blocks.leaked_blocks"),
-    ("bigblocks", "blocks.internal_fragmentation.time_weighted"),
-    ("smallpool", "blocks.preemptions"),
-])
+@pytest.mark.parametrize(
+    "variant, metric",
+    [
+        ("leak", "blocks.leaked_blocks"),
+        ("bigblocks", "blocks.internal_fragmentation.time_weighted"),
+        ("smallpool", "blocks.preemptions"),
+    ],
+)
 def test_planted_regressions_fail_and_name_the_metric(runs, tmp_path, variant, metric):
     r = run_kvprof("compare", runs["base"][1], runs[variant][1], "--width", "100", cwd=str(tmp_path))
     assert r.returncode == 1, r.stdout + r.stderr
@@ -67,17 +73,28 @@ def test_bundle_and_json_sides_mix(runs, tmp_path):
 def test_budgets_absolute_and_relative_with_globs(runs, tmp_path):
     budget = tmp_path / "budget.toml"
     budget.write_text(
-        '[budgets]\n'
+        "[budgets]\n"
         '"blocks.usage.high_watermark" = { max = 0.5 }\n'  # breached by every run of this demo
         '"blocks.internal_fragmentation.*" = { max_increase = "1000%" }\n'
         '"blocks.leaked_blocks" = { max = 100 }\n'
         'tolerance = "0%"\n'
     )
-    r = run_kvprof("compare", runs["base"][1], runs["again"][1], "--budget", str(budget), "--junit", str(tmp_path / "j.xml"), cwd=str(tmp_path))
+    r = run_kvprof(
+        "compare",
+        runs["base"][1],
+        runs["again"][1],
+        "--budget",
+        str(budget),
+        "--junit",
+        str(tmp_path / "j.xml"),
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 1
     assert "✗ blocks.usage.high_watermark:" in r.stdout and "> max 50.0%" in r.stdout
     # the glob's generous relative limit replaces the zero default tolerance for those metrics
-    r = run_kvprof("compare", runs["base"][1], runs["bigblocks"][1], "--budget", str(budget), "--json", "-", cwd=str(tmp_path))
+    r = run_kvprof(
+        "compare", runs["base"][1], runs["bigblocks"][1], "--budget", str(budget), "--json", "-", cwd=str(tmp_path)
+    )
     rows = {row["name"]: row for row in json.loads(r.stdout)["rows"]}
     frag = rows["blocks.internal_fragmentation.time_weighted"]
     assert frag["verdict"] != FAIL and [c["kind"] for c in frag["checks"]] == ["max_increase"]
@@ -103,13 +120,24 @@ def test_markdown_junit_and_step_summary(runs, tmp_path):
 
     summary = tmp_path / "summary.md"
     summary.write_text("earlier step\n")
-    r = run_kvprof("compare", runs["base"][1], runs["leak"][1], "--markdown", str(tmp_path / "c.md"), "--junit", str(tmp_path / "c.xml"),
-                   env={"GITHUB_STEP_SUMMARY": str(summary)}, cwd=str(tmp_path))
+    r = run_kvprof(
+        "compare",
+        runs["base"][1],
+        runs["leak"][1],
+        "--markdown",
+        str(tmp_path / "c.md"),
+        "--junit",
+        str(tmp_path / "c.xml"),
+        env={"GITHUB_STEP_SUMMARY": str(summary)},
+        cwd=str(tmp_path),
+    )
     assert r.returncode == 1
     md = (tmp_path / "c.md").read_text()
     lines = md.splitlines()
     header = next(i for i, ln in enumerate(lines) if ln.startswith("| metric"))
-    assert lines[header + 1].startswith("|---") and all(ln.count("|") - ln.count("\\|") == 7 for ln in lines[header:] if ln)
+    assert lines[header + 1].startswith("|---") and all(
+        ln.count("|") - ln.count("\\|") == 7 for ln in lines[header:] if ln
+    )
     assert "**fail**" in md and "`blocks.leaked_blocks`" in md
     assert summary.read_text() == "earlier step\n" + md  # appended, as GitHub expects
     xml = (tmp_path / "c.xml").read_text()
@@ -138,19 +166,34 @@ def test_bad_inputs_exit_2_with_one_line(runs, tmp_path):
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (name, r.stderr)
         assert str(p) in r.stderr
     bad_budget = tmp_path / "b.toml"
-    for text in ['[budgets]\n"x" = { maximum = 1 }\n', '[budgets]\n"x" = { max_increase = "lots" }\n', "not = toml = at all", "[other]\n"]:
+    for text in [
+        '[budgets]\n"x" = { maximum = 1 }\n',
+        '[budgets]\n"x" = { max_increase = "lots" }\n',
+        "not = toml = at all",
+        "[other]\n",
+    ]:
         bad_budget.write_text(text)
         r = run_kvprof("compare", runs["base"][1], runs["again"][1], "--budget", str(bad_budget))
         assert r.returncode == 2 and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, (text, r.stderr)
-    for args in (["compare", runs["base"][1]], ["compare", "a", "b", "c"], ["compare", "--base", runs["base"][1]],
-                 ["compare", str(tmp_path / "missing.kvprof"), runs["base"][1]]):
+    for args in (
+        ["compare", runs["base"][1]],
+        ["compare", "a", "b", "c"],
+        ["compare", "--base", runs["base"][1]],
+        ["compare", str(tmp_path / "missing.kvprof"), runs["base"][1]],
+    ):
         r = run_kvprof(*args)
         assert r.returncode == 2 and "Traceback" not in r.stderr, (args, r.stderr)
 
 
 # -- the judging rules, on hand-made runs ------------------------------------------------------
 def _run(label, **values):
-    return Run(label, {k.replace("_", "."): {"value": v, "unit": "count", "better": "lower", "noisy": False} for k, v in values.items()})
+    return Run(
+        label,
+        {
+            k.replace("_", "."): {"value": v, "unit": "count", "better": "lower", "noisy": False}
+            for k, v in values.items()
+        },
+    )
 
 
 def test_repeated_runs_are_judged_beyond_the_base_spread():
@@ -176,7 +219,10 @@ def test_one_sided_metrics_are_listed_and_zero_base_is_infinite_change():
 
 
 def test_most_specific_budget_entry_wins():
-    b = parse({"blocks.*": {"max": 1, "max_increase": "5%"}, "blocks.usage.*": {"max": 2}, "blocks.usage.peak": {"max": 3}}, "t")
+    b = parse(
+        {"blocks.*": {"max": 1, "max_increase": "5%"}, "blocks.usage.*": {"max": 2}, "blocks.usage.peak": {"max": 3}},
+        "t",
+    )
     lim = b.limits_for("blocks.usage.peak")
     assert (lim.max, lim.max_increase, lim.patterns["max"]) == (3, 0.05, "blocks.usage.peak")
     assert b.limits_for("blocks.usage.other").max == 2 and b.limits_for("blocks.x").max == 1
@@ -191,7 +237,9 @@ def _analysis(path, metrics):
 
 def _one_line_2(r, *needles):
     assert r.returncode == 2, (r.returncode, r.stdout, r.stderr)
-    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvprof: error: ") and "Traceback" not in r.stderr, r.stderr
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("kvprof: error: ") and "Traceback" not in r.stderr, (
+        r.stderr
+    )
     for n in needles:
         assert n in r.stderr, (n, r.stderr)
 
@@ -199,12 +247,17 @@ def _one_line_2(r, *needles):
 def test_a_nan_value_never_passes_a_budget(tmp_path):
     """`{"value": NaN}` parses (Python's json takes it): it is named and refused, not read as
     "no data", which passed `max = 0`."""
-    good = _analysis(tmp_path / "good.json", {"blocks.leaked_blocks": {"value": 0, "unit": "blocks", "better": "lower"}})
+    good = _analysis(
+        tmp_path / "good.json", {"blocks.leaked_blocks": {"value": 0, "unit": "blocks", "better": "lower"}}
+    )
     budget = tmp_path / "b.toml"
     budget.write_text('[budgets]\n"blocks.leaked_blocks" = { max = 0 }\n')
     for literal in ("NaN", "Infinity", "-Infinity", "1e999"):
         bad = tmp_path / "nan.json"
-        bad.write_text('{"schema": "kvprof.analysis/1", "metrics": {"blocks.leaked_blocks": {"value": %s, "unit": "blocks", "better": "lower"}}}' % literal)
+        bad.write_text(
+            '{"schema": "kvprof.analysis/1", "metrics": {"blocks.leaked_blocks": {"value": %s, "unit": "blocks", "better": "lower"}}}'
+            % literal
+        )
         r = run_kvprof("compare", good, str(bad), "--budget", str(budget))
         _one_line_2(r, "'blocks.leaked_blocks'", str(bad))
     # a run analysed in this process (not read from a file) with a NaN: a failing row, not "no data"
@@ -219,9 +272,15 @@ def test_a_nan_value_never_passes_a_budget(tmp_path):
 def test_values_of_the_wrong_type_are_named(tmp_path):
     good = _analysis(tmp_path / "good.json", {"m": {"value": 1, "better": "lower"}})
     for name, entry in {
-        "str": {"value": "12"}, "list": {"value": [1]}, "bool": {"value": True}, "dict": {"value": {"v": 1}},
-        "huge": {"value": 10 ** 400}, "unit": {"value": 1, "unit": ["bytes"]}, "noisy": {"value": 1, "noisy": "yes"},
-        "better": {"value": 1, "better": "up"}, "entry": 5,
+        "str": {"value": "12"},
+        "list": {"value": [1]},
+        "bool": {"value": True},
+        "dict": {"value": {"v": 1}},
+        "huge": {"value": 10**400},
+        "unit": {"value": 1, "unit": ["bytes"]},
+        "noisy": {"value": 1, "noisy": "yes"},
+        "better": {"value": 1, "better": "up"},
+        "entry": 5,
     }.items():
         bad = _analysis(tmp_path / f"{name}.json", {"m": {"value": 2, "better": "lower"}, f"bad.{name}": entry})
         r = run_kvprof("compare", good, bad)
@@ -282,6 +341,20 @@ def test_fifos_devices_and_huge_files_are_refused_without_reading(tmp_path):
     for path, why in ((fifo, "a FIFO"), (zero, "a character device"), (huge, "more than the 64 MiB")):
         _one_line_2(run_kvprof("compare", good, str(path), timeout=30), why, str(path))
         _one_line_2(run_kvprof("compare", good, good, "--budget", str(path), timeout=30), why, str(path))
-        _one_line_2(run_kvprof("analyze", os.path.join(ROOT, "fixtures", "demo.kvprof"), "--budget", str(path), "--no-report", timeout=60), str(path))
-    for cmd in (["analyze", str(fifo)], ["report", str(fifo), "-o", str(tmp_path / "r.html")], ["export", str(zero), "-o", "-"]):
+        _one_line_2(
+            run_kvprof(
+                "analyze",
+                os.path.join(ROOT, "fixtures", "demo.kvprof"),
+                "--budget",
+                str(path),
+                "--no-report",
+                timeout=60,
+            ),
+            str(path),
+        )
+    for cmd in (
+        ["analyze", str(fifo)],
+        ["report", str(fifo), "-o", str(tmp_path / "r.html")],
+        ["export", str(zero), "-o", "-"],
+    ):
         _one_line_2(run_kvprof(*cmd, timeout=30), "not a regular file")

@@ -77,7 +77,9 @@ def test_free_orders_run_and_differ_in_placement(tmp_path):
     seen = {}
     for order in ("lru", "lifo", "lowest-id"):
         assert run_demo(DemoConfig(requests=80, free_order=order, num_blocks=256)).finished == 80
-        taken, free = _allocations(_record(tmp_path, order, "--requests", "80", "--num-blocks", "256", "--free-order", order))
+        taken, free = _allocations(
+            _record(tmp_path, order, "--requests", "80", "--num-blocks", "256", "--free-order", order)
+        )
         seen[order] = taken
         if order == "lowest-id":  # always the lowest free ids
             assert all(t == f[: len(t)] for t, f in zip(taken, free))
@@ -91,7 +93,14 @@ def test_no_prefix_cache_means_no_hits(tmp_path):
     assert m["blocks.prefix_cache.hit_tokens"] == 0 and m["blocks.evictions"] == 0
 
 
-@pytest.mark.parametrize("args, msg", [(["--free-order", "best"], "--free-order must be one of"), (["--free-order", "fifo"], "--free-order must be one of"), (["--block-size", "0"], "--block-size must be")])
+@pytest.mark.parametrize(
+    "args, msg",
+    [
+        (["--free-order", "best"], "--free-order must be one of"),
+        (["--free-order", "fifo"], "--free-order must be one of"),
+        (["--block-size", "0"], "--block-size must be"),
+    ],
+)
 def test_bad_demo_options(args, msg):
     r = run_kvprof("demo", *args)
     assert r.returncode == 2 and msg in r.stderr and "Traceback" not in r.stderr
@@ -106,5 +115,8 @@ def test_preempted_lookups_are_counted_apart_and_equal_the_demos_own_sums(tmp_pa
     m = analyzed_metrics(_record(tmp_path, "p", "--seed", "3", "--requests", "300", "--num-blocks", "96"))
     assert m["blocks.prefix_cache.preempted_query_tokens"] == stats.preempted_query_tokens
     assert m["blocks.prefix_cache.preempted_hit_tokens"] == stats.preempted_hit_tokens
-    assert (m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"]) == (stats.query_tokens, stats.hit_tokens)
+    assert (m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"]) == (
+        stats.query_tokens,
+        stats.hit_tokens,
+    )
     assert m["blocks.prefix_cache.preempted_hit_rate"] == stats.preempted_hit_tokens / stats.preempted_query_tokens

@@ -14,5 +14,13 @@ def test_every_registered_metric_is_documented_in_metrics_md():
     for m in metrics.REGISTRY.values():
         assert m.better in ("lower", "higher", None)
         assert m.definition.endswith(".")
-    for word in ("internal fragmentation", "external fragmentation", "fragmentation that hurts", "hit rate", "evicted before reuse", "leaked", "what-if"):
+    for word in (
+        "internal fragmentation",
+        "external fragmentation",
+        "fragmentation that hurts",
+        "hit rate",
+        "evicted before reuse",
+        "leaked",
+        "what-if",
+    ):
         assert word in text

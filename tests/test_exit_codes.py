@@ -16,10 +16,15 @@ DEMO = os.path.join(ROOT, "fixtures", "demo.kvprof")
 
 def test_the_codes_are_distinct_and_documented():
     codes = {n: v for n, v in vars(errors).items() if n.startswith("EXIT_")}
-    assert codes["EXIT_OK"] == 0 and codes["EXIT_REGRESSED"] == 1 and codes["EXIT_BAD_INPUT"] == 2 and codes["EXIT_INTERNAL"] == 3
+    assert (
+        codes["EXIT_OK"] == 0
+        and codes["EXIT_REGRESSED"] == 1
+        and codes["EXIT_BAD_INPUT"] == 2
+        and codes["EXIT_INTERNAL"] == 3
+    )
     assert len(set(codes.values())) == len(codes)
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
-    table = readme[readme.index("## Exit codes"):]
+    table = readme[readme.index("## Exit codes") :]
     table = table[: table.index("\n## ", 4)]
     for code in (0, 1, 2, 3, 126, 127, 130, 141):
         assert re.search(rf"^\| {code}\b", table, re.M) or f"| {code} " in table or f"/ {code} " in table, code
@@ -92,8 +97,13 @@ def test_a_reader_that_left_is_not_a_regression(tmp_path, args):
     r, w = os.pipe()
     os.close(r)  # the reader has already gone: every write fails
     try:
-        p = subprocess.run([sys.executable, "-m", "kvprof.commands", "analyze", DEMO, *args], stdout=w,
-                           stderr=subprocess.PIPE, text=True, timeout=120)
+        p = subprocess.run(
+            [sys.executable, "-m", "kvprof.commands", "analyze", DEMO, *args],
+            stdout=w,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
     finally:
         os.close(w)
     assert p.returncode == errors.EXIT_BROKEN_PIPE == 141, p.stderr

@@ -43,7 +43,23 @@ def test_sigkilled_fixture_keeps_every_event():
 
 def test_demo_fixture_is_regenerable(tmp_path):
     out = tmp_path / "again.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, "-m", "kvprof.commands", "demo", "--requests", "120", "--num-blocks", "256", "--seed", "1")
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        "-m",
+        "kvprof.commands",
+        "demo",
+        "--requests",
+        "120",
+        "--num-blocks",
+        "256",
+        "--seed",
+        "1",
+    )
     assert r.returncode == 0, r.stderr
     new, old = recorded_events(out), recorded_events(os.path.join(FIX, "demo.kvprof"))
     assert len(new["blocks"]) > 1000

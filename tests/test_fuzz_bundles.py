@@ -34,8 +34,23 @@ SECONDS = 180  # one fuzzed bundle through the four commands: a hang, not a slow
 @pytest.fixture(scope="module")
 def seed_bundle(tmp_path_factory):
     out = tmp_path_factory.mktemp("seed") / "seed.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "blocks,gc", "--", sys.executable, "-m", "kvprof.commands", "demo",
-                   "--requests", "400", "--num-blocks", "128")
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "blocks,gc",
+        "--",
+        sys.executable,
+        "-m",
+        "kvprof.commands",
+        "demo",
+        "--requests",
+        "400",
+        "--num-blocks",
+        "128",
+    )
     assert r.returncode == 0, r.stderr
     # the what-if kernels compile on their first use (about 30 s, once per install): not timed below
     rc, err = run_in_process("whatif", str(out), "--block-size", "32", "--num-blocks", "64", "--json", os.devnull)
@@ -60,10 +75,12 @@ def run_in_process(*args) -> tuple[int, str]:
 def assert_handled(bundle, other):
     """analyze, export, whatif and compare: exit 0, or a one-line error and exit 2."""
     t0 = time.monotonic()
-    for args in (["analyze", bundle, "--no-report", "--json", os.devnull],
-                 ["export", bundle, "-o", os.devnull],
-                 ["whatif", bundle, "--block-size", "32", "--num-blocks", "64", "--json", os.devnull],
-                 ["compare", other, bundle]):
+    for args in (
+        ["analyze", bundle, "--no-report", "--json", os.devnull],
+        ["export", bundle, "-o", os.devnull],
+        ["whatif", bundle, "--block-size", "32", "--num-blocks", "64", "--json", os.devnull],
+        ["compare", other, bundle],
+    ):
         rc, err = run_in_process(*args)
         assert rc in (0, 1, 2), (args, rc, err)  # 1: compare found a regression
         if rc == 2:
@@ -74,9 +91,15 @@ def assert_handled(bundle, other):
 
 # -- field by field --------------------------------------------------------------------------
 HOSTILE = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**70, 2**70), st.sampled_from([2**31 - 1, 2**63, -2**31, 10**12, 0, -1]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20), st.sampled_from(["\udcff", "x" * 10000]),
-    st.lists(st.integers(), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([2**31 - 1, 2**63, -(2**31), 10**12, 0, -1]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+    st.sampled_from(["\udcff", "x" * 10000]),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
     st.recursive(st.integers(), lambda c: st.lists(c, max_size=2), max_leaves=5),
 )
 
@@ -120,7 +143,9 @@ def test_fuzzed_bundles_are_handled(seed_bundle, tmp_path_factory, data):
         for _ in range(data.draw(st.integers(1, 3))):
             i = data.draw(st.integers(0, len(lines) - 1))
             rec = json.loads(lines[i])
-            lines[i] = _dump(_mutate_json(rec, data.draw(st.lists(st.integers(0, 10), min_size=1, max_size=2)), data.draw(HOSTILE)))
+            lines[i] = _dump(
+                _mutate_json(rec, data.draw(st.lists(st.integers(0, 10), min_size=1, max_size=2)), data.draw(HOSTILE))
+            )
         open(path, "w").write("\n".join(lines) + "\n")
     else:
         path = os.path.join(proc, stage.CHUNKS)
@@ -176,40 +201,67 @@ def _pool_edit(key, value):
                 else:
                     r[key] = value
         _write_meta(proc, recs)
+
     return edit
 
 
 DEEP = "[" * 100000 + "]" * 100000
 
 
-@pytest.mark.parametrize("name, edit, expect", [
-    ("deep manifest", lambda b, p: open(os.path.join(b, "manifest.json"), "w").write(DEEP), "nested too deeply"),
-    ("deep process.json", lambda b, p: open(os.path.join(p, "process.json"), "w").write('{"pid": ' + DEEP + "}"), "nested too deeply"),
-    ("deep meta line", lambda b, p: open(os.path.join(p, "meta.jsonl"), "a").write('{"type": "x", "v": ' + DEEP + "}\n"), "nested too deeply"),
-    ("pool without its index", lambda b, p: _pool_edit("pool", KeyError)(p), "bad pool record"),
-    ("num_blocks -1", lambda b, p: _pool_edit("num_blocks", -1)(p), "not a pool size"),
-    ("num_blocks 2**63", lambda b, p: _pool_edit("num_blocks", 2**63)(p), "not a pool size"),
-    ("num_blocks 1e308", lambda b, p: _pool_edit("num_blocks", 1e308)(p), "not a pool size"),
-    ("num_blocks 10**12", lambda b, p: _pool_edit("num_blocks", 10**12)(p), "not a pool size"),
-    ("block_size 0", lambda b, p: _pool_edit("block_size", 0)(p), "not a positive block size"),
-])
+@pytest.mark.parametrize(
+    "name, edit, expect",
+    [
+        ("deep manifest", lambda b, p: open(os.path.join(b, "manifest.json"), "w").write(DEEP), "nested too deeply"),
+        (
+            "deep process.json",
+            lambda b, p: open(os.path.join(p, "process.json"), "w").write('{"pid": ' + DEEP + "}"),
+            "nested too deeply",
+        ),
+        (
+            "deep meta line",
+            lambda b, p: open(os.path.join(p, "meta.jsonl"), "a").write('{"type": "x", "v": ' + DEEP + "}\n"),
+            "nested too deeply",
+        ),
+        ("pool without its index", lambda b, p: _pool_edit("pool", KeyError)(p), "bad pool record"),
+        ("num_blocks -1", lambda b, p: _pool_edit("num_blocks", -1)(p), "not a pool size"),
+        ("num_blocks 2**63", lambda b, p: _pool_edit("num_blocks", 2**63)(p), "not a pool size"),
+        ("num_blocks 1e308", lambda b, p: _pool_edit("num_blocks", 1e308)(p), "not a pool size"),
+        ("num_blocks 10**12", lambda b, p: _pool_edit("num_blocks", 10**12)(p), "not a pool size"),
+        ("block_size 0", lambda b, p: _pool_edit("block_size", 0)(p), "not a positive block size"),
+    ],
+)
 def test_damaged_records_are_one_line(seed_bundle, tmp_path, name, edit, expect):
     b, proc = _bundle(seed_bundle, tmp_path)
     edit(b, proc)
-    for cmd in (["analyze", b], ["report", b, "-o", str(tmp_path / "r.html")], ["export", b, "-o", os.devnull],
-                ["whatif", b], ["compare", b, b]):
+    for cmd in (
+        ["analyze", b],
+        ["report", b, "-o", str(tmp_path / "r.html")],
+        ["export", b, "-o", os.devnull],
+        ["whatif", b],
+        ["compare", b, b],
+    ):
         rc, err = run_in_process(*cmd)
         assert rc == 2 and expect in err and err.count("\n") == 1, (cmd, rc, err)
 
 
-@pytest.mark.parametrize("edit", [
-    lambda p: _edit_json(os.path.join(p, "process.json"), lambda o: o.update(pid="xyz", probes=[1], errors=5, start_ns=None, role=["x"])),
-    lambda p: _edit_json(os.path.join(p, "process.json"), lambda o: o.update(pid=10**30, start_ns=-5, end_ns="late")),
-    lambda p: _pool_edit("bytes_per_block", "x")(p),
-    lambda p: _pool_edit("name", {"a": 1})(p),
-    lambda p: open(os.path.join(p, "meta.jsonl"), "a").write("7\n[1, 2]\nnull\n"),
-    lambda p: _write_meta(p, [dict(r, s="\udcff" + str(r.get("s"))) if r.get("type") == "string" else r for r in _meta(p)]),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: _edit_json(
+            os.path.join(p, "process.json"),
+            lambda o: o.update(pid="xyz", probes=[1], errors=5, start_ns=None, role=["x"]),
+        ),
+        lambda p: _edit_json(
+            os.path.join(p, "process.json"), lambda o: o.update(pid=10**30, start_ns=-5, end_ns="late")
+        ),
+        lambda p: _pool_edit("bytes_per_block", "x")(p),
+        lambda p: _pool_edit("name", {"a": 1})(p),
+        lambda p: open(os.path.join(p, "meta.jsonl"), "a").write("7\n[1, 2]\nnull\n"),
+        lambda p: _write_meta(
+            p, [dict(r, s="\udcff" + str(r.get("s"))) if r.get("type") == "string" else r for r in _meta(p)]
+        ),
+    ],
+)
 def test_fields_of_the_wrong_type_do_not_break_any_command(seed_bundle, tmp_path, edit):
     b, proc = _bundle(seed_bundle, tmp_path)
     edit(proc)
@@ -222,13 +274,15 @@ def test_block_ids_and_request_ids_at_the_ends_of_their_range(tmp_path):
     """A block id of -2**31 and a request id of 2**31-1 in the stream: dropped or unknown,
     never an index into a 16 GiB array."""
     script = tmp_path / "ends.py"
-    script.write_text("import kvprof.blocks, kvprof.runtime as rt\n"
-                      "pool = kvprof.blocks.Pool(num_blocks=8, block_size=16, name='p')\n"
-                      "pool.request_arrived('r', 10)\n"
-                      "pool.alloc([-2**31, 1], request='r')\n"
-                      "pool.request_state('r', 10, 1)\n"
-                      "rt.writer.block(rt.now(), 12, 0, 2**31 - 1, 5, 1, ())\n"
-                      "pool.free([1], request='r')\n")
+    script.write_text(
+        "import kvprof.blocks, kvprof.runtime as rt\n"
+        "pool = kvprof.blocks.Pool(num_blocks=8, block_size=16, name='p')\n"
+        "pool.request_arrived('r', 10)\n"
+        "pool.alloc([-2**31, 1], request='r')\n"
+        "pool.request_state('r', 10, 1)\n"
+        "rt.writer.block(rt.now(), 12, 0, 2**31 - 1, 5, 1, ())\n"
+        "pool.free([1], request='r')\n"
+    )
     out = tmp_path / "e.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
     assert_handled(str(out), str(out))
@@ -236,9 +290,17 @@ def test_block_ids_and_request_ids_at_the_ends_of_their_range(tmp_path):
 
 def _limited(args, mem=3 << 30, timeout=60):
     """A real kvprof process under an address-space cap."""
+
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
-    return subprocess.run([sys.executable, "-m", "kvprof.commands", *args], capture_output=True, text=True, timeout=timeout, preexec_fn=cap)
+
+    return subprocess.run(
+        [sys.executable, "-m", "kvprof.commands", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        preexec_fn=cap,
+    )
 
 
 def test_sizes_are_not_trusted_from_the_file(seed_bundle, tmp_path):
@@ -250,7 +312,9 @@ def test_sizes_are_not_trusted_from_the_file(seed_bundle, tmp_path):
     assert r.returncode == 0, r.stderr
     assert any("damaged" in f["detail"] for f in json.loads(r.stdout)["findings"])
     # a version-1 stream as long: read in pieces
-    v1 = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "format-v1", "demo.kvprof")
+    v1 = os.path.join(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "format-v1", "demo.kvprof"
+    )
     b1, p1 = _bundle(v1, tmp_path, "sparse1.kvprof")
     with open(os.path.join(p1, "blocks.bin"), "r+b") as fh:
         fh.truncate(20 << 30)
@@ -276,7 +340,9 @@ def test_thousands_of_process_directories(seed_bundle, tmp_path):
     for i in range(2000):
         d = os.path.join(procs, f"{100000 + i}-{i}")
         os.mkdir(d)
-        open(os.path.join(d, "process.json"), "w").write(json.dumps({"pid": 100000 + i, "start_ns": i, "role": "child"}))
+        open(os.path.join(d, "process.json"), "w").write(
+            json.dumps({"pid": 100000 + i, "start_ns": i, "role": "child"})
+        )
     t0 = time.monotonic()
     r = _limited(["analyze", b, "--no-report", "--json", os.devnull], timeout=120)
     assert r.returncode == 0, r.stderr
@@ -287,17 +353,22 @@ def test_impossible_values_are_left_out_not_reported(tmp_path):
     """GC pauses that overflow a sum or exceed the process's life, lookups that hit more than
     they asked: damaged records, left out and said; the figures stay sane."""
     script = tmp_path / "nonsense.py"
-    script.write_text("import kvprof.blocks, kvprof.runtime as rt\n"
-                      "pool = kvprof.blocks.Pool(num_blocks=8, block_size=16, name='p')\n"
-                      "pool.request_arrived('r', 10)\n"
-                      "pool.prefix_query('r', 16, 16)\n"
-                      "pool.prefix_query('r', 1, 2559236)\n"
-                      "pool.prefix_query('r', -5, 0)\n"
-                      "for i in range(3):\n"
-                      "    rt.writer.gc_pause(rt.now(), 2**62, 0, 1, 0)\n"
-                      "rt.writer.gc_pause(rt.now(), 1000, 2, 1, 0)\n")
+    script.write_text(
+        "import kvprof.blocks, kvprof.runtime as rt\n"
+        "pool = kvprof.blocks.Pool(num_blocks=8, block_size=16, name='p')\n"
+        "pool.request_arrived('r', 10)\n"
+        "pool.prefix_query('r', 16, 16)\n"
+        "pool.prefix_query('r', 1, 2559236)\n"
+        "pool.prefix_query('r', -5, 0)\n"
+        "for i in range(3):\n"
+        "    rt.writer.gc_pause(rt.now(), 2**62, 0, 1, 0)\n"
+        "rt.writer.gc_pause(rt.now(), 1000, 2, 1, 0)\n"
+    )
     out = tmp_path / "n.kvprof"
-    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "blocks,gc", "--", sys.executable, str(script)).returncode == 0
+    assert (
+        run_kvprof("record", "-q", "-o", str(out), "--probe", "blocks,gc", "--", sys.executable, str(script)).returncode
+        == 0
+    )
     r = run_kvprof("analyze", str(out), "--json", "-")
     assert r.returncode == 0, r.stderr
     a = json.loads(r.stdout)
@@ -322,11 +393,17 @@ def test_all_ff_streams_are_damage_not_data(seed_bundle, tmp_path):
 
 def test_a_marker_that_is_no_unicode_reaches_every_output(tmp_path):
     script = tmp_path / "m.py"
-    script.write_text("import kvprof, kvprof.blocks\npool = kvprof.blocks.Pool(num_blocks=4, block_size=4)\n"
-                      "kvprof.mark('\\udcff')\npool.alloc([1], request='\\udcfe')\npool.free([1], request='\\udcfe')\n")
+    script.write_text(
+        "import kvprof, kvprof.blocks\npool = kvprof.blocks.Pool(num_blocks=4, block_size=4)\n"
+        "kvprof.mark('\\udcff')\npool.alloc([1], request='\\udcfe')\npool.free([1], request='\\udcfe')\n"
+    )
     out = tmp_path / "m.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
-    for args in (["analyze", str(out)], ["report", str(out), "-o", str(tmp_path / "r.html")], ["export", str(out), "-o", str(tmp_path / "t.json")]):
+    for args in (
+        ["analyze", str(out)],
+        ["report", str(out), "-o", str(tmp_path / "r.html")],
+        ["export", str(out), "-o", str(tmp_path / "t.json")],
+    ):
         r = run_kvprof(*args)
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
     events = json.loads(open(tmp_path / "t.json").read())["traceEvents"]

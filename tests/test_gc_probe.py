@@ -13,11 +13,24 @@ pytestmark = pytest.mark.slow  # records gc workloads, spawned pools among them 
 
 def test_collections_equal_gc_get_stats_over_the_same_span(tmp_path):
     out, truth = tmp_path / "gc.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-o", str(out), "--probe", "gc", "--", sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(truth), "150")
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(out),
+        "--probe",
+        "gc",
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "gc_cycles.py"),
+        str(truth),
+        "150",
+    )
     assert r.returncode == 0, r.stderr
     assert "GC pauses" in r.stderr
     delta = json.loads(truth.read_text())
-    r = run_kvprof("analyze", str(out), "--window", "gc-begin:gc-end", "--json", str(tmp_path / "a.json"), "--width", "100")
+    r = run_kvprof(
+        "analyze", str(out), "--window", "gc-begin:gc-end", "--json", str(tmp_path / "a.json"), "--width", "100"
+    )
     assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "a.json").read_text())
     gens = a["sections"]["gc"]["by_generation"]
@@ -25,7 +38,10 @@ def test_collections_equal_gc_get_stats_over_the_same_span(tmp_path):
     assert [g["collected"] for g in gens] == [d["collected"] for d in delta]
     assert [g["uncollectable"] for g in gens] == [d["uncollectable"] for d in delta] == [0, 0, 0]
     m = {k: v["value"] for k, v in a["metrics"].items()}
-    assert m["gc.collections"] == sum(d["collections"] for d in delta) and m["gc.collections_gen2"] == delta[2]["collections"] >= 3
+    assert (
+        m["gc.collections"] == sum(d["collections"] for d in delta)
+        and m["gc.collections_gen2"] == delta[2]["collections"] >= 3
+    )
     assert 0 < m["gc.pause_seconds_max"] <= m["gc.pause_seconds_total"] and 0 < m["gc.time_share"] < 1
     # the longest pauses say which marker they followed; the report shows the section
     assert all(p["after_marker"] for p in a["sections"]["gc"]["longest"])
@@ -34,7 +50,17 @@ def test_collections_equal_gc_get_stats_over_the_same_span(tmp_path):
 
 def test_without_the_probe_there_is_no_gc_section(tmp_path):
     out = tmp_path / "plain.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "5")
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "gc_cycles.py"),
+        str(tmp_path / "t.json"),
+        "5",
+    )
     assert r.returncode == 0, r.stderr
     a = analyze_json(str(out))
     assert "gc" not in a["sections"] and not any(k.startswith("gc.") for k in a["metrics"])

@@ -34,8 +34,19 @@ def _env(tmp_path, **extra):
 
 def _record(tmp_path, *args, env=None, workload_args=()):
     out = tmp_path / "g.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), *args, "--", sys.executable, os.path.join(WORKLOADS, "torch_cuda.py"), *workload_args,
-                   env=env or _env(tmp_path), timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        *args,
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "torch_cuda.py"),
+        *workload_args,
+        env=env or _env(tmp_path),
+        timeout=300,
+    )
     return out, r
 
 
@@ -50,8 +61,18 @@ def _meta(bundle, kind):
 
 
 def test_snapshots_at_markers_oom_and_exit_with_history_settings(tmp_path):
-    out, r = _record(tmp_path, "--probe", "torch", "--torch-snapshot-at", "step", "--torch-max-entries", "5000",
-                     "--torch-stack-depth", "2", workload_args=("--oom",))
+    out, r = _record(
+        tmp_path,
+        "--probe",
+        "torch",
+        "--torch-snapshot-at",
+        "step",
+        "--torch-max-entries",
+        "5000",
+        "--torch-stack-depth",
+        "2",
+        workload_args=("--oom",),
+    )
     assert r.returncode == 0, r.stderr
     snaps = _meta(out, "torch_snapshot")
     assert [s["reason"] for s in snaps] == ["mark", "mark", "mark", "oom", "exit"]
@@ -62,7 +83,9 @@ def test_snapshots_at_markers_oom_and_exit_with_history_settings(tmp_path):
         with open(path, "rb") as fh:  # the double notes what the probe asked of the allocator, and when
             fake = pickle.load(fh)["kvprof_fake"]
         # turned on once, right after CUDA's initialisation (not at torch's import)
-        assert fake["history_calls"] == [{"enabled": "all", "context": "all", "stacks": "python", "max_entries": 5000, "cuda_initialized": True}]
+        assert fake["history_calls"] == [
+            {"enabled": "all", "context": "all", "stacks": "python", "max_entries": 5000, "cuda_initialized": True}
+        ]
         # and the probe never asked torch.cuda.is_available() before that (it can initialise CUDA and break a later fork)
         assert not [f for f in fake["available_callers_before_init"] if os.sep + "kvprof" + os.sep in f], fake
     with open(os.path.join(_proc_dir(out), snaps[-1]["file"]), "rb") as fh:
@@ -79,7 +102,12 @@ def test_snapshots_at_markers_oom_and_exit_with_history_settings(tmp_path):
     # the bundle's torch section is the bare snapshot's analysis (the exit snapshot: the same file here)
     a = analyze_json(str(out))
     b = analyze_json(SNAP)
-    for k in ("torch.reserved_bytes", "torch.allocated_bytes", "torch.external_fragmentation", "torch.cached_free_bytes"):
+    for k in (
+        "torch.reserved_bytes",
+        "torch.allocated_bytes",
+        "torch.external_fragmentation",
+        "torch.cached_free_bytes",
+    ):
         assert a["metrics"][k]["value"] == b["metrics"][k]["value"], k
     assert a["metrics"]["torch.reserved_bytes"]["value"] == reserved
     t = a["sections"]["torch"]
@@ -90,9 +118,28 @@ def test_snapshots_at_markers_oom_and_exit_with_history_settings(tmp_path):
 
 def test_sigterm_still_leaves_an_exit_snapshot(tmp_path):
     out = tmp_path / "s.kvprof"
-    proc = subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", "-o", str(out), "--probe", "torch", "--",
-                             sys.executable, os.path.join(WORKLOADS, "torch_cuda.py"), "--sleep", "30"],
-                            env={**os.environ, **_env(tmp_path)}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvprof.commands",
+            "record",
+            "-q",
+            "-o",
+            str(out),
+            "--probe",
+            "torch",
+            "--",
+            sys.executable,
+            os.path.join(WORKLOADS, "torch_cuda.py"),
+            "--sleep",
+            "30",
+        ],
+        env={**os.environ, **_env(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "done"
     time.sleep(0.3)
     proc.send_signal(signal.SIGTERM)
@@ -110,7 +157,19 @@ def test_without_cuda_the_probe_says_so_and_records_nothing(tmp_path):
     assert r.returncode == 0 and "no snapshot recorded" in r.stdout and "is_available() is False" in r.stdout
     # torch imported on a machine with CUDA, CUDA never used: nothing turned on, said so
     out = tmp_path / "cpu.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "torch", "--", sys.executable, "-c", "import torch", env=_env(tmp_path))
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "torch",
+        "--",
+        sys.executable,
+        "-c",
+        "import torch",
+        env=_env(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     status = json.loads(open(os.path.join(_proc_dir(out), "process.json")).read())["probes"]["torch"]
     assert status["status"] == "no CUDA" and "never used by this process" in status["reason"]
@@ -118,7 +177,9 @@ def test_without_cuda_the_probe_says_so_and_records_nothing(tmp_path):
 
 def test_a_process_without_torch_is_left_alone(tmp_path):
     out = tmp_path / "n.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "torch", "--", sys.executable, "-c", "print('no torch here')")
+    r = run_kvprof(
+        "record", "-q", "-o", str(out), "--probe", "torch", "--", sys.executable, "-c", "print('no torch here')"
+    )
     assert r.returncode == 0 and r.stdout == "no torch here\n", r.stderr
     status = json.loads(open(os.path.join(_proc_dir(out), "process.json")).read())["probes"]["torch"]
     assert status["status"] == "waiting for torch to be imported"
@@ -141,10 +202,13 @@ def test_nvml_samples_and_memory_outside_torch(tmp_path):
     assert sec["gpus"][0]["total"] == 80 << 30
 
 
-@pytest.mark.parametrize("env, reason", [
-    ({"FAKE_NVML": "0"}, "NVML could not start"),
-    ({"PYTHONPATH": ""}, "nvidia-ml-py is not installed"),
-])
+@pytest.mark.parametrize(
+    "env, reason",
+    [
+        ({"FAKE_NVML": "0"}, "NVML could not start"),
+        ({"PYTHONPATH": ""}, "nvidia-ml-py is not installed"),
+    ],
+)
 def test_nvml_missing_is_one_line_and_the_target_runs(tmp_path, env, reason):
     try:
         import pynvml  # noqa: F401
@@ -154,8 +218,19 @@ def test_nvml_missing_is_one_line_and_the_target_runs(tmp_path, env, reason):
     except ImportError:
         pass
     out = tmp_path / "x.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "nvml", "--", sys.executable, "-c", "import sys; sys.exit(3)",
-                   env={**_env(tmp_path), **env})
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "nvml",
+        "--",
+        sys.executable,
+        "-c",
+        "import sys; sys.exit(3)",
+        env={**_env(tmp_path), **env},
+    )
     assert r.returncode == 3
     lines = [ln for ln in r.stderr.splitlines() if "nvml" in ln]
     assert len(lines) == 1 and reason in lines[0], r.stderr
@@ -168,19 +243,27 @@ def test_a_hostile_snapshot_record_is_ignored(tmp_path):
     out, r = _record(tmp_path, "--probe", "torch")
     assert r.returncode == 0, r.stderr
     with open(os.path.join(_proc_dir(out), "meta.jsonl"), "a") as fh:
-        fh.write(json.dumps({"type": "torch_snapshot", "t": 1 << 62, "reason": "exit", "file": "../../../../../etc/passwd"}) + "\n")
+        fh.write(
+            json.dumps({"type": "torch_snapshot", "t": 1 << 62, "reason": "exit", "file": "../../../../../etc/passwd"})
+            + "\n"
+        )
     a = analyze_json(str(out))
     assert all("passwd" not in s["file"] for s in a["sections"]["torch"]["snapshots"])
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--torch-stacks", "cpp"], "--torch-stacks must be python, all or none"),
-    (["--torch-max-entries", "0"], "--torch-max-entries must be 1 or more"),
-    (["--torch-stack-depth", "0"], "--torch-stack-depth must be between 1 and 1000"),
-    (["--nvml-interval", "0"], "--nvml-interval must be a positive number"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--torch-stacks", "cpp"], "--torch-stacks must be python, all or none"),
+        (["--torch-max-entries", "0"], "--torch-max-entries must be 1 or more"),
+        (["--torch-stack-depth", "0"], "--torch-stack-depth must be between 1 and 1000"),
+        (["--nvml-interval", "0"], "--nvml-interval must be a positive number"),
+    ],
+)
 def test_bad_gpu_options(tmp_path, args, message):
-    r = run_kvprof("record", "-o", str(tmp_path / "b.kvprof"), "--probe", "torch,nvml", *args, "--", sys.executable, "-c", "pass")
+    r = run_kvprof(
+        "record", "-o", str(tmp_path / "b.kvprof"), "--probe", "torch,nvml", *args, "--", sys.executable, "-c", "pass"
+    )
     assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -203,9 +286,25 @@ def test_max_snapshots_caps_marker_snapshots_only(tmp_path):
     """--torch-max-snapshots N: at most N marker snapshots; an OOM snapshot taken before
     them does not use up one of the N."""
     script = tmp_path / "oom_first.py"
-    script.write_text("import kvprof, torch\ntorch.cuda.init()\ntorch.cuda.fake_oom(0, 1 << 30)\nfor i in range(5):\n    kvprof.mark('step', i)\n")
+    script.write_text(
+        "import kvprof, torch\ntorch.cuda.init()\ntorch.cuda.fake_oom(0, 1 << 30)\nfor i in range(5):\n    kvprof.mark('step', i)\n"
+    )
     out = tmp_path / "o.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "torch", "--torch-snapshot-at", "step", "--torch-max-snapshots", "3", "--",
-                   sys.executable, str(script), env=_env(tmp_path))
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "torch",
+        "--torch-snapshot-at",
+        "step",
+        "--torch-max-snapshots",
+        "3",
+        "--",
+        sys.executable,
+        str(script),
+        env=_env(tmp_path),
+    )
     assert r.returncode == 0, r.stderr
     assert [s["reason"] for s in _meta(out, "torch_snapshot")] == ["oom", "mark", "mark", "mark", "exit"]

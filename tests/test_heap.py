@@ -17,8 +17,24 @@ FAULTS = os.path.join(WORKLOADS, "heap_faults.py")
 
 def _record(tmp_path, mode, probes, *extra, steps=40):
     out, truth = tmp_path / f"{mode}.kvprof", tmp_path / f"{mode}.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", probes, *extra, "--", sys.executable, FAULTS, mode,
-                   "--steps", str(steps), "--truth", str(truth), timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        probes,
+        *extra,
+        "--",
+        sys.executable,
+        FAULTS,
+        mode,
+        "--steps",
+        str(steps),
+        "--truth",
+        str(truth),
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     r = run_kvprof("analyze", str(out), "--json", str(tmp_path / f"{mode}.a.json"), "--width", "120")
     assert r.returncode == 0, r.stderr
@@ -84,18 +100,28 @@ def test_totals_equal_memrays_own_on_the_same_capture(tmp_path):
     assert proc["memray"]["file"] == capture
     # memray's own command line...
     st = tmp_path / "stats.json"
-    subprocess.run([sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), capture], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), capture],
+        check=True,
+        capture_output=True,
+    )
     stats = json.loads(st.read_text())
     assert proc["memray"]["total_allocations"] == stats["total_num_allocations"] > 0
     assert proc["memray"]["total_allocated_bytes"] == stats["total_bytes_allocated"]
     # ...and its reader API
     reader = memray.FileReader(capture)
     assert proc["memray"]["peak_bytes"] == reader.metadata.peak_memory == stats["metadata"]["peak_memory"]
-    assert proc["memray"]["leaked_bytes"] == sum(r.size for r in reader.get_leaked_allocation_records(merge_threads=True)) > 40 * 8192
+    assert (
+        proc["memray"]["leaked_bytes"]
+        == sum(r.size for r in reader.get_leaked_allocation_records(merge_threads=True))
+        > 40 * 8192
+    )
     temp = sum(r.n_allocations for r in reader.get_temporary_allocation_records(merge_threads=True, threshold=1))
     assert proc["memray"]["temporary_allocations"] == temp
     m = metric_values(a)
-    assert m["heap.allocations"] == stats["total_num_allocations"] and m["heap.peak_bytes"] == reader.metadata.peak_memory
+    assert (
+        m["heap.allocations"] == stats["total_num_allocations"] and m["heap.peak_bytes"] == reader.metadata.peak_memory
+    )
     assert m["heap.leaked_bytes_at_exit"] == proc["memray"]["leaked_bytes"]
     # the planted leak is the largest group left at exit with a Python stack (a pymalloc arena
     # mapped while the interpreter compiled the script has none), with its whole stack
@@ -118,7 +144,9 @@ def test_leaking_pool_workers_are_the_suspects(tmp_path):
 
 
 def test_both_probes_together_and_the_manifest_cost(tmp_path):
-    out, truth, a, _ = _record(tmp_path, "leak", "tracemalloc,memray", "--tracemalloc-depth", "4", "--tracemalloc-interval", "0")
+    out, truth, a, _ = _record(
+        tmp_path, "leak", "tracemalloc,memray", "--tracemalloc-depth", "4", "--tracemalloc-interval", "0"
+    )
     proc = a["sections"]["heap"]["processes"][0]
     assert proc["tracemalloc"] and proc["memray"] and proc["tracemalloc"]["depth"] == 4
     assert a["sections"]["heap"]["leak_suspects"][0]["stack"][0]["line"] == truth["leak_line"]
@@ -171,12 +199,20 @@ def test_forked_children_are_recorded_on_their_own(tmp_path, probe):
 def test_bare_memray_capture_from_memray_run(tmp_path):
     pytest.importorskip("memray")
     cap = tmp_path / "run.bin"
-    subprocess.run([sys.executable, "-m", "memray", "run", "-q", "-o", str(cap), FAULTS, "churn", "--steps", "5"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "memray", "run", "-q", "-o", str(cap), FAULTS, "churn", "--steps", "5"],
+        check=True,
+        capture_output=True,
+    )
     r = run_kvprof("analyze", str(cap), "--json", str(tmp_path / "a.json"))
     assert r.returncode == 0, r.stderr
     a = json.loads((tmp_path / "a.json").read_text())
     st = tmp_path / "st.json"
-    subprocess.run([sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), str(cap)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "memray", "stats", "--json", "-f", "-o", str(st), str(cap)],
+        check=True,
+        capture_output=True,
+    )
     assert metric_values(a)["heap.allocations"] == json.loads(st.read_text())["total_num_allocations"]
     assert a["sections"]["heap"]["processes"][0]["memray"]["churn"][0]["stack"][0]["function"] == "churn_step"
     assert "memray capture" in r.stdout
@@ -188,7 +224,11 @@ def test_bare_memray_capture_from_memray_run(tmp_path):
 def test_cut_and_foreign_captures(tmp_path):
     pytest.importorskip("memray")
     cap = tmp_path / "run.bin"
-    subprocess.run([sys.executable, "-m", "memray", "run", "-q", "--no-compress", "-o", str(cap), FAULTS, "clean", "--steps", "2"], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "memray", "run", "-q", "--no-compress", "-o", str(cap), FAULTS, "clean", "--steps", "2"],
+        check=True,
+        capture_output=True,
+    )
     data = cap.read_bytes()
     # a capture cut short (its process killed): what it holds is analysed, the cut is said once
     cut = tmp_path / "cut.bin"
@@ -228,7 +268,9 @@ def test_hostile_process_record_cannot_point_out_of_the_bundle(tmp_path):
 
 def test_bad_options_are_one_line(tmp_path):
     for opt in (["--tracemalloc-depth", "0"], ["--tracemalloc-interval", "-1"], ["--tracemalloc-every", "0"]):
-        r = run_kvprof("record", "-o", str(tmp_path / "x.kvprof"), "-p", "tracemalloc", *opt, "--", sys.executable, "-c", "pass")
+        r = run_kvprof(
+            "record", "-o", str(tmp_path / "x.kvprof"), "-p", "tracemalloc", *opt, "--", sys.executable, "-c", "pass"
+        )
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
 
 
@@ -236,9 +278,26 @@ def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
     """200,000 strings held steady (about 14 MB): the peak is the program's, not the
     program's plus what each snapshot allocates while it aggregates the traces."""
     script = tmp_path / "steady.py"
-    script.write_text("import kvprof\nkeep = [str(i) * 3 for i in range(200_000)]\nfor i in range(5):\n    kvprof.mark('step', i)\n")
+    script.write_text(
+        "import kvprof\nkeep = [str(i) * 3 for i in range(200_000)]\nfor i in range(5):\n    kvprof.mark('step', i)\n"
+    )
     out = tmp_path / "s.kvprof"
-    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc", "--tracemalloc-interval", "0", "--", sys.executable, str(script)).returncode == 0
+    assert (
+        run_kvprof(
+            "record",
+            "-q",
+            "-o",
+            str(out),
+            "--probe",
+            "tracemalloc",
+            "--tracemalloc-interval",
+            "0",
+            "--",
+            sys.executable,
+            str(script),
+        ).returncode
+        == 0
+    )
     heap = analyze_json(out)["sections"]["heap"]
     (tm,) = [p["tracemalloc"] for p in heap["processes"] if p.get("tracemalloc")]
     live = max(v for _, v in tm["series"])
@@ -247,9 +306,16 @@ def test_tracemalloc_peak_leaves_out_kvprofs_own_snapshot_work(tmp_path):
 
 def test_marker_values_beyond_int64_keep_the_heap_stream(tmp_path):
     script = tmp_path / "big.py"
-    script.write_text("import kvprof\nkeep = []\nfor i in range(6):\n    keep.append(bytearray(10_000))\n    kvprof.mark('step', 2**70 + i)\n")
+    script.write_text(
+        "import kvprof\nkeep = []\nfor i in range(6):\n    keep.append(bytearray(10_000))\n    kvprof.mark('step', 2**70 + i)\n"
+    )
     out = tmp_path / "b.kvprof"
-    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "tracemalloc,gc", "--", sys.executable, str(script)).returncode == 0
+    assert (
+        run_kvprof(
+            "record", "-q", "-o", str(out), "--probe", "tracemalloc,gc", "--", sys.executable, str(script)
+        ).returncode
+        == 0
+    )
     doc = analyze_json(out)
     (tm,) = [p["tracemalloc"] for p in doc["sections"]["heap"]["processes"] if p.get("tracemalloc")]
     assert tm["snapshots"] >= 7 and doc["sections"]["markers"]["step"]["count"] == 6
@@ -257,10 +323,14 @@ def test_marker_values_beyond_int64_keep_the_heap_stream(tmp_path):
 
 def test_gc_advice_sees_a_freeze_made_by_the_program(tmp_path):
     script = tmp_path / "frozen.py"
-    script.write_text("import gc, time\nkeep = [[i] for i in range(300_000)]\ngc.freeze()\nt = time.time()\n"
-                      "while time.time() - t < 1.0:\n    gc.collect()\n")
+    script.write_text(
+        "import gc, time\nkeep = [[i] for i in range(300_000)]\ngc.freeze()\nt = time.time()\n"
+        "while time.time() - t < 1.0:\n    gc.collect()\n"
+    )
     out = tmp_path / "f.kvprof"
-    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script)).returncode == 0
+    assert (
+        run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script)).returncode == 0
+    )
     gcs = analyze_json(out)["sections"]["gc"]
     (p,) = gcs["processes"]
     assert p["frozen"] >= 300_000
@@ -270,11 +340,16 @@ def test_gc_advice_sees_a_freeze_made_by_the_program(tmp_path):
 def test_a_grandchilds_memray_capture_is_its_own(tmp_path):
     pytest.importorskip("memray")
     script = tmp_path / "gfork.py"
-    script.write_text("import os\nkeep = []\npid = os.fork()\nif pid == 0:\n    gp = os.fork()\n    if gp == 0:\n"
-                      "        keep.extend(bytearray(30000) for _ in range(20))\n        os._exit(0)\n    os.waitpid(gp, 0)\n    os._exit(0)\n"
-                      "os.waitpid(pid, 0)\n")
+    script.write_text(
+        "import os\nkeep = []\npid = os.fork()\nif pid == 0:\n    gp = os.fork()\n    if gp == 0:\n"
+        "        keep.extend(bytearray(30000) for _ in range(20))\n        os._exit(0)\n    os.waitpid(gp, 0)\n    os._exit(0)\n"
+        "os.waitpid(pid, 0)\n"
+    )
     out = tmp_path / "g.kvprof"
-    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
+    assert (
+        run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode
+        == 0
+    )
     heap = analyze_json(out)["sections"]["heap"]
     procs = heap["processes"]
     assert len(procs) == 3, heap["notes"]
@@ -291,8 +366,9 @@ def test_memrays_fork_hook_runs_before_kvprofs(tmp_path):
     the parent's capture).  Python runs fork hooks in the order they were registered."""
     pytest.importorskip("memray")
     script = tmp_path / "order.py"
-    script.write_text("import sys, json\nfrom kvprof.probes import heap\n"
-                      "print(json.dumps(heap._memray.get('imported_first')))\n")
+    script.write_text(
+        "import sys, json\nfrom kvprof.probes import heap\nprint(json.dumps(heap._memray.get('imported_first')))\n"
+    )
     out = tmp_path / "o.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script))
     assert r.returncode == 0 and r.stdout.strip() == "true", (r.stdout, r.stderr)
@@ -316,7 +392,10 @@ def test_children_that_keep_allocating_leave_the_parents_capture_whole(tmp_path)
     script = tmp_path / "long.py"
     script.write_text(LONG_FORKS)
     out = tmp_path / "long.kvprof"
-    assert run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode == 0
+    assert (
+        run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, str(script)).returncode
+        == 0
+    )
     heap = analyze_json(out)["sections"]["heap"]
     assert len(heap["processes"]) == 4 and heap["notes"] == [], heap["notes"]
     for p in heap["processes"]:
@@ -328,12 +407,18 @@ def test_an_aggregated_memray_capture_is_named(tmp_path):
     script = tmp_path / "w.py"
     script.write_text("keep = [bytearray(1000) for _ in range(100)]\n")
     cap = tmp_path / "agg.bin"
-    subprocess.run([sys.executable, "-m", "memray", "run", "-q", "--aggregate", "-o", str(cap), str(script)], check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "-m", "memray", "run", "-q", "--aggregate", "-o", str(cap), str(script)],
+        check=True,
+        capture_output=True,
+    )
     r = run_kvprof("analyze", str(cap))
     assert r.returncode == 2 and "an aggregated memray capture (memray run --aggregate)" in r.stderr, r.stderr
 
 
-needs_cc = pytest.mark.skipif(not __import__("shutil").which(os.environ.get("CC", "cc")), reason="no C compiler for the native library")
+needs_cc = pytest.mark.skipif(
+    not __import__("shutil").which(os.environ.get("CC", "cc")), reason="no C compiler for the native library"
+)
 
 
 @needs_cc
@@ -349,7 +434,9 @@ def test_native_leak_grows_across_markers_in_memrays_capture(tmp_path):
     assert top["stack"][0]["function"] == "kvprof_native_leak" and top["stack"][0]["file"].endswith("kvprof_native.c")
     assert top["growth_bytes_per_step"] == 8192 and top["r2"] > 0.99 and top["consecutive_growth"] >= sec["k"]
     assert top["live_bytes"] == 40 * 8192 and top["live_blocks"] == 40 and top["window"]["marker"] == "step"
-    assert any(f["function"] == "leak_step" or f["function"] == "main" for f in top["stack"])  # the Python frames behind it
+    assert any(
+        f["function"] == "leak_step" or f["function"] == "main" for f in top["stack"]
+    )  # the Python frames behind it
     assert len(sec["leak_suspects"]) == 1  # the malloc-and-free of the same library is not one
     m = metric_values(a)
     assert m["heap.leak_suspects"] == 1 and m["heap.leak_suspect_bytes_per_step"] == 8192
@@ -372,7 +459,11 @@ def test_python_leak_grows_in_memrays_capture_at_its_line(tmp_path):
     bytearray(8192) is one malloc of 8,193 bytes), as tracemalloc does."""
     _, truth, a, _ = _record(tmp_path, "leak", "memray")
     top = a["sections"]["heap"]["leak_suspects"][0]
-    assert top["source"] == "memray" and top["stack"][0]["line"] == truth["leak_line"] and top["stack"][0]["function"] == "leak_step"
+    assert (
+        top["source"] == "memray"
+        and top["stack"][0]["line"] == truth["leak_line"]
+        and top["stack"][0]["function"] == "leak_step"
+    )
     assert top["growth_bytes_per_step"] == 8193 and top["r2"] > 0.99
 
 
@@ -380,7 +471,18 @@ def test_memray_growth_needs_markers(tmp_path):
     """A capture without kvprof markers (a bare file, or a program that never marks) has no
     growth analysis and says so; its leak-suspect metrics stay unknown, not 0."""
     out, truth = tmp_path / "nomark.kvprof", tmp_path / "t.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "memray", "--", sys.executable, "-c", "x = [bytearray(9000) for _ in range(50)]")
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "memray",
+        "--",
+        sys.executable,
+        "-c",
+        "x = [bytearray(9000) for _ in range(50)]",
+    )
     assert r.returncode == 0, r.stderr
     r = run_kvprof("analyze", str(out), "--json", str(truth))
     assert r.returncode == 0, r.stderr

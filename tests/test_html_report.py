@@ -63,7 +63,9 @@ def test_demo_report_renders_in_chromium(tmp_path):
     size = out.stat().st_size
     assert size < 3 * 2**20, size  # self-contained, under a few MB
     text = out.read_text()
-    assert not re.search(r"<(script|link|img)[^>]+(src|href)=", text)  # nothing loaded from elsewhere (the browser check sees no requests either)
+    assert not re.search(
+        r"<(script|link|img)[^>]+(src|href)=", text
+    )  # nothing loaded from elsewhere (the browser check sees no requests either)
     res = _open(browser, out, "report-demo")
     _assert_clean(res, ["usage", "blockmap", "frag-hit", "whatif"])
     assert res["title"] == "kvprof report: demo.kvprof"
@@ -73,8 +75,21 @@ def test_demo_report_renders_in_chromium(tmp_path):
 def test_heap_gc_and_torch_reports_render(tmp_path):
     browser = _browser()
     bundle = tmp_path / "h.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "tracemalloc,memray,gc", "--", sys.executable,
-                   os.path.join(WORKLOADS, "heap_faults.py"), "leak", "--steps", "40", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(bundle),
+        "--probe",
+        "tracemalloc,memray,gc",
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "heap_faults.py"),
+        "leak",
+        "--steps",
+        "40",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "h.html"
     r = run_kvprof("analyze", str(bundle), "--no-report", "--html", str(out))
@@ -89,8 +104,19 @@ def test_heap_gc_and_torch_reports_render(tmp_path):
 @pytest.mark.slow
 def test_hostile_names_are_escaped(tmp_path):
     bundle = tmp_path / "x.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,tracemalloc", "--", sys.executable,
-                   os.path.join(WORKLOADS, "hostile_names.py"), "<script>alert(3)</script>", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(bundle),
+        "--probe",
+        "blocks,tracemalloc",
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "hostile_names.py"),
+        "<script>alert(3)</script>",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     out = tmp_path / "x.html"
     r = run_kvprof("report", str(bundle), "-o", str(out))
@@ -108,10 +134,13 @@ def test_hostile_names_are_escaped(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["report", "nope.kvprof", "-o", "x.html"], "no such file or bundle"),
-    (["report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "/nonexistent-dir/x.html"], "cannot write"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["report", "nope.kvprof", "-o", "x.html"], "no such file or bundle"),
+        (["report", os.path.join(FIXTURES, "demo.kvprof"), "-o", "/nonexistent-dir/x.html"], "cannot write"),
+    ],
+)
 def test_bad_input_is_one_line(tmp_path, args, message):
     r = run_kvprof(*args, cwd=str(tmp_path))
     assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -139,8 +168,13 @@ def test_block_map_groups_large_pools_by_their_busiest_state():
     from kvprof.analysis.blocks import CACHED, EMPTY, IN_USE, RESERVED
     from kvprof.trace.format import EventKind as K
 
-    ev = [(0, K.RESERVE, 0, -1, 0, 0, (0,)), (10, K.ALLOC, 0, 0, 0, 0, (5, 9)), (20, K.CACHE, 0, 0, 0, 0, (9,)),
-          (30, K.FREE, 0, 0, 0, 0, (9,)), (40, K.ALLOC, 0, 0, 0, 0, (2,))]
+    ev = [
+        (0, K.RESERVE, 0, -1, 0, 0, (0,)),
+        (10, K.ALLOC, 0, 0, 0, 0, (5, 9)),
+        (20, K.CACHE, 0, 0, 0, 0, (9,)),
+        (30, K.FREE, 0, 0, 0, 0, (9,)),
+        (40, K.ALLOC, 0, 0, 0, 0, (2,)),
+    ]
     # 4 columns wanted: 8 kept while recording, the width doubling to fit t=40 (8 ns),
     # then pairs merged to at most 4: columns of 16 ns ending at 16, 32 and 48
     m = _block_map(ev, 12, columns=4, max_rows=12)
@@ -163,10 +197,12 @@ def test_block_map_groups_large_pools_by_their_busiest_state():
 def test_a_pool_whose_every_allocation_was_refused(tmp_path):
     """No block ever moved, one refusal: analyze counts it, the report renders, the export keeps it."""
     script = tmp_path / "refused.py"
-    script.write_text("import kvprof.blocks\n"
-                      "pool = kvprof.blocks.Pool(num_blocks=4, block_size=16, name='tiny')\n"
-                      "pool.request_arrived('big', prompt_tokens=1000)\n"
-                      "pool.allocation_failed('big', 63, 4)\n")
+    script.write_text(
+        "import kvprof.blocks\n"
+        "pool = kvprof.blocks.Pool(num_blocks=4, block_size=16, name='tiny')\n"
+        "pool.request_arrived('big', prompt_tokens=1000)\n"
+        "pool.allocation_failed('big', 63, 4)\n"
+    )
     out = tmp_path / "r.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
     r = run_kvprof("analyze", str(out), "--json", "-")
@@ -187,19 +223,21 @@ def test_charts_share_one_time_origin(tmp_path):
     """A pool idle for a second before its traffic: markers, the usage timeline, the block map
     and the hit rate are all measured from the pool's first event."""
     script = tmp_path / "late.py"
-    script.write_text("import time, kvprof, kvprof.blocks\n"
-                      "pool = kvprof.blocks.Pool(num_blocks=32, block_size=16, name='gpu', reserved=[0])\n"
-                      "time.sleep(0.5)\n"
-                      "kvprof.mark('serving_start')\n"
-                      "for step in range(10):\n"
-                      "    r = f'r{step}'\n"
-                      "    pool.request_arrived(r, prompt_tokens=40)\n"
-                      "    pool.alloc([1 + step, 2 + step], request=r)\n"
-                      "    pool.request_state(r, filled_tokens=20, blocks_held=2)\n"
-                      "    time.sleep(0.02)\n"
-                      "    pool.free([1 + step, 2 + step], request=r)\n"
-                      "    pool.request_finished(r)\n"
-                      "kvprof.mark('done')\n")
+    script.write_text(
+        "import time, kvprof, kvprof.blocks\n"
+        "pool = kvprof.blocks.Pool(num_blocks=32, block_size=16, name='gpu', reserved=[0])\n"
+        "time.sleep(0.5)\n"
+        "kvprof.mark('serving_start')\n"
+        "for step in range(10):\n"
+        "    r = f'r{step}'\n"
+        "    pool.request_arrived(r, prompt_tokens=40)\n"
+        "    pool.alloc([1 + step, 2 + step], request=r)\n"
+        "    pool.request_state(r, filled_tokens=20, blocks_held=2)\n"
+        "    time.sleep(0.02)\n"
+        "    pool.free([1 + step, 2 + step], request=r)\n"
+        "    pool.request_finished(r)\n"
+        "kvprof.mark('done')\n"
+    )
     out = tmp_path / "l.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
     from kvprof.analysis import analyze_path
@@ -232,10 +270,18 @@ def test_report_to_stdout_and_output_errors(tmp_path):
     r = run_kvprof("analyze", os.path.join(FIXTURES, "demo.kvprof"), "--html", "-")
     assert r.returncode == 2 and r.stderr.startswith("kvprof: error: --html -"), r.stderr
     if os.path.exists("/dev/full"):  # a full disk behind stdout: one line, not a traceback
-        for args in (["export", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-"], ["analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-"]):
+        for args in (
+            ["export", os.path.join(FIXTURES, "demo.kvprof"), "-o", "-"],
+            ["analyze", os.path.join(FIXTURES, "demo.kvprof"), "--json", "-"],
+        ):
             with open("/dev/full", "w") as full:
-                p = __import__("subprocess").run([sys.executable, "-m", "kvprof.commands", *args], stdout=full, stderr=-1, text=True)
-            assert p.returncode == 2 and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device", p.stderr
+                p = __import__("subprocess").run(
+                    [sys.executable, "-m", "kvprof.commands", *args], stdout=full, stderr=-1, text=True
+                )
+            assert (
+                p.returncode == 2
+                and p.stderr.strip() == "kvprof: error: cannot write the output: No space left on device"
+            ), p.stderr
 
 
 @pytest.mark.slow
@@ -247,9 +293,16 @@ def test_a_damaged_manifest_is_one_line(tmp_path):
     man = json.loads((bundle / "manifest.json").read_text())
     for key, bad in (("processes", "x"), ("processes", [1]), ("target", []), ("probe_status", 3)):
         (bundle / "manifest.json").write_text(json.dumps({**man, key: bad}))
-        for cmd in (["analyze", str(bundle)], ["report", str(bundle), "-o", str(tmp_path / "x.html")], ["export", str(bundle), "-o", "-"]):
+        for cmd in (
+            ["analyze", str(bundle)],
+            ["report", str(bundle), "-o", str(tmp_path / "x.html")],
+            ["export", str(bundle), "-o", "-"],
+        ):
             r = run_kvprof(*cmd)
-            assert r.returncode == 2 and r.stderr.startswith(f"kvprof: error: damaged manifest: '{key}'"), (cmd, r.stderr)
+            assert r.returncode == 2 and r.stderr.startswith(f"kvprof: error: damaged manifest: '{key}'"), (
+                cmd,
+                r.stderr,
+            )
             assert len(r.stderr.strip().splitlines()) == 1
 
 

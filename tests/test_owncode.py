@@ -31,16 +31,18 @@ def test_each_idle_loop_is_a_function_of_that_file(qualname, suffix):
 def test_each_own_code_fragment_names_a_file_or_folder_of_kvprof():
     for part in owncode.OWN_CODE:
         assert part.startswith("/kvprof/"), part
-        rel = part[len("/"):].rstrip("/")
+        rel = part[len("/") :].rstrip("/")
         target = os.path.join(ROOT, rel)
-        assert (os.path.isdir(target) if part.endswith("/") else os.path.isfile(target)), part
+        assert os.path.isdir(target) if part.endswith("/") else os.path.isfile(target), part
 
 
 def test_the_cpu_analysis_finds_a_listed_loop_asleep():
-    frames = [{"name": "Thread.run", "file": "/x/threading.py"},
-              {"name": "ProcessWriter._run", "file": "/site-packages/kvprof/trace/writer.py"},
-              {"name": "Event.wait", "file": "/x/threading.py"},
-              {"name": "pthread_cond_timedwait", "file": "libc.so.6"}]
+    frames = [
+        {"name": "Thread.run", "file": "/x/threading.py"},
+        {"name": "ProcessWriter._run", "file": "/site-packages/kvprof/trace/writer.py"},
+        {"name": "Event.wait", "file": "/x/threading.py"},
+        {"name": "pthread_cond_timedwait", "file": "libc.so.6"},
+    ]
     assert cpu._waiting_kvprof_thread(frames, [0, 1, 2, 3])
     assert not cpu._waiting_kvprof_thread(frames, [0, 1, 2, 3][:1])
     assert cpu.category_of("ProcessWriter._run", "/site-packages/kvprof/trace/writer.py") == "kvprof"

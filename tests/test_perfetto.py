@@ -54,15 +54,30 @@ def test_perfetto_export(tmp_path):
 
 def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
     bundle = tmp_path / "g.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "gc,tracemalloc", "--", sys.executable,
-                   os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "100", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(bundle),
+        "--probe",
+        "gc,tracemalloc",
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "gc_cycles.py"),
+        str(tmp_path / "t.json"),
+        "100",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     r = run_kvprof("export", str(bundle), "-o", "-")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     _validate_trace_events(doc)
     a = analyze_json(str(bundle))
-    assert sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("gc gen")) == a["sections"]["gc"]["collections"]
+    assert (
+        sum(1 for e in doc["traceEvents"] if e["ph"] == "X" and e["name"].startswith("gc gen"))
+        == a["sections"]["gc"]["collections"]
+    )
     # the heap counter: one sample per tracemalloc snapshot, the same live bytes analyze reads
     (tm,) = [p["tracemalloc"] for p in a["sections"]["heap"]["processes"]]
     heap = [e["args"]["live"] for e in doc["traceEvents"] if e["name"] == "heap live bytes (tracemalloc)"]
@@ -76,7 +91,9 @@ def test_perfetto_export_of_gc_heap_and_a_snapshot(tmp_path):
     tl = analyze_json(snap)["sections"]["torch"]["timeline"]
     mem = [e for e in doc["traceEvents"] if e["name"] == "torch memory"]
     assert len(mem) == len(tl["t_us"]) > 1000
-    assert [e["args"]["requested"] for e in mem] == tl["requested"] and [e["args"]["reserved"] for e in mem] == tl["reserved"]
+    assert [e["args"]["requested"] for e in mem] == tl["requested"] and [e["args"]["reserved"] for e in mem] == tl[
+        "reserved"
+    ]
     assert [e["ts"] for e in mem] == [t - tl["t_us"][0] for t in tl["t_us"]]
 
 
@@ -84,12 +101,18 @@ def test_perfetto_puts_each_clock_at_its_own_origin(tmp_path):
     """The demo's pool runs on a simulated clock, the gc probe on the monotonic one: both
     start near 0 in the export instead of hours apart."""
     bundle = tmp_path / "d.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--probe", "blocks,gc", "-m", "kvprof.demo", "--", "--requests", "200")
+    r = run_kvprof(
+        "record", "-q", "-o", str(bundle), "--probe", "blocks,gc", "-m", "kvprof.demo", "--", "--requests", "200"
+    )
     assert r.returncode == 0, r.stderr
     doc = json.loads(run_kvprof("export", str(bundle), "-o", "-").stdout)
     _validate_trace_events(doc)
     ev = doc["traceEvents"]
-    kv = [e["ts"] for e in ev if e["ph"] == "C" and e["name"].startswith("KV blocks demo") and e["name"].endswith("(simulated clock)")]
+    kv = [
+        e["ts"]
+        for e in ev
+        if e["ph"] == "C" and e["name"].startswith("KV blocks demo") and e["name"].endswith("(simulated clock)")
+    ]
     gc = [e["ts"] for e in ev if e["ph"] == "X"]
     assert kv and gc and min(kv) < 1e6 and min(gc) < 60e6 and max(gc) < 600e6
     marks = {e["name"]: e["ts"] for e in ev if e["ph"] == "i" and e.get("s") == "t"}
@@ -97,13 +120,35 @@ def test_perfetto_puts_each_clock_at_its_own_origin(tmp_path):
 
 
 def test_perfetto_keeps_every_snapshot_oom(tmp_path):
-    seg = {"device": 0, "address": 1 << 40, "total_size": 2 << 20, "stream": 0, "segment_type": "large", "allocated_size": 1 << 20,
-           "active_size": 1 << 20, "blocks": [{"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20},
-                                              {"size": 1 << 20, "state": "inactive"}]}
+    seg = {
+        "device": 0,
+        "address": 1 << 40,
+        "total_size": 2 << 20,
+        "stream": 0,
+        "segment_type": "large",
+        "allocated_size": 1 << 20,
+        "active_size": 1 << 20,
+        "blocks": [
+            {"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20},
+            {"size": 1 << 20, "state": "inactive"},
+        ],
+    }
     oom = {"action": "oom", "addr": 0, "size": 8 << 20, "stream": 0, "device_free": 0, "frames": []}
-    cases = {"only": [dict(oom, time_us=1000)],
-             "at0": [{"action": "alloc", "addr": 1 << 40, "size": 1 << 20, "stream": 0, "time_us": 0, "frames": []}, dict(oom, time_us=0),
-                     {"action": "alloc", "addr": (1 << 40) + (1 << 20), "size": 1 << 19, "stream": 0, "time_us": 500, "frames": []}]}
+    cases = {
+        "only": [dict(oom, time_us=1000)],
+        "at0": [
+            {"action": "alloc", "addr": 1 << 40, "size": 1 << 20, "stream": 0, "time_us": 0, "frames": []},
+            dict(oom, time_us=0),
+            {
+                "action": "alloc",
+                "addr": (1 << 40) + (1 << 20),
+                "size": 1 << 19,
+                "stream": 0,
+                "time_us": 500,
+                "frames": [],
+            },
+        ],
+    }
     for name, trace in cases.items():
         path = tmp_path / f"{name}.pickle"
         path.write_bytes(pickle.dumps({"segments": [seg], "device_traces": [trace]}, protocol=4))
@@ -113,10 +158,16 @@ def test_perfetto_keeps_every_snapshot_oom(tmp_path):
         assert o["ts"] == 0.0 and o["args"]["requested"] == 8 << 20, (name, o)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "speedscope", "-o", "x.json"], "--format must be perfetto"),
-    (["export", "nope.kvprof", "-o", "x.json"], "no such file or bundle"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            ["export", os.path.join(FIXTURES, "demo.kvprof"), "--format", "speedscope", "-o", "x.json"],
+            "--format must be perfetto",
+        ),
+        (["export", "nope.kvprof", "-o", "x.json"], "no such file or bundle"),
+    ],
+)
 def test_bad_export_input_is_one_line(tmp_path, args, message):
     r = run_kvprof(*args, cwd=str(tmp_path))
     assert r.returncode == 2 and message in r.stderr, r.stderr

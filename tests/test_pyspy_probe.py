@@ -13,8 +13,10 @@ import pytest
 from kvprof.record import find_pyspy
 from tests.conftest import WORKLOADS, analyze_json, run_kvprof
 
-pytestmark = [pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)"),
-              pytest.mark.slow]  # records py-spy sampling real workloads (make test-quick leaves it out)
+pytestmark = [
+    pytest.mark.skipif(find_pyspy() is None, reason="py-spy not installed (make install)"),
+    pytest.mark.slow,
+]  # records py-spy sampling real workloads (make test-quick leaves it out)
 
 
 def _manifest(bundle):
@@ -36,8 +38,25 @@ def test_exit_code_stdout_and_profile(tmp_path):
 
 def test_signals_reach_the_target(tmp_path):
     out = tmp_path / "s.kvprof"
-    proc = subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", "-o", str(out), "--probe", "pyspy", "--",
-                             sys.executable, "-c", "import time; time.sleep(30)"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvprof.commands",
+            "record",
+            "-q",
+            "-o",
+            str(out),
+            "--probe",
+            "pyspy",
+            "--",
+            sys.executable,
+            "-c",
+            "import time; time.sleep(30)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     time.sleep(2.5)
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 128 + signal.SIGTERM
@@ -47,7 +66,18 @@ def test_signals_reach_the_target(tmp_path):
 def test_without_a_working_py_spy_the_target_still_runs(tmp_path):
     for fake, status in (("/nonexistent/py-spy", "unavailable"), ("/bin/false", "failed")):
         out = tmp_path / f"{status}.kvprof"
-        r = run_kvprof("record", "-o", str(out), "--probe", "pyspy", "--", sys.executable, "-c", "import sys; sys.exit(5)", env={"KVPROF_PYSPY": fake})
+        r = run_kvprof(
+            "record",
+            "-o",
+            str(out),
+            "--probe",
+            "pyspy",
+            "--",
+            sys.executable,
+            "-c",
+            "import sys; sys.exit(5)",
+            env={"KVPROF_PYSPY": fake},
+        )
         assert r.returncode == 5, r.stderr
         assert r.stderr.count("py-spy probe off") == 1, r.stderr
         assert _manifest(out)["probe_status"]["pyspy"]["status"] == status
@@ -57,9 +87,28 @@ def test_without_a_working_py_spy_the_target_still_runs(tmp_path):
 
 def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
     out = tmp_path / "nv.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "pyspy", "--pyspy-rate", "400", "--", sys.executable,
-                   os.path.join(WORKLOADS, "nanovllm_sched.py"), str(tmp_path / "t.json"), "--requests", "1500", "--blocks", "60",
-                   "--no-snapshots", "--min-seconds", "1.5", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "pyspy",
+        "--pyspy-rate",
+        "400",
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "nanovllm_sched.py"),
+        str(tmp_path / "t.json"),
+        "--requests",
+        "1500",
+        "--blocks",
+        "60",
+        "--no-snapshots",
+        "--min-seconds",
+        "1.5",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     a = analyze_json(str(out))
     cpu = a["sections"]["cpu"]
@@ -72,15 +121,33 @@ def test_nanovllm_block_management_shows_with_its_real_functions(tmp_path):
     stacks = " ".join(s["stack"] for s in main["top"] if s["category"] == "block management")
     assert "BlockManager." in stacks and "Scheduler." in stacks, stacks
     m = {k: v["value"] for k, v in a["metrics"].items()}
-    assert m["cpu.samples"] == main["samples"] and m["cpu.block_management_share"] == pytest.approx(main["shares"]["block management"])
+    assert m["cpu.samples"] == main["samples"] and m["cpu.block_management_share"] == pytest.approx(
+        main["shares"]["block management"]
+    )
 
 
 def test_native_gc_share_agrees_with_the_gc_probe(tmp_path):
     """Two independent measures of the same thing: py-spy's samples inside CPython's
     collector (native frames) and the gc probe's pause time share."""
     out = tmp_path / "g.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc,pyspy", "--pyspy-native", "--pyspy-rate", "100", "--",
-                   sys.executable, os.path.join(WORKLOADS, "gc_cycles.py"), str(tmp_path / "t.json"), "800", "3", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--probe",
+        "gc,pyspy",
+        "--pyspy-native",
+        "--pyspy-rate",
+        "100",
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "gc_cycles.py"),
+        str(tmp_path / "t.json"),
+        "800",
+        "3",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     if _manifest(out)["probe_status"]["pyspy"]["status"] != "sampled":
         pytest.skip("py-spy cannot read native stacks here")

@@ -31,8 +31,14 @@ def _clean_env() -> dict:
 
 @pytest.fixture(scope="module")
 def cluster():
-    proc = subprocess.Popen([sys.executable, os.path.join(WORKLOADS, "ray_cluster.py"), "3"], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True, env=_clean_env(), cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, os.path.join(WORKLOADS, "ray_cluster.py"), "3"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        env=_clean_env(),
+        cwd=ROOT,
+    )
     timer = threading.Timer(180, proc.kill)  # a cluster that never comes up fails the test, not the suite
     timer.start()
     line = proc.stdout.readline()
@@ -60,8 +66,25 @@ def _own_dir(tmp) -> str:
 def fleet(cluster, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fleet")
     out, report = tmp / "fleet.kvprof", tmp / "report.json"
-    r = run_kvprof("record", "-o", str(out), "-p", "blocks,gc,tracemalloc", "--tracemalloc-interval", "0", "--tracemalloc-depth", "4",
-                   "--", sys.executable, FLEET, cluster["address"], str(report), _own_dir(tmp), timeout=600, env=_clean_env())
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(out),
+        "-p",
+        "blocks,gc,tracemalloc",
+        "--tracemalloc-interval",
+        "0",
+        "--tracemalloc-depth",
+        "4",
+        "--",
+        sys.executable,
+        FLEET,
+        cluster["address"],
+        str(report),
+        _own_dir(tmp),
+        timeout=600,
+        env=_clean_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return {"bundle": Bundle(str(out)), "path": out, "report": json.load(open(report)), "tmp": tmp, "stderr": r.stderr}
 
@@ -80,9 +103,15 @@ def test_every_worker_is_recorded_on_its_node(fleet, cluster):
         assert p.info["ray"]["node_id"] == a["node_id"] and p.info["ray"]["role"] == "worker"
         assert p.info["host"]["hostname"] == os.uname().nodename and p.info["clock"]["wall_minus_mono_ns"]["start"]
     listed = {p["pid"]: p for p in b.manifest["processes"]}
-    assert all(listed[a["pid"]]["ray"]["node_id"] == a["node_id"] for a in actors), "the manifest names each process's node"
+    assert all(listed[a["pid"]]["ray"]["node_id"] == a["node_id"] for a in actors), (
+        "the manifest names each process's node"
+    )
     driver = _proc(b, rep["driver_pid"])
-    assert driver.info["role"] == "main" and driver.info["ray"]["role"] == "driver" and driver.info["ray"]["node_id"] == rep["driver_node"]
+    assert (
+        driver.info["role"] == "main"
+        and driver.info["ray"]["role"] == "driver"
+        and driver.info["ray"]["node_id"] == rep["driver_node"]
+    )
     # Ray's own processes are not recorded (the cluster's daemons were started outside anyway)
     for p in b.processes:
         argv0 = str(p.info["argv"][0]) if p.info["argv"] else ""
@@ -131,12 +160,18 @@ def test_analysis_per_engine_per_node_and_fleet(fleet, tmp_path):
     engines = {e["label"].split("@")[0]: e for e in fleet_sec["engines"]}
     for a in actors:
         e = engines[a["name"]]
-        assert (e["peak_blocks"], e["query_tokens"], e["hit_tokens"], e["preemptions"]) == \
-            (a["peak_blocks"], a["query_tokens"], a["hit_tokens"], a["preemptions"]), a["name"]
+        assert (e["peak_blocks"], e["query_tokens"], e["hit_tokens"], e["preemptions"]) == (
+            a["peak_blocks"],
+            a["query_tokens"],
+            a["hit_tokens"],
+            a["preemptions"],
+        ), a["name"]
     assert mt["fleet.nodes"] == 3 and mt["fleet.engines"] == 4
     assert mt["fleet.peak_blocks.sum"] == sum(a["peak_blocks"] for a in actors)
     assert mt["fleet.preemptions"] == sum(a["preemptions"] for a in actors)
-    assert mt["fleet.prefix_cache.hit_rate"] == pytest.approx(sum(a["hit_tokens"] for a in actors) / sum(a["query_tokens"] for a in actors))
+    assert mt["fleet.prefix_cache.hit_rate"] == pytest.approx(
+        sum(a["hit_tokens"] for a in actors) / sum(a["query_tokens"] for a in actors)
+    )
     assert mt["fleet.peak_blocks.simultaneous"] <= mt["fleet.peak_blocks.sum"]
     by_node = {n["ray_node_id"]: n for n in fleet_sec["nodes"]}
     for node in rep["nodes"]:
@@ -156,8 +191,23 @@ def test_ray_output_parts_combine_into_the_same_figures(fleet, cluster, tmp_path
     """--ray-output DIR: the workers write there (the shared directory of a real cluster);
     combine gives back one bundle with the same processes and figures."""
     out, parts, report = tmp_path / "driver.kvprof", tmp_path / "shared" / "ray", tmp_path / "report.json"
-    r = run_kvprof("record", "-o", str(out), "--ray-output", str(parts), "-p", "blocks,gc",
-                   "--", sys.executable, FLEET, cluster["address"], str(report), _own_dir(tmp_path), timeout=600, env=_clean_env())
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(out),
+        "--ray-output",
+        str(parts),
+        "-p",
+        "blocks,gc",
+        "--",
+        sys.executable,
+        FLEET,
+        cluster["address"],
+        str(report),
+        _own_dir(tmp_path),
+        timeout=600,
+        env=_clean_env(),
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     assert f"kvprof combine OUT.kvprof {out} {parts}" in r.stderr
     rep = json.load(open(report))
@@ -173,5 +223,8 @@ def test_ray_output_parts_combine_into_the_same_figures(fleet, cluster, tmp_path
     res = json.load(open(js))
     engines = {e["label"].split("@")[0]: e for e in res["sections"]["fleet"]["engines"]}
     for a in actors:
-        assert (engines[a["name"]]["peak_blocks"], engines[a["name"]]["preemptions"]) == (a["peak_blocks"], a["preemptions"])
+        assert (engines[a["name"]]["peak_blocks"], engines[a["name"]]["preemptions"]) == (
+            a["peak_blocks"],
+            a["preemptions"],
+        )
     assert res["metrics"]["fleet.nodes"]["value"] == 3

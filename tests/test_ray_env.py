@@ -29,8 +29,11 @@ def test_merge_into_nothing_gives_kvprof_vars_and_the_nodes_pythonpath():
 
 
 def test_merge_keeps_the_programs_own_runtime_env():
-    own = FakeRuntimeEnv(env_vars={"MY_VAR": "x", "KVPROF_PROBES": "mine", "PYTHONPATH": "/my/lib:/other:${PYTHONPATH}"},
-                         pip=["requests"], working_dir=".")
+    own = FakeRuntimeEnv(
+        env_vars={"MY_VAR": "x", "KVPROF_PROBES": "mine", "PYTHONPATH": "/my/lib:/other:${PYTHONPATH}"},
+        pip=["requests"],
+        working_dir=".",
+    )
     merged = ray_probe.merge_runtime_env(own, OURS)
     assert merged["pip"] == ["requests"] and merged["working_dir"] == "."
     ev = merged["env_vars"]
@@ -80,14 +83,17 @@ def test_recorder_env_sets_rays_hook_and_keeps_one_already_there():
     assert note["chained_hook"] == "corp.hooks.add_secrets" and note["output"] is None
 
 
-@pytest.mark.parametrize("argv0, recorded", [
-    ("/venv/lib/python3.11/site-packages/ray/dashboard/dashboard.py", False),
-    ("/venv/lib/python3.11/site-packages/ray/_private/log_monitor.py", False),
-    ("/venv/lib/python3.11/site-packages/ray/_private/runtime_env/agent/main.py", False),
-    ("/venv/lib/python3.11/site-packages/ray/_private/workers/setup_worker.py", False),
-    ("/venv/lib/python3.11/site-packages/ray/autoscaler/_private/monitor.py", False),
-    ("/home/me/array_job.py", True),
-])
+@pytest.mark.parametrize(
+    "argv0, recorded",
+    [
+        ("/venv/lib/python3.11/site-packages/ray/dashboard/dashboard.py", False),
+        ("/venv/lib/python3.11/site-packages/ray/_private/log_monitor.py", False),
+        ("/venv/lib/python3.11/site-packages/ray/_private/runtime_env/agent/main.py", False),
+        ("/venv/lib/python3.11/site-packages/ray/_private/workers/setup_worker.py", False),
+        ("/venv/lib/python3.11/site-packages/ray/autoscaler/_private/monitor.py", False),
+        ("/home/me/array_job.py", True),
+    ],
+)
 def test_rays_own_daemons_are_not_recorded(argv0, recorded, tmp_path):
     assert ray_probe.prepare_worker(str(tmp_path), [argv0]) is recorded
 
@@ -95,21 +101,43 @@ def test_rays_own_daemons_are_not_recorded(argv0, recorded, tmp_path):
 def test_a_worker_of_no_recorded_job_is_not_recorded(tmp_path):
     worker = "/venv/lib/python3.11/site-packages/ray/_private/workers/default_worker.py"
     assert ray_probe.prepare_worker(str(tmp_path), [worker], environ={}) is False
-    assert ray_probe.prepare_worker(str(tmp_path), [worker], environ={"KVPROF_RAY_JOB": "h:1", "KVPROF_PROBES": "blocks"}) is True
+    assert (
+        ray_probe.prepare_worker(str(tmp_path), [worker], environ={"KVPROF_RAY_JOB": "h:1", "KVPROF_PROBES": "blocks"})
+        is True
+    )
     man = json.load(open(tmp_path / "manifest.json"))  # no bundle there: this node's part
-    assert man["status"] == "part" and man["host"]["hostname"] == os.uname().nodename and man["part"]["ray_job_driver"] == "h:1"
+    assert (
+        man["status"] == "part"
+        and man["host"]["hostname"] == os.uname().nodename
+        and man["part"]["ray_job_driver"] == "h:1"
+    )
 
 
 def test_ray_worker_ids_from_its_command_line(monkeypatch):
     monkeypatch.setenv("RAY_JOB_ID", "02000000")
-    argv = ["/x/ray/_private/workers/default_worker.py", "--node-ip-address=10.0.0.2", "--node-id=abc123", "--worker-id=w9", "--other=1"]
-    assert hostinfo.ray_worker(argv) == {"role": "worker", "node_ip_address": "10.0.0.2", "node_id": "abc123", "worker_id": "w9", "job_id": "02000000"}
+    argv = [
+        "/x/ray/_private/workers/default_worker.py",
+        "--node-ip-address=10.0.0.2",
+        "--node-id=abc123",
+        "--worker-id=w9",
+        "--other=1",
+    ]
+    assert hostinfo.ray_worker(argv) == {
+        "role": "worker",
+        "node_ip_address": "10.0.0.2",
+        "node_id": "abc123",
+        "worker_id": "w9",
+        "job_id": "02000000",
+    }
     assert hostinfo.ray_worker(["serve.py"]) is None
 
 
 def test_clock_shifts_put_every_host_on_the_references_clock():
     def info(host, *offs):
-        return {"host": {"hostname": host, "boot_id": f"boot-{host}"}, "clock": {"wall_minus_mono_ns": {"start": offs[0], "end": offs[1] if len(offs) > 1 else None}}}
+        return {
+            "host": {"hostname": host, "boot_id": f"boot-{host}"},
+            "clock": {"wall_minus_mono_ns": {"start": offs[0], "end": offs[1] if len(offs) > 1 else None}},
+        }
 
     manifest = info("a", 1000)
     procs = [info("a", 1002, 1004), info("b", 5000, 5002), info("b", 5004), {"host": None}, info("c", 7000)]
@@ -151,16 +179,29 @@ def test_a_worker_on_a_node_without_the_bundle_makes_a_part_there(tmp_path):
     worker.write_text(SCRIPT)
     part = tmp_path / "node-local.kvprof"
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVPROF_")}
-    env.update(ray_probe.merge_runtime_env(None, {"KVPROF_BUNDLE": str(part), "KVPROF_PROBES": "blocks", "KVPROF_RAY_JOB": "head:1",
-                                                  "KVPROF_PATH": ROOT})["env_vars"])
+    env.update(
+        ray_probe.merge_runtime_env(
+            None,
+            {"KVPROF_BUNDLE": str(part), "KVPROF_PROBES": "blocks", "KVPROF_RAY_JOB": "head:1", "KVPROF_PATH": ROOT},
+        )["env_vars"]
+    )
     env["PYTHONPATH"] = env["PYTHONPATH"].replace("${PYTHONPATH}", ROOT)  # what Ray's expansion does on the node
-    r = subprocess.run([sys.executable, str(worker), "--node-id=feedface", "--worker-id=w1"], env=env, capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, str(worker), "--node-id=feedface", "--worker-id=w1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     b = Bundle(str(part))
     assert b.manifest["status"] == "part"
     (proc,) = b.processes
     assert proc.info["ray"]["node_id"] == "feedface" and proc.info["host"]["hostname"] == os.uname().nodename
-    assert len(proc.info["clock"]["wall_minus_mono_ns"]) == 2 and proc.info["clock"]["wall_minus_mono_ns"]["end"] is not None
+    assert (
+        len(proc.info["clock"]["wall_minus_mono_ns"]) == 2
+        and proc.info["clock"]["wall_minus_mono_ns"]["end"] is not None
+    )
     assert len(b.block_stream()) == 2
     # and a Ray daemon started the same way is left alone
     daemon = tmp_path / "site-packages" / "ray" / "dashboard" / "agent.py"
@@ -191,14 +232,37 @@ def test_record_says_host_clock_and_rays_hook(tmp_path):
 def test_record_ray_output_makes_a_part_and_says_how_to_combine(tmp_path):
     out, parts = tmp_path / "r.kvprof", tmp_path / "shared" / "ray-parts"
     code = "import os; assert os.environ['KVPROF_RAY_OUTPUT'] == os.environ['RAY_OUT']"
-    r = run_kvprof("record", "-o", str(out), "--ray-output", str(parts), "--", sys.executable, "-c", code, env={"RAY_OUT": str(parts)})
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(out),
+        "--ray-output",
+        str(parts),
+        "--",
+        sys.executable,
+        "-c",
+        code,
+        env={"RAY_OUT": str(parts)},
+    )
     assert r.returncode == 0, r.stderr
     man = json.load(open(parts / "manifest.json"))
     assert man["status"] == "part" and man["processes"] == []
     assert f"kvprof combine OUT.kvprof {out} {parts}" in r.stderr
-    r = run_kvprof("record", "-o", str(tmp_path / "again.kvprof"), "--ray-output", str(parts), "--", sys.executable, "-c", "pass")
+    r = run_kvprof(
+        "record", "-o", str(tmp_path / "again.kvprof"), "--ray-output", str(parts), "--", sys.executable, "-c", "pass"
+    )
     assert r.returncode == 2 and "--ray-output exists" in r.stderr
-    r = run_kvprof("record", "-o", str(tmp_path / "x.kvprof"), "--ray-output", str(tmp_path / "x.kvprof" / "in"), "--", sys.executable, "-c", "pass")
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(tmp_path / "x.kvprof"),
+        "--ray-output",
+        str(tmp_path / "x.kvprof" / "in"),
+        "--",
+        sys.executable,
+        "-c",
+        "pass",
+    )
     assert r.returncode == 2 and "apart from the bundle" in r.stderr
 
 
@@ -207,14 +271,23 @@ def test_hostile_host_and_clock_fields_are_read_as_no_alignment(tmp_path):
     """A bundle is untrusted input: host and clock fields of the wrong types or impossible
     values leave the times as recorded, never a traceback."""
     out = tmp_path / "h.kvprof"
-    two = SCRIPT + "import subprocess, sys\nif len(sys.argv) < 2: subprocess.run([sys.executable, __file__, 'child'], check=True)\n"
+    two = (
+        SCRIPT
+        + "import subprocess, sys\nif len(sys.argv) < 2: subprocess.run([sys.executable, __file__, 'child'], check=True)\n"
+    )
     (tmp_path / "two.py").write_text(two)
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(tmp_path / "two.py")).returncode == 0
     man = json.load(open(out / "manifest.json"))
     man["clock"] = {"hosts": 7, "reference": ["x"], "wall_minus_mono_ns": {"start": 10**40}}
     json.dump(man, open(out / "manifest.json", "w"))
-    hostile = [{"host": {"hostname": 5, "boot_id": "other"}, "clock": {"wall_minus_mono_ns": {"start": -(10**30), "end": "x"}}, "ray": [1]},
-               {"host": [1], "clock": 3, "ray": {"node_id": 7}}]
+    hostile = [
+        {
+            "host": {"hostname": 5, "boot_id": "other"},
+            "clock": {"wall_minus_mono_ns": {"start": -(10**30), "end": "x"}},
+            "ray": [1],
+        },
+        {"host": [1], "clock": 3, "ray": {"node_id": 7}},
+    ]
     for proc_dir, fields in zip(sorted((out / "procs").iterdir()), hostile):
         info = json.load(open(proc_dir / "process.json"))
         info.update(fields)

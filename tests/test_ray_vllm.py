@@ -27,9 +27,13 @@ def _env():
         pytest.skip("no vLLM environment: run `make vllm-env` or set KVPROF_VLLM_PYTHON")
     extra = os.environ.get("KVPROF_RAY_VLLM_PATH") or os.path.join(ROOT, ".venv-ray-vllm")
     env = {k: v for k, v in os.environ.items() if not k.startswith(("KVPROF_", "RAY_"))}
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (extra if os.path.isdir(extra) else "", env.get("PYTHONPATH", "")) if p)
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (extra if os.path.isdir(extra) else "", env.get("PYTHONPATH", "")) if p
+    )
     if subprocess.run([py, "-c", "import ray"], env=env, capture_output=True).returncode:
-        pytest.skip("Ray is not importable by the vLLM environment: run `make ray-vllm-env` or set KVPROF_RAY_VLLM_PATH")
+        pytest.skip(
+            "Ray is not importable by the vLLM environment: run `make ray-vllm-env` or set KVPROF_RAY_VLLM_PATH"
+        )
     env["KVPROF_VLLM_RAY_ON_CPU"] = "1"
     return py, env
 
@@ -37,8 +41,20 @@ def _env():
 def test_vllm_ray_executor_engine_core_pool_and_every_worker(tmp_path):
     py, env = _env()
     out, truth = tmp_path / "v.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-o", str(out), "-p", "blocks,gc", "--", py, os.path.join(WORKLOADS, "ray_vllm.py"), str(truth), "2",
-                   env=env, timeout=900)
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(out),
+        "-p",
+        "blocks,gc",
+        "--",
+        py,
+        os.path.join(WORKLOADS, "ray_vllm.py"),
+        str(truth),
+        "2",
+        env=env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     truth = json.loads(truth.read_text())
     b = Bundle(str(out))

@@ -20,7 +20,9 @@ from tests.conftest import WORKLOADS, run_kvprof
 @pytest.mark.slow
 def test_processes_and_threads_merge_in_time_order(tmp_path):
     out = tmp_path / "m.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "two_pools.py"), timeout=300)
+    r = run_kvprof(
+        "record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "two_pools.py"), timeout=300
+    )
     assert r.returncode == 0, r.stderr
     bundle = Bundle(str(out))
     assert len([p for p in bundle.processes if p.pools]) == 3 and len(bundle.pools) == 3  # and the resource tracker
@@ -57,7 +59,18 @@ def test_processes_and_threads_merge_in_time_order(tmp_path):
     # every pool, and all pools together, as the whole-stream analyzer has them
     keys, req = np.unique(ref.req, return_inverse=True)
     req = np.where(ref.req >= 0, req - int((keys < 0).sum()), -1)
-    stream = BlockStream(ref.t, ref.kind, ref.pool, req, ref.arg, ref.arg2, ref.n.astype(np.uint32), ref.ids, bundle.pools, [str(k) for k in keys])
+    stream = BlockStream(
+        ref.t,
+        ref.kind,
+        ref.pool,
+        req,
+        ref.arg,
+        ref.arg2,
+        ref.n.astype(np.uint32),
+        ref.ids,
+        bundle.pools,
+        [str(k) for k in keys],
+    )
     for pools in ([0], [1], [2], None):
         want = dataclasses.asdict(old.analyze_blocks(stream, pools))
         want["rounding"] = want.pop("whatif")
@@ -74,8 +87,16 @@ def _chunk(ts):
 
     n = len(ts)
     z = np.zeros(n, dtype=np.int64)
-    return BlockChunk(np.array(ts, dtype=np.int64), np.zeros(n, dtype=np.uint8), np.zeros(n, dtype=np.int32), z - 1,
-                      np.arange(n, dtype=np.int64) + ts[0] * 100, z, np.ones(n, dtype=np.int64), np.arange(n, dtype=np.int32))
+    return BlockChunk(
+        np.array(ts, dtype=np.int64),
+        np.zeros(n, dtype=np.uint8),
+        np.zeros(n, dtype=np.int32),
+        z - 1,
+        np.arange(n, dtype=np.int64) + ts[0] * 100,
+        z,
+        np.ones(n, dtype=np.int64),
+        np.arange(n, dtype=np.int32),
+    )
 
 
 def test_events_more_than_a_piece_late_move_forward_and_are_counted():

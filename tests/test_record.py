@@ -53,7 +53,12 @@ def test_existing_sitecustomize_still_runs(tmp_path):
 
 @pytest.mark.parametrize(
     "how, code",
-    [("raise", 1), ("sigkill", 128 + signal.SIGKILL), ("sigterm", 128 + signal.SIGTERM), ("segv", 128 + signal.SIGSEGV)],
+    [
+        ("raise", 1),
+        ("sigkill", 128 + signal.SIGKILL),
+        ("sigterm", 128 + signal.SIGTERM),
+        ("segv", 128 + signal.SIGSEGV),
+    ],
 )
 def test_crashing_target_leaves_a_readable_bundle(tmp_path, how, code):
     out = tmp_path / f"{how}.kvprof"
@@ -73,8 +78,21 @@ def test_crashing_target_leaves_a_readable_bundle(tmp_path, how, code):
 def test_signals_are_forwarded_to_the_target(tmp_path):
     out = tmp_path / "sig.kvprof"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvprof.commands", "record", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "crash.py"), "sleep"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "kvprof.commands",
+            "record",
+            "-o",
+            str(out),
+            "--",
+            sys.executable,
+            os.path.join(WORKLOADS, "crash.py"),
+            "sleep",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
@@ -89,8 +107,22 @@ def test_signals_are_forwarded_to_the_target(tmp_path):
 def test_sigint_is_forwarded_when_not_from_a_terminal(tmp_path):
     out = tmp_path / "int.kvprof"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "kvprof.commands", "record", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "crash.py"), "sleep"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+        [
+            sys.executable,
+            "-m",
+            "kvprof.commands",
+            "record",
+            "-o",
+            str(out),
+            "--",
+            sys.executable,
+            os.path.join(WORKLOADS, "crash.py"),
+            "sleep",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        stdin=subprocess.DEVNULL,
     )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGINT)
@@ -123,7 +155,9 @@ def test_bad_invocations_are_one_line_errors(tmp_path):
 
 def test_options_after_the_command_belong_to_the_target(tmp_path):
     code = "import sys; sys.exit(0 if sys.argv[1:] == ['-o', 'x', '--probe', 'y'] else 5)"
-    r = run_kvprof("record", "-q", "-o", str(tmp_path / "o.kvprof"), sys.executable, "-c", code, "-o", "x", "--probe", "y")
+    r = run_kvprof(
+        "record", "-q", "-o", str(tmp_path / "o.kvprof"), sys.executable, "-c", code, "-o", "x", "--probe", "y"
+    )
     assert r.returncode == 0, r.stderr
 
 
@@ -154,7 +188,9 @@ def test_no_thread_kvprof_starts_can_take_a_sigterm(tmp_path):
         "json.dump(rows, open(sys.argv[1], 'w'))\n"
     )
     out = tmp_path / "t.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script), str(tmp_path / "t.json"))
+    r = run_kvprof(
+        "record", "-q", "-o", str(out), "--probe", "gc", "--", sys.executable, str(script), str(tmp_path / "t.json")
+    )
     assert r.returncode == 0, r.stderr
     rows = json.loads((tmp_path / "t.json").read_text())
     helpers = [x for x in rows if not x["main"]]
@@ -238,8 +274,12 @@ def test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short(tmp_
         "time.sleep(30)\n"
     )
     out = tmp_path / "c.kvprof"
-    proc = subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", "-o", str(out), "--", sys.executable, str(script)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kvprof.commands", "record", "-q", "-o", str(out), "--", sys.executable, str(script)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout.readline().strip() == "ready"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 0
@@ -251,13 +291,17 @@ def test_a_program_handler_that_chains_to_the_previous_one_is_not_cut_short(tmp_
 
 def test_a_marker_value_out_of_range_loses_nothing_else(tmp_path):
     script = tmp_path / "big.py"
-    script.write_text("import kvprof\nkvprof.mark('huge', 2**63)\nfor i in range(20):\n    kvprof.mark('m', i)\nkvprof.mark('neg', -2**70)\n")
+    script.write_text(
+        "import kvprof\nkvprof.mark('huge', 2**63)\nfor i in range(20):\n    kvprof.mark('m', i)\nkvprof.mark('neg', -2**70)\n"
+    )
     out = tmp_path / "b.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), str(script)).returncode == 0
     marks = analyze_json(str(out))["sections"]["markers"]
     assert {k: v["count"] for k, v in marks.items()} == {"huge": 1, "m": 20, "neg": 1}
     (d,) = (out / "procs").iterdir()
-    assert json.loads((d / "process.json").read_text())["errors"] == ["marker values outside 64-bit integers were clamped"]
+    assert json.loads((d / "process.json").read_text())["errors"] == [
+        "marker values outside 64-bit integers were clamped"
+    ]
 
 
 def test_a_mistyped_option_is_not_run_as_the_command(tmp_path):
@@ -449,12 +493,16 @@ def test_a_final_manifest_that_cannot_be_written_leaves_the_previous_one(tmp_pat
 
     monkeypatch.setattr(rec, "write_json_atomic", full_disk)
     out = tmp_path / "run.kvprof"
-    rc = main(["record", "-o", str(out), "--", sys.executable, "-c", "import kvprof, sys; kvprof.mark('m', 1); sys.exit(5)"])
+    rc = main(
+        ["record", "-o", str(out), "--", sys.executable, "-c", "import kvprof, sys; kvprof.mark('m', 1); sys.exit(5)"]
+    )
     err = capsys.readouterr().err
     assert rc == 5, err
     warning = err.splitlines()[0]
-    assert warning == (f"kvprof: warning: could not write the final manifest of {out} (No space left on device); "
-                       "it still says \"recording\", and the streams are readable as far as they were written")
+    assert warning == (
+        f"kvprof: warning: could not write the final manifest of {out} (No space left on device); "
+        'it still says "recording", and the streams are readable as far as they were written'
+    )
     assert calls == ["recording", "complete", "incomplete"]  # the whole manifest, then the compact one
     man = json.loads((out / "manifest.json").read_text())
     assert man["status"] == "recording" and man["end_time"] is None
@@ -491,8 +539,25 @@ SLOW = "import kvprof, time\nfor i in range(20):\n    kvprof.mark('tick', i)\n  
 
 
 def _start_recorder(out, *extra, script=None):
-    return subprocess.Popen([sys.executable, "-m", "kvprof.commands", "record", "-q", *extra, "-o", str(out), "--",
-                             sys.executable, "-c", script or SLOW], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "kvprof.commands",
+            "record",
+            "-q",
+            *extra,
+            "-o",
+            str(out),
+            "--",
+            sys.executable,
+            "-c",
+            script or SLOW,
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _wait_recording(out, proc, timeout=60):
@@ -509,8 +574,25 @@ def test_a_second_recorder_of_the_same_bundle_fails_at_once_and_touches_nothing(
     before = sorted(p.name for p in (out / "procs").iterdir())
     for extra in (["--force"], []):
         t0 = time.time()
-        second = subprocess.run([sys.executable, "-m", "kvprof.commands", "record", "-q", *extra, "-o", str(out), "--",
-                                 sys.executable, "-c", "print('must not run')"], capture_output=True, text=True, timeout=60)
+        second = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "kvprof.commands",
+                "record",
+                "-q",
+                *extra,
+                "-o",
+                str(out),
+                "--",
+                sys.executable,
+                "-c",
+                "print('must not run')",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert second.returncode == 2 and second.stdout == "", second
         line = second.stderr
         assert line.count("\n") == 1 and line.startswith("kvprof: error: another kvprof record (pid "), line
@@ -546,7 +628,9 @@ def test_a_killed_recorders_lock_does_not_block_the_next(tmp_path):
     first.kill()  # SIGKILL: no cleanup; its lock file stays, its lock goes with it
     first.wait()
     assert (tmp_path / ".killed.kvprof.lock").exists()
-    r = run_kvprof("record", "-q", "--force", "-o", str(out), "--", sys.executable, "-c", "import kvprof; kvprof.mark('again')")
+    r = run_kvprof(
+        "record", "-q", "--force", "-o", str(out), "--", sys.executable, "-c", "import kvprof; kvprof.mark('again')"
+    )
     assert r.returncode == 0, r.stderr
     man = Bundle(str(out)).manifest
     assert len(man["processes"]) == 1 and _markers(man) == 1

@@ -22,7 +22,19 @@ def _record_on_a_terminal(tmp_path, *args, ctrl_c=True):
     of its own (a controlling terminal: Ctrl-C reaches the whole foreground group, as at a
     shell), Ctrl-C typed once the server is up; the manifest."""
     bundle = tmp_path / "server.kvprof"
-    argv = [sys.executable, "-m", "kvprof", "record", "-o", str(bundle), "--", sys.executable, "-m", "tests.workloads.server_shutdown", *args]
+    argv = [
+        sys.executable,
+        "-m",
+        "kvprof",
+        "record",
+        "-o",
+        str(bundle),
+        "--",
+        sys.executable,
+        "-m",
+        "tests.workloads.server_shutdown",
+        *args,
+    ]
     env = dict(os.environ, KVPROF_TEST_PIDS=str(tmp_path / "pids"), PYTHONPATH=ROOT)
     pid, fd = pty.fork()
     if pid == 0:
@@ -45,7 +57,11 @@ def _record_on_a_terminal(tmp_path, *args, ctrl_c=True):
             sent = True
     _, status = os.waitpid(pid, 0)
     os.close(fd)
-    return os.waitstatus_to_exitcode(status), out.decode(errors="replace"), json.loads((bundle / "manifest.json").read_text())
+    return (
+        os.waitstatus_to_exitcode(status),
+        out.decode(errors="replace"),
+        json.loads((bundle / "manifest.json").read_text()),
+    )
 
 
 def test_ctrl_c_of_a_server_that_kills_its_helpers_in_order(tmp_path):
@@ -73,13 +89,20 @@ def test_a_helper_that_crashed_is_still_an_unclean_exit(tmp_path):
     assert core["exited_cleanly"] is False and core["ended"] == "unknown", core
 
 
-@pytest.mark.parametrize("argv,command,want", [
-    (["-m", "--model", "x"], ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "x"], ["-m", "vllm.entrypoints.openai.api_server", "--model", "x"]),
-    (["-m"], ["/usr/bin/python3", "-X", "dev", "-mjson.tool"], ["-m", "json.tool"]),
-    (["-m", "a"], ["python", "-m", "mod", "b"], ["-m", "a"]),  # not what the recorder started: left alone
-    (["serve.py", "-m"], ["python", "serve.py", "-m"], ["serve.py", "-m"]),
-    (["-c", "x"], ["python", "-c", "x"], ["-c", "x"]),
-])
+@pytest.mark.parametrize(
+    "argv,command,want",
+    [
+        (
+            ["-m", "--model", "x"],
+            ["python", "-m", "vllm.entrypoints.openai.api_server", "--model", "x"],
+            ["-m", "vllm.entrypoints.openai.api_server", "--model", "x"],
+        ),
+        (["-m"], ["/usr/bin/python3", "-X", "dev", "-mjson.tool"], ["-m", "json.tool"]),
+        (["-m", "a"], ["python", "-m", "mod", "b"], ["-m", "a"]),  # not what the recorder started: left alone
+        (["serve.py", "-m"], ["python", "serve.py", "-m"], ["serve.py", "-m"]),
+        (["-c", "x"], ["python", "-c", "x"], ["-c", "x"]),
+    ],
+)
 def test_module_argv(argv, command, want):
     assert module_argv(argv, command) == want
 
@@ -89,6 +112,8 @@ def test_what_counts_as_a_run_that_ended_in_order():
 
     assert _ended_in_order({"started": True, "exit_code": 0}, [])
     assert _ended_in_order({"started": True, "exit_code": 130, "signal": signal.SIGINT}, [signal.SIGINT])
-    assert not _ended_in_order({"started": True, "exit_code": 130, "signal": signal.SIGINT}, [])  # a Ctrl-C nobody typed at kvprof
+    assert not _ended_in_order(
+        {"started": True, "exit_code": 130, "signal": signal.SIGINT}, []
+    )  # a Ctrl-C nobody typed at kvprof
     assert not _ended_in_order({"started": True, "exit_code": 1, "signal": None}, [signal.SIGINT])
     assert not _ended_in_order({"started": False, "error": "x"}, [])

@@ -75,39 +75,77 @@ def test_fish_gets_one_line_per_answer_with_its_help():
 
 
 def test_bash_completes_through_the_script_it_installs():
-    script = subprocess.run([sys.executable, "-m", "kvprof", "--show-completion", "bash"], capture_output=True, text=True,
-                            env=_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"), timeout=60).stdout
+    script = subprocess.run(
+        [sys.executable, "-m", "kvprof", "--show-completion", "bash"],
+        capture_output=True,
+        text=True,
+        env=_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"),
+        timeout=60,
+    ).stdout
     assert "complete -o default -F _kvprof_completion kvprof" in script
-    probe = script + '\nCOMP_WORDS=(kvprof record --probe g); COMP_CWORD=3; _kvprof_completion kvprof; printf "%s\\n" "${COMPREPLY[@]}"\n'
-    r = subprocess.run(["bash", "--norc", "-c", probe], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60)
+    probe = (
+        script
+        + '\nCOMP_WORDS=(kvprof record --probe g); COMP_CWORD=3; _kvprof_completion kvprof; printf "%s\\n" "${COMPREPLY[@]}"\n'
+    )
+    r = subprocess.run(
+        ["bash", "--norc", "-c", probe], capture_output=True, text=True, env=_env(), cwd=ROOT, timeout=60
+    )
     assert r.stdout.split() == ["gc"], r.stderr
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("fish") is None, reason="fish is not installed")
 def test_fish_completes_through_the_script_it_installs(tmp_path):
-    script = subprocess.run([sys.executable, "-m", "kvprof", "--show-completion", "fish"], capture_output=True, text=True,
-                            env=_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"), timeout=60).stdout
+    script = subprocess.run(
+        [sys.executable, "-m", "kvprof", "--show-completion", "fish"],
+        capture_output=True,
+        text=True,
+        env=_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"),
+        timeout=60,
+    ).stdout
     (tmp_path / "kvprof.fish").write_text(script)
-    r = subprocess.run(["fish", "--no-config", "-c", f"source {tmp_path / 'kvprof.fish'}; complete -C 'kvprof ana'; complete -C 'kvprof record --probe bl'"],
-                       capture_output=True, text=True, env=_env(HOME=str(tmp_path)), cwd=ROOT, timeout=60)
+    r = subprocess.run(
+        [
+            "fish",
+            "--no-config",
+            "-c",
+            f"source {tmp_path / 'kvprof.fish'}; complete -C 'kvprof ana'; complete -C 'kvprof record --probe bl'",
+        ],
+        capture_output=True,
+        text=True,
+        env=_env(HOME=str(tmp_path)),
+        cwd=ROOT,
+        timeout=60,
+    )
     assert r.stdout.splitlines()[0].startswith("analyze"), (r.stdout, r.stderr)
     assert any(line.startswith("blocks") for line in r.stdout.splitlines()), r.stdout
 
 
 @pytest.mark.skipif(shutil.which("zsh") is None, reason="zsh is not installed")
 def test_zsh_script_parses():
-    script = subprocess.run([sys.executable, "-m", "kvprof", "--show-completion", "zsh"], capture_output=True, text=True,
-                            env=_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"), timeout=60).stdout
+    script = subprocess.run(
+        [sys.executable, "-m", "kvprof", "--show-completion", "zsh"],
+        capture_output=True,
+        text=True,
+        env=_env(_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"),
+        timeout=60,
+    ).stdout
     assert "compdef _kvprof_completion kvprof" in script
     r = subprocess.run(["zsh", "-n", "-c", script], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
 
 
-@pytest.mark.parametrize("shell,rc", [("bash", ".bashrc"), ("zsh", ".zshrc"), ("fish", ".config/fish/completions/kvprof.fish")])
+@pytest.mark.parametrize(
+    "shell,rc", [("bash", ".bashrc"), ("zsh", ".zshrc"), ("fish", ".config/fish/completions/kvprof.fish")]
+)
 def test_install_completion_writes_the_shell_s_startup_file(tmp_path, shell, rc):
-    r = subprocess.run([sys.executable, "-m", "kvprof", "--install-completion", shell], capture_output=True, text=True,
-                       env=_env(HOME=str(tmp_path), _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"), timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvprof", "--install-completion", shell],
+        capture_output=True,
+        text=True,
+        env=_env(HOME=str(tmp_path), _TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION="1"),
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert f"{shell} completion installed" in r.stdout
     assert (tmp_path / rc).exists()
@@ -138,7 +176,9 @@ def _on_pty(argv, env, cols=0, rows=0, expect_rc=0) -> str:
 
 
 def test_a_terminal_of_0x0_columns_gets_the_report_at_80():
-    out = _on_pty([sys.executable, "-m", "kvprof", "analyze", DEMO], _env(TERM="xterm-256color", NO_COLOR="1"), cols=0, rows=0)
+    out = _on_pty(
+        [sys.executable, "-m", "kvprof", "analyze", DEMO], _env(TERM="xterm-256color", NO_COLOR="1"), cols=0, rows=0
+    )
     lines = out.splitlines()
     assert "Findings" in out and "usage.high_watermark" in out
     assert max(len(line) for line in lines) <= 80 and max(len(line) for line in lines) > 70
@@ -148,9 +188,19 @@ def test_a_terminal_of_0x0_columns_gets_the_report_at_80():
 def test_no_color_removes_every_style():
     styled = _on_pty([sys.executable, "-m", "kvprof", "analyze", DEMO], _env(TERM="xterm-256color"), cols=100, rows=40)
     assert "\x1b[1m" in styled  # bold, on a terminal, without NO_COLOR
-    for argv in (["analyze", DEMO], ["compare", DEMO, os.path.join(ROOT, "fixtures", "demo-leak.kvprof")], ["--help"], ["analyze", "--help"]):
-        plain = _on_pty([sys.executable, "-m", "kvprof", *argv], _env(TERM="xterm-256color", NO_COLOR="1"), cols=100, rows=40,
-                        expect_rc=1 if argv[0] == "compare" else 0)
+    for argv in (
+        ["analyze", DEMO],
+        ["compare", DEMO, os.path.join(ROOT, "fixtures", "demo-leak.kvprof")],
+        ["--help"],
+        ["analyze", "--help"],
+    ):
+        plain = _on_pty(
+            [sys.executable, "-m", "kvprof", *argv],
+            _env(TERM="xterm-256color", NO_COLOR="1"),
+            cols=100,
+            rows=40,
+            expect_rc=1 if argv[0] == "compare" else 0,
+        )
         assert plain.strip() and "\x1b[" not in plain, (argv, plain[:300])
 
 
@@ -166,7 +216,7 @@ def test_wrapped_findings_keep_their_indent():
     console = Console(width=60, record=True, color_system=None)
     terminal.render(result, console=console)
     text = console.export_text()
-    block = text[text.index("Findings"):].splitlines()[1:]
+    block = text[text.index("Findings") :].splitlines()[1:]
     assert block[0].startswith(" ! A title")
     assert len(block) > 4 and all(line.startswith("   ") for line in block[1:]), block
     assert all(len(line) <= 60 for line in block)

@@ -17,22 +17,54 @@ DEMO = os.path.join(ROOT, "fixtures", "demo.kvprof")
 
 # Lines the fast path parses, per command: typer must give the same arguments.
 PARSED = {
-    "analyze": [["B"], ["B", "--json", "-"], ["B", "--json=x.json", "--no-report"], ["--width", "80", "B"],
-                ["B", "--window", "warm:drained", "--width", "40"], ["B", "--html", "r.html", "--budget", "b.toml"],
-                ["--", "B"], ["B", "--window", "a:"], ["-"]],
-    "compare": [["a", "b"], ["--base", "a", "--base", "b", "--new", "c", "-q", "--all"], ["a", "b", "--width", "100", "--json", "-"],
-                ["a", "b", "--markdown", "m.md", "--junit", "j.xml", "--quiet"], ["--base=a", "--new=b"]],
-    "demo": [[], ["--seed", "-3", "--no-prefix-cache", "--prefix-share", "0.25", "--free-order", "lifo"], ["--prefix-share", ".5"],
-             ["--requests", "120", "--num-blocks", "256", "--seed", "1", "--leak-every", "12"], ["--prefix-share", "1e-1", "--prefix-cache"]],
+    "analyze": [
+        ["B"],
+        ["B", "--json", "-"],
+        ["B", "--json=x.json", "--no-report"],
+        ["--width", "80", "B"],
+        ["B", "--window", "warm:drained", "--width", "40"],
+        ["B", "--html", "r.html", "--budget", "b.toml"],
+        ["--", "B"],
+        ["B", "--window", "a:"],
+        ["-"],
+    ],
+    "compare": [
+        ["a", "b"],
+        ["--base", "a", "--base", "b", "--new", "c", "-q", "--all"],
+        ["a", "b", "--width", "100", "--json", "-"],
+        ["a", "b", "--markdown", "m.md", "--junit", "j.xml", "--quiet"],
+        ["--base=a", "--new=b"],
+    ],
+    "demo": [
+        [],
+        ["--seed", "-3", "--no-prefix-cache", "--prefix-share", "0.25", "--free-order", "lifo"],
+        ["--prefix-share", ".5"],
+        ["--requests", "120", "--num-blocks", "256", "--seed", "1", "--leak-every", "12"],
+        ["--prefix-share", "1e-1", "--prefix-cache"],
+    ],
     "export": [["B", "-o", "x.json"], ["B", "--format", "parquet", "--output", "d"], ["-o", "-", "B"]],
     "report": [["B", "-o", "-", "--no-whatif"], ["B", "--output", "r.html", "--window", "a:b"]],
-    "whatif": [["B"], ["B", "--block-size", "8,16", "-j", "2", "--width", "120"], ["B", "--bytes-per-token", "1e3", "--policy", "buddy"],
-               ["B", "--num-blocks", "unlimited", "--json", "-"]],
+    "whatif": [
+        ["B"],
+        ["B", "--block-size", "8,16", "-j", "2", "--width", "120"],
+        ["B", "--bytes-per-token", "1e3", "--policy", "buddy"],
+        ["B", "--num-blocks", "unlimited", "--json", "-"],
+    ],
 }
 # Lines left to typer (help, typos, values typer words its own error for, missing values).
 LEFT = {
-    "analyze": [["--help"], ["B", "--frobnicate"], ["B", "--width", "39", "--nope"], ["B", "--json"], ["--json", "-"], ["B", "extra"],
-                ["B", "--width", "8o"], ["B", "--no-report=1"], ["B", "--json", "--no-report"], ["B", "--width", "1_000"]],
+    "analyze": [
+        ["--help"],
+        ["B", "--frobnicate"],
+        ["B", "--width", "39", "--nope"],
+        ["B", "--json"],
+        ["--json", "-"],
+        ["B", "extra"],
+        ["B", "--width", "8o"],
+        ["B", "--no-report=1"],
+        ["B", "--json", "--no-report"],
+        ["B", "--width", "1_000"],
+    ],
     "compare": [["a", "b", "-qx"], ["a", "b", "--width", "20", "--nope"]],
     "demo": [["--seed", "3.5"], ["--prefix-share", "half"], ["-h"]],
     "export": [["B"], ["B", "-ox.json"]],
@@ -41,9 +73,11 @@ LEFT = {
 
 
 # Lines refused by the fast path itself: a number out of range, in click's words under any typer.
-REFUSED = [("analyze", ["B", "--width", "39"], "Invalid value for '--width': 39 is not in the range x>=40."),
-           ("whatif", ["B", "--width", "-3"], "Invalid value for '--width': -3 is not in the range x>=40."),
-           ("compare", ["a", "b", "--width", "20"], "Invalid value for '--width': 20 is not in the range x>=40.")]
+REFUSED = [
+    ("analyze", ["B", "--width", "39"], "Invalid value for '--width': 39 is not in the range x>=40."),
+    ("whatif", ["B", "--width", "-3"], "Invalid value for '--width': -3 is not in the range x>=40."),
+    ("compare", ["a", "b", "--width", "20"], "Invalid value for '--width': 20 is not in the range x>=40."),
+]
 
 
 def _typer_kwargs(name: str, args: list[str]):
@@ -102,10 +136,59 @@ def test_random_lines_parse_as_typer_parses_them_or_go_to_typer():
     wherever the fast path answers, typer answers the same; where typer refuses a line, the
     fast path has left it to typer."""
     tokens = {
-        "analyze": ["B", "C", "--json", "--window", "--no-report", "--width", "--budget", "--html", "-", "--", "80", "39", "x", "-5", "--nope", "a:b"],
-        "demo": ["--seed", "--block-size", "--num-blocks", "--requests", "--free-order", "--prefix-share", "--leak-every",
-                 "--prefix-cache", "--no-prefix-cache", "3", "-2", "0.5", "1e2", "lru", "x", "--"],
-        "compare": ["a", "b", "--base", "--new", "--budget", "--markdown", "--junit", "--json", "-q", "--quiet", "--all", "--width", "120", "-", "--"],
+        "analyze": [
+            "B",
+            "C",
+            "--json",
+            "--window",
+            "--no-report",
+            "--width",
+            "--budget",
+            "--html",
+            "-",
+            "--",
+            "80",
+            "39",
+            "x",
+            "-5",
+            "--nope",
+            "a:b",
+        ],
+        "demo": [
+            "--seed",
+            "--block-size",
+            "--num-blocks",
+            "--requests",
+            "--free-order",
+            "--prefix-share",
+            "--leak-every",
+            "--prefix-cache",
+            "--no-prefix-cache",
+            "3",
+            "-2",
+            "0.5",
+            "1e2",
+            "lru",
+            "x",
+            "--",
+        ],
+        "compare": [
+            "a",
+            "b",
+            "--base",
+            "--new",
+            "--budget",
+            "--markdown",
+            "--junit",
+            "--json",
+            "-q",
+            "--quiet",
+            "--all",
+            "--width",
+            "120",
+            "-",
+            "--",
+        ],
     }
     rng = random.Random(16)
     parsed = 0
@@ -129,8 +212,10 @@ def test_random_lines_parse_as_typer_parses_them_or_go_to_typer():
 
 
 def _modules_after(*argv) -> set:
-    code = ("import sys; from kvprof.commands import main; rc = main(sys.argv[1:]); "
-            "sys.stderr.write(' '.join(sorted(m for m in ('pydantic', 'typer', 'rich.console', 'numpy') if m in sys.modules)))")
+    code = (
+        "import sys; from kvprof.commands import main; rc = main(sys.argv[1:]); "
+        "sys.stderr.write(' '.join(sorted(m for m in ('pydantic', 'typer', 'rich.console', 'numpy') if m in sys.modules)))"
+    )
     r = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, cwd=ROOT, timeout=120)
     return set(r.stderr.strip().splitlines()[-1].split()) if r.stderr.strip() else set()
 
@@ -148,14 +233,24 @@ def test_typer_has_no_upper_bound_and_kvprof_runs_on_the_installed_one():
     deps = tomllib.load(open(os.path.join(ROOT, "pyproject.toml"), "rb"))["project"]["dependencies"]
     (typer_dep,) = [d for d in deps if d.startswith("typer")]
     assert "<" not in typer_dep
-    r = subprocess.run([sys.executable, "-m", "kvprof", "analyze", "--nope"], capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: No such option") and "--nope" in r.stderr, (version("typer"), r.stderr)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvprof", "analyze", "--nope"], capture_output=True, text=True, timeout=120
+    )
+    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: No such option") and "--nope" in r.stderr, (
+        version("typer"),
+        r.stderr,
+    )
 
 
 def test_python_dash_m_kvprof(tmp_path):
     r = subprocess.run([sys.executable, "-m", "kvprof", "--version"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.startswith("kvprof ")
-    r = subprocess.run([sys.executable, "-m", "kvprof", "analyze", DEMO, "--json", "-", "--no-report"], capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [sys.executable, "-m", "kvprof", "analyze", DEMO, "--json", "-", "--no-report"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0 and '"schema": "kvprof.analysis/1"' in r.stdout
     r = subprocess.run([sys.executable, "-m", "kvprof"], capture_output=True, text=True, timeout=60)
     assert "Usage: kvprof" in r.stdout and "analyze" in r.stdout

@@ -51,7 +51,13 @@ def test_totals_equal_pytorchs_memory_viz_stats(name, tmp_path):
     internal = 100 * m["torch.internal_free_ratio"]
     assert f"{torch_size(m['torch.total_free_bytes'])} ({internal:.1f}% internal)" == t["total_free"]
     # the contract's own identity: reserved = requested + rounding + cached slack + pending
-    assert m["torch.reserved_bytes"] == m["torch.requested_bytes"] + m["torch.rounding_waste_bytes"] + m["torch.cached_free_bytes"] + m["torch.pending_free_bytes"]
+    assert (
+        m["torch.reserved_bytes"]
+        == m["torch.requested_bytes"]
+        + m["torch.rounding_waste_bytes"]
+        + m["torch.cached_free_bytes"]
+        + m["torch.pending_free_bytes"]
+    )
 
 
 def _torch_python():
@@ -66,17 +72,24 @@ def _torch_python():
         return None
 
 
-@pytest.mark.skipif(_torch_python() is None, reason="torch not installed (set KVPROF_TORCH_PYTHON to a Python with torch)")
+@pytest.mark.skipif(
+    _torch_python() is None, reason="torch not installed (set KVPROF_TORCH_PYTHON to a Python with torch)"
+)
 @pytest.mark.parametrize("name", FILES)
 def test_every_segment_line_equals_pytorchs_live(name):
     """Where torch is installed: PyTorch's tool, run now, per segment and in total."""
     path = os.path.join(SNAPS, name)
-    r = subprocess.run([_torch_python(), "-m", "torch.cuda._memory_viz", "stats", path], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [_torch_python(), "-m", "torch.cuda._memory_viz", "stats", path], capture_output=True, text=True, timeout=300
+    )
     assert r.returncode == 0, r.stderr
     theirs = [ln for ln in r.stdout.splitlines() if re.match(r"^\[.*\] .* allocated, .* free", ln)]
     snap = loads(open(path, "rb").read())
     mine = []
-    for s in sorted(snap["segments"], key=lambda s: (s["total_size"], sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated"))):
+    for s in sorted(
+        snap["segments"],
+        key=lambda s: (s["total_size"], sum(b["size"] for b in s["blocks"] if b["state"] == "active_allocated")),
+    ):
         if s["total_size"] < 20 * 2**20:
             continue
         req = sum(b["requested_size"] for b in s["blocks"] if b["state"] == "active_allocated")
@@ -94,7 +107,16 @@ MiB = 2**20
 
 def seg(blocks, stream=0, total=None, kind="large", address=0x1000, **extra):
     total = total if total is not None else sum(b["size"] for b in blocks)
-    return {"device": 0, "address": address, "total_size": total, "stream": stream, "segment_type": kind, "segment_pool_id": (0, 0), "blocks": blocks, **extra}
+    return {
+        "device": 0,
+        "address": address,
+        "total_size": total,
+        "stream": stream,
+        "segment_type": kind,
+        "segment_pool_id": (0, 0),
+        "blocks": blocks,
+        **extra,
+    }
 
 
 def blk(size, state="active_allocated", req=None, frames=None):
@@ -102,10 +124,21 @@ def blk(size, state="active_allocated", req=None, frames=None):
 
 
 def test_accounting_with_pending_free_and_rounding():
-    snap = normalize({"segments": [
-        seg([blk(10 * MiB, req=9 * MiB), blk(4 * MiB, "active_pending_free"), blk(2 * MiB, "inactive"), blk(8 * MiB, "inactive")]),
-        seg([blk(6 * MiB, "inactive")], stream=7, address=0x9000),
-    ]})
+    snap = normalize(
+        {
+            "segments": [
+                seg(
+                    [
+                        blk(10 * MiB, req=9 * MiB),
+                        blk(4 * MiB, "active_pending_free"),
+                        blk(2 * MiB, "inactive"),
+                        blk(8 * MiB, "inactive"),
+                    ]
+                ),
+                seg([blk(6 * MiB, "inactive")], stream=7, address=0x9000),
+            ]
+        }
+    )
     a = analyze_snapshot(snap)
     assert (a.reserved, a.allocated, a.requested) == (30 * MiB, 10 * MiB, 9 * MiB)
     assert (a.rounding_waste, a.pending_free, a.cached_free) == (1 * MiB, 4 * MiB, 16 * MiB)
@@ -118,46 +151,87 @@ def test_accounting_with_pending_free_and_rounding():
 
 def test_legacy_formats_load():
     # the oldest: a bare list of segments, blocks with `history` instead of frames/requested_size
-    legacy = [{"total_size": 4 * MiB, "stream": 0, "blocks": [
-        {"size": 3 * MiB, "state": "active_allocated", "history": [{"real_size": 2 * MiB + 5, "frames": [{"name": "f", "filename": "a.py", "line": 3}]}]},
-        {"size": 1 * MiB, "state": "inactive"},
-    ]}]
+    legacy = [
+        {
+            "total_size": 4 * MiB,
+            "stream": 0,
+            "blocks": [
+                {
+                    "size": 3 * MiB,
+                    "state": "active_allocated",
+                    "history": [{"real_size": 2 * MiB + 5, "frames": [{"name": "f", "filename": "a.py", "line": 3}]}],
+                },
+                {"size": 1 * MiB, "state": "inactive"},
+            ],
+        }
+    ]
     data = pickle.dumps(legacy, protocol=2)
     a = analyze_snapshot(loads(data))
     assert (a.requested, a.rounding_waste, a.cached_free) == (2 * MiB + 5, MiB - 5, MiB)
     # trace entries without time_us, and protocol 5
-    snap = {"segments": [seg([blk(MiB)])], "device_traces": [[{"action": "alloc", "addr": 1, "size": MiB}, {"action": "free_completed", "addr": 1, "size": MiB}]]}
+    snap = {
+        "segments": [seg([blk(MiB)])],
+        "device_traces": [
+            [{"action": "alloc", "addr": 1, "size": MiB}, {"action": "free_completed", "addr": 1, "size": MiB}]
+        ],
+    }
     a = analyze_snapshot(loads(pickle.dumps(snap, protocol=5)))
     assert a.alloc_count == 1 and a.leaked_bytes == 0 and a.trace_span_us is None and a.timeline["t_us"] == []
 
 
 def _trace(*entries):
-    return [[{"action": a, "addr": addr, "size": size, "stream": 0, "time_us": t, "frames": [{"name": site, "filename": "m.py", "line": 1}]}
-             for (a, addr, size, t, site) in entries]]
+    return [
+        [
+            {
+                "action": a,
+                "addr": addr,
+                "size": size,
+                "stream": 0,
+                "time_us": t,
+                "frames": [{"name": site, "filename": "m.py", "line": 1}],
+            }
+            for (a, addr, size, t, site) in entries
+        ]
+    ]
 
 
 def test_fragmentation_oom_and_real_oom():
     pieces = [blk(4 * MiB, "inactive"), blk(MiB), blk(4 * MiB, "inactive"), blk(MiB), blk(4 * MiB, "inactive")]
-    snap = normalize({"segments": [seg(pieces)], "device_traces": _trace(("oom", 0, 10 * MiB, 5, "x"), ("oom", 0, 20 * MiB, 6, "y")),
-                      "allocator_settings": {"expandable_segments": False}})
+    snap = normalize(
+        {
+            "segments": [seg(pieces)],
+            "device_traces": _trace(("oom", 0, 10 * MiB, 5, "x"), ("oom", 0, 20 * MiB, 6, "y")),
+            "allocator_settings": {"expandable_segments": False},
+        }
+    )
     a = analyze_snapshot(snap)
     frag, real = a.ooms
-    assert frag.fragmentation_oom and (frag.inactive_bytes, frag.largest_inactive) == (12 * MiB, 4 * MiB) and frag.state_at == "oom"
+    assert (
+        frag.fragmentation_oom
+        and (frag.inactive_bytes, frag.largest_inactive) == (12 * MiB, 4 * MiB)
+        and frag.state_at == "oom"
+    )
     assert not real.fragmentation_oom  # 20 MiB > 12 MiB free in total: a real OOM
-    assert a.advice and "expandable_segments:True" in a.advice[0]["setting"] and "10.0 MiB requested" in a.advice[0]["why"]
+    assert (
+        a.advice and "expandable_segments:True" in a.advice[0]["setting"] and "10.0 MiB requested" in a.advice[0]["why"]
+    )
 
 
 def test_leaks_churn_short_lived_and_timeline():
-    snap = normalize({"segments": [seg([blk(2 * MiB), blk(6 * MiB, "inactive")], total=8 * MiB)],
-                      "device_traces": _trace(
-                          ("segment_alloc", 0x1000, 8 * MiB, 0, "s"),
-                          ("alloc", 1, MiB, 10, "temp"),
-                          ("free_requested", 1, MiB, 11, "temp"),  # freed before the next allocation: short-lived
-                          ("free_completed", 1, MiB, 12, "temp"),
-                          ("alloc", 2, 2 * MiB, 20, "kept"),  # never freed: still allocated at the end
-                          ("alloc", 3, MiB, 30, "temp"),
-                          ("free_completed", 3, MiB, 40, "temp"),  # old format: no free_requested
-                      )})
+    snap = normalize(
+        {
+            "segments": [seg([blk(2 * MiB), blk(6 * MiB, "inactive")], total=8 * MiB)],
+            "device_traces": _trace(
+                ("segment_alloc", 0x1000, 8 * MiB, 0, "s"),
+                ("alloc", 1, MiB, 10, "temp"),
+                ("free_requested", 1, MiB, 11, "temp"),  # freed before the next allocation: short-lived
+                ("free_completed", 1, MiB, 12, "temp"),
+                ("alloc", 2, 2 * MiB, 20, "kept"),  # never freed: still allocated at the end
+                ("alloc", 3, MiB, 30, "temp"),
+                ("free_completed", 3, MiB, 40, "temp"),  # old format: no free_requested
+            ),
+        }
+    )
     a = analyze_snapshot(snap)
     assert a.alloc_count == 3 and a.alloc_bytes == 4 * MiB
     assert a.leaked_bytes == 2 * MiB and a.leaks_by_stack[0].stack.startswith("kept")
@@ -221,16 +295,31 @@ def test_broken_snapshots_give_one_line(tmp_path):
 def test_report_and_compare_on_snapshots(tmp_path):
     r = run_kvprof("analyze", os.path.join(SNAPS, "assignment2-systems.pickle"), "--width", "100")
     assert r.returncode == 0, r.stderr
-    for text in ("PyTorch CUDA allocator", "13.2 GiB", "external fragmentation 97.4%", "Still allocated at the end of the trace", "expandable_segments"):
+    for text in (
+        "PyTorch CUDA allocator",
+        "13.2 GiB",
+        "external fragmentation 97.4%",
+        "Still allocated at the end of the trace",
+        "expandable_segments",
+    ):
         assert text in r.stdout, text
-    r = run_kvprof("compare", os.path.join(SNAPS, "docubox.pickle"), os.path.join(SNAPS, "sketchkv2.pickle"), "--json", "-")
+    r = run_kvprof(
+        "compare", os.path.join(SNAPS, "docubox.pickle"), os.path.join(SNAPS, "sketchkv2.pickle"), "--json", "-"
+    )
     rows = {x["name"]: x for x in json.loads(r.stdout)["rows"]}
     assert r.returncode == 1 and rows["torch.reserved_bytes"]["verdict"] == "fail"
     assert "torch" not in sys.modules  # analysis never imported torch in this process either
 
 
 def _seg(blocks, total=2 << 20):
-    return {"device": 0, "address": 1 << 40, "total_size": total, "stream": 0, "segment_type": "large", "blocks": blocks}
+    return {
+        "device": 0,
+        "address": 1 << 40,
+        "total_size": total,
+        "stream": 0,
+        "segment_type": "large",
+        "blocks": blocks,
+    }
 
 
 DEEP_KEY = b")" + b"\x85" * 200_000 + b"K\x01s."  # a tuple nested 200,000 deep as a dict key, then STOP
@@ -254,13 +343,18 @@ def test_structure_bombs_are_refused_in_one_line(tmp_path):
     assert len(bomb) < 2_000_000
     cases = {
         "deep.pickle": (b"\x80\x02}" + DEEP_KEY, "crashed the isolated reader (SIGSEGV)"),
-        "bomb.pickle": (bomb, "segments, blocks and trace entries (counting shared references), more than a snapshot of this size holds"),
+        "bomb.pickle": (
+            bomb,
+            "segments, blocks and trace entries (counting shared references), more than a snapshot of this size holds",
+        ),
         "huge.pickle": (pickle.dumps({"segments": [_seg([], total=10**5000)]}, protocol=2), "a number of 16610 bits"),
     }
     for name, (data, message) in cases.items():
         path = tmp_path / name
         path.write_bytes(data)
-        _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), message, "refused" if name != "huge.pickle" else "plausible")
+        _one_line_refusal(
+            run_kvprof("analyze", str(path), timeout=60), message, "refused" if name != "huge.pickle" else "plausible"
+        )
 
 
 @pytest.mark.slow
@@ -270,8 +364,13 @@ def test_noop_build_before_a_deep_key_is_refused_by_every_command(tmp_path):
     path = tmp_path / "build-deep.pickle"
     path.write_bytes(b"\x80\x02}Nb" + DEEP_KEY)
     good = os.path.join(SNAPS, "docubox.pickle")
-    for args in (["analyze", str(path)], ["compare", str(path), good], ["compare", good, str(path)],
-                 ["report", str(path), "-o", str(tmp_path / "r.html")], ["export", str(path), "--format", "perfetto", "-o", str(tmp_path / "t.json")]):
+    for args in (
+        ["analyze", str(path)],
+        ["compare", str(path), good],
+        ["compare", good, str(path)],
+        ["report", str(path), "-o", str(tmp_path / "r.html")],
+        ["export", str(path), "--format", "perfetto", "-o", str(tmp_path / "t.json")],
+    ):
         _one_line_refusal(run_kvprof(*args, timeout=60), str(path), "SIGSEGV", "nothing in it was run")
     assert not (tmp_path / "r.html").exists() and not (tmp_path / "t.json").exists()
 
@@ -286,7 +385,10 @@ def _bundle_with_snapshot(tmp_path, data: bytes):
     (proc / "torch").mkdir()
     (proc / "torch" / "exit.pickle").write_bytes(data)
     with open(proc / "meta.jsonl", "a") as fh:
-        fh.write(json.dumps({"type": "torch_snapshot", "t": 1, "reason": "exit", "mark": None, "file": "torch/exit.pickle"}) + "\n")
+        fh.write(
+            json.dumps({"type": "torch_snapshot", "t": 1, "reason": "exit", "mark": None, "file": "torch/exit.pickle"})
+            + "\n"
+        )
     return out
 
 
@@ -317,11 +419,21 @@ def test_huge_int_settings_key_is_dropped(tmp_path):
     """Red team: an int of 10**5000 as an allocator_settings key gave a traceback (str() of it
     exceeds Python's digit limit); keys beyond 64 bits are dropped, the analysis goes on."""
     path = tmp_path / "key.pickle"
-    path.write_bytes(pickle.dumps({"segments": [_seg([{"size": 2 << 20, "state": "inactive"}])],
-                                   "allocator_settings": {10**5000: 1, 7: "seven", "expandable_segments": True}}, protocol=4))
+    path.write_bytes(
+        pickle.dumps(
+            {
+                "segments": [_seg([{"size": 2 << 20, "state": "inactive"}])],
+                "allocator_settings": {10**5000: 1, 7: "seven", "expandable_segments": True},
+            },
+            protocol=4,
+        )
+    )
     r = run_kvprof("analyze", str(path), "--json", "-")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["sections"]["torch"]["allocator_settings"] == {"7": "seven", "expandable_segments": True}
+    assert json.loads(r.stdout)["sections"]["torch"]["allocator_settings"] == {
+        "7": "seven",
+        "expandable_segments": True,
+    }
 
 
 def test_shared_frame_lists_are_read_once(tmp_path):
@@ -330,10 +442,18 @@ def test_shared_frame_lists_are_read_once(tmp_path):
     and an allocation's call site takes its first 4 frames: a correct analysis, at once."""
     sites = [{"filename": f"/src/m{k}.py", "line": k, "name": f"f{k % 3}"} for k in range(7)]
     frames = [sites[i % 7] for i in range(100_000)]
-    blocks = [{"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20, "frames": frames} for _ in range(10_000)]
-    trace = [{"action": "alloc", "addr": i << 20, "size": 1 << 20, "stream": 0, "time_us": i, "frames": frames} for i in range(10_000)]
+    blocks = [
+        {"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20, "frames": frames}
+        for _ in range(10_000)
+    ]
+    trace = [
+        {"action": "alloc", "addr": i << 20, "size": 1 << 20, "stream": 0, "time_us": i, "frames": frames}
+        for i in range(10_000)
+    ]
     path = tmp_path / "frames.pickle"
-    path.write_bytes(pickle.dumps({"segments": [_seg(blocks, total=10_000 << 20)], "device_traces": [trace]}, protocol=4))
+    path.write_bytes(
+        pickle.dumps({"segments": [_seg(blocks, total=10_000 << 20)], "device_traces": [trace]}, protocol=4)
+    )
     assert path.stat().st_size < 2_000_000
     r = run_kvprof("analyze", str(path), "--json", "-", timeout=60)
     assert r.returncode == 0, r.stderr[-500:]
@@ -351,23 +471,32 @@ def test_shared_segment_pool_id_is_refused(tmp_path):
     segs = [dict(_seg([{"size": 2 << 20, "state": "inactive"}]), segment_pool_id=pool) for _ in range(10_000)]
     path = tmp_path / "pool.pickle"
     path.write_bytes(pickle.dumps({"segments": segs}, protocol=4))
-    _one_line_refusal(run_kvprof("analyze", str(path), timeout=60), "segment 0 is malformed (segment_pool_id is not a pair of numbers)")
+    _one_line_refusal(
+        run_kvprof("analyze", str(path), timeout=60),
+        "segment 0 is malformed (segment_pool_id is not a pair of numbers)",
+    )
 
 
-@pytest.mark.parametrize("case, message", [
-    ("negative-total", "a negative size (-4,096) in a segment's total_size"),
-    ("negative-block", "a negative size (-8,192) in a block's size"),
-    ("negative-request", "a negative size (-1) in a block's requested_size"),
-    ("negative-trace", "a negative size (-5) in a trace entry's size"),
-    ("block-over-segment", "the blocks of segment 1 add up to 8,192 bytes, more than its total_size of 4,096"),
-])
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("negative-total", "a negative size (-4,096) in a segment's total_size"),
+        ("negative-block", "a negative size (-8,192) in a block's size"),
+        ("negative-request", "a negative size (-1) in a block's requested_size"),
+        ("negative-trace", "a negative size (-5) in a trace entry's size"),
+        ("block-over-segment", "the blocks of segment 1 add up to 8,192 bytes, more than its total_size of 4,096"),
+    ],
+)
 def test_impossible_sizes_are_refused(tmp_path, case, message):
     """Red team: negative sizes and blocks larger than their segment gave torch.reserved_bytes
     -4096 with exit 0.  PyTorch's sizes are unsigned and a segment's blocks tile it, so such a
     file is damaged or forged: no figure from it can be right (clamping would pick one of two
     contradicting numbers and hide that), and a CI gate must not pass on it.  Refused."""
     ok = _seg([{"size": 4096, "state": "inactive"}], total=4096)
-    snap = {"segments": [ok, _seg([{"size": 4096, "state": "active_allocated", "requested_size": 4000}], total=4096)], "device_traces": [[]]}
+    snap = {
+        "segments": [ok, _seg([{"size": 4096, "state": "active_allocated", "requested_size": 4000}], total=4096)],
+        "device_traces": [[]],
+    }
     if case == "negative-total":
         snap["segments"][1]["total_size"] = -4096
         snap["segments"][1]["blocks"] = []
@@ -400,7 +529,9 @@ def test_a_slow_pickle_is_stopped_at_the_cpu_limit(monkeypatch):
 
     monkeypatch.setattr(T, "CHILD_CPU_BASE_S", 1)
     m = (1 << 61) - 1  # hash(k * m) == 0 for every k
-    keys = b"".join(b"\x8a" + bytes([len(e)]) + e + b"N" for e in (pickle.encode_long(k * m) for k in range(1, 200_000)))
+    keys = b"".join(
+        b"\x8a" + bytes([len(e)]) + e + b"N" for e in (pickle.encode_long(k * m) for k in range(1, 200_000))
+    )
     data = b"\x80\x02}(" + keys + b"u."
     import time
 
@@ -416,10 +547,19 @@ def test_odd_settings_and_frames_are_kept_as_plain_data(tmp_path):
     contains itself, bytes keys, or a frame whose name is not a string must not break them."""
     settings = {"expandable_segments": False, b"raw": 1, "nested": {"a": [1, 2, {"b": 3}]}}
     settings["self"] = settings
-    blk = {"size": 1 << 20, "state": "active_allocated", "requested_size": 1 << 20,
-           "frames": [{"filename": "x.py", "line": 3, "name": ("not", "a", "str")}]}
+    blk = {
+        "size": 1 << 20,
+        "state": "active_allocated",
+        "requested_size": 1 << 20,
+        "frames": [{"filename": "x.py", "line": 3, "name": ("not", "a", "str")}],
+    }
     path = tmp_path / "odd.pickle"
-    path.write_bytes(pickle.dumps({"segments": [_seg([blk, {"size": 1 << 20, "state": "inactive"}])], "allocator_settings": settings}, protocol=4))
+    path.write_bytes(
+        pickle.dumps(
+            {"segments": [_seg([blk, {"size": 1 << 20, "state": "inactive"}])], "allocator_settings": settings},
+            protocol=4,
+        )
+    )
     r = run_kvprof("analyze", str(path), "--json", "-")
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
@@ -434,8 +574,15 @@ def test_oom_diagnosis_looks_at_the_pool_that_serves_the_request():
     MiB = 1 << 20
 
     def seg(addr, kind, blocks, pool=(0, 0), dev=0):
-        return {"device": dev, "address": addr, "total_size": sum(b["size"] for b in blocks), "stream": 0, "segment_type": kind,
-                "segment_pool_id": pool, "blocks": blocks}
+        return {
+            "device": dev,
+            "address": addr,
+            "total_size": sum(b["size"] for b in blocks),
+            "stream": 0,
+            "segment_type": kind,
+            "segment_pool_id": pool,
+            "blocks": blocks,
+        }
 
     free = lambda n: {"size": n, "state": "inactive"}  # noqa: E731
     used = lambda n: {"size": n, "state": "active_allocated", "requested_size": n}  # noqa: E731
@@ -446,7 +593,11 @@ def test_oom_diagnosis_looks_at_the_pool_that_serves_the_request():
     (o,) = a.ooms
     assert not o.fragmentation_oom and o.inactive_bytes == 5 * MiB // 2
     # the same free bytes in pieces of the large pool: a fragmentation OOM
-    a = analyze_snapshot(normalize({"segments": [seg(1 << 31, "large", [free(2 * MiB), used(MiB), free(2 * MiB)])], "device_traces": [[oom]]}))
+    a = analyze_snapshot(
+        normalize(
+            {"segments": [seg(1 << 31, "large", [free(2 * MiB), used(MiB), free(2 * MiB)])], "device_traces": [[oom]]}
+        )
+    )
     assert a.ooms[0].fragmentation_oom
     # a private pool's free blocks do not serve the default pool's request
     priv = [seg(1 << 32, "large", [free(4 * MiB), used(MiB), free(4 * MiB)], pool=(1, 0))]
@@ -454,7 +605,9 @@ def test_oom_diagnosis_looks_at_the_pool_that_serves_the_request():
     assert not a.ooms[0].fragmentation_oom and a.ooms[0].inactive_bytes == 5 * MiB // 2
     # device 1 allocating after device 0's OOM leaves device 0 as it was at the OOM
     other = {"action": "alloc", "addr": 1 << 33, "size": MiB, "stream": 0, "time_us": 150, "frames": []}
-    a = analyze_snapshot(normalize({"segments": large + [seg(1 << 33, "large", [used(MiB)], dev=1)], "device_traces": [[oom], [other]]}))
+    a = analyze_snapshot(
+        normalize({"segments": large + [seg(1 << 33, "large", [used(MiB)], dev=1)], "device_traces": [[oom], [other]]})
+    )
     assert a.ooms[0].state_at == "oom"
 
 
@@ -463,14 +616,25 @@ def test_timeline_merges_devices_in_time_and_counts_requested_bytes():
     A = 1 << 28
 
     def seg(dev):
-        return {"device": dev, "address": A, "total_size": 20 * MiB, "stream": 0, "segment_type": "large",
-                "blocks": [{"address": A, "size": 20 * MiB, "requested_size": 20 * MiB - 3, "state": "active_allocated"}]}
+        return {
+            "device": dev,
+            "address": A,
+            "total_size": 20 * MiB,
+            "stream": 0,
+            "segment_type": "large",
+            "blocks": [{"address": A, "size": 20 * MiB, "requested_size": 20 * MiB - 3, "state": "active_allocated"}],
+        }
 
     def ev(action, t, size=20 * MiB):
         return {"action": action, "addr": A, "size": size, "stream": 0, "time_us": t, "frames": []}
 
-    snap = {"segments": [seg(0), seg(1)],
-            "device_traces": [[ev("segment_alloc", 10), ev("alloc", 20, 20 * MiB - 3)], [ev("segment_alloc", 5), ev("alloc", 15, 20 * MiB - 3)]]}
+    snap = {
+        "segments": [seg(0), seg(1)],
+        "device_traces": [
+            [ev("segment_alloc", 10), ev("alloc", 20, 20 * MiB - 3)],
+            [ev("segment_alloc", 5), ev("alloc", 15, 20 * MiB - 3)],
+        ],
+    }
     tl = analyze_snapshot(normalize(snap)).timeline
     assert tl["t_us"] == [5, 10, 15, 20]
     assert tl["reserved"] == [20 * MiB, 40 * MiB, 40 * MiB, 40 * MiB]
@@ -481,10 +645,21 @@ def test_segment_map_of_blocks_without_addresses():
     """The oldest format has no block addresses: blocks are laid out from the segment's start."""
     from kvprof.analysis.timeseries import segment_layout
 
-    snap = normalize([{"address": 1 << 30, "total_size": 3 << 20, "stream": 0, "segment_type": "small",
-                       "blocks": [{"size": 1 << 20, "state": "active_allocated"}, {"size": 2 << 20, "state": "inactive"}]}])
+    snap = normalize(
+        [
+            {
+                "address": 1 << 30,
+                "total_size": 3 << 20,
+                "stream": 0,
+                "segment_type": "small",
+                "blocks": [{"size": 1 << 20, "state": "active_allocated"}, {"size": 2 << 20, "state": "inactive"}],
+            }
+        ]
+    )
     (seg,) = segment_layout(snap)
-    assert seg["blocks"] == [[0, 1 << 20, "active_allocated"], [1 << 20, 2 << 20, "inactive"]] and seg["pool"] == "small"
+    assert (
+        seg["blocks"] == [[0, 1 << 20, "active_allocated"], [1 << 20, 2 << 20, "inactive"]] and seg["pool"] == "small"
+    )
 
 
 @pytest.mark.slow

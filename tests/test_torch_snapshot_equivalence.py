@@ -20,24 +20,65 @@ SNAPS = os.path.join(ROOT, "fixtures", "torch-snapshots")
 # `kvprof analyze --json` metrics of the real snapshots before the columnar rewrite (commit 0110395)
 BEFORE = {
     "assignment2-systems.pickle": {
-        "torch.segments": 216, "torch.reserved_bytes": 14180941824, "torch.allocated_bytes": 1377753600, "torch.requested_bytes": 1373919236,
-        "torch.pending_free_bytes": 0, "torch.rounding_waste_bytes": 3834364, "torch.cached_free_bytes": 12803188224,
-        "torch.total_free_bytes": 12807022588, "torch.internal_free_ratio": 0.0002993954272863347,
-        "torch.external_fragmentation": 0.9742835254594786, "torch.largest_free_block_bytes": 329252864, "torch.ooms": 0,
-        "torch.fragmentation_ooms": 0, "torch.leaked_bytes": 327680004, "torch.allocations": 1721, "torch.allocated_bytes_total": 58890300607,
-        "torch.allocations_per_second": 6934.455095273208, "torch.short_lived_allocations": 149},
+        "torch.segments": 216,
+        "torch.reserved_bytes": 14180941824,
+        "torch.allocated_bytes": 1377753600,
+        "torch.requested_bytes": 1373919236,
+        "torch.pending_free_bytes": 0,
+        "torch.rounding_waste_bytes": 3834364,
+        "torch.cached_free_bytes": 12803188224,
+        "torch.total_free_bytes": 12807022588,
+        "torch.internal_free_ratio": 0.0002993954272863347,
+        "torch.external_fragmentation": 0.9742835254594786,
+        "torch.largest_free_block_bytes": 329252864,
+        "torch.ooms": 0,
+        "torch.fragmentation_ooms": 0,
+        "torch.leaked_bytes": 327680004,
+        "torch.allocations": 1721,
+        "torch.allocated_bytes_total": 58890300607,
+        "torch.allocations_per_second": 6934.455095273208,
+        "torch.short_lived_allocations": 149,
+    },
     "docubox.pickle": {
-        "torch.segments": 12, "torch.reserved_bytes": 109051904, "torch.allocated_bytes": 90861056, "torch.requested_bytes": 90861056,
-        "torch.pending_free_bytes": 0, "torch.rounding_waste_bytes": 0, "torch.cached_free_bytes": 18190848, "torch.total_free_bytes": 18190848,
-        "torch.internal_free_ratio": 0.0, "torch.external_fragmentation": 0.36592642629964256, "torch.largest_free_block_bytes": 11534336,
-        "torch.ooms": 0, "torch.fragmentation_ooms": 0, "torch.leaked_bytes": None, "torch.allocations": 0, "torch.allocated_bytes_total": 0,
-        "torch.allocations_per_second": None, "torch.short_lived_allocations": 0},
+        "torch.segments": 12,
+        "torch.reserved_bytes": 109051904,
+        "torch.allocated_bytes": 90861056,
+        "torch.requested_bytes": 90861056,
+        "torch.pending_free_bytes": 0,
+        "torch.rounding_waste_bytes": 0,
+        "torch.cached_free_bytes": 18190848,
+        "torch.total_free_bytes": 18190848,
+        "torch.internal_free_ratio": 0.0,
+        "torch.external_fragmentation": 0.36592642629964256,
+        "torch.largest_free_block_bytes": 11534336,
+        "torch.ooms": 0,
+        "torch.fragmentation_ooms": 0,
+        "torch.leaked_bytes": None,
+        "torch.allocations": 0,
+        "torch.allocated_bytes_total": 0,
+        "torch.allocations_per_second": None,
+        "torch.short_lived_allocations": 0,
+    },
     "sketchkv2.pickle": {
-        "torch.segments": 259, "torch.reserved_bytes": 17133731840, "torch.allocated_bytes": 16397578240, "torch.requested_bytes": 16380108168,
-        "torch.pending_free_bytes": 0, "torch.rounding_waste_bytes": 17470072, "torch.cached_free_bytes": 736153600,
-        "torch.total_free_bytes": 753623672, "torch.internal_free_ratio": 0.02318142681696442, "torch.external_fragmentation": 0.3846598970649604,
-        "torch.largest_free_block_bytes": 452984832, "torch.ooms": 0, "torch.fragmentation_ooms": 0, "torch.leaked_bytes": 0,
-        "torch.allocations": 0, "torch.allocated_bytes_total": 0, "torch.allocations_per_second": None, "torch.short_lived_allocations": 0},
+        "torch.segments": 259,
+        "torch.reserved_bytes": 17133731840,
+        "torch.allocated_bytes": 16397578240,
+        "torch.requested_bytes": 16380108168,
+        "torch.pending_free_bytes": 0,
+        "torch.rounding_waste_bytes": 17470072,
+        "torch.cached_free_bytes": 736153600,
+        "torch.total_free_bytes": 753623672,
+        "torch.internal_free_ratio": 0.02318142681696442,
+        "torch.external_fragmentation": 0.3846598970649604,
+        "torch.largest_free_block_bytes": 452984832,
+        "torch.ooms": 0,
+        "torch.fragmentation_ooms": 0,
+        "torch.leaked_bytes": 0,
+        "torch.allocations": 0,
+        "torch.allocated_bytes_total": 0,
+        "torch.allocations_per_second": None,
+        "torch.short_lived_allocations": 0,
+    },
 }
 
 
@@ -69,7 +110,10 @@ def test_call_sites_the_same_both_ways(monkeypatch):
     monkeypatch.setattr(T, "CALL_SITES_NUMPY", 1)
     c = T.loads(data)["columns"]
     assert (list(c.alloc_stack), c.stacks) == slow
-    assert slow[1][0] == "forward (model.py:54) < _call_impl (module.py:1790) < _wrapped_call_impl (module.py:1779) < forward (model.py:245)"
+    assert (
+        slow[1][0]
+        == "forward (model.py:54) < _call_impl (module.py:1790) < _wrapped_call_impl (module.py:1779) < forward (model.py:245)"
+    )
 
 
 def test_the_benchmarks_repeated_trace_is_consistent(tmp_path):
@@ -94,8 +138,22 @@ def test_the_benchmarks_repeated_trace_is_consistent(tmp_path):
 
 
 # -- generated traces: the two replays agree ----------------------------------------------------
-ACTIONS = ["alloc", "alloc", "alloc", "free_requested", "free_completed", "free_completed", "free", "segment_alloc", "segment_free",
-           "segment_map", "segment_unmap", "oom", "snapshot", "other"]
+ACTIONS = [
+    "alloc",
+    "alloc",
+    "alloc",
+    "free_requested",
+    "free_completed",
+    "free_completed",
+    "free",
+    "segment_alloc",
+    "segment_free",
+    "segment_map",
+    "segment_unmap",
+    "oom",
+    "snapshot",
+    "other",
+]
 
 
 @st.composite
@@ -103,20 +161,39 @@ def snapshots(draw):
     sites = [[{"name": f"f{i}", "filename": f"/p/m{i % 3}.py", "line": i} for i in range(k)] for k in range(6)]
     segs = []
     for s in range(draw(st.integers(0, 4))):
-        blocks = [{"size": draw(st.sampled_from([512, 1 << 20, 2 << 20, 3 << 20])),
-                   "state": draw(st.sampled_from(["active_allocated", "inactive", "active_pending_free"])),
-                   "requested_size": draw(st.integers(0, 3 << 20)), "frames": []} for _ in range(draw(st.integers(0, 5)))]
-        segs.append({"device": draw(st.integers(0, 1)), "address": s << 32, "total_size": sum(b["size"] for b in blocks) + draw(st.sampled_from([0, 512])),
-                     "stream": draw(st.sampled_from([0, 7])), "segment_type": draw(st.sampled_from(["large", "small"])),
-                     "segment_pool_id": draw(st.sampled_from([(0, 0), (1, 0)])), "blocks": blocks})
+        blocks = [
+            {
+                "size": draw(st.sampled_from([512, 1 << 20, 2 << 20, 3 << 20])),
+                "state": draw(st.sampled_from(["active_allocated", "inactive", "active_pending_free"])),
+                "requested_size": draw(st.integers(0, 3 << 20)),
+                "frames": [],
+            }
+            for _ in range(draw(st.integers(0, 5)))
+        ]
+        segs.append(
+            {
+                "device": draw(st.integers(0, 1)),
+                "address": s << 32,
+                "total_size": sum(b["size"] for b in blocks) + draw(st.sampled_from([0, 512])),
+                "stream": draw(st.sampled_from([0, 7])),
+                "segment_type": draw(st.sampled_from(["large", "small"])),
+                "segment_pool_id": draw(st.sampled_from([(0, 0), (1, 0)])),
+                "blocks": blocks,
+            }
+        )
     floats = draw(st.booleans())
     traces = []
     for _ in range(draw(st.integers(0, 3))):
         entries, t = [], draw(st.integers(0, 50))
         for _ in range(draw(st.integers(0, 120))):
             t += draw(st.sampled_from([0, 1, 7]))
-            e = {"action": draw(st.sampled_from(ACTIONS)), "addr": draw(st.integers(0, 6)), "size": draw(st.sampled_from([0, 100, 1 << 20, 5 << 20])),
-                 "stream": draw(st.sampled_from([0, 7])), "frames": draw(st.sampled_from(sites))}
+            e = {
+                "action": draw(st.sampled_from(ACTIONS)),
+                "addr": draw(st.integers(0, 6)),
+                "size": draw(st.sampled_from([0, 100, 1 << 20, 5 << 20])),
+                "stream": draw(st.sampled_from([0, 7])),
+                "frames": draw(st.sampled_from(sites)),
+            }
             when = draw(st.integers(0, 9))
             if when < 8:
                 e["time_us"] = t + 0.5 if floats else t
@@ -126,12 +203,21 @@ def snapshots(draw):
                 e["device_free"] = draw(st.integers(-1, 1 << 30))
             entries.append(e)
         traces.append(entries)
-    return {"segments": segs, "device_traces": traces, "allocator_settings": {"expandable_segments": draw(st.booleans())}}
+    return {
+        "segments": segs,
+        "device_traces": traces,
+        "allocator_settings": {"expandable_segments": draw(st.booleans())},
+    }
 
 
 @pytest.mark.slow
 @seed(20261201)
-@settings(max_examples=int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "60")), deadline=None, database=None, suppress_health_check=list(HealthCheck))
+@settings(
+    max_examples=int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "60")),
+    deadline=None,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
 @given(snapshots())
 def test_python_and_numpy_replays_agree(snap):
     _both(T.normalize(snap))
@@ -141,8 +227,19 @@ def test_timeline_is_thinned_the_same_way():
     """More steps than the timeline keeps (2,000): the same points, peaks and last point."""
     trace = []
     for i in range(6000):
-        trace.append({"action": "alloc", "addr": i, "size": 1 + (i * 7919) % 1000, "stream": 0, "time_us": i, "frames": []})
+        trace.append(
+            {"action": "alloc", "addr": i, "size": 1 + (i * 7919) % 1000, "stream": 0, "time_us": i, "frames": []}
+        )
         if i % 3:
-            trace.append({"action": "free_requested", "addr": i - 1, "size": 1 + ((i - 1) * 7919) % 1000, "stream": 0, "time_us": i, "frames": []})
+            trace.append(
+                {
+                    "action": "free_requested",
+                    "addr": i - 1,
+                    "size": 1 + ((i - 1) * 7919) % 1000,
+                    "stream": 0,
+                    "time_us": i,
+                    "frames": [],
+                }
+            )
     a = _both(T.normalize({"segments": [], "device_traces": [trace]}))
     assert 2000 <= len(a["timeline"]["t_us"]) <= 2003

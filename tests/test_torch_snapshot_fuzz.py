@@ -28,7 +28,9 @@ from kvprof.errors import BundleError
 from kvprof.trace.torch_snapshot import loads
 from tests.conftest import ROOT
 
-pytestmark = pytest.mark.slow  # the fuzz suite: hundreds of generated and mutated snapshots (make test-quick leaves it out)
+pytestmark = (
+    pytest.mark.slow
+)  # the fuzz suite: hundreds of generated and mutated snapshots (make test-quick leaves it out)
 
 EXAMPLES = int(os.environ.get("KVPROF_FUZZ_EXAMPLES", "25"))
 SEED = int(os.environ.get("KVPROF_FUZZ_SEED", "20261201"))
@@ -39,18 +41,47 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_he
 
 
 def _small_trace_snapshot(protocol: int) -> bytes:
-    site = [{"filename": "/m/model.py", "line": 3, "name": "forward"}, {"filename": "run.py", "line": 9, "name": "<module>"}]
-    trace = [{"action": a, "addr": 1 << 20 | (i % 3) << 12, "size": 4096 * (1 + i % 2), "stream": 0, "time_us": 100 + i,
-              "frames": site if a == "alloc" else []}
-             for i, a in enumerate(["segment_alloc", "alloc", "free_requested", "free_completed", "alloc", "oom", "alloc", "free", "snapshot"])]
+    site = [
+        {"filename": "/m/model.py", "line": 3, "name": "forward"},
+        {"filename": "run.py", "line": 9, "name": "<module>"},
+    ]
+    trace = [
+        {
+            "action": a,
+            "addr": 1 << 20 | (i % 3) << 12,
+            "size": 4096 * (1 + i % 2),
+            "stream": 0,
+            "time_us": 100 + i,
+            "frames": site if a == "alloc" else [],
+        }
+        for i, a in enumerate(
+            ["segment_alloc", "alloc", "free_requested", "free_completed", "alloc", "oom", "alloc", "free", "snapshot"]
+        )
+    ]
     trace[5]["device_free"] = 0
-    seg = {"device": 0, "address": 1 << 20, "total_size": 3 << 12, "stream": 0, "segment_type": "small", "segment_pool_id": (0, 0),
-           "is_expandable": False, "blocks": [{"address": 1 << 20, "size": 4096, "requested_size": 4000, "state": "active_allocated", "frames": site},
-                                             {"address": 1 << 20 | 4096, "size": 8192, "requested_size": 0, "state": "inactive", "frames": []}]}
-    return pickle.dumps({"segments": [seg], "device_traces": [trace], "allocator_settings": {"expandable_segments": False}}, protocol=protocol)
+    seg = {
+        "device": 0,
+        "address": 1 << 20,
+        "total_size": 3 << 12,
+        "stream": 0,
+        "segment_type": "small",
+        "segment_pool_id": (0, 0),
+        "is_expandable": False,
+        "blocks": [
+            {"address": 1 << 20, "size": 4096, "requested_size": 4000, "state": "active_allocated", "frames": site},
+            {"address": 1 << 20 | 4096, "size": 8192, "requested_size": 0, "state": "inactive", "frames": []},
+        ],
+    }
+    return pickle.dumps(
+        {"segments": [seg], "device_traces": [trace], "allocator_settings": {"expandable_segments": False}},
+        protocol=protocol,
+    )
 
 
-BASES = [open(os.path.join(SNAPS, f), "rb").read() for f in ("docubox.pickle", "sketchkv2.pickle", "assignment2-systems.pickle")]
+BASES = [
+    open(os.path.join(SNAPS, f), "rb").read()
+    for f in ("docubox.pickle", "sketchkv2.pickle", "assignment2-systems.pickle")
+]
 BASES += [_small_trace_snapshot(p) for p in (2, 3, 4, 5)]
 
 
@@ -91,14 +122,16 @@ def mutated(draw):
         elif kind == "insert":
             data[i:i] = draw(st.binary(min_size=1, max_size=12))
         elif kind == "delete":
-            del data[i:i + draw(st.integers(1, 64))]
+            del data[i : i + draw(st.integers(1, 64))]
         elif kind == "repeat":
             n = draw(st.integers(1, 32))
-            data[i:i] = data[i:i + n] * draw(st.integers(2, 50))
+            data[i:i] = data[i : i + n] * draw(st.integers(2, 50))
         elif kind == "truncate":
             del data[i:]
         elif kind == "number" and i + 4 <= len(data):  # a length, an index or a size gone wild
-            data[i:i + 4] = struct.pack("<I", draw(st.sampled_from([0, 1, 0x7F, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF])))
+            data[i : i + 4] = struct.pack(
+                "<I", draw(st.sampled_from([0, 1, 0x7F, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF]))
+            )
     return bytes(data)
 
 
@@ -110,9 +143,37 @@ def test_mutated_real_snapshots(data):
 
 
 # -- generated opcode sequences ---------------------------------------------------------------
-WORDS = ["segments", "blocks", "size", "state", "active_allocated", "inactive", "total_size", "device_traces", "action", "alloc",
-         "free_requested", "free_completed", "oom", "addr", "time_us", "frames", "filename", "line", "name", "segment_pool_id",
-         "allocator_settings", "requested_size", "os", "system", "builtins", "eval", f"touch {MARKER}", "", "é\u2028\n"]
+WORDS = [
+    "segments",
+    "blocks",
+    "size",
+    "state",
+    "active_allocated",
+    "inactive",
+    "total_size",
+    "device_traces",
+    "action",
+    "alloc",
+    "free_requested",
+    "free_completed",
+    "oom",
+    "addr",
+    "time_us",
+    "frames",
+    "filename",
+    "line",
+    "name",
+    "segment_pool_id",
+    "allocator_settings",
+    "requested_size",
+    "os",
+    "system",
+    "builtins",
+    "eval",
+    f"touch {MARKER}",
+    "",
+    "é\u2028\n",
+]
 
 
 def _string(word: str) -> bytes:
@@ -138,7 +199,9 @@ def opcode(draw):
     if kind == 5:
         return b"c" + draw(st.sampled_from([b"os\nsystem\n", b"builtins\neval\n", b"posix\nsystem\n", b"kvprof\nx\n"]))
     if kind == 6:
-        return draw(st.sampled_from([b"r", b"j"])) + struct.pack("<I", draw(st.sampled_from([0, 1, 5, 0x7FFFFFFF, 0xFFFFFFFF])))
+        return draw(st.sampled_from([b"r", b"j"])) + struct.pack(
+            "<I", draw(st.sampled_from([0, 1, 5, 0x7FFFFFFF, 0xFFFFFFFF]))
+        )
     if kind == 7:
         return b"G" + struct.pack(">d", draw(st.floats(allow_nan=True, allow_infinity=True)))
     if kind == 8:
@@ -161,8 +224,17 @@ def test_generated_opcode_streams(data):
 
 
 # -- snapshot-shaped plain data with odd values ------------------------------------------------
-ODD = st.one_of(st.none(), st.booleans(), st.integers(-(1 << 70), 1 << 70), st.floats(), st.text(max_size=6), st.binary(max_size=4),
-                st.lists(st.integers(0, 3), max_size=3), st.tuples(st.integers(), st.integers()), st.just({}))
+ODD = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-(1 << 70), 1 << 70),
+    st.floats(),
+    st.text(max_size=6),
+    st.binary(max_size=4),
+    st.lists(st.integers(0, 3), max_size=3),
+    st.tuples(st.integers(), st.integers()),
+    st.just({}),
+)
 
 
 def _field(good):
@@ -170,27 +242,86 @@ def _field(good):
 
 
 BLOCK = st.fixed_dictionaries(
-    {"size": _field(st.integers(0, 1 << 30)), "state": _field(st.sampled_from(["active_allocated", "inactive", "active_pending_free"]))},
-    optional={"requested_size": _field(st.integers(0, 1 << 30)), "address": _field(st.integers(0, 1 << 48)),
-              "frames": _field(st.lists(st.fixed_dictionaries({"filename": _field(st.text(max_size=8)), "line": _field(st.integers(0, 99)),
-                                                                "name": _field(st.text(max_size=8))}), max_size=3)),
-              "history": _field(st.lists(st.fixed_dictionaries({"real_size": _field(st.integers(0, 1 << 30))}), max_size=2))})
+    {
+        "size": _field(st.integers(0, 1 << 30)),
+        "state": _field(st.sampled_from(["active_allocated", "inactive", "active_pending_free"])),
+    },
+    optional={
+        "requested_size": _field(st.integers(0, 1 << 30)),
+        "address": _field(st.integers(0, 1 << 48)),
+        "frames": _field(
+            st.lists(
+                st.fixed_dictionaries(
+                    {
+                        "filename": _field(st.text(max_size=8)),
+                        "line": _field(st.integers(0, 99)),
+                        "name": _field(st.text(max_size=8)),
+                    }
+                ),
+                max_size=3,
+            )
+        ),
+        "history": _field(st.lists(st.fixed_dictionaries({"real_size": _field(st.integers(0, 1 << 30))}), max_size=2)),
+    },
+)
 SEGMENT = st.fixed_dictionaries(
     {"total_size": _field(st.integers(0, 1 << 34)), "blocks": _field(st.lists(BLOCK, max_size=4))},
-    optional={"device": _field(st.integers(0, 3)), "address": _field(st.integers(0, 1 << 48)), "stream": _field(st.integers(0, 9)),
-              "segment_type": _field(st.sampled_from(["large", "small"])), "segment_pool_id": _field(st.tuples(st.integers(0, 2), st.integers(0, 2))),
-              "is_expandable": ODD})
+    optional={
+        "device": _field(st.integers(0, 3)),
+        "address": _field(st.integers(0, 1 << 48)),
+        "stream": _field(st.integers(0, 9)),
+        "segment_type": _field(st.sampled_from(["large", "small"])),
+        "segment_pool_id": _field(st.tuples(st.integers(0, 2), st.integers(0, 2))),
+        "is_expandable": ODD,
+    },
+)
 ENTRY = st.fixed_dictionaries(
-    {"action": _field(st.sampled_from(["alloc", "free_requested", "free_completed", "free", "segment_alloc", "segment_free", "oom", "snapshot", "x"]))},
-    optional={"addr": _field(st.integers(0, 7)), "size": _field(st.integers(0, 1 << 30)), "stream": _field(st.integers(0, 3)),
-              "time_us": _field(st.integers(0, 1000)), "device_free": _field(st.integers(0, 1 << 30)),
-              "frames": _field(st.lists(st.fixed_dictionaries({"filename": st.text(max_size=8), "line": st.integers(0, 9), "name": st.text(max_size=8)}), max_size=5))})
+    {
+        "action": _field(
+            st.sampled_from(
+                [
+                    "alloc",
+                    "free_requested",
+                    "free_completed",
+                    "free",
+                    "segment_alloc",
+                    "segment_free",
+                    "oom",
+                    "snapshot",
+                    "x",
+                ]
+            )
+        )
+    },
+    optional={
+        "addr": _field(st.integers(0, 7)),
+        "size": _field(st.integers(0, 1 << 30)),
+        "stream": _field(st.integers(0, 3)),
+        "time_us": _field(st.integers(0, 1000)),
+        "device_free": _field(st.integers(0, 1 << 30)),
+        "frames": _field(
+            st.lists(
+                st.fixed_dictionaries(
+                    {"filename": st.text(max_size=8), "line": st.integers(0, 9), "name": st.text(max_size=8)}
+                ),
+                max_size=5,
+            )
+        ),
+    },
+)
 SNAPSHOT = st.one_of(
-    st.fixed_dictionaries({"segments": _field(st.lists(SEGMENT, max_size=4))},
-                          optional={"device_traces": _field(st.lists(_field(st.lists(ENTRY, max_size=30)), max_size=3)),
-                                    "allocator_settings": _field(st.dictionaries(st.one_of(st.text(max_size=6), st.integers(-(1 << 70), 1 << 70)), ODD, max_size=4)),
-                                    "external_annotations": _field(st.lists(ODD, max_size=3))}),
-    st.lists(SEGMENT, max_size=3))
+    st.fixed_dictionaries(
+        {"segments": _field(st.lists(SEGMENT, max_size=4))},
+        optional={
+            "device_traces": _field(st.lists(_field(st.lists(ENTRY, max_size=30)), max_size=3)),
+            "allocator_settings": _field(
+                st.dictionaries(st.one_of(st.text(max_size=6), st.integers(-(1 << 70), 1 << 70)), ODD, max_size=4)
+            ),
+            "external_annotations": _field(st.lists(ODD, max_size=3)),
+        },
+    ),
+    st.lists(SEGMENT, max_size=3),
+)
 
 
 @seed(SEED)

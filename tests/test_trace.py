@@ -38,7 +38,9 @@ def _chunks(path):
     data = open(path, "rb").read()
     pos = 0
     while pos < len(data):
-        magic, payload, tags, _, nrec, raw_len, comp_len, seg_seq, seg_count, crc = struct.unpack_from("<4sBBHIIIqII", data, pos)
+        magic, payload, tags, _, nrec, raw_len, comp_len, seg_seq, seg_count, crc = struct.unpack_from(
+            "<4sBBHIIIqII", data, pos
+        )
         assert magic == b"KVC2" and zlib.crc32(data[pos : pos + 36]) == struct.unpack_from("<I", data, pos + 36)[0]
         body = data[pos + 40 : pos + 40 + comp_len]
         assert zlib.crc32(body) == crc
@@ -61,7 +63,8 @@ def test_chunks_open_with_struct_zlib_and_numpy(demo_bundle):
     assert len(ev) > 1000 and (np.diff(ev["t"]) >= 0).all()
     # block ids: up to 3 in the event record, the rest in the continuation records after it
     assert int(ev["n"].sum()) == int(np.minimum(ev["n"], 3).sum()) + int((tags == stage.TAG_IDS).sum() * 11) - int(
-        (-(np.maximum(ev["n"].astype(np.int64) - 3, 0)) % 11).sum())
+        (-(np.maximum(ev["n"].astype(np.int64) - 3, 0)) % 11).sum()
+    )
     meta = [json.loads(line) for line in open(proc / "meta.jsonl")]
     assert any(m["type"] == "pool" and m["num_blocks"] == 512 for m in meta)
     info = json.load(open(proc / "process.json"))
@@ -184,7 +187,10 @@ def test_interrupted_recorder_manifest_still_reads(demo_bundle, tmp_path):
         (lambda p: (p.mkdir(), (p / "manifest.json").write_text("{nope")), "manifest unreadable"),
         (lambda p: (p.mkdir(), (p / "manifest.json").write_text("[1]")), "not a JSON object"),
         (lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"format": "other"}')), "manifest format 'other'"),
-        (lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"format": "kvprof.bundle", "format_version": 9}')), "newer than this kvprof"),
+        (
+            lambda p: (p.mkdir(), (p / "manifest.json").write_text('{"format": "kvprof.bundle", "format_version": 9}')),
+            "newer than this kvprof",
+        ),
     ],
 )
 def test_foreign_or_broken_bundles_raise_one_error_type(tmp_path, make, message):
@@ -194,7 +200,9 @@ def test_foreign_or_broken_bundles_raise_one_error_type(tmp_path, make, message)
         Bundle(str(p))
     r = run_kvprof("analyze", str(p))
     assert r.returncode == 2
-    cli_message = {"no such bundle": "no such", "not a directory": "not a kvprof bundle"}.get(message, message.split("'")[0])
+    cli_message = {"no such bundle": "no such", "not a directory": "not a kvprof bundle"}.get(
+        message, message.split("'")[0]
+    )
     assert cli_message in r.stderr and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
 
 
@@ -225,7 +233,8 @@ def test_bad_values_from_a_pool_are_clamped_or_dropped_and_the_rest_kept(tmp_pat
         "        pool.alloc([None], request='r')\n"
         "        pool.request_state('r', 2**70, None)\n"
         "        pool.allocation_failed('r', 'x', 3)\n"
-        "    pool.free([i % 8], request='r')\n")
+        "    pool.free([i % 8], request='r')\n"
+    )
     out = tmp_path / "b.kvprof"
     r = run_kvprof("record", "-q", "-o", str(out), "--", __import__("sys").executable, str(script))
     assert r.returncode == 0, r.stderr
@@ -235,10 +244,14 @@ def test_bad_values_from_a_pool_are_clamped_or_dropped_and_the_rest_kept(tmp_pat
     # kept; the allocation of block None dropped
     assert len(rows) == 8000 + 4
     errors = json.load(open(os.path.join(proc.dir, "process.json")))["errors"]
-    assert any("clamped" in e for e in errors) and any("dropped" in e for e in errors) and any("as 0" in e for e in errors)
+    assert (
+        any("clamped" in e for e in errors) and any("dropped" in e for e in errors) and any("as 0" in e for e in errors)
+    )
     a = run_kvprof("analyze", str(out), "--json", "-")
     assert a.returncode == 0, a.stderr
-    assert json.loads(a.stdout)["metrics"]["blocks.events"]["value"] == 8000 + 1  # the 2**40 pair's id 1; the rest out of range
+    assert (
+        json.loads(a.stdout)["metrics"]["blocks.events"]["value"] == 8000 + 1
+    )  # the 2**40 pair's id 1; the rest out of range
 
 
 def test_segments_are_read_in_their_order_wherever_they_are(tmp_path):

@@ -30,22 +30,53 @@ def test_replay_of_the_recorded_configuration_equals_analyze_on_the_fixtures(nam
     w = _fidelity(os.path.join(FIXTURES, name))
     bad = {k: v for k, v in w["fidelity"].items() if not v["equal"]}
     assert not bad, bad
-    assert w["fidelity"]["blocks.preemptions"]["replay"] > 0 and w["fidelity"]["blocks.prefix_cache.hit_tokens"]["replay"] > 0
+    assert (
+        w["fidelity"]["blocks.preemptions"]["replay"] > 0
+        and w["fidelity"]["blocks.prefix_cache.hit_tokens"]["replay"] > 0
+    )
 
 
-@pytest.mark.parametrize("args", [
-    ["--free-order", "lifo"],
-    ["--free-order", "lowest-id", "--block-size", "32", "--num-blocks", "120"],
-    ["--no-prefix-cache", "--num-blocks", "150"],
-    ["--block-size", "8", "--num-blocks", "500", "--prefix-share", "0.9"],
-    # a hit that takes blocks computed by two requests (one re-computed a block whose first
-    # copy had been evicted): 112 hit tokens short before content classes replaced the
-    # parent-and-shared-length model
-    ["--seed", "2", "--num-blocks", "100", "--block-size", "8", "--free-order", "lowest-id", "--prefix-share", "0.9"],
-])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--free-order", "lifo"],
+        ["--free-order", "lowest-id", "--block-size", "32", "--num-blocks", "120"],
+        ["--no-prefix-cache", "--num-blocks", "150"],
+        ["--block-size", "8", "--num-blocks", "500", "--prefix-share", "0.9"],
+        # a hit that takes blocks computed by two requests (one re-computed a block whose first
+        # copy had been evicted): 112 hit tokens short before content classes replaced the
+        # parent-and-shared-length model
+        [
+            "--seed",
+            "2",
+            "--num-blocks",
+            "100",
+            "--block-size",
+            "8",
+            "--free-order",
+            "lowest-id",
+            "--prefix-share",
+            "0.9",
+        ],
+    ],
+)
 def test_replay_equals_analyze_for_every_demo_engine_policy(tmp_path, args):
     out = tmp_path / "d.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, "-m", "kvprof.demo", "--requests", "150", "--seed", "3", *args)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        "-m",
+        "kvprof.demo",
+        "--requests",
+        "150",
+        "--seed",
+        "3",
+        *args,
+    )
     assert r.returncode == 0, r.stderr
     w = _fidelity(out)
     assert all(v["equal"] for v in w["fidelity"].values()), w["fidelity"]
@@ -53,7 +84,9 @@ def test_replay_equals_analyze_for_every_demo_engine_policy(tmp_path, args):
 
 # -- hand-worked replays --------------------------------------------------------------------------------
 def _stream(events, num_blocks, block_size, requests, engine="custom"):
-    return BlockStream.from_events(events, [{"num_blocks": num_blocks, "block_size": block_size, "engine": engine}], requests)
+    return BlockStream.from_events(
+        events, [{"num_blocks": num_blocks, "block_size": block_size, "engine": engine}], requests
+    )
 
 
 def _row(sched, **kw):
@@ -62,8 +95,13 @@ def _row(sched, **kw):
 
 def test_one_request_under_other_block_sizes():
     # 10 tokens at B=4: 3 blocks; at B=2: 5 blocks; at B=8: 2 blocks, 6 of 16 slots empty
-    ev = [(1, K.REQ_ARRIVE, 0, 0, 10, 1, ()), (2, K.ALLOC, 0, 0, 0, 0, (0, 1, 2)), (2, K.REQ_STATE, 0, 0, 10, 3, ()),
-          (9, K.FREE, 0, 0, 0, 0, (2, 1, 0)), (9, K.REQ_FINISH, 0, 0, 0, 0, ())]
+    ev = [
+        (1, K.REQ_ARRIVE, 0, 0, 10, 1, ()),
+        (2, K.ALLOC, 0, 0, 0, 0, (0, 1, 2)),
+        (2, K.REQ_STATE, 0, 0, 10, 3, ()),
+        (9, K.FREE, 0, 0, 0, 0, (2, 1, 0)),
+        (9, K.REQ_FINISH, 0, 0, 0, 0, ()),
+    ]
     s = W.extract(_stream(ev, 8, 4, ["a"]), 0)
     assert _row(s, block_size=4, num_blocks=8)["blocks.peak_blocks"] == 3
     assert _row(s, block_size=2, num_blocks=W.UNLIMITED)["blocks.peak_blocks"] == 5
@@ -75,14 +113,28 @@ def _prefix_stream(q_b):
     """A computes 8 tokens and caches both 4-token blocks; B (q_b tokens) hits them."""
     need_b = -(-q_b // 4)
     ev = [
-        (1, K.REQ_ARRIVE, 0, 0, 8, 1, ()), (1, K.REQ_QUERY, 0, 0, 8, 0, ()), (1, K.ALLOC, 0, 0, 0, 0, (0, 1)),
-        (1, K.CACHE, 0, 0, 0, 0, (0, 1)), (1, K.REQ_STATE, 0, 0, 8, 2, ()),
-        (2, K.REQ_ARRIVE, 0, 1, q_b, 1, ()), (2, K.REQ_QUERY, 0, 1, q_b, 4 * min(2, (q_b - 1) // 4), ()),
+        (1, K.REQ_ARRIVE, 0, 0, 8, 1, ()),
+        (1, K.REQ_QUERY, 0, 0, 8, 0, ()),
+        (1, K.ALLOC, 0, 0, 0, 0, (0, 1)),
+        (1, K.CACHE, 0, 0, 0, 0, (0, 1)),
+        (1, K.REQ_STATE, 0, 0, 8, 2, ()),
+        (2, K.REQ_ARRIVE, 0, 1, q_b, 1, ()),
+        (2, K.REQ_QUERY, 0, 1, q_b, 4 * min(2, (q_b - 1) // 4), ()),
         (2, K.HIT, 0, 1, 0, 0, tuple([0, 1][: min(2, (q_b - 1) // 4)])),
         (2, K.ALLOC, 0, 1, 0, 0, tuple(range(2, 2 + need_b - min(2, (q_b - 1) // 4)))),
         (2, K.REQ_STATE, 0, 1, q_b, need_b, ()),
-        (5, K.FREE, 0, 1, 0, 0, tuple(reversed([0, 1][: min(2, (q_b - 1) // 4)] + list(range(2, 2 + need_b - min(2, (q_b - 1) // 4)))))),
-        (5, K.REQ_FINISH, 0, 1, 0, 0, ()), (6, K.FREE, 0, 0, 0, 0, (1, 0)), (6, K.REQ_FINISH, 0, 0, 0, 0, ()),
+        (
+            5,
+            K.FREE,
+            0,
+            1,
+            0,
+            0,
+            tuple(reversed([0, 1][: min(2, (q_b - 1) // 4)] + list(range(2, 2 + need_b - min(2, (q_b - 1) // 4))))),
+        ),
+        (5, K.REQ_FINISH, 0, 1, 0, 0, ()),
+        (6, K.FREE, 0, 0, 0, 0, (1, 0)),
+        (6, K.REQ_FINISH, 0, 0, 0, 0, ()),
     ]
     return W.extract(_stream(ev, 16, 4, ["a", "b"]), 0)
 
@@ -107,22 +159,40 @@ def test_blocks_the_engine_hit_and_the_replay_recomputed_are_cached_at_the_recor
     free queue and ~41% for buddy at other sizes."""
     a, x, b, c = range(4)
     ev = [
-        (1, K.REQ_QUERY, 0, a, 5, 0, ()), (1, K.ALLOC, 0, a, 0, 0, (0, 1)), (1, K.CACHE, 0, a, 0, 0, (0,)), (1, K.REQ_STATE, 0, a, 5, 2, ()),
-        (2, K.FREE, 0, a, 0, 0, (1, 0)), (2, K.REQ_FINISH, 0, a, 0, 0, ()),
+        (1, K.REQ_QUERY, 0, a, 5, 0, ()),
+        (1, K.ALLOC, 0, a, 0, 0, (0, 1)),
+        (1, K.CACHE, 0, a, 0, 0, (0,)),
+        (1, K.REQ_STATE, 0, a, 5, 2, ()),
+        (2, K.FREE, 0, a, 0, 0, (1, 0)),
+        (2, K.REQ_FINISH, 0, a, 0, 0, ()),
         # x takes the free queue's head (block 2); a run allocator takes the lowest id, block 0: a's content goes
-        (3, K.ALLOC, 0, x, 0, 0, (2,)), (3, K.REQ_STATE, 0, x, 4, 1, ()),
-        (4, K.REQ_QUERY, 0, b, 5, 4, ()), (4, K.HIT, 0, b, 0, 0, (0,)), (4, K.ALLOC, 0, b, 0, 0, (3,)), (4, K.REQ_STATE, 0, b, 5, 2, ()),
-        (5, K.REQ_STATE, 0, b, 8, 2, ()), (5, K.CACHE, 0, b, 0, 0, (3,)),  # the engine caches b's own block only
-        (6, K.FREE, 0, b, 0, 0, (3, 0)), (6, K.REQ_FINISH, 0, b, 0, 0, ()), (6, K.FREE, 0, x, 0, 0, (2,)), (6, K.REQ_FINISH, 0, x, 0, 0, ()),
-        (7, K.REQ_QUERY, 0, c, 5, 4, ()), (7, K.HIT, 0, c, 0, 0, (0,)), (7, K.ALLOC, 0, c, 0, 0, (1,)), (7, K.REQ_STATE, 0, c, 5, 2, ()),
-        (8, K.FREE, 0, c, 0, 0, (1, 0)), (8, K.REQ_FINISH, 0, c, 0, 0, ()),
+        (3, K.ALLOC, 0, x, 0, 0, (2,)),
+        (3, K.REQ_STATE, 0, x, 4, 1, ()),
+        (4, K.REQ_QUERY, 0, b, 5, 4, ()),
+        (4, K.HIT, 0, b, 0, 0, (0,)),
+        (4, K.ALLOC, 0, b, 0, 0, (3,)),
+        (4, K.REQ_STATE, 0, b, 5, 2, ()),
+        (5, K.REQ_STATE, 0, b, 8, 2, ()),
+        (5, K.CACHE, 0, b, 0, 0, (3,)),  # the engine caches b's own block only
+        (6, K.FREE, 0, b, 0, 0, (3, 0)),
+        (6, K.REQ_FINISH, 0, b, 0, 0, ()),
+        (6, K.FREE, 0, x, 0, 0, (2,)),
+        (6, K.REQ_FINISH, 0, x, 0, 0, ()),
+        (7, K.REQ_QUERY, 0, c, 5, 4, ()),
+        (7, K.HIT, 0, c, 0, 0, (0,)),
+        (7, K.ALLOC, 0, c, 0, 0, (1,)),
+        (7, K.REQ_STATE, 0, c, 5, 2, ()),
+        (8, K.FREE, 0, c, 0, 0, (1, 0)),
+        (8, K.REQ_FINISH, 0, c, 0, 0, ()),
     ]
     s = W.extract(_stream(ev, 4, 4, list("axbc")), 0)
     assert _row(s, block_size=4, num_blocks=4)["blocks.prefix_cache.hit_tokens"] == 8  # the recorded run: b and c hit
     for pol in ("first-fit", "buddy"):
         # b misses (a's block was reused) and computes the prefix; c finds b's copy (0 before the fix)
         assert _row(s, block_size=4, num_blocks=4, policy=pol)["blocks.prefix_cache.hit_tokens"] == 4, pol
-    assert _row(s, block_size=2, num_blocks=8, policy="first-fit")["blocks.prefix_cache.hit_tokens"] == 4  # as at another size
+    assert (
+        _row(s, block_size=2, num_blocks=8, policy="first-fit")["blocks.prefix_cache.hit_tokens"] == 4
+    )  # as at another size
 
 
 def _holes_stream():
@@ -145,7 +215,9 @@ def test_run_allocators_fail_on_fragmentation_that_a_paged_pool_does_not_see():
     for pol in ("first-fit", "best-fit", "buddy"):
         m = _row(s, block_size=4, num_blocks=6, policy=pol, recovery="preempt")
         assert m["blocks.allocation_failures"] >= 1 and m["blocks.fragmentation_that_hurts"] >= 1, pol
-        assert m["whatif.unserved_requests"] == 1 and m["blocks.preemptions"] == 0, pol  # an admission waits, it does not preempt
+        assert m["whatif.unserved_requests"] == 1 and m["blocks.preemptions"] == 0, (
+            pol
+        )  # an admission waits, it does not preempt
     m = _row(s, block_size=4, num_blocks=6, policy="first-fit", recovery="seeds")
     # compaction moves the blocks of C (2 -> 1) and E (4 -> 2): a run of three follows
     assert m["whatif.defrag_blocks_moved"] == 2 and m["whatif.unserved_requests"] == 0 and m["blocks.peak_blocks"] == 6
@@ -260,8 +332,10 @@ def test_buddy_blocks_never_overlap_and_buddies_always_merge(n, seed, reserve):
 
 
 @settings(max_examples=150, deadline=None)
-@given(ops=st.lists(st.tuples(st.sampled_from("atf"), st.integers(1, 5), st.integers(0, 10**6)), max_size=80),
-       uncached_first=st.booleans())
+@given(
+    ops=st.lists(st.tuples(st.sampled_from("atf"), st.integers(1, 5), st.integers(0, 10**6)), max_size=80),
+    uncached_first=st.booleans(),
+)
 def test_free_queue_matches_a_list_model(ops, uncached_first):
     n = 12
     q = allocators.FreeQueue(n, uncached_first=uncached_first)
@@ -296,8 +370,18 @@ def test_free_queue_matches_a_list_model(ops, uncached_first):
 # -- the command line --------------------------------------------------------------------------------------
 def test_cli_table_and_json(tmp_path):
     out = tmp_path / "w.json"
-    r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16,32", "--policy", "free-queue,buddy",
-                   "--recovery", "preempt,seeds", "--json", str(out))
+    r = run_kvprof(
+        "whatif",
+        os.path.join(FIXTURES, "demo.kvprof"),
+        "--block-size",
+        "16,32",
+        "--policy",
+        "free-queue,buddy",
+        "--recovery",
+        "preempt,seeds",
+        "--json",
+        str(out),
+    )
     assert r.returncode == 0, r.stderr
     assert "equals analyze" in r.stdout and "Blocks needed" in r.stdout
     doc = json.loads(out.read_text())
@@ -305,8 +389,13 @@ def test_cli_table_and_json(tmp_path):
     w = doc["sections"]["whatif"]
     # free-queue: one row per size; buddy: one per size and recovery
     assert [(x["block_size"], x["policy"], x["recovery"]) for x in w["rows"]] == [
-        (16, "free-queue", "n/a"), (16, "buddy", "preempt"), (16, "buddy", "seeds"),
-        (32, "free-queue", "n/a"), (32, "buddy", "preempt"), (32, "buddy", "seeds")]
+        (16, "free-queue", "n/a"),
+        (16, "buddy", "preempt"),
+        (16, "buddy", "seeds"),
+        (32, "free-queue", "n/a"),
+        (32, "buddy", "preempt"),
+        (32, "buddy", "seeds"),
+    ]
     assert [x["num_blocks"] for x in w["rows"]] == [256, 256, 256, 128, 128, 128]  # the recorded KV memory
     from kvprof import metrics
 
@@ -318,7 +407,9 @@ def test_cli_table_and_json(tmp_path):
 @pytest.mark.slow
 def test_cli_capacity_options(tmp_path):
     demo = os.path.join(FIXTURES, "demo.kvprof")
-    r = run_kvprof("whatif", demo, "--block-size", "16", "--kv-memory", "1MiB", "--bytes-per-token", "1024", "--json", "-")
+    r = run_kvprof(
+        "whatif", demo, "--block-size", "16", "--kv-memory", "1MiB", "--bytes-per-token", "1024", "--json", "-"
+    )
     assert r.returncode == 0, r.stderr
     w = json.loads(r.stdout)["sections"]["whatif"]
     assert w["rows"][0]["num_blocks"] == 64  # 1 MiB / (16 tokens x 1 KiB)
@@ -329,26 +420,32 @@ def test_cli_capacity_options(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("args, message", [
-    (["--policy", "worst-fit"], "--policy: unknown worst-fit"),
-    (["--block-size", "16,x"], "--block-size: not a list of numbers"),
-    (["--num-blocks", "1"], "--num-blocks must be at least 2"),
-    (["--num-blocks", "lots"], "--num-blocks must be a number or 'unlimited'"),
-    (["--kv-memory", "12XB"], "not a size"),
-    (["--kv-memory", "1GiB"], "--kv-memory needs the bytes one token takes"),
-    (["--recovery", "pray"], "--recovery: unknown pray"),
-    (["--prefix-cache", "maybe"], "--prefix-cache must be on or off"),
-    (["--pool", "nope"], "no pool 'nope'"),
-    (["--metadata-bytes", "-1", "--bytes-per-token", "100"], "--metadata-bytes must be 1 or more"),
-    (["--bytes-per-token", "nan"], "--bytes-per-token must be a positive number"),
-    (["--bytes-per-token", "inf"], "--bytes-per-token must be a positive number"),
-    (["--num-blocks", "200000000"], "--num-blocks: at most 16,777,216"),
-    (["--kv-memory", "1KiB", "--bytes-per-token", "1e-300"], "more than 16,777,216 blocks"),
-    (["--width", "-3"], "Invalid value for '--width': -3 is not in the range x>=40"),
-    (["--json", ""], "--json needs a file name"),
-    (["--num-blocks", "unlimited", "--policy", "buddy"], "--num-blocks unlimited replays the engine's free queue only"),
-    (["--policy", "free-queue", "--recovery", "seeds"], "--recovery applies to the run allocators"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--policy", "worst-fit"], "--policy: unknown worst-fit"),
+        (["--block-size", "16,x"], "--block-size: not a list of numbers"),
+        (["--num-blocks", "1"], "--num-blocks must be at least 2"),
+        (["--num-blocks", "lots"], "--num-blocks must be a number or 'unlimited'"),
+        (["--kv-memory", "12XB"], "not a size"),
+        (["--kv-memory", "1GiB"], "--kv-memory needs the bytes one token takes"),
+        (["--recovery", "pray"], "--recovery: unknown pray"),
+        (["--prefix-cache", "maybe"], "--prefix-cache must be on or off"),
+        (["--pool", "nope"], "no pool 'nope'"),
+        (["--metadata-bytes", "-1", "--bytes-per-token", "100"], "--metadata-bytes must be 1 or more"),
+        (["--bytes-per-token", "nan"], "--bytes-per-token must be a positive number"),
+        (["--bytes-per-token", "inf"], "--bytes-per-token must be a positive number"),
+        (["--num-blocks", "200000000"], "--num-blocks: at most 16,777,216"),
+        (["--kv-memory", "1KiB", "--bytes-per-token", "1e-300"], "more than 16,777,216 blocks"),
+        (["--width", "-3"], "Invalid value for '--width': -3 is not in the range x>=40"),
+        (["--json", ""], "--json needs a file name"),
+        (
+            ["--num-blocks", "unlimited", "--policy", "buddy"],
+            "--num-blocks unlimited replays the engine's free queue only",
+        ),
+        (["--policy", "free-queue", "--recovery", "seeds"], "--recovery applies to the run allocators"),
+    ],
+)
 def test_cli_bad_options_are_one_line(args, message):
     r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
@@ -369,7 +466,9 @@ def test_cli_bad_inputs(tmp_path):
 
 @pytest.mark.slow
 def test_prefix_cache_off_replays_without_hits_and_still_checks_the_recorded_run():
-    r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16", "--prefix-cache", "off", "--json", "-")
+    r = run_kvprof(
+        "whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16", "--prefix-cache", "off", "--json", "-"
+    )
     assert r.returncode == 0, r.stderr
     w = json.loads(r.stdout)["sections"]["whatif"]
     assert all(v["equal"] for v in w["fidelity"].values())  # the recorded configuration had the cache on
@@ -378,35 +477,59 @@ def test_prefix_cache_off_replays_without_hits_and_still_checks_the_recorded_run
     m, rec = row["metrics"], {k: v["replay"] for k, v in w["fidelity"].items()}
     # nothing shared: nothing evicted, the pool fills sooner and refuses more
     assert m["blocks.evictions"] == 0 and m["blocks.peak_blocks"] == 255
-    assert m["blocks.allocation_failures"] > rec["blocks.allocation_failures"] and m["blocks.usage.time_weighted"] > rec["blocks.usage.time_weighted"]
+    assert (
+        m["blocks.allocation_failures"] > rec["blocks.allocation_failures"]
+        and m["blocks.usage.time_weighted"] > rec["blocks.usage.time_weighted"]
+    )
 
 
 def test_a_refusal_with_no_later_state_is_replayed_from_the_blocks_the_engine_wanted(tmp_path):
     """An aborted request (or the last event of a crashed run) has no state after its refused
     allocation: the replay uses the event's own blocks-needed figure."""
     script = tmp_path / "refused.py"
-    script.write_text("import kvprof.blocks\n"
-                      "pool = kvprof.blocks.Pool(num_blocks=4, block_size=4, name='p')\n"
-                      "pool.request_arrived('a', prompt_tokens=12)\n"
-                      "pool.alloc([0, 1, 2], request='a')\n"
-                      "pool.request_state('a', filled_tokens=12, blocks_held=3)\n"
-                      "pool.request_arrived('b', prompt_tokens=8)\n"
-                      "pool.allocation_failed('b', 2, 1)\n"
-                      "pool.request_finished('b')\n"
-                      "pool.free([0, 1, 2], request='a')\n"
-                      "pool.request_finished('a')\n")
+    script.write_text(
+        "import kvprof.blocks\n"
+        "pool = kvprof.blocks.Pool(num_blocks=4, block_size=4, name='p')\n"
+        "pool.request_arrived('a', prompt_tokens=12)\n"
+        "pool.alloc([0, 1, 2], request='a')\n"
+        "pool.request_state('a', filled_tokens=12, blocks_held=3)\n"
+        "pool.request_arrived('b', prompt_tokens=8)\n"
+        "pool.allocation_failed('b', 2, 1)\n"
+        "pool.request_finished('b')\n"
+        "pool.free([0, 1, 2], request='a')\n"
+        "pool.request_finished('a')\n"
+    )
     out = tmp_path / "r.kvprof"
     assert run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, str(script)).returncode == 0
     w = _fidelity(out)
-    assert w["fidelity"]["blocks.allocation_failures"] == {**w["fidelity"]["blocks.allocation_failures"], "analyze": 1, "replay": 1, "equal": True}
+    assert w["fidelity"]["blocks.allocation_failures"] == {
+        **w["fidelity"]["blocks.allocation_failures"],
+        "analyze": 1,
+        "replay": 1,
+        "equal": True,
+    }
 
 
 @pytest.mark.slow
 def test_cli_bytes_per_token_and_plain_byte_sizes():
     """--bytes-per-token reaches the rows' peak and compaction bytes, not only the advice; a
     --kv-memory in plain bytes is a size."""
-    r = run_kvprof("whatif", os.path.join(FIXTURES, "demo.kvprof"), "--block-size", "16", "--kv-memory", "1048576",
-                   "--bytes-per-token", "100", "--policy", "first-fit", "-j", "1", "--json", "-")
+    r = run_kvprof(
+        "whatif",
+        os.path.join(FIXTURES, "demo.kvprof"),
+        "--block-size",
+        "16",
+        "--kv-memory",
+        "1048576",
+        "--bytes-per-token",
+        "100",
+        "--policy",
+        "first-fit",
+        "-j",
+        "1",
+        "--json",
+        "-",
+    )
     assert r.returncode == 0, r.stderr
     w = json.loads(r.stdout)["sections"]["whatif"]
     (row,) = [x for x in w["rows"] if x["policy"] == "first-fit" and x["recovery"] == "preempt"]

@@ -83,7 +83,11 @@ def synthetic(seed: int, engine: str = "custom", B: int = 4, n: int = 40, steps:
             reqs[k] = q
             ev.append((t, K.REQ_ARRIVE, 0, k, prompt, -1, ()))
             hits = []
-            while len(hits) * B < min(q["shared"], prompt - 1) and (g, len(hits)) in cache and (len(hits) + 1) * B <= prompt - 1:
+            while (
+                len(hits) * B < min(q["shared"], prompt - 1)
+                and (g, len(hits)) in cache
+                and (len(hits) + 1) * B <= prompt - 1
+            ):
                 hits.append(cache[(g, len(hits))])
             need = -(-prompt // B) - len(hits)
             early = rng.random() < 0.5
@@ -104,7 +108,11 @@ def synthetic(seed: int, engine: str = "custom", B: int = 4, n: int = 40, steps:
             q["tab"] = hits + new
             if not early:
                 ev.append((t, K.REQ_QUERY, 0, k, prompt, len(hits) * B, ()))
-            full = [(j, b) for j, b in enumerate(q["tab"]) if (j + 1) * B <= prompt and content[b] is None and j * B < q["shared"]]
+            full = [
+                (j, b)
+                for j, b in enumerate(q["tab"])
+                if (j + 1) * B <= prompt and content[b] is None and j * B < q["shared"]
+            ]
             for j, b in full:
                 if (g, j) not in cache:
                     cache[(g, j)] = b
@@ -132,7 +140,9 @@ def synthetic(seed: int, engine: str = "custom", B: int = 4, n: int = 40, steps:
                 q["tab"].append(b)
             q["filled"] += 1
             ev.append((t, K.REQ_STATE, 0, k, q["filled"], len(q["tab"]), ()))
-            if rng.random() < 0.04 and len(q["tab"]) > 2 and q["tab"][0] is not None:  # a sliding window drops the first block
+            if (
+                rng.random() < 0.04 and len(q["tab"]) > 2 and q["tab"][0] is not None
+            ):  # a sliding window drops the first block
                 ev.append((t, K.FREE, 0, k, 0, 0, (q["tab"][0],)))
                 release([q["tab"][0]])
                 q["tab"][0] = None
@@ -152,7 +162,9 @@ def synthetic(seed: int, engine: str = "custom", B: int = 4, n: int = 40, steps:
     t += 1000
     for k in list(order):
         drop(k, K.REQ_FINISH)
-    return BlockStream.from_events(ev, [{"num_blocks": n, "block_size": B, "engine": engine}], [f"r{i}" for i in range(max(nkeys, 1))])
+    return BlockStream.from_events(
+        ev, [{"num_blocks": n, "block_size": B, "engine": engine}], [f"r{i}" for i in range(max(nkeys, 1))]
+    )
 
 
 # -- the schedule ------------------------------------------------------------------------------------
@@ -223,8 +235,14 @@ def _classes(s: W.Schedule) -> dict:
 def assert_same_schedule(new: W.Schedule, ref) -> None:
     assert as_tuples(new) == ref.ops
     assert sorted(new.final_lengths.tolist()) == sorted(ref.final_lengths)
-    assert (new.t_start, new.t_end, new.requests, new.prefix_caching, new.reserved_ids, new.unsupported) == \
-           (ref.t_start, ref.t_end, ref.requests, ref.prefix_caching, ref.reserved_ids, ref.unsupported)
+    assert (new.t_start, new.t_end, new.requests, new.prefix_caching, new.reserved_ids, new.unsupported) == (
+        ref.t_start,
+        ref.t_end,
+        ref.requests,
+        ref.prefix_caching,
+        ref.reserved_ids,
+        ref.unsupported,
+    )
     # the same content classes: the same nodes, grouped the same way
     cls = _classes(new)
     assert set(cls) == set(ref.content)
@@ -236,12 +254,30 @@ def _bundles(tmp_path_factory):
     """The fixtures and demo recordings of every demo free order (recorded once per session)."""
     out = [os.path.join(FIXTURES, "demo.kvprof"), os.path.join(FIXTURES, "demo-leak.kvprof")]
     d = tmp_path_factory.mktemp("demos")
-    for i, args in enumerate([["--free-order", "lifo", "--num-blocks", "90"],
-                              ["--free-order", "lowest-id", "--block-size", "32", "--num-blocks", "60"],
-                              ["--block-size", "8", "--num-blocks", "300", "--prefix-share", "0.9", "--seed", "2"],
-                              ["--no-prefix-cache", "--num-blocks", "120"]]):
+    for i, args in enumerate(
+        [
+            ["--free-order", "lifo", "--num-blocks", "90"],
+            ["--free-order", "lowest-id", "--block-size", "32", "--num-blocks", "60"],
+            ["--block-size", "8", "--num-blocks", "300", "--prefix-share", "0.9", "--seed", "2"],
+            ["--no-prefix-cache", "--num-blocks", "120"],
+        ]
+    ):
         path = d / f"d{i}.kvprof"
-        r = run_kvprof("record", "-q", "-o", str(path), "--", sys.executable, "-m", "kvprof.demo", "--requests", "120", "--seed", "5", *args)
+        r = run_kvprof(
+            "record",
+            "-q",
+            "-o",
+            str(path),
+            "--",
+            sys.executable,
+            "-m",
+            "kvprof.demo",
+            "--requests",
+            "120",
+            "--seed",
+            "5",
+            *args,
+        )
         assert r.returncode == 0, r.stderr
         out.append(str(path))
     return out
@@ -288,8 +324,17 @@ def test_other_pools_in_a_chunk_are_skipped():
     for pool, s in ((0, a), (1, b)):
         off = s.offsets
         for i in range(len(s.t)):
-            ev.append((int(s.t[i]), int(s.kind[i]), pool, int(s.req[i]) + (1000 if pool and s.req[i] >= 0 else 0), int(s.arg[i]),
-                       int(s.arg2[i]), tuple(int(x) for x in s.ids[off[i] : off[i + 1]])))
+            ev.append(
+                (
+                    int(s.t[i]),
+                    int(s.kind[i]),
+                    pool,
+                    int(s.req[i]) + (1000 if pool and s.req[i] >= 0 else 0),
+                    int(s.arg[i]),
+                    int(s.arg2[i]),
+                    tuple(int(x) for x in s.ids[off[i] : off[i + 1]]),
+                )
+            )
     ev.sort(key=lambda e: e[0])
     both = BlockStream.from_events(ev, [{"num_blocks": 40, "block_size": 4}] * 2)
     builder = W.ScheduleBuilder(both.pools[1])
@@ -309,7 +354,7 @@ def _configs(sched) -> list:
         out.append(W.Config(B, W.UNLIMITED))
         out.append(W.Config(B, n, "free-queue", "preempt", False))
         for pol in ("free-queue", "first-fit", "best-fit", "buddy"):
-            for rec in (("preempt", "seeds") if pol != "free-queue" else ("preempt",)):
+            for rec in ("preempt", "seeds") if pol != "free-queue" else ("preempt",):
                 out.append(W.Config(B, n, pol, rec))
                 out.append(W.Config(B, max(n // 3, 2), pol, rec))
     return out
@@ -334,7 +379,9 @@ def test_threads_give_what_one_after_another_gives(bundles):
     assert KK.replay.targetoptions["nogil"]  # the threads replay at once, on as many cores
     s = W.extract(Bundle(bundles[2]).block_stream(), 0)
     configs = _configs(s)[:12]
-    assert [r.metrics for r in W.replay_many(s, configs, jobs=1)] == [r.metrics for r in W.replay_many(s, configs, jobs=3)]
+    assert [r.metrics for r in W.replay_many(s, configs, jobs=1)] == [
+        r.metrics for r in W.replay_many(s, configs, jobs=3)
+    ]
 
 
 @pytest.mark.slow
@@ -347,7 +394,9 @@ def test_each_kernel_function_is_compiled_once(bundles):
         s = W.extract(stream, pool)
         for cfg in _configs(s)[:20]:
             W.replay(s, cfg)
-    many = {name: len(f.signatures) for name, f in vars(KK).items() if hasattr(f, "signatures") and len(f.signatures) > 1}
+    many = {
+        name: len(f.signatures) for name, f in vars(KK).items() if hasattr(f, "signatures") and len(f.signatures) > 1
+    }
     assert not many, many
 
 
@@ -369,10 +418,12 @@ def test_kernels_still_run_where_no_cache_can_be_written(tmp_path):
     """A cache directory that cannot be created (a path under a file): the kernels compile
     and run all the same (numba skips the cache; where it refuses ``cache=True`` outright,
     whatif_kernel.jit compiles without it)."""
-    code = ("from kvprof.analysis import whatif_kernel as K\n"
-            "import numpy as np\n"
-            "keys = np.full(16, -1, np.int64)\n"
-            "print(K._c32(np.int64(5)), K.hm_find(keys, np.int64(3)) < 0, int(K.jit(lambda a: a.sum() + 1)(np.arange(4))))\n")
+    code = (
+        "from kvprof.analysis import whatif_kernel as K\n"
+        "import numpy as np\n"
+        "keys = np.full(16, -1, np.int64)\n"
+        "print(K._c32(np.int64(5)), K.hm_find(keys, np.int64(3)) < 0, int(K.jit(lambda a: a.sum() + 1)(np.arange(4))))\n"
+    )
     (tmp_path / "file").write_text("not a directory")
     env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "file" / "dir"))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
@@ -398,8 +449,17 @@ def test_the_compiled_replay_equals_the_reference_on_a_real_vllm_run(tmp_path):
     from tests.conftest import WORKLOADS
 
     bundle = tmp_path / "v.kvprof"
-    r = run_kvprof("record", "-q", "-o", str(bundle), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(tmp_path / "t.json"),
-                   timeout=600)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(bundle),
+        "--",
+        vllm_python(),
+        os.path.join(WORKLOADS, "vllm_tiny.py"),
+        str(tmp_path / "t.json"),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     stream = Bundle(str(bundle)).block_stream()
     pool = W.pick_pool(stream, None).index

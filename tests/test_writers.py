@@ -47,8 +47,13 @@ def test_write_json_atomic_gives_valid_json_that_reads_back(tmp_path):
 
 class _Result:
     def to_json(self):
-        return {"schema": "kvprof.analysis/1", "metrics": {}, "sections": {"marks": [LONE, HIGH]},
-                "source": {"bundle": f"/tmp/{LONE}.kvprof"}, "findings": [{"title": f"marker {LONE}"}]}
+        return {
+            "schema": "kvprof.analysis/1",
+            "metrics": {},
+            "sections": {"marks": [LONE, HIGH]},
+            "source": {"bundle": f"/tmp/{LONE}.kvprof"},
+            "findings": [{"title": f"marker {LONE}"}],
+        }
 
 
 def test_the_analysis_json_writer(tmp_path, monkeypatch, capfd):
@@ -60,11 +65,30 @@ def test_the_analysis_json_writer(tmp_path, monkeypatch, capfd):
 
 
 def _comparison():
-    row = Row(name=f"heap.{LONE}", unit="bytes", better="lower", noisy=False, base=1.0, new=2.0, base_runs=1, new_runs=1,
-              delta=1.0, rel=1.0, base_spread=None, judged_on_spread=False, verdict=FAIL,
-              checks=[Check("max", 0.0, False, f"2 B > max 0 B in {HIGH}", f"heap.{LONE}")])
-    return Comparison(base=[f"/runs/{LONE}.json"], new=[f"/runs/{HIGH}\x01.json"], budgets=f"b{LONE}.toml",
-                      tolerance=0.0, noisy_tolerance=0.1, rows=[row])
+    row = Row(
+        name=f"heap.{LONE}",
+        unit="bytes",
+        better="lower",
+        noisy=False,
+        base=1.0,
+        new=2.0,
+        base_runs=1,
+        new_runs=1,
+        delta=1.0,
+        rel=1.0,
+        base_spread=None,
+        judged_on_spread=False,
+        verdict=FAIL,
+        checks=[Check("max", 0.0, False, f"2 B > max 0 B in {HIGH}", f"heap.{LONE}")],
+    )
+    return Comparison(
+        base=[f"/runs/{LONE}.json"],
+        new=[f"/runs/{HIGH}\x01.json"],
+        budgets=f"b{LONE}.toml",
+        tolerance=0.0,
+        noisy_tolerance=0.1,
+        rows=[row],
+    )
 
 
 def test_compare_markdown_junit_and_json_files(tmp_path, monkeypatch):

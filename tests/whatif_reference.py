@@ -22,7 +22,20 @@ if TYPE_CHECKING:
     from kvprof.analysis.whatif import Config
 
 # schedule operations
-(OP_STEP, OP_QUERY, OP_LOOKUP, OP_GROW, OP_CACHE, OP_FREE, OP_STATE, OP_PREEMPT, OP_FINISH, OP_FAIL, OP_FALLOC, OP_FFREE) = range(12)
+(
+    OP_STEP,
+    OP_QUERY,
+    OP_LOOKUP,
+    OP_GROW,
+    OP_CACHE,
+    OP_FREE,
+    OP_STATE,
+    OP_PREEMPT,
+    OP_FINISH,
+    OP_FAIL,
+    OP_FALLOC,
+    OP_FFREE,
+) = range(12)
 UNLIMITED = -1
 RECOVERIES = ("preempt", "seeds")
 
@@ -52,11 +65,15 @@ class Schedule:
         """The engine's own free queue: (uncached blocks reused first, order blocks leave in)."""
         if self.engine == "vllm":
             return True, "fifo"  # vLLM 0.32 BlockPool.free_blocks: uncached to the head, cached to the tail
-        return False, {"lifo": "lifo", "lowest-id": "lowest", "first-fit": "lowest"}.get(self.engine_policy or "", "fifo")
+        return False, {"lifo": "lifo", "lowest-id": "lowest", "first-fit": "lowest"}.get(
+            self.engine_policy or "", "fifo"
+        )
 
     def free_order_label(self) -> str:
         first, order = self.free_order()
-        return {"fifo": "LRU queue", "lifo": "LIFO stack", "lowest": "lowest id first"}[order] + (", uncached blocks reused first" if first else "")
+        return {"fifo": "LRU queue", "lifo": "LIFO stack", "lowest": "lowest id first"}[order] + (
+            ", uncached blocks reused first" if first else ""
+        )
 
     bytes_per_token_given: float | None = None  # --bytes-per-token, over the bundle's own figure
 
@@ -102,7 +119,14 @@ def extract(stream, pool_index: int) -> Schedule:
     ids_all = stream.ids
     n = len(sel)
     ALLOC, FREE, HIT, CACHE, EVICT, RESERVE = K.ALLOC, K.FREE, K.HIT, K.CACHE, K.EVICT, K.RESERVE
-    STATE, QUERY, PREEMPT, FINISH, FAIL, STEP = K.REQ_STATE, K.REQ_QUERY, K.REQ_PREEMPT, K.REQ_FINISH, K.ALLOC_FAIL, K.STEP
+    STATE, QUERY, PREEMPT, FINISH, FAIL, STEP = (
+        K.REQ_STATE,
+        K.REQ_QUERY,
+        K.REQ_PREEMPT,
+        K.REQ_FINISH,
+        K.ALLOC_FAIL,
+        K.STEP,
+    )
 
     # tokens each state's table is for: filled plus whole blocks held beyond them (lookahead)
     f_arr, h_arr = stream.arg[sel], stream.arg2[sel]
@@ -128,7 +152,10 @@ def extract(stream, pool_index: int) -> Schedule:
     target_arr = np.full(n, -1, dtype=np.int64)
     qhint_arr = np.full(n, -1, dtype=np.int64)
     ask = np.flatnonzero((ks == ALLOC) | (ks == HIT) | (ks == FAIL))
-    for mask, values, out in (((ks == STATE), state_tokens_arr, target_arr), ((ks == QUERY), stream.arg[sel], qhint_arr)):
+    for mask, values, out in (
+        ((ks == STATE), state_tokens_arr, target_arr),
+        ((ks == QUERY), stream.arg[sel], qhint_arr),
+    ):
         nx = _next(mask)[ask]
         ok = (nx < m) & (nx < nreset[ask])
         ok[ok] = rs[nx[ok]] == rs[ask[ok]]
@@ -154,8 +181,15 @@ def extract(stream, pool_index: int) -> Schedule:
     # request states are most of the stream: built in one go, then merged by call index
     is_state = kind_sel == STATE
     state_idx = np.flatnonzero(is_state)
-    state_ops = list(zip([OP_STATE] * len(state_idx), stream.t[sel][state_idx].tolist(), req_sel[state_idx].tolist(),
-                         f_arr[state_idx].tolist(), state_tokens_arr[state_idx].tolist()))
+    state_ops = list(
+        zip(
+            [OP_STATE] * len(state_idx),
+            stream.t[sel][state_idx].tolist(),
+            req_sel[state_idx].tolist(),
+            f_arr[state_idx].tolist(),
+            state_tokens_arr[state_idx].tolist(),
+        )
+    )
     if len(state_idx):  # final length of each request: its last state
         rr = req_sel[state_idx]
         _, first_from_end = np.unique(rr[::-1], return_index=True)
@@ -201,7 +235,16 @@ def extract(stream, pool_index: int) -> Schedule:
             else:
                 # tokens the table grows for; and, for a replay at the recorded size, the length
                 # the engine grew it to (so lookahead and chunking land exactly where they did)
-                append((OP_GROW, t, r, target[i] if target[i] >= 0 else (len(tab) + len(ids)) * B, len(tab) + len(ids), qhint[i]))
+                append(
+                    (
+                        OP_GROW,
+                        t,
+                        r,
+                        target[i] if target[i] >= 0 else (len(tab) + len(ids)) * B,
+                        len(tab) + len(ids),
+                        qhint[i],
+                    )
+                )
             for b in ids:
                 if k == ALLOC:
                     owner[b] = (r, len(tab))
@@ -220,7 +263,9 @@ def extract(stream, pool_index: int) -> Schedule:
                     o = owner.get(b)
                     holder = o[0] if o is not None and b in pos_of.get(o[0], ()) else None
                 if holder is None:
-                    unsupported["free of a block no request holds"] = unsupported.get("free of a block no request holds", 0) + 1
+                    unsupported["free of a block no request holds"] = (
+                        unsupported.get("free of a block no request holds", 0) + 1
+                    )
                     continue
                 by_req.setdefault(holder, []).append(pos_of[holder].pop(b))
             for h, pos in by_req.items():
@@ -249,7 +294,9 @@ def extract(stream, pool_index: int) -> Schedule:
             # the replay must know it is a preemption before it frees, so that it can skip it
             r, t = reqs[i], times[i]
             j = last_free.get(r)
-            if j is not None and not any(o[0] not in (OP_STEP, OP_FALLOC, OP_FFREE) and o[2] == r for o in ops[j + 1 :]):
+            if j is not None and not any(
+                o[0] not in (OP_STEP, OP_FALLOC, OP_FFREE) and o[2] == r for o in ops[j + 1 :]
+            ):
                 before[j] = (OP_PREEMPT, ops[j][1], r, True)  # the decision, before the free
             append((OP_PREEMPT, t, r, False))  # the report itself (the analyzer's waste reset)
         elif k == FINISH:
@@ -275,7 +322,9 @@ def extract(stream, pool_index: int) -> Schedule:
         ops = merged
     bounds.append(len(ops))
     if state_ops:  # merge: each non-state call's ops go before the states that followed it
-        states_before = np.cumsum(is_state)[np.asarray(others, dtype=np.int64)] if others else np.zeros(0, dtype=np.int64)
+        states_before = (
+            np.cumsum(is_state)[np.asarray(others, dtype=np.int64)] if others else np.zeros(0, dtype=np.int64)
+        )
         out: list = []
         si = 0
         for c, nst in enumerate(states_before.tolist()):
@@ -289,10 +338,20 @@ def extract(stream, pool_index: int) -> Schedule:
     t_start = int(times[0]) if n else 0
     t_end = int(times[-1]) if n else 0
     return Schedule(
-        pool=info.label, engine=info.engine, block_size=B, num_blocks=info.num_blocks, reserved_ids=sorted(set(reserved)),
+        pool=info.label,
+        engine=info.engine,
+        block_size=B,
+        num_blocks=info.num_blocks,
+        reserved_ids=sorted(set(reserved)),
         bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"),
-        t_start=t_start, t_end=t_end, ops=ops, requests=int((seen_req >= 0).sum()), prefix_caching=cached_any,
-        final_lengths=list(final_len.values()), unsupported=unsupported, engine_policy=info.extra.get("free_order") or info.extra.get("policy"),
+        t_start=t_start,
+        t_end=t_end,
+        ops=ops,
+        requests=int((seen_req >= 0).sum()),
+        prefix_caching=cached_any,
+        final_lengths=list(final_len.values()),
+        unsupported=unsupported,
+        engine_policy=info.extra.get("free_order") or info.extra.get("policy"),
         content={node: _find(uf, node) for node in uf},
     )
 
@@ -490,7 +549,9 @@ class _Replay:
     def _admission_failed(self, r):
         """Give the hits back; the request waits, its query still to count."""
         self.admission.pop(r, None)
-        self._release_many(list(reversed(self.table.pop(r, None) or [])))  # the table, not the hits: a compaction may have moved them
+        self._release_many(
+            list(reversed(self.table.pop(r, None) or []))
+        )  # the table, not the hits: a compaction may have moved them
         self.running.pop(r, None)
 
     def _free_table(self, r):
@@ -541,7 +602,7 @@ class _Replay:
         self.defrag_moved += moved
         for r, tab in self.table.items():
             self.table[r] = [None if b is None else new_of[b] for b in tab]
-        for (fk, b) in list(self.foreign.items()):
+        for fk, b in list(self.foreign.items()):
             self.foreign[fk] = new_of[b]
         # moved blocks keep their content; a free cached block that a moved block lands on loses it
         dest = set(new_of.values())
@@ -702,7 +763,9 @@ class _Replay:
                 self.keep.discard(r)
             elif code == OP_FAIL:
                 r, tokens = op[2], op[3]
-                if tokens < 0 and op[5] > 0:  # no later state says how long: the blocks the engine wanted, beyond the table
+                if (
+                    tokens < 0 and op[5] > 0
+                ):  # no later state says how long: the blocks the engine wanted, beyond the table
                     tokens = len(self.table.get(r) or ()) * B + op[5] * B0
                 self.honor = self._short(r, tokens, op[4])
                 self.honor_for = r
@@ -781,8 +844,12 @@ class _Replay:
         return {
             "blocks.peak_blocks": peak,
             "blocks.capacity": self.capacity if self.c.num_blocks != UNLIMITED else None,
-            "blocks.usage.high_watermark": (peak / self.capacity) if self.c.num_blocks != UNLIMITED and self.capacity else None,
-            "blocks.usage.time_weighted": (self.i_blocks / (span * self.capacity)) if span > 0 and self.capacity and self.c.num_blocks != UNLIMITED else None,
+            "blocks.usage.high_watermark": (peak / self.capacity)
+            if self.c.num_blocks != UNLIMITED and self.capacity
+            else None,
+            "blocks.usage.time_weighted": (self.i_blocks / (span * self.capacity))
+            if span > 0 and self.capacity and self.c.num_blocks != UNLIMITED
+            else None,
             "blocks.internal_fragmentation.time_weighted": (self.i_waste / self.i_slots) if self.i_slots > 0 else None,
             "blocks.internal_fragmentation.at_peak": self.internal_at_peak,
             "blocks.external_fragmentation.at_peak": ext if self.c.num_blocks != UNLIMITED else None,
@@ -797,10 +864,14 @@ class _Replay:
             "whatif.recomputed_tokens": self.recomputed,
             "whatif.unserved_requests": self.unserved,
             "whatif.max_running_requests": self.max_running,
-            "whatif.requests_held": (int(self.capacity // mean_blocks) if mean_blocks and self.c.num_blocks != UNLIMITED else None),
+            "whatif.requests_held": (
+                int(self.capacity // mean_blocks) if mean_blocks and self.c.num_blocks != UNLIMITED else None
+            ),
             "whatif.peak_bytes": (peak * bpb) if bpb else None,
             "whatif.compaction_blocks_at_peak": compaction if self.c.num_blocks != UNLIMITED else None,
-            "whatif.compaction_bytes_at_peak": (compaction * bpb) if (bpb and compaction is not None and self.c.num_blocks != UNLIMITED) else None,
+            "whatif.compaction_bytes_at_peak": (compaction * bpb)
+            if (bpb and compaction is not None and self.c.num_blocks != UNLIMITED)
+            else None,
             "whatif.defrag_blocks_moved": self.defrag_moved,
         }
 

@@ -33,12 +33,26 @@ if TYPE_CHECKING:  # what __getattr__ below imports on first use, for the type c
     from kvprof.analysis.torch_memory import snapshot_section as snapshot_section
 
 _EXPORTS = {
-    "SCHEMA": "results", "Finding": "results", "SectionResult": "results", "AnalysisResult": "results", "metric_entry": "results",
+    "SCHEMA": "results",
+    "Finding": "results",
+    "SectionResult": "results",
+    "AnalysisResult": "results",
+    "metric_entry": "results",
     "Window": "results",
-    "is_recording": "sources", "looks_like_memray": "sources", "file_hint": "sources", "kind_of": "sources",
-    "kind_of_existing": "sources", "require_bundle": "sources",
-    "SECTION_ANALYZERS": "run", "analyze_path": "run", "analyze_bundle": "run", "analyze_snapshot_file": "run", "whatif_bundle": "run",
-    "blocks_section": "run", "block_metrics": "run", "pool_metrics": "run",
+    "is_recording": "sources",
+    "looks_like_memray": "sources",
+    "file_hint": "sources",
+    "kind_of": "sources",
+    "kind_of_existing": "sources",
+    "require_bundle": "sources",
+    "SECTION_ANALYZERS": "run",
+    "analyze_path": "run",
+    "analyze_bundle": "run",
+    "analyze_snapshot_file": "run",
+    "whatif_bundle": "run",
+    "blocks_section": "run",
+    "block_metrics": "run",
+    "pool_metrics": "run",
     "snapshot_section": "torch_memory",
 }
 

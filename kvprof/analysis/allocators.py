@@ -31,9 +31,15 @@ POLICIES = ("free-queue", "first-fit", "best-fit", "buddy")
 CONTIGUOUS = frozenset({"first-fit", "best-fit", "buddy"})  # serve each allocation from one run of ids
 
 
-def make(policy: str, n: int, reserved: Iterable[int] = (), uncached_first: bool = False,
-         order: str = "fifo") -> FreeQueue | FirstFit | BestFit | Buddy:
-    cls: type[FreeQueue | FirstFit | BestFit | Buddy] | None = {"free-queue": FreeQueue, "first-fit": FirstFit, "best-fit": BestFit, "buddy": Buddy}.get(policy)
+def make(
+    policy: str, n: int, reserved: Iterable[int] = (), uncached_first: bool = False, order: str = "fifo"
+) -> FreeQueue | FirstFit | BestFit | Buddy:
+    cls: type[FreeQueue | FirstFit | BestFit | Buddy] | None = {
+        "free-queue": FreeQueue,
+        "first-fit": FirstFit,
+        "best-fit": BestFit,
+        "buddy": Buddy,
+    }.get(policy)
     if cls is None:
         raise ValueError(f"unknown allocator policy {policy!r} (one of: {', '.join(POLICIES)})")
     if cls is FreeQueue:
@@ -118,7 +124,6 @@ class FreeQueue:
 
     def largest_run(self) -> int:
         return len(self.queue)  # paged: any blocks serve
-
 
 
 class _RunAllocator:

@@ -271,7 +271,9 @@ class _Series:
         self.tl_slots[idx] = slots[ends]
         self.tl_have[idx] = True
 
-    def timeline(self, capacity: int, t0: int, preempt_t: list[Any], window: tuple[int, int] | None, have_state: bool) -> dict[str, Any]:
+    def timeline(
+        self, capacity: int, t0: int, preempt_t: list[Any], window: tuple[int, int] | None, have_state: bool
+    ) -> dict[str, Any]:
         if self.t0 is None:
             return {}
         while self.present.any() and int(np.flatnonzero(self.present)[-1]) >= self.points:  # at most `points` buckets
@@ -295,7 +297,9 @@ class _Series:
             w = np.where(last >= 0, self.tl_waste[np.maximum(last, 0)], getattr(self, "before", (0, 0))[0])
             s = np.where(last >= 0, self.tl_slots[np.maximum(last, 0)], getattr(self, "before", (0, 0))[1])
             if np.any(w):
-                out["internal_fragmentation"] = np.where(s > 0, np.minimum(w, s) / np.maximum(s, 1), 0.0).round(4).tolist()
+                out["internal_fragmentation"] = (
+                    np.where(s > 0, np.minimum(w, s) / np.maximum(s, 1), 0.0).round(4).tolist()
+                )
         return out
 
 
@@ -321,10 +325,55 @@ class _Chunk:
     events both in time order and sorted by block (``order`` maps sorted -> time order),
     with each block's state before and after each event.  Built by the replay phase."""
 
-    __slots__ = ("c", "t", "kind", "win_c", "ev_of", "key", "bkind", "bt", "bsz", "m", "order", "sk", "skind", "gs", "gstart", "gid", "gkey",
-                 "gend", "gstart_of", "idx", "isset", "hashed_before", "hashed_after", "st_before", "st_after", "ref_after", "d_in",
-                 "inuse0", "inuse", "cached", "win_b", "win_sorted", "st_t", "start_m", "end_m", "lsi", "lei",
-                 "rsel", "r_t", "r_kind", "r_req", "r_arg", "r_arg2", "r_bs", "win_r", "step_t", "steps_before")
+    __slots__ = (
+        "c",
+        "t",
+        "kind",
+        "win_c",
+        "ev_of",
+        "key",
+        "bkind",
+        "bt",
+        "bsz",
+        "m",
+        "order",
+        "sk",
+        "skind",
+        "gs",
+        "gstart",
+        "gid",
+        "gkey",
+        "gend",
+        "gstart_of",
+        "idx",
+        "isset",
+        "hashed_before",
+        "hashed_after",
+        "st_before",
+        "st_after",
+        "ref_after",
+        "d_in",
+        "inuse0",
+        "inuse",
+        "cached",
+        "win_b",
+        "win_sorted",
+        "st_t",
+        "start_m",
+        "end_m",
+        "lsi",
+        "lei",
+        "rsel",
+        "r_t",
+        "r_kind",
+        "r_req",
+        "r_arg",
+        "r_arg2",
+        "r_bs",
+        "win_r",
+        "step_t",
+        "steps_before",
+    )
     c: BlockChunk
     m: int  # block-level events
     inuse0: int
@@ -455,9 +504,13 @@ class _Replay:
         if m:
             hashed_before[1:] = hashed_after[:-1]
             hashed_before[gstart] = self.hashed[gkey]
-        self.refcount_errors += int(((skind == K.FREE) & (ref_before <= 0)).sum() + ((skind == K.ALLOC) & (ref_before > 0)).sum())
+        self.refcount_errors += int(
+            ((skind == K.FREE) & (ref_before <= 0)).sum() + ((skind == K.ALLOC) & (ref_before > 0)).sum()
+        )
         x.st_after = st_after = np.where(ref_after > 0, IN_USE, np.where(hashed_after, CACHED, EMPTY)).astype(np.int8)
-        x.st_before = st_before = np.where(ref_before > 0, IN_USE, np.where(hashed_before, CACHED, EMPTY)).astype(np.int8)
+        x.st_before = st_before = np.where(ref_before > 0, IN_USE, np.where(hashed_before, CACHED, EMPTY)).astype(
+            np.int8
+        )
         # in use and free-cached over time (time order)
         d_in = x.d_in = np.empty(m, dtype=np.int64)
         d_in[order] = (st_after == IN_USE).astype(np.int64) - (st_before == IN_USE)
@@ -504,8 +557,13 @@ class _Replay:
 
     def result(self) -> ReplayResult:
         n_reserved = int(self.reserved.sum())
-        return ReplayResult(capacity=sum(p.num_blocks for p in self.a.infos) - n_reserved, reserved=n_reserved,
-                            block_events=self.block_events, refcount_errors=self.refcount_errors, out_of_range_ids=self.out_of_range)
+        return ReplayResult(
+            capacity=sum(p.num_blocks for p in self.a.infos) - n_reserved,
+            reserved=n_reserved,
+            block_events=self.block_events,
+            refcount_errors=self.refcount_errors,
+            out_of_range_ids=self.out_of_range,
+        )
 
 
 @dataclass
@@ -527,8 +585,16 @@ class _Requests:
     arrived and finished; liveness and the idle points; refused allocations."""
 
     def __init__(self, a: BlockAnalyzer):
-        self.R = _Grow(seen=bool, finished=bool, has_state=bool, last_waste=np.int64, last_look=np.int64,
-                       last_filled=np.int64, max_filled=np.int64, bs=np.int64)
+        self.R = _Grow(
+            seen=bool,
+            finished=bool,
+            has_state=bool,
+            last_waste=np.int64,
+            last_look=np.int64,
+            last_filled=np.int64,
+            max_filled=np.int64,
+            bs=np.int64,
+        )
         self.have_state = False
         self.live = 0
         self.idle_points = 0
@@ -545,7 +611,9 @@ class _Requests:
             top = int(x.r_req.max())
             if top >= 0:
                 self.R.fit(top)
-        st_mask = ((x.r_kind == K.REQ_STATE) | (x.r_kind == K.REQ_FINISH) | (x.r_kind == K.REQ_PREEMPT)) & (x.r_req >= 0)
+        st_mask = ((x.r_kind == K.REQ_STATE) | (x.r_kind == K.REQ_FINISH) | (x.r_kind == K.REQ_PREEMPT)) & (
+            x.r_req >= 0
+        )
         s_idx = np.flatnonzero(st_mask)
         s_req = x.r_req[s_idx]
         is_state = x.r_kind[s_idx] == K.REQ_STATE
@@ -613,7 +681,9 @@ class _Requests:
     def _idle(self, value: int) -> None:
         self.in_use_at_idle = max(self.in_use_at_idle, value)
 
-    def _group_diff(self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _group_diff(
+        self, s_req: np.ndarray, waste: np.ndarray, look: np.ndarray, o: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Change of each request's waste and lookahead since its previous state (``o``: the
         stable sort of the state events by request)."""
         if not len(s_req):
@@ -657,11 +727,17 @@ class _Requests:
         need = np.concatenate(self.fail_need) if self.fail_need else np.zeros(0, dtype=np.int64)
         seen = np.concatenate(self.fail_seen) if self.fail_seen else np.zeros(0, dtype=np.int64)
         return RequestResult(
-            requests=n_req, live_at_end=n_req - int(R.finished.sum()), lengths=R.max_filled[with_state],
+            requests=n_req,
+            live_at_end=n_req - int(R.finished.sum()),
+            lengths=R.max_filled[with_state],
             per_request_waste=np.where(lf > 0, (-lf) % np.maximum(R.bs[with_state], 1), 0),
-            in_use_at_idle=self.in_use_at_idle, idle_points=self.idle_points, allocation_failures=self.failures,
-            fragmentation_that_hurts=int((need <= capacity).sum()), engine_free_mismatches=int((seen != capacity).sum()),
-            preemptions=self.preemptions)
+            in_use_at_idle=self.in_use_at_idle,
+            idle_points=self.idle_points,
+            allocation_failures=self.failures,
+            fragmentation_that_hurts=int((need <= capacity).sum()),
+            engine_free_mismatches=int((seen != capacity).sum()),
+            preemptions=self.preemptions,
+        )
 
 
 @dataclass
@@ -690,8 +766,15 @@ class _Occupancy:
         self.peak_states = None  # every block's state just after the peak
         self.plateau: tuple[int, int] | None = None  # (waste, slots) just before the plateau ends; None until seen
 
-    def feed(self, x: _Chunk, state_call: np.ndarray, state_t: np.ndarray, dwaste: np.ndarray, dlook: np.ndarray,
-             states_before_chunk: np.ndarray) -> tuple[Any, ...]:
+    def feed(
+        self,
+        x: _Chunk,
+        state_call: np.ndarray,
+        state_t: np.ndarray,
+        dwaste: np.ndarray,
+        dlook: np.ndarray,
+        states_before_chunk: np.ndarray,
+    ) -> tuple[Any, ...]:
         a = self.a
         # merged step functions over the chunk's timeline: block events and request states in call order
         nb, ns = x.m, len(state_call)
@@ -714,7 +797,9 @@ class _Occupancy:
         v_prev = self.v.copy()
         if L:
             tt = np.clip(tl_t, a.w0, a.W1)
-            seg = np.diff(np.r_[self.tl_last if self.tl_last is not None else tt[0], tt])  # from the previous point to each
+            seg = np.diff(
+                np.r_[self.tl_last if self.tl_last is not None else tt[0], tt]
+            )  # from the previous point to each
             prev = np.concatenate([v_prev[:, None], v[:, :-1]], axis=1)
             for k, vals in enumerate((prev[0], prev[1], np.minimum(prev[2], prev[1]), np.minimum(prev[3], prev[1]))):
                 self.integrals[k] += _dot(vals, seg)
@@ -771,11 +856,15 @@ class _Occupancy:
         if have_state and plateau is not None and peak_blocks and plateau[1] > 0:
             internal_peak = float(min(plateau[0], plateau[1]) / plateau[1])
         return OccupancyResult(
-            peak_blocks=peak_blocks, peak_time_ns=peak_time, high_watermark=hw,
+            peak_blocks=peak_blocks,
+            peak_time_ns=peak_time,
+            high_watermark=hw,
             usage_time_weighted=blocks_int / (span * capacity) if span > 0 and capacity else None,
             internal_time_weighted=(waste_int / slot_int) if have_state and slot_int > 0 else None,
             internal_lookahead_time_weighted=(look_int / slot_int) if have_state and slot_int > 0 else None,
-            internal_at_peak=internal_peak, span_ns=span)
+            internal_at_peak=internal_peak,
+            span_ns=span,
+        )
 
 
 @dataclass
@@ -806,9 +895,13 @@ def _external(a: BlockAnalyzer, peak_states: np.ndarray | None, reserved: np.nda
             b, cnt = np.unique(1 << np.floor(np.log2(runs)).astype(np.int64), return_counts=True)
             for k, n in zip(b.tolist(), cnt.tolist()):
                 hist[k] = hist.get(k, 0) + n
-    return ExternalResult(external_at_peak=(1.0 - largest / total_free) if total_free else 0.0, free_runs_at_peak=free_runs,
-                          largest_free_run_at_peak=largest, free_run_histogram={str(k): v for k, v in sorted(hist.items())},
-                          block_map_at_peak=_rle(np.concatenate(pieces)))
+    return ExternalResult(
+        external_at_peak=(1.0 - largest / total_free) if total_free else 0.0,
+        free_runs_at_peak=free_runs,
+        largest_free_run_at_peak=largest,
+        free_run_histogram={str(k): v for k, v in sorted(hist.items())},
+        block_map_at_peak=_rle(np.concatenate(pieces)),
+    )
 
 
 @dataclass
@@ -832,13 +925,17 @@ class _PrefixCache:
         nk = a.nkeys
         self.ep_seen = np.zeros(nk, dtype=bool)
         self.ep_hits = np.zeros(nk, dtype=np.int64)  # hits in each block's current epoch
-        self.query = self.hits = self.hit_blocks = self.allocated = self.evictions = self.before_reuse = self.damaged = 0
+        self.query = self.hits = self.hit_blocks = self.allocated = self.evictions = self.before_reuse = (
+            self.damaged
+        ) = 0
         self.pre_query = self.pre_hits = 0
 
     def feed(self, x: _Chunk) -> np.ndarray:
         """Counts; returns the chunk's evictions (sorted order) for the lifetimes phase."""
         q = (x.r_kind == K.REQ_QUERY) & x.win_r
-        bad = q & ((x.r_arg < 0) | (x.r_arg2 < 0) | (x.r_arg2 > x.r_arg))  # a damaged record: no lookup finds more than it asked
+        bad = q & (
+            (x.r_arg < 0) | (x.r_arg2 < 0) | (x.r_arg2 > x.r_arg)
+        )  # a damaged record: no lookup finds more than it asked
         if bad.any():
             self.damaged += int(bad.sum())
             q &= ~bad
@@ -879,8 +976,17 @@ class _PrefixCache:
         return evict
 
     def result(self) -> CacheResult:
-        return CacheResult(self.query, self.hits, self.hit_blocks, self.allocated, self.evictions, self.before_reuse, self.damaged,
-                           self.pre_query, self.pre_hits)
+        return CacheResult(
+            self.query,
+            self.hits,
+            self.hit_blocks,
+            self.allocated,
+            self.evictions,
+            self.before_reuse,
+            self.damaged,
+            self.pre_query,
+            self.pre_hits,
+        )
 
 
 @dataclass
@@ -953,8 +1059,15 @@ class _Lifetimes:
         def cat(parts: list[np.ndarray]) -> np.ndarray:
             return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-        return LifetimeResult(cat(self.lifetimes), cat(self.idle), cat(self.reuse), self.frees_to_zero,
-                              self.realloc if self.steps else 0, self.steps_in, self.steps)
+        return LifetimeResult(
+            cat(self.lifetimes),
+            cat(self.idle),
+            cat(self.reuse),
+            self.frees_to_zero,
+            self.realloc if self.steps else 0,
+            self.steps_in,
+            self.steps,
+        )
 
 
 @dataclass
@@ -1036,14 +1149,26 @@ def _rounding(lengths: np.ndarray, block_size: int | None, infos: list[PoolInfo]
             break
         nb = -(-lengths // b)
         slots = int((nb * b).sum())
-        rows.append({"block_size": b, "allocated_slots": slots, "wasted_slots": slots - total,
-                     "waste_ratio": (slots - total) / slots if slots else 0.0, "block_table_entries": int(nb.sum()),
-                     "mean_last_block_waste": float(((-lengths) % b).mean()), "recorded": b == block_size})
+        rows.append(
+            {
+                "block_size": b,
+                "allocated_slots": slots,
+                "wasted_slots": slots - total,
+                "waste_ratio": (slots - total) / slots if slots else 0.0,
+                "block_table_entries": int(nb.sum()),
+                "mean_last_block_waste": float(((-lengths) % b).mean()),
+                "recorded": b == block_size,
+            }
+        )
     contiguous: dict[str, Any] = {}
     if len(lengths):
         max_len = max(int(lengths.max()), *(int(p.extra.get("max_model_len") or 0) for p in infos))
-        contiguous = {"max_len": max_len, "utilization": total / (len(lengths) * max_len) if max_len else None,
-                      "requests": int(len(lengths)), "tokens": total}
+        contiguous = {
+            "max_len": max_len,
+            "utilization": total / (len(lengths) * max_len) if max_len else None,
+            "requests": int(len(lengths)),
+            "tokens": total,
+        }
     return rows, contiguous
 
 
@@ -1085,7 +1210,9 @@ class BlockAnalyzer:
         self.lifetimes = _Lifetimes(self)
         self.leaks = _Leaks(self)
         self.series = _Series(TIMELINE_POINTS)
-        self.observers: list[Any] = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
+        self.observers: list[
+            Any
+        ] = []  # drawing series fed each chunk's block-level view (kvprof/analysis/timeseries.py)
 
     @property
     def reserved(self) -> np.ndarray:
@@ -1159,43 +1286,90 @@ class BlockAnalyzer:
         w1 = t_end if self.window is None else min(self.W1, t_end)
         return PoolAnalysis(
             label=self.label,
-            pools=[{"label": p.label, "engine": p.engine, "num_blocks": p.num_blocks, "block_size": p.block_size, "pid": p.pid, "clock": p.clock} for p in infos],
-            capacity=rep.capacity, reserved=rep.reserved, block_size=block_size, t_start=t_start, t_end=t_end,
-            block_events=rep.block_events, requests=req.requests,
-            high_watermark=occ.high_watermark, peak_blocks=occ.peak_blocks, peak_time_ns=occ.peak_time_ns,
-            usage_time_weighted=occ.usage_time_weighted, internal_time_weighted=occ.internal_time_weighted,
-            internal_lookahead_time_weighted=occ.internal_lookahead_time_weighted, internal_at_peak=occ.internal_at_peak,
+            pools=[
+                {
+                    "label": p.label,
+                    "engine": p.engine,
+                    "num_blocks": p.num_blocks,
+                    "block_size": p.block_size,
+                    "pid": p.pid,
+                    "clock": p.clock,
+                }
+                for p in infos
+            ],
+            capacity=rep.capacity,
+            reserved=rep.reserved,
+            block_size=block_size,
+            t_start=t_start,
+            t_end=t_end,
+            block_events=rep.block_events,
+            requests=req.requests,
+            high_watermark=occ.high_watermark,
+            peak_blocks=occ.peak_blocks,
+            peak_time_ns=occ.peak_time_ns,
+            usage_time_weighted=occ.usage_time_weighted,
+            internal_time_weighted=occ.internal_time_weighted,
+            internal_lookahead_time_weighted=occ.internal_lookahead_time_weighted,
+            internal_at_peak=occ.internal_at_peak,
             per_request_waste=Distribution.of(req.per_request_waste),
             per_request_waste_reference=(block_size - 1) / 2 if block_size else None,
-            external_at_peak=ext.external_at_peak, free_runs_at_peak=ext.free_runs_at_peak,
-            largest_free_run_at_peak=ext.largest_free_run_at_peak, free_run_histogram=ext.free_run_histogram,
+            external_at_peak=ext.external_at_peak,
+            free_runs_at_peak=ext.free_runs_at_peak,
+            largest_free_run_at_peak=ext.largest_free_run_at_peak,
+            free_run_histogram=ext.free_run_histogram,
             block_map_at_peak=ext.block_map_at_peak,
-            allocation_failures=req.allocation_failures, fragmentation_that_hurts=req.fragmentation_that_hurts,
-            engine_free_mismatches=req.engine_free_mismatches, preemptions=req.preemptions,
-            query_tokens=cache.query_tokens, hit_tokens=cache.hit_tokens,
+            allocation_failures=req.allocation_failures,
+            fragmentation_that_hurts=req.fragmentation_that_hurts,
+            engine_free_mismatches=req.engine_free_mismatches,
+            preemptions=req.preemptions,
+            query_tokens=cache.query_tokens,
+            hit_tokens=cache.hit_tokens,
             hit_rate=(cache.hit_tokens / cache.query_tokens) if cache.query_tokens else None,
-            preempted_query_tokens=cache.preempted_query_tokens, preempted_hit_tokens=cache.preempted_hit_tokens,
-            preempted_hit_rate=(cache.preempted_hit_tokens / cache.preempted_query_tokens) if cache.preempted_query_tokens else None,
-            hit_blocks=cache.hit_blocks, allocated_blocks=cache.allocated_blocks,
-            block_hit_rate=(cache.hit_blocks / (cache.hit_blocks + cache.allocated_blocks)) if (cache.hit_blocks + cache.allocated_blocks) else None,
-            evictions=cache.evictions, evicted_before_reuse=cache.evicted_before_reuse,
+            preempted_query_tokens=cache.preempted_query_tokens,
+            preempted_hit_tokens=cache.preempted_hit_tokens,
+            preempted_hit_rate=(cache.preempted_hit_tokens / cache.preempted_query_tokens)
+            if cache.preempted_query_tokens
+            else None,
+            hit_blocks=cache.hit_blocks,
+            allocated_blocks=cache.allocated_blocks,
+            block_hit_rate=(cache.hit_blocks / (cache.hit_blocks + cache.allocated_blocks))
+            if (cache.hit_blocks + cache.allocated_blocks)
+            else None,
+            evictions=cache.evictions,
+            evicted_before_reuse=cache.evicted_before_reuse,
             evicted_before_reuse_ratio=(cache.evicted_before_reuse / cache.evictions) if cache.evictions else None,
-            lifetime_s=Distribution.of(life.lifetimes_ns, 1e-9), idle_before_eviction_s=Distribution.of(life.idle_before_eviction_ns, 1e-9),
+            lifetime_s=Distribution.of(life.lifetimes_ns, 1e-9),
+            idle_before_eviction_s=Distribution.of(life.idle_before_eviction_ns, 1e-9),
             reuse_gap_s=Distribution.of(life.reuse_gap_ns, 1e-9),
-            steps=life.steps, frees_to_zero=life.frees_to_zero,
+            steps=life.steps,
+            frees_to_zero=life.frees_to_zero,
             allocations_per_second=(cache.allocated_blocks / span_s) if span_s else None,
             evictions_per_second=(cache.evictions / span_s) if span_s else None,
             allocations_per_step=(cache.allocated_blocks / life.steps) if life.steps else None,
             reallocated_within_step=life.reallocated_within_step,
-            in_use_at_end=leaks.in_use_at_end, leaked_blocks=leaks.leaked_blocks, leaked_block_ids=leaks.leaked_block_ids,
-            live_requests_at_end=req.live_at_end, in_use_at_idle=req.in_use_at_idle, idle_points=req.idle_points,
-            refcount_errors=rep.refcount_errors, out_of_range_ids=rep.out_of_range_ids, damaged_queries=cache.damaged_queries,
-            rounding=rounding, contiguous=contiguous,
-            timeline=self.series.timeline(rep.capacity, t_start, self.preempt_t, self.window and (w0, w1), self.have_state),
+            in_use_at_end=leaks.in_use_at_end,
+            leaked_blocks=leaks.leaked_blocks,
+            leaked_block_ids=leaks.leaked_block_ids,
+            live_requests_at_end=req.live_at_end,
+            in_use_at_idle=req.in_use_at_idle,
+            idle_points=req.idle_points,
+            refcount_errors=rep.refcount_errors,
+            out_of_range_ids=rep.out_of_range_ids,
+            damaged_queries=cache.damaged_queries,
+            rounding=rounding,
+            contiguous=contiguous,
+            timeline=self.series.timeline(
+                rep.capacity, t_start, self.preempt_t, self.window and (w0, w1), self.have_state
+            ),
         )
 
 
-def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: tuple[int, int] | None = None, chunk_events: int | None = None) -> PoolAnalysis:
+def analyze_blocks(
+    stream: BlockStream,
+    pools: list[int] | None = None,
+    window: tuple[int, int] | None = None,
+    chunk_events: int | None = None,
+) -> PoolAnalysis:
     """Analyze the pools ``pools`` (global indices; None: all) of an in-memory BlockStream."""
     from kvprof.trace import chunks as ch
 

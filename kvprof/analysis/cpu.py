@@ -40,7 +40,13 @@ _RULES = [  # (category, path fragment or None, function-name regex or None)
     ("block management", "/kvprof/demo.py", None),
     ("pytorch allocator", "/torch/cuda/memory.py", None),
     ("pytorch allocator", None, re.compile(r"CUDACachingAllocator|c10::cuda::.*[Aa]lloc")),
-    ("gc", None, re.compile(r"^(gc_collect\w*|collect_with_callback|collect_main|subtract_refs|move_unreachable|visit_decref|visit_reachable|_PyGC_\w+|_PyObject_GC_Link)$")),
+    (
+        "gc",
+        None,
+        re.compile(
+            r"^(gc_collect\w*|collect_with_callback|collect_main|subtract_refs|move_unreachable|visit_decref|visit_reachable|_PyGC_\w+|_PyObject_GC_Link)$"
+        ),
+    ),
 ]
 _PROC = re.compile(r"Process (\d+)")
 
@@ -143,7 +149,16 @@ def analyze_cpu(bundle: Bundle) -> CpuAnalysis | None:
         if pid not in recorded:
             unrecorded += len(samples)
             continue
-        acc = per_pid.setdefault(pid, {"n": 0, "s": 0.0, "cat": dict.fromkeys(CATEGORIES, 0), "sec": dict.fromkeys(CATEGORIES, 0.0), "stacks": {}})
+        acc = per_pid.setdefault(
+            pid,
+            {
+                "n": 0,
+                "s": 0.0,
+                "cat": dict.fromkeys(CATEGORIES, 0),
+                "sec": dict.fromkeys(CATEGORIES, 0.0),
+                "stacks": {},
+            },
+        )
         for k, stack in enumerate(samples):
             w = float(weights[k]) if k < len(weights) else 0.0
             if _waiting_kvprof_thread(frames, stack):
@@ -171,13 +186,33 @@ def analyze_cpu(bundle: Bundle) -> CpuAnalysis | None:
             steps = int(((marks.pid == pid) & (marks.name == marks.names.index("step"))).sum()) or None
         per_step = {c: acc["s"] * acc["cat"][c] / n / steps for c in CATEGORIES} if steps else None
         top = sorted(acc["stacks"].items(), key=lambda kv: -kv[1])
-        shown = [Stack(c, st, k, k / n) for cat in CATEGORIES for (c, st), k in [kv for kv in top if kv[0][0] == cat][:8]]
-        procs.append(CpuProcess(pid, str(recorded[pid].info.get("role")), acc["n"], acc["s"], {c: acc["cat"][c] / n for c in CATEGORIES},
-                                dict(acc["sec"]), steps, per_step, shown))
+        shown = [
+            Stack(c, st, k, k / n) for cat in CATEGORIES for (c, st), k in [kv for kv in top if kv[0][0] == cat][:8]
+        ]
+        procs.append(
+            CpuProcess(
+                pid,
+                str(recorded[pid].info.get("role")),
+                acc["n"],
+                acc["s"],
+                {c: acc["cat"][c] / n for c in CATEGORIES},
+                dict(acc["sec"]),
+                steps,
+                per_step,
+                shown,
+            )
+        )
     total = sum(p.samples for p in procs)
     shares = {c: (sum(p.shares[c] * p.samples for p in procs) / total if total else None) for c in CATEGORIES}
-    return CpuAnalysis(profile=note["profile"], rate=note.get("rate"), samples=total, cpu_s=sum(p.cpu_s for p in procs), shares=shares,
-                       processes=procs, unrecorded_samples=unrecorded)
+    return CpuAnalysis(
+        profile=note["profile"],
+        rate=note.get("rate"),
+        samples=total,
+        cpu_s=sum(p.cpu_s for p in procs),
+        shares=shares,
+        processes=procs,
+        unrecorded_samples=unrecorded,
+    )
 
 
 def section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
@@ -187,29 +222,58 @@ def section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | Non
     a = analyze_cpu(bundle)
     if a is None:
         return None
+
     def put(name: str, value: Any) -> tuple[str, dict[str, Any]]:
         return name, metric_entry(name, value, "pyspy", "whole run")
 
-    metrics = dict([
-        put("cpu.samples", a.samples), put("cpu.seconds", a.cpu_s),
-        put("cpu.block_management_share", a.shares["block management"]), put("cpu.torch_allocator_share", a.shares["pytorch allocator"]),
-        put("cpu.kvprof_share", a.shares["kvprof"]),
-    ])
+    metrics = dict(
+        [
+            put("cpu.samples", a.samples),
+            put("cpu.seconds", a.cpu_s),
+            put("cpu.block_management_share", a.shares["block management"]),
+            put("cpu.torch_allocator_share", a.shares["pytorch allocator"]),
+            put("cpu.kvprof_share", a.shares["kvprof"]),
+        ]
+    )
     findings = []
     if not a.samples:
-        findings.append(Finding("info", "py-spy took no samples of the recorded processes",
-                                f"{a.unrecorded_samples:,} samples of other processes" if a.unrecorded_samples else
-                                "the program ended (or slept) before py-spy's first sample; sample a longer run, or raise --pyspy-rate",
-                                {"unrecorded_samples": a.unrecorded_samples}, "pyspy"))
+        findings.append(
+            Finding(
+                "info",
+                "py-spy took no samples of the recorded processes",
+                f"{a.unrecorded_samples:,} samples of other processes"
+                if a.unrecorded_samples
+                else "the program ended (or slept) before py-spy's first sample; sample a longer run, or raise --pyspy-rate",
+                {"unrecorded_samples": a.unrecorded_samples},
+                "pyspy",
+            )
+        )
     for p in a.processes:
         bm = p.shares["block management"]
         if p.samples >= 20 and bm >= 0.1:
             top = next((s for s in p.top if s.category == "block management"), None)
-            findings.append(Finding("warning" if bm >= 0.25 else "info",
-                                    f"KV block management took {100 * bm:.0f}% of process {p.pid}'s CPU samples",
-                                    f"{p.samples:,} samples; hottest: {top.stack if top else '?'}"
-                                    + (f"; {1e3 * p.cpu_s_per_step['block management']:.2f} ms per engine step" if p.cpu_s_per_step else ""),
-                                    {"pid": p.pid, "share": bm}, "pyspy"))
+            findings.append(
+                Finding(
+                    "warning" if bm >= 0.25 else "info",
+                    f"KV block management took {100 * bm:.0f}% of process {p.pid}'s CPU samples",
+                    f"{p.samples:,} samples; hottest: {top.stack if top else '?'}"
+                    + (
+                        f"; {1e3 * p.cpu_s_per_step['block management']:.2f} ms per engine step"
+                        if p.cpu_s_per_step
+                        else ""
+                    ),
+                    {"pid": p.pid, "share": bm},
+                    "pyspy",
+                )
+            )
     if bounds is not None:
-        findings.append(Finding("info", "CPU samples cover the whole run", "py-spy's profile has no timestamps, so --window does not cut it.", {}, "pyspy"))
+        findings.append(
+            Finding(
+                "info",
+                "CPU samples cover the whole run",
+                "py-spy's profile has no timestamps, so --window does not cut it.",
+                {},
+                "pyspy",
+            )
+        )
     return SectionResult(name="cpu", metrics=metrics, section=dataclasses.asdict(a), findings=findings)

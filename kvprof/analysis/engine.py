@@ -35,8 +35,12 @@ class BlockPass:
     schedules: dict[int, Any] = field(default_factory=dict)  # pool index -> what-if schedule
     pool_steps: dict[int, int] = field(default_factory=dict)  # pool index -> engine steps recorded
     pool_calls: dict[int, int] = field(default_factory=dict)  # pool index -> events (calls) recorded
-    pool_has_state: dict[int, bool] = field(default_factory=dict)  # pool index -> whether the probe reported request states
-    whole_run: dict[int, Any] = field(default_factory=dict)  # pool index -> its analysis over the whole run, when a window cut the others
+    pool_has_state: dict[int, bool] = field(
+        default_factory=dict
+    )  # pool index -> whether the probe reported request states
+    whole_run: dict[int, Any] = field(
+        default_factory=dict
+    )  # pool index -> its analysis over the whole run, when a window cut the others
 
     def replay_pool(self, label: str | None = None, pools: list[PoolInfo] | None = None) -> int | None:
         """The pool `kvprof whatif` replays: ``label`` (a pool label or name), else the busiest
@@ -55,9 +59,14 @@ class BlockPass:
         return best
 
 
-def block_pass(bundle: Bundle, bounds: tuple[int, int] | None = None, *, series: bool = False,
-               schedule_pools: Any = (),  # global pool indices, or "all"
-               progress: Callable[[int], object] | None = None) -> BlockPass:
+def block_pass(
+    bundle: Bundle,
+    bounds: tuple[int, int] | None = None,
+    *,
+    series: bool = False,
+    schedule_pools: Any = (),  # global pool indices, or "all"
+    progress: Callable[[int], object] | None = None,
+) -> BlockPass:
     """Read every block event of ``bundle`` once.  ``bounds``: the analysis window (t0, t1);
     ``series``: also build the drawing series; ``schedule_pools``: global pool indices
     whose what-if schedule to extract ("all": every pool's); ``progress``: called with each chunk's events."""
@@ -68,7 +77,9 @@ def block_pass(bundle: Bundle, bounds: tuple[int, int] | None = None, *, series:
         progress.set_total(bundle.expected_events())
     per = [BlockAnalyzer([p], bounds) for p in pools]
     agg = BlockAnalyzer(pools, bounds, label="all pools") if len(pools) > 1 else None
-    builders = {i: _schedule_builder(pools[i]) for i in (range(len(pools)) if schedule_pools == "all" else schedule_pools)}
+    builders = {
+        i: _schedule_builder(pools[i]) for i in (range(len(pools)) if schedule_pools == "all" else schedule_pools)
+    }
     # the what-if fidelity check compares with the whole run, whatever the window
     whole = {i: BlockAnalyzer([pools[i]], None) for i in builders} if bounds is not None else {}
     maps = hit = counts = instants = None
@@ -109,15 +120,26 @@ def block_pass(bundle: Bundle, bounds: tuple[int, int] | None = None, *, series:
     if results:
         total = results[0] if agg is None else agg.finish()
         total.label = "all pools"
-    out = BlockPass(per_pool=results, total=total, pool_steps={i: a.counts["steps"] for i, a in enumerate(per)},
-                    pool_calls={i: a.calls for i, a in enumerate(per)}, pool_has_state={i: a.have_state for i, a in enumerate(per)})
+    out = BlockPass(
+        per_pool=results,
+        total=total,
+        pool_steps={i: a.counts["steps"] for i, a in enumerate(per)},
+        pool_calls={i: a.calls for i, a in enumerate(per)},
+        pool_has_state={i: a.have_state for i, a in enumerate(per)},
+    )
     if series and t0 is not None:
-        assert maps is not None and counts is not None and instants is not None and hit is not None and t1 is not None  # made with t0
+        assert (
+            maps is not None and counts is not None and instants is not None and hit is not None and t1 is not None
+        )  # made with t0
         out.series = {
             "t0_ns": t0,
-            "block_maps": [m for m in (maps[i].result(t1, per[i].reserved) for i in range(len(pools))) if m is not None],
+            "block_maps": [
+                m for m in (maps[i].result(t1, per[i].reserved) for i in range(len(pools))) if m is not None
+            ],
             "hit_rate": hit.result(t1),
-            "pool_counts": [c for c in (counts[i].result(results[i].capacity) for i in range(len(pools))) if c is not None],
+            "pool_counts": [
+                c for c in (counts[i].result(results[i].capacity) for i in range(len(pools))) if c is not None
+            ],
             "instants": [x.result() for x in instants],
             "pool_spans": {i: (r.t_start, r.t_end) for i, r in enumerate(results) if r.t_end or r.t_start},
         }

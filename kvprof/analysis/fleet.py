@@ -68,17 +68,48 @@ def section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
     for i in used:
         info, a, proc = bundle.pools[i], bp.per_pool[i], owners[i]
         key, name = _node_of(proc, bundle)
-        engines.append({"label": info.label, "engine": info.engine, "node": name, "node_key": key, "pid": info.pid,
-                        "num_blocks": info.num_blocks, "capacity": a.capacity, "clock": info.clock, "peak_blocks": a.peak_blocks,
-                        "high_watermark": a.high_watermark, "query_tokens": a.query_tokens, "hit_tokens": a.hit_tokens,
-                        "hit_rate": a.hit_rate, "preemptions": a.preemptions, "requests": a.requests, "block_events": a.block_events})
+        engines.append(
+            {
+                "label": info.label,
+                "engine": info.engine,
+                "node": name,
+                "node_key": key,
+                "pid": info.pid,
+                "num_blocks": info.num_blocks,
+                "capacity": a.capacity,
+                "clock": info.clock,
+                "peak_blocks": a.peak_blocks,
+                "high_watermark": a.high_watermark,
+                "query_tokens": a.query_tokens,
+                "hit_tokens": a.hit_tokens,
+                "hit_rate": a.hit_rate,
+                "preemptions": a.preemptions,
+                "requests": a.requests,
+                "block_events": a.block_events,
+            }
+        )
     domains = (getattr(bundle, "clock", None) or {}).get("domains") or {}
     nodes: dict[str, Any] = {}
     for proc in bundle.processes:
         key, name = _node_of(proc, bundle)
-        n = nodes.setdefault(key, {"node": name, "hostname": hostinfo.hostname(proc.info), "ray_node_id": None,
-                                   "processes": 0, "pids": [], "engines": 0, "capacity": 0, "peak_blocks_sum": 0,
-                                   "query_tokens": 0, "hit_tokens": 0, "preemptions": 0, "clock_shift_s": None, "clock_spread_s": None})
+        n = nodes.setdefault(
+            key,
+            {
+                "node": name,
+                "hostname": hostinfo.hostname(proc.info),
+                "ray_node_id": None,
+                "processes": 0,
+                "pids": [],
+                "engines": 0,
+                "capacity": 0,
+                "peak_blocks_sum": 0,
+                "query_tokens": 0,
+                "hit_tokens": 0,
+                "preemptions": 0,
+                "clock_shift_s": None,
+                "clock_spread_s": None,
+            },
+        )
         n["processes"] += 1
         n["pids"].append(proc.pid)
         ray_node = hostinfo.ray_node(proc.info)
@@ -118,9 +149,16 @@ def section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
         "min_engine_hit_rate": min(rates) if rates else None,
         "preemptions": sum(e["preemptions"] for e in engines),
     }
-    clock = {"reference": (getattr(bundle, "clock", None) or {}).get("reference"),
-             "aligned": any(d["shift_ns"] for d in domains.values())}
-    section: dict[str, Any] = {"totals": totals, "nodes": sorted(nodes.values(), key=lambda n: n["node"]), "engines": engines, "clock": clock}
+    clock = {
+        "reference": (getattr(bundle, "clock", None) or {}).get("reference"),
+        "aligned": any(d["shift_ns"] for d in domains.values()),
+    }
+    section: dict[str, Any] = {
+        "totals": totals,
+        "nodes": sorted(nodes.values(), key=lambda n: n["node"]),
+        "engines": engines,
+        "clock": clock,
+    }
     for e in engines:
         e.pop("node_key")
     metrics: dict[str, Any] = {}
@@ -137,7 +175,9 @@ def section(bundle: Bundle, bounds: Window | None) -> SectionResult | None:
     put("fleet.prefix_cache.hit_rate", totals["hit_rate"])
     put("fleet.prefix_cache.min_engine_hit_rate", totals["min_engine_hit_rate"])
     put("fleet.preemptions", totals["preemptions"])
-    return SectionResult(name="fleet", metrics=metrics, section=section, findings=_findings(totals, engines, section["nodes"]))
+    return SectionResult(
+        name="fleet", metrics=metrics, section=section, findings=_findings(totals, engines, section["nodes"])
+    )
 
 
 def _findings(totals: dict[str, Any], engines: list[Any], nodes: list[Any]) -> list[Any]:
@@ -145,15 +185,27 @@ def _findings(totals: dict[str, Any], engines: list[Any], nodes: list[Any]) -> l
     imb = totals["peak_imbalance"]
     if imb is not None and imb >= IMBALANCE_FINDING and len(engines) > 1:
         top = max(engines, key=lambda e: e["peak_blocks"])
-        out.append(Finding("info", "Engines are unevenly loaded",
-                           f"{top['label']} on {top['node']} peaked at {top['peak_blocks']:,} blocks, {imb:.1f}x the mean of the "
-                           f"{len(engines)} engines ({totals['peak_blocks_sum'] / len(engines):,.0f}); a router that balances on KV "
-                           "use would need fewer blocks per replica.",
-                           {"engine": top["label"], "peak_blocks": top["peak_blocks"], "imbalance": imb}, "fleet"))
+        out.append(
+            Finding(
+                "info",
+                "Engines are unevenly loaded",
+                f"{top['label']} on {top['node']} peaked at {top['peak_blocks']:,} blocks, {imb:.1f}x the mean of the "
+                f"{len(engines)} engines ({totals['peak_blocks_sum'] / len(engines):,.0f}); a router that balances on KV "
+                "use would need fewer blocks per replica.",
+                {"engine": top["label"], "peak_blocks": top["peak_blocks"], "imbalance": imb},
+                "fleet",
+            )
+        )
     for n in nodes:
         if n["clock_spread_s"] is not None and n["clock_spread_s"] > CLOCK_SPREAD_FINDING_S:
-            out.append(Finding("warning", "A host's clock moved against wall time during the recording",
-                               f"On {n['node']} the offset of the monotonic clock to wall time varied by {1e3 * n['clock_spread_s']:.1f} ms "
-                               "(the wall clock was stepped): its events are aligned with the others to about that.",
-                               {"node": n["node"], "spread_s": n["clock_spread_s"]}, "fleet"))
+            out.append(
+                Finding(
+                    "warning",
+                    "A host's clock moved against wall time during the recording",
+                    f"On {n['node']} the offset of the monotonic clock to wall time varied by {1e3 * n['clock_spread_s']:.1f} ms "
+                    "(the wall clock was stepped): its events are aligned with the others to about that.",
+                    {"node": n["node"], "spread_s": n["clock_spread_s"]},
+                    "fleet",
+                )
+            )
     return out

@@ -37,8 +37,17 @@ def snapshots(bundle: Bundle) -> list[dict[str, Any]]:
             path = os.path.normpath(os.path.join(proc.dir, rel))
             if not path.startswith(os.path.normpath(proc.dir) + os.sep) or not os.path.isfile(path):
                 continue  # missing, or a hostile record pointing out of the bundle
-            out.append({"pid": proc.pid, "role": proc.info.get("role"), "reason": rec.get("reason"), "mark": rec.get("mark"),
-                        "t": int(rec.get("t") or 0), "path": path, "file": os.path.relpath(path, bundle.path)})
+            out.append(
+                {
+                    "pid": proc.pid,
+                    "role": proc.info.get("role"),
+                    "reason": rec.get("reason"),
+                    "mark": rec.get("mark"),
+                    "t": int(rec.get("t") or 0),
+                    "path": path,
+                    "file": os.path.relpath(path, bundle.path),
+                }
+            )
     return sorted(out, key=lambda s: s["t"])
 
 
@@ -60,8 +69,11 @@ def torch_snapshots_section(bundle: Bundle, bounds: Window | None = None) -> Sec
     from kvprof.trace import torch_snapshot
 
     snaps = snapshots(bundle)
-    notes = [f"torch probe in pid {p.pid}: {(p.info.get('probes') or {}).get('torch', {}).get('reason')}"
-             for p in bundle.processes if ((p.info.get("probes") or {}).get("torch") or {}).get("status") == "no CUDA"]
+    notes = [
+        f"torch probe in pid {p.pid}: {(p.info.get('probes') or {}).get('torch', {}).get('reason')}"
+        for p in bundle.processes
+        if ((p.info.get("probes") or {}).get("torch") or {}).get("status") == "no CUDA"
+    ]
     if not snaps:
         if not notes:
             return None
@@ -80,13 +92,28 @@ def torch_snapshots_section(bundle: Bundle, bounds: Window | None = None) -> Sec
     if not results:
         from kvprof.analysis import SectionResult
 
-        return SectionResult(name="torch", metrics={}, section={"snapshots": [dict(x, path=None) for x in snaps], "notes": notes}, findings=[])
+        return SectionResult(
+            name="torch",
+            metrics={},
+            section={"snapshots": [dict(x, path=None) for x in snaps], "notes": notes},
+            findings=[],
+        )
     s, a = max(results, key=lambda r: r[1].reserved)
     part = snapshot_section(a, source=s["file"])
     part.section["process"] = {"pid": s["pid"], "role": s["role"], "reason": s["reason"]}
     part.section["snapshots"] = [{k: v for k, v in x.items() if k != "path"} for x in snaps]
-    part.section["per_process"] = [{"pid": x["pid"], "role": x["role"], "file": x["file"], "reserved": r.reserved, "allocated": r.allocated,
-                                    "external_fragmentation": r.external_fragmentation, "ooms": len(r.ooms)} for x, r in results]
+    part.section["per_process"] = [
+        {
+            "pid": x["pid"],
+            "role": x["role"],
+            "file": x["file"],
+            "reserved": r.reserved,
+            "allocated": r.allocated,
+            "external_fragmentation": r.external_fragmentation,
+            "ooms": len(r.ooms),
+        }
+        for x, r in results
+    ]
     part.section["notes"] = notes
     for f in part.findings:
         f.detail += f" (pid {s['pid']}, {s['file']})"
@@ -95,18 +122,32 @@ def torch_snapshots_section(bundle: Bundle, bounds: Window | None = None) -> Sec
     for proc in bundle.processes:
         for rec in proc.notes:
             if rec.get("type") == "torch_oom":
-                seen.append({"pid": proc.pid, "role": proc.info.get("role"), "device": rec.get("device"), "requested": rec.get("requested"),
-                             "device_allocated": rec.get("device_allocated"), "device_free": rec.get("device_free")})
+                seen.append(
+                    {
+                        "pid": proc.pid,
+                        "role": proc.info.get("role"),
+                        "device": rec.get("device"),
+                        "requested": rec.get("requested"),
+                        "device_allocated": rec.get("device_allocated"),
+                        "device_free": rec.get("device_free"),
+                    }
+                )
     part.section["observed_ooms"] = seen
     if seen:
         from kvprof.analysis import Finding
 
         o = seen[0]
-        part.findings.insert(0, Finding(
-            "error", f"CUDA out of memory in pid {o['pid']} ({o['role']}): {o['requested'] / 2**20:,.1f} MiB requested",
-            f"The allocator's OOM observer fired {len(seen)} time(s); the device had {o['device_free'] / 2**20:,.1f} MiB free. "
-            "The snapshot taken at that moment is in the bundle (reason 'oom'): `kvprof analyze` it for the fragmentation diagnosis.",
-            {"observed_ooms": len(seen), **o}, "torch"))
+        part.findings.insert(
+            0,
+            Finding(
+                "error",
+                f"CUDA out of memory in pid {o['pid']} ({o['role']}): {o['requested'] / 2**20:,.1f} MiB requested",
+                f"The allocator's OOM observer fired {len(seen)} time(s); the device had {o['device_free'] / 2**20:,.1f} MiB free. "
+                "The snapshot taken at that moment is in the bundle (reason 'oom'): `kvprof analyze` it for the fragmentation diagnosis.",
+                {"observed_ooms": len(seen), **o},
+                "torch",
+            ),
+        )
     return part
 
 
@@ -134,14 +175,29 @@ def nvml_section(bundle: Bundle, bounds: Window | None = None) -> SectionResult 
     for g in np.unique(gpus["gpu"]).tolist():
         rows = gpus[gpus["gpu"] == g]
         step = max(1, len(rows) // 2000)
-        out_gpus.append({"gpu": g, "samples": len(rows), "total": int(rows["total"].max()), "used_peak": int(rows["used"].max()),
-                         "used_mean": float(rows["used"].mean()), "t_s": ((rows["t"][::step] - t0) / 1e9).tolist(), "used": rows["used"][::step].tolist()})
+        out_gpus.append(
+            {
+                "gpu": g,
+                "samples": len(rows),
+                "total": int(rows["total"].max()),
+                "used_peak": int(rows["used"].max()),
+                "used_mean": float(rows["used"].mean()),
+                "t_s": ((rows["t"][::step] - t0) / 1e9).tolist(),
+                "used": rows["used"][::step].tolist(),
+            }
+        )
     out_procs = []
     stats = torch_stats(bundle)
     outside_max: int | None = None
-    for (g, pid) in sorted({(int(a), int(b)) for a, b in zip(procs["gpu"], procs["pid"])}):
+    for g, pid in sorted({(int(a), int(b)) for a, b in zip(procs["gpu"], procs["pid"])}):
         rows = procs[(procs["gpu"] == g) & (procs["pid"] == pid)]
-        row: dict[str, Any] = {"gpu": g, "pid": pid, "recorded": pid in recorded, "role": recorded.get(pid), "used_peak": int(rows["used"].max())}
+        row: dict[str, Any] = {
+            "gpu": g,
+            "pid": pid,
+            "recorded": pid in recorded,
+            "role": recorded.get(pid),
+            "used_peak": int(rows["used"].max()),
+        }
         if pid in stats:
             ts = np.array([x[0] for x in stats[pid]])
             res = np.array([int((x[1].get(str(g)) or {}).get("reserved", 0)) for x in stats[pid]])
@@ -163,6 +219,18 @@ def nvml_section(bundle: Bundle, bounds: Window | None = None) -> SectionResult 
         metrics["nvml.outside_torch_bytes"] = metric_entry("nvml.outside_torch_bytes", outside_max, "nvml")
     findings = []
     if total and peak / total > 0.95:
-        findings.append(Finding("warning", f"a GPU reached {100 * peak / total:.0f}% of its memory",
-                                f"NVML saw {peak / 2**30:.2f} GiB used of {total / 2**30:.2f} GiB.", {"used_peak": peak, "total": total}, "nvml"))
-    return SectionResult(name="nvml", metrics=metrics, section={"status": status, "gpus": out_gpus, "processes": out_procs}, findings=findings)
+        findings.append(
+            Finding(
+                "warning",
+                f"a GPU reached {100 * peak / total:.0f}% of its memory",
+                f"NVML saw {peak / 2**30:.2f} GiB used of {total / 2**30:.2f} GiB.",
+                {"used_peak": peak, "total": total},
+                "nvml",
+            )
+        )
+    return SectionResult(
+        name="nvml",
+        metrics=metrics,
+        section={"status": status, "gpus": out_gpus, "processes": out_procs},
+        findings=findings,
+    )

@@ -66,9 +66,13 @@ def _marks_of(proc, marks, bounds, k: int) -> dict | None:
     mine = np.flatnonzero(marks.pid == proc.pid)
     if not len(mine):
         return {"names": [], "t": [], "start_ns": 0, "k": int(k), "bounds": None}
-    return {"names": [marks.names[int(i)] for i in marks.name[mine]], "t": [int(t) for t in marks.t[mine]],
-            "start_ns": int(proc.info.get("start_ns") or marks.t[mine][0]), "k": int(k),
-            "bounds": None if bounds is None else [int(bounds[0]), int(bounds[1])]}
+    return {
+        "names": [marks.names[int(i)] for i in marks.name[mine]],
+        "t": [int(t) for t in marks.t[mine]],
+        "start_ns": int(proc.info.get("start_ns") or marks.t[mine][0]),
+        "k": int(k),
+        "bounds": None if bounds is None else [int(bounds[0]), int(bounds[1])],
+    }
 
 
 def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = K_CONSECUTIVE) -> HeapAnalysis | None:
@@ -112,10 +116,16 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     if not procs:
         return None
     if pending and bounds is not None:
-        notes.append("memray figures other than growth across markers cover each process's whole run: --window does not cut them")
-    suspects = sorted((s for p in procs for s in p.leak_suspects),
-                      key=lambda s: -(s.growth_bytes_per_step if s.growth_bytes_per_step is not None else s.growth_bytes_per_second))
-    peaks = [(p.memray.peak_bytes if p.memray else p.tracemalloc.peak_bytes if p.tracemalloc else 0, p.pid) for p in procs]
+        notes.append(
+            "memray figures other than growth across markers cover each process's whole run: --window does not cut them"
+        )
+    suspects = sorted(
+        (s for p in procs for s in p.leak_suspects),
+        key=lambda s: -(s.growth_bytes_per_step if s.growth_bytes_per_step is not None else s.growth_bytes_per_second),
+    )
+    peaks = [
+        (p.memray.peak_bytes if p.memray else p.tracemalloc.peak_bytes if p.tracemalloc else 0, p.pid) for p in procs
+    ]
     peak, peak_pid = max(peaks)
     mrs = [p.memray for p in procs if p.memray]
     tms = [p.tracemalloc for p in procs if p.tracemalloc]
@@ -123,7 +133,12 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     if mrs:
         span = max(m.duration_s for m in mrs) if any(m.allocations_per_second is not None for m in mrs) else None
     return HeapAnalysis(
-        window=window_label, k=k, processes=procs, leak_suspects=suspects[:50], peak_bytes=peak, peak_pid=peak_pid,
+        window=window_label,
+        k=k,
+        processes=procs,
+        leak_suspects=suspects[:50],
+        peak_bytes=peak,
+        peak_pid=peak_pid,
         leaked_bytes_at_exit=sum(m.leaked_bytes for m in mrs) if mrs else None,
         temporary_allocations=sum(m.temporary_allocations for m in mrs) if mrs else None,
         total_allocations=sum(m.total_allocations for m in mrs) if mrs else None,
@@ -145,50 +160,99 @@ def section_result(a: HeapAnalysis, window: str | None = None):
     # memray's growth across markers counts as a leak search only where markers were replayed
     has_growth = has_tm or any(p.memray and p.memray.growth is not None for p in a.processes)
     growth_src = "tracemalloc" if has_tm else "memray"
-    metrics = dict([
-        put("heap.peak_bytes", a.peak_bytes, src),
-        put("heap.leak_suspects", len(a.leak_suspects) if has_growth else None, growth_src),
-        # 0 for a clean run; None when the suspects grow per second (a run without markers),
-        # not 0, so that a "lower is better" budget cannot pass a leak it cannot measure per step
-        put("heap.leak_suspect_bytes_per_step", float(sum(per_step)) if per_step else (0.0 if has_growth and not a.leak_suspects else None), growth_src),
-        put("heap.live_bytes_at_exit", a.live_bytes_at_exit, "tracemalloc"),
-        put("heap.leaked_bytes_at_exit", a.leaked_bytes_at_exit, "memray"),
-        put("heap.temporary_allocations", a.temporary_allocations, "memray"),
-        put("heap.allocations", a.total_allocations, "memray"),
-        put("heap.allocations_per_second", a.allocations_per_second, "memray"),
-    ])
+    metrics = dict(
+        [
+            put("heap.peak_bytes", a.peak_bytes, src),
+            put("heap.leak_suspects", len(a.leak_suspects) if has_growth else None, growth_src),
+            # 0 for a clean run; None when the suspects grow per second (a run without markers),
+            # not 0, so that a "lower is better" budget cannot pass a leak it cannot measure per step
+            put(
+                "heap.leak_suspect_bytes_per_step",
+                float(sum(per_step)) if per_step else (0.0 if has_growth and not a.leak_suspects else None),
+                growth_src,
+            ),
+            put("heap.live_bytes_at_exit", a.live_bytes_at_exit, "tracemalloc"),
+            put("heap.leaked_bytes_at_exit", a.leaked_bytes_at_exit, "memray"),
+            put("heap.temporary_allocations", a.temporary_allocations, "memray"),
+            put("heap.allocations", a.total_allocations, "memray"),
+            put("heap.allocations_per_second", a.allocations_per_second, "memray"),
+        ]
+    )
     findings = []
     mib = lambda n: f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n / 1024:,.1f} KiB"  # noqa: E731
     for s in a.leak_suspects[:3]:
-        rate = (f"{mib(s.growth_bytes_per_step)} per {s.window['marker']}" if s.growth_bytes_per_step is not None
-                else f"{mib(s.growth_bytes_per_second)} per second")
-        findings.append(Finding(
-            "warning", f"possible leak in process {s.pid} ({s.role}): {s.site} grows {rate}",
-            f"{s.evidence}; {mib(s.live_bytes)} live at the end of the window ({s.window['start_s']:.2f}–{s.window['end_s']:.2f} s).",
-            {"pid": s.pid, "site": s.site, "growth_bytes_per_step": s.growth_bytes_per_step, "live_bytes": s.live_bytes}, s.source))
+        rate = (
+            f"{mib(s.growth_bytes_per_step)} per {s.window['marker']}"
+            if s.growth_bytes_per_step is not None
+            else f"{mib(s.growth_bytes_per_second)} per second"
+        )
+        findings.append(
+            Finding(
+                "warning",
+                f"possible leak in process {s.pid} ({s.role}): {s.site} grows {rate}",
+                f"{s.evidence}; {mib(s.live_bytes)} live at the end of the window ({s.window['start_s']:.2f}–{s.window['end_s']:.2f} s).",
+                {
+                    "pid": s.pid,
+                    "site": s.site,
+                    "growth_bytes_per_step": s.growth_bytes_per_step,
+                    "live_bytes": s.live_bytes,
+                },
+                s.source,
+            )
+        )
     for p in a.processes:
         m = p.memray
         if m and m.growth_note and (m.growth is not None or "records" in m.growth_note):
-            findings.append(Finding("info", f"process {p.pid}: no memray growth analysis", m.growth_note, {"pid": p.pid}, "memray"))
+            findings.append(
+                Finding("info", f"process {p.pid}: no memray growth analysis", m.growth_note, {"pid": p.pid}, "memray")
+            )
         if m and m.note:
-            findings.append(Finding("warning", f"process {p.pid}: memray capture incomplete", m.note, {"pid": p.pid, "file": m.file}, "memray"))
+            findings.append(
+                Finding(
+                    "warning",
+                    f"process {p.pid}: memray capture incomplete",
+                    m.note,
+                    {"pid": p.pid, "file": m.file},
+                    "memray",
+                )
+            )
         if m and m.leaked_bytes and m.leaked_stacks:
             top = m.leaked_stacks[0]
-            findings.append(Finding(
-                "info", f"process {p.pid} ({p.role}) left {mib(m.leaked_bytes)} allocated at exit ({m.leaked_allocations:,} allocations)",
-                f"Largest: {top.site}, {mib(top.bytes)} in {top.count:,} allocation(s). memray's leak view counts memory never freed before the tracker stopped"
-                + ("; with pymalloc, small objects show up as arenas (record with PYTHONMALLOC=malloc or --memray-python-allocators to see them one by one)" if m.python_allocator == "pymalloc" and not m.trace_python_allocators else ""),
-                {"pid": p.pid, "leaked_bytes": m.leaked_bytes, "top_site": top.site}, "memray"))
+            findings.append(
+                Finding(
+                    "info",
+                    f"process {p.pid} ({p.role}) left {mib(m.leaked_bytes)} allocated at exit ({m.leaked_allocations:,} allocations)",
+                    f"Largest: {top.site}, {mib(top.bytes)} in {top.count:,} allocation(s). memray's leak view counts memory never freed before the tracker stopped"
+                    + (
+                        "; with pymalloc, small objects show up as arenas (record with PYTHONMALLOC=malloc or --memray-python-allocators to see them one by one)"
+                        if m.python_allocator == "pymalloc" and not m.trace_python_allocators
+                        else ""
+                    ),
+                    {"pid": p.pid, "leaked_bytes": m.leaked_bytes, "top_site": top.site},
+                    "memray",
+                )
+            )
         if m and m.churn:
             c = max(m.churn, key=lambda c: c.allocated_bytes)
-            findings.append(Finding(
-                "info", f"process {p.pid}: busiest allocation site {c.site}",
-                (f"{c.allocations:,} allocations ({mib(c.allocated_bytes)}) in {m.duration_s:.2f} s"
-                 + (f", {c.allocations_per_second:,.0f}/s; " if c.allocations_per_second is not None else "; ")
-                 if c.allocations is not None else f"{mib(c.allocated_bytes)} allocated in {m.duration_s:.2f} s; ")
-                + (f"{c.temporary:,} of them temporary (freed before the next allocation)." if c.temporary is not None
-                 else f"{m.temporary_allocations:,} temporary allocations in the process."),
-                {"pid": p.pid, "site": c.site, "allocations": c.allocations}, "memray"))
+            findings.append(
+                Finding(
+                    "info",
+                    f"process {p.pid}: busiest allocation site {c.site}",
+                    (
+                        f"{c.allocations:,} allocations ({mib(c.allocated_bytes)}) in {m.duration_s:.2f} s"
+                        + (f", {c.allocations_per_second:,.0f}/s; " if c.allocations_per_second is not None else "; ")
+                        if c.allocations is not None
+                        else f"{mib(c.allocated_bytes)} allocated in {m.duration_s:.2f} s; "
+                    )
+                    + (
+                        f"{c.temporary:,} of them temporary (freed before the next allocation)."
+                        if c.temporary is not None
+                        else f"{m.temporary_allocations:,} temporary allocations in the process."
+                    ),
+                    {"pid": p.pid, "site": c.site, "allocations": c.allocations},
+                    "memray",
+                )
+            )
     for n in a.notes:
         findings.append(Finding("info", "heap: " + n.split(":", 1)[0], n, {}, "heap"))
     section = dataclasses.asdict(a)
@@ -208,8 +272,17 @@ def analyze_capture(path: str):
     """A bare memray capture file (`kvprof analyze x.bin`) as a heap section."""
     m = analyze_memray_file(path)
     pid = m.pid
-    a = HeapAnalysis(window="whole capture", k=K_CONSECUTIVE, processes=[HeapProcess(pid, "capture", None, m, [])], leak_suspects=[],
-                     peak_bytes=m.peak_bytes, peak_pid=pid, leaked_bytes_at_exit=m.leaked_bytes,
-                     temporary_allocations=m.temporary_allocations, total_allocations=m.total_allocations,
-                     allocations_per_second=m.allocations_per_second, live_bytes_at_exit=None)
+    a = HeapAnalysis(
+        window="whole capture",
+        k=K_CONSECUTIVE,
+        processes=[HeapProcess(pid, "capture", None, m, [])],
+        leak_suspects=[],
+        peak_bytes=m.peak_bytes,
+        peak_pid=pid,
+        leaked_bytes_at_exit=m.leaked_bytes,
+        temporary_allocations=m.temporary_allocations,
+        total_allocations=m.total_allocations,
+        allocations_per_second=m.allocations_per_second,
+        live_bytes_at_exit=None,
+    )
     return section_result(a)

@@ -241,7 +241,7 @@ def analyze_tracemalloc(proc, marks, bounds, k: int):
     if steady_t is not None and (snaps["t"][series] >= steady_t).sum() >= 2:
         series = series[snaps["t"][series] >= steady_t]
     elif len(series) > 2:
-        series = series[int(np.ceil(WARMUP_FRACTION * len(series))):]
+        series = series[int(np.ceil(WARMUP_FRACTION * len(series))) :]
     suspects: list[LeakSuspect] = []
     role = str(proc.info.get("role"))
     if len(series) >= k + 1:
@@ -258,30 +258,58 @@ def analyze_tracemalloc(proc, marks, bounds, k: int):
             per_s = float(growth[r] / span_s) if span_s else 0.0
             unit = "step" if per_step else "second"
             first = marker if per_step else "timer"
-            suspects.append(LeakSuspect(
-                pid=proc.pid, role=role, source="tracemalloc", site=site_of(frames), stack=frames,
-                live_bytes=int(size[r, series[-1]]), live_blocks=int(count[r, series[-1]]),
-                growth_bytes_per_step=float(slope[r]) if per_step else None, growth_bytes_per_second=per_s,
-                consecutive_growth=int(run[r]), r2=float(r2[r]),
-                window={"marker": marker if per_step else None, "from": float(x[0]), "to": float(x[-1]),
-                        "snapshots": int(len(series)), "start_s": float(ts[series[0]]), "end_s": float(ts[series[-1]])},
-                evidence=(f"live bytes grew in {int(run[r])} consecutive {first} intervals (k={k}), "
-                          f"{int(y[r, 0]):,} → {int(y[r, -1]):,} B over {len(series)} snapshots, "
-                          f"{slope[r]:,.0f} B per {unit} (least squares, r²={r2[r]:.2f})"),
-            ))
+            suspects.append(
+                LeakSuspect(
+                    pid=proc.pid,
+                    role=role,
+                    source="tracemalloc",
+                    site=site_of(frames),
+                    stack=frames,
+                    live_bytes=int(size[r, series[-1]]),
+                    live_blocks=int(count[r, series[-1]]),
+                    growth_bytes_per_step=float(slope[r]) if per_step else None,
+                    growth_bytes_per_second=per_s,
+                    consecutive_growth=int(run[r]),
+                    r2=float(r2[r]),
+                    window={
+                        "marker": marker if per_step else None,
+                        "from": float(x[0]),
+                        "to": float(x[-1]),
+                        "snapshots": int(len(series)),
+                        "start_s": float(ts[series[0]]),
+                        "end_s": float(ts[series[-1]]),
+                    },
+                    evidence=(
+                        f"live bytes grew in {int(run[r])} consecutive {first} intervals (k={k}), "
+                        f"{int(y[r, 0]):,} → {int(y[r, -1]):,} B over {len(series)} snapshots, "
+                        f"{slope[r]:,.0f} B per {unit} (least squares, r²={r2[r]:.2f})"
+                    ),
+                )
+            )
     if len(ts) > 400:
         pick = np.unique(np.linspace(0, len(ts) - 1, 400).astype(int))
         pick = np.union1d(pick, [int(np.argmax(live))])
     else:
         pick = np.arange(len(ts))
     tm = TracemallocProcess(
-        snapshots=int(sel.sum()), depth=note.get("depth"), marker=marker if per_step else None,
-        steady_snapshots=int(len(series)), live_bytes_end=int(live[in_win[-1]]) if len(in_win) else 0,
+        snapshots=int(sel.sum()),
+        depth=note.get("depth"),
+        marker=marker if per_step else None,
+        steady_snapshots=int(len(series)),
+        live_bytes_end=int(live[in_win[-1]]) if len(in_win) else 0,
         # the traced peak less kvprof's own live memory at that snapshot (traced - live)
-        peak_bytes=int(np.maximum(snaps["peak"][sel] - (snaps["traced"][sel] - snaps["live"][sel]), snaps["live"][sel]).max()) if sel.any() else 0,
-        peak_at_s=float(ts[peak_i]) if peak_i is not None else None, live_at_peak_snapshot=at_peak,
-        series=[[float(ts[i]), int(live[i])] for i in pick], snapshot_seconds=float(snaps["cost"].sum() / 1e9),
+        peak_bytes=int(
+            np.maximum(snaps["peak"][sel] - (snaps["traced"][sel] - snaps["live"][sel]), snaps["live"][sel]).max()
+        )
+        if sel.any()
+        else 0,
+        peak_at_s=float(ts[peak_i]) if peak_i is not None else None,
+        live_at_peak_snapshot=at_peak,
+        series=[[float(ts[i]), int(live[i])] for i in pick],
+        snapshot_seconds=float(snaps["cost"].sum() / 1e9),
         overhead_bytes=int(snaps["overhead"][-1]),
-        note=None if len(series) >= k + 1 else f"{len(series)} steady-state snapshots; leak suspects need at least {k + 1}",
+        note=None
+        if len(series) >= k + 1
+        else f"{len(series)} steady-state snapshots; leak suspects need at least {k + 1}",
     )
     return tm, suspects

@@ -76,7 +76,9 @@ class MemrayProcess:
     reader_errors: int = 0
     note: str | None = None
     churn_note: str | None = None  # how churn was computed when not record by record
-    leak_suspects: list = field(default_factory=list)  # growth across markers (LeakSuspect, pid/role filled by analyze_heap)
+    leak_suspects: list = field(
+        default_factory=list
+    )  # growth across markers (LeakSuspect, pid/role filled by analyze_heap)
     growth: dict | None = None  # {"markers", "marker", "steady_snapshots"} when markers were replayed
     growth_note: str | None = None  # why there is no growth analysis (no markers, a capture too large, ...)
 
@@ -160,7 +162,9 @@ def _require_memray(path: str):
     except ImportError:
         from kvprof.errors import BundleError
 
-        raise BundleError(f"{path} is a memray capture; reading it needs memray (pip install 'kvprof[memray]')") from None
+        raise BundleError(
+            f"{path} is a memray capture; reading it needs memray (pip install 'kvprof[memray]')"
+        ) from None
     return memray
 
 
@@ -181,8 +185,12 @@ def analyze_memray_file(path: str, marks: dict | None = None) -> MemrayProcess:
     env.pop("KVPROF_BUNDLE", None)  # never record the reader
     parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    proc = subprocess.run([sys.executable, "-c", code, path], capture_output=True, env=env,
-                          input=json.dumps(marks).encode() if marks else b"")
+    proc = subprocess.run(
+        [sys.executable, "-c", code, path],
+        capture_output=True,
+        env=env,
+        input=json.dumps(marks).encode() if marks else b"",
+    )
     if proc.returncode < 0:
         raise BundleError(f"memray's reader crashed (signal {-proc.returncode}) on {path}: the capture is corrupt")
     try:
@@ -190,7 +198,9 @@ def analyze_memray_file(path: str, marks: dict | None = None) -> MemrayProcess:
     except ValueError:
         out = None
     if not isinstance(out, dict):
-        raise BundleError(f"could not read memray capture {path}: {proc.stderr.decode(errors='replace').strip()[-300:]}")
+        raise BundleError(
+            f"could not read memray capture {path}: {proc.stderr.decode(errors='replace').strip()[-300:]}"
+        )
     if "error" in out:
         raise BundleError(out["error"])
     return _memray_from_json(out)
@@ -220,41 +230,79 @@ def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:  # no
             continue
         frames = _memray_frames([loc])
         n = counts.get(loc)  # None: not among memray's most frequent locations
-        churn.append(ChurnSite(frames, site_of(frames), None if n is None else int(n), int(size), None,
-                               _per_s(n, duration), None, None))
+        churn.append(
+            ChurnSite(
+                frames, site_of(frames), None if n is None else int(n), int(size), None, _per_s(n, duration), None, None
+            )
+        )
     return _memray_process(
-        path, meta, hybrid, duration, records,
-        total_allocations=int(st.total_num_allocations), total_allocated_bytes=int(st.total_memory_allocated), frees=None, churn=churn,
-        churn_note=(f"{meta.total_allocations:,} records: churn by innermost frame from memray's own statistics, "
-                    f"without frees per site (exact up to {EXACT_CHURN_RECORDS:,} records)"),
-        growth_note=(f"{meta.total_allocations:,} records: growth across markers is replayed record by record only up to "
-                     f"{EXACT_CHURN_RECORDS:,} (KVPROF_MEMRAY_EXACT_RECORDS)"),
+        path,
+        meta,
+        hybrid,
+        duration,
+        records,
+        total_allocations=int(st.total_num_allocations),
+        total_allocated_bytes=int(st.total_memory_allocated),
+        frees=None,
+        churn=churn,
+        churn_note=(
+            f"{meta.total_allocations:,} records: churn by innermost frame from memray's own statistics, "
+            f"without frees per site (exact up to {EXACT_CHURN_RECORDS:,} records)"
+        ),
+        growth_note=(
+            f"{meta.total_allocations:,} records: growth across markers is replayed record by record only up to "
+            f"{EXACT_CHURN_RECORDS:,} (KVPROF_MEMRAY_EXACT_RECORDS)"
+        ),
     )
 
 
 def _summary_records(reader) -> tuple[list, list, list]:
     """memray's temporary, leaked and high-water-mark records, threads merged."""
-    return (list(reader.get_temporary_allocation_records(merge_threads=True, threshold=1)),
-            list(reader.get_leaked_allocation_records(merge_threads=True)),
-            list(reader.get_high_watermark_allocation_records(merge_threads=True)))
+    return (
+        list(reader.get_temporary_allocation_records(merge_threads=True, threshold=1)),
+        list(reader.get_leaked_allocation_records(merge_threads=True)),
+        list(reader.get_high_watermark_allocation_records(merge_threads=True)),
+    )
 
 
-def _memray_process(path, meta, hybrid, duration, records, *, total_allocations: int, total_allocated_bytes: int,
-                    frees: int | None, churn: list, **more) -> MemrayProcess:
+def _memray_process(
+    path,
+    meta,
+    hybrid,
+    duration,
+    records,
+    *,
+    total_allocations: int,
+    total_allocated_bytes: int,
+    frees: int | None,
+    churn: list,
+    **more,
+) -> MemrayProcess:
     """A capture's MemrayProcess from its metadata and its summary records (temporary, leaked,
     peak); the totals and churn come from however the capture was read (record by record, or
     memray's statistics for a large one), ``more`` the fields only one way fills."""
     temporary, leaked, peak = records
     return MemrayProcess(
-        file=path, pid=int(meta.pid), native=hybrid, python_allocator=str(meta.python_allocator),
-        trace_python_allocators=bool(meta.trace_python_allocators), duration_s=duration,
-        total_allocations=total_allocations, total_allocated_bytes=total_allocated_bytes, frees=frees,
-        peak_bytes=int(meta.peak_memory), leaked_bytes=int(sum(r.size for r in leaked)),
+        file=path,
+        pid=int(meta.pid),
+        native=hybrid,
+        python_allocator=str(meta.python_allocator),
+        trace_python_allocators=bool(meta.trace_python_allocators),
+        duration_s=duration,
+        total_allocations=total_allocations,
+        total_allocated_bytes=total_allocated_bytes,
+        frees=frees,
+        peak_bytes=int(meta.peak_memory),
+        leaked_bytes=int(sum(r.size for r in leaked)),
         leaked_allocations=int(sum(r.n_allocations for r in leaked)),
-        temporary_allocations=int(sum(r.n_allocations for r in temporary)), temporary_bytes=int(sum(r.size for r in temporary)),
+        temporary_allocations=int(sum(r.n_allocations for r in temporary)),
+        temporary_bytes=int(sum(r.size for r in temporary)),
         allocations_per_second=_per_s(total_allocations, duration),
-        peak_stacks=_group(peak, hybrid=hybrid), leaked_stacks=_group(leaked, hybrid=hybrid), temporary_stacks=_group(temporary, hybrid=hybrid),
-        churn=churn, **more,
+        peak_stacks=_group(peak, hybrid=hybrid),
+        leaked_stacks=_group(leaked, hybrid=hybrid),
+        temporary_stacks=_group(temporary, hybrid=hybrid),
+        churn=churn,
+        **more,
     )
 
 
@@ -298,8 +346,10 @@ def _read_capture(path: str, marks: dict | None = None) -> MemrayProcess:
         result = _replay_capture(path, marks)
     if err.lines:
         result.reader_errors = len(err.lines)
-        result.note = (f"memray's reader reported {len(err.lines)} problem(s) in this capture, which may have been cut short "
-                       f"(its process killed before memray closed it); figures cover what it holds. First: {err.lines[0]}")
+        result.note = (
+            f"memray's reader reported {len(err.lines)} problem(s) in this capture, which may have been cut short "
+            f"(its process killed before memray closed it); figures cover what it holds. First: {err.lines[0]}"
+        )
     return result
 
 
@@ -342,7 +392,10 @@ class _LiveBySite:
             frames = record.stack_trace()
         except Exception:  # noqa: BLE001 - no stack
             frames = ()
-        mine = any(fn == "_memray_mark" and str(fl).replace(os.sep, "/").endswith("kvprof/probes/heap.py") for fn, fl, _ in frames)
+        mine = any(
+            fn == "_memray_mark" and str(fl).replace(os.sep, "/").endswith("kvprof/probes/heap.py")
+            for fn, fl, _ in frames
+        )
         (self.marker_sids if mine else self.not_marker).add(sid)
         return mine
 
@@ -400,7 +453,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
     if steady is not None and sum(1 for j in series if ordinals[j] > steady) >= 2:
         series = [j for j in series if ordinals[j] > steady]
     elif len(series) > 2:
-        series = series[int(np.ceil(WARMUP_FRACTION * len(series))):]
+        series = series[int(np.ceil(WARMUP_FRACTION * len(series))) :]
     growth = {"markers": len(live.snaps), "marker": marker, "steady_snapshots": len(series)}
     if len(series) < k + 1:
         return [], growth, f"{len(series)} steady-state marker snapshots; leak suspects need at least {k + 1}"
@@ -434,7 +487,11 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
         if _is_own(trace):
             continue
         groups.setdefault(trace, []).append(sid)
-    grown = {t: sids for t, sids in groups.items() if sum(last[s][0] - first.get(s, (0, 0))[0] for s in sids) >= MIN_GROWTH_BYTES}
+    grown = {
+        t: sids
+        for t, sids in groups.items()
+        if sum(last[s][0] - first.get(s, (0, 0))[0] for s in sids) >= MIN_GROWTH_BYTES
+    }
     if not grown:
         return [], growth, None
     # pass 2: those groups' live bytes and allocations at every steady snapshot
@@ -473,17 +530,34 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
     suspects = []
     for r in cand[np.argsort(slope[cand])[::-1]]:
         frames = _memray_frames(keys[r])
-        suspects.append(LeakSuspect(
-            pid=0, role="", source="memray", site=site_of(frames), stack=frames,
-            live_bytes=int(y[r, -1]), live_blocks=int(cnt[r, -1]),
-            growth_bytes_per_step=float(slope[r]), growth_bytes_per_second=float(total[r] / span_s) if span_s else 0.0,
-            consecutive_growth=int(run[r]), r2=float(r2[r]),
-            window={"marker": marker, "from": float(x[0]), "to": float(x[-1]), "snapshots": int(len(series)),
-                    "start_s": float(start_s), "end_s": float(end_s)},
-            evidence=(f"live bytes (memray, {'native and Python' if hybrid else 'Python'} stacks) grew in {int(run[r])} consecutive "
-                      f"{marker} intervals (k={k}), {int(y[r, 0]):,} → {int(y[r, -1]):,} B over {len(series)} markers, "
-                      f"{slope[r]:,.0f} B per step (least squares, r²={r2[r]:.2f})"),
-        ))
+        suspects.append(
+            LeakSuspect(
+                pid=0,
+                role="",
+                source="memray",
+                site=site_of(frames),
+                stack=frames,
+                live_bytes=int(y[r, -1]),
+                live_blocks=int(cnt[r, -1]),
+                growth_bytes_per_step=float(slope[r]),
+                growth_bytes_per_second=float(total[r] / span_s) if span_s else 0.0,
+                consecutive_growth=int(run[r]),
+                r2=float(r2[r]),
+                window={
+                    "marker": marker,
+                    "from": float(x[0]),
+                    "to": float(x[-1]),
+                    "snapshots": int(len(series)),
+                    "start_s": float(start_s),
+                    "end_s": float(end_s),
+                },
+                evidence=(
+                    f"live bytes (memray, {'native and Python' if hybrid else 'Python'} stacks) grew in {int(run[r])} consecutive "
+                    f"{marker} intervals (k={k}), {int(y[r, 0]):,} → {int(y[r, -1]):,} B over {len(series)} markers, "
+                    f"{slope[r]:,.0f} B per step (least squares, r²={r2[r]:.2f})"
+                ),
+            )
+        )
     return suspects, growth, None
 
 
@@ -500,8 +574,10 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
     except Exception as exc:
         raise BundleError(f"unreadable memray capture {path}: {exc}") from None
     if int(getattr(meta, "file_format", 0) or 0) != 0:  # memray run --aggregate: no allocation records
-        raise BundleError(f"{path} is an aggregated memray capture (memray run --aggregate): kvprof needs every allocation "
-                          "(record without --aggregate; `memray summary` reads this one)")
+        raise BundleError(
+            f"{path} is an aggregated memray capture (memray run --aggregate): kvprof needs every allocation "
+            "(record without --aggregate; `memray summary` reads this one)"
+        )
     hybrid = bool(meta.has_native_traces)
     # memray's start and end times; a forked worker that leaves through os._exit ends its
     # capture without an end time (end == start): no rate then, rather than billions per second
@@ -512,7 +588,9 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
         # churn by site: every allocation and free, frees attributed through their address
         allocs: dict = {}  # stack_id -> [count, bytes, frees, representative record]
         live: dict = {}  # address -> (stack_id, size)
-        by_site = _LiveBySite() if marks and marks.get("names") else None  # live bytes by stack at each marker, for growth
+        by_site = (
+            _LiveBySite() if marks and marks.get("names") else None
+        )  # live bytes by stack at each marker, for growth
         total = total_bytes = frees = 0
         for r in reader.get_allocation_records():
             a = r.allocator
@@ -566,13 +644,29 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
     churn = []
     for trace, (n, b, nf) in sorted(by_trace.items(), key=lambda kv: -kv[1][1])[:TOP]:
         frames = _memray_frames(trace)
-        churn.append(ChurnSite(frames, site_of(frames), n, b, nf, _per_s(n, duration), _per_s(nf, duration), temp_by_site.get(trace, 0)))
+        churn.append(
+            ChurnSite(
+                frames, site_of(frames), n, b, nf, _per_s(n, duration), _per_s(nf, duration), temp_by_site.get(trace, 0)
+            )
+        )
     suspects, growth, growth_note = ([], None, None)
     if marks is not None and by_site is None:
         growth_note = "no kvprof.mark calls in this process: no growth across markers"
     if by_site is not None and marks is not None:  # by_site is made only with marks
         suspects, growth, growth_note = _memray_growth(by_site, marks, {sid: e[3] for sid, e in allocs.items()}, hybrid)
     return _memray_process(
-        path, meta, hybrid, duration, records, total_allocations=total, total_allocated_bytes=total_bytes, frees=frees, churn=churn,
-        kvprof_allocations=own[0], kvprof_allocated_bytes=own[1], leak_suspects=suspects, growth=growth, growth_note=growth_note,
+        path,
+        meta,
+        hybrid,
+        duration,
+        records,
+        total_allocations=total,
+        total_allocated_bytes=total_bytes,
+        frees=frees,
+        churn=churn,
+        kvprof_allocations=own[0],
+        kvprof_allocated_bytes=own[1],
+        leak_suspects=suspects,
+        growth=growth,
+        growth_note=growth_note,
     )

@@ -37,7 +37,9 @@ class AnalysisResult:
     metrics: dict[str, Any]  # name -> {"value", "unit", "better", "window", "source"}
     sections: dict[str, Any]
     findings: list[Finding]
-    series: dict[str, Any] = field(default_factory=dict)  # what the HTML report and the Perfetto export draw (not in the JSON)
+    series: dict[str, Any] = field(
+        default_factory=dict
+    )  # what the HTML report and the Perfetto export draw (not in the JSON)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,7 +59,14 @@ def metric_entry(name: str, value: Any, source: str, window: str | None = None) 
         raise KeyError(f"metric {name!r} is not in the registry")
     if value is not None and not isinstance(value, (int, bool)):
         value = float(value)
-    return {"value": value, "unit": m.unit, "better": m.better, "window": window or m.window, "source": source, "noisy": m.noisy}
+    return {
+        "value": value,
+        "unit": m.unit,
+        "better": m.better,
+        "window": window or m.window,
+        "source": source,
+        "noisy": m.noisy,
+    }
 
 
 class Window(tuple[int, int]):

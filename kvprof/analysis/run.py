@@ -23,8 +23,15 @@ if TYPE_CHECKING:
 # with bounds = (t0, t1) or None (a Window, whose .label names it), after the one pass over
 # the block events (its result is ``bundle.block_pass``), and returns a SectionResult, or
 # None when the bundle holds no data for it.
-SECTION_ANALYZERS: list[str] = ["kvprof.analysis.run:blocks_section", "kvprof.analysis.fleet:section", "kvprof.analysis.heap:section", "kvprof.analysis.gc:section",
-                                "kvprof.analysis.cpu:section", "kvprof.analysis.gpu:torch_snapshots_section", "kvprof.analysis.gpu:nvml_section"]
+SECTION_ANALYZERS: list[str] = [
+    "kvprof.analysis.run:blocks_section",
+    "kvprof.analysis.fleet:section",
+    "kvprof.analysis.heap:section",
+    "kvprof.analysis.gc:section",
+    "kvprof.analysis.cpu:section",
+    "kvprof.analysis.gpu:torch_snapshots_section",
+    "kvprof.analysis.gpu:nvml_section",
+]
 
 
 def _window_bounds(bundle: Bundle, window: str | None) -> tuple[Window | None, str | None]:
@@ -44,8 +51,14 @@ def _window_bounds(bundle: Bundle, window: str | None) -> tuple[Window | None, s
     return Window((t0, t1), label), label
 
 
-def analyze_path(path: str, window: str | None = None, *, series: bool = False, whatif: bool = False,
-                 progress: Callable[[int], object] | None = None) -> AnalysisResult:
+def analyze_path(
+    path: str,
+    window: str | None = None,
+    *,
+    series: bool = False,
+    whatif: bool = False,
+    progress: Callable[[int], object] | None = None,
+) -> AnalysisResult:
     """A bundle directory, a bare PyTorch memory snapshot (a .pickle file) or a memray
     capture.  ``series``: also what the HTML report draws (``result.series``);
     ``whatif``: with it, the report's what-if replay; ``progress``: see engine.block_pass."""
@@ -63,7 +76,9 @@ def analyze_path(path: str, window: str | None = None, *, series: bool = False, 
 
         part = heap.analyze_capture(path)
         source = {"memray_capture": os.path.abspath(path), "window": "whole capture"}
-        return AnalysisResult(source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings)
+        return AnalysisResult(
+            source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings
+        )
     if kind == SNAPSHOT:
         if window:
             raise UsageError("--window needs a bundle's markers; a bare snapshot has none")
@@ -82,11 +97,19 @@ def analyze_snapshot_file(path: str) -> AnalysisResult:
 
     part = snapshot_section(analyze_snapshot(torch_snapshot.load(path)), source=os.path.basename(path))
     source = {"snapshot": os.path.abspath(path), "window": "whole snapshot"}
-    return AnalysisResult(source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings)
+    return AnalysisResult(
+        source=source, metrics=part.metrics, sections={part.name: part.section}, findings=part.findings
+    )
 
 
-def analyze_bundle(bundle: Bundle, window: str | None = None, *, series: bool = False, whatif: bool = False,
-                   progress: Callable[[int], object] | None = None) -> AnalysisResult:
+def analyze_bundle(
+    bundle: Bundle,
+    window: str | None = None,
+    *,
+    series: bool = False,
+    whatif: bool = False,
+    progress: Callable[[int], object] | None = None,
+) -> AnalysisResult:
     """Everything kvprof computes from a bundle, in one pass over its block events."""
     import importlib
 
@@ -107,7 +130,9 @@ def analyze_bundle(bundle: Bundle, window: str | None = None, *, series: bool = 
     metrics: dict[str, Any] = {}
     sections: dict[str, Any] = {}
     findings: list[Finding] = run_findings(bundle)
-    bp = block_pass(bundle, bounds, series=series, schedule_pools="all" if (whatif and series) else (), progress=progress)
+    bp = block_pass(
+        bundle, bounds, series=series, schedule_pools="all" if (whatif and series) else (), progress=progress
+    )
     replay_pool = bp.replay_pool() if (whatif and series) else None
     bundle.block_pass = bp
     bundle.pool_steps = bp.pool_steps
@@ -121,8 +146,15 @@ def analyze_bundle(bundle: Bundle, window: str | None = None, *, series: bool = 
     sections["markers"] = _marker_summary(bundle)
     damage = bundle.damage()
     if damage:
-        findings.append(Finding("warning", "Parts of the bundle could not be read", "; ".join(damage[:5]) + (f"; and {len(damage) - 5} more" if len(damage) > 5 else ""),
-                                {"damage": damage[:50]}, "run"))
+        findings.append(
+            Finding(
+                "warning",
+                "Parts of the bundle could not be read",
+                "; ".join(damage[:5]) + (f"; and {len(damage) - 5} more" if len(damage) > 5 else ""),
+                {"damage": damage[:50]},
+                "run",
+            )
+        )
     order = {"error": 0, "warning": 1, "info": 2}
     findings.sort(key=lambda f: order.get(f.severity, 3))
     result = AnalysisResult(source=source, metrics=metrics, sections=sections, findings=findings)
@@ -131,7 +163,9 @@ def analyze_bundle(bundle: Bundle, window: str | None = None, *, series: bool = 
     return result
 
 
-def _bundle_series(bundle: Bundle, result: AnalysisResult, bp: BlockPass, replay_pool: int | None, window_label: str | None) -> dict[str, Any]:
+def _bundle_series(
+    bundle: Bundle, result: AnalysisResult, bp: BlockPass, replay_pool: int | None, window_label: str | None
+) -> dict[str, Any]:
     """What the HTML report and the Perfetto export draw, beside the analysis."""
     from kvprof.analysis import timeseries as ts
 
@@ -205,10 +239,14 @@ def blocks_section(bundle: Bundle, bounds: Window | None) -> SectionResult | Non
     metrics: dict[str, Any] = {}
     block_metrics(metrics, bp.total, len(bp.per_pool), getattr(bounds, "label", None))
     section = {"aggregate": dataclasses.asdict(bp.total), "pools": [dataclasses.asdict(p) for p in bp.per_pool]}
-    return SectionResult(name="blocks", metrics=metrics, section=section, findings=block_findings(bp.total, bp.per_pool))
+    return SectionResult(
+        name="blocks", metrics=metrics, section=section, findings=block_findings(bp.total, bp.per_pool)
+    )
 
 
-def whatif_bundle(bundle: Bundle, opts: WhatifOptions, progress: Callable[[int], object] | None = None) -> dict[str, Any]:
+def whatif_bundle(
+    bundle: Bundle, opts: WhatifOptions, progress: Callable[[int], object] | None = None
+) -> dict[str, Any]:
     """`kvprof whatif`: one pass over the bundle gives every pool's analysis and schedule;
     the chosen pool's schedule is replayed under ``opts`` and checked against its analysis."""
     from kvprof.analysis import whatif as W

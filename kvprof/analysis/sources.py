@@ -69,5 +69,7 @@ def file_hint(path: str) -> str:
     if not head:
         return " (an empty file)"
     if head == b"PK\x03\x04":
-        return " (a zip archive, as torch.save writes; a memory snapshot is torch.cuda.memory._dump_snapshot()'s pickle)"
+        return (
+            " (a zip archive, as torch.save writes; a memory snapshot is torch.cuda.memory._dump_snapshot()'s pickle)"
+        )
     return ""

@@ -246,8 +246,15 @@ class PoolCountsSeries:
         if self.points > self.max_points:
             self._thin()
         cat = np.concatenate
-        return {"pool": self.info.label, "pid": self.info.pid, "capacity": capacity, "t_ns": cat(self.t), "in_use": cat(self.use),
-                "in_use_max": cat(self.use_max), "cached": cat(self.cached)}
+        return {
+            "pool": self.info.label,
+            "pid": self.info.pid,
+            "capacity": capacity,
+            "t_ns": cat(self.t),
+            "in_use": cat(self.use),
+            "in_use_max": cat(self.use_max),
+            "cached": cat(self.cached),
+        }
 
 
 class InstantSeries:
@@ -304,7 +311,10 @@ def gc_pauses(bundle: Bundle, t0_ns: int | None, limit: int = 5000) -> list[Any]
         keep = np.argsort(dur)[-limit:]
         pid, t, dur, gen = pid[keep], t[keep], dur[keep], gen[keep]
     base = int(t.min()) if t0_ns is None else t0_ns
-    return [{"pid": int(p), "t_s": (int(a) - base) / 1e9, "pause_s": int(d) / 1e9, "generation": int(x)} for p, a, d, x in zip(pid, t, dur, gen)]
+    return [
+        {"pid": int(p), "t_s": (int(a) - base) / 1e9, "pause_s": int(d) / 1e9, "generation": int(x)}
+        for p, a, d, x in zip(pid, t, dur, gen)
+    ]
 
 
 def segment_layout(snapshot: dict[str, Any], max_segments: int = 120, max_blocks: int = 4000) -> list[Any]:
@@ -320,11 +330,23 @@ def segment_layout(snapshot: dict[str, Any], max_segments: int = 120, max_blocks
         for b in s.get("blocks") or []:
             size = int(b.get("size") or 0)
             addr = b.get("address")
-            addr = addr if isinstance(addr, int) and addr >= 0 and base >= 0 else base + off  # the oldest format has no block addresses
+            addr = (
+                addr if isinstance(addr, int) and addr >= 0 and base >= 0 else base + off
+            )  # the oldest format has no block addresses
             if budget > 0:
                 blocks.append([addr - base, size, str(b.get("state", ""))])
                 budget -= 1
             off += size
-        out.append({"address": base, "size": int(s.get("total_size") or 0), "stream": int(s.get("stream") or 0),
-                    "pool": s.get("segment_type") if s.get("segment_type") in ("large", "small") else ("large" if int(s.get("total_size") or 0) > 2 << 20 else "small"), "device": int(s.get("device") or 0), "blocks": blocks})
+        out.append(
+            {
+                "address": base,
+                "size": int(s.get("total_size") or 0),
+                "stream": int(s.get("stream") or 0),
+                "pool": s.get("segment_type")
+                if s.get("segment_type") in ("large", "small")
+                else ("large" if int(s.get("total_size") or 0) > 2 << 20 else "small"),
+                "device": int(s.get("device") or 0),
+                "blocks": blocks,
+            }
+        )
     return out

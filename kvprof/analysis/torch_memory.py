@@ -35,8 +35,18 @@ if TYPE_CHECKING:
 
 ALLOC, PENDING = "active_allocated", "active_pending_free"
 NUMPY_ENTRIES = 100_000  # trace entries from which the replay runs in numpy
-NUMPY_IF_IMPORTED = 5_000  # or from which it does when numpy is imported already (the loader imports it for large files)
-ACTIVITY = (T.ALLOC, T.FREE_REQUESTED, T.FREE_COMPLETED, T.SEGMENT_ALLOC, T.SEGMENT_FREE, T.SEGMENT_MAP, T.SEGMENT_UNMAP)
+NUMPY_IF_IMPORTED = (
+    5_000  # or from which it does when numpy is imported already (the loader imports it for large files)
+)
+ACTIVITY = (
+    T.ALLOC,
+    T.FREE_REQUESTED,
+    T.FREE_COMPLETED,
+    T.SEGMENT_ALLOC,
+    T.SEGMENT_FREE,
+    T.SEGMENT_MAP,
+    T.SEGMENT_UNMAP,
+)
 FREES = (T.FREE_REQUESTED, T.FREE, T.FREE_COMPLETED)
 
 
@@ -122,7 +132,9 @@ class _Trace:
     alloc_count: int
     alloc_bytes: int
     leaks: dict[int, Any]  # stack index -> [count, bytes], in the order the allocations stayed live
-    churn: dict[int, Any]  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
+    churn: dict[
+        int, Any
+    ]  # stack index -> [count, bytes, lifetimes (a list, or a function that gives it)], in the order of the frees
     short: int
     short_bytes: int
     ooms: list[Any]  # (index, device, later activity on its device)
@@ -161,8 +173,15 @@ def analyze_snapshot(snap: dict[str, Any], use_numpy: bool | None = None) -> Tor
     pool_space = []
     for (dev, stream, kind, pid), sizes in sorted(pools.items(), key=lambda kv: -sum(kv[1])):
         tot = sum(sizes)
-        pool_space.append(FreeSpace(scope=f"device {dev} stream {stream} {kind} pool {pid}", inactive_bytes=tot,
-                                    largest_inactive=max(sizes, default=0), inactive_blocks=len(sizes), external_fragmentation=_frag(tot, max(sizes, default=0))))
+        pool_space.append(
+            FreeSpace(
+                scope=f"device {dev} stream {stream} {kind} pool {pid}",
+                inactive_bytes=tot,
+                largest_inactive=max(sizes, default=0),
+                inactive_blocks=len(sizes),
+                external_fragmentation=_frag(tot, max(sizes, default=0)),
+            )
+        )
     total_inactive = sum(map(sum, pools.values()))
     largest = max((max(x) for x in pools.values() if x), default=0)
     rounding = allocated - requested
@@ -171,9 +190,15 @@ def analyze_snapshot(snap: dict[str, Any], use_numpy: bool | None = None) -> Tor
     worst = []
     for tot, big, count, i in sorted(seg_free, key=lambda f: -(f[0] - f[1]))[:10]:
         s = segs[i]
-        worst.append(FreeSpace(
-            scope=f"segment 0x{s['address']:x} ({s['segment_type']}, {s['total_size']:,} B, device {s['device']}, stream {s['stream']})",
-            inactive_bytes=tot, largest_inactive=big, inactive_blocks=count, external_fragmentation=_frag(tot, big)))
+        worst.append(
+            FreeSpace(
+                scope=f"segment 0x{s['address']:x} ({s['segment_type']}, {s['total_size']:,} B, device {s['device']}, stream {s['stream']})",
+                inactive_bytes=tot,
+                largest_inactive=big,
+                inactive_blocks=count,
+                external_fragmentation=_frag(tot, big),
+            )
+        )
 
     # -- the trace ----------------------------------------------------------------------
     if use_numpy is None:
@@ -190,23 +215,56 @@ def analyze_snapshot(snap: dict[str, Any], use_numpy: bool | None = None) -> Tor
             serving[key] = (sum(sizes), max(sizes, default=0))
         tot, big = serving[key]
         free = c.oom_device_free[k]
-        ooms.append(Oom(time_us=c.time_of(i), device=d, stream=stream, requested=want, device_free=free if free >= 0 else None,
-                        inactive_bytes=tot, largest_inactive=big, state_at="snapshot" if later else "oom", fragmentation_oom=tot >= want > big))
+        ooms.append(
+            Oom(
+                time_us=c.time_of(i),
+                device=d,
+                stream=stream,
+                requested=want,
+                device_free=free if free >= 0 else None,
+                inactive_bytes=tot,
+                largest_inactive=big,
+                state_at="snapshot" if later else "oom",
+                fragmentation_oom=tot >= want > big,
+            )
+        )
     names = c.stacks
     leak_rows = sorted((StackRow(names[k], n, b) for k, (n, b) in tr.leaks.items()), key=lambda r: -r.bytes)[:15]
-    churn_rows = sorted((StackRow(names[k], n, b, ls) for k, (n, b, ls) in tr.churn.items()), key=lambda r: -r.bytes)[:15]
+    churn_rows = sorted((StackRow(names[k], n, b, ls) for k, (n, b, ls) in tr.churn.items()), key=lambda r: -r.bytes)[
+        :15
+    ]
     for r in churn_rows:  # lifetimes: a list, or a function that gives it (numpy: only for the rows shown)
-        r.median_lifetime_us = _median(r.median_lifetime_us() if callable(r.median_lifetime_us) else r.median_lifetime_us)
+        r.median_lifetime_us = _median(
+            r.median_lifetime_us() if callable(r.median_lifetime_us) else r.median_lifetime_us
+        )
 
     a = TorchAnalysis(
-        devices=sorted(set(c.seg_device)), segments=len(segs), reserved=reserved, allocated=allocated, requested=requested,
-        pending_free=pending, rounding_waste=rounding, cached_free=cached, total_free=total_free,
+        devices=sorted(set(c.seg_device)),
+        segments=len(segs),
+        reserved=reserved,
+        allocated=allocated,
+        requested=requested,
+        pending_free=pending,
+        rounding_waste=rounding,
+        cached_free=cached,
+        total_free=total_free,
         internal_free_ratio=(rounding / total_free) if total_free > 0 else None,
-        external_fragmentation=_frag(total_inactive, largest), largest_inactive=largest,
-        pools=pool_space, worst_segments=worst, ooms=ooms, trace_entries=c.entries, trace_span_us=tr.span,
-        alloc_count=tr.alloc_count, alloc_bytes=tr.alloc_bytes, allocs_per_second=(tr.alloc_count / (tr.span / 1e6)) if tr.span else None,
-        leaked_bytes=sum(r[1] for r in tr.leaks.values()) if c.entries else None, leaks_by_stack=leak_rows, churn_by_stack=churn_rows,
-        short_lived=tr.short, short_lived_bytes=tr.short_bytes, timeline=tr.timeline,
+        external_fragmentation=_frag(total_inactive, largest),
+        largest_inactive=largest,
+        pools=pool_space,
+        worst_segments=worst,
+        ooms=ooms,
+        trace_entries=c.entries,
+        trace_span_us=tr.span,
+        alloc_count=tr.alloc_count,
+        alloc_bytes=tr.alloc_bytes,
+        allocs_per_second=(tr.alloc_count / (tr.span / 1e6)) if tr.span else None,
+        leaked_bytes=sum(r[1] for r in tr.leaks.values()) if c.entries else None,
+        leaks_by_stack=leak_rows,
+        churn_by_stack=churn_rows,
+        short_lived=tr.short,
+        short_lived_bytes=tr.short_bytes,
+        timeline=tr.timeline,
         allocator_settings=dict(snap.get("allocator_settings") or {}),
     )
     a.advice = _advice(a)
@@ -222,7 +280,9 @@ def _serving_pool(pools: dict[tuple[Any, ...], list[int]], device: int, stream: 
     small for requests up to 1 MiB, large beyond.  Snapshots too old to name segment types
     count every default-pool block of the stream."""
     kind = "small" if size <= SMALL_REQUEST else "large"
-    mine = [(k, xs) for k, xs in pools.items() if k[0] == device and k[1] == stream and tuple(k[3]) in ((0, 0), (0,), ())]
+    mine = [
+        (k, xs) for k, xs in pools.items() if k[0] == device and k[1] == stream and tuple(k[3]) in ((0, 0), (0,), ())
+    ]
     typed = [xs for k, xs in mine if k[2] == kind]
     if typed or any(k[2] in ("small", "large") for k, _ in mine):
         return [x for xs in typed for x in xs]
@@ -272,11 +332,22 @@ def _replay_python(c: T.Columns, requested_end: int, reserved_end: int) -> _Trac
         row = leaks.setdefault(stack, [0, 0])
         row[0] += 1
         row[1] += size
-    return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms,
-                  _timeline_python(c, devs, times, requested_end, reserved_end))
+    return _Trace(
+        span,
+        alloc_count,
+        alloc_bytes,
+        leaks,
+        churn,
+        short,
+        short_bytes,
+        ooms,
+        _timeline_python(c, devs, times, requested_end, reserved_end),
+    )
 
 
-def _timeline_python(c: T.Columns, devs: list[Any], times: list[Any], requested_end: int, reserved_end: int, max_points: int = 2000) -> dict[str, Any]:
+def _timeline_python(
+    c: T.Columns, devs: list[Any], times: list[Any], requested_end: int, reserved_end: int, max_points: int = 2000
+) -> dict[str, Any]:
     """Requested (live) and reserved bytes over the trace window, rebuilt backwards from the
     snapshot's own totals (the trace is a ring buffer that ends at the snapshot).  The
     trace's alloc and free sizes are the sizes the program asked for, not the rounded
@@ -296,7 +367,13 @@ def _timeline_python(c: T.Columns, devs: list[Any], times: list[Any], requested_
             requested.discard((d, addr))
         if t is None:
             continue
-        dr = size if act in (T.SEGMENT_ALLOC, T.SEGMENT_MAP) else -size if act in (T.SEGMENT_FREE, T.SEGMENT_UNMAP) else 0
+        dr = (
+            size
+            if act in (T.SEGMENT_ALLOC, T.SEGMENT_MAP)
+            else -size
+            if act in (T.SEGMENT_FREE, T.SEGMENT_UNMAP)
+            else 0
+        )
         if da or dr:
             steps.append((t, da, dr))
     if not steps:
@@ -315,8 +392,10 @@ def _timeline_python(c: T.Columns, devs: list[Any], times: list[Any], requested_
     re.reverse()
     if len(t) > max_points:  # evenly spaced points, plus the peaks and the last point (the state at the end)
         stride = len(t) / max_points
-        keep = sorted({int(i * stride) for i in range(max_points)} | {max(range(len(al)), key=al.__getitem__),
-                                                                      max(range(len(re)), key=re.__getitem__), len(t) - 1})
+        keep = sorted(
+            {int(i * stride) for i in range(max_points)}
+            | {max(range(len(al)), key=al.__getitem__), max(range(len(re)), key=re.__getitem__), len(t) - 1}
+        )
         t, al, re = [t[i] for i in keep], [al[i] for i in keep], [re[i] for i in keep]
     return {"t_us": t, "requested": al, "reserved": re}
 
@@ -423,13 +502,21 @@ def _replay_numpy(c: T.Columns, requested_end: int, reserved_end: int, max_point
         timeline: dict[str, Any] = {"t_us": [], "requested": [], "reserved": []}
     else:
         sda, sdr = da[step], dr[step]
-        al = requested_end - (np.cumsum(sda[::-1])[::-1] - sda)  # the state after each step: the end minus what came later
+        al = requested_end - (
+            np.cumsum(sda[::-1])[::-1] - sda
+        )  # the state after each step: the end minus what came later
         re = reserved_end - (np.cumsum(sdr[::-1])[::-1] - sdr)
         t = time[step]
         if len(t) > max_points:
             stride = len(t) / max_points
-            keep = np.unique(np.concatenate([(np.arange(max_points) * stride).astype(np.int64),
-                                             [int(np.argmax(al)), int(np.argmax(re)), len(t) - 1]]))
+            keep = np.unique(
+                np.concatenate(
+                    [
+                        (np.arange(max_points) * stride).astype(np.int64),
+                        [int(np.argmax(al)), int(np.argmax(re)), len(t) - 1],
+                    ]
+                )
+            )
             t, al, re = t[keep], al[keep], re[keep]
         timeline = {"t_us": t.tolist(), "requested": al.tolist(), "reserved": re.tolist()}
     return _Trace(span, alloc_count, alloc_bytes, leaks, churn, short, short_bytes, ooms, timeline)
@@ -461,28 +548,40 @@ def _advice(a: TorchAnalysis) -> list[dict[str, Any]]:
     frag_ooms = [o for o in a.ooms if o.fragmentation_oom]
     if frag_ooms and not settings.get("expandable_segments", False):
         o = frag_ooms[0]
-        out.append({
-            "setting": "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-            "why": f"{len(frag_ooms)} out-of-memory error(s) were fragmentation: {_mib(o.requested)} requested with {_mib(o.inactive_bytes)} "
-                   f"free in the allocator's cache but no free block larger than {_mib(o.largest_inactive)}; expandable segments grow in place instead of needing one free run",
-        })
-    if a.external_fragmentation is not None and a.external_fragmentation > 0.5 and a.cached_free > 0.2 * max(a.reserved, 1):
+        out.append(
+            {
+                "setting": "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+                "why": f"{len(frag_ooms)} out-of-memory error(s) were fragmentation: {_mib(o.requested)} requested with {_mib(o.inactive_bytes)} "
+                f"free in the allocator's cache but no free block larger than {_mib(o.largest_inactive)}; expandable segments grow in place instead of needing one free run",
+            }
+        )
+    if (
+        a.external_fragmentation is not None
+        and a.external_fragmentation > 0.5
+        and a.cached_free > 0.2 * max(a.reserved, 1)
+    ):
         if not settings.get("expandable_segments", False) and not frag_ooms:
-            out.append({
-                "setting": "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (or max_split_size_mb)",
-                "why": f"{_mib(a.cached_free)} of {_mib(a.reserved)} reserved sits free in the cache but the largest free block is "
-                       f"{_mib(a.largest_inactive)} ({100 * a.external_fragmentation:.0f}% external fragmentation): large requests may not fit",
-            })
+            out.append(
+                {
+                    "setting": "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (or max_split_size_mb)",
+                    "why": f"{_mib(a.cached_free)} of {_mib(a.reserved)} reserved sits free in the cache but the largest free block is "
+                    f"{_mib(a.largest_inactive)} ({100 * a.external_fragmentation:.0f}% external fragmentation): large requests may not fit",
+                }
+            )
     if a.cached_free > 0.5 * max(a.reserved, 1) and a.cached_free > 1 << 30:
-        out.append({
-            "setting": "torch.cuda.empty_cache() between phases, or garbage_collection_threshold",
-            "why": f"{_mib(a.cached_free)} ({100 * a.cached_free / a.reserved:.0f}% of reserved) is cached but unused: other processes on the GPU cannot use it",
-        })
+        out.append(
+            {
+                "setting": "torch.cuda.empty_cache() between phases, or garbage_collection_threshold",
+                "why": f"{_mib(a.cached_free)} ({100 * a.cached_free / a.reserved:.0f}% of reserved) is cached but unused: other processes on the GPU cannot use it",
+            }
+        )
     if a.total_free > 0 and a.rounding_waste > 0.25 * a.total_free and a.rounding_waste > 64 << 20:
-        out.append({
-            "setting": "PYTORCH_CUDA_ALLOC_CONF=roundup_power2_divisions:[...]",
-            "why": f"rounding waste is {_mib(a.rounding_waste)} ({100 * a.rounding_waste / a.allocated:.1f}% of allocated): finer size classes round less",
-        })
+        out.append(
+            {
+                "setting": "PYTORCH_CUDA_ALLOC_CONF=roundup_power2_divisions:[...]",
+                "why": f"rounding waste is {_mib(a.rounding_waste)} ({100 * a.rounding_waste / a.allocated:.1f}% of allocated): finer size classes round less",
+            }
+        )
     return out
 
 
@@ -495,17 +594,28 @@ def snapshot_section(a: TorchAnalysis, source: str) -> SectionResult:
     def put(name: str, value: Any) -> tuple[str, dict[str, Any]]:
         return name, metric_entry(name, value, "torch")
 
-    metrics = dict([
-        put("torch.segments", a.segments), put("torch.reserved_bytes", a.reserved), put("torch.allocated_bytes", a.allocated),
-        put("torch.requested_bytes", a.requested), put("torch.pending_free_bytes", a.pending_free),
-        put("torch.rounding_waste_bytes", a.rounding_waste), put("torch.cached_free_bytes", a.cached_free),
-        put("torch.total_free_bytes", a.total_free), put("torch.internal_free_ratio", a.internal_free_ratio),
-        put("torch.external_fragmentation", a.external_fragmentation), put("torch.largest_free_block_bytes", a.largest_inactive),
-        put("torch.ooms", len(a.ooms)), put("torch.fragmentation_ooms", sum(1 for o in a.ooms if o.fragmentation_oom)),
-        put("torch.leaked_bytes", a.leaked_bytes), put("torch.allocations", a.alloc_count),
-        put("torch.allocated_bytes_total", a.alloc_bytes), put("torch.allocations_per_second", a.allocs_per_second),
-        put("torch.short_lived_allocations", a.short_lived),
-    ])
+    metrics = dict(
+        [
+            put("torch.segments", a.segments),
+            put("torch.reserved_bytes", a.reserved),
+            put("torch.allocated_bytes", a.allocated),
+            put("torch.requested_bytes", a.requested),
+            put("torch.pending_free_bytes", a.pending_free),
+            put("torch.rounding_waste_bytes", a.rounding_waste),
+            put("torch.cached_free_bytes", a.cached_free),
+            put("torch.total_free_bytes", a.total_free),
+            put("torch.internal_free_ratio", a.internal_free_ratio),
+            put("torch.external_fragmentation", a.external_fragmentation),
+            put("torch.largest_free_block_bytes", a.largest_inactive),
+            put("torch.ooms", len(a.ooms)),
+            put("torch.fragmentation_ooms", sum(1 for o in a.ooms if o.fragmentation_oom)),
+            put("torch.leaked_bytes", a.leaked_bytes),
+            put("torch.allocations", a.alloc_count),
+            put("torch.allocated_bytes_total", a.alloc_bytes),
+            put("torch.allocations_per_second", a.allocs_per_second),
+            put("torch.short_lived_allocations", a.short_lived),
+        ]
+    )
     findings = []
 
     def mib(n: float) -> str:
@@ -513,18 +623,36 @@ def snapshot_section(a: TorchAnalysis, source: str) -> SectionResult:
 
     for o in a.ooms:
         kind = "fragmentation OOM" if o.fragmentation_oom else "OOM"
-        findings.append(Finding(
-            "error", f"{kind}: {mib(o.requested)} could not be allocated on device {o.device}",
-            (f"The cache held {mib(o.inactive_bytes)} free but its largest free block was {mib(o.largest_inactive)}: the memory was there, in pieces."
-             if o.fragmentation_oom else f"The cache held {mib(o.inactive_bytes)} free (largest block {mib(o.largest_inactive)}): the request did not fit, fragmentation aside.")
-            + (" (allocator state at the snapshot, which came after the OOM)" if o.state_at == "snapshot" else ""),
-            {"requested": o.requested, "inactive_bytes": o.inactive_bytes, "largest_inactive": o.largest_inactive, "device_free": o.device_free}, "torch"))
+        findings.append(
+            Finding(
+                "error",
+                f"{kind}: {mib(o.requested)} could not be allocated on device {o.device}",
+                (
+                    f"The cache held {mib(o.inactive_bytes)} free but its largest free block was {mib(o.largest_inactive)}: the memory was there, in pieces."
+                    if o.fragmentation_oom
+                    else f"The cache held {mib(o.inactive_bytes)} free (largest block {mib(o.largest_inactive)}): the request did not fit, fragmentation aside."
+                )
+                + (" (allocator state at the snapshot, which came after the OOM)" if o.state_at == "snapshot" else ""),
+                {
+                    "requested": o.requested,
+                    "inactive_bytes": o.inactive_bytes,
+                    "largest_inactive": o.largest_inactive,
+                    "device_free": o.device_free,
+                },
+                "torch",
+            )
+        )
     if a.leaked_bytes:
         top = a.leaks_by_stack[0]
-        findings.append(Finding(
-            "warning", f"{mib(a.leaked_bytes)} allocated during the trace is still allocated at its end",
-            f"Largest site: {top.stack}, {top.count} allocation(s), {mib(top.bytes)}. Allocations made before the trace window began are not counted.",
-            {"leaked_bytes": a.leaked_bytes, "top_stack": top.stack}, "torch"))
+        findings.append(
+            Finding(
+                "warning",
+                f"{mib(a.leaked_bytes)} allocated during the trace is still allocated at its end",
+                f"Largest site: {top.stack}, {top.count} allocation(s), {mib(top.bytes)}. Allocations made before the trace window began are not counted.",
+                {"leaked_bytes": a.leaked_bytes, "top_stack": top.stack},
+                "torch",
+            )
+        )
     for adv in a.advice:
         findings.append(Finding("info", f"try {adv['setting']}", adv["why"], {}, "torch"))
     section = dataclasses.asdict(a)

@@ -65,8 +65,14 @@ def _kernel() -> Any:  # the whatif_kernel module (numba's compiled functions)
         _NOTED = True
         import sys
 
-        if sys.stderr is not None and sys.stderr.isatty() and whatif_kernel.cache_is_cold(whatif_kernel.build_chunk, whatif_kernel.replay):
-            print("kvprof: compiling the what-if replay, once for this install (about 30 s)", file=sys.stderr, flush=True)
+        if (
+            sys.stderr is not None
+            and sys.stderr.isatty()
+            and whatif_kernel.cache_is_cold(whatif_kernel.build_chunk, whatif_kernel.replay)
+        ):
+            print(
+                "kvprof: compiling the what-if replay, once for this install (about 30 s)", file=sys.stderr, flush=True
+            )
     return whatif_kernel
 
 
@@ -84,7 +90,9 @@ class Schedule:
     prefix_caching: bool
     final_lengths: np.ndarray  # tokens of each request at its last state
     unsupported: dict[str, Any] = field(default_factory=dict)  # events the replay cannot use, by kind
-    engine_policy: str | None = None  # the pool's own free order, when it declared one (the demo's lru, lifo, lowest-id)
+    engine_policy: str | None = (
+        None  # the pool's own free order, when it declared one (the demo's lru, lifo, lowest-id)
+    )
     # the operations (see whatif_kernel, "the schedule builder")
     code: np.ndarray | None = None  # uint8, one per operation
     ops: np.ndarray | None = None  # int32 rows: time step (uint32 bits), local request (0: none), a, b
@@ -107,11 +115,15 @@ class Schedule:
         """The engine's own free queue: (uncached blocks reused first, order blocks leave in)."""
         if self.engine == "vllm":
             return True, "fifo"  # vLLM 0.32 BlockPool.free_blocks: uncached to the head, cached to the tail
-        return False, {"lifo": "lifo", "lowest-id": "lowest", "first-fit": "lowest"}.get(self.engine_policy or "", "fifo")
+        return False, {"lifo": "lifo", "lowest-id": "lowest", "first-fit": "lowest"}.get(
+            self.engine_policy or "", "fifo"
+        )
 
     def free_order_label(self) -> str:
         first, order = self.free_order()
-        return {"fifo": "LRU queue", "lifo": "LIFO stack", "lowest": "lowest id first"}[order] + (", uncached blocks reused first" if first else "")
+        return {"fifo": "LRU queue", "lifo": "LIFO stack", "lowest": "lowest id first"}[order] + (
+            ", uncached blocks reused first" if first else ""
+        )
 
     bytes_per_token_given: float | None = None  # --bytes-per-token, over the bundle's own figure
 
@@ -124,14 +136,26 @@ class Schedule:
     @property
     def nbytes(self) -> int:
         """Bytes the schedule's arrays hold."""
-        return sum(x.nbytes for x in (self.code, self.ops, self.payload, self.request_keys,
-                                      self.max_tokens, self.class_off, self.class_of, self.final_lengths) if x is not None)
+        return sum(
+            x.nbytes
+            for x in (
+                self.code,
+                self.ops,
+                self.payload,
+                self.request_keys,
+                self.max_tokens,
+                self.class_off,
+                self.class_of,
+                self.final_lengths,
+            )
+            if x is not None
+        )
 
 
 def _grown(arr: np.ndarray, size: int, fill: Any) -> np.ndarray:
     """arr with ``size`` rows, the new ones ``fill`` (a value, or one per column)."""
     out = np.empty((size,) + arr.shape[1:], dtype=arr.dtype)
-    out[len(arr):] = fill
+    out[len(arr) :] = fill
     out[: len(arr)] = arr
     return out
 
@@ -160,11 +184,17 @@ class ScheduleBuilder:
         st[K.S_PFREE] = -1
         nb = max(int(info.num_blocks), 1)
         self._a = {  # the builder's arrays, in build_chunk's order
-            "st": st, "code": np.zeros(1 << 12, np.uint8), "ops": np.zeros((1 << 12, 4), np.int32), "pay": np.zeros(1 << 12, np.int32),
+            "st": st,
+            "code": np.zeros(1 << 12, np.uint8),
+            "ops": np.zeros((1 << 12, 4), np.int32),
+            "pay": np.zeros(1 << 12, np.int32),
             "BLK": _grown(np.zeros((0, K.N_BUILD_BLOCK), np.int32), nb, K.BUILD_BLOCK_INIT),
             "RQ": _grown(np.zeros((0, K.N_BUILD_REQ), np.int64), 1024, K.BUILD_REQ_INIT),
-            "PN": np.zeros((1024, 2), np.int64), "HMK": np.full(1 << 12, K.EMPTY, np.int64), "HMV": np.zeros(1 << 12, np.int64),
-            "UN": np.zeros((1024, 3), np.int64), "X": np.zeros((256, 7), np.int64),
+            "PN": np.zeros((1024, 2), np.int64),
+            "HMK": np.full(1 << 12, K.EMPTY, np.int64),
+            "HMV": np.zeros(1 << 12, np.int64),
+            "UN": np.zeros((1024, 3), np.int64),
+            "X": np.zeros((256, 7), np.int64),
         }
         # request keys -> local index (0: no request), dense keys through an array
         self._keymap = np.full(1024, -1, np.int32)  # key + 1 -> local
@@ -238,9 +268,27 @@ class ScheduleBuilder:
             nk, nv = np.full(size, K.EMPTY, np.int64), np.zeros(size, np.int64)
             K.hm_rehash(a["HMK"], a["HMV"], nk, nv)
             a["HMK"], a["HMV"] = nk, nv
-        K.build_chunk(a["st"], a["code"], a["ops"], a["pay"], a["BLK"], a["RQ"], a["PN"], a["HMK"], a["HMV"], a["UN"], a["X"], self.B0,
-                      np.asarray(chunk.t, np.int64), np.asarray(chunk.kind, np.uint8), rl, np.asarray(chunk.arg, np.int64),
-                      np.asarray(chunk.arg2, np.int64), np.asarray(chunk.n, np.int64), ids)
+        K.build_chunk(
+            a["st"],
+            a["code"],
+            a["ops"],
+            a["pay"],
+            a["BLK"],
+            a["RQ"],
+            a["PN"],
+            a["HMK"],
+            a["HMV"],
+            a["UN"],
+            a["X"],
+            self.B0,
+            np.asarray(chunk.t, np.int64),
+            np.asarray(chunk.kind, np.uint8),
+            rl,
+            np.asarray(chunk.arg, np.int64),
+            np.asarray(chunk.arg2, np.int64),
+            np.asarray(chunk.n, np.int64),
+            ids,
+        )
 
     @property
     def events(self) -> int:
@@ -265,24 +313,43 @@ class ScheduleBuilder:
         RQ = a["RQ"][:nloc]
         has = RQ[:, K.Q_HASFINAL] != 0
         unsupported = {}
-        for slot, name in ((K.S_UNS_HIT, "hit without a request"), (K.S_UNS_FREE, "free of a block no request holds"),
-                           (K.S_UNS_EVICT, "explicit eviction")):
+        for slot, name in (
+            (K.S_UNS_HIT, "hit without a request"),
+            (K.S_UNS_FREE, "free of a block no request holds"),
+            (K.S_UNS_EVICT, "explicit eviction"),
+        ):
             if st[slot]:
                 unsupported[name] = int(st[slot])
         keys = np.concatenate(self._keys)
         have = bool(st[K.S_HAVE_T])
         sched = Schedule(
-            pool=info.label, engine=info.engine, block_size=self.B0, num_blocks=info.num_blocks,
+            pool=info.label,
+            engine=info.engine,
+            block_size=self.B0,
+            num_blocks=info.num_blocks,
             reserved_ids=np.flatnonzero(a["BLK"][:, K.W_RESERVED]).tolist(),
             bytes_per_block=info.bytes_per_block or info.extra.get("bytes_per_block"),
-            t_start=int(st[K.S_TFIRST]) if have else 0, t_end=int(st[K.S_TLAST]) if have else 0,
-            requests=int((keys >= 0).sum()), prefix_caching=bool(st[K.S_CACHED]),
-            final_lengths=RQ[has, K.Q_FINAL].copy(), unsupported=unsupported, engine_policy=info.extra.get("free_order") or info.extra.get("policy"),  # "policy": bundles before the rename
-            code=trim(a["code"], nops), ops=trim(a["ops"], nops), payload=trim(a["pay"], npay),
-            operations=int(st[K.S_NREAL]), request_keys=keys, max_tokens=RQ[:, K.Q_MAXTOK].copy(),
-            class_off=cls_off, class_of=cls, foreign_ids=int(st[K.S_FMAX]), foreign_blocks=int(st[K.S_NFALLOC]),
+            t_start=int(st[K.S_TFIRST]) if have else 0,
+            t_end=int(st[K.S_TLAST]) if have else 0,
+            requests=int((keys >= 0).sum()),
+            prefix_caching=bool(st[K.S_CACHED]),
+            final_lengths=RQ[has, K.Q_FINAL].copy(),
+            unsupported=unsupported,
+            engine_policy=info.extra.get("free_order")
+            or info.extra.get("policy"),  # "policy": bundles before the rename
+            code=trim(a["code"], nops),
+            ops=trim(a["ops"], nops),
+            payload=trim(a["pay"], npay),
+            operations=int(st[K.S_NREAL]),
+            request_keys=keys,
+            max_tokens=RQ[:, K.Q_MAXTOK].copy(),
+            class_off=cls_off,
+            class_of=cls,
+            foreign_ids=int(st[K.S_FMAX]),
+            foreign_blocks=int(st[K.S_NFALLOC]),
             foreign_largest=int(st[K.S_FALLOCMAX]),
-            events=int(st[K.S_EVENTS]), states=int(st[K.S_STATES]),
+            events=int(st[K.S_EVENTS]),
+            states=int(st[K.S_STATES]),
         )
         self._a = {}
         return sched
@@ -337,23 +404,59 @@ def replay(sched: Schedule, cfg: Config) -> ReplayResult:
     limited = cfg.num_blocks != UNLIMITED
     reserved = np.array([b for b in sched.reserved_ids if b < n], dtype=np.int32)
     uncached_first, order = sched.free_order()
-    M, N, F = K.replay(sched.code, sched.ops, sched.payload, sched.class_off, sched.class_of,
-                             sched.max_tokens, int(sched.block_size), int(sched.t_start), int(sched.t_end), int(sched.foreign_ids),
-                             int(sched.foreign_largest),
-                             B, n, _POLICY_IDS[cfg.policy], _ORDER_IDS[order], bool(uncached_first), cfg.recovery == "seeds",
-                             bool(cfg.prefix_cache and sched.prefix_caching), bool(limited), reserved)
+    M, N, F = K.replay(
+        sched.code,
+        sched.ops,
+        sched.payload,
+        sched.class_off,
+        sched.class_of,
+        sched.max_tokens,
+        int(sched.block_size),
+        int(sched.t_start),
+        int(sched.t_end),
+        int(sched.foreign_ids),
+        int(sched.foreign_largest),
+        B,
+        n,
+        _POLICY_IDS[cfg.policy],
+        _ORDER_IDS[order],
+        bool(uncached_first),
+        cfg.recovery == "seeds",
+        bool(cfg.prefix_cache and sched.prefix_caching),
+        bool(limited),
+        reserved,
+    )
     mask = None
     if limited and M[K.C_PEAK] >= 0:
         mask = N[M[K.O_TRK] : M[K.O_TRK] + n * K.N_TRK].reshape(n, K.N_TRK)[:, K.T_PMASK]
     m = _metrics(sched, cfg, K, n, reserved, M, F, mask)
-    recorded = (cfg.block_size == sched.block_size and cfg.num_blocks == sched.num_blocks and cfg.policy == "free-queue"
-                and (cfg.prefix_cache or not sched.prefix_caching))
-    return ReplayResult(cfg.block_size, None if cfg.num_blocks == UNLIMITED else cfg.num_blocks, cfg.policy,
-                        cfg.recovery if cfg.policy in allocators.CONTIGUOUS else "n/a", cfg.prefix_cache and sched.prefix_caching, recorded, m)
+    recorded = (
+        cfg.block_size == sched.block_size
+        and cfg.num_blocks == sched.num_blocks
+        and cfg.policy == "free-queue"
+        and (cfg.prefix_cache or not sched.prefix_caching)
+    )
+    return ReplayResult(
+        cfg.block_size,
+        None if cfg.num_blocks == UNLIMITED else cfg.num_blocks,
+        cfg.policy,
+        cfg.recovery if cfg.policy in allocators.CONTIGUOUS else "n/a",
+        cfg.prefix_cache and sched.prefix_caching,
+        recorded,
+        m,
+    )
 
 
-def _metrics(sched: Schedule, cfg: Config, K: Any, n: int, reserved: np.ndarray, SC: np.ndarray, FL: np.ndarray,
-             peak_mask: np.ndarray | None) -> dict[str, Any]:
+def _metrics(
+    sched: Schedule,
+    cfg: Config,
+    K: Any,
+    n: int,
+    reserved: np.ndarray,
+    SC: np.ndarray,
+    FL: np.ndarray,
+    peak_mask: np.ndarray | None,
+) -> dict[str, Any]:
     """analyze's metrics, and the what-if ones, from the kernel's counters (SC), integrals (FL)
     and the free mask at the watermark."""
     B = cfg.block_size
@@ -421,7 +524,9 @@ def _warm() -> None:
         return
     from types import SimpleNamespace
 
-    info = SimpleNamespace(index=0, label="warm", engine="custom", num_blocks=2, block_size=1, bytes_per_block=None, extra={})
+    info = SimpleNamespace(
+        index=0, label="warm", engine="custom", num_blocks=2, block_size=1, bytes_per_block=None, extra={}
+    )
     empty = ScheduleBuilder(info).finish()
     replay(empty, Config(1, 2))
     _WARM = True
@@ -450,7 +555,11 @@ def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: 
     bytes_per_token = sched.bytes_per_token
     lengths = sched.final_lengths[sched.final_lengths > 0]
     L = (int(lengths.sum()) / len(lengths)) if len(lengths) else None
-    out: dict[str, Any] = {"mean_length": L, "metadata_bytes_per_block": metadata_bytes, "bytes_per_token": bytes_per_token}
+    out: dict[str, Any] = {
+        "mean_length": L,
+        "metadata_bytes_per_block": metadata_bytes,
+        "bytes_per_token": bytes_per_token,
+    }
     if bytes_per_token and L:
         out["closed_form_block_size"] = math.sqrt(2 * L * metadata_bytes / bytes_per_token)
     costs = []
@@ -466,18 +575,38 @@ def advice(sched: Schedule, unlimited_rows: list[ReplayResult], metadata_bytes: 
         keyname = "peak_bytes" if bytes_per_token else "peak_slots"
         best = min(costs, key=lambda c: (c[keyname], c["block_size"]))
         out["empirical_block_size"] = best["block_size"]
-        out["empirical_basis"] = ("KV bytes + block metadata at the replayed peak" if bytes_per_token
-                                  else "token slots at the replayed peak (bytes per token unknown: metadata not weighed)")
+        out["empirical_basis"] = (
+            "KV bytes + block metadata at the replayed peak"
+            if bytes_per_token
+            else "token slots at the replayed peak (bytes per token unknown: metadata not weighed)"
+        )
     return out
 
 
 # -- the command's library side -------------------------------------------------------------------------
-FIDELITY_METRICS = ("blocks.peak_blocks", "blocks.internal_fragmentation.time_weighted", "blocks.internal_fragmentation.at_peak",
-                    "blocks.prefix_cache.hit_tokens", "blocks.prefix_cache.query_tokens", "blocks.preemptions",
-                    "blocks.allocation_failures", "blocks.usage.time_weighted")
+FIDELITY_METRICS = (
+    "blocks.peak_blocks",
+    "blocks.internal_fragmentation.time_weighted",
+    "blocks.internal_fragmentation.at_peak",
+    "blocks.prefix_cache.hit_tokens",
+    "blocks.prefix_cache.query_tokens",
+    "blocks.preemptions",
+    "blocks.allocation_failures",
+    "blocks.usage.time_weighted",
+)
 DEFAULT_SIZES = (8, 16, 32, 64, 128)
 MAX_BLOCKS = 1 << 24  # pool sizes a replay takes (per-block state in memory, ~60 bytes a block)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(text: str) -> int:
@@ -508,7 +637,9 @@ class WhatifOptions:
 
 
 def pick_pool(stream: BlockStream, label: str | None) -> PoolInfo | None:
-    pools = [p for p in stream.pools if np.any((stream.pool == p.index) & (stream.kind == K.REQ_STATE))] or list(stream.pools)
+    pools = [p for p in stream.pools if np.any((stream.pool == p.index) & (stream.kind == K.REQ_STATE))] or list(
+        stream.pools
+    )
     if not pools:
         return None
     if label is None:
@@ -561,8 +692,12 @@ def run(stream: BlockStream, opts: WhatifOptions, analyzed: dict[str, Any] | Non
     return run_schedule(sched, opts, analyzed if analyzed is not None else analyze_pool, started=t0)
 
 
-def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict[str, Any] | Callable[[], dict[str, Any]],
-                 started: float | None = None) -> dict[str, Any]:
+def run_schedule(
+    sched: Schedule,
+    opts: WhatifOptions,
+    analyzed: dict[str, Any] | Callable[[], dict[str, Any]],
+    started: float | None = None,
+) -> dict[str, Any]:
     """sections.whatif from a schedule already built (ScheduleBuilder.finish): the analysis
     engine's way, which feeds the builder during its own pass over the bundle.
     ``analyzed``: analyze's metric values (name -> value) for the schedule's pool over the
@@ -578,7 +713,9 @@ def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict[str, Any] 
     bpt = sched.bytes_per_token
     sizes = sorted(set(opts.block_sizes) if opts.block_sizes else set(DEFAULT_SIZES) | {sched.block_size})
     if opts.kv_memory and not bpt:
-        raise ValueError("--kv-memory needs the bytes one token takes: the bundle does not say (give --bytes-per-token)")
+        raise ValueError(
+            "--kv-memory needs the bytes one token takes: the bundle does not say (give --bytes-per-token)"
+        )
 
     def capacity(b: int) -> int:
         if opts.num_blocks:
@@ -589,11 +726,15 @@ def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict[str, Any] 
         else:
             n = max(sched.num_blocks * sched.block_size // b, 2)  # the recorded KV memory
         if n > MAX_BLOCKS:
-            raise ValueError(f"more than {MAX_BLOCKS:,} blocks of {b} tokens: the replay keeps per-block state in memory and stops there "
-                             "(use --num-blocks unlimited for the blocks a run needs)")
+            raise ValueError(
+                f"more than {MAX_BLOCKS:,} blocks of {b} tokens: the replay keeps per-block state in memory and stops there "
+                "(use --num-blocks unlimited for the blocks a run needs)"
+            )
         return n
 
-    configs = [Config(sched.block_size, sched.num_blocks, "free-queue", "preempt", True)]  # the recorded configuration: fidelity
+    configs = [
+        Config(sched.block_size, sched.num_blocks, "free-queue", "preempt", True)
+    ]  # the recorded configuration: fidelity
     configs += [Config(b, UNLIMITED, "free-queue", "preempt", opts.prefix_cache) for b in sizes]
     fixed = []
     if not opts.unlimited:
@@ -614,16 +755,34 @@ def run_schedule(sched: Schedule, opts: WhatifOptions, analyzed: dict[str, Any] 
     fidelity = {}
     for name in FIDELITY_METRICS:
         x, y = analyzed[name], recorded.metrics[name]
-        same = (x == y) if not (isinstance(x, float) and isinstance(y, float)) else math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15)
+        same = (
+            (x == y)
+            if not (isinstance(x, float) and isinstance(y, float))
+            else math.isclose(x, y, rel_tol=1e-12, abs_tol=1e-15)
+        )
         fidelity[name] = {"analyze": x, "replay": y, "equal": bool(same)}
-    mode = ("unlimited" if opts.unlimited else f"{opts.num_blocks} blocks" if opts.num_blocks
-            else f"{opts.kv_memory} bytes of KV memory" if opts.kv_memory else "the recorded KV memory (blocks × block size kept)")
+    mode = (
+        "unlimited"
+        if opts.unlimited
+        else f"{opts.num_blocks} blocks"
+        if opts.num_blocks
+        else f"{opts.kv_memory} bytes of KV memory"
+        if opts.kv_memory
+        else "the recorded KV memory (blocks × block size kept)"
+    )
     return {
         "pool": sched.pool,
         "engine": sched.engine,
-        "recorded": {"block_size": sched.block_size, "num_blocks": sched.num_blocks, "reserved": len(sched.reserved_ids),
-                     "policy": f"free-queue ({sched.free_order_label()})", "prefix_caching": sched.prefix_caching,
-                     "bytes_per_block": sched.bytes_per_block, "requests": sched.requests, "operations": sched.operations},
+        "recorded": {
+            "block_size": sched.block_size,
+            "num_blocks": sched.num_blocks,
+            "reserved": len(sched.reserved_ids),
+            "policy": f"free-queue ({sched.free_order_label()})",
+            "prefix_caching": sched.prefix_caching,
+            "bytes_per_block": sched.bytes_per_block,
+            "requests": sched.requests,
+            "operations": sched.operations,
+        },
         "capacity": mode,
         "bytes_per_token": bpt,
         "rows": [dataclasses.asdict(r) for r in rows],

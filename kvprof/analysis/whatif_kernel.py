@@ -98,8 +98,38 @@ i64 = np.int64  # every scalar a kernel function is called with is cast so: one 
 
 # -- shared constants (numba freezes module globals at compile time) -------------------------------
 # schedule operations
-OP_STEP, OP_QUERY, OP_LOOKUP, OP_GROW, OP_CACHE, OP_FREE, OP_STATE, OP_PREEMPT, OP_FINISH, OP_FAIL, OP_FALLOC, OP_FFREE, OP_NOP, OP_TIME = range(14)
-OP_NAMES = ("step", "query", "lookup", "grow", "cache", "free", "state", "preempt", "finish", "fail", "falloc", "ffree", "nop", "time")
+(
+    OP_STEP,
+    OP_QUERY,
+    OP_LOOKUP,
+    OP_GROW,
+    OP_CACHE,
+    OP_FREE,
+    OP_STATE,
+    OP_PREEMPT,
+    OP_FINISH,
+    OP_FAIL,
+    OP_FALLOC,
+    OP_FFREE,
+    OP_NOP,
+    OP_TIME,
+) = range(14)
+OP_NAMES = (
+    "step",
+    "query",
+    "lookup",
+    "grow",
+    "cache",
+    "free",
+    "state",
+    "preempt",
+    "finish",
+    "fail",
+    "falloc",
+    "ffree",
+    "nop",
+    "time",
+)
 # event kinds (kvprof.trace.format.EventKind)
 K_ALLOC, K_FREE, K_HIT, K_CACHE, K_EVICT, K_RESERVE = 1, 2, 3, 4, 5, 6
 K_QUERY, K_STATE, K_FINISH, K_PREEMPT, K_FAIL, K_STEP = 11, 12, 13, 14, 15, 20
@@ -194,8 +224,28 @@ def hm_rehash(okeys, ovals, nkeys, nvals):
 # The look-aheads of the pure-Python extraction are patches: an allocation's payload slots
 # wait in per-request lists until the request's next state (tokens) or query (hint)
 # arrives, and are dropped, unpatched, at its next preemption or finish.
-(S_NOPS, S_NPAY, S_TPREV, S_HAVE_T, S_TFIRST, S_TLAST, S_CACHED, S_UNS_HIT, S_UNS_FREE, S_UNS_EVICT, S_NUNION, S_PFREE, S_PTOP,
- S_HM_COUNT, S_NREAL, S_NFALLOC, S_EVENTS, S_STATES, S_FMAX, S_FALLOCMAX) = range(20)
+(
+    S_NOPS,
+    S_NPAY,
+    S_TPREV,
+    S_HAVE_T,
+    S_TFIRST,
+    S_TLAST,
+    S_CACHED,
+    S_UNS_HIT,
+    S_UNS_FREE,
+    S_UNS_EVICT,
+    S_NUNION,
+    S_PFREE,
+    S_PTOP,
+    S_HM_COUNT,
+    S_NREAL,
+    S_NFALLOC,
+    S_EVENTS,
+    S_STATES,
+    S_FMAX,
+    S_FALLOCMAX,
+) = range(20)
 N_BUILD_SCALARS = 24
 # per-request columns (int64) of the builder
 (Q_TLEN, Q_FREED, Q_LASTFREE, Q_TOUCH, Q_FINAL, Q_HASFINAL, Q_MAXTOK, Q_PENDT, Q_PENDQ, Q_GRP) = range(10)
@@ -490,7 +540,16 @@ def build_chunk(st, code, ops, pay, BLK, RQ, PN, HMK, HMV, UN, X, B0, t, kind, r
             for g in range(ng):
                 o = X[g, X_GKEY]
                 RQ[o, Q_GRP] = -1
-                RQ[o, Q_TOUCH] = _emit(st, code, ops, i64(ti), i64(OP_CACHE), i64(o), i64(_c32(i64((X[g, X_GMAX] + 1) * B0))), i64(X[g, X_GCNT]))
+                RQ[o, Q_TOUCH] = _emit(
+                    st,
+                    code,
+                    ops,
+                    i64(ti),
+                    i64(OP_CACHE),
+                    i64(o),
+                    i64(_c32(i64((X[g, X_GMAX] + 1) * B0))),
+                    i64(X[g, X_GCNT]),
+                )
         elif k == K_QUERY:
             q = _c32(i64(arg[i]))
             RQ[r, Q_TOUCH] = _emit(st, code, ops, i64(ti), i64(OP_QUERY), i64(r), i64(q), i64(0))
@@ -587,19 +646,105 @@ def build_classes(UN, nu, nreq):
 #      runs); SCR (scratch: OUT, HITS, REL regions of S_SCRW each, and n more for the seeds'
 #      compaction); FMAP (recorded id of a block taken without a request -> block); CLS (content
 #      class per node); RES (reserved ids)
-(S_B, S_B0, S_N, S_PREFIX, S_SEEDS, S_CONTIG, S_BUDDY, S_POLICY, S_ORDER, S_UF, S_TRACK, S_NREQ, S_CTN, S_NRES, S_NFMAX,
- O_RQ, O_KC, O_CTK, O_MAXTOK, O_CLSOFF, O_BK, O_CTV, O_AUX, O_SCR, O_FMAP, O_CLS, O_RES, O_TRK, S_SCRW,
- C_INUSE, C_WASTE, C_QUERY, C_HIT, C_FAILS, C_FRAG, C_PREEMPT, C_RECOMP, C_EVICT, C_MOVED, C_MAXRUN, C_UNSERVED, C_PEAK,
- C_PLATEAU, C_IAP_SET, C_IAP_W, C_IAP_S, C_HONOR, C_HONOR_FOR, C_RUN_HEAD, C_RUN_TAIL, C_RUN_COUNT, C_SUSP, C_AR_TOP,
- C_T_PREV, C_CUR_T, C_PREV_W, C_PREV_S, C_FP_COUNT, C_LIVE_CAP,
- A_FREE, A_HEAD, A_TAIL, A_HSIZE, A_NRUNS, A_RUNCAP, A_MAXO, A_DCOUNT, A_BHIN) = range(68)
+(
+    S_B,
+    S_B0,
+    S_N,
+    S_PREFIX,
+    S_SEEDS,
+    S_CONTIG,
+    S_BUDDY,
+    S_POLICY,
+    S_ORDER,
+    S_UF,
+    S_TRACK,
+    S_NREQ,
+    S_CTN,
+    S_NRES,
+    S_NFMAX,
+    O_RQ,
+    O_KC,
+    O_CTK,
+    O_MAXTOK,
+    O_CLSOFF,
+    O_BK,
+    O_CTV,
+    O_AUX,
+    O_SCR,
+    O_FMAP,
+    O_CLS,
+    O_RES,
+    O_TRK,
+    S_SCRW,
+    C_INUSE,
+    C_WASTE,
+    C_QUERY,
+    C_HIT,
+    C_FAILS,
+    C_FRAG,
+    C_PREEMPT,
+    C_RECOMP,
+    C_EVICT,
+    C_MOVED,
+    C_MAXRUN,
+    C_UNSERVED,
+    C_PEAK,
+    C_PLATEAU,
+    C_IAP_SET,
+    C_IAP_W,
+    C_IAP_S,
+    C_HONOR,
+    C_HONOR_FOR,
+    C_RUN_HEAD,
+    C_RUN_TAIL,
+    C_RUN_COUNT,
+    C_SUSP,
+    C_AR_TOP,
+    C_T_PREV,
+    C_CUR_T,
+    C_PREV_W,
+    C_PREV_S,
+    C_FP_COUNT,
+    C_LIVE_CAP,
+    A_FREE,
+    A_HEAD,
+    A_TAIL,
+    A_HSIZE,
+    A_NRUNS,
+    A_RUNCAP,
+    A_MAXO,
+    A_DCOUNT,
+    A_BHIN,
+) = range(68)
 A_BHOFF = 64 + 8  # per order: where its heap starts in AUX
 A_BHSZ = A_BHOFF + 64  # per order: its heap's size
 A_NFREE = A_BHSZ + 64  # per order: free chunks
 N_SCALARS = A_NFREE + 64
 F_BLOCKS, F_SLOTS, F_WASTE = range(3)
-(R_TOFF, R_TLEN, R_TCAP, R_FILLED, R_KNOWN, R_WASTE, R_COV, R_SUSP, R_KEEP, R_DECIDED, R_PQV, R_PQH, R_AHV, R_AHH, R_ADV, R_ADH,
- R_MLO, R_MHI, R_RPREV, R_RNEXT, R_INRUN, R_FPGEN) = range(22)
+(
+    R_TOFF,
+    R_TLEN,
+    R_TCAP,
+    R_FILLED,
+    R_KNOWN,
+    R_WASTE,
+    R_COV,
+    R_SUSP,
+    R_KEEP,
+    R_DECIDED,
+    R_PQV,
+    R_PQH,
+    R_AHV,
+    R_AHH,
+    R_ADV,
+    R_ADH,
+    R_MLO,
+    R_MHI,
+    R_RPREV,
+    R_RNEXT,
+    R_INRUN,
+    R_FPGEN,
+) = range(22)
 N_RQ = 22
 (B_REF, B_KJ, B_FM, B_X1, B_X2) = range(5)  # X1: nxt | in-heap flag | free chunk's order; X2: prv
 N_BK = 5
@@ -1571,8 +1716,28 @@ def layout(n, nreq, ncls, nclsoff, nfmax, nres, policy, order, scrw, limited):
 
 
 @jit
-def replay(code, ops, pay, cls_off, cls, maxtok, B0, t_start, t_end, nfmax, nfalloc, B, n, policy, order, uncached_first, seeds, prefix,
-           limited, reserved):
+def replay(
+    code,
+    ops,
+    pay,
+    cls_off,
+    cls,
+    maxtok,
+    B0,
+    t_start,
+    t_end,
+    nfmax,
+    nfalloc,
+    B,
+    n,
+    policy,
+    order,
+    uncached_first,
+    seeds,
+    prefix,
+    limited,
+    reserved,
+):
     """One configuration's replay.  Returns (M, N, the float integrals): the counters are M's
     scalars; when ``limited``, N's TRK columns hold the free mask at the watermark (T_PMASK).
     ``nfalloc``: the most blocks one allocation without a request takes."""
@@ -1581,15 +1746,33 @@ def replay(code, ops, pay, cls_off, cls, maxtok, B0, t_start, t_end, nfmax, nfal
     for r in range(nreq):  # the largest table: a bound on the blocks one call moves
         t = -(-max(maxtok[r], 0) // B)
         scrw = max(scrw, min(2 * t + 2 if policy == P_BUDDY else t + 2, n + 2))
-    msize, nsize, off = layout(i64(n), i64(nreq), i64(len(cls)), i64(len(cls_off)), i64(nfmax), i64(len(reserved)), i64(policy),
-                               i64(order), i64(scrw), i64(limited))
+    msize, nsize, off = layout(
+        i64(n),
+        i64(nreq),
+        i64(len(cls)),
+        i64(len(cls_off)),
+        i64(nfmax),
+        i64(len(reserved)),
+        i64(policy),
+        i64(order),
+        i64(scrw),
+        i64(limited),
+    )
     M_owner = np.zeros(msize, np.int64)
     N_owner = np.zeros(nsize, np.int32)
     M = _borrow(M_owner)
     N = _borrow(N_owner)
     F = np.zeros(4, np.float64)
     M[O_RQ], M[O_KC], M[O_CTK], M[O_MAXTOK], M[O_CLSOFF] = off[0], off[1], off[2], off[3], off[4]
-    M[O_BK], M[O_CTV], M[O_AUX], M[O_SCR], M[O_FMAP], M[O_CLS], M[O_RES] = off[5], off[6], off[7], off[8], off[9], off[10], off[11]
+    M[O_BK], M[O_CTV], M[O_AUX], M[O_SCR], M[O_FMAP], M[O_CLS], M[O_RES] = (
+        off[5],
+        off[6],
+        off[7],
+        off[8],
+        off[9],
+        off[10],
+        off[11],
+    )
     M[O_TRK] = off[14]
     M[S_SCRW] = scrw
     M[S_CTN] = off[12]

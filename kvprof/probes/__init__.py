@@ -62,10 +62,19 @@ def _start_gc(writer) -> None:
     if not _gc_state["installed"]:
         gc.callbacks.append(_gc_callback)
         _gc_state["installed"] = True
-    runtime.probe_note("gc", status="attached", thresholds=list(gc.get_threshold()), enabled=gc.isenabled(),
-                       frozen=gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else None)
+    runtime.probe_note(
+        "gc",
+        status="attached",
+        thresholds=list(gc.get_threshold()),
+        enabled=gc.isenabled(),
+        frozen=gc.get_freeze_count() if hasattr(gc, "get_freeze_count") else None,
+    )
     if hasattr(gc, "get_freeze_count"):  # the program may gc.freeze() later: what it had frozen at the end
-        runtime.on_exit(lambda: runtime.probe_note("gc", frozen_at_exit=gc.get_freeze_count(), thresholds_at_exit=list(gc.get_threshold())))
+        runtime.on_exit(
+            lambda: runtime.probe_note(
+                "gc", frozen_at_exit=gc.get_freeze_count(), thresholds_at_exit=list(gc.get_threshold())
+            )
+        )
 
 
 def _start_tracemalloc(writer) -> None:
@@ -92,13 +101,31 @@ def _start_nvml(writer) -> None:
 
 
 PROBES = {
-    "blocks": (_start_blocks, "KV block-pool events: vLLM v1, nano-vllm, SGLang, and pools declared through kvprof.blocks"),
+    "blocks": (
+        _start_blocks,
+        "KV block-pool events: vLLM v1, nano-vllm, SGLang, and pools declared through kvprof.blocks",
+    ),
     "markers": (_start_markers, "kvprof.mark() calls (always on)"),
-    "pyspy": (_start_pyspy, "CPU samples of every recorded process by py-spy, run by the recorder (speedscope JSON in pyspy/)"),
-    "gc": (_start_gc, "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)"),
-    "tracemalloc": (_start_tracemalloc, "Python heap by call site: tracemalloc snapshots at markers, on a timer and at exit"),
-    "memray": (_start_memray, "Every allocation (Python and native) with its stack: memray's tracker, its capture file kept"),
-    "torch": (_start_torch, "PyTorch's CUDA caching allocator: memory history, snapshots at exit, markers and OOMs, memory_stats at markers"),
+    "pyspy": (
+        _start_pyspy,
+        "CPU samples of every recorded process by py-spy, run by the recorder (speedscope JSON in pyspy/)",
+    ),
+    "gc": (
+        _start_gc,
+        "Garbage-collector pauses: generation, start, duration, collected and uncollectable objects (gc.callbacks)",
+    ),
+    "tracemalloc": (
+        _start_tracemalloc,
+        "Python heap by call site: tracemalloc snapshots at markers, on a timer and at exit",
+    ),
+    "memray": (
+        _start_memray,
+        "Every allocation (Python and native) with its stack: memray's tracker, its capture file kept",
+    ),
+    "torch": (
+        _start_torch,
+        "PyTorch's CUDA caching allocator: memory history, snapshots at exit, markers and OOMs, memory_stats at markers",
+    ),
     "nvml": (_start_nvml, "GPU memory per device and per process from NVML, sampled by the recorder"),
 }
 

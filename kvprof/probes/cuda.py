@@ -84,10 +84,16 @@ def _enable() -> None:
     memory = torch.cuda.memory
     stacks = opts["stacks"]
     try:
-        memory._record_memory_history(enabled="all", context=None if stacks == "none" else "all",
-                                      stacks="all" if stacks == "all" else "python", max_entries=int(opts["max_entries"]))
+        memory._record_memory_history(
+            enabled="all",
+            context=None if stacks == "none" else "all",
+            stacks="all" if stacks == "all" else "python",
+            max_entries=int(opts["max_entries"]),
+        )
     except TypeError:  # torch before 2.1: the older keyword API
-        memory._record_memory_history(True, trace_alloc_max_entries=int(opts["max_entries"]), trace_alloc_record_context=stacks != "none")
+        memory._record_memory_history(
+            True, trace_alloc_max_entries=int(opts["max_entries"]), trace_alloc_record_context=stacks != "none"
+        )
     _state["enabled"] = True
     observer = "attached"
     try:
@@ -95,8 +101,16 @@ def _enable() -> None:
     except Exception as exc:  # noqa: BLE001 - snapshots at exit and markers still work
         observer = f"unavailable: {exc!r}"
     runtime.on_mark(_on_mark)
-    runtime.probe_note("torch", status="attached", torch_version=str(getattr(torch, "__version__", "?")), max_entries=int(opts["max_entries"]),
-                       stacks=stacks, depth=int(opts["depth"]), snapshot_at=sorted(_state["names"]), oom_observer=observer)
+    runtime.probe_note(
+        "torch",
+        status="attached",
+        torch_version=str(getattr(torch, "__version__", "?")),
+        max_entries=int(opts["max_entries"]),
+        stacks=stacks,
+        depth=int(opts["depth"]),
+        snapshot_at=sorted(_state["names"]),
+        oom_observer=observer,
+    )
 
 
 def _trim(snapshot: dict, depth: int) -> dict:
@@ -166,8 +180,16 @@ def _on_mark(sid: int, value: int, t: int) -> None:
 def _on_oom(device, alloc, device_allocated, device_free) -> None:
     w = runtime.writer
     if w is not None:
-        w.meta({"type": "torch_oom", "t": runtime.now(), "device": int(device), "requested": int(alloc),
-                "device_allocated": int(device_allocated), "device_free": int(device_free)})
+        w.meta(
+            {
+                "type": "torch_oom",
+                "t": runtime.now(),
+                "device": int(device),
+                "requested": int(alloc),
+                "device_allocated": int(device_allocated),
+                "device_free": int(device_free),
+            }
+        )
     dump("oom")
 
 
@@ -177,10 +199,19 @@ def _at_exit() -> None:
         return
     if not _state.get("enabled"):  # at exit, asking costs nothing any more
         try:
-            reason = "CUDA was never used by this process" if torch.cuda.is_available() else "torch.cuda.is_available() is False"
+            reason = (
+                "CUDA was never used by this process"
+                if torch.cuda.is_available()
+                else "torch.cuda.is_available() is False"
+            )
         except Exception as exc:  # noqa: BLE001
             reason = f"torch.cuda.is_available() failed: {exc!r}"
-        runtime.probe_note("torch", status="no CUDA", reason=f"{reason}: nothing recorded", torch_version=str(getattr(torch, "__version__", "?")))
+        runtime.probe_note(
+            "torch",
+            status="no CUDA",
+            reason=f"{reason}: nothing recorded",
+            torch_version=str(getattr(torch, "__version__", "?")),
+        )
         return
     w = runtime.writer
     stats = _stats(torch)

@@ -115,12 +115,27 @@ def snapshot(reason: int, mark_id: int = -1, mark_value: int = 0, t: int | None 
             rows["size"][: len(changed)] = [v[0] for _, v in changed]
             rows["count"][: len(changed)] = [v[1] for _, v in changed]
         if gone:
-            rows["stack"][len(changed):] = gone
+            rows["stack"][len(changed) :] = gone
         st.prev = now
         cost = time.perf_counter_ns() - c0
         st.cost_ns += cost
-        w.heap_snapshot((t, st.seq, reason, mark_id, mark_value, int(size_by.sum()), int(count_by.sum()), traced, peak,
-                         tracemalloc.get_tracemalloc_memory(), len(rows), cost), rows)
+        w.heap_snapshot(
+            (
+                t,
+                st.seq,
+                reason,
+                mark_id,
+                mark_value,
+                int(size_by.sum()),
+                int(count_by.sum()),
+                traced,
+                peak,
+                tracemalloc.get_tracemalloc_memory(),
+                len(rows),
+                cost,
+            ),
+            rows,
+        )
         st.seq += 1
         # the peak restarts from the program's own memory: after this snapshot's work, with
         # its per-trace arrays (megabytes for a big heap) already released
@@ -196,8 +211,14 @@ def start_tracemalloc(writer) -> None:
     runtime.on_exit(_at_exit_tracemalloc)
     snapshot(REASON_START)
     _start_timer(st)
-    runtime.probe_note("tracemalloc", status="attached", depth=depth, interval_s=st.interval, every=st.every,
-                       started_by="the target (PYTHONTRACEMALLOC or -X tracemalloc)" if already else "kvprof")
+    runtime.probe_note(
+        "tracemalloc",
+        status="attached",
+        depth=depth,
+        interval_s=st.interval,
+        every=st.every,
+        started_by="the target (PYTHONTRACEMALLOC or -X tracemalloc)" if already else "kvprof",
+    )
 
 
 def _fork_before() -> None:
@@ -293,12 +314,18 @@ def start_memray(writer) -> None:
     try:
         import memray
     except ImportError:
-        runtime.probe_note("memray", status="unavailable", reason="memray is not installed in this Python (pip install 'kvprof[memray]')")
+        runtime.probe_note(
+            "memray",
+            status="unavailable",
+            reason="memray is not installed in this Python (pip install 'kvprof[memray]')",
+        )
         return
     if not imported_first:
         # started some other way than by the startup hook: forked children may write into
         # this process's capture before memray moves them onto their own (import_memray_first)
-        runtime.probe_note("memray", fork_order="memray's after-fork hook runs after kvprof's: a forked child may corrupt this capture")
+        runtime.probe_note(
+            "memray", fork_order="memray's after-fork hook runs after kvprof's: a forked child may corrupt this capture"
+        )
     opts = runtime.options.get("memray") or {}
     path = os.path.join(writer.dir, MEMRAY_FILE)
     tracker = memray.Tracker(
@@ -310,9 +337,15 @@ def start_memray(writer) -> None:
     _memray.update(tracker=tracker, path=path, mine=path, marks=0)
     runtime.on_mark(_memray_on_mark)
     _PROFILER_PARTS.append(os.path.dirname(os.path.abspath(memray.__file__)) + os.sep)
-    runtime.probe_note("memray", status="waiting for __main__", file=MEMRAY_FILE, native=bool(opts.get("native")),
-                       python_allocators=bool(opts.get("python_allocators")), memray_version=getattr(memray, "__version__", None),
-                       marker_buffer_bytes=[MARK_BASE + 1, MARK_BASE + MARK_SPAN])
+    runtime.probe_note(
+        "memray",
+        status="waiting for __main__",
+        file=MEMRAY_FILE,
+        native=bool(opts.get("native")),
+        python_allocators=bool(opts.get("python_allocators")),
+        memray_version=getattr(memray, "__version__", None),
+        marker_buffer_bytes=[MARK_BASE + 1, MARK_BASE + MARK_SPAN],
+    )
     # Started right away (inside the startup hook) memray records no Python frames for the
     # program; start it as the program's __main__ begins instead, as `memray run` does.
     _when_main_starts(_memray_activate)
@@ -379,7 +412,8 @@ def after_fork_memray(writer) -> None:
     # memray names every descendant's capture after the first tracker's file: a grandchild's
     # is memray.bin.<its pid> beside its grandparent's, like a child's
     child = f"{_memray['path']}.{os.getpid()}"
-    _memray.update(tracker=None, active=False, mine=child, followed=True, marks=0)  # the child's marker stream starts empty
+    _memray.update(
+        tracker=None, active=False, mine=child, followed=True, marks=0
+    )  # the child's marker stream starts empty
     runtime.remove_exit_hook(_memray_exit)
-    runtime.probe_note("memray", status="attached (memray follows the fork)",
-                       file=os.path.relpath(child, writer.dir))
+    runtime.probe_note("memray", status="attached (memray follows the fork)", file=os.path.relpath(child, writer.dir))

@@ -295,7 +295,13 @@ def _install_scheduler(mod) -> None:
             out = orig(self, seq, *a, **k)
             mgr = getattr(self, "block_manager", None)
             if runtime.writer is not None and mgr is not None:
-                _emit(K.REQ_ARRIVE, mgr, seq, int(getattr(seq, "num_prompt_tokens", len(seq))), int(getattr(seq, "max_tokens", -1)))
+                _emit(
+                    K.REQ_ARRIVE,
+                    mgr,
+                    seq,
+                    int(getattr(seq, "num_prompt_tokens", len(seq))),
+                    int(getattr(seq, "max_tokens", -1)),
+                )
             return out
 
         return wrapper

@@ -32,7 +32,10 @@ class Sampler:
         try:
             import pynvml  # nvidia-ml-py
         except ImportError:
-            self.status = {"status": "unavailable", "reason": "nvidia-ml-py is not installed (pip install 'kvprof[gpu]'): nothing recorded"}
+            self.status = {
+                "status": "unavailable",
+                "reason": "nvidia-ml-py is not installed (pip install 'kvprof[gpu]'): nothing recorded",
+            }
             return self.status
         try:
             pynvml.nvmlInit()
@@ -79,7 +82,10 @@ class Sampler:
         self.samples += 1
 
     def _run(self) -> None:
-        with open(os.path.join(self.bundle, fmt.NVML_GPUS), "ab") as gf, open(os.path.join(self.bundle, fmt.NVML_PROCS), "ab") as pf:
+        with (
+            open(os.path.join(self.bundle, fmt.NVML_GPUS), "ab") as gf,
+            open(os.path.join(self.bundle, fmt.NVML_PROCS), "ab") as pf,
+        ):
             while True:
                 try:
                     self._sample(gf, pf)

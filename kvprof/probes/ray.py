@@ -147,8 +147,11 @@ def recorder_env(env: dict, ray_output: str | None) -> dict:
         env[ENV_OUTPUT] = ray_output
     else:
         env.pop(ENV_OUTPUT, None)
-    return {"runtime_env_hook": HOOK_SPEC, "chained_hook": previous if previous != HOOK_SPEC else None,
-            "output": ray_output}
+    return {
+        "runtime_env_hook": HOOK_SPEC,
+        "chained_hook": previous if previous != HOOK_SPEC else None,
+        "output": ray_output,
+    }
 
 
 def prepare_output(path: str, force: bool, bundle: str) -> None:
@@ -215,7 +218,9 @@ def is_ray_daemon(argv) -> bool:
     if path.endswith(_WORKER):
         return False
     parts = path.split(os.sep)
-    in_package = any(parts[i] == "ray" and parts[i - 1] in ("site-packages", "dist-packages") for i in range(1, len(parts) - 1))
+    in_package = any(
+        parts[i] == "ray" and parts[i - 1] in ("site-packages", "dist-packages") for i in range(1, len(parts) - 1)
+    )
     return in_package or any(d in path + os.sep for d in _RAY_DIRS)
 
 

@@ -120,15 +120,17 @@ def _declare(alloc) -> int | None:
         pages = int(getattr(alloc, "num_pages", 0) or 0) if ps > 1 else int(getattr(alloc, "size", 0) or 0)
         if pages <= 0:
             pages = int(getattr(alloc, "size", 0) or 0) // ps
-        idx = runtime.declare_pool({
-            "name": "sglang",
-            "engine": "sglang",
-            "engine_version": _version(),
-            "allocator": type(alloc).__name__,
-            "num_blocks": pages + 1,  # page 0 is SGLang's padding page, never handed out
-            "block_size": ps,
-            "prefix_caching": True,
-        })
+        idx = runtime.declare_pool(
+            {
+                "name": "sglang",
+                "engine": "sglang",
+                "engine_version": _version(),
+                "allocator": type(alloc).__name__,
+                "num_blocks": pages + 1,  # page 0 is SGLang's padding page, never handed out
+                "block_size": ps,
+                "prefix_caching": True,
+            }
+        )
         _pools[id(alloc)] = idx
         _page[idx] = ps
         try:
@@ -289,7 +291,7 @@ def _split(pool, pages, sizes) -> None:
         at = 0
         for rid, n in zip(batch, sizes):
             if n:
-                _now_or_after_pending(K.ALLOC, pool, rid, pages[at:at + n])
+                _now_or_after_pending(K.ALLOC, pool, rid, pages[at : at + n])
                 at += n
         return
     _now_or_after_pending(K.ALLOC, pool, _ctx["req"], pages)
@@ -332,9 +334,13 @@ def _install_allocator(cls) -> None:
             before = _free_view(self)
             out = orig(self, prefix_lens, prefix_lens_cpu, seq_lens, seq_lens_cpu, *a, **k)
             if out is not None:
+
                 def write():
                     ps = _page[pool]
-                    sizes = [-(-int(s) // ps) - -(-int(p) // ps) for p, s in zip(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist())]
+                    sizes = [
+                        -(-int(s) // ps) - -(-int(p) // ps)
+                        for p, s in zip(prefix_lens_cpu.tolist(), seq_lens_cpu.tolist())
+                    ]
                     _split(pool, _taken(self, before), sizes)
 
                 _safely(write)
@@ -350,6 +356,7 @@ def _install_allocator(cls) -> None:
             before = _free_view(self)
             out = orig(self, seq_lens, seq_lens_cpu, *a, **k)
             if out is not None:
+
                 def write():
                     ps = _page[pool]
                     sizes = [1 if (int(s) - 1) % ps == 0 else 0 for s in seq_lens_cpu.tolist()]
@@ -414,7 +421,10 @@ def _install_radix_cache(mod) -> None:
                 return orig(self, params, *a, **k)
             before = getattr(self, "evictable_size_", None)
             out = orig(self, params, *a, **k)
-            if before is not None and self.evictable_size_ > before:  # a new node: the request's pages now belong to the tree
+            if (
+                before is not None and self.evictable_size_ > before
+            ):  # a new node: the request's pages now belong to the tree
+
                 def write():
                     node = getattr(out, "last_device_node", None)
                     pages = _pages(getattr(node, "value", None), _page[pool])
@@ -484,8 +494,14 @@ def _install_radix_cache(mod) -> None:
 
         return wrapper
 
-    for name, make in [("insert", insert), ("inc_lock_ref", lock_ref(+1)), ("dec_lock_ref", lock_ref(-1)),
-                       ("evict", evict), ("checkpoint", checkpoint), ("reset", reset)]:
+    for name, make in [
+        ("insert", insert),
+        ("inc_lock_ref", lock_ref(+1)),
+        ("dec_lock_ref", lock_ref(-1)),
+        ("evict", evict),
+        ("checkpoint", checkpoint),
+        ("reset", reset),
+    ]:
         _hooks.patch(cls, name, make)
 
 
@@ -543,13 +559,21 @@ def _install_schedule_batch(mod) -> None:
     if req_cls is None:
         _hooks.missing.append("Req")
     else:
+
         def req_init(orig):
             def wrapper(self, *a, **k):
                 orig(self, *a, **k)
                 pool = _ctx["pool"]
                 if runtime.writer is not None and pool is not None:
                     sp = getattr(self, "sampling_params", None)
-                    runtime.emit(K.REQ_ARRIVE, pool, self.rid, len(self.origin_input_ids), int(getattr(sp, "max_new_tokens", -1) or -1), ())
+                    runtime.emit(
+                        K.REQ_ARRIVE,
+                        pool,
+                        self.rid,
+                        len(self.origin_input_ids),
+                        int(getattr(sp, "max_new_tokens", -1) or -1),
+                        (),
+                    )
 
             return wrapper
 

@@ -87,7 +87,15 @@ def _pool_index(pool, block_size: int | None = None, t_declare: int | None = Non
             _nulls[idx] = int(null.block_id)
             w = runtime.writer
             if w is not None:
-                w.block(runtime.now() if t_declare is None else t_declare, int(K.RESERVE), idx, -1, 0, 0, (int(null.block_id),))
+                w.block(
+                    runtime.now() if t_declare is None else t_declare,
+                    int(K.RESERVE),
+                    idx,
+                    -1,
+                    0,
+                    0,
+                    (int(null.block_id),),
+                )
     return idx
 
 
@@ -226,7 +234,11 @@ def _install_block_pool(mod) -> None:
         def wrapper(self, request, blocks, num_cached_blocks, num_full_blocks, *a, **k):
             out = orig(self, request, blocks, num_cached_blocks, num_full_blocks, *a, **k)
             if runtime.writer is not None and num_full_blocks > num_cached_blocks:
-                ids = [b.block_id for b in blocks[num_cached_blocks:num_full_blocks] if not b.is_null and b.block_hash is not None]
+                ids = [
+                    b.block_id
+                    for b in blocks[num_cached_blocks:num_full_blocks]
+                    if not b.is_null and b.block_hash is not None
+                ]
                 if ids:
                     runtime.emit(K.CACHE, _pool_index(self), getattr(request, "request_id", None), 0, 0, ids)
             return out
@@ -307,8 +319,12 @@ def _kv_layout(config) -> dict:
         spec = groups[0].kv_cache_spec
         heads, size = getattr(spec, "num_kv_heads", None), getattr(spec, "head_size", None)
         if heads and size:
-            out["kv_layout"] = {"layers": sum(len(g.layer_names) for g in groups), "kv_heads": int(heads), "head_size": int(size),
-                                "dtype": str(getattr(spec, "dtype", ""))}
+            out["kv_layout"] = {
+                "layers": sum(len(g.layer_names) for g in groups),
+                "kv_heads": int(heads),
+                "head_size": int(size),
+                "dtype": str(getattr(spec, "dtype", "")),
+            }
         return out
     except Exception:  # noqa: BLE001 - another vLLM's config: the pool is declared without bytes
         return {}
@@ -376,12 +392,24 @@ def _install_kv_cache_manager(mod) -> None:
                 # queries/hits, those of preempted requests coming back preempted_queries/hits
                 if enabled is None or enabled(request):
                     kind = K.REQ_QUERY_PREEMPTED if getattr(request, "num_preemptions", 0) > 0 else K.REQ_QUERY
-                    runtime.emit(kind, _pool_index(self.block_pool), request.request_id, int(request.num_tokens), int(num_hits), ())
+                    runtime.emit(
+                        kind,
+                        _pool_index(self.block_pool),
+                        request.request_id,
+                        int(request.num_tokens),
+                        int(num_hits),
+                        (),
+                    )
             return out
 
         return wrapper
 
-    for name, make in [("__init__", init), ("allocate_slots", allocate_slots), ("free", free), ("record_prefix_cache_stats", record_prefix_cache_stats)]:
+    for name, make in [
+        ("__init__", init),
+        ("allocate_slots", allocate_slots),
+        ("free", free),
+        ("record_prefix_cache_stats", record_prefix_cache_stats),
+    ]:
         _hooks.patch(cls, name, make)
 
 
@@ -401,7 +429,14 @@ def _install_scheduler(mod) -> None:
             out = orig(self, request, *a, **k)
             if runtime.writer is not None:
                 max_tokens = getattr(getattr(request, "sampling_params", None), "max_tokens", None)
-                runtime.emit(K.REQ_ARRIVE, _pool_of(self), request.request_id, int(getattr(request, "num_prompt_tokens", 0)), -1 if max_tokens is None else int(max_tokens), ())
+                runtime.emit(
+                    K.REQ_ARRIVE,
+                    _pool_of(self),
+                    request.request_id,
+                    int(getattr(request, "num_prompt_tokens", 0)),
+                    -1 if max_tokens is None else int(max_tokens),
+                    (),
+                )
             return out
 
         return wrapper
@@ -449,7 +484,12 @@ def _install_scheduler(mod) -> None:
 
         return wrapper
 
-    for name, make in [("add_request", add_request), ("schedule", schedule), ("_preempt_request", preempt), ("_free_request", free_request)]:
+    for name, make in [
+        ("add_request", add_request),
+        ("schedule", schedule),
+        ("_preempt_request", preempt),
+        ("_free_request", free_request),
+    ]:
         _hooks.patch(cls, name, make)
 
 

@@ -93,10 +93,16 @@ def terminal(c: Comparison, width: int | None = None, console=None, show_all: bo
 
         console = make_console(width=width or term_width(), markup=False)  # paths may hold [brackets]
     if c.base:
-        console.print(Text("kvprof compare", style="bold") + Text(f"  base: {_text(', '.join(c.base))}  new: {_text(', '.join(c.new))}", style="dim"))
+        console.print(
+            Text("kvprof compare", style="bold")
+            + Text(f"  base: {_text(', '.join(c.base))}  new: {_text(', '.join(c.new))}", style="dim")
+        )
     else:
         console.print(Text("kvprof budget check", style="bold") + Text(f"  {_text(', '.join(c.new))}", style="dim"))
-    console.print(f"budgets: {_text(c.budgets or 'none (defaults)')}; tolerance {100 * c.tolerance:g}%, noisy metrics {100 * c.noisy_tolerance:g}%", style="dim")
+    console.print(
+        f"budgets: {_text(c.budgets or 'none (defaults)')}; tolerance {100 * c.tolerance:g}%, noisy metrics {100 * c.noisy_tolerance:g}%",
+        style="dim",
+    )
     shown = [r for r in c.rows if show_all or r.verdict not in (UNCHANGED, NO_DATA)]
     if shown:
         table = Table(show_header=True, header_style="bold", box=None, pad_edge=False)
@@ -130,7 +136,9 @@ def markdown(c: Comparison) -> str:
 
     out = [f"### kvprof compare: {'❌ ' if c.failures else '✅ '}{esc(title(c))}", ""]
     if c.base:
-        out.append(f"Base: {esc(', '.join(c.base))} · New: {esc(', '.join(c.new))} · Budgets: {esc(c.budgets or 'none (defaults)')}")
+        out.append(
+            f"Base: {esc(', '.join(c.base))} · New: {esc(', '.join(c.new))} · Budgets: {esc(c.budgets or 'none (defaults)')}"
+        )
         out += ["", "| metric | base | new | change | verdict | details |", "|---|---:|---:|---:|---|---|"]
     else:
         out.append(f"Run: {esc(', '.join(c.new))} · Budgets: {esc(c.budgets or 'none')}")
@@ -138,7 +146,9 @@ def markdown(c: Comparison) -> str:
     for r in c.rows:
         verdict = f"**{r.verdict}**" if r.verdict == FAIL else r.verdict
         if c.base:
-            out.append(f"| `{esc(r.name)}` | {esc(_value(r.base, r.unit))} | {esc(_value(r.new, r.unit))} | {esc(_change(r))} | {verdict} | {esc(_why(r))} |")
+            out.append(
+                f"| `{esc(r.name)}` | {esc(_value(r.base, r.unit))} | {esc(_value(r.new, r.unit))} | {esc(_change(r))} | {verdict} | {esc(_why(r))} |"
+            )
         else:
             out.append(f"| `{esc(r.name)}` | {esc(_value(r.new, r.unit))} | {verdict} | {esc(_why(r))} |")
     return "\n".join(out) + "\n"
@@ -150,10 +160,21 @@ def junit(c: Comparison) -> str:
     checked = [r for r in c.rows if r.checks]
     failures = sum(1 for r in checked if r.failed)
     skipped = sum(1 for r in checked if not r.failed and r.new is None)
-    root = ET.Element("testsuites", name="kvprof compare", tests=str(len(checked)), failures=str(failures), errors="0", time="0")
-    suite = ET.SubElement(root, "testsuite", name="kvprof.compare", tests=str(len(checked)), failures=str(failures),
-                          errors="0", skipped=str(skipped), time="0", timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
-                          hostname=socket.gethostname())
+    root = ET.Element(
+        "testsuites", name="kvprof compare", tests=str(len(checked)), failures=str(failures), errors="0", time="0"
+    )
+    suite = ET.SubElement(
+        root,
+        "testsuite",
+        name="kvprof.compare",
+        tests=str(len(checked)),
+        failures=str(failures),
+        errors="0",
+        skipped=str(skipped),
+        time="0",
+        timestamp=time.strftime("%Y-%m-%dT%H:%M:%S"),
+        hostname=socket.gethostname(),
+    )
     props = ET.SubElement(suite, "properties")
     for key, val in (("base", ", ".join(c.base)), ("new", ", ".join(c.new)), ("budgets", c.budgets or "none")):
         ET.SubElement(props, "property", name=key, value=_text(val))
@@ -162,12 +183,21 @@ def junit(c: Comparison) -> str:
         case = ET.SubElement(suite, "testcase", name=name, classname=f"kvprof.{name.split('.')[0]}", time="0")
         if r.failed:
             bad = [ch for ch in r.checks if not ch.passed]
-            el = ET.SubElement(case, "failure", message=_text(f"{r.name}: " + "; ".join(ch.message for ch in bad)),
-                               type="budget" if any(ch.kind != "direction" for ch in bad) else "regression")
-            el.text = _text("\n".join(
-                [f"base: {_value(r.base, r.unit)} ({r.base_runs} run(s))", f"new: {_value(r.new, r.unit)} ({r.new_runs} run(s))"]
-                + [f"{ch.kind}{' [' + ch.pattern + ']' if ch.pattern else ''}: {ch.message}" for ch in r.checks]
-            ))
+            el = ET.SubElement(
+                case,
+                "failure",
+                message=_text(f"{r.name}: " + "; ".join(ch.message for ch in bad)),
+                type="budget" if any(ch.kind != "direction" for ch in bad) else "regression",
+            )
+            el.text = _text(
+                "\n".join(
+                    [
+                        f"base: {_value(r.base, r.unit)} ({r.base_runs} run(s))",
+                        f"new: {_value(r.new, r.unit)} ({r.new_runs} run(s))",
+                    ]
+                    + [f"{ch.kind}{' [' + ch.pattern + ']' if ch.pattern else ''}: {ch.message}" for ch in r.checks]
+                )
+            )
         elif r.new is None:
             ET.SubElement(case, "skipped", message=f"{r.verdict}: no value to check")
         else:

@@ -22,15 +22,43 @@ STATE_COLORS = ["#d9d9d9", "#6baed6", "#31a354", "#9e4fa5"]  # free-empty, free-
 STATE_NAMES = ["free-empty", "free-cached", "in-use", "reserved"]
 TORCH_STATE_COLORS = {"active_allocated": "#31a354", "active_pending_free": "#fd8d3c", "inactive": "#d9d9d9"}
 # the colour each chart draws its data in (a browser test looks for it on the canvas)
-CHART_COLORS = {"usage": "#31a354", "blockmap": "#31a354", "frag": "#e6550d", "whatif": "#e6550d", "heap": "#fd8d3c",
-                "heap-live": "#3182bd", "torch": "#31a354", "nvml": "#31a354", "gc": "#9ecae1", "cpu": "#31a354"}
+CHART_COLORS = {
+    "usage": "#31a354",
+    "blockmap": "#31a354",
+    "frag": "#e6550d",
+    "whatif": "#e6550d",
+    "heap": "#fd8d3c",
+    "heap-live": "#3182bd",
+    "torch": "#31a354",
+    "nvml": "#31a354",
+    "gc": "#9ecae1",
+    "cpu": "#31a354",
+}
 HEADLINE = [
-    "blocks.usage.high_watermark", "blocks.usage.time_weighted", "blocks.peak_blocks", "blocks.internal_fragmentation.time_weighted",
-    "blocks.internal_fragmentation.at_peak", "blocks.external_fragmentation.at_peak", "blocks.prefix_cache.hit_rate",
-    "blocks.preemptions", "blocks.allocation_failures", "blocks.leaked_blocks", "blocks.evictions",
-    "heap.peak_bytes", "heap.leak_suspects", "heap.leak_suspect_bytes_per_step", "heap.leaked_bytes_at_exit", "heap.temporary_allocations",
-    "gc.pause_seconds_total", "gc.time_share", "cpu.block_management_share",
-    "torch.reserved_bytes", "torch.allocated_bytes", "torch.external_fragmentation", "torch.ooms", "torch.leaked_bytes",
+    "blocks.usage.high_watermark",
+    "blocks.usage.time_weighted",
+    "blocks.peak_blocks",
+    "blocks.internal_fragmentation.time_weighted",
+    "blocks.internal_fragmentation.at_peak",
+    "blocks.external_fragmentation.at_peak",
+    "blocks.prefix_cache.hit_rate",
+    "blocks.preemptions",
+    "blocks.allocation_failures",
+    "blocks.leaked_blocks",
+    "blocks.evictions",
+    "heap.peak_bytes",
+    "heap.leak_suspects",
+    "heap.leak_suspect_bytes_per_step",
+    "heap.leaked_bytes_at_exit",
+    "heap.temporary_allocations",
+    "gc.pause_seconds_total",
+    "gc.time_share",
+    "cpu.block_management_share",
+    "torch.reserved_bytes",
+    "torch.allocated_bytes",
+    "torch.external_fragmentation",
+    "torch.ooms",
+    "torch.leaked_bytes",
 ]
 CSS = """
 body{font:14px/1.45 system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:0;color:#222;background:#fafafa}
@@ -66,8 +94,16 @@ def _plain(text: str) -> str:
 def _fig(title: str, x_label: str, y_label: str, height: int = 260, **kw):
     plotting, _ = _bokeh()
     title = _plain(title)
-    p = plotting.figure(title=title, height=height, sizing_mode="stretch_width", x_axis_label=x_label, y_axis_label=y_label,
-                        tools="pan,box_zoom,wheel_zoom,reset,save,hover", toolbar_location="right", **kw)
+    p = plotting.figure(
+        title=title,
+        height=height,
+        sizing_mode="stretch_width",
+        x_axis_label=x_label,
+        y_axis_label=y_label,
+        tools="pan,box_zoom,wheel_zoom,reset,save,hover",
+        toolbar_location="right",
+        **kw,
+    )
     p.title.text_font_size = "13px"
     return p
 
@@ -92,24 +128,47 @@ def _usage_chart(agg: dict, series: dict):
         return None
     p = _fig("KV blocks in use over time", "seconds", "blocks")
     src = models.ColumnDataSource({"t": tl["t_s"], "in_use": tl["in_use_max"], "cached": tl["cached"]})
-    p.step("t", "in_use", source=src, mode="after", color="#31a354", line_width=2, legend_label="in use (max per bucket)")
+    p.step(
+        "t", "in_use", source=src, mode="after", color="#31a354", line_width=2, legend_label="in use (max per bucket)"
+    )
     p.step("t", "cached", source=src, mode="after", color="#6baed6", line_width=1.5, legend_label="free-cached")
     cap = tl.get("capacity") or agg.get("capacity")
     if cap:
         p.add_layout(models.Span(location=cap, dimension="width", line_color="#555", line_dash="dashed", line_width=1))
     if agg.get("peak_blocks"):
-        p.add_layout(models.Span(location=agg["peak_blocks"], dimension="width", line_color="#b91c1c", line_dash="dotted", line_width=1))
+        p.add_layout(
+            models.Span(
+                location=agg["peak_blocks"], dimension="width", line_color="#b91c1c", line_dash="dotted", line_width=1
+            )
+        )
     pre = tl.get("preemptions_t_s") or []
     if pre:
-        count = f"{len(pre)}; {agg.get('preemptions')} in the window" if tl.get("window_s") else str(agg.get("preemptions", len(pre)))
-        p.scatter(pre, [cap or agg.get("peak_blocks") or 0] * len(pre), marker="inverted_triangle", size=7, color="#b91c1c",
-                  legend_label=f"preemptions ({count})")
+        count = (
+            f"{len(pre)}; {agg.get('preemptions')} in the window"
+            if tl.get("window_s")
+            else str(agg.get("preemptions", len(pre)))
+        )
+        p.scatter(
+            pre,
+            [cap or agg.get("peak_blocks") or 0] * len(pre),
+            marker="inverted_triangle",
+            size=7,
+            color="#b91c1c",
+            legend_label=f"preemptions ({count})",
+        )
     _shade_window(p, agg)
     span = tl["t_s"][-1] if tl["t_s"] else 0
     # markers on another clock than the pool's (a pool with a simulated clock) fall outside: left out
     marks = [m for m in series.get("markers") or [] if -0.05 * span <= m[0] <= 1.05 * span]
     if marks:
-        msrc = models.ColumnDataSource({"t": [m[0] for m in marks], "y": [0] * len(marks), "name": [m[1] for m in marks], "pid": [m[2] for m in marks]})
+        msrc = models.ColumnDataSource(
+            {
+                "t": [m[0] for m in marks],
+                "y": [0] * len(marks),
+                "name": [m[1] for m in marks],
+                "pid": [m[2] for m in marks],
+            }
+        )
         p.scatter("t", "y", source=msrc, marker="triangle", size=8, color="#7c3aed", legend_label="markers")
     p.select_one(models.HoverTool).tooltips = [("t", "@t{0.000} s"), ("value", "$y{0}"), ("marker", "@name")]
     p.legend.location = "top_left"
@@ -122,13 +181,23 @@ def _block_map_chart(m: dict, agg: dict):
 
     _, models = _bokeh()
     grid = np.asarray(m["grid"], dtype=np.uint8)
-    p = _fig(f"Block map: {m['pool']}", "seconds", "block id", height=340,
-             x_range=(0, max(m["span_s"], 1e-9)), y_range=(0, m["num_blocks"]))
+    p = _fig(
+        f"Block map: {m['pool']}",
+        "seconds",
+        "block id",
+        height=340,
+        x_range=(0, max(m["span_s"], 1e-9)),
+        y_range=(0, m["num_blocks"]),
+    )
     mapper = models.LinearColorMapper(palette=STATE_COLORS, low=-0.5, high=3.5)
     p.image(image=[grid], x=0, y=0, dw=max(m["span_s"], 1e-9), dh=m["num_blocks"], color_mapper=mapper)
     w = (agg.get("timeline") or {}).get("window_s")
     if w:  # over the image, an outline rather than a fill
-        p.add_layout(models.BoxAnnotation(left=w[0], right=w[1], fill_alpha=0, line_color="#b45309", line_width=2, line_dash="dashed"))
+        p.add_layout(
+            models.BoxAnnotation(
+                left=w[0], right=w[1], fill_alpha=0, line_color="#b45309", line_width=2, line_dash="dashed"
+            )
+        )
     p.select_one(models.HoverTool).tooltips = [("t", "$x{0.000} s"), ("block", "$y{0}"), ("state", "@image{0}")]
     return p
 
@@ -140,9 +209,21 @@ def _frag_hit_chart(agg: dict, series: dict):
         return None
     p = _fig("Internal fragmentation and prefix-cache hit rate over time", "seconds", "ratio", y_range=(0, 1))
     if tl.get("internal_fragmentation"):
-        p.line(tl["t_s"], tl["internal_fragmentation"], color="#e6550d", line_width=2, legend_label="internal fragmentation (unfilled / in-use slots)")
+        p.line(
+            tl["t_s"],
+            tl["internal_fragmentation"],
+            color="#e6550d",
+            line_width=2,
+            legend_label="internal fragmentation (unfilled / in-use slots)",
+        )
     if hr:
-        p.line(hr["t_s"], _nan_to_none(hr["cumulative"]), color="#3182bd", line_width=2, legend_label="hit rate, cumulative")
+        p.line(
+            hr["t_s"],
+            _nan_to_none(hr["cumulative"]),
+            color="#3182bd",
+            line_width=2,
+            legend_label="hit rate, cumulative",
+        )
         p.scatter(hr["t_s"], _nan_to_none(hr["bucket"]), color="#9ecae1", size=3, legend_label="hit rate per bucket")
     _shade_window(p, agg)
     p.legend.location = "top_right"
@@ -159,13 +240,23 @@ def _whatif_chart(agg: dict, series: dict):
         return None
     figs = []
     if rows:
-        p = _fig("Waste of the recorded lengths against block size", "block size (tokens)", "wasted / allocated slots", x_axis_type="log")
+        p = _fig(
+            "Waste of the recorded lengths against block size",
+            "block size (tokens)",
+            "wasted / allocated slots",
+            x_axis_type="log",
+        )
         xs = [r["block_size"] for r in rows]
         p.line(xs, [r["waste_ratio"] for r in rows], color="#e6550d", line_width=2)
         p.scatter(xs, [r["waste_ratio"] for r in rows], color="#e6550d", size=6)
         figs.append(p)
     if w and w.get("blocks_needed"):
-        p = _fig("KV slots needed at peak (replay, no capacity limit)", "block size (tokens)", "token slots", x_axis_type="log")
+        p = _fig(
+            "KV slots needed at peak (replay, no capacity limit)",
+            "block size (tokens)",
+            "token slots",
+            x_axis_type="log",
+        )
         xs = [r["block_size"] for r in w["blocks_needed"]]
         ys = [r["metrics"]["blocks.peak_blocks"] * r["block_size"] for r in w["blocks_needed"]]
         p.line(xs, ys, color="#31a354", line_width=2, legend_label="peak blocks × block size")
@@ -192,7 +283,16 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
             key = f"{fr.get('function', '?')} ({os.path.basename(str(fr.get('file', '?')))}:{fr.get('line', '?')})"
             node = node["children"].setdefault(key, {"children": {}, "w": 0.0, "frame": fr})
             node["w"] += w
-    data: dict[str, list] = {"left": [], "right": [], "top": [], "bottom": [], "name": [], "file": [], "weight": [], "color": []}
+    data: dict[str, list] = {
+        "left": [],
+        "right": [],
+        "top": [],
+        "bottom": [],
+        "name": [],
+        "file": [],
+        "weight": [],
+        "color": [],
+    }
     palette = ["#fdae6b", "#fd8d3c", "#f16913", "#d94801", "#fdd0a2", "#fee6ce"]
     depth_max = 0
 
@@ -214,8 +314,14 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
             x += child["w"]
 
     walk(root, 0.0, 0)
-    p = _fig(title, unit, "stack depth (outermost at the top)", height=min(120 + 22 * depth_max, 520),
-             x_range=(0, root["w"]), y_range=(-depth_max - 0.1, 0.1))
+    p = _fig(
+        title,
+        unit,
+        "stack depth (outermost at the top)",
+        height=min(120 + 22 * depth_max, 520),
+        x_range=(0, root["w"]),
+        y_range=(-depth_max - 0.1, 0.1),
+    )
     src = models.ColumnDataSource(data)
     p.quad(left="left", right="right", top="top", bottom="bottom", fill_color="color", line_color="white", source=src)
     # names on the boxes wide enough to hold some of them (hover shows every box in full)
@@ -228,7 +334,15 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
             lab["y"].append(top - 0.5)
             lab["text"].append(name if len(name) <= chars else name[: chars - 1] + "…")
     if lab["text"]:
-        p.text("x", "y", "text", source=models.ColumnDataSource(lab), text_font_size="10px", text_baseline="middle", text_color="#222")
+        p.text(
+            "x",
+            "y",
+            "text",
+            source=models.ColumnDataSource(lab),
+            text_font_size="10px",
+            text_baseline="middle",
+            text_color="#222",
+        )
     p.select_one(models.HoverTool).renderers = [p.renderers[0]]
     p.select_one(models.HoverTool).tooltips = [("function", "@name"), ("where", "@file"), (unit, "@weight{0,0.0}")]
     p.yaxis.visible = False
@@ -238,28 +352,60 @@ def _icicle(title: str, items: list, weight_key: str, unit: str):
 def _heap_charts(heap: dict):
     out = []
     if heap.get("leak_suspects"):
-        c = _icicle("Leak suspects: growth per step by stack (tracemalloc)", heap["leak_suspects"], "growth_bytes_per_step", "bytes per step")
+        c = _icicle(
+            "Leak suspects: growth per step by stack (tracemalloc)",
+            heap["leak_suspects"],
+            "growth_bytes_per_step",
+            "bytes per step",
+        )
         if c is not None:
-            out.append(("heap-leaks", c, "Each box is a frame; its width is the growth per step of the suspects below it."))
+            out.append(
+                ("heap-leaks", c, "Each box is a frame; its width is the growth per step of the suspects below it.")
+            )
     for proc in heap.get("processes") or []:
         mem = proc.get("memray") or {}
         if mem.get("churn"):
-            c = _icicle(f"Allocations by stack, pid {proc['pid']} ({proc.get('role')}, memray)", mem["churn"], "allocations", "allocations")
+            c = _icicle(
+                f"Allocations by stack, pid {proc['pid']} ({proc.get('role')}, memray)",
+                mem["churn"],
+                "allocations",
+                "allocations",
+            )
             if c is not None:
                 out.append((f"heap-churn-{proc['pid']}", c, "Churn: allocations made by each stack over the run."))
         if mem.get("leaked_stacks"):
             c = _icicle(f"Left at exit by stack, pid {proc['pid']} (memray)", mem["leaked_stacks"], "bytes", "bytes")
             if c is not None:
-                out.append((f"heap-exit-{proc['pid']}", c, "Memory allocated and not freed when memray's tracker stopped."))
-    series: list = [(p["pid"], p.get("role"), (p.get("tracemalloc") or {}).get("series")) for p in heap.get("processes") or []]
+                out.append(
+                    (f"heap-exit-{proc['pid']}", c, "Memory allocated and not freed when memray's tracker stopped.")
+                )
+    series: list = [
+        (p["pid"], p.get("role"), (p.get("tracemalloc") or {}).get("series")) for p in heap.get("processes") or []
+    ]
     series = [s for s in series if s[2]]
     if series:
-        p = _fig("Python heap live bytes over time (tracemalloc snapshots)", "seconds since the process started tracing", "bytes")
+        p = _fig(
+            "Python heap live bytes over time (tracemalloc snapshots)",
+            "seconds since the process started tracing",
+            "bytes",
+        )
         colors = ["#3182bd", "#e6550d", "#31a354", "#756bb1", "#636363", "#e7ba52"]
         for i, (pid, role, pts) in enumerate(series[:12]):
-            p.line([x[0] for x in pts], [x[1] for x in pts], color=colors[i % len(colors)], line_width=2, legend_label=f"pid {pid} ({role})")
+            p.line(
+                [x[0] for x in pts],
+                [x[1] for x in pts],
+                color=colors[i % len(colors)],
+                line_width=2,
+                legend_label=f"pid {pid} ({role})",
+            )
         p.legend.location = "top_left"
-        out.append(("heap-live", p, "Live bytes kvprof's tracemalloc probe saw at each snapshot (its own allocations excluded)."))
+        out.append(
+            (
+                "heap-live",
+                p,
+                "Live bytes kvprof's tracemalloc probe saw at each snapshot (its own allocations excluded).",
+            )
+        )
     return out
 
 
@@ -272,12 +418,25 @@ def _torch_charts(torch: dict, series: dict):
         t0 = tl["t_us"][0]
         xs = [(t - t0) / 1e6 for t in tl["t_us"]]
         p.step(xs, tl["reserved"], mode="after", color="#636363", line_width=2, legend_label="reserved")
-        p.step(xs, tl["requested"], mode="after", color="#31a354", line_width=2, legend_label="requested (live tensors)")
+        p.step(
+            xs, tl["requested"], mode="after", color="#31a354", line_width=2, legend_label="requested (live tensors)"
+        )
         p.legend.location = "top_left"
-        out.append(("torch-timeline", p, "Rebuilt backwards from the snapshot's totals through its trace (device_traces)."))
+        out.append(
+            ("torch-timeline", p, "Rebuilt backwards from the snapshot's totals through its trace (device_traces).")
+        )
     segs = series.get("segments") or []
     if segs:
-        data: dict[str, list] = {"left": [], "right": [], "top": [], "bottom": [], "state": [], "size": [], "color": [], "segment": []}
+        data: dict[str, list] = {
+            "left": [],
+            "right": [],
+            "top": [],
+            "bottom": [],
+            "state": [],
+            "size": [],
+            "color": [],
+            "segment": [],
+        }
         for i, s in enumerate(segs):
             for off, size, state in s["blocks"]:
                 data["left"].append(off / 2**20)
@@ -288,12 +447,32 @@ def _torch_charts(torch: dict, series: dict):
                 data["size"].append(fmt.bytes_(size))
                 data["color"].append(TORCH_STATE_COLORS.get(state, "#bdbdbd"))
                 data["segment"].append(f"{s['address']:#x} ({fmt.bytes_(s['size'])}, stream {s['stream']})")
-        p = _fig(f"Segment map: the {len(segs)} largest segments, blocks by state", "offset in segment (MiB)", "segment", height=min(140 + 16 * len(segs), 700))
-        p.quad(left="left", right="right", top="top", bottom="bottom", fill_color="color", line_color="white", line_width=0.5, source=models.ColumnDataSource(data))
+        p = _fig(
+            f"Segment map: the {len(segs)} largest segments, blocks by state",
+            "offset in segment (MiB)",
+            "segment",
+            height=min(140 + 16 * len(segs), 700),
+        )
+        p.quad(
+            left="left",
+            right="right",
+            top="top",
+            bottom="bottom",
+            fill_color="color",
+            line_color="white",
+            line_width=0.5,
+            source=models.ColumnDataSource(data),
+        )
         p.select_one(models.HoverTool).tooltips = [("segment", "@segment"), ("block", "@size, @state")]
         p.yaxis.visible = False
-        out.append(("torch-segments", p, "Green: allocated; orange: freed, pending stream work; grey: inactive (free in the cache). "
-                    "Free grey between green blocks is external fragmentation."))
+        out.append(
+            (
+                "torch-segments",
+                p,
+                "Green: allocated; orange: freed, pending stream work; grey: inactive (free in the cache). "
+                "Free grey between green blocks is external fragmentation.",
+            )
+        )
     return out
 
 
@@ -319,7 +498,13 @@ def _gc_chart(series: dict):
     for g in range(3):
         sel = [x for x in pauses if x["generation"] == g]
         if sel:
-            p.scatter([x["t_s"] for x in sel], [x["pause_s"] * 1e3 for x in sel], color=colors[g], size=5, legend_label=f"generation {g}")
+            p.scatter(
+                [x["t_s"] for x in sel],
+                [x["pause_s"] * 1e3 for x in sel],
+                color=colors[g],
+                size=5,
+                legend_label=f"generation {g}",
+            )
     p.legend.location = "top_left"
     return p
 
@@ -335,8 +520,21 @@ def _cpu_chart(cpu: dict):
     for c in cats:
         data[c] = [(p.get("shares") or {}).get(c, 0.0) for p in procs]
     palette = ["#31a354", "#3182bd", "#e6550d", "#756bb1", "#bdbdbd", "#e7ba52", "#636363"]
-    p = _fig("CPU samples by category, per process", "share of samples", "process", y_range=labels, height=120 + 30 * len(labels))
-    p.hbar_stack(cats, y="process", height=0.7, source=models.ColumnDataSource(data), color=palette[: len(cats)], legend_label=cats)
+    p = _fig(
+        "CPU samples by category, per process",
+        "share of samples",
+        "process",
+        y_range=labels,
+        height=120 + 30 * len(labels),
+    )
+    p.hbar_stack(
+        cats,
+        y="process",
+        height=0.7,
+        source=models.ColumnDataSource(data),
+        color=palette[: len(cats)],
+        legend_label=cats,
+    )
     p.legend.location = "bottom_right"
     return p
 
@@ -349,15 +547,23 @@ def _metric_rows(result, names) -> str:
         if m is None:
             continue
         reg = registry.get(name)
-        rows.append(f"<tr><td><code>{_e(name)}</code></td><td class=num>{_e(fmt.value(m['value'], m['unit']))}</td>"
-                    f"<td>{_e(m.get('window', ''))}</td><td>{_e(reg.definition if reg else '')}</td></tr>")
-    return "<table><tr><th>metric</th><th>value</th><th>window</th><th>what it is</th></tr>" + "".join(rows) + "</table>"
+        rows.append(
+            f"<tr><td><code>{_e(name)}</code></td><td class=num>{_e(fmt.value(m['value'], m['unit']))}</td>"
+            f"<td>{_e(m.get('window', ''))}</td><td>{_e(reg.definition if reg else '')}</td></tr>"
+        )
+    return (
+        "<table><tr><th>metric</th><th>value</th><th>window</th><th>what it is</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _headline(result) -> str:
     head = [n for n in HEADLINE if (result.metrics.get(n) or {}).get("value") is not None]
-    return (_metric_rows(result, head) + f"<details><summary>all {len(result.metrics)} metrics</summary>"
-            + _metric_rows(result, list(result.metrics)) + "</details>")
+    return (
+        _metric_rows(result, head)
+        + f"<details><summary>all {len(result.metrics)} metrics</summary>"
+        + _metric_rows(result, list(result.metrics))
+        + "</details>"
+    )
 
 
 def _findings(result) -> str:
@@ -382,22 +588,49 @@ def render(result, series: dict) -> str:
     target = src.get("target") or {}
     status = ""
     if target:
-        status = f"signal {target.get('signal_name')}" if target.get("signal") else f"exit code {target.get('exit_code')}"
+        status = (
+            f"signal {target.get('signal_name')}" if target.get("signal") else f"exit code {target.get('exit_code')}"
+        )
 
     charts: list = []  # (section id, chart id, figure, caption)
     agg = ((result.sections.get("blocks") or {}).get("aggregate")) or {}
     if agg:
         c = _usage_chart(agg, series)
         if c is not None:
-            charts.append(("blocks", "usage", c, "In-use blocks (the most in each time bucket), free-cached blocks, the pool's capacity (dashed) and "
-                           "the high watermark (dotted); triangles: preemptions (top) and markers (bottom)."))
+            charts.append(
+                (
+                    "blocks",
+                    "usage",
+                    c,
+                    "In-use blocks (the most in each time bucket), free-cached blocks, the pool's capacity (dashed) and "
+                    "the high watermark (dotted); triangles: preemptions (top) and markers (bottom).",
+                )
+            )
         for m in series.get("block_maps") or []:
-            note = f"each row is {m['blocks_per_row']} consecutive block ids, shown in its busiest state" if m["blocks_per_row"] > 1 else "one row per block id"
-            charts.append(("blocks", f"blockmap-{len(charts)}", _block_map_chart(m, agg), f"Block id × time ({note}). Grey: free-empty; blue: free-cached "
-                           "(prefix-cache residency); green: in use; purple: reserved. Scattered grey among green is external fragmentation in id space."))
+            note = (
+                f"each row is {m['blocks_per_row']} consecutive block ids, shown in its busiest state"
+                if m["blocks_per_row"] > 1
+                else "one row per block id"
+            )
+            charts.append(
+                (
+                    "blocks",
+                    f"blockmap-{len(charts)}",
+                    _block_map_chart(m, agg),
+                    f"Block id × time ({note}). Grey: free-empty; blue: free-cached "
+                    "(prefix-cache residency); green: in use; purple: reserved. Scattered grey among green is external fragmentation in id space.",
+                )
+            )
         c = _frag_hit_chart(agg, series)
         if c is not None:
-            charts.append(("blocks", "frag-hit", c, "Share of allocated slots holding no token, and the prefix-cache hit rate in tokens."))
+            charts.append(
+                (
+                    "blocks",
+                    "frag-hit",
+                    c,
+                    "Share of allocated slots holding no token, and the prefix-cache hit rate in tokens.",
+                )
+            )
     heap = result.sections.get("heap")
     if heap:
         for cid, c, cap in _heap_charts(heap):
@@ -409,7 +642,14 @@ def render(result, series: dict) -> str:
     if result.sections.get("nvml"):
         c = _nvml_chart(result.sections["nvml"])
         if c is not None:
-            charts.append(("nvml", "nvml", c, "Device memory used as NVML reports it (dashed: the device's total), sampled by the recorder."))
+            charts.append(
+                (
+                    "nvml",
+                    "nvml",
+                    c,
+                    "Device memory used as NVML reports it (dashed: the device's total), sampled by the recorder.",
+                )
+            )
     c = _gc_chart(series)
     if c is not None:
         charts.append(("gc", "gc", c, "Every collection's pause by generation (gc probe)."))
@@ -419,8 +659,15 @@ def render(result, series: dict) -> str:
         resolve_series(series)
         c = _whatif_chart(agg, series)
         if c is not None:
-            charts.append(("whatif", "whatif", c, "Left: wasted slots of the recorded final lengths at each block size. Right: `kvprof whatif`'s "
-                           "replay of the recorded schedule with no capacity limit: KV token slots needed at peak, against the recorded pool."))
+            charts.append(
+                (
+                    "whatif",
+                    "whatif",
+                    c,
+                    "Left: wasted slots of the recorded final lengths at each block size. Right: `kvprof whatif`'s "
+                    "replay of the recorded schedule with no capacity limit: KV token slots needed at peak, against the recorded pool.",
+                )
+            )
     if result.sections.get("cpu"):
         c = _cpu_chart(result.sections["cpu"])
         if c is not None:
@@ -428,8 +675,15 @@ def render(result, series: dict) -> str:
 
     script, divs = components({cid: fig for _, cid, fig, _ in charts}) if charts else ("", {})
     js = Resources(mode="inline", components=["bokeh"]).render_js() if charts else ""
-    headings = {"blocks": "KV block pool", "whatif": "Block-size what-if", "heap": "Python and native heap", "torch": "PyTorch CUDA memory",
-                "nvml": "GPU memory (NVML)", "gc": "Garbage collector", "cpu": "CPU"}
+    headings = {
+        "blocks": "KV block pool",
+        "whatif": "Block-size what-if",
+        "heap": "Python and native heap",
+        "torch": "PyTorch CUDA memory",
+        "nvml": "GPU memory (NVML)",
+        "gc": "Garbage collector",
+        "cpu": "CPU",
+    }
     body = []
     for sec in ("blocks", "whatif", "heap", "torch", "nvml", "gc", "cpu"):
         mine = [(cid, cap) for s, cid, _, cap in charts if s == sec]
@@ -437,26 +691,41 @@ def render(result, series: dict) -> str:
             continue
         parts = [f"<section id='{sec}'><h2>{headings[sec]}</h2>"]
         if sec == "blocks" and (agg.get("timeline") or {}).get("window_s"):
-            parts.append(f"<p class=caption>These charts and the what-if replay cover the whole run; the analysis window ({_e(src.get('window'))}) "
-                         "is shaded yellow (outlined on the block map). The figures in the table above are the window's.</p>")
+            parts.append(
+                f"<p class=caption>These charts and the what-if replay cover the whole run; the analysis window ({_e(src.get('window'))}) "
+                "is shaded yellow (outlined on the block map). The figures in the table above are the window's.</p>"
+            )
         if sec == "blocks":
-            parts.append("<div class=legend>" + "".join(f"<span style='background:{c}'></span>{n}" for c, n in zip(STATE_COLORS, STATE_NAMES)) + "</div>")
+            parts.append(
+                "<div class=legend>"
+                + "".join(f"<span style='background:{c}'></span>{n}" for c, n in zip(STATE_COLORS, STATE_NAMES))
+                + "</div>"
+            )
         if sec == "whatif" and series.get("whatif"):
             fid = series["whatif"]["fidelity"]
             ok = all(v["equal"] for v in fid.values())
-            parts.append(f"<p class=caption>Replay of the recorded configuration {'equals' if ok else 'differs from'} the analysis "
-                         f"(peak {_e(fid['blocks.peak_blocks']['replay'])} blocks, hit tokens {_e(fid['blocks.prefix_cache.hit_tokens']['replay'])}).</p>")
+            parts.append(
+                f"<p class=caption>Replay of the recorded configuration {'equals' if ok else 'differs from'} the analysis "
+                f"(peak {_e(fid['blocks.peak_blocks']['replay'])} blocks, hit tokens {_e(fid['blocks.prefix_cache.hit_tokens']['replay'])}).</p>"
+            )
         for cid, cap in mine:
-            parts.append(f"<div class='kv-chart' data-chart='{_e(cid)}' data-color='{_e(CHART_COLORS.get(cid, CHART_COLORS.get(cid.split('-')[0], '')))}'>{divs[cid]}</div>"
-                         f"<p class=caption>{_e(cap)}</p>")
+            parts.append(
+                f"<div class='kv-chart' data-chart='{_e(cid)}' data-color='{_e(CHART_COLORS.get(cid, CHART_COLORS.get(cid.split('-')[0], '')))}'>{divs[cid]}</div>"
+                f"<p class=caption>{_e(cap)}</p>"
+            )
         parts.append("</section>")
         body.append("".join(parts))
     if series.get("whatif_note"):
         body.append(f"<section id='whatif-note'><p class=caption>what-if: {_e(series['whatif_note'])}</p></section>")
     markers = result.sections.get("markers") or {}
     if markers:
-        rows = "".join(f"<tr><td>{_e(k)}</td><td class=num>{_e(v.get('count'))}</td><td>{_e(', '.join(map(str, v.get('processes', []))))}</td></tr>" for k, v in list(markers.items())[:200])
-        body.append(f"<section id='markers'><h2>Markers</h2><table><tr><th>name</th><th>count</th><th>processes</th></tr>{rows}</table></section>")
+        rows = "".join(
+            f"<tr><td>{_e(k)}</td><td class=num>{_e(v.get('count'))}</td><td>{_e(', '.join(map(str, v.get('processes', []))))}</td></tr>"
+            for k, v in list(markers.items())[:200]
+        )
+        body.append(
+            f"<section id='markers'><h2>Markers</h2><table><tr><th>name</th><th>count</th><th>processes</th></tr>{rows}</table></section>"
+        )
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width, initial-scale=1">
 <title>kvprof report: {_e(title)}</title><style>{CSS}</style>
@@ -464,11 +733,11 @@ def render(result, series: dict) -> str:
 </head><body>
 <header><h1>kvprof report: {_e(title)}</h1>
 <div class=meta>{_e(cmd)}</div>
-<div class=meta>{_e(status)}{' · ' if status else ''}window: {_e(src.get('window', ''))} · {_e(src.get('processes', ''))} process(es) · generated {_e(time.strftime('%Y-%m-%d %H:%M:%S'))}</div></header>
+<div class=meta>{_e(status)}{" · " if status else ""}window: {_e(src.get("window", ""))} · {_e(src.get("processes", ""))} process(es) · generated {_e(time.strftime("%Y-%m-%d %H:%M:%S"))}</div></header>
 <main>
 <section id='headline'><h2>Headline</h2>{_headline(result)}</section>
 <section id='findings'><h2>Findings</h2>{_findings(result)}</section>
-{''.join(body)}
+{"".join(body)}
 </main>
 {script}
 </body></html>

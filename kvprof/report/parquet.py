@@ -19,18 +19,46 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
         "One row per block-stream event (a block state change, a request event or an engine step), every "
         "process merged in time order: the order `kvprof analyze` replays them in.",
         [
-            ("event", "int64", "Position in that order, from 0. Order by it (not by t_ns) to replay: equal times keep the order written."),
-            ("t_ns", "int64", "When, in ns on the pool's clock (monotonic, or the simulated clock of a `kvprof.blocks.Pool(clock=...)`)."),
+            (
+                "event",
+                "int64",
+                "Position in that order, from 0. Order by it (not by t_ns) to replay: equal times keep the order written.",
+            ),
+            (
+                "t_ns",
+                "int64",
+                "When, in ns on the pool's clock (monotonic, or the simulated clock of a `kvprof.blocks.Pool(clock=...)`).",
+            ),
             ("pool", "int32", "The pool: `pools.pool`."),
-            ("kind", "string", "alloc, free, hit, cache, evict, reserve (block state); req_arrive, req_query, req_query_preempted, "
-                               "req_state, req_finish, req_preempt, alloc_fail (requests); step (engine)."),
-            ("request", "string", "The request id (`PID:ID` when several processes recorded); null when the event has none."),
-            ("arg", "int64", "By kind: req_arrive prompt tokens; req_query / req_query_preempted queried tokens; req_state filled "
-                             "tokens; alloc_fail blocks needed (-1 unknown); step the step number; 0 otherwise."),
-            ("arg2", "int64", "By kind: req_arrive max new tokens (-1 unknown); req_query / req_query_preempted hit tokens; "
-                              "req_state blocks held; alloc_fail free blocks seen (-1 unknown); 0 otherwise."),
-            ("block_ids", "list<int32>", "The blocks concerned, in the order recorded (empty for request and step events). "
-                                         "`UNNEST(block_ids)` gives one row per block."),
+            (
+                "kind",
+                "string",
+                "alloc, free, hit, cache, evict, reserve (block state); req_arrive, req_query, req_query_preempted, "
+                "req_state, req_finish, req_preempt, alloc_fail (requests); step (engine).",
+            ),
+            (
+                "request",
+                "string",
+                "The request id (`PID:ID` when several processes recorded); null when the event has none.",
+            ),
+            (
+                "arg",
+                "int64",
+                "By kind: req_arrive prompt tokens; req_query / req_query_preempted queried tokens; req_state filled "
+                "tokens; alloc_fail blocks needed (-1 unknown); step the step number; 0 otherwise.",
+            ),
+            (
+                "arg2",
+                "int64",
+                "By kind: req_arrive max new tokens (-1 unknown); req_query / req_query_preempted hit tokens; "
+                "req_state blocks held; alloc_fail free blocks seen (-1 unknown); 0 otherwise.",
+            ),
+            (
+                "block_ids",
+                "list<int32>",
+                "The blocks concerned, in the order recorded (empty for request and step events). "
+                "`UNNEST(block_ids)` gives one row per block.",
+            ),
         ],
     ),
     "request_states": (
@@ -167,7 +195,16 @@ TABLES: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
     ),
 }
 ROW_GROUP_ROWS = 128 * 1024
-TORCH_FIELDS = ("allocated", "reserved", "active", "inactive_split", "allocated_peak", "reserved_peak", "num_ooms", "num_alloc_retries")
+TORCH_FIELDS = (
+    "allocated",
+    "reserved",
+    "active",
+    "inactive_split",
+    "allocated_peak",
+    "reserved_peak",
+    "num_ooms",
+    "num_alloc_retries",
+)
 
 
 def _pa():
@@ -184,8 +221,14 @@ def _pa():
 def _type(pa, name: str):
     if name.startswith("list<"):
         return pa.list_(_type(pa, name[5:-1]))
-    return {"int16": pa.int16(), "int32": pa.int32(), "int64": pa.int64(), "float64": pa.float64(),
-            "bool": pa.bool_(), "string": pa.string()}[name]
+    return {
+        "int16": pa.int16(),
+        "int32": pa.int32(),
+        "int64": pa.int64(),
+        "float64": pa.float64(),
+        "bool": pa.bool_(),
+        "string": pa.string(),
+    }[name]
 
 
 def schema(table: str):
@@ -226,7 +269,9 @@ class _Table:
         arrays = []
         for f in self.schema:
             chunks = [p[f.name] for p in self.parts]
-            arrays.append(pa.concat_arrays([c if isinstance(c, pa.Array) else pa.array(c, type=f.type) for c in chunks]))
+            arrays.append(
+                pa.concat_arrays([c if isinstance(c, pa.Array) else pa.array(c, type=f.type) for c in chunks])
+            )
         self.writer.write_table(pa.Table.from_arrays(arrays, schema=self.schema), row_group_size=ROW_GROUP_ROWS)
         self.rows += self.pending
         self.parts, self.pending = [], 0
@@ -307,23 +352,49 @@ def _blocks(pa, bundle, tables) -> None:
         offsets = np.zeros(n + 1, dtype=np.int32)
         np.cumsum(chunk.n, out=offsets[1:])
         ids = pa.ListArray.from_arrays(pa.array(offsets), pa.array(chunk.ids.astype(np.int32)))
-        tables["block_events"].add({"event": idx, "t_ns": chunk.t, "pool": chunk.pool.astype(np.int32),
-                                    "kind": pa.array(kinds[chunk.kind].tolist(), type=pa.string()), "request": request,
-                                    "arg": chunk.arg, "arg2": chunk.arg2, "block_ids": ids})
+        tables["block_events"].add(
+            {
+                "event": idx,
+                "t_ns": chunk.t,
+                "pool": chunk.pool.astype(np.int32),
+                "kind": pa.array(kinds[chunk.kind].tolist(), type=pa.string()),
+                "request": request,
+                "arg": chunk.arg,
+                "arg2": chunk.arg2,
+                "block_ids": ids,
+            }
+        )
         st = chunk.kind == K.REQ_STATE
         if st.any():
-            tables["request_states"].add({"event": idx[st], "t_ns": chunk.t[st], "pool": chunk.pool[st].astype(np.int32),
-                                          "request": request.filter(pa.array(st)), "filled_tokens": chunk.arg[st], "blocks_held": chunk.arg2[st]})
+            tables["request_states"].add(
+                {
+                    "event": idx[st],
+                    "t_ns": chunk.t[st],
+                    "pool": chunk.pool[st].astype(np.int32),
+                    "request": request.filter(pa.array(st)),
+                    "filled_tokens": chunk.arg[st],
+                    "blocks_held": chunk.arg2[st],
+                }
+            )
         if len(names) > 1_000_000:  # a long run's request ids: keep the lookup bounded (Bundle.request_name is cheap)
             names.clear()
 
 
 def _pools(bundle, t: _Table) -> None:
     pools = bundle.pools
-    t.add({"pool": [p.index for p in pools], "label": [p.label for p in pools], "name": [p.name for p in pools],
-           "engine": [p.engine for p in pools], "pid": [p.pid for p in pools], "num_blocks": [p.num_blocks for p in pools],
-           "block_size": [p.block_size for p in pools], "bytes_per_block": [p.bytes_per_block for p in pools],
-           "clock": [p.clock for p in pools]})
+    t.add(
+        {
+            "pool": [p.index for p in pools],
+            "label": [p.label for p in pools],
+            "name": [p.name for p in pools],
+            "engine": [p.engine for p in pools],
+            "pid": [p.pid for p in pools],
+            "num_blocks": [p.num_blocks for p in pools],
+            "block_size": [p.block_size for p in pools],
+            "bytes_per_block": [p.bytes_per_block for p in pools],
+            "clock": [p.clock for p in pools],
+        }
+    )
 
 
 def _int_or_none(v, lo=-(1 << 31), hi=(1 << 31) - 1):
@@ -334,25 +405,45 @@ def _processes(bundle, t: _Table) -> None:
     listed = [p for p in bundle.manifest.get("processes") or [] if isinstance(p, dict)]
     if not listed:  # a recording that did not finish: what the process records say
         listed = [dict(p.info, exited_cleanly=p.info.get("end_ns") is not None) for p in bundle.processes]
-    t.add({"pid": [_int_or_none(p.get("pid")) for p in listed], "ppid": [_int_or_none(p.get("ppid")) for p in listed],
-           "role": [str(p.get("role")) if p.get("role") is not None else None for p in listed],
-           "argv": [[str(a) for a in p["argv"]] if isinstance(p.get("argv"), list) else None for p in listed],
-           "start_time": [float(p["start_time"]) if isinstance(p.get("start_time"), (int, float)) and not isinstance(p.get("start_time"), bool) else None for p in listed],
-           "exited_cleanly": [bool(p.get("exited_cleanly")) for p in listed],
-           "ended": [str(p.get("ended") or ("closed" if p.get("exited_cleanly") else "unknown")) for p in listed]})
+    t.add(
+        {
+            "pid": [_int_or_none(p.get("pid")) for p in listed],
+            "ppid": [_int_or_none(p.get("ppid")) for p in listed],
+            "role": [str(p.get("role")) if p.get("role") is not None else None for p in listed],
+            "argv": [[str(a) for a in p["argv"]] if isinstance(p.get("argv"), list) else None for p in listed],
+            "start_time": [
+                float(p["start_time"])
+                if isinstance(p.get("start_time"), (int, float)) and not isinstance(p.get("start_time"), bool)
+                else None
+                for p in listed
+            ],
+            "exited_cleanly": [bool(p.get("exited_cleanly")) for p in listed],
+            "ended": [str(p.get("ended") or ("closed" if p.get("exited_cleanly") else "unknown")) for p in listed],
+        }
+    )
 
 
 def _markers(bundle, t: _Table) -> None:
     m = bundle.marks()
     names = m.names
-    t.add({"t_ns": m.t, "pid": m.pid.astype("int32"), "name": [names[int(i)] for i in m.name.tolist()], "value": m.value})
+    t.add(
+        {"t_ns": m.t, "pid": m.pid.astype("int32"), "name": [names[int(i)] for i in m.name.tolist()], "value": m.value}
+    )
 
 
 def _gc(proc, t: _Table) -> None:
     g = proc.gc_events()
     if len(g):
-        t.add({"pid": [proc.pid] * len(g), "t_ns": g["t"], "duration_ns": g["duration"], "generation": g["generation"].astype("int16"),
-               "collected": g["collected"], "uncollectable": g["uncollectable"]})
+        t.add(
+            {
+                "pid": [proc.pid] * len(g),
+                "t_ns": g["t"],
+                "duration_ns": g["duration"],
+                "generation": g["generation"].astype("int16"),
+                "collected": g["collected"],
+                "uncollectable": g["uncollectable"],
+            }
+        )
 
 
 def _heap(proc, tables) -> None:
@@ -360,26 +451,54 @@ def _heap(proc, tables) -> None:
 
     snaps, sites = proc.heap_snapshots()
     if len(snaps):
-        tables["heap_samples"].add({
-            "pid": [proc.pid] * len(snaps), "t_ns": snaps["t"], "seq": snaps["seq"].astype("int64"),
-            "reason": [HEAP_REASONS.get(int(r), str(int(r))) for r in snaps["reason"].tolist()],
-            "marker": [proc.string(m) if m >= 0 else None for m in snaps["mark"].tolist()], "marker_value": snaps["mark_value"],
-            "live_bytes": snaps["live"], "live_blocks": snaps["blocks"], "traced_bytes": snaps["traced"], "peak_bytes": snaps["peak"],
-            "tracemalloc_bytes": snaps["overhead"], "sites_changed": snaps["rows"].astype("int64"), "cost_ns": snaps["cost"]})
+        tables["heap_samples"].add(
+            {
+                "pid": [proc.pid] * len(snaps),
+                "t_ns": snaps["t"],
+                "seq": snaps["seq"].astype("int64"),
+                "reason": [HEAP_REASONS.get(int(r), str(int(r))) for r in snaps["reason"].tolist()],
+                "marker": [proc.string(m) if m >= 0 else None for m in snaps["mark"].tolist()],
+                "marker_value": snaps["mark_value"],
+                "live_bytes": snaps["live"],
+                "live_blocks": snaps["blocks"],
+                "traced_bytes": snaps["traced"],
+                "peak_bytes": snaps["peak"],
+                "tracemalloc_bytes": snaps["overhead"],
+                "sites_changed": snaps["rows"].astype("int64"),
+                "cost_ns": snaps["cost"],
+            }
+        )
     if len(sites):
-        tables["heap_sites"].add({"pid": [proc.pid] * len(sites), "seq": sites["seq"].astype("int64"), "stack": sites["stack"],
-                                  "size_bytes": sites["size"], "count": sites["count"]})
+        tables["heap_sites"].add(
+            {
+                "pid": [proc.pid] * len(sites),
+                "seq": sites["seq"].astype("int64"),
+                "stack": sites["stack"],
+                "size_bytes": sites["size"],
+                "count": sites["count"],
+            }
+        )
     if proc.stacks:
         ids = sorted(proc.stacks)
-        tables["heap_stacks"].add({"pid": [proc.pid] * len(ids), "stack": ids,
-                                   "frames": [[f"{f}:{ln}" for f, ln in proc.stacks[i]] for i in ids]})
+        tables["heap_stacks"].add(
+            {
+                "pid": [proc.pid] * len(ids),
+                "stack": ids,
+                "frames": [[f"{f}:{ln}" for f, ln in proc.stacks[i]] for i in ids],
+            }
+        )
 
 
 def _torch(proc, t: _Table) -> None:
     cols: dict[str, list] = {c: [] for c, _, _ in TABLES["torch_samples"][1]}
     for rec in proc.notes:
         ts, devices = rec.get("t"), rec.get("devices")
-        if rec.get("type") != "torch_stats" or not isinstance(ts, int) or isinstance(ts, bool) or not isinstance(devices, dict):
+        if (
+            rec.get("type") != "torch_stats"
+            or not isinstance(ts, int)
+            or isinstance(ts, bool)
+            or not isinstance(devices, dict)
+        ):
             continue
         mark = rec.get("mark")
         for dev, st in sorted(devices.items()):
@@ -391,7 +510,9 @@ def _torch(proc, t: _Table) -> None:
             cols["device"].append(_as_int(dev))
             for f in TORCH_FIELDS:
                 v = st.get(f)
-                cols[f + ("_bytes" if not f.startswith("num_") else "")].append(_int_or_none(v, -(1 << 63), (1 << 63) - 1))
+                cols[f + ("_bytes" if not f.startswith("num_") else "")].append(
+                    _int_or_none(v, -(1 << 63), (1 << 63) - 1)
+                )
     t.add(cols)
 
 
@@ -412,12 +533,26 @@ def _analysis(result, tables) -> None:
         return v if math.isfinite(v) else None
 
     items = sorted(result.metrics.items())
-    tables["metrics"].add({"name": [n for n, _ in items], "value": [number(e.get("value")) for _, e in items],
-                           "unit": [e.get("unit") for _, e in items], "better": [e.get("better") for _, e in items],
-                           "window": [e.get("window") for _, e in items], "noisy": [bool(e.get("noisy")) for _, e in items]})
+    tables["metrics"].add(
+        {
+            "name": [n for n, _ in items],
+            "value": [number(e.get("value")) for _, e in items],
+            "unit": [e.get("unit") for _, e in items],
+            "better": [e.get("better") for _, e in items],
+            "window": [e.get("window") for _, e in items],
+            "noisy": [bool(e.get("noisy")) for _, e in items],
+        }
+    )
     fs = result.findings
-    tables["findings"].add({"severity": [f.severity for f in fs], "title": [f.title for f in fs], "detail": [f.detail for f in fs],
-                            "source": [f.source for f in fs], "evidence": [json.dumps(f.evidence, default=str, sort_keys=True) for f in fs]})
+    tables["findings"].add(
+        {
+            "severity": [f.severity for f in fs],
+            "title": [f.title for f in fs],
+            "detail": [f.detail for f in fs],
+            "source": [f.source for f in fs],
+            "evidence": [json.dumps(f.evidence, default=str, sort_keys=True) for f in fs],
+        }
+    )
 
 
 def docs() -> str:

@@ -43,12 +43,25 @@ class PassProgress:
         self.bar.update(self.task, completed=self.done if self.total is None else min(self.done, self.total))
 
     def _start(self) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         from kvprof.report.format import console as make_console
 
         console = make_console(file=self.stream, stderr=True)
-        cols = [TextColumn("kvprof: {task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("events"), TimeElapsedColumn()]
+        cols = [
+            TextColumn("kvprof: {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("events"),
+            TimeElapsedColumn(),
+        ]
         if self.total:
             cols.append(TimeRemainingColumn())
         self.bar = Progress(*cols, console=console, transient=True)

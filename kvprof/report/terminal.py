@@ -47,26 +47,40 @@ def render(result, width: int | None = None, console=None) -> None:
         console = fmt.console(width=width or min(100, fmt.term_width()))
     src = result.source
     if src.get("snapshot"):
-        console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['snapshot'])}", style="dim"))
+        console.print(
+            Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['snapshot'])}", style="dim")
+        )
         console.print(Text("a PyTorch CUDA memory snapshot (read without torch)", style="dim"))
     elif src.get("memray_capture"):
-        console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['memray_capture'])}", style="dim"))
+        console.print(
+            Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src['memray_capture'])}", style="dim")
+        )
         console.print(Text("a memray capture file", style="dim"))
     else:
-        cmd = shlex.join(map(str, src.get("command") or [])) if isinstance(src.get("command"), list) else str(src.get("command") or src.get("bundle"))
-        console.print(Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src.get('bundle', ''))}", style="dim"))
+        cmd = (
+            shlex.join(map(str, src.get("command") or []))
+            if isinstance(src.get("command"), list)
+            else str(src.get("command") or src.get("bundle"))
+        )
+        console.print(
+            Text("kvprof analysis", style="bold") + Text(f"  {os.path.basename(src.get('bundle', ''))}", style="dim")
+        )
         console.print(Text(f"command: {cmd}", overflow="ellipsis", no_wrap=True), style="dim")
     target = src.get("target") or {}
     if target:
         how = f"signal {target.get('signal_name')}" if target.get("signal") else f"exit code {target.get('exit_code')}"
-        console.print(f"target ended with {how}; {src.get('processes', 0)} process(es); window: {src.get('window')}", style="dim")
+        console.print(
+            f"target ended with {how}; {src.get('processes', 0)} process(es); window: {src.get('window')}", style="dim"
+        )
 
     blocks = result.sections.get("blocks")
     if blocks:
         agg = blocks["aggregate"]
         pools = blocks["pools"]
         console.print()
-        desc = ", ".join(f"{p['label']} ({p['num_blocks']:,} blocks × {p['block_size']} slots, {p['engine']})" for p in agg["pools"])
+        desc = ", ".join(
+            f"{p['label']} ({p['num_blocks']:,} blocks × {p['block_size']} slots, {p['engine']})" for p in agg["pools"]
+        )
         console.print(Text("Block pools: ", style="bold") + Text(desc))
         if any(p.get("clock") == "simulated" for p in agg["pools"]):
             console.print("  times are on the pool's simulated clock", style="dim")
@@ -123,8 +137,13 @@ def indented(text: str, width: int, indent: str = "   ", first: str | None = Non
 
     from rich.text import Text
 
-    lines = textwrap.wrap(text, width=max(width, len(indent) + 20), initial_indent=indent if first is None else first,
-                          subsequent_indent=indent, break_on_hyphens=False) or [indent if first is None else first]
+    lines = textwrap.wrap(
+        text,
+        width=max(width, len(indent) + 20),
+        initial_indent=indent if first is None else first,
+        subsequent_indent=indent,
+        break_on_hyphens=False,
+    ) or [indent if first is None else first]
     out = Text("\n".join(lines), style=style, no_wrap=True, overflow="ignore")
     return out
 
@@ -155,7 +174,10 @@ def _block_map(console, agg: dict, cols: int) -> None:
     if filled:
         counts.append(cur)
     console.print()
-    console.print(Text("Block map at the high watermark", style="bold") + Text(f"  (1 cell = {per} block{'s' if per > 1 else ''})", style="dim"))
+    console.print(
+        Text("Block map at the high watermark", style="bold")
+        + Text(f"  (1 cell = {per} block{'s' if per > 1 else ''})", style="dim")
+    )
     for r in range(0, len(counts), cols):
         line = Text("  ")
         for c in counts[r : r + cols]:
@@ -177,12 +199,20 @@ def _whatif(console, agg: dict) -> None:
     rows = agg.get("rounding") or []
     if not rows:
         return
-    t = Table(title="Block-size rounding (recorded request lengths)", title_justify="left", box=None, header_style="bold")
+    t = Table(
+        title="Block-size rounding (recorded request lengths)", title_justify="left", box=None, header_style="bold"
+    )
     for col in ("block size", "slots", "waste", "table entries", "last-block waste"):
         t.add_column(col, justify="right")
     for r in rows:
         mark = " *" if r["recorded"] else ""
-        t.add_row(f"{r['block_size']}{mark}", f"{r['allocated_slots']:,}", f"{100 * r['waste_ratio']:.1f}%", f"{r['block_table_entries']:,}", f"{r['mean_last_block_waste']:.1f}")
+        t.add_row(
+            f"{r['block_size']}{mark}",
+            f"{r['allocated_slots']:,}",
+            f"{100 * r['waste_ratio']:.1f}%",
+            f"{r['block_table_entries']:,}",
+            f"{r['mean_last_block_waste']:.1f}",
+        )
     console.print()
     console.print(t)
     c = agg.get("contiguous") or {}

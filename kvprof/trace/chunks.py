@@ -54,14 +54,40 @@ class BlockChunk:
         if mask.all():
             return self
         idmask = np.repeat(mask, self.n)
-        return BlockChunk(self.t[mask], self.kind[mask], self.pool[mask], self.req[mask], self.arg[mask], self.arg2[mask],
-                          self.n[mask], self.ids[idmask])
+        return BlockChunk(
+            self.t[mask],
+            self.kind[mask],
+            self.pool[mask],
+            self.req[mask],
+            self.arg[mask],
+            self.arg2[mask],
+            self.n[mask],
+            self.ids[idmask],
+        )
 
     def split(self, at: int) -> tuple[BlockChunk, BlockChunk]:
         """Events [0, at) and [at, len)."""
         cut = int(self.n[:at].sum())
-        a = BlockChunk(self.t[:at], self.kind[:at], self.pool[:at], self.req[:at], self.arg[:at], self.arg2[:at], self.n[:at], self.ids[:cut])
-        b = BlockChunk(self.t[at:], self.kind[at:], self.pool[at:], self.req[at:], self.arg[at:], self.arg2[at:], self.n[at:], self.ids[cut:])
+        a = BlockChunk(
+            self.t[:at],
+            self.kind[:at],
+            self.pool[:at],
+            self.req[:at],
+            self.arg[:at],
+            self.arg2[:at],
+            self.n[:at],
+            self.ids[:cut],
+        )
+        b = BlockChunk(
+            self.t[at:],
+            self.kind[at:],
+            self.pool[at:],
+            self.req[at:],
+            self.arg[at:],
+            self.arg2[at:],
+            self.n[at:],
+            self.ids[cut:],
+        )
         return a, b
 
     @staticmethod
@@ -69,7 +95,12 @@ class BlockChunk:
         parts = [p for p in parts if len(p)] or parts[:1]
         if len(parts) == 1:
             return parts[0]
-        return BlockChunk(*(np.concatenate([getattr(p, f) for p in parts]) for f in ("t", "kind", "pool", "req", "arg", "arg2", "n", "ids")))
+        return BlockChunk(
+            *(
+                np.concatenate([getattr(p, f) for p in parts])
+                for f in ("t", "kind", "pool", "req", "arg", "arg2", "n", "ids")
+            )
+        )
 
     @staticmethod
     def empty() -> BlockChunk:
@@ -98,7 +129,9 @@ def tie_safe(chunks: Iterable[BlockChunk]) -> Iterator[BlockChunk]:
         yield held
 
 
-def from_stream(stream: BlockStream, pools: list[int] | None = None, chunk_events: int = DEFAULT_CHUNK_EVENTS) -> Iterator[BlockChunk]:
+def from_stream(
+    stream: BlockStream, pools: list[int] | None = None, chunk_events: int = DEFAULT_CHUNK_EVENTS
+) -> Iterator[BlockChunk]:
     """Chunks of an in-memory :class:`kvprof.trace.reader.BlockStream` (tests, simulators),
     restricted to the global pool indices ``pools`` (None: all), in stream order."""
     if pools is None:
@@ -115,8 +148,15 @@ def from_stream(stream: BlockStream, pools: list[int] | None = None, chunk_event
             reps = n[rows]
             within = np.arange(int(reps.sum()), dtype=np.int64) - np.repeat(np.cumsum(reps) - reps, reps)
             ids = stream.ids[np.repeat(starts, reps) + within].astype(np.int32)
-            yield BlockChunk(stream.t[rows].astype(np.int64), stream.kind[rows].astype(np.uint8), stream.pool[rows].astype(np.int32),
-                             stream.req[rows].astype(np.int64), stream.arg[rows].astype(np.int64), stream.arg2[rows].astype(np.int64),
-                             reps, ids)
+            yield BlockChunk(
+                stream.t[rows].astype(np.int64),
+                stream.kind[rows].astype(np.uint8),
+                stream.pool[rows].astype(np.int32),
+                stream.req[rows].astype(np.int64),
+                stream.arg[rows].astype(np.int64),
+                stream.arg2[rows].astype(np.int64),
+                reps,
+                ids,
+            )
 
     return tie_safe(pieces())

@@ -10,20 +10,68 @@ from typing import Any
 import numpy as np
 
 from kvprof.trace import format as fmt
-from kvprof.trace.stage import (IDS_INLINE, IDS_PER_CONT, PAYLOAD_HEAP_SITES, RECORD, STRING_INLINE, STRING_PER_CONT, TAG_BLOCK, TAG_GC,
-                                TAG_HEAP_A, TAG_HEAP_B, TAG_IDS, TAG_MARK, TAG_STRING, TAG_STRING_CONT, MAX_TAG, WIDTH, ChunkError,
-                                ChunkHeader)
+from kvprof.trace.stage import (
+    IDS_INLINE,
+    IDS_PER_CONT,
+    PAYLOAD_HEAP_SITES,
+    RECORD,
+    STRING_INLINE,
+    STRING_PER_CONT,
+    TAG_BLOCK,
+    TAG_GC,
+    TAG_HEAP_A,
+    TAG_HEAP_B,
+    TAG_IDS,
+    TAG_MARK,
+    TAG_STRING,
+    TAG_STRING_CONT,
+    MAX_TAG,
+    WIDTH,
+    ChunkError,
+    ChunkHeader,
+)
 
 # numpy views of staging records, by tag
-_STAGE_BLOCK = np.dtype({"names": ["t", "kind", "pool", "req", "arg", "arg2", "n", "ids"],
-                         "formats": ["<i8", "u1", "<u2", "<i4", "<i8", "<i8", "<u4", ("<i4", 3)],
-                         "offsets": [0, 8, 9, 11, 15, 23, 31, 35], "itemsize": RECORD})
-_STAGE_MARK = np.dtype({"names": ["t", "name", "value"], "formats": ["<i8", "<i4", "<i8"], "offsets": [0, 8, 12], "itemsize": RECORD})
-_STAGE_GC = np.dtype({"names": ["t", "duration", "generation", "collected", "uncollectable"],
-                      "formats": ["<i8", "<i8", "u1", "<i8", "<i8"], "offsets": [0, 8, 16, 17, 25], "itemsize": RECORD})
-_STAGE_HEAP = np.dtype({"names": ["t", "seq", "reason", "mark", "mark_value", "live", "blocks", "traced", "peak", "overhead", "rows", "cost"],
-                        "formats": ["<i8", "<u4", "u1", "<i4", "<i8", "<i8", "<i8", "<i8", "<i8", "<i8", "<u4", "<i8"],
-                        "offsets": [0, 8, 12, 13, 17, 25, 48, 56, 64, 72, 80, 84], "itemsize": 2 * RECORD})
+_STAGE_BLOCK = np.dtype(
+    {
+        "names": ["t", "kind", "pool", "req", "arg", "arg2", "n", "ids"],
+        "formats": ["<i8", "u1", "<u2", "<i4", "<i8", "<i8", "<u4", ("<i4", 3)],
+        "offsets": [0, 8, 9, 11, 15, 23, 31, 35],
+        "itemsize": RECORD,
+    }
+)
+_STAGE_MARK = np.dtype(
+    {"names": ["t", "name", "value"], "formats": ["<i8", "<i4", "<i8"], "offsets": [0, 8, 12], "itemsize": RECORD}
+)
+_STAGE_GC = np.dtype(
+    {
+        "names": ["t", "duration", "generation", "collected", "uncollectable"],
+        "formats": ["<i8", "<i8", "u1", "<i8", "<i8"],
+        "offsets": [0, 8, 16, 17, 25],
+        "itemsize": RECORD,
+    }
+)
+_STAGE_HEAP = np.dtype(
+    {
+        "names": [
+            "t",
+            "seq",
+            "reason",
+            "mark",
+            "mark_value",
+            "live",
+            "blocks",
+            "traced",
+            "peak",
+            "overhead",
+            "rows",
+            "cost",
+        ],
+        "formats": ["<i8", "<u4", "u1", "<i4", "<i8", "<i8", "<i8", "<i8", "<i8", "<i8", "<u4", "<i8"],
+        "offsets": [0, 8, 12, 13, 17, 25, 48, 56, 64, 72, 80, 84],
+        "itemsize": 2 * RECORD,
+    }
+)
 
 
 def unshuffle(data: bytes, width: int) -> np.ndarray:
@@ -82,8 +130,11 @@ def _consistent_prefix(recs: np.ndarray, tags: np.ndarray) -> int:
     # runs of followers and the record that heads each run
     head = np.flatnonzero(~follower)
     run = np.diff(np.r_[head, n]) - 1
-    cont_tag = np.where(tags[head] == TAG_BLOCK, TAG_IDS, np.where(tags[head] == TAG_HEAP_A, TAG_HEAP_B,
-                                                                   np.where(tags[head] == TAG_STRING, TAG_STRING_CONT, 0)))
+    cont_tag = np.where(
+        tags[head] == TAG_BLOCK,
+        TAG_IDS,
+        np.where(tags[head] == TAG_HEAP_A, TAG_HEAP_B, np.where(tags[head] == TAG_STRING, TAG_STRING_CONT, 0)),
+    )
     bad = run != need[head]
     if len(head) and head[0] != 0:  # followers with no head at the start: corrupt from the first record
         return 0

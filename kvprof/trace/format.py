@@ -39,7 +39,17 @@ NVML_PROCS = "nvml_procs.bin"
 
 # The record dtypes are numpy's; they are built on first use (module __getattr__), so a
 # recorded process, which writes with struct alone (kvprof/trace/stage.py), never imports numpy.
-_DTYPE_NAMES = ('BLOCK_EVENT_DTYPE', 'BLOCK_ID_DTYPE', 'MARK_DTYPE', 'GC_DTYPE', 'HEAP_SNAP_DTYPE', 'HEAP_SITE_DTYPE', 'NVML_GPU_DTYPE', 'NVML_PROC_DTYPE', 'STREAM_DTYPES')
+_DTYPE_NAMES = (
+    "BLOCK_EVENT_DTYPE",
+    "BLOCK_ID_DTYPE",
+    "MARK_DTYPE",
+    "GC_DTYPE",
+    "HEAP_SNAP_DTYPE",
+    "HEAP_SITE_DTYPE",
+    "NVML_GPU_DTYPE",
+    "NVML_PROC_DTYPE",
+    "STREAM_DTYPES",
+)
 
 
 def _build_dtypes() -> dict[str, Any]:
@@ -142,8 +152,6 @@ def __getattr__(name: str) -> Any:
         globals().update(built)
         return built[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 
 
 class EventKind:

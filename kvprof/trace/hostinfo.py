@@ -72,7 +72,10 @@ def ray_worker(argv: Any) -> dict[str, str] | None:
 def process_fields(argv: Any) -> dict[str, Any]:
     """process.json's host fields for a process starting to record (its clock offset at
     the end is added when it closes)."""
-    out: dict[str, Any] = {"host": host(), "clock": {"wall_minus_mono_ns": {"start": wall_minus_mono_ns(), "end": None}}}
+    out: dict[str, Any] = {
+        "host": host(),
+        "clock": {"wall_minus_mono_ns": {"start": wall_minus_mono_ns(), "end": None}},
+    }
     ray = ray_worker(argv)
     if ray is not None:
         out["ray"] = ray
@@ -113,7 +116,11 @@ def offsets(info: Any) -> list[int]:
     if not isinstance(w, dict):
         return []
     # a bundle is untrusted input: an offset no clock gives (beyond +-2**62 ns, 146 years) is left out
-    return [int(v) for v in (w.get("start"), w.get("end")) if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 62]
+    return [
+        int(v)
+        for v in (w.get("start"), w.get("end"))
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) < 1 << 62
+    ]
 
 
 def median_offsets(sources: Any) -> dict[str, dict[str, int]]:
@@ -128,7 +135,11 @@ def median_offsets(sources: Any) -> dict[str, dict[str, int]]:
     for d, values in samples.items():
         if values:
             values.sort()
-            out[d] = {"offset_ns": values[len(values) // 2], "spread_ns": values[-1] - values[0], "samples": len(values)}
+            out[d] = {
+                "offset_ns": values[len(values) // 2],
+                "spread_ns": values[-1] - values[0],
+                "samples": len(values),
+            }
     return out
 
 
@@ -149,9 +160,16 @@ def clock_shifts(manifest: dict[str, Any], infos: list[Any]) -> tuple[list[int],
     shifts = []
     for info in infos:
         d = clock_domain(info)
-        shifts.append(table[d]["offset_ns"] - table[ref]["offset_ns"] if d in table and ref in table and d != ref else 0)
-    summary = {"reference": ref, "domains": {d: {**v, "shift_ns": v["offset_ns"] - table[ref]["offset_ns"] if ref in table else 0}
-                                            for d, v in table.items()}}
+        shifts.append(
+            table[d]["offset_ns"] - table[ref]["offset_ns"] if d in table and ref in table and d != ref else 0
+        )
+    summary = {
+        "reference": ref,
+        "domains": {
+            d: {**v, "shift_ns": v["offset_ns"] - table[ref]["offset_ns"] if ref in table else 0}
+            for d, v in table.items()
+        },
+    }
     return shifts, summary
 
 

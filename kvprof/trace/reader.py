@@ -135,15 +135,28 @@ def pool_from_record(rec: dict[str, Any], index: int, pid: int, where: str) -> P
     if li is None:
         raise BundleError(f"bad pool record in {where}: 'pool' is not a pool index")
     if nb is None:
-        raise BundleError(f"bad pool record in {where}: num_blocks {rec.get('num_blocks')!r} is not a pool size kvprof can analyse (1 to {MAX_POOL_BLOCKS:,})")
+        raise BundleError(
+            f"bad pool record in {where}: num_blocks {rec.get('num_blocks')!r} is not a pool size kvprof can analyse (1 to {MAX_POOL_BLOCKS:,})"
+        )
     if bs is None:
-        raise BundleError(f"bad pool record in {where}: block_size {rec.get('block_size')!r} is not a positive block size")
+        raise BundleError(
+            f"bad pool record in {where}: block_size {rec.get('block_size')!r} is not a positive block size"
+        )
     bpb = rec.get("bytes_per_block")
     bpb = _int(bpb, 1, 1 << 50) if bpb is not None else None
     skip = {"type", "pool", "name", "engine", "num_blocks", "block_size", "bytes_per_block", "clock"}
-    return PoolInfo(index=index, pid=pid, local_index=li, name=clean_str(rec.get("name", f"pool{li}")), engine=clean_str(rec.get("engine", "custom")),
-                    num_blocks=nb, block_size=bs, bytes_per_block=bpb, clock=clean_str(rec.get("clock", "monotonic")),
-                    extra={k: v for k, v in rec.items() if k not in skip})
+    return PoolInfo(
+        index=index,
+        pid=pid,
+        local_index=li,
+        name=clean_str(rec.get("name", f"pool{li}")),
+        engine=clean_str(rec.get("engine", "custom")),
+        num_blocks=nb,
+        block_size=bs,
+        bytes_per_block=bpb,
+        clock=clean_str(rec.get("clock", "monotonic")),
+        extra={k: v for k, v in rec.items() if k not in skip},
+    )
 
 
 @dataclass
@@ -167,15 +180,25 @@ class BlockStream:
     requests: list[str]
 
     @classmethod
-    def from_events(cls, events: Iterable[Any], pools: list[dict[str, Any]], requests: list[str] | None = None) -> BlockStream:
+    def from_events(
+        cls, events: Iterable[Any], pools: list[dict[str, Any]], requests: list[str] | None = None
+    ) -> BlockStream:
         """Build a stream from ``(t, kind, pool, req, arg, arg2, ids)`` tuples (tests, simulators).
 
         ``pools`` are dicts with at least num_blocks and block_size; ``req`` indexes ``requests``.
         """
         infos = [
-            PoolInfo(index=i, pid=0, local_index=i, name=p.get("name", f"pool{i}"), engine=p.get("engine", "custom"),
-                     num_blocks=int(p["num_blocks"]), block_size=int(p["block_size"]), clock=p.get("clock", "monotonic"),
-                     extra={k: v for k, v in p.items() if k not in {"name", "engine", "num_blocks", "block_size", "clock"}})
+            PoolInfo(
+                index=i,
+                pid=0,
+                local_index=i,
+                name=p.get("name", f"pool{i}"),
+                engine=p.get("engine", "custom"),
+                num_blocks=int(p["num_blocks"]),
+                block_size=int(p["block_size"]),
+                clock=p.get("clock", "monotonic"),
+                extra={k: v for k, v in p.items() if k not in {"name", "engine", "num_blocks", "block_size", "clock"}},
+            )
             for i, p in enumerate(pools)
         ]
         events = list(events)
@@ -186,10 +209,15 @@ class BlockStream:
 
         nreq = max([e[3] for e in events] + [-1]) + 1
         return cls(
-            t=col(0, np.int64), kind=col(1, np.uint8), pool=col(2, np.int32), req=col(3, np.int64),
-            arg=col(4, np.int64), arg2=col(5, np.int64),
+            t=col(0, np.int64),
+            kind=col(1, np.uint8),
+            pool=col(2, np.int32),
+            req=col(3, np.int64),
+            arg=col(4, np.int64),
+            arg2=col(5, np.int64),
             n=np.array([len(e[6] or ()) for e in events], dtype=np.uint32),
-            ids=np.array(ids, dtype=np.int32), pools=infos,
+            ids=np.array(ids, dtype=np.int32),
+            pools=infos,
             requests=requests if requests is not None else [f"r{i}" for i in range(nreq)],
         )
 
@@ -236,7 +264,9 @@ class ProcessData:
             self.info["role"] = clean_str(self.info["role"])
         self.strings: dict[int, str] = {}
         self.pools: list[dict[str, Any]] = []
-        self.stacks: dict[int, list[tuple[str, int]]] = {}  # tracemalloc stack id -> [[file, line], ...] innermost first
+        self.stacks: dict[
+            int, list[tuple[str, int]]
+        ] = {}  # tracemalloc stack id -> [[file, line], ...] innermost first
         self.notes: list[dict[str, Any]] = []
         self.damage: list[str] = []  # what the reader stepped over
         names = set(os.listdir(directory))
@@ -361,13 +391,17 @@ class ProcessData:
                         try:
                             recs = codec.decode_chunk(head, fh.read(head.comp_len))
                         except stage.ChunkError as exc:
-                            self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS}: the chunk at byte {off:,} is damaged ({exc}): "
-                                               f"its {head.nrec:,} records are not read")
+                            self.damage.append(
+                                f"{os.path.basename(self.dir)}/{stage.CHUNKS}: the chunk at byte {off:,} is damaged ({exc}): "
+                                f"its {head.nrec:,} records are not read"
+                            )
                             covered = 0
                         else:
                             valid = codec.valid_records(recs)
                             if len(valid) < len(recs):
-                                self.damage.append(f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}")
+                                self.damage.append(
+                                    f"{len(recs) - len(valid)} damaged records skipped in {os.path.basename(self.dir)}/{stage.CHUNKS}"
+                                )
                             if len(valid):
                                 yield valid
                 if name is not None:
@@ -419,8 +453,10 @@ class ProcessData:
                 pos += stage.HEADER_SIZE + head.comp_len
 
     def _chunk_damage(self, why: object, pos: int, size: int) -> None:
-        self.damage.append(f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "
-                           f"the {size - pos:,} bytes after it are not read")
+        self.damage.append(
+            f"{os.path.basename(self.dir)}/{stage.CHUNKS} damaged at byte {pos:,} ({why}): "
+            f"the {size - pos:,} bytes after it are not read"
+        )
 
     # -- clocks: a bundle of several hosts (kvprof/trace/hostinfo.py) -------------------------
     def set_clock_shift(self, ns: int) -> None:
@@ -435,11 +471,17 @@ class ProcessData:
             if _int(self.info.get(key), 0, (1 << 63) - 1) is not None:
                 self.info[key] += ns
         for rec in [*self.notes, *self.pools]:
-            if _int(rec.get("t"), 0, (1 << 63) - 1) is not None and not (rec.get("type") == "pool" and rec.get("clock") == "simulated"):
+            if _int(rec.get("t"), 0, (1 << 63) - 1) is not None and not (
+                rec.get("type") == "pool" and rec.get("clock") == "simulated"
+            ):
                 rec["t"] += ns
 
     def _simulated_pools(self) -> list[int]:
-        return [int(p["pool"]) for p in self.pools if p.get("clock") == "simulated" and _int(p.get("pool"), 0, 1 << 16) is not None]
+        return [
+            int(p["pool"])
+            for p in self.pools
+            if p.get("clock") == "simulated" and _int(p.get("pool"), 0, 1 << 16) is not None
+        ]
 
     def _shift_rows(self, rows: np.ndarray) -> np.ndarray:
         rows = rows.copy()
@@ -456,9 +498,13 @@ class ProcessData:
         small = self._small
         assert small is not None  # read before it is shifted
         marks = small["marks"].copy()
-        if self._simulated_pools():  # markers of a simulated pool (Pool.mark) are on its clock: those outside the process's life stay
+        if (
+            self._simulated_pools()
+        ):  # markers of a simulated pool (Pool.mark) are on its clock: those outside the process's life stay
             lo, hi = self._life
-            marks["t"][(marks["t"] >= lo) & (marks["t"] <= (hi if hi is not None else np.iinfo(np.int64).max))] += self.clock_shift
+            marks["t"][(marks["t"] >= lo) & (marks["t"] <= (hi if hi is not None else np.iinfo(np.int64).max))] += (
+                self.clock_shift
+            )
         else:
             marks["t"] += self.clock_shift
         gc, (snaps, sites) = small["gc"].copy(), small["heap"]
@@ -500,7 +546,9 @@ class ProcessData:
         """Events of kinds kvprof does not know are dropped (with their ids) and said."""
         bad = ~KNOWN_KINDS[rows["kind"]]
         if bad.any():
-            self.damage.append(f"{int(bad.sum())} block events of unknown kinds skipped in {os.path.basename(self.dir)}")
+            self.damage.append(
+                f"{int(bad.sum())} block events of unknown kinds skipped in {os.path.basename(self.dir)}"
+            )
             keep = ~bad
             ids = ids[np.repeat(keep, rows["n"].astype(np.int64))]
             rows = rows[keep]
@@ -523,15 +571,19 @@ class ProcessData:
                 bad = ~KNOWN_KINDS[rows["kind"]]
                 if bad.any():  # no writer writes such a record: the file is damaged from here
                     cut = int(np.flatnonzero(bad)[0])
-                    self.damage.append(f"{os.path.basename(self.dir)}/blocks.bin damaged at event {start + cut:,} "
-                                       f"(kind {int(rows['kind'][cut])}): the {count - start - cut:,} events from there are not read")
+                    self.damage.append(
+                        f"{os.path.basename(self.dir)}/blocks.bin damaged at event {start + cut:,} "
+                        f"(kind {int(rows['kind'][cut])}): the {count - start - cut:,} events from there are not read"
+                    )
                     rows = rows[:cut]
                     count = start + cut
                 n = rows["n"].astype(np.int64)
                 if (n > MAX_IDS_PER_EVENT).any():
                     cut = int(np.flatnonzero(n > MAX_IDS_PER_EVENT)[0])
-                    self.damage.append(f"{os.path.basename(self.dir)}/blocks.bin damaged at event {start + cut:,} "
-                                       f"(claims {int(n[cut]):,} block ids): the {count - start - cut:,} events from there are not read")
+                    self.damage.append(
+                        f"{os.path.basename(self.dir)}/blocks.bin damaged at event {start + cut:,} "
+                        f"(claims {int(n[cut]):,} block ids): the {count - start - cut:,} events from there are not read"
+                    )
                     rows, n = rows[:cut], n[:cut]
                     count = start + cut
                 need = np.cumsum(n)
@@ -541,7 +593,11 @@ class ProcessData:
                     rows, need = rows[:keep], need[:keep]
                     count = start + keep
                 total = int(need[-1]) if len(need) else 0
-                ids = np.frombuffer(fi.read(total * 4), dtype=fmt.BLOCK_ID_DTYPE) if total else np.zeros(0, dtype=fmt.BLOCK_ID_DTYPE)
+                ids = (
+                    np.frombuffer(fi.read(total * 4), dtype=fmt.BLOCK_ID_DTYPE)
+                    if total
+                    else np.zeros(0, dtype=fmt.BLOCK_ID_DTYPE)
+                )
                 id_pos += total
                 if len(rows):
                     yield self._checked(rows, ids)
@@ -582,12 +638,17 @@ class ProcessData:
         self._sites = []
         if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
             sites = sites[np.isin(sites["seq"], snaps["seq"])]  # rows of a snapshot lost in a crash
-        self._small = {"marks": cat(small["marks"], fmt.MARK_DTYPE), "gc": cat(small["gc"], fmt.GC_DTYPE), "heap": (snaps, sites)}
+        self._small = {
+            "marks": cat(small["marks"], fmt.MARK_DTYPE),
+            "gc": cat(small["gc"], fmt.GC_DTYPE),
+            "heap": (snaps, sites),
+        }
         self._shift_small()
 
     def _small_v1(self) -> None:
         if self._small is not None:
             return
+
         def rd(name: str, dt: Any) -> np.ndarray:
             return _read_all(os.path.join(self.dir, name), dt)
 
@@ -595,7 +656,11 @@ class ProcessData:
         sites = rd("heap_sites.bin", fmt.HEAP_SITE_DTYPE)
         if len(sites) and (not len(snaps) or sites["seq"].max() > snaps["seq"].max()):
             sites = sites[np.isin(sites["seq"], snaps["seq"])]
-        self._small = {"marks": rd("marks.bin", fmt.MARK_DTYPE), "gc": rd("gc.bin", fmt.GC_DTYPE), "heap": (snaps, sites)}
+        self._small = {
+            "marks": rd("marks.bin", fmt.MARK_DTYPE),
+            "gc": rd("gc.bin", fmt.GC_DTYPE),
+            "heap": (snaps, sites),
+        }
         self._shift_small()
 
     def _load_small(self) -> dict[str, Any]:
@@ -653,7 +718,12 @@ class ProcessData:
             out["blocks"] += len(rows)
             out["block_ids"] += len(ids)
         small = self._load_small()
-        out.update(marks=len(small["marks"]), gc=len(small["gc"]), heap_snaps=len(small["heap"][0]), heap_sites=len(small["heap"][1]))
+        out.update(
+            marks=len(small["marks"]),
+            gc=len(small["gc"]),
+            heap_snaps=len(small["heap"][0]),
+            heap_sites=len(small["heap"][1]),
+        )
         return out
 
 
@@ -698,7 +768,9 @@ class Bundle:
             raise BundleError(f"not a kvprof bundle (no {fmt.MANIFEST}): {path}")
         self.manifest = _load_json(mpath, "manifest")
         if self.manifest.get("format") != fmt.FORMAT_NAME:
-            raise BundleError(f"not a kvprof bundle (manifest format {clean_str(self.manifest.get('format'))!r:.60}): {path}")
+            raise BundleError(
+                f"not a kvprof bundle (manifest format {clean_str(self.manifest.get('format'))!r:.60}): {path}"
+            )
         version = self.manifest.get("format_version")
         if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError(f"manifest has no format_version: {path}")
@@ -722,7 +794,9 @@ class Bundle:
         if os.path.isdir(procs_dir):
             names = sorted(os.listdir(procs_dir))
             if len(names) > MAX_PROCESSES:
-                raise BundleError(f"{len(names):,} process directories: more than kvprof reads ({MAX_PROCESSES:,}): {path}")
+                raise BundleError(
+                    f"{len(names):,} process directories: more than kvprof reads ({MAX_PROCESSES:,}): {path}"
+                )
             for name in names:
                 d = os.path.join(procs_dir, name)
                 if os.path.isdir(d) and not os.path.islink(d) and os.path.exists(os.path.join(d, fmt.PROCESS_JSON)):
@@ -818,8 +892,16 @@ class Bundle:
             gpool = np.where(pl < len(lut), lut[np.minimum(pl, len(lut) - 1)], -1)
             req = rows["req"].astype(np.int64)
             req = np.where(req >= 0, (i << 32) | req, -1)  # made dense keys by block_chunks, in merge order
-            chunk = BlockChunk(rows["t"].astype(np.int64), rows["kind"].astype(np.uint8), gpool.astype(np.int32), req,
-                               rows["arg"].astype(np.int64), rows["arg2"].astype(np.int64), n, np.asarray(ids, dtype=np.int32))
+            chunk = BlockChunk(
+                rows["t"].astype(np.int64),
+                rows["kind"].astype(np.uint8),
+                gpool.astype(np.int32),
+                req,
+                rows["arg"].astype(np.int64),
+                rows["arg2"].astype(np.int64),
+                n,
+                np.asarray(ids, dtype=np.int32),
+            )
             if (gpool < 0).any():  # events of a pool whose declaration was lost in a crash: dropped
                 keep = gpool >= 0
                 dropped += int((~keep).sum())
@@ -854,16 +936,30 @@ class Bundle:
             sources = [s for s in sources if not s.done or len(s.pending)]
         late = sum(s.late for s in every)
         if late:
-            self.notes.append(f"{late:,} block events were written more than a piece out of time order: analysed where they came, at the earliest time not yet analysed")
+            self.notes.append(
+                f"{late:,} block events were written more than a piece out of time order: analysed where they came, at the earliest time not yet analysed"
+            )
 
     def block_stream(self) -> BlockStream:
         """All block events in memory (tests and small inputs)."""
         chunk = BlockChunk.concat(list(self.block_chunks()) or [BlockChunk.empty()])
         keys = np.unique(chunk.req[chunk.req >= 0])
         lut = {int(k): i for i, k in enumerate(keys.tolist())}
-        req = np.array([lut.get(int(r), -1) for r in chunk.req.tolist()], dtype=np.int64) if len(chunk.req) else chunk.req
-        return BlockStream(chunk.t, chunk.kind, chunk.pool, req, chunk.arg, chunk.arg2, chunk.n.astype(np.uint32), chunk.ids,
-                           self.pools, [self.request_name(int(k)) for k in keys.tolist()])
+        req = (
+            np.array([lut.get(int(r), -1) for r in chunk.req.tolist()], dtype=np.int64) if len(chunk.req) else chunk.req
+        )
+        return BlockStream(
+            chunk.t,
+            chunk.kind,
+            chunk.pool,
+            req,
+            chunk.arg,
+            chunk.arg2,
+            chunk.n.astype(np.uint32),
+            chunk.ids,
+            self.pools,
+            [self.request_name(int(k)) for k in keys.tolist()],
+        )
 
     def expected_events(self) -> int:
         return sum(p.expected_events() for p in self.processes)

@@ -50,11 +50,16 @@ BLOCK_REC = struct.Struct("<qBHiqqIiiiB")  # t kind pool req arg arg2 n id0 id1 
 IDS_REC = struct.Struct("<11i3xB")
 MARK_REC = struct.Struct("<qiq27xB")
 GC_REC = struct.Struct("<qqBqq14xB")
-HEAP_REC = struct.Struct("<qIBiqq14xBqqqqIq3xB")  # two records: t seq reason mark mark_value live | blocks traced peak overhead rows cost
+HEAP_REC = struct.Struct(
+    "<qIBiqq14xBqqqqIq3xB"
+)  # two records: t seq reason mark mark_value live | blocks traced peak overhead rows cost
 STRING_REC = struct.Struct("<iH41sB")  # an interned request id: its number, its UTF-8 length, the first 41 bytes
 # a block event with k <= IDS_INLINE ids: (t, kind, pool, req, arg, arg2, k, *ids, TAG_BLOCK)
 PACK_N = [struct.Struct("<qBHiqqI" + "i" * k + "x" * (4 * (IDS_INLINE - k)) + "B") for k in range(IDS_INLINE + 1)]
-assert all(s.size == RECORD for s in (BLOCK_REC, IDS_REC, MARK_REC, GC_REC, STRING_REC, *PACK_N)) and HEAP_REC.size == 2 * RECORD
+assert (
+    all(s.size == RECORD for s in (BLOCK_REC, IDS_REC, MARK_REC, GC_REC, STRING_REC, *PACK_N))
+    and HEAP_REC.size == 2 * RECORD
+)
 
 CHUNKS = "events.kvc"  # one chunk log per process
 STAGE_PREFIX, STAGE_SUFFIX = "stage-", ".kvs"
@@ -88,7 +93,9 @@ def pack_block(t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids:
     pad = (-len(rest)) % IDS_PER_CONT
     if pad:
         rest.extend((0,) * pad)
-    return head + b"".join(IDS_REC.pack(*rest[i : i + IDS_PER_CONT], TAG_IDS) for i in range(0, len(rest), IDS_PER_CONT))
+    return head + b"".join(
+        IDS_REC.pack(*rest[i : i + IDS_PER_CONT], TAG_IDS) for i in range(0, len(rest), IDS_PER_CONT)
+    )
 
 
 def pack_string(sid: int, text: str) -> bytes:
@@ -129,7 +136,9 @@ def encode_chunk(payload: int, raw: bytes, seg: tuple[int, int] = (-1, 0), level
     return chunk_from_body(payload, body, len(raw) // width, len(raw), seg, tags)
 
 
-def chunk_from_body(payload: int, body: bytes, nrec: int, raw_len: int, seg: tuple[int, int], tags: bytes = b"") -> bytes:
+def chunk_from_body(
+    payload: int, body: bytes, nrec: int, raw_len: int, seg: tuple[int, int], tags: bytes = b""
+) -> bytes:
     """A chunk around an already compressed body (of the byte planes); ``tags``: the
     records' tag bytes, for the header's bitmask of the tags present."""
     mask = 0
@@ -150,7 +159,18 @@ class ChunkHeader:
         (hcrc,) = HEADER_CRC.unpack_from(data, HEADER.size)
         if fields[0] != MAGIC or zlib.crc32(data[: HEADER.size]) != hcrc:
             raise ChunkError("bad chunk header")
-        _, self.payload, self.tags, _, self.nrec, self.raw_len, self.comp_len, self.seg_seq, self.seg_count, self.crc = fields
+        (
+            _,
+            self.payload,
+            self.tags,
+            _,
+            self.nrec,
+            self.raw_len,
+            self.comp_len,
+            self.seg_seq,
+            self.seg_count,
+            self.crc,
+        ) = fields
         width = WIDTH.get(self.payload)
         if width is None:
             raise ChunkError(f"unknown chunk payload {self.payload}")

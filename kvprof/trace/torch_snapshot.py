@@ -87,10 +87,33 @@ TIME_LIMIT = 1 << 62  # |time_us| below this: the differences of two times fit 6
 NO_FRAMES = "(no frames recorded)"
 CALL_SITES_NUMPY = 20_000  # allocations from which their call sites are put together with numpy (when imported)
 
-ACTIONS = ("other", "alloc", "free_requested", "free_completed", "free", "segment_alloc", "segment_free", "segment_map",
-           "segment_unmap", "oom", "snapshot")
+ACTIONS = (
+    "other",
+    "alloc",
+    "free_requested",
+    "free_completed",
+    "free",
+    "segment_alloc",
+    "segment_free",
+    "segment_map",
+    "segment_unmap",
+    "oom",
+    "snapshot",
+)
 ACTION_CODE = {a: i for i, a in enumerate(ACTIONS)}
-OTHER, ALLOC, FREE_REQUESTED, FREE_COMPLETED, FREE, SEGMENT_ALLOC, SEGMENT_FREE, SEGMENT_MAP, SEGMENT_UNMAP, OOM, SNAPSHOT = range(len(ACTIONS))
+(
+    OTHER,
+    ALLOC,
+    FREE_REQUESTED,
+    FREE_COMPLETED,
+    FREE,
+    SEGMENT_ALLOC,
+    SEGMENT_FREE,
+    SEGMENT_MAP,
+    SEGMENT_UNMAP,
+    OOM,
+    SNAPSHOT,
+) = range(len(ACTIONS))
 
 PREFETCH_NUMPY_BYTES = 5 << 20  # a pickle this large may hold a trace long enough for the numpy replay (60k+ entries)
 # the isolated reader's limits: address space beyond what the process had at the fork, CPU seconds
@@ -100,12 +123,16 @@ CHILD_CPU_BASE_S = 10
 CHILD_CPU_PER_MIB_S = 1
 
 _NoneType = type(None)
-_ONLY = [bytes(int(i == code) for i in range(256)) for code in range(len(ACTIONS))]  # bytes.translate: a code's 0/1 mask
+_ONLY = [
+    bytes(int(i == code) for i in range(256)) for code in range(len(ACTIONS))
+]  # bytes.translate: a code's 0/1 mask
 
 
 class _NoGlobals(pickle.Unpickler):
     def find_class(self, module: str, name: str) -> Any:  # GLOBAL, STACK_GLOBAL, INST, OBJ, EXT*
-        raise pickle.UnpicklingError(f"it asks to import {str(module)[:100]}.{str(name)[:100]}; snapshots hold plain data only, so nothing was run")
+        raise pickle.UnpicklingError(
+            f"it asks to import {str(module)[:100]}.{str(name)[:100]}; snapshots hold plain data only, so nothing was run"
+        )
 
     def persistent_load(self, pid: Any) -> Any:
         raise pickle.UnpicklingError("it uses persistent ids; snapshots hold plain data only")
@@ -191,14 +218,22 @@ def _read_columns(read: Callable[[], Any], name: str, nbytes: int) -> tuple[dict
         except (MemoryError, RecursionError):
             raise
         except Exception as exc:  # noqa: BLE001 - whatever the unpickler says about a damaged file
-            why = "it is truncated" if isinstance(exc, EOFError) else f"it is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+            why = (
+                "it is truncated"
+                if isinstance(exc, EOFError)
+                else f"it is damaged ({type(exc).__name__}: {str(exc)[:200]})"
+            )
             raise BundleError(f"{name}: cannot read this snapshot: {why}") from None
         return _extract(obj, name, _budget(nbytes))
     except _Implausible as exc:
         raise BundleError(f"{name}: not a plausible memory snapshot: {exc}") from None
     except MemoryError:
-        raise BundleError(f"{name}: refused to load this pickle: it needs more memory than the reader allows "
-                          f"({_allowance[0] >> 20:,} MiB)" if _allowance[0] else f"{name}: refused to load this pickle: out of memory") from None
+        raise BundleError(
+            f"{name}: refused to load this pickle: it needs more memory than the reader allows "
+            f"({_allowance[0] >> 20:,} MiB)"
+            if _allowance[0]
+            else f"{name}: refused to load this pickle: out of memory"
+        ) from None
     except RecursionError:
         raise BundleError(f"{name}: refused to load this pickle: it nests containers too deep for a snapshot") from None
 
@@ -227,7 +262,9 @@ def _limit_child(nbytes: int) -> None:
     except (ValueError, OSError):
         pass
     try:
-        lower(resource.RLIMIT_CPU, CHILD_CPU_BASE_S + CHILD_CPU_PER_MIB_S * (nbytes >> 20), hard_margin=5)  # SIGXCPU, then SIGKILL
+        lower(
+            resource.RLIMIT_CPU, CHILD_CPU_BASE_S + CHILD_CPU_PER_MIB_S * (nbytes >> 20), hard_margin=5
+        )  # SIGXCPU, then SIGKILL
     except (ValueError, OSError):
         pass
     try:
@@ -357,8 +394,10 @@ def _death(status: int) -> str:
         if sig in (signal.SIGXCPU, signal.SIGKILL):
             return f"reading it took longer than the reader allows ({sname})"
         if sig in (signal.SIGSEGV, signal.SIGBUS):
-            return (f"it crashed the isolated reader ({sname}), as containers nested hundreds of thousands deep do "
-                    "(snapshots nest about 6)")
+            return (
+                f"it crashed the isolated reader ({sname}), as containers nested hundreds of thousands deep do "
+                "(snapshots nest about 6)"
+            )
         return f"the isolated reader was stopped by {sname}"
     return f"the isolated reader failed (exit status {os.WEXITSTATUS(status) if os.WIFEXITED(status) else status})"
 
@@ -390,7 +429,9 @@ def _ints(vals: list[Any], default: Any, what: str, nonneg: bool = False) -> arr
             col = array("q", vals)
         except OverflowError:
             v = max(vals, key=abs)
-            raise _Implausible(f"a number of {v.bit_length()} bits in {what}, where sizes and addresses have at most 63") from None
+            raise _Implausible(
+                f"a number of {v.bit_length()} bits in {what}, where sizes and addresses have at most 63"
+            ) from None
     if nonneg and col and min(col) < 0:
         raise _Implausible(f"a negative size ({min(col):,}) in {what}")
     return col
@@ -508,8 +549,10 @@ def _extract(obj: Any, name: str, budget: int) -> tuple[dict[str, Any], dict[str
         raise BundleError(f"{name}: not a PyTorch memory snapshot (top level is {what})")
 
     def too_many(n: int) -> BundleError:
-        return BundleError(f"{name}: refused: {n:,} or more segments, blocks and trace entries (counting shared references), "
-                           f"more than a snapshot of this size holds (at most {budget:,})")
+        return BundleError(
+            f"{name}: refused: {n:,} or more segments, blocks and trace entries (counting shared references), "
+            f"more than a snapshot of this size holds (at most {budget:,})"
+        )
 
     segs = obj["segments"]
     raw_traces = obj.get("device_traces", [])
@@ -517,13 +560,20 @@ def _extract(obj: Any, name: str, budget: int) -> tuple[dict[str, Any], dict[str
         raise BundleError(f"{name}: device_traces is malformed (expected a list per device)")
     if len(segs) + len(raw_traces) > budget:
         raise too_many(len(segs) + len(raw_traces))
-    seg_ok = lambda s: isinstance(s, dict) and isinstance(s.get("blocks"), list) and isinstance(s.get("total_size"), int)  # noqa: E731
+
+    def seg_ok(s: Any) -> bool:
+        return isinstance(s, dict) and isinstance(s.get("blocks"), list) and isinstance(s.get("total_size"), int)
+
     if not all(map(isinstance, segs, repeat(dict))):
-        raise BundleError(f"{name}: segment {_first_bad(segs, seg_ok)} is malformed (needs total_size and a blocks list)")
+        raise BundleError(
+            f"{name}: segment {_first_bad(segs, seg_ok)} is malformed (needs total_size and a blocks list)"
+        )
     block_lists = _get(segs, "blocks")
     totals = _get(segs, "total_size")
     if not (all(map(isinstance, block_lists, repeat(list))) and all(map(isinstance, totals, repeat(int)))):
-        raise BundleError(f"{name}: segment {_first_bad(segs, seg_ok)} is malformed (needs total_size and a blocks list)")
+        raise BundleError(
+            f"{name}: segment {_first_bad(segs, seg_ok)} is malformed (needs total_size and a blocks list)"
+        )
     nblocks = list(map(len, block_lists))
     items = len(segs) + sum(nblocks)
     if items > budget:
@@ -551,8 +601,11 @@ def _extract(obj: Any, name: str, budget: int) -> tuple[dict[str, Any], dict[str
     pools = list(map(dict.get, segs, repeat("segment_pool_id"), repeat((0, 0))))
     if not set(map(type, pools)) <= {tuple, list}:  # a bare number is a pool of its own; None, no pool named
         pools = [(p,) if type(p) is int else (0, 0) if p is None else p for p in pools]
-    if not set(map(type, pools)) <= {tuple, list} or max(map(len, pools), default=0) > 4 \
-            or not set(map(type, chain.from_iterable(pools))) <= {int}:
+    if (
+        not set(map(type, pools)) <= {tuple, list}
+        or max(map(len, pools), default=0) > 4
+        or not set(map(type, chain.from_iterable(pools))) <= {int}
+    ):
         i = _first_bad(pools, lambda p: type(p) in (tuple, list) and len(p) <= 4 and all(type(x) is int for x in p))
         raise BundleError(f"{name}: segment {i} is malformed (segment_pool_id is not a pair of numbers)")
     flat_pools = list(chain.from_iterable(pools))
@@ -566,7 +619,9 @@ def _extract(obj: Any, name: str, budget: int) -> tuple[dict[str, Any], dict[str
     sizes = _get(blocks, "size") if all(map(isinstance, blocks, repeat(dict))) else None
     states: Any = _get(blocks, "state") if sizes is not None else None
     if sizes is None or not all(map(isinstance, sizes, repeat(int))) or not set(map(type, states)) <= {str}:
-        k = _first_bad(blocks, lambda b: isinstance(b, dict) and isinstance(b.get("size"), int) and isinstance(b.get("state"), str))
+        k = _first_bad(
+            blocks, lambda b: isinstance(b, dict) and isinstance(b.get("size"), int) and isinstance(b.get("state"), str)
+        )
         i = 0
         while k >= nblocks[i]:
             k -= nblocks[i]
@@ -590,8 +645,10 @@ def _extract(obj: Any, name: str, budget: int) -> tuple[dict[str, Any], dict[str
         over = list(map(int.__gt__, used, cols["seg_total"]))
         if any(over):
             i = over.index(True)
-            raise _Implausible(f"the blocks of segment {i} add up to {used[i]:,} bytes, more than its total_size of "
-                               f"{cols['seg_total'][i]:,}")
+            raise _Implausible(
+                f"the blocks of segment {i} add up to {used[i]:,} bytes, more than its total_size of "
+                f"{cols['seg_total'][i]:,}"
+            )
 
     # the trace
     entries = list(chain.from_iterable(raw_traces))
@@ -690,10 +747,17 @@ class Columns:
     def entry(self, i: int) -> dict[str, Any]:
         if self._ordinals is None:
             at = range(len(self.action))
-            self._ordinals = ({j: k for k, j in enumerate(compress(at, map(ALLOC.__eq__, self.action)))},
-                              {j: k for k, j in enumerate(compress(at, map(OOM.__eq__, self.action)))})
+            self._ordinals = (
+                {j: k for k, j in enumerate(compress(at, map(ALLOC.__eq__, self.action)))},
+                {j: k for k, j in enumerate(compress(at, map(OOM.__eq__, self.action)))},
+            )
         allocs, ooms = self._ordinals
-        out: dict[str, Any] = {"action": ACTIONS[self.action[i]], "addr": self.addr[i], "size": self.size[i], "time_us": self.time_of(i)}
+        out: dict[str, Any] = {
+            "action": ACTIONS[self.action[i]],
+            "addr": self.addr[i],
+            "size": self.size[i],
+            "time_us": self.time_of(i),
+        }
         if i in allocs:
             out["stack"] = self.stacks[self.alloc_stack[allocs[i]]]
         if i in ooms:
@@ -725,7 +789,10 @@ def _call_sites(c: Columns) -> tuple[Any, list[str]]:
         rank = np.empty(len(uniq), dtype=np.int64)
         rank[order] = np.arange(len(uniq))
         ids = memoryview(rank[inverse.reshape(-1)].astype(np.int32))  # type: ignore[arg-type]  # a buffer: numpy says so for Python 3.12+
-        keys = [tuple(t - 1 for t in (int(k) >> 16 * (STACK_DEPTH - 1 - j) & 0xFFFF for j in range(STACK_DEPTH)) if t) for k in uniq[order].tolist()]
+        keys = [
+            tuple(t - 1 for t in (int(k) >> 16 * (STACK_DEPTH - 1 - j) & 0xFFFF for j in range(STACK_DEPTH)) if t)
+            for k in uniq[order].tolist()
+        ]
     else:
         it = iter(c.alloc_frames)
         ids, keys = _table(list(map(tuple, map(islice, repeat(it), c.alloc_nframes))))
@@ -749,7 +816,12 @@ class _Blocks:
 
     def _row(self, j: int) -> dict[str, Any]:
         c = self._c
-        return {"size": c.blk_size[j], "state": c.blk_states[c.blk_state[j]], "requested_size": c.blk_requested[j], "address": c.blk_address[j]}
+        return {
+            "size": c.blk_size[j],
+            "state": c.blk_states[c.blk_state[j]],
+            "requested_size": c.blk_requested[j],
+            "address": c.blk_address[j],
+        }
 
     def __getitem__(self, i: int | slice) -> Any:
         if isinstance(i, slice):
@@ -790,10 +862,21 @@ class _Entries:
 def _assemble(meta: dict[str, Any], cols: dict[str, Any]) -> dict[str, Any]:
     c = Columns(meta, cols)
     st = c.seg_starts
-    segments = [{"device": dev, "address": addr, "total_size": total, "stream": stream, "segment_type": c.seg_types[kind],
-                 "segment_pool_id": c.seg_pools[pool], "is_expandable": bool(exp), "blocks": _Blocks(c, st[i], st[i + 1])}
-                for i, (dev, addr, total, stream, kind, pool, exp)
-                in enumerate(zip(c.seg_device, c.seg_address, c.seg_total, c.seg_stream, c.seg_type, c.seg_pool, c.seg_expandable))]
+    segments = [
+        {
+            "device": dev,
+            "address": addr,
+            "total_size": total,
+            "stream": stream,
+            "segment_type": c.seg_types[kind],
+            "segment_pool_id": c.seg_pools[pool],
+            "is_expandable": bool(exp),
+            "blocks": _Blocks(c, st[i], st[i + 1]),
+        }
+        for i, (dev, addr, total, stream, kind, pool, exp) in enumerate(
+            zip(c.seg_device, c.seg_address, c.seg_total, c.seg_stream, c.seg_type, c.seg_pool, c.seg_expandable)
+        )
+    ]
     traces, at = [], 0
     for n in c.dev_lens:
         traces.append(_Entries(c, at, at + n))
@@ -803,5 +886,3 @@ def _assemble(meta: dict[str, Any], cols: dict[str, Any]) -> dict[str, Any]:
         if key in meta:
             out[key] = meta[key]
     return out
-
-

@@ -228,7 +228,9 @@ class ProcessWriter:
                 self.failed = isinstance(exc, OSError) or self.failed
 
     # -- producers ---------------------------------------------------------------------
-    def block(self, t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids: list[int] | tuple[int, ...] = ()) -> None:
+    def block(
+        self, t: int, kind: int, pool: int, req: int, arg: int, arg2: int, ids: list[int] | tuple[int, ...] = ()
+    ) -> None:
         """One block-stream event (``req`` already interned, -1 for none)."""
         try:
             n = len(ids)

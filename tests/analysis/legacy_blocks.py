@@ -154,7 +154,9 @@ def _group_max(values: np.ndarray, starts: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(values, starts) if len(values) else values
 
 
-def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: tuple[int, int] | None = None) -> PoolAnalysis:
+def analyze_blocks(
+    stream: BlockStream, pools: list[int] | None = None, window: tuple[int, int] | None = None
+) -> PoolAnalysis:
     """Analyze the pools ``pools`` (global indices; None: all) of ``stream``.
 
     ``window`` = (t0, t1) restricts counts, integrals and the watermark to that
@@ -211,7 +213,9 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
         key, bkind, bt, ev_of = key[keep], bkind[keep], bt[keep], ev_of[keep]
     m = len(key)
 
-    capacity = sum(p.num_blocks for p in infos) - int(sum(reserved[base[p.index]:base[p.index + 1]].sum() for p in infos))
+    capacity = sum(p.num_blocks for p in infos) - int(
+        sum(reserved[base[p.index] : base[p.index + 1]].sum() for p in infos)
+    )
     n_reserved = sum(p.num_blocks for p in infos) - capacity
     sizes = {p.block_size for p in infos}
     block_size = sizes.pop() if len(sizes) == 1 else None
@@ -434,7 +438,9 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
     if len(fail_idx):
         # state just before the failure in call order (timestamps may tie on a simulated clock)
         pos = np.searchsorted(ev_of, rsel[fail_idx], side="left") - 1
-        before = inuse[np.clip(pos, 0, m - 1)] if m else np.zeros(len(pos), dtype=np.int64)  # no block ever moved: all free
+        before = (
+            inuse[np.clip(pos, 0, m - 1)] if m else np.zeros(len(pos), dtype=np.int64)
+        )  # no block ever moved: all free
         free_now = capacity - np.where(pos >= 0, before, 0)
         need = r_arg[fail_idx]
         hurts = int(((need >= 0) & (need <= free_now)).sum())
@@ -545,12 +551,33 @@ def analyze_blocks(stream: BlockStream, pools: list[int] | None = None, window: 
             "tokens": total_tokens,
         }
 
-    timeline = _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, step_times, r_t[r_kind == K.REQ_PREEMPT], t_start,
-                         None if window is None else (w0, w1))
+    timeline = _timeline(
+        bt,
+        inuse,
+        cached,
+        tl_t,
+        v_slots,
+        v_waste,
+        capacity,
+        step_times,
+        r_t[r_kind == K.REQ_PREEMPT],
+        t_start,
+        None if window is None else (w0, w1),
+    )
 
     return PoolAnalysis(
         label="all pools" if pools is None else ", ".join(p.label for p in infos),
-        pools=[{"label": p.label, "engine": p.engine, "num_blocks": p.num_blocks, "block_size": p.block_size, "pid": p.pid, "clock": p.clock} for p in infos],
+        pools=[
+            {
+                "label": p.label,
+                "engine": p.engine,
+                "num_blocks": p.num_blocks,
+                "block_size": p.block_size,
+                "pid": p.pid,
+                "clock": p.clock,
+            }
+            for p in infos
+        ],
         capacity=capacity,
         reserved=n_reserved,
         block_size=block_size,
@@ -615,7 +642,6 @@ def true_runs(mask: np.ndarray):
     return starts, np.flatnonzero(d == -1) - starts
 
 
-
 def _rle(states: np.ndarray) -> list:
     if not len(states):
         return []
@@ -649,5 +675,7 @@ def _timeline(bt, inuse, cached, tl_t, v_slots, v_waste, capacity, steps, preemp
     if len(tl_t) and np.any(v_waste):
         j = np.clip(np.searchsorted(tl_t, edges[present + 1], side="left") - 1, 0, len(tl_t) - 1)
         slots = v_slots[j].astype(np.float64)
-        out["internal_fragmentation"] = np.where(slots > 0, np.minimum(v_waste[j], slots) / np.maximum(slots, 1), 0.0).round(4).tolist()
+        out["internal_fragmentation"] = (
+            np.where(slots > 0, np.minimum(v_waste[j], slots) / np.maximum(slots, 1), 0.0).round(4).tolist()
+        )
     return out

@@ -70,7 +70,10 @@ def replay(events, num_blocks, block_size):
                     peak, peak_t = inuse, t
                     peak_states = [state(x) for x in range(num_blocks)]
                 states = [state(x) for x in range(num_blocks)]
-                counts_ok &= sum(1 for s in states if s in (0, 1)) + sum(1 for s in states if s == 2) + len(reserved) == num_blocks
+                counts_ok &= (
+                    sum(1 for s in states if s in (0, 1)) + sum(1 for s in states if s == 2) + len(reserved)
+                    == num_blocks
+                )
         elif kind == K.REQ_QUERY:
             query += arg
             hits += arg2

@@ -102,7 +102,11 @@ def _check(events):
     if a.internal_time_weighted is not None:
         assert a.internal_time_weighted == pytest.approx(ref["internal_time_weighted"])
         assert 0.0 <= a.internal_time_weighted <= 1.0
-    assert (a.allocated_blocks, a.hit_blocks, a.frees_to_zero) == (ref["allocated_blocks"], ref["hit_blocks"], ref["frees_to_zero"])
+    assert (a.allocated_blocks, a.hit_blocks, a.frees_to_zero) == (
+        ref["allocated_blocks"],
+        ref["hit_blocks"],
+        ref["frees_to_zero"],
+    )
     assert a.high_watermark == (pytest.approx(ref["high_watermark"]) if ref["high_watermark"] is not None else None)
     assert 0.0 <= (a.high_watermark or 0.0) <= 1.0
     if a.external_at_peak is not None:

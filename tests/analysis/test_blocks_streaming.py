@@ -46,7 +46,11 @@ def assert_same(stream, pools=None, window=None, chunk_sizes=(1, 3, 50, 1 << 17)
     for cs in chunk_sizes:
         got = dataclasses.asdict(new.analyze_blocks(stream, pools, window, chunk_events=cs))
         assert got.pop("damaged_queries") == 0  # new: the generated lookups are all sound
-        for new_field in ("preempted_query_tokens", "preempted_hit_tokens", "preempted_hit_rate"):  # new: kind 16, unknown before
+        for new_field in (
+            "preempted_query_tokens",
+            "preempted_hit_tokens",
+            "preempted_hit_rate",
+        ):  # new: kind 16, unknown before
             got.pop(new_field)
         bad = differences(want, got)
         assert not bad, f"chunk size {cs}: {bad[:8]}"
@@ -73,7 +77,25 @@ def engine_streams(draw):
         t += draw(st.sampled_from([0, 0, 1, 2, 5]))
         p = draw(st.integers(0, npools - 1))
         ref, hashed, reserved, held = states[p]
-        op = draw(st.sampled_from(["arrive", "alloc", "hit", "free", "cache", "evict", "state", "query", "step", "preempt", "fail", "finish", "bogus"]))
+        op = draw(
+            st.sampled_from(
+                [
+                    "arrive",
+                    "alloc",
+                    "hit",
+                    "free",
+                    "cache",
+                    "evict",
+                    "state",
+                    "query",
+                    "step",
+                    "preempt",
+                    "fail",
+                    "finish",
+                    "bogus",
+                ]
+            )
+        )
         req = draw(st.integers(0, 5))
         free = [b for b in range(N) if b not in reserved and ref[b] == 0]
         if op == "arrive":
@@ -130,7 +152,17 @@ def engine_streams(draw):
         elif op == "fail":
             events.append((t, K.ALLOC_FAIL, p, req, draw(st.integers(-1, N)), draw(st.integers(-1, N)), None))
         elif op == "bogus":
-            events.append((t, draw(st.sampled_from([K.FREE, K.ALLOC, K.HIT])), p, draw(st.integers(-1, 5)), 0, 0, [draw(st.integers(1, N - 1))]))
+            events.append(
+                (
+                    t,
+                    draw(st.sampled_from([K.FREE, K.ALLOC, K.HIT])),
+                    p,
+                    draw(st.integers(-1, 5)),
+                    0,
+                    0,
+                    [draw(st.integers(1, N - 1))],
+                )
+            )
     pools = [{"num_blocks": N, "block_size": B, "name": f"p{i}"} for i in range(npools)]
     return BlockStream.from_events(events, pools, [f"r{i}" for i in range(6)]), t
 

@@ -13,12 +13,20 @@ from tests.conftest import WORKLOADS, run_kvprof, vllm_python
 pytestmark = pytest.mark.vllm
 
 
-
 @pytest.fixture(scope="module")
 def vllm_run(tmp_path_factory):
     d = tmp_path_factory.mktemp("vllm")
     bundle, truth = d / "v.kvprof", d / "truth.json"
-    r = run_kvprof("record", "-o", str(bundle), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_tiny.py"), str(truth), timeout=600)
+    r = run_kvprof(
+        "record",
+        "-o",
+        str(bundle),
+        "--",
+        vllm_python(),
+        os.path.join(WORKLOADS, "vllm_tiny.py"),
+        str(truth),
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     a = run_kvprof("analyze", str(bundle), "--json", str(d / "a.json"), "--no-report")
     assert a.returncode == 0, a.stderr
@@ -28,7 +36,14 @@ def vllm_run(tmp_path_factory):
 def test_prefix_cache_and_preemptions_equal_vllm_metrics(vllm_run):
     _, truth, analysis = vllm_run
     m = {k: v["value"] for k, v in analysis["metrics"].items()}
-    print("kvprof:", m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"], m["blocks.preemptions"], "vllm:", truth)
+    print(
+        "kvprof:",
+        m["blocks.prefix_cache.query_tokens"],
+        m["blocks.prefix_cache.hit_tokens"],
+        m["blocks.preemptions"],
+        "vllm:",
+        truth,
+    )
     assert truth["vllm:prefix_cache_hits"] > 0 and truth["vllm:num_preemptions"] > 0
     assert m["blocks.prefix_cache.query_tokens"] == truth["vllm:prefix_cache_queries"]
     assert m["blocks.prefix_cache.hit_tokens"] == truth["vllm:prefix_cache_hits"]
@@ -40,7 +55,13 @@ def test_preempted_lookups_equal_vllm_preempted_counters(vllm_run):
     (summed from the scheduler stats the engine core sent), equal to kvprof's preempted_*."""
     bundle, truth, analysis = vllm_run
     m = {k: v["value"] for k, v in analysis["metrics"].items()}
-    print("kvprof:", m["blocks.prefix_cache.preempted_query_tokens"], m["blocks.prefix_cache.preempted_hit_tokens"], "vllm:", truth)
+    print(
+        "kvprof:",
+        m["blocks.prefix_cache.preempted_query_tokens"],
+        m["blocks.prefix_cache.preempted_hit_tokens"],
+        "vllm:",
+        truth,
+    )
     assert truth["vllm:prefix_cache_preempted_requests"] > 0 and truth["vllm:prefix_cache_preempted_hits"] > 0
     assert m["blocks.prefix_cache.preempted_query_tokens"] == truth["vllm:prefix_cache_preempted_queries"]
     assert m["blocks.prefix_cache.preempted_hit_tokens"] == truth["vllm:prefix_cache_preempted_hits"]
@@ -73,7 +94,15 @@ def test_hooks_attach_in_the_spawned_engine_core(vllm_run):
     assert engine["role"] == "child"  # the engine core, not the process the user started
     info = engine["probes"]["blocks"]["engines"]["vllm"]
     assert info["version"].startswith("0.32") and info["missing"] == []
-    for hook in ("BlockPool.get_new_blocks", "BlockPool.free_blocks", "BlockPool.touch", "BlockPool.cache_full_blocks", "KVCacheManager.allocate_slots", "Scheduler.schedule", "Scheduler._preempt_request"):
+    for hook in (
+        "BlockPool.get_new_blocks",
+        "BlockPool.free_blocks",
+        "BlockPool.touch",
+        "BlockPool.cache_full_blocks",
+        "KVCacheManager.allocate_slots",
+        "Scheduler.schedule",
+        "Scheduler._preempt_request",
+    ):
         assert hook in info["attached"]
     assert {"serve_start", "second_wave", "serve_end"} <= set(b.marks().names)
 

@@ -19,7 +19,6 @@ from tests.conftest import vllm_python
 pytestmark = pytest.mark.vllm
 
 
-
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -29,15 +28,40 @@ def _free_port() -> int:
 def test_ctrl_c_of_the_openai_server(tmp_path):
     vpy = vllm_python()
     model = tmp_path / "tiny"
-    code = ("from transformers import LlamaConfig; LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, "
-            "num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, "
-            f"torch_dtype='float32').save_pretrained({str(model)!r})")
-    assert os.system(f"{vpy} -c \"{code}\"") == 0
+    code = (
+        "from transformers import LlamaConfig; LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, "
+        "num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, "
+        f"torch_dtype='float32').save_pretrained({str(model)!r})"
+    )
+    assert os.system(f'{vpy} -c "{code}"') == 0
     port = _free_port()
     bundle = tmp_path / "server.kvprof"
-    argv = [sys.executable, "-m", "kvprof", "record", "-o", str(bundle), "--", vpy, "-m", "vllm.entrypoints.openai.api_server",
-            "--model", str(model), "--load-format", "dummy", "--skip-tokenizer-init", "--dtype", "float32", "--max-model-len", "512",
-            "--port", str(port), "--enforce-eager", "--max-num-seqs", "4"]
+    argv = [
+        sys.executable,
+        "-m",
+        "kvprof",
+        "record",
+        "-o",
+        str(bundle),
+        "--",
+        vpy,
+        "-m",
+        "vllm.entrypoints.openai.api_server",
+        "--model",
+        str(model),
+        "--load-format",
+        "dummy",
+        "--skip-tokenizer-init",
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--port",
+        str(port),
+        "--enforce-eager",
+        "--max-num-seqs",
+        "4",
+    ]
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_LOGGING_LEVEL="WARNING")
     pid, fd = pty.fork()  # a terminal of its own: Ctrl-C reaches the whole foreground group
     if pid == 0:
@@ -67,7 +91,9 @@ def test_ctrl_c_of_the_openai_server(tmp_path):
     try:
         assert up, out.decode(errors="replace")[-3000:]
         body = json.dumps({"model": str(model), "prompt": list(range(1, 9)), "max_tokens": 8}).encode()
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{port}/v1/completions", data=body, headers={"Content-Type": "application/json"}
+        )
         assert urllib.request.urlopen(req, timeout=120).status == 200
         os.write(fd, b"\x03")
         t1 = time.monotonic()
@@ -83,6 +109,10 @@ def test_ctrl_c_of_the_openai_server(tmp_path):
     children = [p for p in m["processes"] if p["role"] == "child"]
     assert len(children) >= 2, m["processes"]  # the engine core and its worker (and the resource tracker)
     for p in children:
-        assert p["exited_cleanly"] is True and p["ended"] in ("closed", "stopped_with_parent"), (p, m["target"], m["processes"])
+        assert p["exited_cleanly"] is True and p["ended"] in ("closed", "stopped_with_parent"), (
+            p,
+            m["target"],
+            m["processes"],
+        )
     assert any(p["ended"] == "stopped_with_parent" and p["stopped_by"] == main["pid"] for p in children)
     assert sum(p["records"].get("blocks.bin", 0) for p in children) > 0  # the engine core's block events are there

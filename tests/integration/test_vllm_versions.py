@@ -18,10 +18,22 @@ from tests.conftest import ROOT, WORKLOADS, run_kvprof, vllm_python
 pytestmark = pytest.mark.vllm
 
 NEWEST = os.environ.get("KVPROF_VLLM_NEWEST") or os.path.join(ROOT, ".venv-vllm-newest")
-HOOKS = ("BlockPool.get_new_blocks", "BlockPool.free_blocks", "BlockPool.touch", "BlockPool.cache_full_blocks",
-         "BlockPool.evict_blocks", "BlockPool.reset_prefix_cache", "KVCacheManager.__init__", "KVCacheManager.allocate_slots",
-         "KVCacheManager.free", "KVCacheManager.record_prefix_cache_stats", "Scheduler.add_request", "Scheduler.schedule",
-         "Scheduler._preempt_request", "Scheduler._free_request")
+HOOKS = (
+    "BlockPool.get_new_blocks",
+    "BlockPool.free_blocks",
+    "BlockPool.touch",
+    "BlockPool.cache_full_blocks",
+    "BlockPool.evict_blocks",
+    "BlockPool.reset_prefix_cache",
+    "KVCacheManager.__init__",
+    "KVCacheManager.allocate_slots",
+    "KVCacheManager.free",
+    "KVCacheManager.record_prefix_cache_stats",
+    "Scheduler.add_request",
+    "Scheduler.schedule",
+    "Scheduler._preempt_request",
+    "Scheduler._free_request",
+)
 
 
 def replay_check(stream, truth, num_blocks):
@@ -33,7 +45,7 @@ def replay_check(stream, truth, num_blocks):
     checked = 0
     for i in range(len(stream)):
         kind = int(stream.kind[i])
-        ids = stream.ids[off[i]:off[i + 1]].tolist()
+        ids = stream.ids[off[i] : off[i + 1]].tolist()
         if kind == K.RESERVE:
             null.update(ids)
         elif kind == K.ALLOC:
@@ -73,12 +85,27 @@ def _newest():
 def test_v1_core_attaches_and_replays_to_vllms_state(tmp_path, release):
     env = {"PYTHONPATH": _newest()} if release == "0.33" else {}
     out, truth_path = tmp_path / "v.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", vllm_python(), os.path.join(WORKLOADS, "vllm_sched.py"), str(truth_path),
-                   env=env, timeout=900)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        vllm_python(),
+        os.path.join(WORKLOADS, "vllm_sched.py"),
+        str(truth_path),
+        env=env,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     truth = json.loads(truth_path.read_text())
     print(release, {k: v for k, v in truth.items() if k != "steps"})
-    assert truth["vllm"].startswith(release) and truth["preemptions"] > 0 and truth["hits"] > 0 and truth["preempted_hits"] > 0
+    assert (
+        truth["vllm"].startswith(release)
+        and truth["preemptions"] > 0
+        and truth["hits"] > 0
+        and truth["preempted_hits"] > 0
+    )
     b = Bundle(str(out))
     (proc,) = [p for p in b.processes if p.pools]
     note = proc.info["probes"]["blocks"]["engines"]["vllm"]
@@ -92,7 +119,10 @@ def test_v1_core_attaches_and_replays_to_vllms_state(tmp_path, release):
     a = run_kvprof("analyze", str(out), "--json", str(tmp_path / "a.json"), "--no-report")
     assert a.returncode == 0, a.stderr
     m = {k: v["value"] for k, v in json.loads((tmp_path / "a.json").read_text())["metrics"].items()}
-    assert (m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"]) == (truth["queries"], truth["hits"])
+    assert (m["blocks.prefix_cache.query_tokens"], m["blocks.prefix_cache.hit_tokens"]) == (
+        truth["queries"],
+        truth["hits"],
+    )
     assert m["blocks.prefix_cache.preempted_query_tokens"] == truth["preempted_queries"]
     assert m["blocks.prefix_cache.preempted_hit_tokens"] == truth["preempted_hits"]
     assert m["blocks.preemptions"] == truth["preemptions"] and m["blocks.leaked_blocks"] == 0

@@ -16,7 +16,12 @@ from kvprof.trace.reader import Bundle
 from tests.conftest import WORKLOADS, run_kvprof
 
 APIS = [
-    pytest.param("2025-12", marks=pytest.mark.skipif(importlib.util.find_spec("nanovllm") is None, reason="nano-vllm-fork not installed (make install)")),
+    pytest.param(
+        "2025-12",
+        marks=pytest.mark.skipif(
+            importlib.util.find_spec("nanovllm") is None, reason="nano-vllm-fork not installed (make install)"
+        ),
+    ),
     "2026",
 ]
 
@@ -30,7 +35,7 @@ def replay_check(stream, truth):
     checked = 0
     for i in range(len(stream)):
         kind = int(stream.kind[i])
-        ids = stream.ids[off[i]:off[i + 1]].tolist()
+        ids = stream.ids[off[i] : off[i + 1]].tolist()
         if kind == K.ALLOC:
             for b in ids:
                 assert ref.get(b, 0) == 0, f"event {i}: alloc of in-use block {b}"
@@ -50,7 +55,9 @@ def replay_check(stream, truth):
             cached.difference_update(ids)
         elif kind == K.STEP:
             snap = snaps[int(stream.arg[i])]
-            assert sorted(b for b, r in ref.items() if r > 0) == snap["used"], f"step {snap['step']}: used blocks differ"
+            assert sorted(b for b, r in ref.items() if r > 0) == snap["used"], (
+                f"step {snap['step']}: used blocks differ"
+            )
             assert sorted(cached) == snap["cached"], f"step {snap['step']}: cached blocks differ"
             checked += 1
     assert checked == len(truth["steps"])
@@ -61,8 +68,23 @@ def replay_check(stream, truth):
 @pytest.mark.parametrize("api", APIS)
 def test_stream_replays_to_the_engine_state(tmp_path, api):
     out, truth_path = tmp_path / "nv.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "nanovllm_sched.py"),
-                   str(truth_path), "--api", api, "--requests", "30", "--blocks", "20", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "nanovllm_sched.py"),
+        str(truth_path),
+        "--api",
+        api,
+        "--requests",
+        "30",
+        "--blocks",
+        "20",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     truth = json.loads(truth_path.read_text())
     assert truth["preemptions"] > 0 and truth["hits"] > 0  # the run exercises pressure and the cache
@@ -99,8 +121,23 @@ def test_readmission_lookups_are_counted_apart(tmp_path, api):
     and kvprof's preempted_* sums equal the engine's own (2025-12, seed 0: 7 preemptions, 2,560
     of 5,303 tokens found on re-admission; first admissions 25,088 of 57,599)."""
     out, truth_path = tmp_path / "nv.kvprof", tmp_path / "truth.json"
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "nanovllm_sched.py"),
-                   str(truth_path), "--api", api, "--requests", "80", "--blocks", "40", timeout=300)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "nanovllm_sched.py"),
+        str(truth_path),
+        "--api",
+        api,
+        "--requests",
+        "80",
+        "--blocks",
+        "40",
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     truth = json.loads(truth_path.read_text())
     assert truth["readmissions"] > 0 and truth["preempted_hits"] > 0
@@ -113,15 +150,34 @@ def test_readmission_lookups_are_counted_apart(tmp_path, api):
     assert r.returncode == 0, r.stderr
     analysis = json.loads((tmp_path / "a.json").read_text())
     m = {k: v["value"] for k, v in analysis["metrics"].items()}
-    print(api, "engine:", {k: truth[k] for k in ("preemptions", "readmissions", "queries", "hits", "preempted_queries", "preempted_hits")})
+    print(
+        api,
+        "engine:",
+        {
+            k: truth[k]
+            for k in ("preemptions", "readmissions", "queries", "hits", "preempted_queries", "preempted_hits")
+        },
+    )
     assert m["blocks.preemptions"] == truth["preemptions"]
-    assert m["blocks.prefix_cache.query_tokens"] == truth["queries"] and m["blocks.prefix_cache.hit_tokens"] == truth["hits"]
+    assert (
+        m["blocks.prefix_cache.query_tokens"] == truth["queries"]
+        and m["blocks.prefix_cache.hit_tokens"] == truth["hits"]
+    )
     assert m["blocks.prefix_cache.preempted_query_tokens"] == truth["preempted_queries"]
     assert m["blocks.prefix_cache.preempted_hit_tokens"] == truth["preempted_hits"]
-    assert m["blocks.prefix_cache.preempted_hit_rate"] == pytest.approx(truth["preempted_hits"] / truth["preempted_queries"])
+    assert m["blocks.prefix_cache.preempted_hit_rate"] == pytest.approx(
+        truth["preempted_hits"] / truth["preempted_queries"]
+    )
     # re-admissions that find less than half their tokens while the cache evicts: the finding
     recomputed = [f for f in analysis["findings"] if f["title"].startswith("Preempted requests recomputed")]
-    assert bool(recomputed) == (truth["preempted_hits"] < 0.5 * truth["preempted_queries"] and m["blocks.evictions"] > 0)
+    assert bool(recomputed) == (
+        truth["preempted_hits"] < 0.5 * truth["preempted_queries"] and m["blocks.evictions"] > 0
+    )
     if api == "2025-12":  # the real engine code, seed 0
-        assert (truth["preemptions"], truth["hits"], truth["preempted_hits"], truth["preempted_queries"]) == (7, 25088, 2560, 5303)
+        assert (truth["preemptions"], truth["hits"], truth["preempted_hits"], truth["preempted_queries"]) == (
+            7,
+            25088,
+            2560,
+            5303,
+        )
         assert recomputed and recomputed[0]["evidence"]["recomputed_tokens"] == 5303 - 2560

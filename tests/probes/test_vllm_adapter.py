@@ -17,7 +17,17 @@ DOUBLES = os.path.join(ROOT, "tests", "doubles")
 def _record(tmp_path, iters):
     out = tmp_path / "double.kvprof"
     env = {"PYTHONPATH": DOUBLES + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    r = run_kvprof("record", "-q", "-o", str(out), "--", sys.executable, os.path.join(WORKLOADS, "vllm_double.py"), str(iters), env=env)
+    r = run_kvprof(
+        "record",
+        "-q",
+        "-o",
+        str(out),
+        "--",
+        sys.executable,
+        os.path.join(WORKLOADS, "vllm_double.py"),
+        str(iters),
+        env=env,
+    )
     assert r.returncode == 0, r.stderr
     return Bundle(str(out))
 
@@ -33,7 +43,7 @@ def test_every_block_event_of_the_double_is_recorded(tmp_path):
     assert {"BlockPool.get_new_blocks", "BlockPool.touch", "BlockPool.free_blocks"} <= set(note["attached"])
     assert "BlockPool.cache_full_blocks" in note["missing"]  # reported, not fatal
     off = s.offsets
-    per_event = [s.ids[off[i]:off[i + 1]] for i in range(len(s))]
+    per_event = [s.ids[off[i] : off[i + 1]] for i in range(len(s))]
     a_ev = s.pool == 0
     kinds = s.kind[a_ev]
     assert (kinds == K.RESERVE).sum() == 1 and (s.kind == K.RESERVE).sum() == 2

@@ -25,6 +25,9 @@ if __name__ == "__main__":
         p = ctx.Process(target=child, args=(method,))
         p.start()
         p.join()
-    subprocess.run([sys.executable, "-c", "import kvprof.blocks as b; p = b.Pool(4, 8, name='subprocess'); p.alloc([1])"], check=True)
+    subprocess.run(
+        [sys.executable, "-c", "import kvprof.blocks as b; p = b.Pool(4, 8, name='subprocess'); p.alloc([1])"],
+        check=True,
+    )
     pool.free([3, 2, 1], request="r1")
     sys.exit(int(sys.argv[1]) if len(sys.argv) > 1 else 0)

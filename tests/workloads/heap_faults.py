@@ -107,8 +107,14 @@ def main():
     ap.add_argument("--truth")
     ap.add_argument("--pool", type=int, default=2)
     args = ap.parse_args()
-    truth = {"file": os.path.abspath(__file__), "leak_line": line_of("LEAK-LINE"), "churn_line": line_of("CHURN-LINE"),
-             "pid": os.getpid(), "steps": args.steps, "churn_allocations": 0}
+    truth = {
+        "file": os.path.abspath(__file__),
+        "leak_line": line_of("LEAK-LINE"),
+        "churn_line": line_of("CHURN-LINE"),
+        "pid": os.getpid(),
+        "steps": args.steps,
+        "churn_allocations": 0,
+    }
     if args.mode == "pool-leak":
         import multiprocessing as mp
 

@@ -81,21 +81,38 @@ def main():
     ap.add_argument("--requests", type=int, default=40)
     ap.add_argument("--blocks", type=int, default=24)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--no-snapshots", action="store_true", help="skip the per-step engine snapshots (for CPU profiling)")
-    ap.add_argument("--min-seconds", type=float, default=0.0, help="repeat the requests until this long has passed (CPU profiling)")
+    ap.add_argument(
+        "--no-snapshots", action="store_true", help="skip the per-step engine snapshots (for CPU profiling)"
+    )
+    ap.add_argument(
+        "--min-seconds", type=float, default=0.0, help="repeat the requests until this long has passed (CPU profiling)"
+    )
     a = ap.parse_args()
     Scheduler, make = load(a.api)
     B = 256
-    sched = Scheduler(Config(max_num_seqs=16, max_num_batched_tokens=4096, eos=-1, kvcache_block_size=B, num_kvcache_blocks=a.blocks))
+    sched = Scheduler(
+        Config(max_num_seqs=16, max_num_batched_tokens=4096, eos=-1, kvcache_block_size=B, num_kvcache_blocks=a.blocks)
+    )
     mgr = sched.block_manager
     rng = random.Random(a.seed)
     takes_prefill = "is_prefill" in inspect.signature(sched.postprocess).parameters
-    truth = {"api": a.api, "queries": 0, "hits": 0, "preempted_queries": 0, "preempted_hits": 0, "preemptions": 0,
-             "readmissions": 0, "steps": [], "finished": 0}
+    truth = {
+        "api": a.api,
+        "queries": 0,
+        "hits": 0,
+        "preempted_queries": 0,
+        "preempted_hits": 0,
+        "preemptions": 0,
+        "readmissions": 0,
+        "steps": [],
+        "finished": 0,
+    }
     step = 0
     t0 = time.perf_counter()
     while True:  # one round, or rounds until --min-seconds have passed (CPU profiling)
-        system = [[rng.randrange(1, 30000) for _ in range(B * 2)] for _ in range(3)]  # shared prefixes: 2 full blocks each
+        system = [
+            [rng.randrange(1, 30000) for _ in range(B * 2)] for _ in range(3)
+        ]  # shared prefixes: 2 full blocks each
         seqs = []
         for i in range(a.requests):
             body = [rng.randrange(1, 30000) for _ in range(rng.randrange(20, 700))]
@@ -140,9 +157,11 @@ def main():
     truth["final_used"] = sorted(mgr.used_block_ids)
     with open(a.truth, "w") as f:
         json.dump(truth, f)
-    print(f"nano-vllm {a.api}: {truth['finished']} requests, {step} steps, {truth['preemptions']} preemptions, "
-          f"prefix cache {truth['hits']}/{truth['queries']} tokens, on {truth['readmissions']} re-admissions "
-          f"{truth['preempted_hits']}/{truth['preempted_queries']}")
+    print(
+        f"nano-vllm {a.api}: {truth['finished']} requests, {step} steps, {truth['preemptions']} preemptions, "
+        f"prefix cache {truth['hits']}/{truth['queries']} tokens, on {truth['readmissions']} re-admissions "
+        f"{truth['preempted_hits']}/{truth['preempted_queries']}"
+    )
 
 
 if __name__ == "__main__":

@@ -119,17 +119,32 @@ class Engine:
         import fleet_own_mod  # on the PYTHONPATH the driver's runtime_env gave
         from kvprof import runtime
 
-        return {"name": self.name, "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id(),
-                "calls": pool.calls, "marks": marks, "peak_blocks": peak, "capacity": self.num_blocks,
-                "query_tokens": query, "hit_tokens": hit, "preemptions": preemptions,
-                "collections": collections, "gc_stats_delta": stats1 - stats0,
-                "own_var": os.environ.get("FLEET_OWN"), "own_module": fleet_own_mod.VALUE,
-                "recording": runtime.is_recording(), "pythonpath": os.environ.get("PYTHONPATH")}
+        return {
+            "name": self.name,
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "calls": pool.calls,
+            "marks": marks,
+            "peak_blocks": peak,
+            "capacity": self.num_blocks,
+            "query_tokens": query,
+            "hit_tokens": hit,
+            "preemptions": preemptions,
+            "collections": collections,
+            "gc_stats_delta": stats1 - stats0,
+            "own_var": os.environ.get("FLEET_OWN"),
+            "own_module": fleet_own_mod.VALUE,
+            "recording": runtime.is_recording(),
+            "pythonpath": os.environ.get("PYTHONPATH"),
+        }
 
 
 def main() -> None:
     address, report, own_dir = sys.argv[1:4]
-    ray.init(address=address, runtime_env={"env_vars": {"FLEET_OWN": "kept", "PYTHONPATH": own_dir + os.pathsep + "${PYTHONPATH}"}})
+    ray.init(
+        address=address,
+        runtime_env={"env_vars": {"FLEET_OWN": "kept", "PYTHONPATH": own_dir + os.pathsep + "${PYTHONPATH}"}},
+    )
     nodes = sorted(n["NodeID"] for n in ray.nodes() if n["Alive"])
     actor = ray.remote(num_cpus=0)(Engine)
 
@@ -150,8 +165,16 @@ def main() -> None:
         time.sleep(0.1)
     kvprof.mark("fleet_done")
     with open(report, "w") as fh:
-        json.dump({"engines": reports[:-1], "victim": reports[-1], "nodes": nodes,
-                   "driver_node": ray.get_runtime_context().get_node_id(), "driver_pid": os.getpid()}, fh)
+        json.dump(
+            {
+                "engines": reports[:-1],
+                "victim": reports[-1],
+                "nodes": nodes,
+                "driver_node": ray.get_runtime_context().get_node_id(),
+                "driver_pid": os.getpid(),
+            },
+            fh,
+        )
     ray.shutdown()
 
 

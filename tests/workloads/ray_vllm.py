@@ -48,21 +48,42 @@ def main(out_path: str, tp: int) -> None:
         import ray
 
         here = os.path.dirname(os.path.abspath(__file__))
-        ray.init(num_cpus=2, num_gpus=tp, include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONPATH": here + os.pathsep + "${PYTHONPATH}"},
-                              "worker_process_setup_hook": "ray_vllm.cpu_as_ray_device"})
+        ray.init(
+            num_cpus=2,
+            num_gpus=tp,
+            include_dashboard=False,
+            runtime_env={
+                "env_vars": {"PYTHONPATH": here + os.pathsep + "${PYTHONPATH}"},
+                "worker_process_setup_hook": "ray_vllm.cpu_as_ray_device",
+            },
+        )
     model = tempfile.mkdtemp(prefix="kvprof-tiny-llama-")
     tiny_model(model)
     llm = LLM(
-        model=model, load_format="dummy", skip_tokenizer_init=True, dtype="float32",
-        block_size=32, num_gpu_blocks_override=48, max_model_len=1024, max_num_seqs=16,
-        max_num_batched_tokens=1024, enable_prefix_caching=True, enforce_eager=True,
-        disable_log_stats=False, seed=0, distributed_executor_backend="ray", tensor_parallel_size=tp,
+        model=model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="float32",
+        block_size=32,
+        num_gpu_blocks_override=48,
+        max_model_len=1024,
+        max_num_seqs=16,
+        max_num_batched_tokens=1024,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        disable_log_stats=False,
+        seed=0,
+        distributed_executor_backend="ray",
+        tensor_parallel_size=tp,
     )
     rng = random.Random(0)
     system = [rng.randrange(3, 500) for _ in range(96)]
-    prompts = [TokensPrompt(prompt_token_ids=(system if i % 2 else []) + [rng.randrange(3, 500) for _ in range(rng.randrange(8, 80))])
-               for i in range(16)]
+    prompts = [
+        TokensPrompt(
+            prompt_token_ids=(system if i % 2 else []) + [rng.randrange(3, 500) for _ in range(rng.randrange(8, 80))]
+        )
+        for i in range(16)
+    ]
     params = [SamplingParams(max_tokens=rng.randrange(16, 64), ignore_eos=True, temperature=0.0) for _ in prompts]
     llm.generate(prompts, params, use_tqdm=False)
     metrics = {}

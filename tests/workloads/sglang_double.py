@@ -18,6 +18,7 @@ from sglang.srt.mem_cache.radix_cache import RadixCache
 try:
     from kvprof import mark
 except ImportError:  # pragma: no cover
+
     def mark(name, value=0):
         pass
 
@@ -40,13 +41,18 @@ def main(out, n_requests=40, seed=0):
     def record():
         nonlocal snap
         mark("state", snap)
-        truth["snaps"].append({"free_pages": alloc.available_size() // ps, "evictable_pages": tree.evictable_size_ // ps,
-                               "protected_pages": tree.protected_size_ // ps})
+        truth["snaps"].append(
+            {
+                "free_pages": alloc.available_size() // ps,
+                "evictable_pages": tree.evictable_size_ // ps,
+                "protected_pages": tree.protected_size_ // ps,
+            }
+        )
         snap += 1
 
     def release(req):
         tree.checkpoint(req)
-        alloc.free(req.row[req.protected:])  # the partial last page the tree does not keep
+        alloc.free(req.row[req.protected :])  # the partial last page the tree does not keep
         tree.dec_lock_ref(req.node)
 
     for i in range(n_requests):
@@ -64,7 +70,7 @@ def main(out, n_requests=40, seed=0):
         while walk is not tree.root_node:
             path.append(walk.value)
             walk = walk.parent
-        req.row = np.concatenate(path[::-1] + [got])[:len(tokens)] if path else got[:len(tokens)]
+        req.row = np.concatenate(path[::-1] + [got])[: len(tokens)] if path else got[: len(tokens)]
         req.node, req.protected = node, n
         running.append(req)
         record()

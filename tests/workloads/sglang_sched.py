@@ -91,8 +91,18 @@ def main():
     ap.add_argument("--requests", type=int, default=60)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-running", type=int, default=12)
-    ap.add_argument("--ratio-decay", type=float, default=0.01, help="how fast the ratio falls back after a retraction, per decode step")
-    ap.add_argument("--new-token-ratio", type=float, default=0.05, help="the share of max_new_tokens admission reserves (SGLang decays it to its minimum under steady load)")
+    ap.add_argument(
+        "--ratio-decay",
+        type=float,
+        default=0.01,
+        help="how fast the ratio falls back after a retraction, per decode step",
+    )
+    ap.add_argument(
+        "--new-token-ratio",
+        type=float,
+        default=0.05,
+        help="the share of max_new_tokens admission reserves (SGLang decays it to its minimum under steady load)",
+    )
     a = ap.parse_args()
 
     stand_in_torchvision()
@@ -117,6 +127,7 @@ def main():
     try:
         from kvprof import mark
     except ImportError:  # the workload also runs bare
+
         def mark(name, value=0):
             pass
 
@@ -127,7 +138,9 @@ def main():
     else:
         allocator = PagedTokenToKVPoolAllocator(size, ps, torch.float16, "cpu", None, need_sort=False)
     req_pool = ReqToTokenPool(a.max_running + 4, 4096, "cpu", False)
-    tree = RadixCache(CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator, page_size=ps))
+    tree = RadixCache(
+        CacheInitParams(disable=False, req_to_token_pool=req_pool, token_to_kv_pool_allocator=allocator, page_size=ps)
+    )
     model_config = ModelConfig(vocab)
     spec = SpeculativeAlgorithm.NONE
 
@@ -145,17 +158,40 @@ def main():
         sp.normalize(None)
         return Req(rid, "", array("q", tokens), sp, vocab_size=vocab)
 
-    truth = {"page_size": ps, "pages": a.pages, "steps": [], "admissions": 0, "readmissions": 0, "queries": 0, "hits": 0,
-             "preempted_queries": 0, "preempted_hits": 0, "log_hit_tokens": 0, "reprocessed_log_hit_tokens": 0,
-             "retractions": 0, "finished": 0}
+    truth = {
+        "page_size": ps,
+        "pages": a.pages,
+        "steps": [],
+        "admissions": 0,
+        "readmissions": 0,
+        "queries": 0,
+        "hits": 0,
+        "preempted_queries": 0,
+        "preempted_hits": 0,
+        "log_hit_tokens": 0,
+        "reprocessed_log_hit_tokens": 0,
+        "retractions": 0,
+        "finished": 0,
+    }
 
     def pages_held_by_rows():
         # pages of running requests' rows that the tree does not own (their own, uncached KV)
-        return allocator.size // ps - allocator.available_size() // ps - (tree.evictable_size() + tree.protected_size()) // ps
+        return (
+            allocator.size // ps
+            - allocator.available_size() // ps
+            - (tree.evictable_size() + tree.protected_size()) // ps
+        )
 
     def snapshot(step):
-        truth["steps"].append({"step": step, "free_pages": allocator.available_size() // ps, "evictable_pages": tree.evictable_size() // ps,
-                               "protected_pages": tree.protected_size() // ps, "row_pages": pages_held_by_rows()})
+        truth["steps"].append(
+            {
+                "step": step,
+                "free_pages": allocator.available_size() // ps,
+                "evictable_pages": tree.evictable_size() // ps,
+                "protected_pages": tree.protected_size() // ps,
+                "row_pages": pages_held_by_rows(),
+            }
+        )
         mark("sglang_step", step)
 
     waiting: list = []
@@ -171,7 +207,9 @@ def main():
         running_bs = 0 if running is None else len(running.reqs)
         batch = None
         if waiting and running_bs < a.max_running:
-            adder = PrefillAdder(ps, tree, allocator, running, new_token_ratio, max_prefill_tokens, None)  # no chunked prefill
+            adder = PrefillAdder(
+                ps, tree, allocator, running, new_token_ratio, max_prefill_tokens, None
+            )  # no chunked prefill
             for req in waiting:
                 if len(adder.can_run_list) + running_bs >= a.max_running:
                     break
@@ -236,13 +274,18 @@ def main():
                 release_kv_cache(req, tree, checkpoint=True)
                 truth["finished"] += 1
         running.filter_batch()
-    truth["final"] = {"free_pages": allocator.available_size() // ps, "evictable_pages": tree.evictable_size() // ps,
-                      "protected_pages": tree.protected_size() // ps}
+    truth["final"] = {
+        "free_pages": allocator.available_size() // ps,
+        "evictable_pages": tree.evictable_size() // ps,
+        "protected_pages": tree.protected_size() // ps,
+    }
     with open(a.truth, "w") as fh:
         json.dump(truth, fh)
-    print(f"sglang: {truth['finished']} requests, {step} steps, {truth['retractions']} retractions, prefix cache "
-          f"{truth['hits']}/{truth['queries']} tokens, on {truth['readmissions']} re-admissions "
-          f"{truth['preempted_hits']}/{truth['preempted_queries']}")
+    print(
+        f"sglang: {truth['finished']} requests, {step} steps, {truth['retractions']} retractions, prefix cache "
+        f"{truth['hits']}/{truth['queries']} tokens, on {truth['readmissions']} re-admissions "
+        f"{truth['preempted_hits']}/{truth['preempted_queries']}"
+    )
 
 
 if __name__ == "__main__":

@@ -30,8 +30,16 @@ os.environ.setdefault("VLLM_TARGET_DEVICE", "cpu")
 def tiny_model(path: str) -> None:
     from transformers import LlamaConfig
 
-    LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                num_key_value_heads=2, max_position_embeddings=4096, torch_dtype="float32").save_pretrained(path)
+    LlamaConfig(
+        vocab_size=512,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        torch_dtype="float32",
+    ).save_pretrained(path)
 
 
 def main():
@@ -58,6 +66,7 @@ def main():
     try:
         from kvprof import mark
     except ImportError:  # the workload also runs bare
+
         def mark(name, value=0):
             pass
 
@@ -67,14 +76,27 @@ def main():
     model_config = ModelConfig(model=model, skip_tokenizer_init=True, dtype="float32", max_model_len=2048, seed=0)
     cache_config = CacheConfig(block_size=bs, enable_prefix_caching=True)
     cache_config.num_gpu_blocks = n_blocks
-    sched_config = SchedulerConfig(max_num_seqs=12, max_num_batched_tokens=1024, max_model_len=2048,
-                                   is_encoder_decoder=False, enable_chunked_prefill=True)
+    sched_config = SchedulerConfig(
+        max_num_seqs=12,
+        max_num_batched_tokens=1024,
+        max_model_len=2048,
+        is_encoder_decoder=False,
+        enable_chunked_prefill=True,
+    )
     vllm_config = VllmConfig(model_config=model_config, cache_config=cache_config, scheduler_config=sched_config)
     spec = FullAttentionSpec(block_size=bs, num_kv_heads=2, head_size=16, dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(num_blocks=n_blocks, kv_cache_tensors=[],  # no memory behind it: nothing runs a model
-                                    kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)])
-    sched = Scheduler(vllm_config=vllm_config, kv_cache_config=kv_cache_config, structured_output_manager=StructuredOutputManager(vllm_config),
-                      block_size=bs, log_stats=True)
+    kv_cache_config = KVCacheConfig(
+        num_blocks=n_blocks,
+        kv_cache_tensors=[],  # no memory behind it: nothing runs a model
+        kv_cache_groups=[KVCacheGroupSpec(["layer.0"], spec)],
+    )
+    sched = Scheduler(
+        vllm_config=vllm_config,
+        kv_cache_config=kv_cache_config,
+        structured_output_manager=StructuredOutputManager(vllm_config),
+        block_size=bs,
+        log_stats=True,
+    )
     pool = sched.kv_cache_manager.block_pool
     import hashlib
 
@@ -86,10 +108,25 @@ def main():
     prompts = []
     for i in range(a.requests):
         prefix = system[i % 2] if i % 4 else []
-        prompts.append((f"r{i}", prefix + [rng.randrange(3, 500) for _ in range(rng.randrange(8, 8 * bs))], rng.randrange(8, 12 * bs)))
+        prompts.append(
+            (
+                f"r{i}",
+                prefix + [rng.randrange(3, 500) for _ in range(rng.randrange(8, 8 * bs))],
+                rng.randrange(8, 12 * bs),
+            )
+        )
 
-    truth = {"vllm": vllm.__version__, "steps": [], "queries": 0, "hits": 0, "preempted_requests": 0, "preempted_queries": 0,
-             "preempted_hits": 0, "preemptions": 0, "finished": 0}
+    truth = {
+        "vllm": vllm.__version__,
+        "steps": [],
+        "queries": 0,
+        "hits": 0,
+        "preempted_requests": 0,
+        "preempted_queries": 0,
+        "preempted_hits": 0,
+        "preemptions": 0,
+        "finished": 0,
+    }
     pending = list(prompts)
     step = 0
     while pending or sched.has_unfinished_requests():
@@ -100,8 +137,13 @@ def main():
                 sched.add_request(Request(rid, tokens, sp, None, block_hasher=hasher))
         if not sched.has_unfinished_requests():
             continue
-        truth["steps"].append({"step": step, "free": pool.get_num_free_blocks(),
-                               "hashed": sorted(b.block_id for b in pool.blocks if b.block_hash is not None and not b.is_null)})
+        truth["steps"].append(
+            {
+                "step": step,
+                "free": pool.get_num_free_blocks(),
+                "hashed": sorted(b.block_id for b in pool.blocks if b.block_hash is not None and not b.is_null),
+            }
+        )
         preempted_before = sum(r.num_preemptions for r in sched.requests.values())
         out = sched.schedule()
         truth["preemptions"] += sum(r.num_preemptions for r in sched.requests.values()) - preempted_before
@@ -110,9 +152,13 @@ def main():
         sampled = []
         for rid in ids:
             req = sched.requests[rid]
-            done = req.num_computed_tokens + out.num_scheduled_tokens[rid] >= req.num_tokens  # the prompt (and outputs) all computed
+            done = (
+                req.num_computed_tokens + out.num_scheduled_tokens[rid] >= req.num_tokens
+            )  # the prompt (and outputs) all computed
             sampled.append([rng.randrange(3, 500)] if done else [])
-        mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled)
+        mro = ModelRunnerOutput(
+            req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)}, sampled_token_ids=sampled
+        )
         engine_outputs = sched.update_from_output(out, mro)
         for eo in engine_outputs.values():
             truth["finished"] += sum(1 for o in eo.outputs if o.finish_reason is not None)
@@ -128,8 +174,10 @@ def main():
     truth["final_free"] = pool.get_num_free_blocks()
     with open(a.truth, "w") as fh:
         json.dump(truth, fh)
-    print(f"vllm {vllm.__version__}: {truth['finished']} finished, {step} steps, prefix cache {truth['hits']}/{truth['queries']}, "
-          f"{truth['preemptions']} preemptions, preempted lookups {truth['preempted_requests']}: {truth['preempted_hits']}/{truth['preempted_queries']}")
+    print(
+        f"vllm {vllm.__version__}: {truth['finished']} finished, {step} steps, prefix cache {truth['hits']}/{truth['queries']}, "
+        f"{truth['preemptions']} preemptions, preempted lookups {truth['preempted_requests']}: {truth['preempted_hits']}/{truth['preempted_queries']}"
+    )
 
 
 if __name__ == "__main__":

@@ -33,8 +33,13 @@ def tiny_model(path: str) -> None:
     from transformers import LlamaConfig
 
     LlamaConfig(
-        vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+        vocab_size=512,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=2048,
         torch_dtype="float32",
     ).save_pretrained(path)
 
@@ -44,7 +49,11 @@ def main(out_path: str) -> None:
     from vllm.inputs import TokensPrompt
     from vllm.v1.metrics import loggers
 
-    preempted = {"vllm:prefix_cache_preempted_requests": 0, "vllm:prefix_cache_preempted_queries": 0, "vllm:prefix_cache_preempted_hits": 0}
+    preempted = {
+        "vllm:prefix_cache_preempted_requests": 0,
+        "vllm:prefix_cache_preempted_queries": 0,
+        "vllm:prefix_cache_preempted_hits": 0,
+    }
     record = loggers.StatLoggerManager.record
 
     def record_and_sum(self, scheduler_stats, *a, **k):
@@ -60,10 +69,19 @@ def main(out_path: str) -> None:
     model = tempfile.mkdtemp(prefix="kvprof-tiny-llama-")
     tiny_model(model)
     llm = LLM(
-        model=model, load_format="dummy", skip_tokenizer_init=True, dtype="float32",
-        block_size=32, num_gpu_blocks_override=48, max_model_len=1024, max_num_seqs=16,
-        max_num_batched_tokens=1024, enable_prefix_caching=True, enforce_eager=True,
-        disable_log_stats=False, seed=0,
+        model=model,
+        load_format="dummy",
+        skip_tokenizer_init=True,
+        dtype="float32",
+        block_size=32,
+        num_gpu_blocks_override=48,
+        max_model_len=1024,
+        max_num_seqs=16,
+        max_num_batched_tokens=1024,
+        enable_prefix_caching=True,
+        enforce_eager=True,
+        disable_log_stats=False,
+        seed=0,
     )
     rng = random.Random(0)
     system = [[rng.randrange(3, 500) for _ in range(n)] for n in (96, 160)]

@@ -46,7 +46,11 @@ def memory_stats(device=0):
     snap = memory._snapshot()
     reserved = sum(s["total_size"] for s in snap["segments"])
     allocated = sum(b["size"] for s in snap["segments"] for b in s["blocks"] if b["state"] == "active_allocated")
-    return {"allocated_bytes.all.current": allocated, "reserved_bytes.all.current": reserved, "num_ooms": len(memory._ooms)}
+    return {
+        "allocated_bytes.all.current": allocated,
+        "reserved_bytes.all.current": reserved,
+        "num_ooms": len(memory._ooms),
+    }
 
 
 def fake_oom(device=0, size=1 << 30):

@@ -34,10 +34,10 @@ class RadixCache:
     def match_prefix(self, key):
         """The longest cached page-aligned prefix; a match ending inside a node splits it there."""
         ps = self.page_size
-        key = list(key[:len(key) // ps * ps])
+        key = list(key[: len(key) // ps * ps])
         node, n = self.root_node, 0
         while n < len(key):
-            child = node.children.get(tuple(key[n:n + ps]))
+            child = node.children.get(tuple(key[n : n + ps]))
             if child is None:
                 break
             m = 0
@@ -57,17 +57,17 @@ class RadixCache:
     def _split(self, child, m):
         top = TreeNode(child.key[:m], child.value[:m], child.parent)
         top.lock_ref = child.lock_ref
-        child.parent.children[child.key[:self.page_size]] = top
+        child.parent.children[child.key[: self.page_size]] = top
         child.key, child.value, child.parent = child.key[m:], child.value[m:], top
-        top.children[child.key[:self.page_size]] = child
+        top.children[child.key[: self.page_size]] = child
         return top
 
     def insert(self, key, value):
-        key = key[:len(key) // self.page_size * self.page_size]
+        key = key[: len(key) // self.page_size * self.page_size]
         n, node = self.match_prefix(key)
         if n < len(key):
-            new = TreeNode(key[n:], np.asarray(value[n:len(key)]), node)
-            node.children[tuple(key[n:n + self.page_size])] = new
+            new = TreeNode(key[n:], np.asarray(value[n : len(key)]), node)
+            node.children[tuple(key[n : n + self.page_size])] = new
             self.evictable_size_ += len(new.key)
             node = new
         return InsertResult(n, node)
@@ -96,7 +96,7 @@ class RadixCache:
                 break
             leaf = min(leaves, key=lambda n: n.last)
             self.token_to_kv_pool_allocator.free(leaf.value)
-            del leaf.parent.children[leaf.key[:self.page_size]]
+            del leaf.parent.children[leaf.key[: self.page_size]]
             self.evictable_size_ -= len(leaf.key)
             done += len(leaf.key)
         return done
@@ -106,9 +106,9 @@ class RadixCache:
         lock onto the node it now ends on (what SGLang's RadixCache.checkpoint does)."""
         ps = self.page_size
         res = self.insert(req.tokens, req.row)
-        dup = req.row[req.protected:res.prefix_len]
+        dup = req.row[req.protected : res.prefix_len]
         self.token_to_kv_pool_allocator.free(dup)
-        n, node = self.match_prefix(req.tokens[:len(req.tokens) // ps * ps])
+        n, node = self.match_prefix(req.tokens[: len(req.tokens) // ps * ps])
         path = []
         walk = node
         while walk is not self.root_node:
