@@ -12,6 +12,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Callable
+from types import FrameType
 from typing import Any
 
 # the process-directed signals kvprof keeps away from every thread but the main one
@@ -43,11 +45,11 @@ def block_process_signals() -> None:
 _rescue: dict[str, Any] = {"r": -1, "w": -1, "seen": 0, "handled": False, "armed": False, "handler": None}
 
 
-def _poke(signum, frame) -> None:  # SIGURG: only there to interrupt a blocking call
+def _poke(signum: int, frame: FrameType | None) -> None:  # SIGURG: only there to interrupt a blocking call
     pass
 
 
-def arm_rescue(handler) -> None:
+def arm_rescue(handler: Callable[[int, FrameType | None], Any]) -> None:
     """Arm the rescue for ``handler``, the SIGTERM handler just installed (it calls
     :func:`sigterm_handled` when it runs)."""
     if not hasattr(signal, "pthread_kill") or not hasattr(signal, "SIGURG"):
