@@ -19,9 +19,14 @@ from __future__ import annotations
 import ast
 import functools
 import linecache
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from kvprof.trace.reader import Marks, ProcessData
 
 K_CONSECUTIVE = 5  # consecutive growing marker intervals that make a suspect
 WARMUP_FRACTION = 0.2
@@ -51,7 +56,7 @@ class LeakSuspect:
     growth_bytes_per_second: float
     consecutive_growth: int  # longest run of growing intervals
     r2: float
-    window: dict  # {"marker", "from", "to", "snapshots", "start_s", "end_s"}
+    window: dict[str, Any]  # {"marker", "from", "to", "snapshots", "start_s", "end_s"}
     evidence: str
 
 
@@ -73,7 +78,7 @@ class TracemallocProcess:
     peak_bytes: int  # tracemalloc's traced peak (its own bookkeeping excluded, kvprof's included)
     peak_at_s: float | None
     live_at_peak_snapshot: list[StackBytes]  # sites at the snapshot with the most live bytes
-    series: list[list]  # [t_s, live_bytes] downsampled for drawing
+    series: list[list[float]]  # [t_s, live_bytes] downsampled for drawing
     snapshot_seconds: float
     overhead_bytes: int  # tracemalloc's own memory at the end
     note: str | None = None
@@ -81,7 +86,7 @@ class TracemallocProcess:
 
 # -- frames ---------------------------------------------------------------------------
 @functools.lru_cache(maxsize=512)
-def _functions_of(filename: str) -> tuple:
+def _functions_of(filename: str) -> tuple[tuple[int, int, str], ...]:
     """(start, end, qualified name) of every def/class in a source file, outermost first."""
     lines = linecache.getlines(filename)
     if not lines:
@@ -90,9 +95,9 @@ def _functions_of(filename: str) -> tuple:
         tree = ast.parse("".join(lines))
     except (SyntaxError, ValueError):
         return ()
-    out = []
+    out: list[tuple[int, int, str]] = []
 
-    def walk(node, prefix):
+    def walk(node: ast.AST, prefix: str) -> None:
         for child in ast.iter_child_nodes(node):
             if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 name = f"{prefix}{child.name}"
@@ -118,7 +123,7 @@ def function_at(filename: str, line: int) -> str:
     return best
 
 
-def _frames(raw) -> list[Frame]:
+def _frames(raw: Iterable[tuple[str, int]]) -> list[Frame]:
     return [Frame(f, int(ln), function_at(f, int(ln))) for f, ln in raw]
 
 
@@ -131,7 +136,7 @@ def site_of(frames: list[Frame]) -> str:
 
 
 # -- tracemalloc ----------------------------------------------------------------------------
-def _dense(snaps: np.ndarray, sites: np.ndarray):
+def _dense(snaps: np.ndarray, sites: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Live bytes and blocks per (site, snapshot), forward-filled from the delta rows."""
     order = np.argsort(snaps["seq"], kind="stable")
     snaps = snaps[order]
@@ -169,7 +174,7 @@ def longest_growth_run(d: np.ndarray) -> np.ndarray:
     return best
 
 
-def least_squares(x: np.ndarray, y: np.ndarray):
+def least_squares(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Least-squares slope and r² of each row of y against x."""
     xm = x - x.mean()
     sxx = float((xm * xm).sum())
@@ -185,7 +190,9 @@ def least_squares(x: np.ndarray, y: np.ndarray):
     return slope, r2
 
 
-def analyze_tracemalloc(proc, marks, bounds, k: int):
+def analyze_tracemalloc(
+    proc: ProcessData, marks: Marks, bounds: tuple[int, int] | None, k: int
+) -> tuple[TracemallocProcess | None, list[LeakSuspect]]:
     """One process's tracemalloc snapshots within ``bounds``: (TracemallocProcess, its leak
     suspects), or (None, []) when it wrote none."""
     snaps, sites = proc.heap_snapshots()
@@ -216,7 +223,7 @@ def analyze_tracemalloc(proc, marks, bounds, k: int):
     series = np.zeros(0, dtype=np.int64)
     if is_mark.any():
         names = [proc.string(int(m)) for m in snaps["mark"][is_mark]]
-        counts: dict = {}
+        counts: dict[str, int] = {}
         for n in names:
             counts[n] = counts.get(n, 0) + 1
         marker = max(counts, key=lambda n: (counts[n], n not in STEADY_MARKERS))
