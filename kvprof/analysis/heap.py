@@ -27,12 +27,20 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from kvprof.analysis.heap_suspects import K_CONSECUTIVE, LeakSuspect, TracemallocProcess, analyze_tracemalloc
 from kvprof.analysis.memray_reader import MemrayProcess, analyze_memray_file
+
+if TYPE_CHECKING:
+    from concurrent.futures import Future
+
+    from kvprof.analysis.results import Finding, SectionResult, Window
+    from kvprof.trace.reader import Bundle, Marks, ProcessData
 
 
 @dataclass
@@ -61,7 +69,7 @@ class HeapAnalysis:
 
 
 # -- the section ---------------------------------------------------------------------------
-def _marks_of(proc, marks, bounds, k: int) -> dict | None:
+def _marks_of(proc: ProcessData, marks: Marks, bounds: tuple[int, int] | None, k: int) -> dict[str, Any] | None:
     """One process's markers, in order, for the memray reader (names, times, window)."""
     mine = np.flatnonzero(marks.pid == proc.pid)
     if not len(mine):
@@ -75,7 +83,9 @@ def _marks_of(proc, marks, bounds, k: int) -> dict | None:
     }
 
 
-def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = K_CONSECUTIVE) -> HeapAnalysis | None:
+def analyze_heap(
+    bundle: Bundle, bounds: tuple[int, int] | None = None, window_label: str = "whole run", k: int = K_CONSECUTIVE
+) -> HeapAnalysis | None:
     marks = bundle.marks()
     procs: list[HeapProcess] = []
     notes: list[str] = []
@@ -85,7 +95,7 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     from kvprof.errors import BundleError
 
     pool = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)))
-    pending = {}
+    pending: dict[int, Future[MemrayProcess]] = {}
     for proc in bundle.processes:
         probes = proc.info.get("probes") or {}
         capture = proc.memray_file() if "memray" in probes else None
@@ -148,10 +158,10 @@ def analyze_heap(bundle, bounds=None, window_label: str = "whole run", k: int = 
     )
 
 
-def section_result(a: HeapAnalysis, window: str | None = None):
+def section_result(a: HeapAnalysis, window: str | None = None) -> SectionResult:
     from kvprof.analysis import Finding, SectionResult, metric_entry
 
-    def put(name, value, src):
+    def put(name: str, value: Any, src: str) -> tuple[str, dict[str, Any]]:
         return name, metric_entry(name, value, src, window)
 
     src = "memray" if any(p.memray for p in a.processes) else "tracemalloc"
@@ -178,8 +188,8 @@ def section_result(a: HeapAnalysis, window: str | None = None):
             put("heap.allocations_per_second", a.allocations_per_second, "memray"),
         ]
     )
-    findings = []
-    mib = lambda n: f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n / 1024:,.1f} KiB"  # noqa: E731
+    findings: list[Finding] = []
+    mib: Callable[[float], str] = lambda n: f"{n / 2**20:,.2f} MiB" if n >= 2**20 else f"{n / 1024:,.1f} KiB"  # noqa: E731
     for s in a.leak_suspects[:3]:
         rate = (
             f"{mib(s.growth_bytes_per_step)} per {s.window['marker']}"
@@ -259,7 +269,7 @@ def section_result(a: HeapAnalysis, window: str | None = None):
     return SectionResult(name="heap", metrics=metrics, section=section, findings=findings)
 
 
-def section(bundle, bounds=None):
+def section(bundle: Bundle, bounds: Window | None = None) -> SectionResult | None:
     """SECTION_ANALYZERS entry: None unless --probe tracemalloc or memray recorded something."""
     label = "whole run" if bounds is None else getattr(bounds, "label", "between markers")
     a = analyze_heap(bundle, bounds, label)
@@ -268,7 +278,7 @@ def section(bundle, bounds=None):
     return section_result(a, None if bounds is None else label)
 
 
-def analyze_capture(path: str):
+def analyze_capture(path: str) -> SectionResult:
     """A bare memray capture file (`kvprof analyze x.bin`) as a heap section."""
     m = analyze_memray_file(path)
     pid = m.pid
