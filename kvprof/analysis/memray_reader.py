@@ -17,7 +17,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
@@ -36,6 +39,13 @@ from kvprof.analysis.heap_suspects import (
     site_of,
 )
 from kvprof.owncode import is_own_code
+
+if TYPE_CHECKING:
+    from memray import AllocationRecord, FileReader, Metadata
+
+    StackElement = tuple[str, str, int]  # memray's (function, file, line)
+    Trace = tuple[StackElement, ...]  # a memray stack, innermost first
+    SummaryRecords = tuple[list[AllocationRecord], list[AllocationRecord], list[AllocationRecord]]
 
 
 @dataclass
@@ -76,14 +86,14 @@ class MemrayProcess:
     reader_errors: int = 0
     note: str | None = None
     churn_note: str | None = None  # how churn was computed when not record by record
-    leak_suspects: list = field(
+    leak_suspects: list[LeakSuspect] = field(
         default_factory=list
     )  # growth across markers (LeakSuspect, pid/role filled by analyze_heap)
-    growth: dict | None = None  # {"markers", "marker", "steady_snapshots"} when markers were replayed
+    growth: dict[str, Any] | None = None  # {"markers", "marker", "steady_snapshots"} when markers were replayed
     growth_note: str | None = None  # why there is no growth analysis (no markers, a capture too large, ...)
 
 
-def _memray_frames(trace) -> list[Frame]:
+def _memray_frames(trace: Iterable[StackElement]) -> list[Frame]:
     # memray gives (function, file, line), innermost first
     return [Frame(str(fl), int(ln or 0), str(fn)) for fn, fl, ln in trace]
 
@@ -95,12 +105,12 @@ FREE_ALLOCATORS = {1, 5, 15}  # PYMALLOC_FREE, FREE, MUNMAP (memray.AllocatorTyp
 EXACT_CHURN_RECORDS = int(os.environ.get("KVPROF_MEMRAY_EXACT_RECORDS") or 2_000_000)
 
 
-def _is_own(trace) -> bool:
+def _is_own(trace: Iterable[StackElement]) -> bool:
     """memray stacks (function, file, line) that pass through kvprof's recording code or tracemalloc."""
     return any(is_own_code(str(fl)) or str(fl).endswith("/tracemalloc.py") for _, fl, _ in trace)
 
 
-def _trace(record, hybrid: bool) -> tuple:
+def _trace(record: AllocationRecord, hybrid: bool) -> Trace:
     """A memray record's stack, innermost first (with native frames when recorded)."""
     try:
         return tuple(record.hybrid_stack_trace() if hybrid else record.stack_trace())
@@ -108,9 +118,9 @@ def _trace(record, hybrid: bool) -> tuple:
         return ()
 
 
-def _group(records, limit=TOP, hybrid=False) -> list[StackBytes]:
+def _group(records: Iterable[AllocationRecord], limit: int = TOP, hybrid: bool = False) -> list[StackBytes]:
     """Records grouped by Python stack, largest first; kvprof's own stacks left out."""
-    by: dict = {}
+    by: dict[Trace, list[int]] = {}
     for r in records:
         key = _trace(r, hybrid)
         if _is_own(key):
@@ -132,7 +142,9 @@ class _CapturedStderr:
     """memray's reader logs problems (a capture cut short) from C++ straight to fd 2:
     keep them out of the terminal and hand them to the analysis as one note."""
 
-    def __enter__(self):
+    _saved: int | None
+
+    def __enter__(self) -> _CapturedStderr:
         import tempfile
 
         self.lines: list[str] = []
@@ -145,7 +157,7 @@ class _CapturedStderr:
             self._saved = None
         return self
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc: object) -> Literal[False]:
         if self._saved is not None:
             os.dup2(self._saved, 2)
             os.close(self._saved)
@@ -155,7 +167,7 @@ class _CapturedStderr:
         return False
 
 
-def _require_memray(path: str):
+def _require_memray(path: str) -> ModuleType:
     """The memray module; without it, the one line saying that reading this capture needs it."""
     try:
         import memray
@@ -168,7 +180,7 @@ def _require_memray(path: str):
     return memray
 
 
-def analyze_memray_file(path: str, marks: dict | None = None) -> MemrayProcess:
+def analyze_memray_file(path: str, marks: dict[str, Any] | None = None) -> MemrayProcess:
     """One memray capture: totals, peak, leaks, temporaries and churn by stack, and with the
     process's markers (``{"names", "t", "start_ns", "bounds", "k"}``) the growth across them.
 
@@ -209,11 +221,11 @@ def analyze_memray_file(path: str, marks: dict | None = None) -> MemrayProcess:
 MIN_RATE_SECONDS = 0.01  # a capture shorter than this (or without an end time) gives no per-second rates
 
 
-def _per_s(n, duration: float):
+def _per_s(n: float | None, duration: float) -> float | None:
     return None if n is None or duration < MIN_RATE_SECONDS else n / duration
 
 
-def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:  # noqa: C901
+def _large_capture(path: str, reader: FileReader, meta: Metadata, hybrid: bool, duration: float) -> MemrayProcess:  # noqa: C901
     from memray._memray import compute_statistics
 
     try:
@@ -256,7 +268,7 @@ def _large_capture(path, reader, meta, hybrid, duration) -> MemrayProcess:  # no
     )
 
 
-def _summary_records(reader) -> tuple[list, list, list]:
+def _summary_records(reader: FileReader) -> SummaryRecords:
     """memray's temporary, leaked and high-water-mark records, threads merged."""
     return (
         list(reader.get_temporary_allocation_records(merge_threads=True, threshold=1)),
@@ -266,17 +278,17 @@ def _summary_records(reader) -> tuple[list, list, list]:
 
 
 def _memray_process(
-    path,
-    meta,
-    hybrid,
-    duration,
-    records,
+    path: str,
+    meta: Metadata,
+    hybrid: bool,
+    duration: float,
+    records: SummaryRecords,
     *,
     total_allocations: int,
     total_allocated_bytes: int,
     frees: int | None,
-    churn: list,
-    **more,
+    churn: list[ChurnSite],
+    **more: Any,
 ) -> MemrayProcess:
     """A capture's MemrayProcess from its metadata and its summary records (temporary, leaked,
     peak); the totals and churn come from however the capture was read (record by record, or
@@ -306,11 +318,11 @@ def _memray_process(
     )
 
 
-def _memray_from_json(d: dict) -> MemrayProcess:
-    def frames(lst):
+def _memray_from_json(d: dict[str, Any]) -> MemrayProcess:
+    def frames(lst: list[dict[str, Any]]) -> list[Frame]:
         return [Frame(**f) for f in lst]
 
-    def stacks(lst):
+    def stacks(lst: list[dict[str, Any]]) -> list[StackBytes]:
         return [StackBytes(frames(x["stack"]), x["site"], x["bytes"], x["count"]) for x in lst]
 
     d = dict(d)
@@ -341,7 +353,7 @@ def _read_worker(path: str) -> None:
     sys.stdout.write(json.dumps(out))
 
 
-def _read_capture(path: str, marks: dict | None = None) -> MemrayProcess:
+def _read_capture(path: str, marks: dict[str, Any] | None = None) -> MemrayProcess:
     with _CapturedStderr() as err:
         result = _replay_capture(path, marks)
     if err.lines:
@@ -357,27 +369,28 @@ class _LiveBySite:
     """Live bytes and allocations per memray stack id while the records are replayed in order,
     and a sparse snapshot (the stacks that changed since the last one) at each marker buffer."""
 
-    def __init__(self):
-        self.bytes: dict = {}
-        self.count: dict = {}
-        self.dirty: set = set()
-        self.snaps: list = []  # (marker ordinal modulo MARK_SPAN, {stack id: (bytes, count)})
-        self.marker_sids: set = set()
-        self.not_marker: set = set()
+    def __init__(self) -> None:
+        self.bytes: dict[int, int] = {}
+        self.count: dict[int, int] = {}
+        self.dirty: set[int] = set()
+        # (marker ordinal modulo MARK_SPAN, {stack id: (bytes, count)})
+        self.snaps: list[tuple[int, dict[int, tuple[int, int]]]] = []
+        self.marker_sids: set[int] = set()
+        self.not_marker: set[int] = set()
 
-    def add(self, sid, size) -> None:
+    def add(self, sid: int, size: int) -> None:
         self.bytes[sid] = self.bytes.get(sid, 0) + size
         self.count[sid] = self.count.get(sid, 0) + 1
         self.dirty.add(sid)
 
-    def sub(self, sid, size) -> None:
+    def sub(self, sid: int, size: int) -> None:
         if sid in self.marker_sids:
             return
         self.bytes[sid] = self.bytes.get(sid, 0) - size
         self.count[sid] = self.count.get(sid, 0) - 1
         self.dirty.add(sid)
 
-    def is_marker(self, record, size: int) -> bool:
+    def is_marker(self, record: AllocationRecord, size: int) -> bool:
         """The buffer kvprof's memray probe allocates at each marker (kvprof/probes/heap.py)."""
         from kvprof.probes.heap import MARK_BASE, MARK_SPAN
 
@@ -388,6 +401,7 @@ class _LiveBySite:
             return True
         if sid in self.not_marker:
             return False
+        frames: Sequence[StackElement]
         try:
             frames = record.stack_trace()
         except Exception:  # noqa: BLE001 - no stack
@@ -409,7 +423,7 @@ class _LiveBySite:
         self.dirty.clear()
 
 
-def _marker_ordinals(mods: list, n_marks: int):
+def _marker_ordinals(mods: list[int], n_marks: int) -> list[int] | None:
     """The process's marker ordinal of each marker buffer, from the ordinals modulo MARK_SPAN
     (consecutive buffers are consecutive markers, but the tracker may have started after the
     first markers): the latest placement that does not run past the markers recorded."""
@@ -427,7 +441,9 @@ def _marker_ordinals(mods: list, n_marks: int):
     return [first + r for r in rel]
 
 
-def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
+def _memray_growth(
+    live: _LiveBySite, marks: dict[str, Any], reps: dict[int, AllocationRecord], hybrid: bool
+) -> tuple[list[LeakSuspect], dict[str, Any] | None, str | None]:
     """Leak suspects from the live bytes by stack at each marker: the rule applied to
     tracemalloc's snapshots (k consecutive growing intervals between steady-state markers,
     least-squares growth per step, r², minimum growth).  Returns (suspects, growth, note)."""
@@ -442,7 +458,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
         return [], None, "the capture's marker buffers do not match the process's markers"
     bounds = marks.get("bounds")
     cols = [j for j, o in enumerate(ordinals) if bounds is None or bounds[0] <= times[o] <= bounds[1]]
-    counts: dict = {}
+    counts: dict[str, int] = {}
     for j in cols:
         counts[names[ordinals[j]]] = counts.get(names[ordinals[j]], 0) + 1
     if not counts:
@@ -454,19 +470,20 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
         series = [j for j in series if ordinals[j] > steady]
     elif len(series) > 2:
         series = series[int(np.ceil(WARMUP_FRACTION * len(series))) :]
-    growth = {"markers": len(live.snaps), "marker": marker, "steady_snapshots": len(series)}
+    growth: dict[str, Any] = {"markers": len(live.snaps), "marker": marker, "steady_snapshots": len(series)}
     if len(series) < k + 1:
         return [], growth, f"{len(series)} steady-state marker snapshots; leak suspects need at least {k + 1}"
     # the marker's ordinal among this process's calls of it (1-based), as for tracemalloc
-    ordinal_of, seen = {}, 0
+    ordinal_of: dict[int, int] = {}
+    seen = 0
     for i, n in enumerate(names):
         if n == marker:
             seen += 1
             ordinal_of[i] = seen
     x = np.array([ordinal_of[ordinals[j]] for j in series], dtype=float)
     # pass 1: each stack's value at the first and the last steady snapshot
-    state: dict = {}
-    first = None
+    state: dict[int, tuple[int, int]] = {}
+    first: dict[int, tuple[int, int]] | None = None
     want = {series[0]: "first", series[-1]: "last"}
     for j, (_, delta) in enumerate(live.snaps):
         state.update(delta)
@@ -477,7 +494,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
     last = state
     assert first is not None  # set at the series' first index, which the loop reaches
     # group the stacks that grew by their trace (a Python stack may have several memray stack ids)
-    groups: dict = {}
+    groups: dict[Trace, list[int]] = {}
     for sid, (b, _n) in last.items():
         b0 = first.get(sid, (0, 0))[0]
         if b <= b0 or sid in live.marker_sids:
@@ -501,7 +518,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
     cnt = np.zeros((len(keys), len(series)), dtype=np.int64)
     cur_b = np.zeros(len(keys))
     cur_n = np.zeros(len(keys), dtype=np.int64)
-    per_sid: dict = {}
+    per_sid: dict[int, tuple[int, int]] = {}
     col = {j: c for c, j in enumerate(series)}
     for j, (_, delta) in enumerate(live.snaps):
         for sid, (b, n) in delta.items():
@@ -527,7 +544,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
     start_s = (times[ordinals[series[0]]] - t0) / 1e9
     end_s = (times[ordinals[series[-1]]] - t0) / 1e9
     span_s = (end_s - start_s) or None
-    suspects = []
+    suspects: list[LeakSuspect] = []
     for r in cand[np.argsort(slope[cand])[::-1]]:
         frames = _memray_frames(keys[r])
         suspects.append(
@@ -561,7 +578,7 @@ def _memray_growth(live: _LiveBySite, marks: dict, reps: dict, hybrid: bool):
     return suspects, growth, None
 
 
-def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
+def _replay_capture(path: str, marks: dict[str, Any] | None = None) -> MemrayProcess:
     """The child's reading of a capture: every record in order when there are few enough
     (churn by stack, frees attributed through their address, live bytes at each marker),
     memray's own statistics otherwise."""
@@ -586,8 +603,8 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
         return _large_capture(path, reader, meta, hybrid, duration)
     try:
         # churn by site: every allocation and free, frees attributed through their address
-        allocs: dict = {}  # stack_id -> [count, bytes, frees, representative record]
-        live: dict = {}  # address -> (stack_id, size)
+        allocs: dict[int, list[Any]] = {}  # stack_id -> [count, bytes, frees, representative record]
+        live: dict[int, tuple[int, int]] = {}  # address -> (stack_id, size)
         by_site = (
             _LiveBySite() if marks and marks.get("names") else None
         )  # live bytes by stack at each marker, for growth
@@ -596,11 +613,11 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
             a = r.allocator
             if a in FREE_ALLOCATORS:
                 frees += 1
-                e = live.pop(r.address, None)
-                if e is not None:
-                    allocs[e[0]][2] += 1
+                freed = live.pop(r.address, None)
+                if freed is not None:
+                    allocs[freed[0]][2] += 1
                     if by_site is not None:
-                        by_site.sub(e[0], e[1])
+                        by_site.sub(freed[0], freed[1])
                 continue
             total += 1
             size = r.size
@@ -621,12 +638,12 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
         records = _summary_records(reader)
     except Exception as exc:
         raise BundleError(f"memray capture {path} is truncated or corrupt: {exc}") from None
-    temp_by_site: dict = {}
+    temp_by_site: dict[Trace, int] = {}
     for r in records[0]:  # the temporary allocations
         key = _trace(r, hybrid)
         temp_by_site[key] = temp_by_site.get(key, 0) + r.n_allocations
     # the same Python stack can have several memray stack ids (threads, native parts): merge
-    by_trace: dict = {}
+    by_trace: dict[Trace, list[int]] = {}
     own = [0, 0]
     for n, b, nf, rec in allocs.values():
         trace = _trace(rec, hybrid)
@@ -641,7 +658,7 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
             e[0] += n
             e[1] += b
             e[2] += nf
-    churn = []
+    churn: list[ChurnSite] = []
     for trace, (n, b, nf) in sorted(by_trace.items(), key=lambda kv: -kv[1][1])[:TOP]:
         frames = _memray_frames(trace)
         churn.append(
@@ -649,6 +666,9 @@ def _replay_capture(path: str, marks: dict | None = None) -> MemrayProcess:
                 frames, site_of(frames), n, b, nf, _per_s(n, duration), _per_s(nf, duration), temp_by_site.get(trace, 0)
             )
         )
+    suspects: list[LeakSuspect]
+    growth: dict[str, Any] | None
+    growth_note: str | None
     suspects, growth, growth_note = ([], None, None)
     if marks is not None and by_site is None:
         growth_note = "no kvprof.mark calls in this process: no growth across markers"
