@@ -19,8 +19,18 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    # a kernel's scalar argument or result: an int64 to numba, whether a Python int or a numpy int64 goes in
+    Int: TypeAlias = int | np.int64
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 
 def _writable(d: str) -> bool:
@@ -53,11 +63,17 @@ def cache_dir_fallback() -> str | None:
 
 cache_dir_fallback()
 import numba  # noqa: E402
-from numba.extending import intrinsic  # noqa: E402
-from numba.np.arrayobj import make_array, populate_array  # noqa: E402
+import numba.extending  # noqa: E402
+import numba.np.arrayobj  # noqa: E402
+
+# numba's functions carry no annotations: the same objects, typed for the type checker as the callables they are
+_njit: Callable[..., Any] = numba.njit
+intrinsic: Callable[[Callable[..., Any]], Any] = numba.extending.intrinsic
+make_array: Callable[..., Any] = numba.np.arrayobj.make_array
+populate_array: Callable[..., Any] = numba.np.arrayobj.populate_array
 
 
-def cache_is_cold(*functions) -> bool:
+def cache_is_cold(*functions: Any) -> bool:
     """Whether any of these kernel functions has no cache index yet (its first call will
     compile).  False when that cannot be told."""
     for f in functions:
@@ -70,21 +86,22 @@ def cache_is_cold(*functions) -> bool:
     return False
 
 
-def jit(fn):
-    """``njit(cache=True, nogil=True)``; without the cache when numba finds no place for it."""
+def jit(fn: _F) -> _F:
+    """``njit(cache=True, nogil=True)``; without the cache when numba finds no place for it.
+    Typed as the function it compiles (numba's dispatcher is called with the same arguments)."""
     try:
-        return numba.njit(cache=True, nogil=True)(fn)
+        return cast(_F, _njit(cache=True, nogil=True)(fn))
     except (RuntimeError, OSError):  # "cannot cache function ...: no locator available"
-        return numba.njit(nogil=True)(fn)
+        return cast(_F, _njit(nogil=True)(fn))
 
 
 @intrinsic
-def _borrow(typingctx, arr):
+def _borrow(typingctx: Any, arr: Any) -> tuple[Any, Callable[..., Any]]:
     """A view of ``arr`` without its reference count (a null meminfo): numba increments and
     decrements the count of every array argument at every call, atomically, which took half
     of a replay.  The caller keeps the owner alive for as long as the view is used."""
 
-    def codegen(context, builder, sig, args):
+    def codegen(context: Any, builder: Any, sig: Any, args: Any) -> Any:
         src = make_array(arr)(context, builder, value=args[0])
         out = make_array(arr)(context, builder)
         populate_array(out, data=src.data, shape=src.shape, strides=src.strides, itemsize=src.itemsize, meminfo=None)
@@ -139,7 +156,7 @@ EMPTY = -1
 
 
 @jit
-def _c32(x):
+def _c32(x: Int) -> Any:
     """Clamp to int32 (token counts: nothing real comes near)."""
     if x > I32_MAX:
         return I32_MAX
@@ -149,7 +166,7 @@ def _c32(x):
 
 
 @jit
-def _mix(x):
+def _mix(x: Int) -> Any:
     """splitmix64's finaliser: a non-negative hash of an int64."""
     z = np.uint64(x)
     z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
@@ -161,7 +178,7 @@ def _mix(x):
 # -- an int64 -> int hash map (open addressing, linear probing, backward-shift deletion) -------------
 # keys >= 0; EMPTY marks a free slot.  The caller keeps the load at most one half.
 @jit
-def hm_find(keys, key):
+def hm_find(keys: np.ndarray, key: Int) -> Any:
     """The slot holding ``key``, or -1 - the free slot where it would go."""
     mask = len(keys) - 1
     h = _mix(i64(key)) & mask
@@ -175,7 +192,7 @@ def hm_find(keys, key):
 
 
 @jit
-def hm_delete(keys, vals, i):
+def hm_delete(keys: np.ndarray, vals: np.ndarray, i: Int) -> None:
     mask = len(keys) - 1
     j = i
     while True:
@@ -194,7 +211,7 @@ def hm_delete(keys, vals, i):
 
 
 @jit
-def hm_rehash(okeys, ovals, nkeys, nvals):
+def hm_rehash(okeys: np.ndarray, ovals: np.ndarray, nkeys: np.ndarray, nvals: np.ndarray) -> None:
     for i in range(len(okeys)):
         k = okeys[i]
         if k != EMPTY:
@@ -260,7 +277,7 @@ BUILD_BLOCK_INIT = (-1, -1, 0, 0)
 
 
 @jit
-def _emit(st, code, ops, t, c, r, a, b):
+def _emit(st: np.ndarray, code: np.ndarray, ops: np.ndarray, t: Int, c: Int, r: Int, a: Int, b: Int) -> Any:
     """Append an operation at time t (a TIME operation first when the gap does not fit)."""
     i = st[S_NOPS]
     d = t - st[S_TPREV]
@@ -284,7 +301,7 @@ def _emit(st, code, ops, t, c, r, a, b):
 
 
 @jit
-def _emit_slot(st, code, ops, t):
+def _emit_slot(st: np.ndarray, code: np.ndarray, ops: np.ndarray, t: Int) -> Any:
     """A NOP slot right before the operation to come (which carries the time)."""
     i = st[S_NOPS]
     d = t - st[S_TPREV]
@@ -306,7 +323,7 @@ def _emit_slot(st, code, ops, t):
 
 
 @jit
-def _pend_add(st, RQ, PN, col, r, p):
+def _pend_add(st: np.ndarray, RQ: np.ndarray, PN: np.ndarray, col: Int, r: Int, p: Int) -> None:
     node = st[S_PFREE]
     if node >= 0:
         st[S_PFREE] = PN[node, 1]
@@ -319,7 +336,9 @@ def _pend_add(st, RQ, PN, col, r, p):
 
 
 @jit
-def _pend_resolve(st, RQ, PN, pay, col, r, value, patch):
+def _pend_resolve(
+    st: np.ndarray, RQ: np.ndarray, PN: np.ndarray, pay: np.ndarray, col: Int, r: Int, value: Int, patch: Int
+) -> None:
     node = RQ[r, col]
     while node >= 0:
         nxt = PN[node, 1]
@@ -332,7 +351,7 @@ def _pend_resolve(st, RQ, PN, pay, col, r, value, patch):
 
 
 @jit
-def _group(RQ, X, key, ng):
+def _group(RQ: np.ndarray, X: np.ndarray, key: Int, ng: Int) -> Any:
     """The group of ``key`` (a request) in this event: made when new (then == ng)."""
     g = RQ[key, Q_GRP]
     if g < 0:
@@ -345,7 +364,7 @@ def _group(RQ, X, key, ng):
 
 
 @jit
-def _layout(st, pay, X, ng, cnt):
+def _layout(st: np.ndarray, pay: np.ndarray, X: np.ndarray, ng: Int, cnt: Int) -> None:
     """Payload ranges for the ng groups, in group order; each id's value to its group's range."""
     base = st[S_NPAY]
     for g in range(ng):
@@ -361,7 +380,27 @@ def _layout(st, pay, X, ng, cnt):
 
 
 @jit
-def build_chunk(st, code, ops, pay, BLK, RQ, PN, HMK, HMV, UN, X, B0, t, kind, rl, arg, arg2, nn, ids):
+def build_chunk(
+    st: np.ndarray,
+    code: np.ndarray,
+    ops: np.ndarray,
+    pay: np.ndarray,
+    BLK: np.ndarray,
+    RQ: np.ndarray,
+    PN: np.ndarray,
+    HMK: np.ndarray,
+    HMV: np.ndarray,
+    UN: np.ndarray,
+    X: np.ndarray,
+    B0: Int,
+    t: np.ndarray,
+    kind: np.ndarray,
+    rl: np.ndarray,
+    arg: np.ndarray,
+    arg2: np.ndarray,
+    nn: np.ndarray,
+    ids: np.ndarray,
+) -> None:
     """Feed one chunk (one pool's events, time-ordered; ``rl`` the local request, 0 none)."""
     off = 0
     for i in range(len(t)):
@@ -592,7 +631,7 @@ def build_chunk(st, code, ops, pay, BLK, RQ, PN, HMK, HMV, UN, X, B0, t, kind, r
 
 
 @jit
-def _uf_find(parent, x):
+def _uf_find(parent: np.ndarray, x: Int) -> Any:
     while parent[x] != x:
         parent[x] = parent[parent[x]]
         x = parent[x]
@@ -600,7 +639,7 @@ def _uf_find(parent, x):
 
 
 @jit
-def build_classes(UN, nu, nreq):
+def build_classes(UN: np.ndarray, nu: Int, nreq: Int) -> tuple[np.ndarray, np.ndarray]:
     """Content classes of (request, recorded block index): the recorded equalities closed over
     the shorter prefixes.  Each request's nodes are a prefix 0..L-1: CSR offsets and a dense
     class id per node."""
@@ -755,7 +794,7 @@ O_FIFO, O_LIFO, O_LOWEST = 0, 1, 2
 
 
 @jit
-def _mark(M, N, b, v):
+def _mark(M: np.ndarray, N: np.ndarray, b: Int, v: Int) -> None:
     """Set block b's free flag; while the watermark is tracked, journal the ids that changed
     since the last one (the watermark's mask is then kept without copying the pool at each
     new peak)."""
@@ -767,7 +806,7 @@ def _mark(M, N, b, v):
 
 
 @jit
-def _heap_push(N, base, size, v):
+def _heap_push(N: np.ndarray, base: Int, size: Int, v: Int) -> Any:
     """Min-heap of int32 in N[base : base + size]; the new size."""
     i = size
     while i > 0:
@@ -781,7 +820,7 @@ def _heap_push(N, base, size, v):
 
 
 @jit
-def _heap_pop(N, base, size):
+def _heap_pop(N: np.ndarray, base: Int, size: Int) -> tuple[np.int64, Any]:
     """(the smallest, the new size)."""
     top = N[base]
     size -= 1
@@ -809,7 +848,7 @@ def _heap_pop(N, base, size):
 # the order of the free chunk starting at a block (-1 none); per order a min-heap of starts in
 # AUX (lazy deletion; a flag per start, at A_BHIN, keeps a start once in its heap).
 @jit
-def _fq_link_tail(M, N, b):
+def _fq_link_tail(M: np.ndarray, N: np.ndarray, b: Int) -> None:
     bk = M[O_BK]
     t = M[A_TAIL]
     N[bk + b * N_BK + B_X2] = t
@@ -822,7 +861,7 @@ def _fq_link_tail(M, N, b):
 
 
 @jit
-def _fq_unlink(M, N, b):
+def _fq_unlink(M: np.ndarray, N: np.ndarray, b: Int) -> None:
     bk = M[O_BK]
     p = N[bk + b * N_BK + B_X2]
     q = N[bk + b * N_BK + B_X1]
@@ -837,7 +876,7 @@ def _fq_unlink(M, N, b):
 
 
 @jit
-def _ra_find(M, N, b):
+def _ra_find(M: np.ndarray, N: np.ndarray, b: Int) -> Any:
     """Index of the last free run starting at or before b (-1: none)."""
     aux = M[O_AUX]
     lo = i64(0)
@@ -852,7 +891,7 @@ def _ra_find(M, N, b):
 
 
 @jit
-def _ra_shift(M, N, i, by):
+def _ra_shift(M: np.ndarray, N: np.ndarray, i: Int, by: Int) -> None:
     """Open (by = 1) or close (by = -1) a gap at run index i."""
     aux = M[O_AUX]
     cap = M[A_RUNCAP]
@@ -869,7 +908,7 @@ def _ra_shift(M, N, i, by):
 
 
 @jit
-def _bd_push(M, N, s, o):
+def _bd_push(M: np.ndarray, N: np.ndarray, s: Int, o: Int) -> None:
     N[M[O_BK] + s * N_BK + B_X1] = o
     M[A_NFREE + o] += 1
     f = M[O_AUX] + M[A_BHIN] + M[A_BHOFF + o] + (s >> o)
@@ -879,7 +918,7 @@ def _bd_push(M, N, s, o):
 
 
 @jit
-def _order_for(k):
+def _order_for(k: Int) -> Any:
     """max(0, (k - 1).bit_length()), as the Python allocator (1 for k = 0)."""
     if k <= 0:
         return i64(1) if k == 0 else i64(0)
@@ -890,7 +929,7 @@ def _order_for(k):
 
 
 @jit
-def _al_take(M, N, b):
+def _al_take(M: np.ndarray, N: np.ndarray, b: Int) -> None:
     """Take one free block (a prefix-cache hit)."""
     policy = M[S_POLICY]
     bk = M[O_BK]
@@ -936,7 +975,7 @@ def _al_take(M, N, b):
 
 
 @jit
-def _al_alloc(M, N, k):
+def _al_alloc(M: np.ndarray, N: np.ndarray, k: Int) -> Any:
     """k blocks into SCR's OUT region (buddy: a whole chunk, maybe more); their count, or -1."""
     policy = M[S_POLICY]
     out = M[O_SCR]
@@ -1031,7 +1070,7 @@ def _al_alloc(M, N, k):
 
 
 @jit
-def _al_free(M, N, base, m):
+def _al_free(M: np.ndarray, N: np.ndarray, base: Int, m: Int) -> None:
     """One free call: the blocks N[base : base + m] in the engine's order (their cached
     content, if any, is in BK)."""
     policy = M[S_POLICY]
@@ -1107,7 +1146,7 @@ def _al_free(M, N, base, m):
 
 
 @jit
-def _al_can_alloc(M, N, k):
+def _al_can_alloc(M: np.ndarray, N: np.ndarray, k: Int) -> Any:
     policy = M[S_POLICY]
     if policy == P_FQ:
         return k <= M[A_FREE]
@@ -1126,7 +1165,7 @@ def _al_can_alloc(M, N, k):
 
 
 @jit
-def _al_reset(M, N, used, nused):
+def _al_reset(M: np.ndarray, N: np.ndarray, used: Int, nused: Int) -> None:
     """A fresh allocator (reserved ids out), then the blocks N[used : used + nused] (ascending)
     taken: the seeds' compaction rebuilds run allocators so.  Mask changes are journaled."""
     n = M[S_N]
@@ -1205,7 +1244,7 @@ def _al_reset(M, N, used, nused):
 
 # -- content keys, the prefix cache -------------------------------------------------------------------------
 @jit
-def _key(M, N, r, j):
+def _key(M: np.ndarray, N: np.ndarray, r: Int, j: Int) -> Any:
     """Block j of request r at this block size holds tokens up to (j+1)·B: its content is the
     class of r's recorded block holding token (j+1)·B - 1 (a class of its own beyond the
     recorded equalities); the cache key is that class with j."""
@@ -1217,7 +1256,7 @@ def _key(M, N, r, j):
 
 
 @jit
-def _ct_slot(M, N, kc, kj):
+def _ct_slot(M: np.ndarray, N: np.ndarray, kc: Int, kj: Int) -> Any:
     """The cache slot of (kc, kj), or -1 - the free slot where it would go."""
     mask = M[S_CTN] - 1
     ctk = M[O_CTK]
@@ -1232,7 +1271,7 @@ def _ct_slot(M, N, kc, kj):
 
 
 @jit
-def _ct_delete(M, N, i):
+def _ct_delete(M: np.ndarray, N: np.ndarray, i: Int) -> None:
     mask = M[S_CTN] - 1
     ctk = M[O_CTK]
     ctv = M[O_CTV]
@@ -1253,7 +1292,7 @@ def _ct_delete(M, N, i):
 
 # -- blocks ---------------------------------------------------------------------------------------------------
 @jit
-def _snapshot(M, N):
+def _snapshot(M: np.ndarray, N: np.ndarray) -> None:
     """A new watermark: its mask is the free mask now."""
     trk = M[O_TRK]
     for i in range(M[A_DCOUNT]):
@@ -1264,7 +1303,7 @@ def _snapshot(M, N):
 
 
 @jit
-def _release(M, N, base, m):
+def _release(M: np.ndarray, N: np.ndarray, base: Int, m: Int) -> None:
     """One free call: the blocks N[base : base + m], in the order the engine frees them."""
     bk = M[O_BK]
     rel = M[O_SCR] + 2 * M[S_SCRW]
@@ -1286,7 +1325,7 @@ def _release(M, N, base, m):
 
 
 @jit
-def _new_blocks(M, N, k):
+def _new_blocks(M: np.ndarray, N: np.ndarray, k: Int) -> Any:
     """k new blocks (SCR's OUT region); their count, -1 when the allocator refuses."""
     got = _al_alloc(M, N, i64(k))
     if got < 0:
@@ -1314,7 +1353,7 @@ def _new_blocks(M, N, k):
 
 # -- requests --------------------------------------------------------------------------------------------------
 @jit
-def _lookup(M, N, r, limit_tokens, dry):
+def _lookup(M: np.ndarray, N: np.ndarray, r: Int, limit_tokens: Int, dry: Int) -> Any:
     """Cached blocks of r's prefix into SCR's HITS region (their count); unless dry, r holds them."""
     if M[S_PREFIX] == 0:
         return i64(0)
@@ -1346,7 +1385,7 @@ def _lookup(M, N, r, limit_tokens, dry):
 
 
 @jit
-def _limit(M, r, qhint):
+def _limit(M: np.ndarray, r: Int, qhint: Int) -> Any:
     """Tokens an admission may find cached: all but the last it brings (vLLM's and the demo's rule)."""
     rq = M[O_RQ] + r * N_RQ
     if M[rq + R_PQH] != 0:
@@ -1357,14 +1396,14 @@ def _limit(M, r, qhint):
 
 
 @jit
-def _table_cap(M, r):
+def _table_cap(M: np.ndarray, r: Int) -> Any:
     t = -(-max(M[M[O_MAXTOK] + r], 0) // M[S_B])
     cap = 2 * t + 2 if M[S_BUDDY] != 0 else t + 2  # buddy: a chunk is less than twice what was asked
     return min(cap, M[S_N] + 2)  # a table's blocks are distinct
 
 
 @jit
-def _admit(M, N, AR, r, rec_hit_tokens, qhint):
+def _admit(M: np.ndarray, N: np.ndarray, AR: np.ndarray, r: Int, rec_hit_tokens: Int, qhint: Int) -> None:
     """First lookup of an admission: prefix hits become the start of the table (the caller
     made room for it: _ensure_room).  The admission is in progress until its allocation
     succeeds (_admitted) or fails."""
@@ -1402,7 +1441,7 @@ def _admit(M, N, AR, r, rec_hit_tokens, qhint):
 
 
 @jit
-def _admitted(M, r):
+def _admitted(M: np.ndarray, r: Int) -> None:
     """The admission succeeded: its query counts now, or when the engine reports it."""
     rq = M[O_RQ] + r * N_RQ
     if M[rq + R_ADH] == 0:
@@ -1419,7 +1458,7 @@ def _admitted(M, r):
 
 
 @jit
-def _run_pop(M, r):
+def _run_pop(M: np.ndarray, r: Int) -> None:
     rq = M[O_RQ] + r * N_RQ
     if M[rq + R_INRUN] == 0:
         return
@@ -1438,7 +1477,7 @@ def _run_pop(M, r):
 
 
 @jit
-def _free_table(M, N, AR, r):
+def _free_table(M: np.ndarray, N: np.ndarray, AR: np.ndarray, r: Int) -> None:
     """Release r's table (tail first, as vLLM and the demo free) and drop it."""
     rq = M[O_RQ] + r * N_RQ
     m = M[rq + R_TLEN]
@@ -1458,7 +1497,7 @@ def _free_table(M, N, AR, r):
 
 
 @jit
-def _defragment(M, N, AR, need):
+def _defragment(M: np.ndarray, N: np.ndarray, AR: np.ndarray, need: Int) -> Any:
     """The seeds' recovery for run allocators: cached content is already free to take, so
     compact: move every in-use block down into one run; true if a run of ``need`` results."""
     n = M[S_N]
@@ -1542,7 +1581,7 @@ def _defragment(M, N, AR, need):
 
 
 @jit
-def _grow(M, N, AR, r, tokens, admitting):
+def _grow(M: np.ndarray, N: np.ndarray, AR: np.ndarray, r: Int, tokens: Int, admitting: Int) -> bool:
     """Grow r's table to hold ``tokens``; on a shortage, recover; False if r must wait."""
     rq = M[O_RQ] + r * N_RQ
     need = -(-tokens // M[S_B]) - M[rq + R_TLEN]
@@ -1580,7 +1619,7 @@ def _grow(M, N, AR, r, tokens, admitting):
 
 
 @jit
-def _resume(M, N, AR, r, tokens, qhint):
+def _resume(M: np.ndarray, N: np.ndarray, AR: np.ndarray, r: Int, tokens: Int, qhint: Int) -> bool:
     """A waiting or preempted request tries again (the caller made room: _ensure_room)."""
     rq = M[O_RQ] + r * N_RQ
     _admit(M, N, AR, i64(r), i64(0), i64(qhint))
@@ -1596,7 +1635,7 @@ def _resume(M, N, AR, r, tokens, qhint):
 
 
 @jit
-def _need(M, N, r, tokens, qhint):
+def _need(M: np.ndarray, N: np.ndarray, r: Int, tokens: Int, qhint: Int) -> Any:
     """Blocks r's allocation for ``tokens`` takes from the free pool."""
     if tokens < 0:
         return i64(1)
@@ -1614,7 +1653,7 @@ def _need(M, N, r, tokens, qhint):
 
 
 @jit
-def _ensure_room(M, AR, r):
+def _ensure_room(M: np.ndarray, AR: np.ndarray, r: Int) -> tuple[bool, np.ndarray]:
     """Room at the arena's top for a new table of r: the live tables are compacted into a new
     arena when short.  Returns (whether it moved, the arena)."""
     cap = _table_cap(M, i64(r))
@@ -1637,7 +1676,7 @@ def _ensure_room(M, AR, r):
 
 
 @jit
-def _fp_room(M, FPK, FPV, extra):
+def _fp_room(M: np.ndarray, FPK: np.ndarray, FPV: np.ndarray, extra: Int) -> tuple[bool, np.ndarray, np.ndarray]:
     """The set of freed positions (partial frees), with room for ``extra`` more: rehashed,
     live entries only (this admission's), when over half full."""
     if 2 * (M[C_FP_COUNT] + extra) <= len(FPK):
@@ -1663,7 +1702,9 @@ def _fp_room(M, FPK, FPV, extra):
 
 
 @jit
-def layout(n, nreq, ncls, nclsoff, nfmax, nres, policy, order, scrw, limited):
+def layout(
+    n: Int, nreq: Int, ncls: Int, nclsoff: Int, nfmax: Int, nres: Int, policy: Int, order: Int, scrw: Int, limited: Int
+) -> tuple[Any, Any, np.ndarray]:
     """Offsets of the regions of M and N: (M size, N size, offsets array).  ``scrw``: the
     most blocks one call moves (the largest table, the largest allocation without a request)."""
     ctn = 16
@@ -1717,27 +1758,27 @@ def layout(n, nreq, ncls, nclsoff, nfmax, nres, policy, order, scrw, limited):
 
 @jit
 def replay(
-    code,
-    ops,
-    pay,
-    cls_off,
-    cls,
-    maxtok,
-    B0,
-    t_start,
-    t_end,
-    nfmax,
-    nfalloc,
-    B,
-    n,
-    policy,
-    order,
-    uncached_first,
-    seeds,
-    prefix,
-    limited,
-    reserved,
-):
+    code: np.ndarray,
+    ops: np.ndarray,
+    pay: np.ndarray,
+    cls_off: np.ndarray,
+    cls: np.ndarray,
+    maxtok: np.ndarray,
+    B0: Int,
+    t_start: Int,
+    t_end: Int,
+    nfmax: Int,
+    nfalloc: Int,
+    B: Int,
+    n: Int,
+    policy: Int,
+    order: Int,
+    uncached_first: Int,
+    seeds: Int,
+    prefix: Int,
+    limited: Int,
+    reserved: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One configuration's replay.  Returns (M, N, the float integrals): the counters are M's
     scalars; when ``limited``, N's TRK columns hold the free mask at the watermark (T_PMASK).
     ``nfalloc``: the most blocks one allocation without a request takes."""
