@@ -27,7 +27,8 @@ import numpy as np
 if TYPE_CHECKING:
     from typing import TypeAlias
 
-    # a kernel's scalar argument or result: an int64 to numba, whether a Python int or a numpy int64 goes in
+    # a kernel's scalar argument: an int64 to numba, whether a Python int or a numpy int64 goes in.  Its scalar
+    # results are Any: they come out of the arrays, whose elements numpy's stubs type as Any
     Int: TypeAlias = int | np.int64
 
 _F = TypeVar("_F", bound=Callable[..., Any])
