@@ -230,7 +230,9 @@ def _advice(a: GcAnalysis) -> list[dict[str, Any]]:
             out.append(
                 {
                     "pid": p.pid,
-                    "advice": "look at what the longest pause interrupted (gc.freeze(), fewer reference cycles)",
+                    "advice": "look at what the longest pause interrupted ("
+                    + ("fewer reference cycles" if p.frozen else "gc.freeze(), fewer reference cycles")
+                    + ")",
                     "why": f"one collection paused the process for {1e3 * p.max_pause_s:.0f} ms",
                 }
             )
