@@ -55,12 +55,14 @@ def run(
         require(len(runs) == 2, f"expected BASE and NEW, got {len(runs)} argument(s); repeated runs go in --base/--new")
         base, new = [runs[0]], [runs[1]]
     require(base and new, "nothing to compare: give BASE NEW, or --base RUN ... --new RUN ...")
-    for path in (markdown, junit, json_out):
+    outputs = (markdown, junit, json_out)
+    require(outputs.count("-") <= 1, "only one of --markdown, --junit and --json can be '-' (stdout)")
+    for path in outputs:
         check_output(path)
     budgets = budgets_mod.discover(budget)
     result = compare([load_run(p) for p in base], [load_run(p) for p in new], budgets)
     render.write_all(result, markdown, junit, json_out)
-    if json_out != "-":
+    if "-" not in outputs:  # stdout holds that output alone
         _terminal(render, result, quiet, width, show_all)
     return EXIT_OK if result.passed else EXIT_REGRESSED
 

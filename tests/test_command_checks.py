@@ -85,3 +85,27 @@ def test_an_output_that_cannot_be_written_is_refused_before_the_work(args, tmp_p
     assert r.returncode == 2 and r.stderr.startswith("kvprof: error: cannot write ") and r.stderr.count("\n") == 1, (
         r.stderr
     )
+
+
+def test_an_output_is_judged_where_it_is_written(tmp_path, monkeypatch):
+    """Through a link, the directory written is the target's (as the atomic writer writes):
+    a link in a directory the user cannot write, to a file in one they can, is accepted;
+    a device or a pipe (`--json /dev/stdout`) is written in place."""
+    from kvprof.trace.atomic import check_output
+
+    ro, w = tmp_path / "ro", tmp_path / "w"
+    ro.mkdir()
+    w.mkdir()
+    (w / "out.json").write_text("{}")
+    (ro / "out.json").symlink_to(w / "out.json")
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode: False if str(p).startswith(str(ro)) else real_access(p, mode))
+    check_output(str(ro / "out.json"))
+    with pytest.raises(UsageError, match="is not writable"):
+        check_output(str(ro / "new.json"))
+    r, wfd = os.pipe()
+    try:
+        check_output(f"/proc/self/fd/{wfd}")
+    finally:
+        os.close(r)
+        os.close(wfd)

@@ -358,3 +358,17 @@ def test_fifos_devices_and_huge_files_are_refused_without_reading(tmp_path):
         ["export", str(zero), "-o", "-"],
     ):
         _one_line_2(run_kvprof(*cmd, timeout=30), "not a regular file")
+
+
+@pytest.mark.slow
+def test_one_output_on_stdout_holds_it_alone(runs, tmp_path):
+    """`--junit -` (or --markdown -, --json -): stdout is that output and nothing else (the
+    terminal report would make the XML unreadable); two of them on stdout are refused."""
+    from xml.etree import ElementTree as ET
+
+    r = run_kvprof("compare", runs["base"][1], runs["leak"][1], "--junit", "-")
+    assert r.returncode == 1 and ET.fromstring(r.stdout).find("testsuite") is not None, r.stdout[-300:]
+    r = run_kvprof("compare", runs["base"][1], runs["leak"][1], "--markdown", "-")
+    assert r.returncode == 1 and r.stdout.lstrip().startswith("#") and "kvprof compare  base" not in r.stdout
+    r = run_kvprof("compare", runs["base"][1], runs["leak"][1], "--junit", "-", "--json", "-")
+    assert r.returncode == 2 and r.stderr.startswith("kvprof: error: only one of") and r.stdout == ""

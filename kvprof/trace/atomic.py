@@ -110,19 +110,22 @@ def write_output(path: str, text: str) -> None:
 
 def check_output(path: str | None) -> None:
     """Refuse, before any work, an output path that can never be written (its directory is
-    missing or read-only, or it is a directory): one-line usage error, as write_output's."""
+    missing or read-only, or it is a directory): one-line usage error, as write_output's.
+    Judged as _replace writes: through links, a device or a pipe written in place."""
     import os
 
     from kvprof.errors import UsageError
 
     if not path or path == "-":
         return
-    parent = os.path.dirname(os.path.abspath(path))
     if os.path.isdir(path):
         raise UsageError(f"cannot write {path}: it is a directory")
+    if os.path.exists(path) and not os.path.isfile(path):  # /dev/stdout to a pipe, a FIFO: written in place
+        return
+    parent = os.path.dirname(os.path.realpath(path))
     if not os.path.isdir(parent):
         raise UsageError(f"cannot write {path}: no directory {parent}")
-    if not os.access(parent, os.W_OK | os.X_OK) and not (os.path.exists(path) and not os.path.isfile(path)):
+    if not os.access(parent, os.W_OK | os.X_OK):
         raise UsageError(f"cannot write {path}: the directory {parent} is not writable")
 
 
