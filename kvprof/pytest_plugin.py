@@ -159,6 +159,10 @@ class KvprofPlugin:
         self.top = config.getoption("kvprof_top")
         d = config.getoption("kvprof_dir")
         self.dir = os.path.abspath(d) if d else os.path.join(str(config.rootpath), ".kvprof")
+        try:  # a directory that cannot be made would turn every budget off: refused at the start
+            os.makedirs(self.dir, exist_ok=True)
+        except OSError as exc:
+            raise pytest.UsageError(f"--kvprof-dir {self.dir}: cannot create it ({exc.strerror})") from None
         self.worker = getattr(config, "workerinput", {}).get("workerid")
         self.project_budgets = None  # loaded once, on first use
         self.rows: list[dict] = []  # figures of each recorded test, from the reports (the controller's, under xdist)

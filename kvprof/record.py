@@ -61,7 +61,12 @@ def default_output(argv: list[str], module: str | None) -> str:
         script = next((a for a in words[1:] if a.endswith(".py")), None) if len(words) > 1 else None
         stem = os.path.splitext(os.path.basename(script or words[0] if words else "run"))[0]
     stem = re.sub(r"[^A-Za-z0-9_.-]+", "_", stem) or "run"
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}.kvprof"
+    base = f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+    name, n = f"{base}.kvprof", 1
+    while os.path.lexists(name):  # runs started in the same second: -2, -3, ... (never an existing bundle)
+        n += 1
+        name = f"{base}-{n}.kvprof"
+    return name
 
 
 def _scan_processes(

@@ -325,7 +325,11 @@ def mark(name: str, value: int = 0, t: int | None = None) -> None:
         return
     t = now() if t is None else t
     sid = w.intern(name)
-    value = int(value)
+    try:
+        value = int(value)
+    except (TypeError, ValueError, OverflowError):  # None, "abc", nan, inf: recording never raises into the target
+        value = 0
+        w.note_once("marker values that were no integers were recorded as 0")
     if not -(1 << 63) <= value < (1 << 63):  # the streams hold int64: clamped, and said
         value = max(min(value, (1 << 63) - 1), -(1 << 63))
         w.note_once("marker values outside 64-bit integers were clamped")

@@ -408,3 +408,23 @@ def test_a_marker_that_is_no_unicode_reaches_every_output(tmp_path):
         assert r.returncode == 0 and "Traceback" not in r.stderr, (args, r.stderr)
     events = json.loads(open(tmp_path / "t.json").read())["traceEvents"]
     assert [e["name"] for e in events if e.get("ph") == "i" and e.get("s") == "t"] == ["\ufffd"]  # the marker, readable
+
+
+@pytest.mark.parametrize("how", ["emptied", "removed"])
+def test_a_chunk_log_emptied_or_removed_is_said(how, tmp_path):
+    """The process counted its block events at exit: a log that holds none of them is damage,
+    not a quiet run with no events."""
+    from tests.conftest import ROOT
+
+    b = tmp_path / "d.kvprof"
+    shutil.copytree(os.path.join(ROOT, "fixtures", "demo.kvprof"), b)
+    (proc,) = (b / "procs").iterdir()
+    log = proc / stage.CHUNKS
+    if how == "emptied":
+        log.write_bytes(b"")
+    else:
+        log.unlink()
+    r = run_kvprof("analyze", str(b), "--json", "-")
+    assert r.returncode == 0, r.stderr
+    damage = [f for f in json.loads(r.stdout)["findings"] if f["title"] == "Parts of the bundle could not be read"]
+    assert damage and "block events" in damage[0]["detail"] and "are not in its files" in damage[0]["detail"], damage

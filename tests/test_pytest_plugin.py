@@ -114,6 +114,15 @@ def test_keep_every_bundle_and_choose_the_directory(pytester):
     ]
 
 
+def test_a_directory_that_cannot_be_made_is_a_usage_error(pytester):
+    """Not a warning and every budget silently off: the run stops at the start."""
+    pytester.makepyfile(test_suite=SUITE)
+    (pytester.path / "file").write_text("")
+    r = pytester.runpytest("--kvprof", "--kvprof-dir", str(pytester.path / "file" / "sub"), "-p", "no:cacheprovider")
+    assert r.ret == pytest.ExitCode.USAGE_ERROR
+    r.stderr.fnmatch_lines(["*--kvprof-dir*cannot create it*"])
+
+
 def test_budgets_from_pyproject_apply_to_every_test(pytester):
     pytester.makepyfile(test_suite=SUITE.replace('@pytest.mark.kvprof_budget(**{"blocks.leaked_blocks": 0})\n', ""))
     pytester.makepyprojecttoml(

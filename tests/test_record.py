@@ -644,3 +644,32 @@ def test_a_bundle_in_a_new_directory_still_works_and_leaves_no_lock(tmp_path):
     assert sorted(os.listdir(out.parent)) == ["run.kvprof"]
     assert Bundle(str(out)).manifest["status"] == "complete"
     assert not (out / "manifest.reserve").exists()
+
+
+def test_a_marker_value_that_is_no_integer_never_raises_into_the_target(tmp_path):
+    script = tmp_path / "odd.py"
+    script.write_text(
+        "import kvprof\nfor v in ('abc', None, float('nan'), float('inf'), 2.7, '5'):\n"
+        "    kvprof.mark('odd', v)\nprint('fine')\n"
+    )
+    out = tmp_path / "o.kvprof"
+    r = run_kvprof("record", "-q", "-o", str(out), str(script))
+    assert r.returncode == 0 and r.stdout.strip() == "fine", r.stderr
+    assert analyze_json(str(out))["sections"]["markers"]["odd"]["count"] == 6
+    (d,) = (out / "procs").iterdir()
+    assert json.loads((d / "process.json").read_text())["errors"] == [
+        "marker values that were no integers were recorded as 0"
+    ]
+
+
+def test_default_names_of_runs_started_in_one_second_differ(tmp_path, monkeypatch):
+    from kvprof import record
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(record.time, "strftime", lambda fmt, *a: "20261202-034508")
+    first = record.default_output(["true"], None)
+    assert first == "true-20261202-034508.kvprof"
+    os.mkdir(first)
+    assert record.default_output(["true"], None) == "true-20261202-034508-2.kvprof"
+    os.mkdir("true-20261202-034508-2.kvprof")
+    assert record.default_output(["true"], None) == "true-20261202-034508-3.kvprof"

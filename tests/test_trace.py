@@ -277,3 +277,29 @@ def test_segments_are_read_in_their_order_wherever_they_are(tmp_path):
     (proc,) = Bundle(str(tmp_path / "o.kvprof")).processes
     rows = np.concatenate([r for r, _ in proc.block_pieces()])
     assert rows["t"].tolist() == list(range(10000))
+
+
+def test_interned_request_ids_are_kvprofs_copies(tmp_path):
+    """The writer's table of request ids holds copies it made, not the program's strings: a
+    program that drops its request ids frees them (tracemalloc would otherwise charge the
+    program's line with kvprof's table, as a leak)."""
+    import gc
+    import weakref
+
+    from kvprof.trace.writer import ProcessWriter
+
+    class Rid(str):  # a str subclass so that a weak reference can watch it
+        pass
+
+    w = ProcessWriter(str(tmp_path / "r.kvprof"), "main", ["blocks"])
+    rid = Rid("request-0001")
+    watch = weakref.ref(rid)
+    sid = w.intern_request(rid)
+    assert w.intern_request("request-0001") == sid  # the same id, the same number
+    del rid
+    gc.collect()
+    assert watch() is None
+    plain = "".join(["request-", "0002"])
+    w.intern_request(plain)
+    assert all(k is not plain for k in w._strings)
+    w.close()
