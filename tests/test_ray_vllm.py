@@ -35,7 +35,28 @@ def _env():
             "Ray is not importable by the vLLM environment: run `make ray-vllm-env` or set KVPROF_RAY_VLLM_PATH"
         )
     env["KVPROF_VLLM_RAY_ON_CPU"] = "1"
+    _remove_stale_cpu_shm()
     return py, env
+
+
+def _remove_stale_cpu_shm() -> None:
+    """vLLM's CPU tensor-parallel communicator names its shared memory after a pid
+    (/dev/shm/PID-tp:0-...-cpushm_N) and a killed run leaves it behind: a later worker that
+    gets the same pid fails with EEXIST ("create shm in SHMManager failed. errno: 17").
+    Segments of pids no longer running are removed first."""
+    import re
+
+    try:
+        names = os.listdir("/dev/shm")
+    except OSError:
+        return
+    for name in names:
+        m = re.match(r"(\d+)-tp:.*cpushm", name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            try:
+                os.unlink(os.path.join("/dev/shm", name))
+            except OSError:
+                pass
 
 
 def test_vllm_ray_executor_engine_core_pool_and_every_worker(tmp_path):
