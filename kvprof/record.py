@@ -251,8 +251,10 @@ def _still_running(pid, start_time) -> bool:
 def _record_counts(directory: str, info: dict) -> dict:
     """Records per stream of one process (keys are the version-1 file names): what its
     writer counted at exit, or, for a process that never got there, what is on disk."""
+    from kvprof.trace.stage import PROCESS_FORMAT
+
     counts = info.get("counts")
-    if info.get("format") == "stage+chunks":
+    if info.get("format") == PROCESS_FORMAT:
         if not isinstance(counts, dict):
             from kvprof.trace.reader import ProcessData
 

@@ -275,7 +275,7 @@ class ProcessData:
             if (
                 stage.CHUNKS in names
                 or any(n.startswith(stage.STAGE_PREFIX) for n in names)
-                or self.info.get("format") == "stage+chunks"  # its files lost: read as the empty format 2 it was
+                or self.info.get("format") == stage.PROCESS_FORMAT  # its files lost: read as the empty format 2 it was
             )
             else 1
         )
@@ -704,9 +704,9 @@ class ProcessData:
     def expected_events(self) -> int:
         """Block events this process wrote, as far as it can be told without reading them (for
         a progress bar): its own count at exit, else the records its files hold."""
-        counts = self.info.get("counts")
-        if isinstance(counts, dict) and isinstance(counts.get("blocks"), int):
-            return int(counts["blocks"])
+        counted = self.counted_blocks()
+        if counted is not None:
+            return counted
         if self.version == 1:
             path = os.path.join(self.dir, "blocks.bin")
             return os.path.getsize(path) // fmt.BLOCK_EVENT_DTYPE.itemsize if os.path.isfile(path) else 0
@@ -718,6 +718,11 @@ class ProcessData:
             elif name == stage.CHUNKS and os.path.isfile(p):
                 total += os.path.getsize(p) // 4  # about 4 bytes per event compressed
         return total
+
+    def counted_blocks(self) -> int | None:
+        """The block events this process counted at exit (its process.json), if it got there."""
+        counts = self.info.get("counts")
+        return _int(counts.get("blocks"), 0, 1 << 62) if isinstance(counts, dict) else None
 
     def counts(self) -> dict[str, int]:
         """Records per stream, counted from what is on disk."""
@@ -919,9 +924,8 @@ class Bundle:
                 yield chunk
         if dropped:
             proc.damage.append(f"{dropped:,} block events of undeclared pools skipped in {os.path.basename(proc.dir)}")
-        counts = proc.info.get("counts")
-        counted = counts.get("blocks") if isinstance(counts, dict) else None
-        if proc.version >= 2 and isinstance(counted, int) and not isinstance(counted, bool) and read < counted:
+        counted = proc.counted_blocks()
+        if proc.version >= 2 and counted is not None and read < counted:
             # the process counted at exit the block events it had written: fewer on disk is a
             # chunk log or staging file missing, emptied or cut (tests/test_fuzz_bundles.py)
             proc.damage.append(

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     import mmap
 
+PROCESS_FORMAT = "stage+chunks"  # process.json's "format": this layout (staging segments, a chunk log)
 RECORD = 48  # bytes per staging record
 IDS_INLINE = 3  # block ids carried by the event record itself
 IDS_PER_CONT = 11  # block ids per continuation record

@@ -114,7 +114,7 @@ class ProcessWriter:
             "start_ns": self.start_ns,
             "start_time": time.time(),
             "end_ns": None,
-            "format": "stage+chunks",
+            "format": stage.PROCESS_FORMAT,
             "probes": {name: {"status": "requested"} for name in probes},
             "errors": [],
             **hostinfo.process_fields(getattr(sys, "argv", None)),  # host, clock offset, Ray node: docs/distributed.md
